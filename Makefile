@@ -1,0 +1,48 @@
+# WAM Platform. `make setup` is idempotent; `make test` and `make demo` run it first, so each works as
+# the first command on a fresh checkout (Debian, Python 3.11).
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+# Debian packages the tests need (ffmpeg libraries for torchcodec/PyAV come with the data issue).
+SYSTEM_PACKAGES :=
+
+.PHONY: setup test test-fast demo lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@if [ -n "$(SYSTEM_PACKAGES)" ]; then \
+	  missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	  fi; \
+	fi
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and exactly: the CPU build here, and nothing may upgrade it to a CUDA build later.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[trainer,operator,dev]"
+	$(BIN)/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" \
+	  || (echo "torch was replaced by a resolver; run 'make clean setup'" && exit 1)
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: setup
+	$(BIN)/wam demo
+
+lint: setup
+	$(BIN)/ruff check platform trainer operators tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/model.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Kubernetes operator (kopf) for TrainJobs. Imports wam.platform only; never torch."""

@@ -1,0 +1,161 @@
+"""Self- and cross-attention of the Wan DiT block, with a pluggable masked-attention kernel.
+
+Tensors are (batch, tokens, heads, head_dim) between modules, as in torchtitan. The kernel is chosen by
+`model.attention`: `sdpa` (dense boolean mask; runs everywhere, the CPU training path) or `flex`
+(flex_attention with the block-sparse BlockMask; compiled on GPU, forward-only on CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+from torchtitan.models.common.linear import Linear
+from torchtitan.protocols.module import Module
+
+from wam.trainer.model.kv_cache import KV, LayerCache
+from wam.trainer.model.layers import FP32RMSNorm
+from wam.trainer.model.mask import AttentionMask
+from wam.trainer.model.rope import apply_rope
+
+
+class SDPAKernel(Module):
+    """F.scaled_dot_product_attention with the dense boolean mask."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Module.Config):
+        pass
+
+    def __init__(self, config: Config):
+        super().__init__()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask.dense(q.device))
+        return out.transpose(1, 2)
+
+
+class FlexKernel(Module):
+    """flex_attention over the layout's BlockMask: only tiles the mask allows are computed."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Module.Config):
+        block_size: int = 128
+
+    _compiled: ClassVar = None
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.block_size = config.block_size
+
+    @classmethod
+    def _flex(cls, device: torch.device):
+        if device.type == "cpu":  # inductor's CPU flex path only matters for tests; eager is exact
+            return flex_attention
+        if cls._compiled is None:
+            cls._compiled = torch.compile(flex_attention, dynamic=False)
+        return cls._compiled
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        block_mask = mask.block_mask(q.device, self.block_size)
+        out = self._flex(q.device)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+        return out.transpose(1, 2)
+
+
+KERNELS = {"sdpa": SDPAKernel, "flex": FlexKernel}
+
+
+class SelfAttention(Module):
+    @dataclass(kw_only=True, slots=True)
+    class Config(Module.Config):
+        num_heads: int
+        q: Linear.Config
+        k: Linear.Config
+        v: Linear.Config
+        o: Linear.Config
+        norm_q: FP32RMSNorm.Config
+        norm_k: FP32RMSNorm.Config
+        kernel: Module.Config
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.q, self.k, self.v, self.o = (config.q.build(), config.k.build(), config.v.build(), config.o.build())
+        self.norm_q, self.norm_k = config.norm_q.build(), config.norm_k.build()
+        self.kernel = config.kernel.build()
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        """x (B, L, dim) attends under `mask` to its own keys, after the cache's committed keys if given."""
+        cos, sin = rope
+        q = apply_rope(self._heads(self.norm_q(self.q(x))), cos, sin)
+        k = apply_rope(self._heads(self.norm_k(self.k(x))), cos, sin)
+        v = self._heads(self.v(x))
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        return self.o(self.kernel(q, k, v, mask).flatten(2))
+
+
+class CrossContext(NamedTuple):
+    """Cross-attention keys/values of one block: text tokens, and CLIP image tokens for I2V models."""
+
+    text: KV
+    image: KV | None
+
+
+class CrossAttention(Module):
+    """Cross-attention to text tokens, plus (I2V) CLIP image tokens through k_img/v_img; results summed."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Module.Config):
+        num_heads: int
+        q: Linear.Config
+        k: Linear.Config
+        v: Linear.Config
+        o: Linear.Config
+        norm_q: FP32RMSNorm.Config
+        norm_k: FP32RMSNorm.Config
+        k_img: Linear.Config | None = None
+        v_img: Linear.Config | None = None
+        norm_k_img: FP32RMSNorm.Config | None = None
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.q, self.k, self.v, self.o = (config.q.build(), config.k.build(), config.v.build(), config.o.build())
+        self.norm_q, self.norm_k = config.norm_q.build(), config.norm_k.build()
+        self.has_image = config.k_img is not None
+        if self.has_image:
+            self.k_img, self.v_img = config.k_img.build(), config.v_img.build()
+            self.norm_k_img = config.norm_k_img.build()
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def context(self, text: torch.Tensor, image: torch.Tensor | None) -> CrossContext:
+        """Project the (embedded) conditioning tokens once; reusable for every query of a session."""
+        text_kv = KV(self._heads(self.norm_k(self.k(text))), self._heads(self.v(text)))
+        image_kv = None
+        if self.has_image:
+            if image is None:
+                raise ValueError("this model has an image (CLIP) branch: pass image tokens")
+            image_kv = KV(self._heads(self.norm_k_img(self.k_img(image))), self._heads(self.v_img(image)))
+        return CrossContext(text_kv, image_kv)
+
+    @staticmethod
+    def _attend(q: torch.Tensor, kv: KV) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), kv.k.transpose(1, 2), kv.v.transpose(1, 2))
+        return out.transpose(1, 2).flatten(2)
+
+    def forward(self, x: torch.Tensor, context: CrossContext) -> torch.Tensor:
+        q = self._heads(self.norm_q(self.q(x)))
+        out = self._attend(q, context.text)
+        if context.image is not None:
+            out = out + self._attend(q, context.image)
+        return self.o(out)

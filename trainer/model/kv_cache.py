@@ -1,0 +1,79 @@
+"""KV cache for chunk-wise autoregressive inference.
+
+Each block keeps preallocated K/V buffers: committed tokens (the clean context: first frame and the
+observed chunks) followed by scratch room for one pending query (a chunk being denoised, or a chunk being
+observed). A forward extends into the scratch room without copying the context; `commit` makes the
+pending tokens part of the context, and writing chunk c again first truncates the context to before c
+(its later entries were computed from the old chunk c).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from wam.platform.layout import TokenLayout
+
+
+class KV(NamedTuple):
+    k: torch.Tensor  # (B, L, heads, head_dim); RoPE already applied for self-attention
+    v: torch.Tensor
+
+
+class LayerCache:
+    def __init__(self, batch: int, capacity: int, heads: int, head_dim: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.k = torch.empty(batch, capacity, heads, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0  # committed tokens
+        self.pending = 0
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> KV:
+        """Write k/v after the committed tokens and return committed + new keys/values (views, no copy)."""
+        start, end = self.length, self.length + k.shape[1]
+        if end > self.k.shape[1]:
+            raise RuntimeError(f"KV cache capacity {self.k.shape[1]} exceeded ({end} tokens); "
+                               "reset the cache or allocate it for more chunks")
+        self.k[:, start:end] = k
+        self.v[:, start:end] = v
+        self.pending = k.shape[1]
+        return KV(self.k[:, :end], self.v[:, :end])
+
+
+@dataclass
+class KVCache:
+    """Per-session inference state: block caches, cross-attention K/V and I2V conditioning."""
+
+    layers: list[LayerCache]
+    frames_per_chunk: int
+    actions_per_chunk: int
+    grid: tuple[int, int]  # patches per latent frame (h, w)
+    max_chunks: int
+    layout: TokenLayout | None = None  # committed tokens
+    cross_context: list | None = None  # per block CrossContext, set by WamModel.set_conditioning
+    i2v_cond: torch.Tensor | None = None  # (B, 4 + z, 1 + max_chunks * frames_per_chunk, h, w)
+    observed_chunks: int = field(default=0)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def next_chunk(self) -> int:
+        return self.observed_chunks
+
+    def truncate(self, layout: TokenLayout | None) -> None:
+        """Keep only the committed tokens of `layout` (a prefix of the current layout)."""
+        self.layout = layout
+        length = 0 if layout is None else layout.length
+        for layer in self.layers:
+            layer.length = min(layer.length, length)
+
+    def commit(self, layout: TokenLayout) -> None:
+        """Make the pending tokens (described by `layout`) part of the committed context."""
+        self.layout = layout if self.layout is None else self.layout + layout
+        for layer in self.layers:
+            layer.length += layer.pending
+            layer.pending = 0

@@ -1,0 +1,113 @@
+"""The block-causal mask of a (query layout, key layout) pair in the three forms attention kernels consume.
+
+All three come from `wam.platform.layout.attends`, the single definition of the mask:
+  - `dense()`: a (Lq, Lk) boolean matrix for SDPA (CPU training, references);
+  - `block_mask()`: a flex_attention BlockMask built from the block layout, with `attends` as mask_mod;
+  - `block_layout()`: which (query block, key block) tiles have any allowed pair, and which are entirely
+    allowed; what a block-sparse kernel visits. Computed from spans, never from the dense matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from wam.platform.layout import TokenLayout, attends
+
+_PAD_KIND = -1  # padding tokens attend to nothing and are attended by nothing
+
+
+def token_metadata(layout: TokenLayout, device: torch.device, pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (kind, chunk) int32 tensors, padded with kind -1 to a multiple of `pad_to`."""
+    length = -(-layout.length // pad_to) * pad_to
+    kinds = torch.full((length,), _PAD_KIND, dtype=torch.int32)
+    chunks = torch.zeros(length, dtype=torch.int32)
+    for span, offset in zip(layout.spans, layout.offsets, strict=True):
+        kinds[offset:offset + span.length] = int(span.kind)
+        chunks[offset:offset + span.length] = span.chunk
+    return kinds.to(device), chunks.to(device)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Tile classification for block sizes (block_q, block_k): `partial` tiles need the mask applied
+    element-wise, `full` tiles are entirely allowed, all other tiles are skipped."""
+
+    block_q: int
+    block_k: int
+    partial: torch.Tensor  # (q_blocks, k_blocks) bool
+    full: torch.Tensor  # (q_blocks, k_blocks) bool
+
+    @property
+    def visited(self) -> torch.Tensor:
+        return self.partial | self.full
+
+    def density(self) -> float:
+        return self.visited.float().mean().item()
+
+
+def _span_block_overlap(layout: TokenLayout, block: int) -> torch.Tensor:
+    """(blocks, spans) bool: does block b contain any token of span s."""
+    n_blocks = -(-layout.length // block)
+    starts = torch.arange(n_blocks) * block
+    ends = torch.clamp(starts + block, max=layout.length)
+    span_start = torch.tensor(layout.offsets)
+    span_end = span_start + torch.tensor([s.length for s in layout.spans])
+    return (span_start[None, :] < ends[:, None]) & (span_end[None, :] > starts[:, None])
+
+
+class AttentionMask:
+    """Mask of `queries` attending to `keys` (keys = queries for a full training sequence)."""
+
+    def __init__(self, queries: TokenLayout, keys: TokenLayout | None = None):
+        self.queries = queries
+        self.keys = keys if keys is not None else queries
+        self._cache: dict[tuple, object] = {}
+
+    def _cached(self, key: tuple, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def dense(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        def build() -> torch.Tensor:
+            qk, qc = token_metadata(self.queries, torch.device(device))
+            kk, kc = token_metadata(self.keys, torch.device(device))
+            return attends(qk[:, None], qc[:, None], kk[None, :], kc[None, :])
+
+        return self._cached(("dense", str(device)), build)
+
+    def block_layout(self, block_q: int = 128, block_k: int = 128) -> BlockLayout:
+        def build() -> BlockLayout:
+            allowed = torch.tensor(self.queries.span_allowed(self.keys), dtype=torch.float32)
+            q_overlap = _span_block_overlap(self.queries, block_q).float()
+            k_overlap = _span_block_overlap(self.keys, block_k).float()
+            any_allowed = (q_overlap @ allowed @ k_overlap.T) > 0
+            any_forbidden = (q_overlap @ (1 - allowed) @ k_overlap.T) > 0
+            return BlockLayout(block_q, block_k, partial=any_allowed & any_forbidden, full=any_allowed & ~any_forbidden)
+
+        return self._cached(("blocks", block_q, block_k), build)
+
+    def block_mask(self, device: torch.device | str, block_size: int = 128) -> BlockMask:
+        def build() -> BlockMask:
+            dev = torch.device(device)
+            tiles = self.block_layout(block_size, block_size)
+            qk, qc = token_metadata(self.queries, dev, pad_to=block_size)
+            kk, kc = token_metadata(self.keys, dev, pad_to=block_size)
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return attends(qk[q_idx], qc[q_idx], kk[kv_idx], kc[kv_idx])
+
+            def as_indices(tiles_bool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                counts = tiles_bool.sum(-1, dtype=torch.int32)
+                order = torch.argsort((~tiles_bool).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+                return counts[None, None].to(dev), order[None, None].contiguous().to(dev)
+
+            kv_num, kv_idx = as_indices(tiles.partial)
+            full_num, full_idx = as_indices(tiles.full)
+            return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                            mask_mod=mask_mod, seq_lengths=(self.queries.length, self.keys.length))
+
+        return self._cached(("flex", str(device), block_size), build)

@@ -1,0 +1,282 @@
+"""The World Action Model: a Wan2.1 DiT that jointly denoises future video latents and robot actions.
+
+Training runs the whole teacher-forcing sequence (see wam.platform.layout) in one forward. Inference runs
+chunk by chunk against a KV cache: `observe` writes clean frames (the first frame, then each chunk's REAL
+observed latents) into the cache, `predict` denoises the next chunk's video and actions without writing.
+Both paths share every step below, so they agree numerically (tests/test_model.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torchtitan.models.common.linear import Linear
+from torchtitan.models.common.nn_modules import GELU, SiLU
+from torchtitan.protocols import BaseModel
+from torchtitan.protocols.module import ModuleList, Sequential
+
+from wam.platform.accounting import count_flops
+from wam.platform.layout import TokenKind, TokenLayout
+from wam.platform.presets import SampleShape, WamArch
+from wam.trainer.model.block import Conditioning, TokenModulation, WanBlock
+from wam.trainer.model.heads import ActionDecoder, ActionEncoder, ImageProjection, OutputHead, StateEncoder
+from wam.trainer.model.kv_cache import KVCache, LayerCache
+from wam.trainer.model.layers import Conv3d, sinusoidal_embedding
+from wam.trainer.model.mask import AttentionMask
+from wam.trainer.model.rope import rope_tables
+
+_CLEAN_KINDS = (TokenKind.FIRST, TokenKind.CLEAN)
+
+
+@dataclass
+class WamInputs:
+    """One teacher-forcing batch in latent space: K chunks of F latent frames and A actions."""
+
+    video: torch.Tensor  # (B, z, 1 + K*F, h, w) clean latents: first frame + K chunks
+    noisy_video: torch.Tensor  # (B, z, K*F, h, w)
+    noisy_actions: torch.Tensor  # (B, K, A, action_dim)
+    state: torch.Tensor  # (B, K, state_dim)
+    video_t: torch.Tensor  # (B, K) timestep of each chunk's noisy video, 0..1000
+    action_t: torch.Tensor  # (B, K) timestep of each chunk's noisy actions, 0..1000
+    text: torch.Tensor  # (B, text_len, text_dim) umT5 features
+    image: torch.Tensor | None = None  # (B, image_tokens, image_dim) CLIP features (I2V models)
+    i2v_cond: torch.Tensor | None = None  # (B, 4 + z, 1 + K*F, h, w) mask + first-frame latent (Wan2.1-I2V)
+
+
+@dataclass
+class WamOutputs:
+    video: torch.Tensor  # (B, z, K*F, h, w) predicted velocity (noise - data), fp32
+    actions: torch.Tensor  # (B, K, A, action_dim) predicted velocity, fp32
+
+
+@lru_cache(maxsize=32)
+def _attention_mask(queries: TokenLayout, keys: TokenLayout) -> AttentionMask:
+    return AttentionMask(queries, keys)
+
+
+@lru_cache(maxsize=32)
+def _span_of_token(layout: TokenLayout) -> torch.Tensor:
+    lengths = torch.tensor([s.length for s in layout.spans])
+    return torch.repeat_interleave(torch.arange(len(layout.spans)), lengths)
+
+
+class WamModel(BaseModel):
+    @dataclass(kw_only=True, slots=True)
+    class Config(BaseModel.Config):
+        arch: WamArch
+        sample: SampleShape  # the training sample shape, for FLOP accounting (MFU)
+        patch_embedding: Conv3d.Config
+        text_in: Linear.Config
+        text_out: Linear.Config
+        time_in: Linear.Config
+        time_out: Linear.Config
+        time_projection: Linear.Config
+        blocks: list[WanBlock.Config]
+        head: OutputHead.Config
+        img_emb: ImageProjection.Config | None
+        state_encoder: StateEncoder.Config
+        action_encoder: ActionEncoder.Config
+        action_decoder: ActionDecoder.Config
+
+        def update_from_config(self, *, config, **kwargs) -> None:
+            """The model reads nothing from the trainer config: its shape comes from the preset."""
+
+        def get_nparams_and_flops(self, model: torch.nn.Module, seq_len: int) -> tuple[int, int]:
+            """(parameters, training FLOPs per token) from the analytical accounting of the sample shape;
+            `seq_len` is ignored because a WAM sample's token count follows from its shape."""
+            flops = count_flops(self.arch, self.sample)
+            return sum(p.numel() for p in model.parameters()), flops.training // flops.tokens
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.arch = config.arch
+        self.patch_embedding = config.patch_embedding.build()
+        self.text_embedding = Sequential(config.text_in.build(), GELU.Config(approximate="tanh").build(),
+                                         config.text_out.build())
+        self.time_embedding = Sequential(config.time_in.build(), SiLU.Config().build(), config.time_out.build())
+        self.time_projection = Sequential(SiLU.Config().build(), config.time_projection.build())
+        self.blocks = ModuleList([cfg.build() for cfg in config.blocks])
+        self.head = config.head.build()
+        if config.img_emb is not None:
+            self.img_emb = config.img_emb.build()
+        self.state_encoder = config.state_encoder.build()
+        self.action_encoder = config.action_encoder.build()
+        self.action_decoder = config.action_decoder.build()
+
+    # -- shared steps ---------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def _grid(self, latents: torch.Tensor) -> tuple[int, int]:
+        _, ph, pw = self.arch.patch
+        h, w = latents.shape[-2:]
+        if h % ph or w % pw:
+            raise ValueError(f"latent frames of {h}x{w} are not divisible by the patch size {ph}x{pw}")
+        return h // ph, w // pw
+
+    def conditioning(self, text: torch.Tensor, image: torch.Tensor | None) -> Conditioning:
+        if self.arch.has_image_branch and image is None:
+            raise ValueError(f"{self.arch.image_tokens} CLIP image tokens are required by this I2V model")
+        image_emb = self.img_emb(image) if self.arch.has_image_branch else None
+        return Conditioning(self.text_embedding(text.to(self.dtype)), image_emb)
+
+    def embed_video(self, latents: torch.Tensor, frame_start: int, i2v_cond: torch.Tensor | None) -> torch.Tensor:
+        """(B, z, f, h, w) latents of frames [frame_start, frame_start + f) -> (B, f*h'*w', dim) tokens."""
+        if self.arch.i2v_concat:
+            if i2v_cond is None:
+                raise ValueError("this Wan2.1-I2V model needs i2v_cond (mask + first-frame latent channels)")
+            latents = torch.cat([latents, i2v_cond[:, :, frame_start:frame_start + latents.shape[2]]], dim=1)
+        return self.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2)
+
+    def _span_timesteps(self, layout: TokenLayout, video_t: torch.Tensor | None,
+                        action_t: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """(B, spans) timesteps: 0 for clean spans; a chunk's video t for its noisy span; its action t for its
+        action span and (as DreamZero does) its state token. Columns of video_t/action_t are the layout's
+        predicted chunks in order."""
+        predicted = sorted({s.chunk for s in layout.spans if s.kind not in _CLEAN_KINDS})
+        column = {chunk: i for i, chunk in enumerate(predicted)}
+        zero = torch.zeros(batch, device=device)
+        cols = []
+        for span in layout.spans:
+            if span.kind in _CLEAN_KINDS:
+                cols.append(zero)
+            elif span.kind == TokenKind.NOISY:
+                cols.append(video_t[:, column[span.chunk]].float())
+            else:
+                cols.append(action_t[:, column[span.chunk]].float())
+        return torch.stack(cols, dim=1)
+
+    def _run_blocks(self, x: torch.Tensor, layout: TokenLayout, keys: TokenLayout, span_t: torch.Tensor,
+                    grid: tuple[int, int], context: Conditioning | list,
+                    cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, L, dim) tokens of `layout`, attending to `keys` (the cache's context + layout). Returns the
+        final hidden states and the per-token time embedding (B, L, dim) for the output head."""
+        e = self.time_embedding(sinusoidal_embedding(span_t, self.arch.freq_dim).to(self.dtype)).float()
+        e0 = self.time_projection(e.to(self.dtype)).float().unflatten(-1, (6, self.arch.dim))
+        span_of_token = _span_of_token(layout).to(x.device)
+        modulation = TokenModulation(e0, span_of_token)
+        rope = rope_tables(layout, grid, self.arch.head_dim, self.arch.rope_theta, x.device)
+        mask = _attention_mask(layout, keys)
+        for i, block in enumerate(self.blocks):
+            block_context = context[i] if isinstance(context, list) else context
+            x = block(x, modulation, rope, mask, block_context, cache.layers[i] if cache is not None else None)
+        return x, e.index_select(1, span_of_token)
+
+    def _decode(self, x: torch.Tensor, e: torch.Tensor, layout: TokenLayout, grid: tuple[int, int],
+                frames: int) -> WamOutputs:
+        """Velocities from the hidden states of the noisy video tokens (Wan head) and action tokens."""
+        noisy, action = layout.slice(TokenKind.NOISY), layout.slice(TokenKind.ACTION)
+        video = self._unpatchify(self.head(x[:, noisy], e[:, noisy]), frames, grid)
+        chunks = layout.count(TokenKind.STATE)
+        actions = self.action_decoder(x[:, action]).float().unflatten(1, (chunks, layout.actions_per_chunk))
+        return WamOutputs(video=video, actions=actions)
+
+    def _unpatchify(self, x: torch.Tensor, frames: int, grid: tuple[int, int]) -> torch.Tensor:
+        pt, ph, pw = self.arch.patch
+        b, z = x.shape[0], self.arch.out_dim
+        x = x.float().view(b, frames // pt, grid[0], grid[1], pt, ph, pw, z)
+        return torch.einsum("bfhwpqrc->bcfphqwr", x).reshape(b, z, frames, grid[0] * ph, grid[1] * pw)
+
+    # -- training -------------------------------------------------------------------------------------
+
+    def forward(self, batch: WamInputs) -> WamOutputs:
+        b, k, a = batch.noisy_actions.shape[:3]
+        frames = batch.noisy_video.shape[2]
+        if frames % k:
+            raise ValueError(f"{frames} noisy latent frames do not split into {k} chunks")
+        f = frames // k
+        if batch.video.shape[2] != 1 + frames:
+            raise ValueError(f"video must hold the first frame + {frames} chunk frames, got {batch.video.shape[2]}")
+        grid = self._grid(batch.video)
+        layout = TokenLayout.teacher_forcing(k, f, grid[0] * grid[1], a)
+        clean_frames = 1 + (k - 1) * f  # the last chunk's clean copy is never attended to
+        x = torch.cat([
+            self.embed_video(batch.video[:, :, :clean_frames], 0, batch.i2v_cond),
+            self.embed_video(batch.noisy_video, 1, batch.i2v_cond),
+            self.action_encoder(batch.noisy_actions.flatten(1, 2), batch.action_t.repeat_interleave(a, dim=1)),
+            self.state_encoder(batch.state),
+        ], dim=1).float()
+        span_t = self._span_timesteps(layout, batch.video_t, batch.action_t, b, x.device)
+        context = self.conditioning(batch.text, batch.image)
+        x, e = self._run_blocks(x, layout, layout, span_t, grid, context, cache=None)
+        return self._decode(x, e, layout, grid, frames)
+
+    # -- chunk-wise inference with a KV cache ---------------------------------------------------------
+
+    @torch.no_grad()
+    def new_cache(self, batch: int, max_chunks: int, frames_per_chunk: int, actions_per_chunk: int,
+                  latent_hw: tuple[int, int], device: torch.device | None = None) -> KVCache:
+        _, ph, pw = self.arch.patch
+        grid = (latent_hw[0] // ph, latent_hw[1] // pw)
+        tokens_per_frame = grid[0] * grid[1]
+        prediction = frames_per_chunk * tokens_per_frame + actions_per_chunk + 1
+        capacity = tokens_per_frame * (1 + max_chunks * frames_per_chunk) + prediction
+        device = device or self.patch_embedding.weight.device
+        layers = [LayerCache(batch, capacity, self.arch.num_heads, self.arch.head_dim, device, self.dtype)
+                  for _ in self.blocks]
+        return KVCache(layers, frames_per_chunk, actions_per_chunk, grid, max_chunks)
+
+    @torch.no_grad()
+    def set_conditioning(self, cache: KVCache, text: torch.Tensor, image: torch.Tensor | None = None,
+                         i2v_cond: torch.Tensor | None = None) -> None:
+        """Start a session: cross-attention K/V of the prompt (and image) for every block, I2V channels, and
+        an empty context."""
+        conditioning = self.conditioning(text, image)
+        cache.cross_context = [block.cross_context(conditioning) for block in self.blocks]
+        cache.i2v_cond = i2v_cond
+        cache.truncate(None)
+        cache.observed_chunks = 0
+
+    @torch.no_grad()
+    def observe(self, cache: KVCache, latents: torch.Tensor, chunk: int | None = None) -> None:
+        """Write clean latents into the cache: the first frame (chunk=None), or chunk `chunk`'s real observed
+        frames at the positions its prediction occupied. Re-observing a chunk drops the chunks after it."""
+        if cache.cross_context is None:
+            raise RuntimeError("call set_conditioning before observe")
+        f, tpf, a = cache.frames_per_chunk, cache.tokens_per_frame, cache.actions_per_chunk
+        if chunk is None:
+            layout, keep, frame_start = TokenLayout.first_frame(tpf, a), None, 0
+        else:
+            if cache.layout is None or not 0 <= chunk <= cache.observed_chunks:
+                raise ValueError(f"can observe chunk 0..{cache.observed_chunks} after the first frame, not {chunk}")
+            if chunk >= cache.max_chunks:
+                raise ValueError(f"the cache holds {cache.max_chunks} chunks; reset it for a new context window")
+            layout = TokenLayout.clean_chunk(chunk, f, tpf, a)
+            keep = TokenLayout(cache.layout.spans[:1 + chunk], tpf, a)
+            frame_start = 1 + chunk * f
+        expected = 1 if chunk is None else f
+        if latents.shape[2] != expected:
+            raise ValueError(f"expected {expected} latent frame(s), got {latents.shape[2]}")
+        cache.truncate(keep)
+        keys = layout if keep is None else keep + layout
+        x = self.embed_video(latents, frame_start, cache.i2v_cond).float()
+        span_t = self._span_timesteps(layout, None, None, x.shape[0], x.device)
+        self._run_blocks(x, layout, keys, span_t, cache.grid, cache.cross_context, cache)
+        cache.commit(layout)
+        cache.observed_chunks = 0 if chunk is None else chunk + 1
+
+    @torch.no_grad()
+    def predict(self, cache: KVCache, noisy_video: torch.Tensor, noisy_actions: torch.Tensor, state: torch.Tensor,
+                video_t: torch.Tensor, action_t: torch.Tensor) -> WamOutputs:
+        """Velocities for the next chunk (cache.next_chunk) given its noisy video (B, z, F, h, w), noisy actions
+        (B, A, action_dim), state (B, state_dim) and timesteps (B,). The cache is read, never written."""
+        if cache.layout is None:
+            raise RuntimeError("observe the first frame before predicting")
+        c, f, a = cache.next_chunk, cache.frames_per_chunk, cache.actions_per_chunk
+        if c >= cache.max_chunks:
+            raise ValueError(f"the cache holds {cache.max_chunks} chunks; reset it for a new context window")
+        layout = TokenLayout.prediction(range(c, c + 1), f, cache.tokens_per_frame, a)
+        action_t = action_t.reshape(-1, 1)
+        x = torch.cat([
+            self.embed_video(noisy_video, 1 + c * f, cache.i2v_cond),
+            self.action_encoder(noisy_actions, action_t.expand(-1, a)),
+            self.state_encoder(state.unsqueeze(1)),
+        ], dim=1).float()
+        span_t = self._span_timesteps(layout, video_t.reshape(-1, 1), action_t, x.shape[0], x.device)
+        x, e = self._run_blocks(x, layout, cache.layout + layout, span_t, cache.grid, cache.cross_context, cache)
+        out = self._decode(x, e, layout, cache.grid, f)
+        return WamOutputs(video=out.video, actions=out.actions[:, 0])
