@@ -164,3 +164,15 @@ def estimate_memory(a: WamArch, s: SampleShape, gpus: int, *, batch_per_gpu: int
         frozen_encoders=frozen_bytes,
         activations=activations,
     )
+
+
+def min_gpus(a: WamArch, s: SampleShape, gpu_memory_gib: float, *, headroom: float = 0.9,
+             **memory_kwargs) -> int | None:
+    """Fewest GPUs whose estimated per-GPU memory fits `headroom` of `gpu_memory_gib`; None if none up to 4096
+    (activations or frozen encoders alone do not fit one GPU)."""
+    budget = headroom * gpu_memory_gib * GIB
+    for gpus in (2**i for i in range(13)):
+        if estimate_memory(a, s, gpus, **memory_kwargs).total <= budget:
+            lo = gpus // 2 + 1 if gpus > 1 else 1
+            return next(n for n in range(lo, gpus + 1) if estimate_memory(a, s, n, **memory_kwargs).total <= budget)
+    return None

@@ -130,7 +130,7 @@ PRESETS: dict[str, Preset] = {
             name="tiny",
             description="CPU tests and demos: seconds per step, every code path of the 14B model",
             arch=WamArch(
-                dim=64, num_layers=2, num_heads=4, ffn_dim=128, freq_dim=32, text_dim=32, text_len=16,
+                dim=64, num_layers=2, num_heads=4, ffn_dim=128, freq_dim=32, text_dim=32, text_len=32,
                 latent_channels=4, image_tokens=5, image_dim=32, head_hidden=32,
                 vae="tiny", text_encoder="tiny", image_encoder="tiny",
             ),

@@ -1,0 +1,155 @@
+"""Rectified flow for joint video/action denoising: noise levels, the training loss, and an Euler sampler.
+
+Conventions: t in [0, 1] is a noise level before the shift, sigma = shift*t / (1 + (shift-1)*t) the one
+used to mix, x_sigma = (1 - sigma) x + sigma eps, the model predicts the velocity eps - x, and receives
+timesteps sigma * 1000. Clean context tokens have timestep 0.
+
+Schedules (per chunk):
+  - coupled: video and actions of a chunk share t ~ U(0, 1) (DreamZero's released recipe);
+  - flash (DreamZero-Flash): video t ~ Beta(7, 1) (mostly noisy; DreamZero writes it as 1 - eta in its
+    signal-level convention), action t ~ U(0, 1), so one-step action denoising works while video is noisy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wam.platform.config import FlowSection
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigma(t: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class StepRandomness:
+    """All randomness of one training step, derived from (seed, step, rank) alone.
+
+    torchtitan does not checkpoint the global RNG, so a resumed run must not depend on it. NumPy draws
+    the (small) noise levels, a torch.Generator the noise tensors; both come from one SeedSequence.
+    """
+
+    def __init__(self, seed: int, step: int, rank: int):
+        sequence = np.random.SeedSequence([seed, step, rank])
+        self.numpy = np.random.Generator(np.random.PCG64(sequence))
+        self._torch_seed = int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+    def torch(self, device: torch.device | str = "cpu") -> torch.Generator:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self._torch_seed)
+        return generator
+
+
+def sample_noise_levels(cfg: FlowSection, batch: int, chunks: int,
+                        rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-shift noise levels (video, action), each (batch, chunks) float32 in [0, 1]."""
+    if cfg.schedule == "coupled":
+        t = rng.uniform(size=(batch, chunks))
+        video, action = t, t
+    elif cfg.schedule == "flash":
+        a, b = cfg.flash_video_beta
+        video = rng.beta(a, b, size=(batch, chunks))
+        action = rng.uniform(size=(batch, chunks))
+    else:
+        raise ValueError(f"unknown noise schedule {cfg.schedule!r}; choose coupled or flash")
+    return torch.as_tensor(video, dtype=torch.float32), torch.as_tensor(action, dtype=torch.float32)
+
+
+def add_noise(x: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_sigma = (1 - sigma) x + sigma noise, with sigma broadcast over x's trailing dims."""
+    sigma = sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
+    return (1 - sigma) * x + sigma * noise
+
+
+class LossWeighting:
+    """Per-timestep loss weight. `bell` is DreamZero's w(T) = exp(-2((T - 500)/1000)^2) minus its minimum
+    (at T = 0 and 1000), normalised to mean 1 over the training distribution of T = 1000*sigma."""
+
+    def __init__(self, kind: str, shift: float):
+        self.kind = kind
+        if kind == "bell":
+            t = (torch.arange(100_000, dtype=torch.float64) + 0.5) / 100_000  # uniform pre-shift levels
+            self._norm = self._bell(shift_sigma(t, shift)).mean().item()
+        elif kind != "uniform":
+            raise ValueError(f"unknown loss weighting {kind!r}; choose uniform or bell")
+
+    @staticmethod
+    def _bell(sigma: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-2 * (sigma - 0.5) ** 2) - math.exp(-0.5)
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
+        if self.kind == "uniform":
+            return torch.ones_like(sigma)
+        return (self._bell(sigma.double()) / self._norm).to(sigma.dtype)
+
+
+@dataclass
+class FlowLoss:
+    """Weighted squared-error sums and their element counts, so a trainer can normalise by the global
+    (all-rank) counts; `total()` normalises locally."""
+
+    video_sum: torch.Tensor
+    video_count: torch.Tensor
+    action_sum: torch.Tensor
+    action_count: torch.Tensor
+    video_weight: float
+    action_weight: float
+
+    def total(self, video_count: torch.Tensor | None = None, action_count: torch.Tensor | None = None) -> torch.Tensor:
+        vc = self.video_count if video_count is None else video_count
+        ac = self.action_count if action_count is None else action_count
+        return (self.video_weight * self.video_sum / vc.clamp(min=1)
+                + self.action_weight * self.action_sum / ac.clamp(min=1))
+
+    @property
+    def video(self) -> torch.Tensor:
+        return self.video_sum / self.video_count.clamp(min=1)
+
+    @property
+    def action(self) -> torch.Tensor:
+        return self.action_sum / self.action_count.clamp(min=1)
+
+
+def flow_loss(pred_video: torch.Tensor, pred_actions: torch.Tensor, target_video: torch.Tensor,
+              target_actions: torch.Tensor, sigma_video: torch.Tensor, sigma_action: torch.Tensor,
+              action_dim_mask: torch.Tensor, has_actions: torch.Tensor, weighting: LossWeighting,
+              video_weight: float = 1.0, action_weight: float = 1.0) -> FlowLoss:
+    """Video + action velocity MSE.
+
+    pred/target_video (B, z, K*F, h, w); pred/target_actions (B, K, A, action_dim); sigma_* (B, K);
+    action_dim_mask (B, action_dim) marks real (not padded) action dims; has_actions (B,) is False for
+    video-only episodes, which then train the video loss only. Video error is averaged per latent frame,
+    action error over the real dims of each action; both are weighted by their chunk's timestep weight.
+    """
+    b, _, frames, _, _ = pred_video.shape
+    chunks = sigma_video.shape[1]
+    per_frame = (pred_video.float() - target_video.float()).square().mean(dim=(1, 3, 4))  # (B, K*F)
+    frame_weight = weighting(sigma_video).repeat_interleave(frames // chunks, dim=1)
+    video_sum = (per_frame * frame_weight).sum()
+    video_count = torch.tensor(float(b * frames), device=pred_video.device)
+
+    dims = action_dim_mask.float()[:, None, None, :]  # (B, 1, 1, action_dim)
+    sq = (pred_actions.float() - target_actions.float()).square()
+    per_action = (sq * dims).sum(-1) / dims.sum(-1).clamp(min=1)  # (B, K, A)
+    active = has_actions.float()[:, None, None] * weighting(sigma_action)[:, :, None]
+    action_sum = (per_action * active).sum()
+    action_count = has_actions.float().sum() * per_action.shape[1] * per_action.shape[2]
+    return FlowLoss(video_sum, video_count, action_sum, action_count, video_weight, action_weight)
+
+
+def sampling_sigmas(steps: int, shift: float, final_sigma: float = 0.0) -> torch.Tensor:
+    """steps+1 decreasing noise levels from 1 (pure noise) to `final_sigma` on the shifted grid."""
+    if steps < 1:
+        raise ValueError(f"need at least one denoising step, got {steps}")
+    sigmas = shift_sigma(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
+    return (final_sigma + (1 - final_sigma) * sigmas).float()
+
+
+def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """Follow dx/dsigma = velocity from sigma to sigma_next."""
+    return x + (sigma_next - sigma) * velocity

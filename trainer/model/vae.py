@@ -1,0 +1,301 @@
+"""The Wan2.1 video VAE (frozen): causal 3D convolutions, 4x temporal / 8x spatial compression.
+
+Parameter names match the public `Wan2.1_VAE.pth`. Every temporal operation is causal, so the network is
+written as a stream: each call takes the next frames and a `StreamState` that carries the few frames of
+history each causal convolution needs. Encoding a clip in one call, or as Wan does (first frame alone,
+then groups of 4 frames), or frame group by frame group as a robot observes them, gives the same latents;
+the chunked form bounds memory. Latents are normalised per channel with the VAE's mean and std.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wam.platform.presets import ConfigError
+
+# Per-channel latent statistics of Wan2.1_VAE.pth (z = 16).
+WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    latent_mean: tuple[float, ...] = WAN21_LATENT_MEAN
+    latent_std: tuple[float, ...] = WAN21_LATENT_STD
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+
+VAE_CONFIGS = {
+    "wan2.1": VaeConfig(),
+    "tiny": VaeConfig(dim=8, z_dim=4, latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4),
+}
+
+
+def vae_config(name: str) -> VaeConfig:
+    if name not in VAE_CONFIGS:
+        hint = " (the Wan2.2 z=48 VAE is not implemented: train dreamzero-5b on pre-encoded latents)" \
+            if name == "wan2.2" else ""
+        raise ConfigError(f"unknown VAE {name!r}; available: {', '.join(VAE_CONFIGS)}{hint}")
+    return VAE_CONFIGS[name]
+
+
+@dataclass
+class StreamState:
+    """History carried between calls of a streaming encoder/decoder, per module."""
+
+    frames: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
+    started: set[nn.Module] = field(default_factory=set)
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded causally in time (2 * padding_t frames on the left), symmetrically in space."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel, stride=1, padding=0):
+        super().__init__(in_ch, out_ch, kernel, stride=stride, padding=0)
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        self.history = 2 * pt
+        self.spatial_pad = (pw, pw, ph, ph)
+
+    def forward(self, x: torch.Tensor, state: StreamState | None = None) -> torch.Tensor:
+        left = self.history
+        if self.history and state is not None:
+            past = state.frames.get(self)
+            if past is not None:
+                x = torch.cat([past, x], dim=2)
+                left -= past.shape[2]
+            state.frames[self] = x[:, :, -self.history:]
+        return super().forward(F.pad(x, self.spatial_pad + (left, 0)))
+
+
+class RMSNorm(nn.Module):
+    """Wan's channel RMS norm: L2-normalise over channels, times sqrt(C) and a learned gain `gamma`."""
+
+    def __init__(self, dim: int, images: bool):
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2D op to every frame of (B, C, T, H, W)."""
+    b, _, t = x.shape[:3]
+    y = fn(x.transpose(1, 2).flatten(0, 1))
+    return y.unflatten(0, (b, t)).transpose(1, 2)
+
+
+class NearestUpsample(nn.Upsample):
+    """2x nearest-exact upsampling computed in fp32 (bf16 nearest-exact is not supported everywhere)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
+def _run(layers: nn.Sequential, x: torch.Tensor, state: StreamState) -> torch.Tensor:
+    """Run layers in order, passing the stream state to those that keep temporal history."""
+    for layer in layers:
+        x = layer(x, state) if isinstance(layer, _STREAMING) else layer(x)
+    return x
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim, images=False), nn.SiLU(), nn.Dropout(0.0), CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
+        return _run(self.residual, x, state) + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head spatial self-attention within each frame."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W)
+        n, c, h, w = x.shape
+        q, k, v = self.to_qkv(self.norm(x)).reshape(n, 1, 3 * c, h * w).transpose(2, 3).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, 1, HW, C)
+        return self.proj(out.squeeze(1).transpose(1, 2).reshape(n, c, h, w))
+
+    def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
+        return x + _per_frame(self._attend, x)
+
+
+class Resample(nn.Module):
+    """Spatial 2x down/up-sampling, optionally with causal 2x temporal down/up-sampling.
+
+    The first frame of a stream is never resampled in time (Wan encodes it alone): downsampling keeps it
+    and then convolves each following pair with the frame before; upsampling passes it through and turns
+    every later frame into two.
+    """
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("upsample"):
+            self.resample = nn.Sequential(NearestUpsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0))
+
+    def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
+        if self.mode == "upsample3d":
+            x = self._upsample_time(x, state)
+        x = _per_frame(self.resample, x)
+        if self.mode == "downsample3d":
+            x = self._downsample_time(x, state)
+        return x
+
+    def _upsample_time(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
+        head = None
+        if self not in state.started:
+            state.started.add(self)
+            head, x = x[:, :, :1], x[:, :, 1:]
+        if x.shape[2]:
+            b, c, t, h, w = x.shape
+            y = self.time_conv(x, state).view(b, 2, c, t, h, w)
+            x = torch.stack((y[:, 0], y[:, 1]), dim=3).reshape(b, c, 2 * t, h, w)
+        return x if head is None else torch.cat([head, x], dim=2)
+
+    def _downsample_time(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
+        previous = state.frames.get(self)
+        state.frames[self] = x[:, :, -1:]
+        if previous is None:  # stream start: the first frame passes, later frames pair up with it
+            return x if x.shape[2] < 3 else torch.cat([x[:, :, :1], self.time_conv(x)], dim=2)
+        return self.time_conv(torch.cat([previous, x], dim=2))
+
+
+_STREAMING = (CausalConv3d, ResidualBlock, AttentionBlock, Resample)
+
+
+class Encoder3d(nn.Module):
+    def __init__(self, cfg: VaeConfig):
+        super().__init__()
+        dims = [cfg.dim * u for u in (1,) + cfg.dim_mult]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i != len(cfg.dim_mult) - 1:
+                layers.append(Resample(out_dim, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
+        self.downsamples = nn.Sequential(*layers)
+        self.middle = nn.Sequential(ResidualBlock(out_dim, out_dim), AttentionBlock(out_dim),
+                                    ResidualBlock(out_dim, out_dim))
+        self.head = nn.Sequential(RMSNorm(out_dim, images=False), nn.SiLU(),
+                                  CausalConv3d(out_dim, cfg.z_dim * 2, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
+        x = self.conv1(x, state)
+        for stage in (self.downsamples, self.middle, self.head):
+            x = _run(stage, x, state)
+        return x
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, cfg: VaeConfig):
+        super().__init__()
+        mult = cfg.dim_mult
+        dims = [cfg.dim * u for u in (mult[-1],) + tuple(reversed(mult))]
+        temporal_upsample = tuple(reversed(cfg.temporal_downsample))
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                    ResidualBlock(dims[0], dims[0]))
+        layers: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            if i > 0:
+                in_dim //= 2  # the previous upsampling halved the channels
+            for _ in range(cfg.num_res_blocks + 1):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i != len(mult) - 1:
+                layers.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
+        self.upsamples = nn.Sequential(*layers)
+        self.head = nn.Sequential(RMSNorm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, 3, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
+        x = self.conv1(x, state)
+        for stage in (self.middle, self.upsamples, self.head):
+            x = _run(stage, x, state)
+        return x
+
+
+class WanVAE(nn.Module):
+    """Frozen video VAE. Pixels in [-1, 1] (B, 3, T, H, W) <-> normalised latents (B, z, 1 + (T-1)/4, H/8, W/8)."""
+
+    def __init__(self, cfg: VaeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder3d(cfg)
+        self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder3d(cfg)
+        self.register_buffer("latent_mean", torch.tensor(cfg.latent_mean).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("latent_std", torch.tensor(cfg.latent_std).view(1, -1, 1, 1, 1), persistent=False)
+
+    def _check_pixels(self, video: torch.Tensor, first_call: bool) -> None:
+        s = self.cfg.spatial_stride
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"expected video (B, 3, T, H, W), got {tuple(video.shape)}")
+        if video.shape[-1] % s or video.shape[-2] % s:
+            raise ValueError(f"frame size {video.shape[-2]}x{video.shape[-1]} must be a multiple of {s}")
+        t = video.shape[2] - (1 if first_call else 0)
+        if t % self.cfg.temporal_stride:
+            expected = f"1 + {self.cfg.temporal_stride}k" if first_call else f"a multiple of {self.cfg.temporal_stride}"
+            raise ValueError(f"got {video.shape[2]} frames; a stream takes {expected} frames per call")
+
+    def encode_stream(self, video: torch.Tensor, state: StreamState) -> torch.Tensor:
+        """Encode the next frames of a stream: 1 + 4k frames on the first call, 4k afterwards."""
+        self._check_pixels(video, first_call=not state.frames)
+        mu = self.conv1(self.encoder(video.to(self.conv1.weight.dtype), state)).chunk(2, dim=1)[0]
+        return ((mu.float() - self.latent_mean) / self.latent_std)
+
+    def encode(self, video: torch.Tensor, frames_per_call: int = 4) -> torch.Tensor:
+        """Encode a whole clip (1 + 4k frames): first frame alone, then `frames_per_call` frames at a time."""
+        state = StreamState()
+        parts = [self.encode_stream(video[:, :, :1], state)]
+        for start in range(1, video.shape[2], frames_per_call):
+            parts.append(self.encode_stream(video[:, :, start:start + frames_per_call], state))
+        return torch.cat(parts, dim=2)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, z, T, h, w) -> pixels in [-1, 1] (B, 3, 1 + 4(T-1), 8h, 8w), one latent frame at a time."""
+        state = StreamState()
+        z = latents.float() * self.latent_std + self.latent_mean
+        z = self.conv2(z.to(self.conv2.weight.dtype))
+        frames = [self.decoder(z[:, :, i:i + 1], state) for i in range(z.shape[2])]
+        return torch.cat(frames, dim=2).float().clamp(-1, 1)
