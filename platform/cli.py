@@ -17,7 +17,8 @@ from rich.table import Table
 
 from wam.platform.accounting import GIB, count_flops, count_params, estimate_memory, min_gpus, training_layout
 from wam.platform.config import load_config, resolve_preset
-from wam.platform.presets import PRESETS, ConfigError
+from wam.platform.errors import UserError
+from wam.platform.presets import PRESETS
 
 app = typer.Typer(help="WAM Platform: train, quantize and serve DreamZero-style World Action Models.",
                   no_args_is_help=True, add_completion=False)
@@ -32,7 +33,7 @@ def user_errors():
     """Turn configuration mistakes into a one-line error and exit code 2, not a traceback."""
     try:
         yield
-    except (ConfigError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:
         err_console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None
 
@@ -104,6 +105,23 @@ def model_info(
                       f"{est.frozen_encoders / GIB:.1f}, activations {est.activations / GIB:.1f})")
     table.add_row(f"fewest {gpu_memory:g} GiB GPUs (AC on)", str(fewest) if fewest else "does not fit")
     console.print(table)
+
+
+@model_app.command("import")
+def model_import(
+    checkpoint: str = typer.Argument(..., help="Wan2.1 / DreamZero DiT: .safetensors, sharded index, .pth, a folder, "
+                                               "or an fsspec URI"),
+    preset: str = typer.Option(..., help="the preset the checkpoint belongs to"),
+    out: Path = typer.Option(..., help="safetensors file to write: the initial weights of a training run"),
+    dtype: str = typer.Option("bfloat16", help="bfloat16 | float32"),
+) -> None:
+    """Import a published Wan2.1 / DreamZero checkpoint into a preset; new WAM heads are initialised."""
+    from wam.trainer.model.export import import_to_safetensors  # needs the trainer extra
+
+    with user_errors():
+        cfg = load_config(None, [f"model.preset={preset}"])
+        report = import_to_safetensors(resolve_preset(cfg), checkpoint, out, dtype)
+    console.print(f"{report.summary()}; wrote {out}")
 
 
 @app.command()

@@ -14,7 +14,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from wam.platform.presets import ConfigError, Preset, WamArch, get_preset
+from wam.platform.errors import ConfigError
+from wam.platform.presets import Preset, WamArch, get_preset
 
 ATTENTION_BACKENDS = ("sdpa", "flex")
 NOISE_SCHEDULES = ("coupled", "flash")

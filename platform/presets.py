@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message says which one and how to fix it."""
+from wam.platform.errors import ConfigError
 
 
 @dataclass(frozen=True)

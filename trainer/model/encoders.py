@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from wam.platform.presets import ConfigError, WamArch
+from wam.platform.errors import ConfigError
+from wam.platform.presets import WamArch
 from wam.trainer.model.clip import ClipImageEncoder, clip_config
 from wam.trainer.model.text_encoder import TextEncoder, load_text_encoder
 from wam.trainer.model.vae import WanVAE, vae_config
@@ -25,14 +26,16 @@ class EncoderPaths:
     image: str | None = None  # models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth (its visual.* part)
 
 
-def _random_or_load(build, name: str, path: str | None, seed: int, prefix: str = "") -> torch.nn.Module:
-    """The module with its published weights, or (tiny only) PyTorch's default init from `seed`."""
+def _random_or_load(build, name: str, path: str | None, seed: int, prefix: str = "",
+                    part: str = "") -> torch.nn.Module:
+    """The module with its published weights (checkpoint keys under `prefix` into submodule `part`), or
+    (tiny only) PyTorch's default init from `seed`."""
     if path is None and name != "tiny":
         raise ConfigError(f"the {name} encoder needs its published weights: set its path")
     torch.manual_seed(seed)
     module = build()
     if path is not None:
-        load_frozen(module, path, prefix)
+        load_frozen(module.get_submodule(part), path, prefix)
     return module.eval().requires_grad_(False)
 
 
@@ -60,7 +63,7 @@ class FrozenEncoders:
                 raise ConfigError(f"image encoder {arch.image_encoder} gives {cfg.num_tokens} tokens of width "
                                   f"{cfg.dim}; the model expects {arch.image_tokens} x {arch.image_dim}")
             image = _random_or_load(lambda: ClipImageEncoder(cfg), arch.image_encoder, paths.image, seed + 2,
-                                    "visual.")
+                                    prefix="visual.", part="visual")
         encoders = cls(vae, text, image)
         for module in (vae, text, image):
             if module is not None:

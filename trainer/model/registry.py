@@ -97,12 +97,13 @@ def model_config(arch: WamArch, sample: SampleShape, attention: str = "sdpa") ->
 
 def build_model(config: WamModel.Config, device: torch.device | str = "cpu", seed: int = 0,
                 dtype: torch.dtype = torch.float32) -> WamModel:
-    """Meta-device construction, then materialise on `device` and initialise, as torchtitan's Trainer does."""
+    """Meta-device construction, then materialise on `device` in `dtype` and initialise, as torchtitan's
+    Trainer does (no full-size copy in another dtype is ever allocated)."""
     with torch.device("meta"):
-        model = config.build()
+        model = config.build().to(dtype)
     model.verify_module_protocol()
     model.to_empty(device=device)
     torch.manual_seed(seed)
     with torch.no_grad():
         model.init_states()
-    return model.to(dtype)
+    return model

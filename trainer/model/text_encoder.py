@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from wam.platform.presets import ConfigError
+from wam.platform.errors import ConfigError
 from wam.platform.storage import localize
 
 UMT5_CONFIGS = {

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wam.platform.presets import ConfigError
+from wam.platform.errors import ConfigError
 
 # Per-channel latent statistics of Wan2.1_VAE.pth (z = 16).
 WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,

@@ -1,0 +1,9 @@
+"""Errors caused by the user's input: the CLI prints their message (which says what to fix), no traceback."""
+
+
+class UserError(ValueError):
+    """Bad input: a config value, a file, a checkpoint. The message names it and how to fix it."""
+
+
+class ConfigError(UserError):
+    """A configuration value is wrong."""

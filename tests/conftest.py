@@ -1,0 +1,112 @@
+import dataclasses
+
+import pytest
+import torch
+
+from wam.platform.presets import get_preset
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA exists; everywhere else they are reported as skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return get_preset("tiny")
+
+
+def random_inputs(arch, sample, batch=2, seed=0, chunks=None):
+    """A teacher-forcing batch of random tensors with the tiny geometry."""
+    from wam.trainer.model import WamInputs
+
+    g = torch.Generator().manual_seed(seed)
+    k = chunks or sample.num_chunks
+    f, a = sample.frames_per_chunk, sample.actions_per_chunk
+    z, h, w = arch.latent_channels, sample.latent_height, sample.latent_width
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return WamInputs(
+        video=r(batch, z, 1 + k * f, h, w), noisy_video=r(batch, z, k * f, h, w),
+        noisy_actions=r(batch, k, a, arch.action_dim), state=r(batch, k, arch.state_dim),
+        video_t=torch.rand(batch, k, generator=g) * 1000, action_t=torch.rand(batch, k, generator=g) * 1000,
+        text=r(batch, arch.text_len, arch.text_dim),
+        image=r(batch, arch.image_tokens, arch.image_dim) if arch.has_image_branch else None,
+        i2v_cond=r(batch, 4 + z, 1 + k * f, h, w) if arch.i2v_concat else None,
+    )
+
+
+def randomized_model(arch, sample, seed=0, attention="sdpa"):
+    """A tiny model with every parameter random (the zero-initialised output head would hide errors)."""
+    from wam.trainer.model import build_model, model_config
+
+    model = build_model(model_config(arch, sample, attention), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:  # fan-in scaled, so activations stay O(1) through the blocks
+                p.copy_(torch.randn(p.shape, generator=g) * (p.numel() / p.shape[0]) ** -0.5)
+            else:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture
+def arch_with(tiny):
+    def make(**overrides):
+        return dataclasses.replace(tiny.arch, **overrides)
+    return make
+
+
+def wan_i2v_keys(dim, ffn, layers, in_dim, out_dim, text_dim, freq_dim, image_dim=1280, image=True,
+                 patch=(1, 2, 2)) -> dict[str, tuple[int, ...]]:
+    """Every DiT key of a Wan2.1 checkpoint with its shape, written out from Wan's published model code
+    (independently of our modules, so a renamed parameter of ours shows up as a mismatch)."""
+    d = dim
+    keys = {
+        "patch_embedding.weight": (d, in_dim, *patch), "patch_embedding.bias": (d,),
+        "text_embedding.0.weight": (d, text_dim), "text_embedding.0.bias": (d,),
+        "text_embedding.2.weight": (d, d), "text_embedding.2.bias": (d,),
+        "time_embedding.0.weight": (d, freq_dim), "time_embedding.0.bias": (d,),
+        "time_embedding.2.weight": (d, d), "time_embedding.2.bias": (d,),
+        "time_projection.1.weight": (6 * d, d), "time_projection.1.bias": (6 * d,),
+        "head.modulation": (1, 2, d), "head.head.weight": (out_dim * patch[0] * patch[1] * patch[2], d),
+        "head.head.bias": (out_dim * patch[0] * patch[1] * patch[2],),
+    }
+    if image:
+        keys.update({
+            "img_emb.proj.0.weight": (image_dim,), "img_emb.proj.0.bias": (image_dim,),
+            "img_emb.proj.1.weight": (image_dim, image_dim), "img_emb.proj.1.bias": (image_dim,),
+            "img_emb.proj.3.weight": (d, image_dim), "img_emb.proj.3.bias": (d,),
+            "img_emb.proj.4.weight": (d,), "img_emb.proj.4.bias": (d,),
+        })
+    for i in range(layers):
+        b = f"blocks.{i}."
+        keys[b + "modulation"] = (1, 6, d)
+        for attn in ("self_attn", "cross_attn"):
+            for proj in ("q", "k", "v", "o"):
+                keys[f"{b}{attn}.{proj}.weight"] = (d, d)
+                keys[f"{b}{attn}.{proj}.bias"] = (d,)
+            keys[f"{b}{attn}.norm_q.weight"] = (d,)
+            keys[f"{b}{attn}.norm_k.weight"] = (d,)
+        if image:
+            for proj in ("k_img", "v_img"):
+                keys[f"{b}cross_attn.{proj}.weight"] = (d, d)
+                keys[f"{b}cross_attn.{proj}.bias"] = (d,)
+            keys[b + "cross_attn.norm_k_img.weight"] = (d,)
+        keys[b + "norm3.weight"] = (d,)
+        keys[b + "norm3.bias"] = (d,)
+        keys[b + "ffn.0.weight"] = (ffn, d)
+        keys[b + "ffn.0.bias"] = (ffn,)
+        keys[b + "ffn.2.weight"] = (d, ffn)
+        keys[b + "ffn.2.bias"] = (d,)
+    return keys

@@ -1,0 +1,17 @@
+"""The benchmark scripts keep running (a smoke run; the numbers themselves go in the README)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_model_benchmark_smoke(tmp_path):
+    out = tmp_path / "model.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/model.py"), "--quick", "--steps", "2",
+                             "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert set(data["flops"]) == {"tiny", "wan2.1-1.3b", "dreamzero-5b", "dreamzero-14b"}
+    assert all(row["cached_s"] > 0 for row in data["chunk_inference"]["tiny"])

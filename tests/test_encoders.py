@@ -1,0 +1,200 @@
+"""Frozen encoders: the streaming VAE, CLIP tokens, umT5 loading (HF folder, Wan .pth, fsspec), I2V channels."""
+
+import fsspec
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import UMT5EncoderModel
+
+from wam.platform.accounting import FROZEN_ENCODER_PARAMS
+from wam.platform.errors import ConfigError
+from wam.platform.presets import get_preset
+from wam.trainer.model.clip import CLIP_CONFIGS, ClipImageEncoder
+from wam.trainer.model.encoders import EncoderPaths, FrozenEncoders
+from wam.trainer.model.text_encoder import ByteTokenizer, load_text_encoder, umt5_config
+from wam.trainer.model.vae import VAE_CONFIGS, StreamState, VaeConfig, WanVAE
+from wam.trainer.model.weights import CheckpointError, load_frozen
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    model = WanVAE(VaeConfig(dim=8, z_dim=4, latent_mean=(0.5, -0.5, 1.0, 0.0), latent_std=(2.0, 1.0, 0.5, 1.0)))
+    return model.eval()
+
+
+def clip_video(frames=13, size=32, seed=0):
+    return torch.rand(1, 3, frames, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_vae_streaming_equals_one_shot_encoding(vae):
+    video = clip_video()
+    with torch.no_grad():
+        whole = vae.encode(video, frames_per_call=12)
+        wan_chunks = vae.encode(video)  # first frame, then 4 frames per call, as Wan does
+        state = StreamState()  # a robot observing 1 + 4, then 8 frames
+        streamed = torch.cat([vae.encode_stream(video[:, :, :5], state), vae.encode_stream(video[:, :, 5:], state)], 2)
+    assert whole.shape == (1, 4, 4, 4, 4)
+    torch.testing.assert_close(wan_chunks, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(streamed, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_vae_is_causal_and_first_frame_is_encoded_alone(vae):
+    a, b = clip_video(seed=1), clip_video(seed=1)
+    b[:, :, 5:] = clip_video(seed=2)[:, :, 5:]  # change only the future
+    with torch.no_grad():
+        za, zb = vae.encode(a), vae.encode(b)
+    assert torch.equal(za[:, :, :2], zb[:, :, :2]) and not torch.allclose(za[:, :, 2:], zb[:, :, 2:])
+
+
+def test_vae_decode_shape_and_range(vae):
+    with torch.no_grad():
+        pixels = vae.decode(vae.encode(clip_video()))
+    assert pixels.shape == (1, 3, 13, 32, 32) and pixels.abs().max() <= 1
+
+
+def test_vae_rejects_bad_clips(vae):
+    with pytest.raises(ValueError, match=r"1 \+ 4k"):
+        vae.encode_stream(clip_video(frames=4), StreamState())
+    with pytest.raises(ValueError, match="multiple of 8"):
+        vae.encode(clip_video(size=30))
+
+
+def test_frozen_encoder_parameter_counts_match_the_accounting_table():
+    with torch.device("meta"):
+        counts = {
+            "wan2.1": WanVAE(VAE_CONFIGS["wan2.1"]),
+            "clip-vit-h-14": ClipImageEncoder(CLIP_CONFIGS["clip-vit-h-14"]).visual,
+            "umt5-xxl": UMT5EncoderModel(umt5_config("umt5-xxl")),
+        }
+    for name, module in counts.items():
+        assert sum(p.numel() for p in module.parameters()) == FROZEN_ENCODER_PARAMS[name], name
+
+
+def test_clip_tokens_and_wan_key_names():
+    encoder = ClipImageEncoder(CLIP_CONFIGS["tiny"]).eval()
+    tokens = encoder(torch.rand(2, 3, 40, 72) * 2 - 1)
+    assert tokens.shape == (2, 5, 32)
+    keys = set(encoder.state_dict())
+    for key in ("visual.patch_embedding.weight", "visual.cls_embedding", "visual.pos_embedding",
+                "visual.pre_norm.weight", "visual.transformer.1.attn.to_qkv.weight", "visual.transformer.0.mlp.2.bias",
+                "visual.post_norm.bias", "visual.head"):
+        assert key in keys
+    assert "visual.patch_embedding.bias" not in keys  # pre-norm ViT: no patch bias
+
+
+def test_clip_loads_the_visual_part_of_a_full_clip_checkpoint(tmp_path):
+    source = ClipImageEncoder(CLIP_CONFIGS["tiny"])
+    checkpoint = {k: v.clone() for k, v in source.state_dict().items()}
+    checkpoint["textual.head.0.weight"] = torch.zeros(3, 3)  # the text tower is ignored
+    checkpoint["log_scale"] = torch.zeros(())
+    torch.save(checkpoint, tmp_path / "clip.pth")
+    target = ClipImageEncoder(CLIP_CONFIGS["tiny"])
+    load_frozen(target.visual, tmp_path / "clip.pth", prefix="visual.")
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values(), strict=True))
+
+
+def test_load_frozen_errors(vae, tmp_path):
+    state = {k: v.clone() for k, v in vae.state_dict().items()}
+    del state["decoder.head.2.bias"]
+    save_file(state, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_frozen(WanVAE(vae.cfg), tmp_path / "vae.safetensors")
+    state["decoder.head.2.bias"] = torch.zeros(5)
+    save_file(state, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(CheckpointError, match=r"shape \(5,\)"):
+        load_frozen(WanVAE(vae.cfg), tmp_path / "vae.safetensors")
+
+
+def test_byte_tokenizer_and_features_beyond_the_prompt_are_zero():
+    ids, mask = ByteTokenizer()(["ab", "é"], 6)
+    assert ids.tolist() == [[ord("a") + 3, ord("b") + 3, 1, 0, 0, 0], [0xC3 + 3, 0xA9 + 3, 1, 0, 0, 0]]
+    encoder = load_text_encoder("tiny", text_len=16, seed=0)
+    features = encoder(["pick up the cup", "open"])
+    assert features.shape == (2, 16, 32)
+    assert features[1, 5:].abs().sum() == 0 and features[1, :5].abs().sum() > 0
+    assert not torch.allclose(features[0, :4], features[1, :4])
+
+
+def _hf_folder(tmp_path):
+    torch.manual_seed(0)
+    model = UMT5EncoderModel(umt5_config("tiny"))
+    folder = tmp_path / "umt5-tiny"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def test_text_encoder_loads_from_an_hf_folder_and_an_fsspec_uri(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAM_CACHE_DIR", str(tmp_path / "cache"))
+    model, folder = _hf_folder(tmp_path)
+    fs = fsspec.filesystem("memory")
+    for file in folder.iterdir():
+        fs.put(str(file), f"/umt5/{file.name}")
+    try:
+        local = load_text_encoder("tiny", 16, str(folder))
+        remote = load_text_encoder("tiny", 16, "memory://umt5")
+    finally:
+        fs.rm("/umt5", recursive=True)
+    prompts = ["stack the blocks"]
+    ids, mask = ByteTokenizer()(prompts, 16)
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None]
+    torch.testing.assert_close(local(prompts), expected)
+    torch.testing.assert_close(remote(prompts), expected)
+
+
+def test_text_encoder_loads_wan_t5_pth(tmp_path):
+    model, _ = _hf_folder(tmp_path)
+    hf = model.state_dict()
+    wan = {"token_embedding.weight": hf["shared.weight"], "norm.weight": hf["encoder.final_layer_norm.weight"]}
+    for i in range(2):  # Wan's T5 names, written out by hand
+        h = f"encoder.block.{i}.layer."
+        wan.update({
+            f"blocks.{i}.norm1.weight": hf[h + "0.layer_norm.weight"],
+            f"blocks.{i}.norm2.weight": hf[h + "1.layer_norm.weight"],
+            f"blocks.{i}.pos_embedding.embedding.weight": hf[h + "0.SelfAttention.relative_attention_bias.weight"],
+            f"blocks.{i}.ffn.gate.0.weight": hf[h + "1.DenseReluDense.wi_0.weight"],
+            f"blocks.{i}.ffn.fc1.weight": hf[h + "1.DenseReluDense.wi_1.weight"],
+            f"blocks.{i}.ffn.fc2.weight": hf[h + "1.DenseReluDense.wo.weight"],
+            **{f"blocks.{i}.attn.{p}.weight": hf[h + f"0.SelfAttention.{p}.weight"] for p in "qkvo"},
+        })
+    torch.save(wan, tmp_path / "models_t5_umt5-tiny-enc.pth")
+    loaded = load_text_encoder("tiny", 16, str(tmp_path / "models_t5_umt5-tiny-enc.pth"))
+    ids, mask = ByteTokenizer()(["wipe the table"], 16)
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None]
+    torch.testing.assert_close(loaded(["wipe the table"]), expected)
+    wan["blocks.0.extra.weight"] = torch.zeros(1)
+    torch.save(wan, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="unexpected keys"):
+        load_text_encoder("tiny", 16, str(tmp_path / "bad.pth"))
+
+
+def test_real_presets_refuse_to_run_on_random_encoders():
+    with pytest.raises(ConfigError, match="needs its published weights"):
+        FrozenEncoders.build(get_preset("dreamzero-14b").arch, EncoderPaths())
+    with pytest.raises(ConfigError, match="Wan2.2"):
+        FrozenEncoders.build(get_preset("dreamzero-5b").arch)
+
+
+def test_i2v_condition_marks_the_first_latent_frame_and_encodes_first_frame_plus_black(tiny):
+    encoders = FrozenEncoders.build(tiny.arch)
+    first = torch.rand(2, 3, 64, 64) * 2 - 1
+    cond = encoders.i2v_condition(first, latent_frames=3)
+    assert cond.shape == (2, 4 + 4, 3, 8, 8)
+    assert bool((cond[:, :4, 0] == 1).all()) and bool((cond[:, :4, 1:] == 0).all())
+    video = torch.zeros(2, 3, 9, 64, 64)
+    video[:, :, 0] = first
+    torch.testing.assert_close(cond[:, 4:], encoders.vae.encode(video))
+
+
+def test_frozen_encoders_build_from_published_style_files(tiny, tmp_path):
+    random = FrozenEncoders.build(tiny.arch, seed=7)
+    torch.save(random.vae.state_dict(), tmp_path / "Wan2.1_VAE.pth")
+    torch.save({**random.image.state_dict(), "textual.embedding.weight": torch.zeros(2, 2)}, tmp_path / "clip.pth")
+    random.text.model.save_pretrained(tmp_path / "umt5")
+    paths = EncoderPaths(vae=str(tmp_path / "Wan2.1_VAE.pth"), text=str(tmp_path / "umt5"),
+                         image=str(tmp_path / "clip.pth"))
+    loaded = FrozenEncoders.build(tiny.arch, paths, seed=99)
+    for a, b in ((random.vae, loaded.vae), (random.image, loaded.image), (random.text.model, loaded.text.model)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
