@@ -6,6 +6,8 @@ from wam.platform.config import load_config, resolve_preset
 from wam.platform.errors import ConfigError
 from wam.platform.presets import get_preset
 
+from conftest import REPO
+
 
 def test_defaults_resolve_to_the_tiny_preset():
     cfg = load_config()
@@ -67,3 +69,8 @@ def test_bad_values_are_named(override, fragment):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    resolve_preset(load_config(path))
