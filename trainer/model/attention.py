@@ -68,7 +68,9 @@ class FlexKernel(Module):
 KERNELS = {"sdpa": SDPAKernel, "flex": FlexKernel}
 
 
-class SelfAttention(Module):
+class _Attention(Module):
+    """q/k/v/o projections with Wan's q/k RMSNorm over the whole width."""
+
     @dataclass(kw_only=True, slots=True)
     class Config(Module.Config):
         num_heads: int
@@ -78,17 +80,25 @@ class SelfAttention(Module):
         o: Linear.Config
         norm_q: FP32RMSNorm.Config
         norm_k: FP32RMSNorm.Config
-        kernel: Module.Config
 
     def __init__(self, config: Config):
         super().__init__()
         self.num_heads = config.num_heads
         self.q, self.k, self.v, self.o = (config.q.build(), config.k.build(), config.v.build(), config.o.build())
         self.norm_q, self.norm_k = config.norm_q.build(), config.norm_k.build()
-        self.kernel = config.kernel.build()
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))
+
+
+class SelfAttention(_Attention):
+    @dataclass(kw_only=True, slots=True)
+    class Config(_Attention.Config):
+        kernel: Module.Config
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.kernel = config.kernel.build()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 cache: LayerCache | None = None) -> torch.Tensor:
@@ -109,34 +119,21 @@ class CrossContext(NamedTuple):
     image: KV | None
 
 
-class CrossAttention(Module):
+class CrossAttention(_Attention):
     """Cross-attention to text tokens, plus (I2V) CLIP image tokens through k_img/v_img; results summed."""
 
     @dataclass(kw_only=True, slots=True)
-    class Config(Module.Config):
-        num_heads: int
-        q: Linear.Config
-        k: Linear.Config
-        v: Linear.Config
-        o: Linear.Config
-        norm_q: FP32RMSNorm.Config
-        norm_k: FP32RMSNorm.Config
+    class Config(_Attention.Config):
         k_img: Linear.Config | None = None
         v_img: Linear.Config | None = None
         norm_k_img: FP32RMSNorm.Config | None = None
 
     def __init__(self, config: Config):
-        super().__init__()
-        self.num_heads = config.num_heads
-        self.q, self.k, self.v, self.o = (config.q.build(), config.k.build(), config.v.build(), config.o.build())
-        self.norm_q, self.norm_k = config.norm_q.build(), config.norm_k.build()
+        super().__init__(config)
         self.has_image = config.k_img is not None
         if self.has_image:
             self.k_img, self.v_img = config.k_img.build(), config.v_img.build()
             self.norm_k_img = config.norm_k_img.build()
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.num_heads, -1))
 
     def context(self, text: torch.Tensor, image: torch.Tensor | None) -> CrossContext:
         """Project the (embedded) conditioning tokens once; reusable for every query of a session."""

@@ -1,5 +1,5 @@
 """Input and output heads around the DiT blocks: Wan's output head and CLIP projection, and DreamZero's
-state encoder, action encoder and action decoder."""
+state encoder and action decoder (`ReluMLP`) and action encoder."""
 
 from __future__ import annotations
 
@@ -61,8 +61,9 @@ class ImageProjection(Module):
         return self.proj(image_tokens.to(self.proj[1].weight.dtype))
 
 
-class StateEncoder(Module):
-    """Proprioceptive state (padded to 64) -> 1024 -> ReLU -> model width; one token per chunk."""
+class ReluMLP(Module):
+    """layer1 -> ReLU -> layer2: DreamZero's state encoder (state padded to 64 -> 1024 -> width, one token
+    per chunk) and action decoder (action-token hidden states -> 1024 -> velocity padded to 32)."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(Module.Config):
@@ -73,8 +74,8 @@ class StateEncoder(Module):
         super().__init__()
         self.layer1, self.layer2 = config.layer1.build(), config.layer2.build()
 
-    def forward(self, state: torch.Tensor) -> torch.Tensor:
-        return self.layer2(F.relu(self.layer1(state.to(self.layer1.weight.dtype))))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(F.relu(self.layer1(x.to(self.layer1.weight.dtype))))
 
 
 class ActionEncoder(Module):
@@ -99,19 +100,3 @@ class ActionEncoder(Module):
         tau = sinusoidal_embedding(timesteps, self.dim, sin_first=True).to(dtype)
         h = torch.cat([self.W1(actions.to(dtype)), tau], dim=-1)
         return self.W3(F.silu(self.W2(h)))
-
-
-class ActionDecoder(Module):
-    """Hidden states of the action tokens -> 1024 -> ReLU -> action velocity (padded to 32)."""
-
-    @dataclass(kw_only=True, slots=True)
-    class Config(Module.Config):
-        layer1: Linear.Config
-        layer2: Linear.Config
-
-    def __init__(self, config: Config):
-        super().__init__()
-        self.layer1, self.layer2 = config.layer1.build(), config.layer2.build()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer2(F.relu(self.layer1(x.to(self.layer1.weight.dtype))))

@@ -21,7 +21,7 @@ from wam.platform.accounting import count_flops
 from wam.platform.layout import TokenKind, TokenLayout
 from wam.platform.presets import SampleShape, WamArch
 from wam.trainer.model.block import Conditioning, TokenModulation, WanBlock
-from wam.trainer.model.heads import ActionDecoder, ActionEncoder, ImageProjection, OutputHead, StateEncoder
+from wam.trainer.model.heads import ActionEncoder, ImageProjection, OutputHead, ReluMLP
 from wam.trainer.model.kv_cache import KVCache, LayerCache
 from wam.trainer.model.layers import Conv3d, sinusoidal_embedding
 from wam.trainer.model.mask import AttentionMask
@@ -76,9 +76,9 @@ class WamModel(BaseModel):
         blocks: list[WanBlock.Config]
         head: OutputHead.Config
         img_emb: ImageProjection.Config | None
-        state_encoder: StateEncoder.Config
+        state_encoder: ReluMLP.Config
         action_encoder: ActionEncoder.Config
-        action_decoder: ActionDecoder.Config
+        action_decoder: ReluMLP.Config
 
         def update_from_config(self, *, config, **kwargs) -> None:
             """The model reads nothing from the trainer config: its shape comes from the preset."""

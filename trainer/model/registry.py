@@ -18,7 +18,7 @@ from torchtitan.models.common.linear import Linear
 from wam.platform.presets import SampleShape, WamArch
 from wam.trainer.model.attention import KERNELS, CrossAttention, SelfAttention
 from wam.trainer.model.block import WanBlock
-from wam.trainer.model.heads import ActionDecoder, ActionEncoder, ImageProjection, OutputHead, StateEncoder
+from wam.trainer.model.heads import ActionEncoder, ImageProjection, OutputHead, ReluMLP
 from wam.trainer.model.layers import Conv3d, FP32RMSNorm
 from wam.trainer.model.model import WamModel
 
@@ -88,10 +88,10 @@ def model_config(arch: WamArch, sample: SampleShape, attention: str = "sdpa") ->
         head=OutputHead.Config(dim=d, eps=arch.eps, head=_linear(d, patch_out, _ZERO), param_init=_modulation_init(d)),
         img_emb=ImageProjection.Config(image_dim=arch.image_dim, dim=d, fc1=_linear(arch.image_dim, arch.image_dim),
                                        fc2=_linear(arch.image_dim, d)) if arch.has_image_branch else None,
-        state_encoder=StateEncoder.Config(layer1=_linear(arch.state_dim, h, _NORMAL_02), layer2=_linear(h, d, _NORMAL_02)),
+        state_encoder=ReluMLP.Config(layer1=_linear(arch.state_dim, h, _NORMAL_02), layer2=_linear(h, d, _NORMAL_02)),
         action_encoder=ActionEncoder.Config(dim=d, W1=_linear(arch.action_dim, d, _NORMAL_02),
                                             W2=_linear(2 * d, d, _NORMAL_02), W3=_linear(d, d, _NORMAL_02)),
-        action_decoder=ActionDecoder.Config(layer1=_linear(d, h, _NORMAL_02), layer2=_linear(h, arch.action_dim, _NORMAL_02)),
+        action_decoder=ReluMLP.Config(layer1=_linear(d, h, _NORMAL_02), layer2=_linear(h, arch.action_dim, _NORMAL_02)),
     )
 
 
