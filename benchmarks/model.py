@@ -13,18 +13,14 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from wam.platform.accounting import count_flops, count_params  # noqa: E402
-from wam.platform.presets import PRESETS, get_preset  # noqa: E402
-from wam.trainer.model import build_model, model_config  # noqa: E402
-
-from conftest import random_inputs  # noqa: E402  (shared batch builder)
+from wam.platform.accounting import count_flops, count_params
+from wam.platform.presets import PRESETS, get_preset
+from wam.trainer.model import WamInputs, build_model, model_config
 
 
 def _sync(device: torch.device) -> None:
@@ -47,8 +43,7 @@ def median_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> floa
 
 def train_step_time(preset, device, dtype, repeats) -> float:
     model = build_model(model_config(preset.arch, preset.sample), device=device, dtype=dtype).train()
-    batch = random_inputs(preset.arch, preset.sample, batch=1)
-    batch = type(batch)(**{k: (v.to(device) if v is not None else None) for k, v in vars(batch).items()})
+    batch = WamInputs.random(preset.arch, preset.sample, batch=1, device=device)
 
     def step():
         out = model(batch)
@@ -61,8 +56,7 @@ def chunk_inference_times(preset, device, dtype, steps, repeats) -> list[tuple[i
     """Per chunk: seconds to denoise it against the KV cache, and with the context recomputed every step."""
     arch, s = preset.arch, preset.sample
     model = build_model(model_config(arch, s), device=device, dtype=dtype).eval()
-    batch = random_inputs(arch, s, batch=1)
-    batch = type(batch)(**{k: (v.to(device) if v is not None else None) for k, v in vars(batch).items()})
+    batch = WamInputs.random(arch, s, batch=1, device=device)
     f, a, hw = s.frames_per_chunk, s.actions_per_chunk, (s.latent_height, s.latent_width)
 
     def fresh_cache(upto: int):

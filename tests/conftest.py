@@ -23,26 +23,10 @@ def tiny():
     return get_preset("tiny")
 
 
-def random_inputs(arch, sample, batch=2, seed=0, chunks=None):
-    """A teacher-forcing batch of random tensors with the tiny geometry."""
+def random_inputs(arch, sample, batch=2, seed=0):
     from wam.trainer.model import WamInputs
 
-    g = torch.Generator().manual_seed(seed)
-    k = chunks or sample.num_chunks
-    f, a = sample.frames_per_chunk, sample.actions_per_chunk
-    z, h, w = arch.latent_channels, sample.latent_height, sample.latent_width
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g)
-
-    return WamInputs(
-        video=r(batch, z, 1 + k * f, h, w), noisy_video=r(batch, z, k * f, h, w),
-        noisy_actions=r(batch, k, a, arch.action_dim), state=r(batch, k, arch.state_dim),
-        video_t=torch.rand(batch, k, generator=g) * 1000, action_t=torch.rand(batch, k, generator=g) * 1000,
-        text=r(batch, arch.text_len, arch.text_dim),
-        image=r(batch, arch.image_tokens, arch.image_dim) if arch.has_image_branch else None,
-        i2v_cond=r(batch, 4 + z, 1 + k * f, h, w) if arch.i2v_concat else None,
-    )
+    return WamInputs.random(arch, sample, batch, seed)
 
 
 def randomized_model(arch, sample, seed=0, attention="sdpa"):

@@ -44,6 +44,27 @@ class WamInputs:
     image: torch.Tensor | None = None  # (B, image_tokens, image_dim) CLIP features (I2V models)
     i2v_cond: torch.Tensor | None = None  # (B, 4 + z, 1 + K*F, h, w) mask + first-frame latent (Wan2.1-I2V)
 
+    @classmethod
+    def random(cls, arch: WamArch, sample: SampleShape, batch: int = 1, seed: int = 0,
+               device: torch.device | str = "cpu") -> WamInputs:
+        """Random tensors of the right shapes (smoke tests, benchmarks); timesteps uniform in [0, 1000)."""
+        g = torch.Generator().manual_seed(seed)
+        k, f, a = sample.num_chunks, sample.frames_per_chunk, sample.actions_per_chunk
+        z, h, w = arch.latent_channels, sample.latent_height, sample.latent_width
+
+        def r(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=g).to(device)
+
+        return cls(
+            video=r(batch, z, 1 + k * f, h, w), noisy_video=r(batch, z, k * f, h, w),
+            noisy_actions=r(batch, k, a, arch.action_dim), state=r(batch, k, arch.state_dim),
+            video_t=(torch.rand(batch, k, generator=g) * 1000).to(device),
+            action_t=(torch.rand(batch, k, generator=g) * 1000).to(device),
+            text=r(batch, arch.text_len, arch.text_dim),
+            image=r(batch, arch.image_tokens, arch.image_dim) if arch.has_image_branch else None,
+            i2v_cond=r(batch, 4 + z, 1 + k * f, h, w) if arch.i2v_concat else None,
+        )
+
 
 @dataclass
 class WamOutputs:
@@ -51,7 +72,7 @@ class WamOutputs:
     actions: torch.Tensor  # (B, K, A, action_dim) predicted velocity, fp32
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=8)  # a cached dense mask of a 14B sample is ~180 MB
 def _attention_mask(queries: TokenLayout, keys: TokenLayout) -> AttentionMask:
     return AttentionMask(queries, keys)
 
@@ -154,7 +175,7 @@ class WamModel(BaseModel):
                     grid: tuple[int, int], context: Conditioning | list,
                     cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, L, dim) tokens of `layout`, attending to `keys` (the cache's context + layout). Returns the
-        final hidden states and the per-token time embedding (B, L, dim) for the output head."""
+        final hidden states and the per-span time embedding (B, spans, dim) for the output head."""
         e = self.time_embedding(sinusoidal_embedding(span_t, self.arch.freq_dim).to(self.dtype)).float()
         e0 = self.time_projection(e.to(self.dtype)).float().unflatten(-1, (6, self.arch.dim))
         span_of_token = _span_of_token(layout).to(x.device)
@@ -164,13 +185,15 @@ class WamModel(BaseModel):
         for i, block in enumerate(self.blocks):
             block_context = context[i] if isinstance(context, list) else context
             x = block(x, modulation, rope, mask, block_context, cache.layers[i] if cache is not None else None)
-        return x, e.index_select(1, span_of_token)
+        return x, e
 
     def _decode(self, x: torch.Tensor, e: torch.Tensor, layout: TokenLayout, grid: tuple[int, int],
                 frames: int) -> WamOutputs:
-        """Velocities from the hidden states of the noisy video tokens (Wan head) and action tokens."""
+        """Velocities from the hidden states of the noisy video tokens (Wan head, modulated by each token's
+        time embedding, gathered from the per-span `e`) and of the action tokens."""
         noisy, action = layout.slice(TokenKind.NOISY), layout.slice(TokenKind.ACTION)
-        video = self._unpatchify(self.head(x[:, noisy], e[:, noisy]), frames, grid)
+        e_noisy = e.index_select(1, _span_of_token(layout)[noisy].to(e.device))
+        video = self._unpatchify(self.head(x[:, noisy], e_noisy), frames, grid)
         chunks = layout.count(TokenKind.STATE)
         actions = self.action_decoder(x[:, action]).float().unflatten(1, (chunks, layout.actions_per_chunk))
         return WamOutputs(video=video, actions=actions)

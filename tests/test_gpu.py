@@ -1,0 +1,57 @@
+"""GPU-only checks (marked `gpu`; they run wherever CUDA exists): compiled flex_attention forward and
+backward against the dense-mask SDPA reference, and the bf16 model on the GPU."""
+
+import pytest
+import torch
+
+from wam.platform.layout import TokenLayout
+from wam.trainer.model import WamInputs, build_model, model_config
+from wam.trainer.model.attention import FlexKernel, SDPAKernel
+from wam.trainer.model.mask import AttentionMask
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
+def test_compiled_flex_forward_and_backward_match_dense_sdpa(dtype, tol):
+    layout = TokenLayout.teacher_forcing(4, 2, 64, 24)
+    mask = AttentionMask(layout)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, layout.length, 4, 64, device="cuda", dtype=dtype, generator=g).requires_grad_()
+               for _ in range(3))
+    grad = torch.randn(1, layout.length, 4, 64, device="cuda", dtype=dtype, generator=g)
+    results = []
+    for kernel in (SDPAKernel(SDPAKernel.Config()), FlexKernel(FlexKernel.Config())):
+        out = kernel(q, k, v, mask)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+        results.append((out, dq, dk, dv))
+    for ref, got in zip(*results, strict=True):
+        assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < tol
+
+
+def test_bf16_training_step_with_flex_attention_on_gpu(tiny):
+    model = build_model(model_config(tiny.arch, tiny.sample, attention="flex"), device="cuda", dtype=torch.bfloat16)
+    batch = WamInputs.random(tiny.arch, tiny.sample, batch=2, device="cuda")
+    out = model(batch)
+    (out.video.square().mean() + out.actions.square().mean()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_kv_cache_matches_full_forward_on_gpu(tiny):
+    arch, sample = tiny.arch, tiny.sample
+    model = build_model(model_config(arch, sample, attention="flex"), device="cuda").eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=(p.numel() / p.shape[0]) ** -0.5 if p.ndim > 1 else 0.1)
+    batch = WamInputs.random(arch, sample, batch=1, device="cuda")
+    f = sample.frames_per_chunk
+    with torch.no_grad():
+        full = model(batch)
+        cache = model.new_cache(1, sample.num_chunks, f, sample.actions_per_chunk,
+                                (sample.latent_height, sample.latent_width))
+        model.set_conditioning(cache, batch.text, batch.image, batch.i2v_cond)
+        model.observe(cache, batch.video[:, :, :1])
+        for c in range(sample.num_chunks):
+            out = model.predict(cache, batch.noisy_video[:, :, c * f:(c + 1) * f], batch.noisy_actions[:, c],
+                                batch.state[:, c], batch.video_t[:, c], batch.action_t[:, c])
+            torch.testing.assert_close(out.actions, full.actions[:, c], atol=1e-3, rtol=1e-3)
+            model.observe(cache, batch.video[:, :, 1 + c * f:1 + (c + 1) * f], chunk=c)
