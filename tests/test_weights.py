@@ -102,12 +102,14 @@ def test_backbone_without_image_branch_leaves_it_fresh(tiny, tiny_model, tmp_pat
     assert "image branch" in report.summary()
 
 
-def test_missing_block_key_is_listed(tiny, tiny_model, tmp_path):
+def test_missing_block_key_is_listed_and_the_model_is_left_untouched(tiny, tiny_model, tmp_path):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     checkpoint = synthetic_wan_checkpoint(tiny.arch)
     del checkpoint["blocks.1.ffn.0.weight"]
     save_file(checkpoint, str(tmp_path / "broken.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing keys: \['blocks\.1\.ffn\.0\.weight'\]"):
         import_wan_checkpoint(tiny_model, tmp_path / "broken.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in tiny_model.state_dict().items())
 
 
 def test_unexpected_key_is_listed(tiny, tiny_model, tmp_path):

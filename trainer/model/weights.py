@@ -60,16 +60,16 @@ def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield from state.items()
 
 
-def checkpoint_keys(path: str | Path) -> list[str]:
-    """Tensor names of a checkpoint, without reading tensor data."""
-    names: list[str] = []
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a checkpoint, without reading tensor data."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for file in _resolve_files(localize(path)):
         if file.suffix == ".safetensors":
             with safe_open(str(file), framework="pt") as f:
-                names.extend(f.keys())
+                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
         else:
-            names.extend(name for name, _ in iter_tensors(file))  # mmap: data is not read
-    return names
+            shapes.update({name: tuple(t.shape) for name, t in iter_tensors(file)})  # mmap: data is not read
+    return shapes
 
 
 def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -117,11 +117,7 @@ class ImportReport:
         return f"loaded {self.loaded} tensors{fresh}"
 
 
-def _strip_prefix(name: str, prefix: str) -> str | None:
-    return name[len(prefix):] if name.startswith(prefix) else None
-
-
-def _detect_prefix(names: list[str]) -> str:
+def _detect_prefix(names) -> str:
     """Wrappers (DreamZero's action head, torch.compile, DDP) prefix the Wan names; find that prefix."""
     for name in names:
         if name.endswith("patch_embedding.weight"):
@@ -129,38 +125,52 @@ def _detect_prefix(names: list[str]) -> str:
     raise CheckpointError("not a Wan DiT checkpoint: no 'patch_embedding.weight' key")
 
 
+def _model_name(raw_name: str, prefix: str) -> tuple[str | None, bool]:
+    """The model parameter a checkpoint tensor goes to (None: not under the prefix), and whether it is a
+    DreamZero CategorySpecificLinear tensor (W (1, in, out) / b (1, out), one embodiment) to convert."""
+    if not raw_name.startswith(prefix):
+        return None, False
+    name = raw_name[len(prefix):]
+    if name.startswith(WAM_HEADS) and name.endswith((".W", ".b")):
+        return name[:-2] + (".weight" if name.endswith(".W") else ".bias"), True
+    return name, False
+
+
+def _converted(value_or_shape, is_dreamzero_head: bool, is_weight: bool):
+    """Apply DreamZero's head layout conversion to a tensor or a shape tuple."""
+    if not is_dreamzero_head:
+        return value_or_shape
+    if isinstance(value_or_shape, tuple):
+        return value_or_shape[1:][::-1] if is_weight else value_or_shape[1:]
+    return value_or_shape[0].T.contiguous() if is_weight else value_or_shape[0]
+
+
 def import_wan_checkpoint(model: nn.Module, path: str | Path) -> ImportReport:
     """Load a Wan2.1 (or DreamZero) DiT checkpoint into a WamModel built from a matching preset.
 
     The WAM heads may be absent (a plain Wan checkpoint): they keep their initialisation, as does the CLIP
     image branch when importing a backbone without one into a model with one (Wan2.2-TI2V-5B). DreamZero's
-    heads (`W` (1, in, out) / `b` (1, out)) are converted to Linear weights. Any other missing or unexpected
-    key, or a wrong shape, is an error that lists them all.
+    heads are converted to Linear weights. Names and shapes are checked before any tensor is read: any
+    other missing or unexpected key, or a wrong shape, is an error listing them all, and the model is left
+    untouched.
     """
     params = model.state_dict(keep_vars=True)
-    prefix = _detect_prefix(checkpoint_keys(path))
-    report, unexpected, mismatched, seen = ImportReport(), [], [], set()
-    for raw_name, value in iter_tensors(path):
-        name = _strip_prefix(raw_name, prefix)
-        if name is None:
+    shapes = checkpoint_shapes(path)
+    prefix = _detect_prefix(shapes)
+    report, unexpected, mismatched, targets = ImportReport(), [], [], {}
+    for raw_name, shape in shapes.items():
+        name, dreamzero = _model_name(raw_name, prefix)
+        if name is None or name not in params:
             unexpected.append(raw_name)
             continue
-        if name.startswith(WAM_HEADS) and name.endswith((".W", ".b")):
-            # DreamZero CategorySpecificLinear with one embodiment: W (1, in, out) -> weight (out, in)
-            value = value[0].T.contiguous() if name.endswith(".W") else value[0]
-            name = name[:-2] + (".weight" if name.endswith(".W") else ".bias")
-            report.converted_dreamzero_heads += 1
-        if name not in params:
-            unexpected.append(raw_name)
-        elif tuple(params[name].shape) != tuple(value.shape):
-            mismatched.append(f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(params[name].shape)}")
-        else:
-            _copy_into(params[name], value)
-            seen.add(name)
-            report.loaded += 1
-    has_image_branch = any(IMAGE_BRANCH.match(k) for k in seen)
+        shape = _converted(shape, dreamzero, name.endswith(".weight"))
+        if tuple(params[name].shape) != shape:
+            mismatched.append(f"{name}: checkpoint {shape} vs model {tuple(params[name].shape)}")
+        targets[raw_name] = (name, dreamzero)
+    has_image_branch = any(IMAGE_BRANCH.match(name) for name, _ in targets.values())
+    loaded = {name for name, _ in targets.values()}
     missing = []
-    for name in sorted(set(params) - seen):
+    for name in sorted(set(params) - loaded):
         if name.startswith(WAM_HEADS) or (IMAGE_BRANCH.match(name) and not has_image_branch):
             report.fresh.append(name)
         else:
@@ -178,4 +188,9 @@ def import_wan_checkpoint(model: nn.Module, path: str | Path) -> ImportReport:
             lines.append(f"  {len(unexpected)} unexpected keys: {unexpected[:8]}")
         lines.append("  check that the model preset matches the checkpoint (dim, num_layers, I2V or T2V)")
         raise CheckpointError("\n".join(lines))
+    for raw_name, value in iter_tensors(path):
+        name, dreamzero = targets[raw_name]
+        _copy_into(params[name], _converted(value, dreamzero, name.endswith(".weight")))
+        report.loaded += 1
+        report.converted_dreamzero_heads += dreamzero
     return report
