@@ -35,8 +35,13 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Trains the tiny preset from scratch (2 CPU processes, FSDP2), exports the final checkpoint, and rolls
+# the trained policy out chunk by chunk on held-out episodes next to an untrained one.
 demo: setup
-	$(BIN)/wam demo
+	rm -rf runs/demo
+	$(BIN)/wam train configs/demo.yaml
+	$(BIN)/wam export runs/demo/checkpoints runs/demo/model.safetensors --dtype float32
+	$(BIN)/wam demo --weights runs/demo/model.safetensors
 
 lint: setup
 	$(BIN)/ruff check platform trainer operators tests benchmarks

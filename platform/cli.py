@@ -124,15 +124,89 @@ def model_import(
     console.print(f"{report.summary()}; wrote {out}")
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    config: Path = typer.Argument(..., help="the run's YAML config"),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. training.steps=100"),
+) -> None:
+    """Train locally: torchrun starts training.processes processes (FSDP2 over gloo on CPU, NCCL on GPUs).
+
+    Resumes from the newest complete checkpoint of the run if there is one."""
+    from wam.platform import launch
+
+    with user_errors():
+        cfg = load_config(config, overrides or [])
+        config_path = launch.prepare(cfg)
+    console.print(f"[bold]{cfg.name}[/]: preset {cfg.model.preset}, {cfg.training.processes} processes, "
+                  f"{cfg.training.steps} steps; log {cfg.run_dir / 'train.log'}")
+    process = launch.start(cfg, config_path)
+    try:
+        _show_progress(launch.follow(cfg.run_dir / "progress.jsonl", process), cfg.training.steps)
+    except KeyboardInterrupt:
+        launch.stop(process)
+        err_console.print("interrupted; `wam train` with the same config resumes from the last complete checkpoint")
+        raise typer.Exit(130) from None
+    if process.returncode != 0:
+        err_console.print(launch.log_tail(cfg))
+        err_console.print(f"[bold red]training failed[/] (exit code {process.returncode}); full log: "
+                          f"{cfg.run_dir / 'train.log'}")
+        raise typer.Exit(process.returncode or 1)
+    _print_run_summary(launch.run_info(cfg), cfg.checkpoint_uri)
+
+
+def _show_progress(records, total: int) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("train", total=total, metrics="")
+        for record in records:
+            m = record.metrics
+            shown = f"loss {m.get('loss', float('nan')):.4f}  video {m.get('video_loss', float('nan')):.4f}"
+            if "action_loss" in m:
+                shown += f"  action {m['action_loss']:.4f}"
+            bar.update(task, completed=record.step, metrics=shown)
+
+
+def _print_run_summary(info: dict, checkpoints: str) -> None:
+    from wam.platform.manifest import latest_complete
+
+    latest = latest_complete(checkpoints)
+    console.print(f"checkpoints: {checkpoints}" + (f" (newest complete: step {latest[0]})" if latest else ""))
+    if info.get("tracking_uri"):
+        console.print(f"MLflow run {info.get('mlflow_run_id')} in experiment {info.get('experiment')!r} at "
+                      f"{info['tracking_uri']}")
+        if info["tracking_uri"].startswith("sqlite:"):
+            console.print(f"  open it with: mlflow ui --backend-store-uri {info['tracking_uri']}")
+
+
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help="a checkpoint folder (step-N), or a checkpoint URI (its newest "
+                                               "complete checkpoint)"),
+    out: Path = typer.Argument(..., help="the consolidated .safetensors file to write"),
+    dtype: str = typer.Option("bfloat16", help="bfloat16 | float32"),
+) -> None:
+    """Consolidate a complete training checkpoint into one safetensors file (what quantization reads)."""
+    from wam.trainer.model.export import export_checkpoint  # needs the trainer extra
+
+    with user_errors():
+        step = export_checkpoint(checkpoint, out, dtype)
+    console.print(f"exported step {step} to {out}")
+
+
 @app.command()
 def demo(
+    weights: Path | None = typer.Option(None, help="trained tiny weights from `wam export` (else untrained only)"),
     steps: int = typer.Option(4, min=1, help="denoising steps per chunk"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="the seed the weights were trained with"),
+    episodes: int = typer.Option(8, min=1, help="held-out synthetic episodes to roll out"),
 ) -> None:
-    """Chunk-wise closed-loop inference of the tiny preset on a synthetic scene, with a KV cache."""
+    """Chunk-wise closed-loop inference of the tiny preset on held-out synthetic episodes, with a KV cache."""
     from wam.trainer.demo import run_demo  # needs the trainer extra
 
-    run_demo(console, steps=steps, seed=seed)
+    run_demo(console, steps=steps, seed=seed, weights=weights, episodes=episodes)
 
 
 def main() -> None:

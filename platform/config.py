@@ -20,6 +20,9 @@ from wam.platform.presets import Preset, WamArch, get_preset
 ATTENTION_BACKENDS = ("sdpa", "flex")
 NOISE_SCHEDULES = ("coupled", "flash")
 LOSS_WEIGHTINGS = ("uniform", "bell")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+PRECISIONS = ("auto", "bfloat16", "float32")
+DATA_SOURCES = ("synthetic",)
 
 
 @dataclass
@@ -62,12 +65,84 @@ class SamplerSection:
 
 
 @dataclass
+class EncodersSection:
+    """Frozen encoder weights (local paths or fsspec URIs); the tiny preset needs none."""
+
+    vae: str | None = None
+    text: str | None = None
+    tokenizer: str | None = None
+    image: str | None = None
+
+
+@dataclass
+class DataSection:
+    source: str = "synthetic"  # procedural latents whose motion the actions cause (LeRobot datasets: data issue)
+    episodes: int = 64  # synthetic: distinct episodes per epoch
+    video_only_fraction: float = 0.0  # synthetic: share of episodes without actions (video loss only)
+
+
+@dataclass
+class TrainingSection:
+    steps: int = 40
+    batch_size: int = 2  # samples per process per micro-batch
+    grad_accumulation: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    lr_decay: str = "cosine"  # linear | sqrt | cosine, after warmup
+    weight_decay: float = 1e-5
+    betas: tuple[float, float] = (0.95, 0.999)  # DreamZero's AdamW
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # parameter dtype in the forward: auto = bfloat16 on GPU, float32 on CPU
+    activation_checkpointing: str = "none"  # none | full | selective, per DiT block
+    compile: bool = False  # torch.compile each DiT block
+    processes: int = 2  # processes per node (`wam train` runs them with torchrun)
+    nodes: int = 1
+    dp_replicate: int = 1  # HSDP: replicas of the sharded model (shards per replica = world / dp_replicate)
+    log_every: int = 1
+
+
+@dataclass
+class CheckpointSection:
+    uri: str | None = None  # local path or fsspec URI (s3://...); default: <run dir>/checkpoints
+    interval: int = 10  # steps between checkpoints (the last step is always saved)
+    keep: int = 3  # complete checkpoints kept (0 = all)
+    async_save: bool = True
+    init_weights: str | None = None  # safetensors from `wam model import`, used when no checkpoint exists
+
+
+@dataclass
+class TrackingSection:
+    uri: str | None = None  # MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite in the run dir
+    experiment: str = "wam"
+    registered_model: str | None = None  # default wam-<run name>; checkpoints become its versions
+
+
+@dataclass
 class WamConfig:
+    name: str = "wam-run"  # the training job: one MLflow run, one checkpoint series
+    output_dir: str = "runs"  # the run directory is <output_dir>/<name>
     model: ModelSection = field(default_factory=ModelSection)
     sample: SampleSection = field(default_factory=SampleSection)
     flow: FlowSection = field(default_factory=FlowSection)
     sampler: SamplerSection = field(default_factory=SamplerSection)
+    encoders: EncodersSection = field(default_factory=EncodersSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
     seed: int = 0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def checkpoint_uri(self) -> str:
+        return self.checkpoint.uri or str(self.run_dir / "checkpoints")
+
+    @property
+    def world_size(self) -> int:
+        return self.training.processes * self.training.nodes
 
 
 def _choice(value: str, options: tuple[str, ...], key: str) -> None:
@@ -88,7 +163,30 @@ def validate(cfg: WamConfig) -> None:
         raise ConfigError(f"sampler.steps must be >= 1, got {cfg.sampler.steps}")
     if not 0.0 <= cfg.sampler.video_final_sigma < 1.0:
         raise ConfigError(f"sampler.video_final_sigma must be in [0, 1), got {cfg.sampler.video_final_sigma}")
+    _validate_training(cfg)
     resolve_preset(cfg)
+
+
+def _validate_training(cfg: WamConfig) -> None:
+    t, c = cfg.training, cfg.checkpoint
+    _choice(t.activation_checkpointing, ACTIVATION_CHECKPOINTING, "training.activation_checkpointing")
+    _choice(t.precision, PRECISIONS, "training.precision")
+    _choice(t.lr_decay, ("linear", "sqrt", "cosine"), "training.lr_decay")
+    _choice(cfg.data.source, DATA_SOURCES, "data.source")
+    for key in ("steps", "batch_size", "grad_accumulation", "processes", "nodes", "dp_replicate", "log_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"training.{key} must be >= 1, got {getattr(t, key)}")
+    if t.lr <= 0 or t.warmup_steps < 0 or t.max_grad_norm <= 0:
+        raise ConfigError("training.lr and training.max_grad_norm must be > 0 and training.warmup_steps >= 0")
+    if cfg.world_size % t.dp_replicate:
+        raise ConfigError(f"training.dp_replicate ({t.dp_replicate}) must divide the number of processes "
+                          f"({cfg.world_size} = {t.nodes} nodes x {t.processes})")
+    if c.interval < 1 or c.keep < 0:
+        raise ConfigError(f"checkpoint.interval must be >= 1 and checkpoint.keep >= 0, got {c.interval}, {c.keep}")
+    if cfg.data.episodes < 1 or not 0.0 <= cfg.data.video_only_fraction < 1.0:
+        raise ConfigError("data.episodes must be >= 1 and data.video_only_fraction in [0, 1)")
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name must be a non-empty run name without '/', got {cfg.name!r}")
 
 
 def resolve_preset(cfg: WamConfig) -> Preset:
@@ -122,6 +220,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"invalid config in {source}: key {key!r}: {_first_line(err)}") from None
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, WamConfig)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> WamConfig:
+    """A config recorded as a plain dict (a checkpoint manifest, an MLflow run), validated."""
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(WamConfig), data))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid recorded config: key {getattr(err, 'full_key', '?')!r}: {_first_line(err)}") from None
     validate(cfg)
     return cfg
 

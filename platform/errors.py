@@ -7,3 +7,7 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A configuration value is wrong."""
+
+
+class StorageError(UserError):
+    """A path or URI cannot be read or written as needed."""

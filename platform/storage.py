@@ -15,6 +15,8 @@ from pathlib import Path
 import fsspec
 from fsspec.core import url_to_fs
 
+from wam.platform.errors import StorageError
+
 _COMPLETE = ".wam-complete"
 
 
@@ -57,3 +59,41 @@ def localize(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None)
 def open_uri(uri: str | os.PathLike, mode: str = "rb"):
     """Open a local path or fsspec URI."""
     return fsspec.open(str(uri), mode).open()
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI."""
+    if is_remote(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(local_path(base), *parts))
+
+
+def filesystem(uri: str):
+    """(fsspec filesystem, path within it) for a local path or URI."""
+    return url_to_fs(str(uri) if is_remote(uri) else str(local_path(uri)))
+
+
+def write_text_atomic(uri: str, text: str) -> None:
+    """Write a small text file so that readers see the old file, or none, or the whole new one."""
+    if is_remote(uri):
+        with fsspec.open(uri, "w") as f:  # object stores publish an object in one PUT
+            f.write(text)
+        return
+    path = local_path(uri)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def probe_writable(uri: str) -> None:
+    """Create `uri` (a folder) if needed and write and delete a file there; raise a clear error if not."""
+    fs, path = filesystem(uri)
+    probe = f"{path.rstrip('/')}/.wam-write-probe"
+    try:
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except Exception as err:  # noqa: BLE001 - any storage failure means the same thing to the user
+        raise StorageError(f"cannot write to {uri}: {type(err).__name__}: {err}. Fix the path or its credentials "
+                      "(for s3:// set AWS_* variables or AWS_ENDPOINT_URL) before training") from err

@@ -94,3 +94,39 @@ def wan_i2v_keys(dim, ffn, layers, in_dim, out_dim, text_dim, freq_dim, image_di
         keys[b + "ffn.2.weight"] = (d, ffn)
         keys[b + "ffn.2.bias"] = (d,)
     return keys
+
+
+# -- training runs --------------------------------------------------------------------------------------
+
+def write_run_config(directory, name, **sections):
+    """A YAML config for a tiny training run under `directory`; sections are dicts of overrides."""
+    import yaml
+
+    config = {"name": name, "output_dir": str(directory / "runs"), "model": {"preset": "tiny"},
+              "training": {"steps": 6, "processes": 2, "lr": 0.003, "batch_size": 2, "warmup_steps": 2},
+              "checkpoint": {"interval": 2, "keep": 0}}
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def wam_cli(*args, env=None, timeout=600):
+    """Run the `wam` console script of this environment."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    wam = Path(sys.executable).parent / "wam"
+    return subprocess.run([str(wam), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def progress(run_dir):
+    """{step: record} from a run's progress file (the last record wins for a step logged twice)."""
+    import json
+
+    path = run_dir / "progress.jsonl"
+    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())} if path.exists() else {}

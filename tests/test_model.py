@@ -9,7 +9,7 @@ from torchtitan.models.common.linear import Linear
 from wam.platform.accounting import count_params
 from wam.platform.config import FlowSection
 from wam.platform.presets import PRESETS, get_preset
-from wam.trainer.flow import LossWeighting, add_noise, flow_loss, shift_sigma
+from wam.trainer.flow import LossWeighting, StepRandomness, flow_loss, noise_batch
 from wam.trainer.model import build_model, model_config
 
 from conftest import random_inputs, randomized_model, wan_i2v_keys
@@ -146,34 +146,21 @@ def test_real_frames_replace_the_prediction_in_the_cache(tiny):
         assert (next_chunk_after(imagined).actions - full.actions[:, 2]).abs().max() > 1e-2
 
 
-def _fixed_training_batch(arch, sample, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    inputs = random_inputs(arch, sample, batch=2, seed=seed)
-    k = sample.num_chunks
-    noise_v, noise_a = torch.randn_like(inputs.noisy_video), torch.randn_like(inputs.noisy_actions)
-    t = torch.rand(2, k, generator=g)
-    sigma = shift_sigma(t, 5.0)
-    clean_v, clean_a = inputs.video[:, :, 1:], inputs.noisy_actions.tanh()
-    sigma_frames = sigma.repeat_interleave(sample.frames_per_chunk, dim=1)
-    batch = dataclasses.replace(inputs, noisy_video=add_noise(clean_v.transpose(1, 2), noise_v.transpose(1, 2),
-                                                              sigma_frames).transpose(1, 2),
-                                noisy_actions=add_noise(clean_a, noise_a, sigma),
-                                video_t=sigma * 1000, action_t=sigma * 1000)
-    return batch, noise_v - clean_v, noise_a - clean_a, sigma
-
-
 def test_tiny_model_overfits_one_batch(tiny):
     arch, sample = tiny.arch, tiny.sample
     torch.manual_seed(0)
     model = build_model(model_config(arch, sample), seed=0).train()
-    batch, target_v, target_a, sigma = _fixed_training_batch(arch, sample)
+    data = random_inputs(arch, sample, batch=2)
+    noised = noise_batch(data.video, data.noisy_actions.tanh(), data.state, data.text, FlowSection(),
+                         StepRandomness(0, 0, 0), data.image, data.i2v_cond)
     weighting = LossWeighting(FlowSection().loss_weighting, 5.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     losses = []
     for _ in range(150):
-        out = model(batch)
-        loss = flow_loss(out.video, out.actions, target_v, target_a, sigma, sigma,
-                         torch.ones(2, arch.action_dim), torch.ones(2, dtype=torch.bool), weighting).total()
+        out = model(noised.inputs)
+        loss = flow_loss(out.video, out.actions, noised.target_video, noised.target_actions, noised.sigma_video,
+                         noised.sigma_action, torch.ones(2, arch.action_dim), torch.ones(2, dtype=torch.bool),
+                         weighting).total()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -1,94 +1,107 @@
-"""`wam demo`: the tiny preset's closed-loop, chunk-wise inference on a synthetic scene.
+"""`wam demo`: closed-loop, chunk-wise inference of the tiny preset on held-out synthetic episodes.
 
-A square moves on a table; each chunk it follows a new velocity. The frozen encoders turn the prompt, the
-first frame and the clip into features and latents; the rollout denoises each chunk's actions and video
-against its KV cache, then writes the real frames of that chunk into the cache, as a robot loop would.
-The model is untrained here (training lands with `wam train`), so the actions are not meaningful yet;
-what the demo shows is the pipeline, its latency, and that cached inference equals the full forward.
+The rollout denoises each chunk's actions and video against its KV cache, then writes the chunk's REAL
+latents into the cache, as a robot loop would. With `--weights` (a trained checkpoint exported by
+`wam export`) it compares the trained model's actions with the recorded ones and with an untrained
+model's; `make demo` trains first, so the comparison means something.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from safetensors.torch import load_file
 
 from wam.platform.config import SamplerSection
 from wam.platform.presets import get_preset
+from wam.trainer.data.synthetic import REAL_ACTION_DIMS, SyntheticLatents
 from wam.trainer.inference import ChunkRollout
-from wam.trainer.model import WamInputs, build_model, model_config
-from wam.trainer.model.encoders import FrozenEncoders
+from wam.trainer.model import WamInputs, WamModel, build_model, model_config
+from wam.trainer.model.text_encoder import load_text_encoder
 
-PROMPT = "push the red square across the table"
+HELD_OUT = 1_000_000  # episode indices from here on are never trained on
 
 
-def synthetic_scene(chunks: int, frames_per_chunk: int, size: int, generator: torch.Generator):
-    """A red square on a grey table. Returns pixels (1, 3, 1 + 4*F*K, S, S) in [-1, 1] and the square's
-    position (the robot state) at the start of each chunk, (K, 2) in [0, 1]."""
-    pixel_frames = 1 + 4 * frames_per_chunk * chunks
-    velocity = (torch.rand(chunks, 2, generator=generator) - 0.5) * 0.05
-    per_frame = torch.cat([torch.zeros(1, 2), velocity.repeat_interleave(4 * frames_per_chunk, dim=0)])
-    position = (0.5 + per_frame.cumsum(0)).clamp(0.1, 0.9)
-    video = torch.full((1, 3, pixel_frames, size, size), -0.2)
-    half = size // 10
-    for t, (x, y) in enumerate((position * size).long().tolist()):
-        video[0, :, t, max(y - half, 0):y + half, max(x - half, 0):x + half] = torch.tensor([0.9, -0.8, -0.8])[:, None, None]
-    chunk_starts = position[0::4 * frames_per_chunk][:chunks]
-    return video, chunk_starts
+def _rollout_errors(model: WamModel, world: SyntheticLatents, episodes: range, text_encoder, steps: int,
+                    seed: int) -> tuple[list[float], list[float], list[float]]:
+    """Per-chunk action MAE (real dims), denoising latency (ms) and video MSE, averaged over episodes."""
+    s = world.shape
+    rollout = ChunkRollout(model, SamplerSection(steps=steps), max_chunks=s.num_chunks,
+                           frames_per_chunk=s.frames_per_chunk, actions_per_chunk=s.actions_per_chunk,
+                           latent_hw=(s.latent_height, s.latent_width))
+    generator = torch.Generator().manual_seed(seed)
+    f = s.frames_per_chunk
+    mae, latency, video_err = ([0.0] * s.num_chunks for _ in range(3))
+    for episode in episodes:
+        sample = world[episode]
+        video = sample.video[None]
+        rollout.reset(video[:, :, :1], text_encoder([sample.prompt]), _batch(sample.image), _batch(sample.i2v_cond))
+        for c in range(s.num_chunks):
+            start = time.perf_counter()
+            chunk = rollout.act(sample.state[c][None], generator)
+            latency[c] += (time.perf_counter() - start) * 1000 / len(episodes)
+            real = video[:, :, 1 + c * f:1 + (c + 1) * f]
+            rollout.observe(real)
+            error = (chunk.actions[0, :, :REAL_ACTION_DIMS] - sample.actions[c, :, :REAL_ACTION_DIMS]).abs().mean()
+            mae[c] += error.item() / len(episodes)
+            video_err[c] += (chunk.video - real).square().mean().item() / len(episodes)
+    return mae, latency, video_err
+
+
+def _batch(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t[None]
 
 
 @torch.no_grad()
-def run_demo(console: Console, steps: int = 4, seed: int = 0) -> None:
+def run_demo(console: Console, steps: int = 4, seed: int = 0, weights: Path | None = None, episodes: int = 8) -> None:
     preset = get_preset("tiny")
     arch, sample = preset.arch, preset.sample
-    k, f, a = sample.num_chunks, sample.frames_per_chunk, sample.actions_per_chunk
-    size = 8 * sample.latent_height
-    generator = torch.Generator().manual_seed(seed)
+    config = model_config(arch, sample)
+    untrained = build_model(config, seed=seed).eval()
+    text_encoder = load_text_encoder(arch.text_encoder, arch.text_len, seed=seed)  # the one training used
+    world = SyntheticLatents(arch, sample, episodes=1, seed=seed)
+    held_out = range(HELD_OUT, HELD_OUT + episodes)
+    console.print(f"[bold]tiny preset[/]: {sum(p.numel() for p in untrained.parameters()):,} trained parameters; "
+                  f"{sample.num_chunks} chunks x ({sample.frames_per_chunk} latent frames + {sample.actions_per_chunk} "
+                  f"actions); {steps} denoising steps; {episodes} held-out episodes, e.g. {world[HELD_OUT].prompt!r}")
 
-    model = build_model(model_config(arch, sample), seed=seed).eval()
-    encoders = FrozenEncoders.build(arch, seed=seed)
-    console.print(f"[bold]tiny preset[/]: {sum(p.numel() for p in model.parameters()):,} trained parameters, "
-                  f"{arch.num_layers} blocks; {k} chunks x ({f} latent frames + {a} actions), {steps} denoising steps")
+    models = {"untrained": untrained}
+    if weights is not None:
+        trained = build_model(config, seed=seed).eval()
+        trained.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
+        models = {"trained": trained, **models}
+    results = {name: _rollout_errors(model, world, held_out, text_encoder, steps, seed) for name, model in models.items()}
 
-    video, positions = synthetic_scene(k, f, size, generator)
-    latents = encoders.vae.encode(video)
-    text = encoders.text([PROMPT])
-    image = encoders.image(video[:, :, 0])
-    i2v = encoders.i2v_condition(video[:, :, 0], latents.shape[2])
-    state = torch.zeros(k, 1, arch.state_dim)
-    state[:, 0, :2] = positions
-    console.print(f"encoded {video.shape[2]} frames of {size}x{size} px -> latents {tuple(latents.shape[1:])}; "
-                  f"prompt {PROMPT!r} -> {tuple(text.shape[1:])} text features; first frame -> "
-                  f"{tuple(image.shape[1:])} CLIP tokens")
-
-    rollout = ChunkRollout(model, SamplerSection(steps=steps), max_chunks=k, frames_per_chunk=f,
-                           actions_per_chunk=a, latent_hw=latents.shape[-2:])
-    rollout.reset(latents[:, :, :1], text, image, i2v)
-    table = Table("chunk", "denoise (ms)", "first action (dims 0-2)", "video error vs real frames")
-    for c in range(k):
-        start = time.perf_counter()
-        chunk = rollout.act(state[c], generator)
-        elapsed = (time.perf_counter() - start) * 1000
-        real = latents[:, :, 1 + c * f:1 + (c + 1) * f]
-        rollout.observe(real)  # the robot saw these frames: they replace the prediction in the cache
-        first = ", ".join(f"{v:+.3f}" for v in chunk.actions[0, 0, :3].tolist())
-        table.add_row(str(c), f"{elapsed:.1f}", first, f"{(chunk.video - real).square().mean():.3f}")
+    table = Table("chunk", *(f"{name} action MAE" for name in results), *(f"{name} video MSE" for name in results),
+                  "denoise ms (KV cache)")
+    for c in range(sample.num_chunks):
+        table.add_row(str(c), *(f"{r[0][c]:.3f}" for r in results.values()), *(f"{r[2][c]:.3f}" for r in results.values()),
+                      f"{next(iter(results.values()))[1][c]:.1f}")
     console.print(table)
+    if weights is not None:
+        trained_mae, untrained_mae = (sum(results[k][0]) / sample.num_chunks for k in ("trained", "untrained"))
+        console.print(f"action error over held-out episodes: trained {trained_mae:.3f} vs untrained {untrained_mae:.3f}")
 
     # The cached path must agree with one full teacher-forcing forward over the same inputs.
-    noisy_video = torch.randn(1, arch.latent_channels, k * f, *latents.shape[-2:], generator=generator)
-    noisy_actions = torch.randn(1, k, a, arch.action_dim, generator=generator)
-    t = torch.full((1, k), 500.0)
-    full = model(WamInputs(video=latents, noisy_video=noisy_video, noisy_actions=noisy_actions,
-                           state=state.transpose(0, 1), video_t=t, action_t=t, text=text, image=image, i2v_cond=i2v))
-    rollout.reset(latents[:, :, :1], text, image, i2v)
+    model = next(iter(models.values()))
+    episode = world[HELD_OUT]
+    k, f = sample.num_chunks, sample.frames_per_chunk
+    inputs = WamInputs.random(arch, sample, batch=1, seed=seed)
+    inputs.video, inputs.state = episode.video[None], episode.state[None]
+    inputs.text, inputs.image, inputs.i2v_cond = text_encoder([episode.prompt]), _batch(episode.image), _batch(episode.i2v_cond)
+    full = model(inputs)
+    rollout = ChunkRollout(model, SamplerSection(steps=steps), max_chunks=k, frames_per_chunk=f,
+                           actions_per_chunk=sample.actions_per_chunk, latent_hw=(sample.latent_height, sample.latent_width))
+    rollout.reset(inputs.video[:, :, :1], inputs.text, inputs.image, inputs.i2v_cond)
     worst = 0.0
     for c in range(k):
-        out = model.predict(rollout.cache, noisy_video[:, :, c * f:(c + 1) * f], noisy_actions[:, c], state[c],
-                            t[:, c], t[:, c])
+        out = model.predict(rollout.cache, inputs.noisy_video[:, :, c * f:(c + 1) * f], inputs.noisy_actions[:, c],
+                            inputs.state[:, c], inputs.video_t[:, c], inputs.action_t[:, c])
         worst = max(worst, (out.actions - full.actions[:, c]).abs().max().item(),
                     (out.video - full.video[:, :, c * f:(c + 1) * f]).abs().max().item())
-        rollout.observe(latents[:, :, 1 + c * f:1 + (c + 1) * f])
+        rollout.observe(inputs.video[:, :, 1 + c * f:1 + (c + 1) * f])
     console.print(f"KV-cached chunk inference vs full-sequence forward: max abs difference {worst:.2e}")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from wam.platform.config import FlowSection
+from wam.trainer.model.model import WamInputs
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -34,8 +35,8 @@ class StepRandomness:
     the (small) noise levels, a torch.Generator the noise tensors; both come from one SeedSequence.
     """
 
-    def __init__(self, seed: int, step: int, rank: int):
-        sequence = np.random.SeedSequence([seed, step, rank])
+    def __init__(self, seed: int, step: int, rank: int, microbatch: int = 0):
+        sequence = np.random.SeedSequence([seed, step, rank, microbatch])
         self.numpy = np.random.Generator(np.random.PCG64(sequence))
         self._torch_seed = int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
@@ -58,6 +59,43 @@ def sample_noise_levels(cfg: FlowSection, batch: int, chunks: int,
     else:
         raise ValueError(f"unknown noise schedule {cfg.schedule!r}; choose coupled or flash")
     return torch.as_tensor(video, dtype=torch.float32), torch.as_tensor(action, dtype=torch.float32)
+
+
+@dataclass
+class NoisedBatch:
+    """Model inputs of one teacher-forcing step and what the loss compares the outputs with."""
+
+    inputs: WamInputs
+    target_video: torch.Tensor  # noise - clean, (B, z, K*F, h, w)
+    target_actions: torch.Tensor  # (B, K, A, action_dim)
+    sigma_video: torch.Tensor  # (B, K) after the shift
+    sigma_action: torch.Tensor
+
+
+def noise_batch(video: torch.Tensor, actions: torch.Tensor, state: torch.Tensor, text: torch.Tensor,
+                cfg: FlowSection, randomness: StepRandomness, image: torch.Tensor | None = None,
+                i2v_cond: torch.Tensor | None = None) -> NoisedBatch:
+    """Draw per-chunk noise levels and noise, and noise the chunks' video frames and actions.
+
+    video (B, z, 1 + K*F, h, w) clean latents (frame 0 stays clean context); actions (B, K, A, action_dim).
+    """
+    b, k = actions.shape[:2]
+    frames = video.shape[2] - 1
+    t_video, t_action = sample_noise_levels(cfg, b, k, randomness.numpy)
+    sigma_v = shift_sigma(t_video, cfg.shift).to(video.device)
+    sigma_a = shift_sigma(t_action, cfg.shift).to(video.device)
+    generator = randomness.torch(video.device)
+    clean = video[:, :, 1:]
+    noise_v = torch.randn(clean.shape, generator=generator, device=video.device)
+    noise_a = torch.randn(actions.shape, generator=generator, device=video.device)
+    sigma_frames = sigma_v.repeat_interleave(frames // k, dim=1)[:, None, :, None, None]  # (B, 1, K*F, 1, 1)
+    inputs = WamInputs(
+        video=video, noisy_video=(1 - sigma_frames) * clean + sigma_frames * noise_v,
+        noisy_actions=add_noise(actions, noise_a, sigma_a), state=state,
+        video_t=sigma_v * NUM_TRAIN_TIMESTEPS, action_t=sigma_a * NUM_TRAIN_TIMESTEPS,
+        text=text, image=image, i2v_cond=i2v_cond,
+    )
+    return NoisedBatch(inputs, noise_v - clean, noise_a - actions, sigma_v, sigma_a)
 
 
 def add_noise(x: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,201 @@
+"""Training through torchtitan's own Trainer: 2 CPU processes, FSDP2 over gloo, real checkpoints and a real
+MLflow store. Every run here is a real `wam train` / torchrun launch."""
+
+import json
+import os
+import signal
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from wam.platform import launch
+from wam.platform.config import load_config, to_yaml
+from wam.platform.manifest import latest_complete, list_checkpoints, read_manifest
+
+from conftest import progress, wam_cli, write_run_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def learning_run(tmp_path_factory):
+    """80 steps of the tiny preset, as `make demo` trains it."""
+    directory = tmp_path_factory.mktemp("learning")
+    config = write_run_config(directory, "learn", training={"steps": 80, "batch_size": 4, "warmup_steps": 5},
+                              checkpoint={"interval": 20, "keep": 2})
+    result = wam_cli("train", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return load_config(config), result
+
+
+def test_two_process_fsdp_training_learns(learning_run):
+    cfg, result = learning_run
+    losses = [r["loss"] for _, r in sorted(progress(cfg.run_dir).items())]
+    assert len(losses) == 80
+    first, last = statistics.mean(losses[:10]), statistics.mean(losses[-10:])
+    assert last < 0.75 * first, (first, last)
+    assert "newest complete: step 80" in " ".join(result.stdout.split())
+
+
+def test_checkpoints_are_complete_kept_and_exportable(learning_run, tmp_path):
+    cfg, _ = learning_run
+    found = list_checkpoints(cfg.checkpoint_uri)
+    assert [(step, complete) for step, _, complete in found] == [(60, True), (80, True)]  # keep=2
+    manifest = read_manifest(found[-1][1])
+    assert manifest.step == 80 and manifest.config["model"]["preset"] == "tiny"
+    assert {f.path for f in manifest.files} >= {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    assert manifest.metrics["loss"] > 0
+    out = tmp_path / "model.safetensors"
+    exported = wam_cli("export", cfg.checkpoint_uri, out)
+    assert exported.returncode == 0, exported.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["step"] == "80" and "blocks.1.ffn.2.weight" in f.keys()
+
+
+def test_mlflow_run_has_params_metrics_and_checkpoint_versions(learning_run):
+    cfg, _ = learning_run
+    info = json.loads((cfg.run_dir / "run.json").read_text())
+    client = MlflowClient(info["tracking_uri"])
+    run = client.get_run(info["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.preset"] == "tiny" and run.data.params["training.steps"] == "80"
+    for metric in ("loss", "video_loss", "action_loss", "grad_norm", "lr", "tokens_per_s"):
+        assert metric in run.data.metrics, metric
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 80
+    newest = client.get_model_version_by_alias("wam-learn", "newest")
+    assert newest.source == latest_complete(cfg.checkpoint_uri)[1] and newest.tags["step"] == "80"
+    manifests = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert manifests == ["checkpoints/step-20", "checkpoints/step-40", "checkpoints/step-60", "checkpoints/step-80"]
+
+
+def _workers(parent: int) -> list[int]:
+    """PIDs of the processes torchrun started (children of its agent)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {step: r["loss"] for step, r in progress(run_dir).items()}
+
+
+def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identical_losses(tmp_path):
+    steps = {"training": {"steps": 16}, "checkpoint": {"interval": 4, "keep": 0}}
+    reference = write_run_config(tmp_path, "uninterrupted", **steps)
+    assert wam_cli("train", reference).returncode == 0
+    expected = _losses(load_config(reference).run_dir)
+    assert len(expected) == 16
+
+    cfg = load_config(write_run_config(tmp_path, "killed", **steps))
+    process = launch.start(cfg, launch.prepare(cfg))
+    deadline = time.time() + 300
+    while max(_losses(cfg.run_dir), default=0) < 10 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    workers = _workers(process.pid)
+    assert len(workers) == 2 and process.poll() is None, "the run ended before it could be interrupted"
+    os.kill(max(workers), signal.SIGKILL)  # one rank dies without warning
+    assert process.wait(120) != 0
+    before = _losses(cfg.run_dir)
+    assert before and all(before[s] == expected[s] for s in before)
+    complete = [step for step, _, ok in list_checkpoints(cfg.checkpoint_uri) if ok]
+    assert complete and max(complete) < 16
+
+    # A newer save that never finished: DCP metadata written, no manifest. It must never be picked.
+    debris = Path(cfg.checkpoint_uri) / "step-15"
+    debris.mkdir()
+    (debris / ".metadata").write_bytes(b"truncated")
+    (cfg.run_dir / "progress.jsonl").unlink()
+
+    resumed = wam_cli("train", cfg.run_dir / "config.yaml")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    log = (cfg.run_dir / "train.log").read_text()
+    assert f"Loading the checkpoint from {cfg.checkpoint_uri}/step-{max(complete)}" in log
+    assert "ignoring" in log and "step-15: no manifest" in log
+    after = _losses(cfg.run_dir)
+    assert sorted(after) == list(range(max(complete) + 1, 17))
+    assert all(after[s] == expected[s] for s in after), {s: (after[s], expected[s]) for s in after}
+    assert not debris.exists()  # older than the newest complete checkpoint: cleaned up
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (moto) on loopback, with one bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").create_bucket(Bucket="wam-checkpoints")
+    yield env
+    server.stop()
+
+
+def test_checkpoints_to_s3_resume_and_export(tmp_path, s3, monkeypatch):
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    uri = "s3://wam-checkpoints/jobs/s3run"
+    config = write_run_config(tmp_path, "s3run", training={"steps": 4}, checkpoint={"uri": uri, "interval": 2})
+    first = wam_cli("train", config, env=s3)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert [(s, ok) for s, _, ok in list_checkpoints(uri)] == [(2, True), (4, True)]
+    assert read_manifest(f"{uri}/step-4").step == 4
+    more = wam_cli("train", config, "training.steps=6", env=s3)
+    assert more.returncode == 0, more.stdout + more.stderr
+    assert f"Loading the checkpoint from {uri}/step-4" in (load_config(config).run_dir / "train.log").read_text()
+    out = tmp_path / "from-s3.safetensors"
+    assert wam_cli("export", uri, out, env=s3).returncode == 0 and out.stat().st_size > 0
+
+
+def test_dead_tracking_server_does_not_stop_training(tmp_path):
+    config = write_run_config(tmp_path, "notracking", training={"steps": 4},
+                              tracking={"uri": f"http://127.0.0.1:{_free_port()}"})
+    result = wam_cli("train", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    cfg = load_config(config)
+    assert latest_complete(cfg.checkpoint_uri)[0] == 4
+    assert "unavailable" in (cfg.run_dir / "train.log").read_text()
+
+
+def test_bad_input_fails_before_training_with_a_clear_error(tmp_path):
+    config = write_run_config(tmp_path, "bad")
+    unknown = wam_cli("train", config, "trainig.steps=3")
+    assert unknown.returncode == 2 and "trainig" in unknown.stderr
+    too_big = wam_cli("train", config, "model.preset=dreamzero-14b")
+    assert too_big.returncode == 2 and "GiB per process" in " ".join(too_big.stderr.split())
+    unwritable = wam_cli("train", config, "checkpoint.uri=/proc/wam-checkpoints")
+    assert unwritable.returncode == 2 and "cannot write to /proc/wam-checkpoints" in " ".join(unwritable.stderr.split())
+    assert not (load_config(config).run_dir / "train.log").exists()  # nothing was started
+
+
+def test_training_process_refuses_an_unwritable_checkpoint_uri_before_step_one(tmp_path):
+    """Without the CLI (as in a pod), the training processes check the URI themselves."""
+    cfg = load_config(write_run_config(tmp_path, "pod", checkpoint={"uri": "/proc/wam-checkpoints"}))
+    cfg.run_dir.mkdir(parents=True)
+    path = cfg.run_dir / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    process = launch.start(cfg, path)
+    assert process.wait(300) != 0
+    assert "cannot write to /proc/wam-checkpoints" in (cfg.run_dir / "train.log").read_text()
+    assert progress(cfg.run_dir) == {}

@@ -1,0 +1,97 @@
+"""The rank-sharded, resumable loader that feeds torchtitan's Trainer.
+
+Sample order is a function of (seed, epoch) alone: every epoch is a fresh permutation of the source,
+rank r of W takes every W-th entry. The loader's state (epoch, position) is checkpointed with the
+training state under a rank-unique key, so a resumed run continues with exactly the next samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import tyro
+from torchtitan.components.dataloader import BaseDataLoader
+
+from wam.platform.layout import TokenLayout
+from wam.platform.presets import SampleShape, WamArch
+from wam.trainer.data.synthetic import SyntheticLatents, collate
+
+
+class EpochOrder:
+    """Which source index each rank reads next; its state is two integers."""
+
+    def __init__(self, size: int, seed: int, rank: int, world: int):
+        if size < world:
+            raise ValueError(f"the data source has {size} samples, fewer than the {world} data-parallel ranks")
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.epoch, self.position = 0, 0
+
+    def _shard(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.size)[self.rank::self.world]
+
+    def take(self, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            shard = self._shard()
+            if self.position >= len(shard):
+                self.epoch, self.position = self.epoch + 1, 0
+                continue
+            out.append(int(shard[self.position]))
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "world": self.world}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["world"] != self.world:
+            raise ValueError(f"the checkpoint's data order is for {state['world']} data-parallel ranks, this run has "
+                             f"{self.world}; resume with the same number of processes")
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+class WamDataLoader(BaseDataLoader):
+    """Batches of training samples for this data-parallel rank, as (inputs, labels) for torchtitan.
+
+    `labels` is a zero tensor with one entry per sequence token: torchtitan counts its elements for
+    tokens/s and MFU, and the WAM loss does not use it.
+    """
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(BaseDataLoader.Config):
+        arch: Annotated[WamArch, tyro.conf.Suppress]
+        sample: Annotated[SampleShape, tyro.conf.Suppress]
+        source: str = "synthetic"
+        episodes: int = 64
+        video_only_fraction: float = 0.0
+        seed: int = 0
+
+    def __init__(self, config: Config, *, dp_world_size: int, dp_rank: int, local_batch_size: int, **_: Any):
+        if config.source != "synthetic":
+            raise ValueError(f"unknown data source {config.source!r}")
+        self.source = SyntheticLatents(config.arch, config.sample, config.episodes, config.seed,
+                                       config.video_only_fraction)
+        self.order = EpochOrder(len(self.source), config.seed, dp_rank, dp_world_size)
+        self.rank, self.batch_size = dp_rank, local_batch_size
+        s = config.sample
+        self.tokens_per_sample = TokenLayout.teacher_forcing(
+            s.num_chunks, s.frames_per_chunk, s.tokens_per_frame(config.arch), s.actions_per_chunk).length
+
+    def __iter__(self) -> Iterator[tuple[dict, torch.Tensor]]:
+        while True:
+            batch = collate([self.source[i] for i in self.order.take(self.batch_size)])
+            yield batch, torch.zeros(self.batch_size, self.tokens_per_sample, dtype=torch.int8)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f"rank{self.rank}": self.order.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        key = f"rank{self.rank}"
+        if key not in state_dict:
+            raise ValueError(f"the checkpoint has no data-loader state for data-parallel rank {self.rank}; "
+                             "resume with the same number of processes")
+        self.order.load_state_dict(state_dict[key])
