@@ -112,7 +112,7 @@ def test_real_frames_replace_the_prediction_in_the_cache(tiny):
     model = randomized_model(arch, sample)
     batch = random_inputs(arch, sample)
     f = sample.frames_per_chunk
-    predicted = torch.randn_like(batch.video)
+    predicted = torch.randn(batch.video.shape, generator=torch.Generator().manual_seed(123))
 
     def next_chunk_after(write):
         cache = model.new_cache(2, sample.num_chunks, f, sample.actions_per_chunk,
@@ -224,3 +224,17 @@ def test_text_only_backbone_runs_without_image_or_i2v_inputs():
         out = model(batch)
     assert out.video.shape == batch.noisy_video.shape
     assert not any(k.startswith("img_emb") or "k_img" in k for k in model.state_dict())
+
+
+def test_initial_weights_depend_on_the_seed_and_names_only(tiny):
+    """The same seed gives the same weights whatever else drew random numbers before (and, through the
+    per-parameter seeds, however FSDP shards them: tests/test_training.py checks HSDP against FSDP)."""
+    first = build_model(model_config(tiny.arch, tiny.sample), seed=7)
+    torch.randn(1000)
+    second = build_model(model_config(tiny.arch, tiny.sample), seed=7)
+    third = build_model(model_config(tiny.arch, tiny.sample), seed=8)
+    for (name, a), b, c in zip(first.state_dict().items(), second.state_dict().values(), third.state_dict().values(),
+                               strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(first.blocks[0].ffn[0].weight, third.blocks[0].ffn[0].weight)
+    assert not torch.equal(first.blocks[0].ffn[0].weight, first.blocks[1].ffn[0].weight)  # per name, not per shape

@@ -199,3 +199,17 @@ def test_training_process_refuses_an_unwritable_checkpoint_uri_before_step_one(t
     assert process.wait(300) != 0
     assert "cannot write to /proc/wam-checkpoints" in (cfg.run_dir / "train.log").read_text()
     assert progress(cfg.run_dir) == {}
+
+
+def test_hsdp_matches_fsdp_on_the_same_four_processes(tmp_path):
+    """dp_replicate=2 x fsdp=2 (HSDP) and fsdp=4 see the same samples and must learn the same thing."""
+    losses = {}
+    for name, replicate in (("fsdp4", 1), ("hsdp2x2", 2)):
+        config = write_run_config(tmp_path, name, training={"steps": 4, "processes": 4, "dp_replicate": replicate,
+                                                              "batch_size": 1}, checkpoint={"interval": 4})
+        result = wam_cli("train", config)
+        assert result.returncode == 0, result.stdout + result.stderr
+        losses[name] = _losses(load_config(config).run_dir)
+    assert "dp_replicate=2, dp_shard=2" in (tmp_path / "runs/hsdp2x2/train.log").read_text()
+    for step in range(1, 5):
+        assert losses["hsdp2x2"][step] == pytest.approx(losses["fsdp4"][step], rel=1e-4)

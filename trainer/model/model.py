@@ -8,14 +8,16 @@ Both paths share every step below, so they agree numerically (tests/test_model.p
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.nn_modules import GELU, SiLU
 from torchtitan.protocols import BaseModel
-from torchtitan.protocols.module import ModuleList, Sequential
+from torchtitan.protocols.module import Module, ModuleList, Sequential
 
 from wam.platform.accounting import count_flops
 from wam.platform.layout import TokenKind, TokenLayout
@@ -72,6 +74,23 @@ class WamOutputs:
     actions: torch.Tensor  # (B, K, A, action_dim) predicted velocity, fp32
 
 
+def _param_seed(base: int, fqn: str) -> int:
+    canonical = fqn.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+    return int.from_bytes(hashlib.blake2b(f"{base}:{canonical}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+@torch.no_grad()
+def _init_full_then_shard(param: torch.Tensor, init, seed: int) -> None:
+    local = param.to_local() if isinstance(param, DTensor) else param
+    full = torch.empty(param.shape, dtype=param.dtype, device=local.device)
+    with torch.random.fork_rng(devices=[local.device] if local.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        init(full)
+    if isinstance(param, DTensor):  # every rank made the same full tensor; keep this rank's shard
+        full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+    local.copy_(full)
+
+
 @lru_cache(maxsize=8)  # a cached dense mask of a 14B sample is ~180 MB
 def _attention_mask(queries: TokenLayout, keys: TokenLayout) -> AttentionMask:
     return AttentionMask(queries, keys)
@@ -125,6 +144,22 @@ class WamModel(BaseModel):
         self.state_encoder = config.state_encoder.build()
         self.action_encoder = config.action_encoder.build()
         self.action_decoder = config.action_decoder.build()
+
+    # -- initialisation -------------------------------------------------------------------------------
+
+    def init_states(self, *, buffer_device: torch.device | None = None) -> None:
+        """Initialise every parameter from (global seed, its name) alone, one full tensor at a time, so the
+        initial weights are the same however FSDP/HSDP shards them (and in a single process)."""
+        base = torch.initial_seed()
+        for prefix, module in self.named_modules():
+            params = dict(module.named_parameters(recurse=False))
+            if not params or not isinstance(module, Module):
+                continue
+            if module._param_init is None:
+                module.reset_parameters()  # norms: constants, identical under any sharding
+                continue
+            for name, param in params.items():
+                _init_full_then_shard(param, module._param_init[name], _param_seed(base, f"{prefix}.{name}"))
 
     # -- shared steps ---------------------------------------------------------------------------------
 

@@ -50,7 +50,8 @@ def trainer_config(cfg: WamConfig) -> WamTrainer.Config:
                                         episodes=cfg.data.episodes, video_only_fraction=cfg.data.video_only_fraction,
                                         seed=cfg.seed),
         loss=MSELoss.Config(),  # required by torchtitan; the WAM's flow loss is computed in the train step
-        optimizer=OptimizersContainer.Config(implementation="for-loop", param_groups=[ParamGroupConfig(
+        optimizer=OptimizersContainer.Config(implementation="fused" if torch.cuda.is_available() else "foreach",
+                                             param_groups=[ParamGroupConfig(
             pattern=r".*", optimizer_name="AdamW",
             optimizer_kwargs={"lr": t.lr, "betas": tuple(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay})]),
         lr_scheduler=LRSchedulersContainer.Config(warmup_steps=t.warmup_steps,
