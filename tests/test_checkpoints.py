@@ -4,8 +4,14 @@ import json
 
 import pytest
 
-from wam.platform.manifest import (MANIFEST_NAME, latest_complete, list_checkpoints, read_manifest, verify,
-                                   write_manifest)
+from wam.platform.manifest import (
+    MANIFEST_NAME,
+    latest_complete,
+    list_checkpoints,
+    read_manifest,
+    verify,
+    write_manifest,
+)
 from wam.trainer.model.weights import CheckpointError
 
 

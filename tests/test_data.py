@@ -12,7 +12,6 @@ def test_samples_are_deterministic_and_actions_cause_the_motion(tiny):
     a, b = world[5], world[5]
     assert torch.equal(a.video, b.video) and torch.equal(a.actions, b.actions) and a.prompt == b.prompt
     # the state (object position) at each chunk start follows from the commanded velocities
-    n = tiny.sample.actions_per_chunk
     for c in range(1, tiny.sample.num_chunks):
         moved = (a.state[c, :2] - a.state[c - 1, :2]) / 2  # state is position mapped to [-1, 1]
         commanded = SPEED * a.actions[c - 1, :, :2].sum(0)

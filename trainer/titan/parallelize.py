@@ -1,4 +1,4 @@
-"""Parallelize the WAM for torchtitan's Trainer: activation checkpointing and torch.compile per DiT block,
+"""Parallelize the WAM for torchtitan's Trainer: torch.compile and activation checkpointing per DiT block,
 then FSDP2 per block and at the root (HSDP when the mesh has a replicate axis).
 
 Every FSDP unit keeps its inputs as they are (cast_forward_inputs=False): the residual stream, the adaLN
@@ -16,13 +16,13 @@ from torchtitan.distributed.fsdp import disable_fsdp_gradient_division
 
 def parallelize_wam(model: nn.Module, *, parallel_dims, training, parallelism, compile_config, ac_config,
                     dump_folder: str) -> nn.Module:
+    if compile_config.enable:  # compile the block itself: dynamo does not trace into a checkpoint wrapper
+        for block in model.blocks:
+            block.compile(backend=compile_config.backend)
     if ac_config is not None:
         policy = ac_config.build(dump_folder=dump_folder)
         for i, block in enumerate(model.blocks):
             model.blocks.register_module(str(i), policy._wrap_block(block, base_fqn=f"blocks.{i}"))
-    if compile_config.enable:
-        for block in model.blocks:
-            block.compile(backend=compile_config.backend)
 
     mesh = parallel_dims.get_activated_mesh(["dp_replicate", "fsdp"])  # 1-D: FSDP; 2-D: HSDP
     policy = MixedPrecisionPolicy(param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
