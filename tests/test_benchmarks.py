@@ -15,3 +15,18 @@ def test_model_benchmark_smoke(tmp_path):
     data = json.loads(out.read_text())
     assert set(data["flops"]) == {"tiny", "wan2.1-1.3b", "dreamzero-5b", "dreamzero-14b"}
     assert all(row["cached_s"] > 0 for row in data["chunk_inference"]["tiny"])
+
+
+def test_train_step_benchmark_smoke(tmp_path):
+    out = tmp_path / "train.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/train_step.py"), "--quick", "--json", str(out)],
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(out.read_text())
+    assert data["eager_step_s"] > 0 and set(data["titan_step_s"]) == {"1", "2"}
+
+
+def test_code_passes_the_linter():
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "platform", "trainer", "operators", "tests",
+                             "benchmarks"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout
