@@ -19,6 +19,7 @@ from torchtitan.protocols.model_spec import ModelSpec
 
 from wam.platform.accounting import training_layout
 from wam.platform.config import WamConfig, load_config, resolve_preset
+from wam.platform.storage import is_remote
 from wam.trainer.data.loader import WamDataLoader
 from wam.trainer.model.registry import model_config
 from wam.trainer.titan.checkpoint import WamCheckpointManager
@@ -65,7 +66,7 @@ def trainer_config(cfg: WamConfig) -> WamTrainer.Config:
         activation_checkpoint=ac() if ac is not None else None,
         compile=CompileConfig(enable=t.compile, components=["model"]),
         checkpoint=WamCheckpointManager.Config(
-            enable=True, folder=cfg.checkpoint_uri if "://" in cfg.checkpoint_uri else os.path.abspath(cfg.checkpoint_uri),
+            enable=True, folder=cfg.checkpoint_uri if is_remote(cfg.checkpoint_uri) else os.path.abspath(cfg.checkpoint_uri),
             interval=c.interval, keep_latest_k=0, keep_complete=c.keep, last_save_model_only=False,
             initial_load_model_only=False,
             async_mode="async" if c.async_save else "disabled", init_weights=c.init_weights),

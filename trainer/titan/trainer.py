@@ -47,7 +47,7 @@ _METRIC_NAMES = {
     "time_metrics/data_loading(s)": "data_time_s",
     "memory/max_reserved(GiB)": "memory/max_reserved_gib",
 }
-_PROMPT_CACHE = 4096
+_PROMPT_CACHE_BYTES = 256 * 2**20  # umT5-XXL features are 512 x 4096 per prompt: 64 prompts in bf16
 
 
 class PromptsNotTokens(BaseTokenizer):
@@ -118,7 +118,8 @@ class WamTrainer(Trainer):
         self.text_encoder = load_text_encoder(arch.text_encoder, arch.text_len, self.wam.encoders.text,
                                               self.wam.encoders.tokenizer, seed=self.wam.seed, dtype=encoder_dtype)
         self.text_encoder.to(self.device)
-        self.prompt_features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.prompt_features: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU, stored in encoder_dtype
+        self.prompt_cache_size = max(1, _PROMPT_CACHE_BYTES // (arch.text_len * arch.text_dim * encoder_dtype.itemsize))
 
         self.accelerator = detect(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         if self.accelerator is not None:
@@ -188,12 +189,13 @@ class WamTrainer(Trainer):
         if missing:
             features = self.text_encoder(missing)
             for prompt, feature in zip(missing, features, strict=True):
-                self.prompt_features[prompt] = feature
+                self.prompt_features[prompt] = feature.to(self.text_encoder.model.dtype)
+        batch = torch.stack([self.prompt_features[p] for p in prompts]).float()
         for prompt in prompts:
             self.prompt_features.move_to_end(prompt)
-        while len(self.prompt_features) > _PROMPT_CACHE:
+        while len(self.prompt_features) > self.prompt_cache_size:
             self.prompt_features.popitem(last=False)
-        return torch.stack([self.prompt_features[p] for p in prompts])
+        return batch
 
     def forward_backward_step(self, *, input_dict: dict, labels: torch.Tensor,
                               global_valid_tokens: torch.Tensor) -> torch.Tensor:
