@@ -5,8 +5,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
-# Debian packages the tests need (ffmpeg libraries for torchcodec/PyAV come with the data issue).
-SYSTEM_PACKAGES :=
+# Debian packages the tests need: the FFmpeg libraries torchcodec links against (PyAV and DALI bundle
+# their own).
+SYSTEM_PACKAGES := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8
 
 .PHONY: setup test test-fast demo lint bench clean
 

@@ -24,6 +24,9 @@ app = typer.Typer(help="WAM Platform: train, quantize and serve DreamZero-style 
                   no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="Model presets: architecture, parameters, FLOPs and memory.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+data_app = typer.Typer(help="Robot datasets (LeRobot v2.1 / v3.0): synthesize, inspect, validate, stats.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -194,6 +197,98 @@ def export(
     with user_errors():
         step = export_checkpoint(checkpoint, out, dtype)
     console.print(f"exported step {step} to {out}")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Argument(..., help="an empty or new folder"),
+    episodes: int = typer.Option(12, min=1),
+    version: str = typer.Option("v3.0", help="v3.0 | v2.1"),
+    codec: str = typer.Option("h264", help="h264 | vp9 (DALI's CPU decoder reads only VP9) | av1"),
+    seed: int = typer.Option(0),
+    video_only: bool = typer.Option(False, help="write no actions (like human or other-robot video)"),
+) -> None:
+    """Write a LeRobot dataset of a procedural scene: a gripper pushing blocks, three cameras, instructions."""
+    from wam.trainer.data.synth import SynthOptions, synthesize
+
+    try:
+        root = synthesize(out, SynthOptions(episodes=episodes, version=version, codec=codec, seed=seed,
+                                            video_only=video_only))
+    except (ValueError, FileExistsError) as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote a LeRobot {version} dataset of {episodes} episodes to {root}")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    uri: str = typer.Argument(..., help="dataset folder or URI"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Episodes, lengths, cameras, fps, codecs and tasks of a dataset."""
+    from wam.trainer.data.lerobot import LeRobotDataset
+    from wam.trainer.data.report import inspect
+
+    with user_errors():
+        info = inspect(LeRobotDataset(uri))
+    if as_json:
+        console.print_json(json.dumps(info))
+        return
+    table = Table(title=f"{uri} (LeRobot {info['format']}, {info['robot']}, {info['fps']:g} fps)", show_header=False)
+    lengths = info["episode_length"]
+    table.add_row("episodes", f"{info['episodes']} ({info['frames']:,} frames; length {lengths['min']} / "
+                  f"{lengths['median']:g} / {lengths['max']} min/median/max)")
+    for key, camera in info["cameras"].items():
+        table.add_row(f"camera {key}", f"{camera['shape']} {camera['codec']} {camera['fps']} fps")
+    for key, shape in info["features"].items():
+        table.add_row(key, str(shape))
+    table.add_row("tasks", f"{info['tasks']}: " + "; ".join(info["task_examples"]))
+    console.print(table)
+
+
+@data_app.command("validate")
+def data_validate(
+    uri: str = typer.Argument(..., help="dataset folder or URI"),
+    decoder: str = typer.Option("auto", help="auto | torchcodec | pyav | dali"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Check every episode: rows readable, timestamps consistent, no NaN, videos decodable. Exit 1 on problems."""
+    from wam.trainer.data.lerobot import LeRobotDataset
+    from wam.trainer.data.report import problems_as_dicts, validate
+
+    with user_errors():
+        problems = validate(LeRobotDataset(uri), decoder)
+    if as_json:
+        console.print_json(json.dumps(problems_as_dicts(problems)))
+    elif problems:
+        table = Table("episode", "file", "problem", title=f"{len(problems)} problem(s) in {uri}")
+        for p in problems:
+            table.add_row(str(p.episode), p.file, p.problem)
+        console.print(table)
+    else:
+        console.print(f"{uri}: every episode is readable, consistent and decodable")
+    if problems:
+        raise typer.Exit(1)
+
+
+@data_app.command("stats")
+def data_stats(
+    uri: str = typer.Argument(..., help="dataset folder or URI"),
+    profile: str = typer.Option("droid", help="embodiment profile (built in: droid, agibot)"),
+    config: Path | None = typer.Option(None, help="a YAML config declaring custom profiles under data.profiles"),
+) -> None:
+    """Compute the q01/q99 normalisation statistics (state, relative actions) of a dataset for a profile."""
+    from wam.platform.embodiment import resolve_profile
+    from wam.trainer.data.lerobot import LeRobotDataset
+    from wam.trainer.data.stats import compute_stats, save_stats
+
+    with user_errors():
+        declared = load_config(config).data.profiles if config else {}
+        chosen = resolve_profile(profile, declared)
+        stats = compute_stats(LeRobotDataset(uri), chosen)
+        path = save_stats(uri, chosen, stats)
+    console.print(f"state q01..q99 over {len(stats.state_q01)} dims, actions over {len(stats.action_q01)} dims "
+                  f"(relative dims {list(chosen.relative_dims)}); saved to {path}")
 
 
 @app.command()

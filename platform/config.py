@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from wam.platform.embodiment import ProfileSection, resolve_profile
 from wam.platform.errors import ConfigError
 from wam.platform.presets import Preset, WamArch, get_preset
 
@@ -22,7 +23,9 @@ NOISE_SCHEDULES = ("coupled", "flash")
 LOSS_WEIGHTINGS = ("uniform", "bell")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 PRECISIONS = ("auto", "bfloat16", "float32")
-DATA_SOURCES = ("synthetic",)
+DATA_SOURCES = ("synthetic", "lerobot")
+DECODERS = ("auto", "torchcodec", "pyav", "dali")
+BAD_SAMPLE_POLICIES = ("error", "skip")
 
 
 @dataclass
@@ -75,8 +78,22 @@ class EncodersSection:
 
 
 @dataclass
+class DatasetEntry:
+    uri: str = MISSING  # a LeRobot v2.1 / v3.0 dataset: local path or fsspec URI
+    profile: str = "droid"  # embodiment profile: built in (droid, agibot) or declared under data.profiles
+    weight: float = 1.0  # share of the samples drawn from this dataset
+
+
+@dataclass
 class DataSection:
-    source: str = "synthetic"  # procedural latents whose motion the actions cause (LeRobot datasets: data issue)
+    source: str = "synthetic"  # synthetic: procedural latents | lerobot: the datasets below
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    profiles: dict[str, ProfileSection] = field(default_factory=dict)
+    decoder: str = "auto"  # auto: DALI on GPUs, torchcodec on CPU, PyAV if torchcodec cannot load
+    workers: int = 2  # decoding processes per training process
+    bad_samples: str = "error"  # error: stop naming the episode and file | skip: drop, count, warn
+    crop_scale: float = 1.0  # random crop keeping this share of each view's side (augmentation); 1 = none
+    epoch_samples: int | None = None  # lerobot: samples per epoch (default: one per window of the data)
     episodes: int = 64  # synthetic: distinct episodes per epoch
     video_only_fraction: float = 0.0  # synthetic: share of episodes without actions (video loss only)
 
@@ -167,6 +184,30 @@ def validate(cfg: WamConfig) -> None:
     resolve_preset(cfg)
 
 
+def _validate_data(cfg: WamConfig) -> None:
+    d = cfg.data
+    _choice(d.decoder, DECODERS, "data.decoder")
+    _choice(d.bad_samples, BAD_SAMPLE_POLICIES, "data.bad_samples")
+    if d.episodes < 1 or not 0.0 <= d.video_only_fraction < 1.0 or d.workers < 0 or not 0.1 <= d.crop_scale <= 1.0:
+        raise ConfigError("data.episodes must be >= 1, data.video_only_fraction in [0, 1), data.workers >= 0 and "
+                          "data.crop_scale in [0.1, 1]")
+    if d.source != "lerobot":
+        return
+    if not d.datasets:
+        raise ConfigError("data.source is lerobot but data.datasets is empty: list datasets as "
+                          "[{uri: /path/or/s3://..., profile: droid, weight: 1.0}]")
+    sample = resolve_preset(cfg).sample
+    for entry in d.datasets:
+        if entry.weight <= 0:
+            raise ConfigError(f"data.datasets: weight of {entry.uri} must be > 0, got {entry.weight}")
+        profile = resolve_profile(entry.profile, d.profiles)
+        profile.validate(4 * sample.frames_per_chunk)  # the VAE packs 4 video frames per latent frame
+        if profile.action_horizon != sample.actions_per_chunk:
+            raise ConfigError(f"dataset {entry.uri}: profile {profile.name} has {profile.action_horizon} actions per "
+                              f"chunk but sample.actions_per_chunk is {sample.actions_per_chunk}; a run trains one "
+                              "action horizon, so set sample.actions_per_chunk to match")
+
+
 def _validate_training(cfg: WamConfig) -> None:
     t, c = cfg.training, cfg.checkpoint
     _choice(t.activation_checkpointing, ACTIVATION_CHECKPOINTING, "training.activation_checkpointing")
@@ -183,8 +224,7 @@ def _validate_training(cfg: WamConfig) -> None:
                           f"({cfg.world_size} = {t.nodes} nodes x {t.processes})")
     if c.interval < 1 or c.keep < 0:
         raise ConfigError(f"checkpoint.interval must be >= 1 and checkpoint.keep >= 0, got {c.interval}, {c.keep}")
-    if cfg.data.episodes < 1 or not 0.0 <= cfg.data.video_only_fraction < 1.0:
-        raise ConfigError("data.episodes must be >= 1 and data.video_only_fraction in [0, 1)")
+    _validate_data(cfg)
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name must be a non-empty run name without '/', got {cfg.name!r}")
 

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from wam.platform import launch
 from wam.platform.config import load_config, to_yaml
 from wam.platform.manifest import latest_complete, list_checkpoints, read_manifest
 
-from conftest import progress, wam_cli, write_run_config
+from conftest import free_port, progress, wam_cli, write_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -135,29 +134,6 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identica
     assert not debris.exists()  # older than the newest complete checkpoint: cleaned up
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A real S3-compatible server (moto) on loopback, with one bucket."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket="wam-checkpoints")
-    yield env
-    server.stop()
-
-
 def test_checkpoints_to_s3_resume_and_export(tmp_path, s3, monkeypatch):
     for key, value in s3.items():
         monkeypatch.setenv(key, value)
@@ -176,7 +152,7 @@ def test_checkpoints_to_s3_resume_and_export(tmp_path, s3, monkeypatch):
 
 def test_dead_tracking_server_does_not_stop_training(tmp_path):
     config = write_run_config(tmp_path, "notracking", training={"steps": 4},
-                              tracking={"uri": f"http://127.0.0.1:{_free_port()}"})
+                              tracking={"uri": f"http://127.0.0.1:{free_port()}"})
     result = wam_cli("train", config)
     assert result.returncode == 0, result.stdout + result.stderr
     cfg = load_config(config)

@@ -21,7 +21,7 @@ from wam.platform.presets import get_preset
 from wam.trainer.data.synthetic import REAL_ACTION_DIMS, SyntheticLatents
 from wam.trainer.inference import ChunkRollout
 from wam.trainer.model import WamInputs, WamModel, build_model, model_config
-from wam.trainer.model.text_encoder import load_text_encoder
+from wam.trainer.model.encoders import FrozenEncoders
 
 HELD_OUT = 1_000_000  # episode indices from here on are never trained on
 
@@ -62,7 +62,7 @@ def run_demo(console: Console, steps: int = 4, seed: int = 0, weights: Path | No
     arch, sample = preset.arch, preset.sample
     config = model_config(arch, sample)
     untrained = build_model(config, seed=seed).eval()
-    text_encoder = load_text_encoder(arch.text_encoder, arch.text_len, seed=seed)  # the one training used
+    text_encoder = FrozenEncoders.build(arch, seed=seed, vision=False).text  # the one training used
     world = SyntheticLatents(arch, sample, episodes=1, seed=seed)
     held_out = range(HELD_OUT, HELD_OUT + episodes)
     console.print(f"[bold]tiny preset[/]: {sum(p.numel() for p in untrained.parameters()):,} trained parameters; "

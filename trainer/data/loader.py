@@ -1,23 +1,28 @@
 """The rank-sharded, resumable loader that feeds torchtitan's Trainer.
 
 Sample order is a function of (seed, epoch) alone: every epoch is a fresh permutation of the source,
-rank r of W takes every W-th entry. The loader's state (epoch, position) is checkpointed with the
-training state under a rank-unique key, so a resumed run continues with exactly the next samples.
+rank r of W takes every W-th entry. The loader's state (epoch, position of the next sample the trainer
+will get) is checkpointed under a rank-unique key, so a resumed run continues with exactly the next
+samples, whatever the decoding workers had prefetched.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import numpy as np
 import torch
 import tyro
+from torch.utils.data import DataLoader
 from torchtitan.components.dataloader import BaseDataLoader
 
+from wam.platform.config import DatasetEntry, ProfileSection
 from wam.platform.layout import TokenLayout
 from wam.platform.presets import SampleShape, WamArch
+from wam.trainer.data.robot import RobotSource, collate_robot
 from wam.trainer.data.synthetic import SyntheticLatents, collate
 
 
@@ -44,6 +49,10 @@ class EpochOrder:
             self.position += 1
         return out
 
+    def batches(self, n: int) -> Iterator[list[int]]:
+        while True:
+            yield self.take(n)
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "world": self.world}
 
@@ -58,7 +67,7 @@ class WamDataLoader(BaseDataLoader):
     """Batches of training samples for this data-parallel rank, as (inputs, labels) for torchtitan.
 
     `labels` is a zero tensor with one entry per sequence token: torchtitan counts its elements for
-    tokens/s and MFU, and the WAM loss does not use it.
+    tokens/s and MFU, and the WAM loss does not use it. Robot samples are decoded by `workers` processes.
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -66,25 +75,55 @@ class WamDataLoader(BaseDataLoader):
         arch: Annotated[WamArch, tyro.conf.Suppress]
         sample: Annotated[SampleShape, tyro.conf.Suppress]
         source: str = "synthetic"
+        datasets: Annotated[list[DatasetEntry], tyro.conf.Suppress] = field(default_factory=list)
+        profiles: Annotated[dict[str, ProfileSection], tyro.conf.Suppress] = field(default_factory=dict)
+        decoder: str = "auto"
+        workers: int = 2
+        bad_samples: str = "error"
+        crop_scale: float = 1.0
+        epoch_samples: int | None = None
         episodes: int = 64
         video_only_fraction: float = 0.0
         seed: int = 0
 
     def __init__(self, config: Config, *, dp_world_size: int, dp_rank: int, local_batch_size: int, **_: Any):
-        if config.source != "synthetic":
+        if config.source == "synthetic":
+            self.source = SyntheticLatents(config.arch, config.sample, config.episodes, config.seed,
+                                           config.video_only_fraction)
+            self.collate, self.workers = collate, 0
+        elif config.source == "lerobot":
+            self.source = RobotSource(config.datasets, config.profiles, config.arch, config.sample, config.seed,
+                                      config.decoder, config.bad_samples, config.crop_scale, config.epoch_samples)
+            self.collate, self.workers = collate_robot, config.workers
+        else:
             raise ValueError(f"unknown data source {config.source!r}")
-        self.source = SyntheticLatents(config.arch, config.sample, config.episodes, config.seed,
-                                       config.video_only_fraction)
         self.order = EpochOrder(len(self.source), config.seed, dp_rank, dp_world_size)
         self.rank, self.batch_size = dp_rank, local_batch_size
         s = config.sample
         self.tokens_per_sample = TokenLayout.teacher_forcing(
             s.num_chunks, s.frames_per_chunk, s.tokens_per_frame(config.arch), s.actions_per_chunk).length
 
+    def _batches(self) -> Iterator[dict]:
+        """Collated batches in order, from the current position (workers prefetch from a copy of the order)."""
+        ahead = copy.deepcopy(self.order)
+        if self.workers == 0:
+            for indices in ahead.batches(self.batch_size):
+                yield self.collate([self.source[i] for i in indices])
+        else:
+            loader = DataLoader(self.source, batch_sampler=ahead.batches(self.batch_size), num_workers=self.workers,
+                                collate_fn=self.collate, prefetch_factor=2)
+            yield from loader
+
     def __iter__(self) -> Iterator[tuple[dict, torch.Tensor]]:
-        while True:
-            batch = collate([self.source[i] for i in self.order.take(self.batch_size)])
-            yield batch, torch.zeros(self.batch_size, self.tokens_per_sample, dtype=torch.int8)
+        skipped = 0
+        for batch in self._batches():
+            self.order.take(self.batch_size)  # the trainer now has these samples
+            skipped += batch.pop("skipped", 0)
+            if "video" not in batch and "pixels" not in batch:
+                continue  # every sample of the batch was bad and skipped
+            batch["skipped"] = skipped
+            skipped = 0
+            yield batch, torch.zeros(len(batch["prompt"]), self.tokens_per_sample, dtype=torch.int8)
 
     def state_dict(self) -> dict[str, Any]:
         return {f"rank{self.rank}": self.order.state_dict()}

@@ -41,23 +41,26 @@ def _random_or_load(build, name: str, path: str | None, seed: int, prefix: str =
 
 @dataclass
 class FrozenEncoders:
-    vae: WanVAE
+    vae: WanVAE | None
     text: TextEncoder
     image: ClipImageEncoder | None
 
     @classmethod
     def build(cls, arch: WamArch, paths: EncoderPaths = EncoderPaths(), seed: int = 0,
-              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> FrozenEncoders:
-        vae_cfg = vae_config(arch.vae)
-        if vae_cfg.z_dim != arch.latent_channels:
-            raise ConfigError(f"VAE {arch.vae} has {vae_cfg.z_dim} latent channels, the model expects "
-                              f"{arch.latent_channels}")
-        vae = _random_or_load(lambda: WanVAE(vae_cfg), arch.vae, paths.vae, seed)
+              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              vision: bool = True) -> FrozenEncoders:
+        """The text encoder, and with `vision` the VAE and (for I2V models) CLIP, all frozen."""
         text = load_text_encoder(arch.text_encoder, arch.text_len, paths.text, paths.tokenizer, seed=seed + 1)
         if text.model.config.d_model != arch.text_dim:
             raise ConfigError(f"text encoder width {text.model.config.d_model} != model.text_dim {arch.text_dim}")
-        image = None
-        if arch.has_image_branch:
+        vae = image = None
+        if vision:
+            vae_cfg = vae_config(arch.vae)
+            if vae_cfg.z_dim != arch.latent_channels:
+                raise ConfigError(f"VAE {arch.vae} has {vae_cfg.z_dim} latent channels, the model expects "
+                                  f"{arch.latent_channels}")
+            vae = _random_or_load(lambda: WanVAE(vae_cfg), arch.vae, paths.vae, seed)
+        if vision and arch.has_image_branch:
             cfg = clip_config(arch.image_encoder)
             if (cfg.num_tokens, cfg.dim) != (arch.image_tokens, arch.image_dim):
                 raise ConfigError(f"image encoder {arch.image_encoder} gives {cfg.num_tokens} tokens of width "

@@ -32,7 +32,7 @@ _AC = {"none": None, "full": FullAC.Config, "selective": SelectiveAC.Config}
 def trainer_config(cfg: WamConfig) -> WamTrainer.Config:
     """torchtitan's Trainer config for a project config."""
     preset = resolve_preset(cfg)
-    t, c = cfg.training, cfg.checkpoint
+    t, c, d = cfg.training, cfg.checkpoint, cfg.data
     precision = t.precision if t.precision != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
     tokens = training_layout(preset.arch, preset.sample).length  # sequence length of one sample
     run_dir = cfg.run_dir
@@ -47,9 +47,11 @@ def trainer_config(cfg: WamConfig) -> WamTrainer.Config:
                              parallelize_fn=parallelize_wam, pipelining_fn=None, post_optimizer_build_fn=None,
                              state_dict_adapter=None),
         tokenizer=PromptsNotTokens.Config(),
-        dataloader=WamDataLoader.Config(arch=preset.arch, sample=preset.sample, source=cfg.data.source,
-                                        episodes=cfg.data.episodes, video_only_fraction=cfg.data.video_only_fraction,
-                                        seed=cfg.seed),
+        dataloader=WamDataLoader.Config(arch=preset.arch, sample=preset.sample, source=d.source, datasets=d.datasets,
+                                        profiles=d.profiles, decoder=d.decoder, workers=d.workers,
+                                        bad_samples=d.bad_samples, crop_scale=d.crop_scale,
+                                        epoch_samples=d.epoch_samples, episodes=d.episodes,
+                                        video_only_fraction=d.video_only_fraction, seed=cfg.seed),
         loss=MSELoss.Config(),  # required by torchtitan; the WAM's flow loss is computed in the train step
         optimizer=OptimizersContainer.Config(implementation="fused" if torch.cuda.is_available() else "foreach",
                                              param_groups=[ParamGroupConfig(

@@ -29,7 +29,7 @@ from wam.platform.config import WamConfig, resolve_preset
 from wam.platform.manifest import CheckpointManifest
 from wam.platform.tracking import Tracker, flatten, resolve_uri
 from wam.trainer.flow import LossWeighting, StepRandomness, flow_loss, noise_batch
-from wam.trainer.model.text_encoder import load_text_encoder
+from wam.trainer.model.encoders import EncoderPaths, FrozenEncoders
 
 log = logging.getLogger("wam.train")
 # FSDP warns about any view among a root module's outputs (in-place edits would skip its backward hook);
@@ -115,16 +115,19 @@ class WamTrainer(Trainer):
         self.loss_group = loss_mesh.get_group() if loss_mesh is not None else None
 
         encoder_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.text_encoder = load_text_encoder(arch.text_encoder, arch.text_len, self.wam.encoders.text,
-                                              self.wam.encoders.tokenizer, seed=self.wam.seed, dtype=encoder_dtype)
-        self.text_encoder.to(self.device)
+        self.arch = arch
+        self.encoders = FrozenEncoders.build(arch, EncoderPaths(**asdict(self.wam.encoders)), seed=self.wam.seed,
+                                             device=self.device, dtype=encoder_dtype,
+                                             vision=self.wam.data.source == "lerobot")  # pixels need VAE and CLIP
+        self.text_encoder = self.encoders.text
         self.prompt_features: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU, stored in encoder_dtype
         self.prompt_cache_size = max(1, _PROMPT_CACHE_BYTES // (arch.text_len * arch.text_dim * encoder_dtype.itemsize))
 
         self.accelerator = detect(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         if self.accelerator is not None:
             self.metrics_processor.gpu_peak_flops = self.accelerator.peak_bf16_flops
-        self.window = torch.zeros(4, device=self.device)  # video sum/count, action sum/count since last log
+        # video sum/count, action sum/count, skipped bad samples: global totals since the last log
+        self.window = torch.zeros(5, device=self.device)
         self.microbatch = (0, 0)  # (step, index) of the micro-batch being run
         self.last_metrics: dict[str, float] = {}
         self.tracker: Tracker | None = None
@@ -168,11 +171,16 @@ class WamTrainer(Trainer):
         log_metrics = self.metrics_processor.log
 
         def log_with_losses(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
-            video_sum, video_count, action_sum, action_count = self.window.tolist()
+            video_sum, video_count, action_sum, action_count, skipped = self.window.tolist()
             extra = dict(extra_metrics or {})
             extra["video_loss"] = video_sum / max(video_count, 1.0)
             if action_count:
                 extra["action_loss"] = action_sum / action_count
+            if self.wam.data.source == "lerobot":
+                extra["data/skipped"] = skipped
+                if skipped and dist.get_rank() == 0:
+                    log.warning("%d bad samples skipped in the last %d step(s) (data.bad_samples: skip)", skipped,
+                                self.config.metrics.log_freq)
             self.window.zero_()
             log_metrics(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
 
@@ -197,15 +205,28 @@ class WamTrainer(Trainer):
             self.prompt_features.popitem(last=False)
         return batch
 
+    @torch.no_grad()
+    def _encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Tiled frames (B, 3, T, H, W) uint8 -> VAE latents, CLIP tokens of the first frame, I2V channels."""
+        frames = pixels.to(next(self.encoders.vae.parameters()).dtype) / 127.5 - 1
+        latents = self.encoders.vae.encode(frames)
+        first = frames[:, :, 0]
+        image = self.encoders.image(first) if self.encoders.image is not None else None
+        i2v = self.encoders.i2v_condition(first, latents.shape[2]) if self.arch.i2v_concat else None
+        return latents, image, i2v
+
     def forward_backward_step(self, *, input_dict: dict, labels: torch.Tensor,
                               global_valid_tokens: torch.Tensor) -> torch.Tensor:
         step, index = self.microbatch
         self.microbatch = (self.step, index + 1 if step == self.step else 0)
         randomness = StepRandomness(self.wam.seed, self.step, self.dp_rank, self.microbatch[1])
         flow = self.wam.flow
-        batch = noise_batch(input_dict["video"], input_dict["actions"], input_dict["state"],
-                            self._encode_prompts(input_dict["prompt"]), flow, randomness,
-                            input_dict.get("image"), input_dict.get("i2v_cond"))
+        if "pixels" in input_dict:
+            video, image, i2v = self._encode_pixels(input_dict["pixels"])
+        else:
+            video, image, i2v = input_dict["video"], input_dict.get("image"), input_dict.get("i2v_cond")
+        batch = noise_batch(video, input_dict["actions"], input_dict["state"], self._encode_prompts(input_dict["prompt"]),
+                            flow, randomness, image, i2v)
         with self.train_context():
             out = self.model_parts[0](batch.inputs)
             parts = flow_loss(out.video, out.actions, batch.target_video, batch.target_actions, batch.sigma_video,
@@ -213,7 +234,8 @@ class WamTrainer(Trainer):
                               self.weighting, flow.video_loss_weight, flow.action_loss_weight)
             # Normalise by the counts over all data-parallel ranks: FSDP sums gradients across ranks.
             totals = torch.stack([parts.video_sum.detach(), parts.video_count, parts.action_sum.detach(),
-                                  parts.action_count]).float()
+                                  parts.action_count, torch.tensor(float(input_dict.get("skipped", 0)),
+                                                                   device=self.device)]).float()
             if self.loss_group is not None:
                 dist.all_reduce(totals, group=self.loss_group)
             loss = parts.total(totals[1], totals[3]) / self.gradient_accumulation_steps

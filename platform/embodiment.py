@@ -1,0 +1,97 @@
+"""Embodiment profiles: how one robot's LeRobot dataset becomes WAM training samples, torch-free.
+
+A profile names the camera streams (and how they tile into one frame), the state and action columns,
+which action dims are relative to the chunk's first state, the action horizon of a chunk at the
+recording rate, and the stride that takes the video to 5 fps. Built-in profiles follow DreamZero's
+DROID and AgiBot setups; teams declare their own under `data.profiles` in the YAML config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from wam.platform.errors import ConfigError
+
+LAYOUTS = ("droid", "grid", "single")
+
+
+@dataclass(frozen=True)
+class EmbodimentProfile:
+    name: str
+    cameras: tuple[str, ...]  # video feature keys, in tiling order
+    layout: str  # droid: view 0 stretched across the top, views 1 and 2 below | grid: 2x2 | single
+    state_keys: tuple[str, ...]  # concatenated into the state vector
+    action_keys: tuple[str, ...] = ()  # concatenated into the action vector; () = video-only data
+    relative_dims: tuple[int, ...] = ()  # action dims made relative to the same state dim at the chunk start
+    action_horizon: int = 24  # actions per chunk at the recording rate
+    video_stride: int = 3  # recording frames between the 5 fps video frames
+    prompt: str = "{task}"  # how a task string becomes the prompt
+
+    @property
+    def has_actions(self) -> bool:
+        return bool(self.action_keys)
+
+    def validate(self, pixel_frames_per_chunk: int) -> None:
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"profile {self.name}: layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        limits = {"droid": 3, "grid": 4, "single": 1}
+        if not 1 <= len(self.cameras) <= limits[self.layout]:
+            raise ConfigError(f"profile {self.name}: the {self.layout} layout takes 1 to {limits[self.layout]} cameras, "
+                              f"got {len(self.cameras)}")
+        if not self.state_keys:
+            raise ConfigError(f"profile {self.name}: state_keys must name at least one column")
+        if self.video_stride * pixel_frames_per_chunk != self.action_horizon:
+            raise ConfigError(
+                f"profile {self.name}: a chunk's {pixel_frames_per_chunk} video frames at stride {self.video_stride} "
+                f"span {self.video_stride * pixel_frames_per_chunk} recording steps, but action_horizon is "
+                f"{self.action_horizon}; make video_stride x {pixel_frames_per_chunk} equal action_horizon")
+        if "{task}" not in self.prompt:
+            raise ConfigError(f"profile {self.name}: prompt must contain {{task}}")
+
+
+BUILTIN_PROFILES = {
+    p.name: p
+    for p in (
+        # DROID (LeRobot port, 15 Hz): 7 joints + gripper; joints relative, gripper absolute.
+        EmbodimentProfile(
+            name="droid",
+            cameras=("observation.images.wrist_left", "observation.images.exterior_1_left",
+                     "observation.images.exterior_2_left"),
+            layout="droid", state_keys=("observation.state",), action_keys=("action",),
+            relative_dims=tuple(range(7)), action_horizon=24, video_stride=3,
+        ),
+        # AgiBot World (LeRobot port, 30 Hz): state [20] and the same 20 action dims + base velocity [2].
+        EmbodimentProfile(
+            name="agibot",
+            cameras=("observation.images.top_head", "observation.images.hand_left", "observation.images.hand_right"),
+            layout="grid", state_keys=("observation.state",), action_keys=("action",),
+            relative_dims=tuple(range(20)), action_horizon=48, video_stride=6,
+        ),
+    )
+}
+
+
+@dataclass
+class ProfileSection:
+    """A profile declared in YAML (data.profiles.<name>); fields as EmbodimentProfile."""
+
+    cameras: list[str] = field(default_factory=list)
+    layout: str = "grid"
+    state_keys: list[str] = field(default_factory=list)
+    action_keys: list[str] = field(default_factory=list)
+    relative_dims: list[int] = field(default_factory=list)
+    action_horizon: int = 24
+    video_stride: int = 3
+    prompt: str = "{task}"
+
+
+def resolve_profile(name: str, declared: dict[str, ProfileSection]) -> EmbodimentProfile:
+    if name in declared:
+        d = declared[name]
+        return EmbodimentProfile(name=name, cameras=tuple(d.cameras), layout=d.layout, state_keys=tuple(d.state_keys),
+                                 action_keys=tuple(d.action_keys), relative_dims=tuple(d.relative_dims),
+                                 action_horizon=d.action_horizon, video_stride=d.video_stride, prompt=d.prompt)
+    if name in BUILTIN_PROFILES:
+        return BUILTIN_PROFILES[name]
+    raise ConfigError(f"unknown embodiment profile {name!r}; built in: {', '.join(BUILTIN_PROFILES)}; or declare it "
+                      "under data.profiles")
