@@ -36,13 +36,16 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Trains the tiny preset from scratch (2 CPU processes, FSDP2), exports the final checkpoint, and rolls
-# the trained policy out chunk by chunk on held-out episodes next to an untrained one.
+# Synthesizes robot datasets (LeRobot v3.0), trains the tiny preset from scratch on one (2 CPU processes,
+# FSDP2), exports the final checkpoint, and rolls the trained policy out chunk by chunk on held-out
+# episodes next to an untrained one.
 demo: setup
-	rm -rf runs/demo
+	rm -rf runs/demo runs/demo-data
+	$(BIN)/wam data synth runs/demo-data/train --episodes 12 --seed 0
+	$(BIN)/wam data synth runs/demo-data/heldout --episodes 3 --seed 1
 	$(BIN)/wam train configs/demo.yaml
 	$(BIN)/wam export runs/demo/checkpoints runs/demo/model.safetensors --dtype float32
-	$(BIN)/wam demo --weights runs/demo/model.safetensors
+	$(BIN)/wam demo --weights runs/demo/model.safetensors --dataset runs/demo-data/heldout
 
 lint: setup
 	$(BIN)/ruff check platform trainer operators tests benchmarks

@@ -293,15 +293,16 @@ def data_stats(
 
 @app.command()
 def demo(
-    weights: Path | None = typer.Option(None, help="trained tiny weights from `wam export` (else untrained only)"),
-    steps: int = typer.Option(4, min=1, help="denoising steps per chunk"),
-    seed: int = typer.Option(0, help="the seed the weights were trained with"),
-    episodes: int = typer.Option(8, min=1, help="held-out synthetic episodes to roll out"),
+    weights: Path | None = typer.Option(None, help="trained weights from `wam export` (else an untrained model only)"),
+    dataset: str | None = typer.Option(None, help="held-out LeRobot dataset (default: a freshly synthesized one)"),
+    episodes: int = typer.Option(8, min=1, help="held-out windows to roll out"),
+    steps: int | None = typer.Option(None, min=1, help="denoising steps per chunk (default: the config's sampler)"),
 ) -> None:
-    """Chunk-wise closed-loop inference of the tiny preset on held-out synthetic episodes, with a KV cache."""
+    """Chunk-wise closed-loop inference on held-out robot episodes, with a KV cache: trained vs untrained."""
     from wam.trainer.demo import run_demo  # needs the trainer extra
 
-    run_demo(console, steps=steps, seed=seed, weights=weights, episodes=episodes)
+    with user_errors():
+        run_demo(console, weights=weights, dataset=dataset, episodes=episodes, steps=steps)
 
 
 def main() -> None:

@@ -1,101 +1,126 @@
-"""`wam demo`: closed-loop, chunk-wise inference of the tiny preset on held-out synthetic episodes.
+"""`wam demo`: closed-loop, chunk-wise inference on held-out episodes of a LeRobot dataset.
 
-The rollout denoises each chunk's actions and video against its KV cache, then writes the chunk's REAL
-latents into the cache, as a robot loop would. With `--weights` (a trained checkpoint exported by
-`wam export`) it compares the trained model's actions with the recorded ones and with an untrained
-model's; `make demo` trains first, so the comparison means something.
+For each held-out window, the frozen encoders turn the prompt, the first frame and the recorded frames
+into features and latents; the rollout denoises each chunk's actions and video against its KV cache,
+then writes the chunk's REAL latents into the cache, as a robot loop would. With `--weights` (a checkpoint
+exported by `wam export`, which carries its training config) the trained policy's actions are compared
+with the recorded ones and with an untrained model's.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from wam.platform.config import SamplerSection
-from wam.platform.presets import get_preset
-from wam.trainer.data.synthetic import REAL_ACTION_DIMS, SyntheticLatents
+from wam.platform.config import SamplerSection, WamConfig, config_from_dict, load_config, resolve_preset
+from wam.platform.errors import ConfigError
+from wam.trainer.data.robot import RobotSource
+from wam.trainer.data.synth import SynthOptions, synthesize
 from wam.trainer.inference import ChunkRollout
 from wam.trainer.model import WamInputs, WamModel, build_model, model_config
-from wam.trainer.model.encoders import FrozenEncoders
-
-HELD_OUT = 1_000_000  # episode indices from here on are never trained on
+from wam.trainer.model.encoders import EncoderPaths, FrozenEncoders
 
 
-def _rollout_errors(model: WamModel, world: SyntheticLatents, episodes: range, text_encoder, steps: int,
-                    seed: int) -> tuple[list[float], list[float], list[float]]:
-    """Per-chunk action MAE (real dims), denoising latency (ms) and video MSE, averaged over episodes."""
-    s = world.shape
-    rollout = ChunkRollout(model, SamplerSection(steps=steps), max_chunks=s.num_chunks,
-                           frames_per_chunk=s.frames_per_chunk, actions_per_chunk=s.actions_per_chunk,
-                           latent_hw=(s.latent_height, s.latent_width))
-    generator = torch.Generator().manual_seed(seed)
+def _run_config(weights: Path | None, dataset: str) -> WamConfig:
+    """The training config the weights carry (so shapes, seed and profile match), else configs/demo.yaml's."""
+    if weights is not None:
+        with safe_open(str(weights), framework="pt") as f:
+            cfg = config_from_dict(json.loads(f.metadata()["config"]))
+        if cfg.data.source != "lerobot":
+            raise ConfigError(f"{weights} was trained on data.source={cfg.data.source}; `wam demo` rolls a policy out "
+                              "on robot video, so use weights trained on a LeRobot dataset (as `make demo` does)")
+    else:
+        cfg = load_config(None, ["sample.actions_per_chunk=24", "sample.num_chunks=2", "data.source=lerobot",
+                                 f"data.datasets=[{{uri: {dataset}, profile: droid}}]"])
+    cfg.data.datasets[0].uri = dataset
+    return cfg
+
+
+def _rollout(model: WamModel, source: RobotSource, encoders: FrozenEncoders, windows: list[int], cfg: WamConfig,
+             steps: int) -> tuple[list[float], list[float], list[float]]:
+    """Per chunk: action MAE on the real dims (normalised units), denoising latency (ms), video MSE."""
+    s = source.shape
+    sampler = cfg.sampler if steps is None else dataclasses.replace(cfg.sampler, steps=steps)
+    rollout = ChunkRollout(model, sampler,
+                           max_chunks=s.num_chunks, frames_per_chunk=s.frames_per_chunk,
+                           actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width))
+    generator = torch.Generator().manual_seed(cfg.seed)
     f = s.frames_per_chunk
     mae, latency, video_err = ([0.0] * s.num_chunks for _ in range(3))
-    for episode in episodes:
-        sample = world[episode]
-        video = sample.video[None]
-        rollout.reset(video[:, :, :1], text_encoder([sample.prompt]), _batch(sample.image), _batch(sample.i2v_cond))
+    for index in windows:
+        sample = source[index]
+        frames = sample.pixels[None].float() / 127.5 - 1
+        latents = encoders.vae.encode(frames)
+        first = frames[:, :, 0]
+        image = encoders.image(first) if encoders.image is not None else None
+        i2v = encoders.i2v_condition(first, latents.shape[2]) if model.arch.i2v_concat else None
+        rollout.reset(latents[:, :, :1], encoders.text([sample.prompt]), image, i2v)
+        dims = sample.action_dims
         for c in range(s.num_chunks):
             start = time.perf_counter()
             chunk = rollout.act(sample.state[c][None], generator)
-            latency[c] += (time.perf_counter() - start) * 1000 / len(episodes)
-            real = video[:, :, 1 + c * f:1 + (c + 1) * f]
+            latency[c] += (time.perf_counter() - start) * 1000 / len(windows)
+            real = latents[:, :, 1 + c * f:1 + (c + 1) * f]
             rollout.observe(real)
-            error = (chunk.actions[0, :, :REAL_ACTION_DIMS] - sample.actions[c, :, :REAL_ACTION_DIMS]).abs().mean()
-            mae[c] += error.item() / len(episodes)
-            video_err[c] += (chunk.video - real).square().mean().item() / len(episodes)
+            mae[c] += (chunk.actions[0][:, dims] - sample.actions[c][:, dims]).abs().mean().item() / len(windows)
+            video_err[c] += (chunk.video - real).square().mean().item() / len(windows)
     return mae, latency, video_err
 
 
-def _batch(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t[None]
-
-
 @torch.no_grad()
-def run_demo(console: Console, steps: int = 4, seed: int = 0, weights: Path | None = None, episodes: int = 8) -> None:
-    preset = get_preset("tiny")
-    arch, sample = preset.arch, preset.sample
-    config = model_config(arch, sample)
-    untrained = build_model(config, seed=seed).eval()
-    text_encoder = FrozenEncoders.build(arch, seed=seed, vision=False).text  # the one training used
-    world = SyntheticLatents(arch, sample, episodes=1, seed=seed)
-    held_out = range(HELD_OUT, HELD_OUT + episodes)
-    console.print(f"[bold]tiny preset[/]: {sum(p.numel() for p in untrained.parameters()):,} trained parameters; "
-                  f"{sample.num_chunks} chunks x ({sample.frames_per_chunk} latent frames + {sample.actions_per_chunk} "
-                  f"actions); {steps} denoising steps; {episodes} held-out episodes, e.g. {world[HELD_OUT].prompt!r}")
+def run_demo(console: Console, weights: Path | None = None, dataset: str | None = None, episodes: int = 8,
+             steps: int | None = None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        if dataset is None:  # a fresh held-out dataset, never trained on
+            dataset = str(synthesize(Path(tmp) / "heldout", SynthOptions(episodes=2, seed=1_000_003)))
+        cfg = _run_config(weights, dataset)
+        preset = resolve_preset(cfg)
+        arch = preset.arch
+        source = RobotSource(cfg.data.datasets, cfg.data.profiles, arch, preset.sample, cfg.seed)
+        encoders = FrozenEncoders.build(arch, EncoderPaths(**vars(cfg.encoders)), seed=cfg.seed)  # as training did
+        config = model_config(arch, preset.sample)
+        models = {"untrained": build_model(config, seed=cfg.seed).eval()}
+        if weights is not None:
+            trained = build_model(config, seed=cfg.seed).eval()
+            trained.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
+            models = {"trained": trained, **models}
+        windows = list(range(0, len(source), max(1, len(source) // episodes)))[:episodes]
+        s = preset.sample
+        console.print(f"[bold]{preset.name}[/]: {sum(p.numel() for p in models['untrained'].parameters()):,} "
+                      f"parameters; {s.num_chunks} chunks x ({s.frames_per_chunk} latent frames + {s.actions_per_chunk} "
+                      f"actions); {len(windows)} held-out windows of {dataset}, e.g. {source[windows[0]].prompt!r}")
+        results = {name: _rollout(m, source, encoders, windows, cfg, steps) for name, m in models.items()}
 
-    models = {"untrained": untrained}
-    if weights is not None:
-        trained = build_model(config, seed=seed).eval()
-        trained.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
-        models = {"trained": trained, **models}
-    results = {name: _rollout_errors(model, world, held_out, text_encoder, steps, seed) for name, model in models.items()}
+        table = Table("chunk", *(f"{n} action MAE" for n in results), *(f"{n} video MSE" for n in results),
+                      "denoise ms (KV cache)")
+        for c in range(s.num_chunks):
+            table.add_row(str(c), *(f"{r[0][c]:.3f}" for r in results.values()),
+                          *(f"{r[2][c]:.3f}" for r in results.values()), f"{next(iter(results.values()))[1][c]:.1f}")
+        console.print(table)
+        if weights is not None:
+            for label, i in (("action error", 0), ("video error", 2)):
+                trained, untrained = (sum(results[k][i]) / s.num_chunks for k in ("trained", "untrained"))
+                console.print(f"{label} over held-out windows: trained {trained:.3f} vs untrained {untrained:.3f}")
+        _check_cache_equals_full_forward(console, next(iter(models.values())), preset, cfg.seed)
 
-    table = Table("chunk", *(f"{name} action MAE" for name in results), *(f"{name} video MSE" for name in results),
-                  "denoise ms (KV cache)")
-    for c in range(sample.num_chunks):
-        table.add_row(str(c), *(f"{r[0][c]:.3f}" for r in results.values()), *(f"{r[2][c]:.3f}" for r in results.values()),
-                      f"{next(iter(results.values()))[1][c]:.1f}")
-    console.print(table)
-    if weights is not None:
-        trained_mae, untrained_mae = (sum(results[k][0]) / sample.num_chunks for k in ("trained", "untrained"))
-        console.print(f"action error over held-out episodes: trained {trained_mae:.3f} vs untrained {untrained_mae:.3f}")
 
-    # The cached path must agree with one full teacher-forcing forward over the same inputs.
-    model = next(iter(models.values()))
-    episode = world[HELD_OUT]
-    k, f = sample.num_chunks, sample.frames_per_chunk
-    inputs = WamInputs.random(arch, sample, batch=1, seed=seed)
-    inputs.video, inputs.state = episode.video[None], episode.state[None]
-    inputs.text, inputs.image, inputs.i2v_cond = text_encoder([episode.prompt]), _batch(episode.image), _batch(episode.i2v_cond)
+def _check_cache_equals_full_forward(console: Console, model: WamModel, preset, seed: int) -> None:
+    """The cached chunk-by-chunk path must agree with one full teacher-forcing forward."""
+    s = preset.sample
+    k, f = s.num_chunks, s.frames_per_chunk
+    inputs = WamInputs.random(preset.arch, s, batch=1, seed=seed)
     full = model(inputs)
-    rollout = ChunkRollout(model, SamplerSection(steps=steps), max_chunks=k, frames_per_chunk=f,
-                           actions_per_chunk=sample.actions_per_chunk, latent_hw=(sample.latent_height, sample.latent_width))
+    rollout = ChunkRollout(model, SamplerSection(), max_chunks=k, frames_per_chunk=f,
+                           actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width))
     rollout.reset(inputs.video[:, :, :1], inputs.text, inputs.image, inputs.i2v_cond)
     worst = 0.0
     for c in range(k):
