@@ -12,7 +12,7 @@ from wam.platform.presets import get_preset
 from wam.trainer.model.clip import CLIP_CONFIGS, ClipImageEncoder
 from wam.trainer.model.encoders import EncoderPaths, FrozenEncoders
 from wam.trainer.model.text_encoder import ByteTokenizer, load_text_encoder, umt5_config
-from wam.trainer.model.vae import VAE_CONFIGS, StreamState, VaeConfig, WanVAE
+from wam.trainer.model.vae import VAE_CONFIGS, StreamState, VaeConfig, WanVAE, vae_config
 from wam.trainer.model.weights import CheckpointError, load_frozen
 
 
@@ -174,7 +174,7 @@ def test_real_presets_refuse_to_run_on_random_encoders():
     with pytest.raises(ConfigError, match="needs (its published )?weights"):
         FrozenEncoders.build(get_preset("dreamzero-14b").arch, EncoderPaths())
     with pytest.raises(ConfigError, match="Wan2.2"):
-        FrozenEncoders.build(get_preset("dreamzero-5b").arch)
+        vae_config(get_preset("dreamzero-5b").arch.vae)
 
 
 def test_i2v_condition_marks_the_first_latent_frame_and_encodes_first_frame_plus_black(tiny):
