@@ -30,3 +30,13 @@ def test_code_passes_the_linter():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "platform", "trainer", "operators", "tests",
                              "benchmarks"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout
+
+
+def test_data_benchmark_smoke(tmp_path):
+    out = tmp_path / "data.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/data.py"), "--smoke", "--json", str(out)],
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"av1", "h264", "vp9"}
+    assert all(row["samples_per_s"] > 0 for rows in data["results"].values() for row in rows.values())
