@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from wam.platform.config import FlowSection, load_config, resolve_preset
-from wam.trainer.data.synthetic import SyntheticLatents, collate
+from wam.trainer.data.batch import collate_latents
+from wam.trainer.data.synthetic import SyntheticLatents
 from wam.trainer.flow import LossWeighting, StepRandomness, flow_loss, noise_batch
 from wam.trainer.model import build_model, model_config
 from wam.trainer.model.text_encoder import load_text_encoder
@@ -60,7 +61,7 @@ def eager_step_time(steps: int) -> float:
     times = []
     for step in range(steps):
         start = time.perf_counter()
-        batch = collate([world[(2 * step + i) % 64] for i in range(2)])
+        batch = collate_latents([world[(2 * step + i) % 64] for i in range(2)])
         for prompt in batch["prompt"]:
             if prompt not in prompts:
                 prompts[prompt] = text_encoder([prompt])[0]

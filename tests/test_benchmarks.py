@@ -8,21 +8,21 @@ from conftest import REPO
 
 
 def test_model_benchmark_smoke(tmp_path):
-    out = tmp_path / "model.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks/model.py"), "--quick", "--steps", "2",
-                             "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    data = json.loads(out.read_text())
+    data = run_benchmark("model.py", tmp_path, "--quick", "--steps", "2")
     assert set(data["flops"]) == {"tiny", "wan2.1-1.3b", "dreamzero-5b", "dreamzero-14b"}
     assert all(row["cached_s"] > 0 for row in data["chunk_inference"]["tiny"])
 
 
-def test_train_step_benchmark_smoke(tmp_path):
-    out = tmp_path / "train.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks/train_step.py"), "--quick", "--json", str(out)],
+def run_benchmark(script: str, tmp_path, *args: str) -> dict:
+    out = tmp_path / "result.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--json", str(out)],
                             capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_train_step_benchmark_smoke(tmp_path):
+    data = run_benchmark("train_step.py", tmp_path, "--quick")
     assert data["eager_step_s"] > 0 and set(data["titan_step_s"]) == {"1", "2"}
 
 
@@ -33,10 +33,6 @@ def test_code_passes_the_linter():
 
 
 def test_data_benchmark_smoke(tmp_path):
-    out = tmp_path / "data.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks/data.py"), "--smoke", "--json", str(out)],
-                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    data = json.loads(out.read_text())
+    data = run_benchmark("data.py", tmp_path, "--smoke")
     assert set(data["results"]) == {"av1", "h264", "vp9"}
     assert all(row["samples_per_s"] > 0 for rows in data["results"].values() for row in rows.values())

@@ -22,8 +22,9 @@ from torchtitan.components.dataloader import BaseDataLoader
 from wam.platform.config import DatasetEntry, ProfileSection
 from wam.platform.layout import TokenLayout
 from wam.platform.presets import SampleShape, WamArch
-from wam.trainer.data.robot import RobotSource, collate_robot
-from wam.trainer.data.synthetic import SyntheticLatents, collate
+from wam.trainer.data.batch import collate_latents, collate_robot
+from wam.trainer.data.robot import RobotSource
+from wam.trainer.data.synthetic import SyntheticLatents
 
 
 class EpochOrder:
@@ -90,7 +91,7 @@ class WamDataLoader(BaseDataLoader):
         if config.source == "synthetic":
             self.source = SyntheticLatents(config.arch, config.sample, config.episodes, config.seed,
                                            config.video_only_fraction)
-            self.collate, self.workers = collate, 0
+            self.collate, self.workers = collate_latents, 0
         elif config.source == "lerobot":
             self.source = RobotSource(config.datasets, config.profiles, config.arch, config.sample, config.seed,
                                       config.decoder, config.bad_samples, config.crop_scale, config.epoch_samples)

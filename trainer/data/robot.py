@@ -177,18 +177,3 @@ class RobotSource:
         except DataError as problem:
             self._bad(problem)
             return problem
-
-
-def collate_robot(samples: list[RobotSample | DataError]) -> dict:
-    good = [s for s in samples if isinstance(s, RobotSample)]
-    batch = {"skipped": len(samples) - len(good)}
-    if good:
-        batch.update({
-            "pixels": torch.stack([s.pixels for s in good]),
-            "actions": torch.stack([s.actions for s in good]),
-            "action_dims": torch.stack([s.action_dims for s in good]),
-            "has_actions": torch.tensor([s.has_actions for s in good]),
-            "state": torch.stack([s.state for s in good]),
-            "prompt": [s.prompt for s in good],
-        })
-    return batch

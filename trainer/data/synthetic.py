@@ -122,20 +122,3 @@ class SyntheticLatents:
         cond[:4, 0] = 1
         cond[4:, 0] = first
         return torch.as_tensor(cond, dtype=torch.float32)
-
-
-def collate(samples: list[Sample]) -> dict:
-    """A batch as the trainer consumes it: stacked tensors, prompts as strings."""
-    batch = {
-        "video": torch.stack([s.video for s in samples]),
-        "actions": torch.stack([s.actions for s in samples]),
-        "action_dims": torch.stack([s.action_dims for s in samples]),
-        "has_actions": torch.tensor([s.has_actions for s in samples]),
-        "state": torch.stack([s.state for s in samples]),
-        "prompt": [s.prompt for s in samples],
-    }
-    if samples[0].image is not None:
-        batch["image"] = torch.stack([s.image for s in samples])
-    if samples[0].i2v_cond is not None:
-        batch["i2v_cond"] = torch.stack([s.i2v_cond for s in samples])
-    return batch
