@@ -9,9 +9,13 @@ STAMP := $(VENV)/.setup-stamp
 # their own).
 SYSTEM_PACKAGES := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8
 
-.PHONY: setup test test-fast demo lint bench clean
+.PHONY: setup test test-fast demo lint bench generate clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(BIN)/helm
+
+# A real helm (v4.3.1, pinned by hash) renders and lints the chart in the tests.
+$(BIN)/helm: helm/install_helm.py | $(STAMP)
+	$(BIN)/python helm/install_helm.py $(BIN)
 
 $(STAMP): pyproject.toml Makefile
 	@if [ -n "$(SYSTEM_PACKAGES)" ]; then \
@@ -48,7 +52,13 @@ demo: setup
 	$(BIN)/wam demo --weights runs/demo/model.safetensors --dataset runs/demo-data/heldout
 
 lint: setup
-	$(BIN)/ruff check platform trainer operators tests benchmarks
+	$(BIN)/ruff check platform trainer operators tests benchmarks helm
+
+# The chart's TrainJob CRD and values.schema.json, generated from the API types (a test checks both are
+# up to date).
+generate: setup
+	$(BIN)/python -m wam.platform.crd > helm/wam-platform/crds/trainjobs.wam.dev.yaml
+	$(BIN)/python -m wam.operators.chart > helm/wam-platform/values.schema.json
 
 bench: setup
 	$(BIN)/python benchmarks/model.py

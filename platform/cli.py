@@ -307,3 +307,70 @@ def demo(
 
 def main() -> None:
     app()
+
+
+# -- Kubernetes: the TrainJob API for researchers (needs the `operator` extra) ----------------------------
+
+
+def _cluster():
+    from wam.operators import kube
+
+    kube.load_client_config()
+    return kube.Kube()
+
+
+@app.command()
+def submit(file: Path = typer.Argument(..., help="a TrainJob manifest (see examples/)"),
+           namespace: str = typer.Option(None, "--namespace", "-n", help="default: the manifest's, else default"),
+           generate_name: bool = typer.Option(False, help="append a random suffix to metadata.name")) -> None:
+    """Submit a TrainJob to the cluster of the current kubeconfig."""
+    from wam.operators import client
+
+    with user_errors():
+        obj = client.read_manifest(file.read_text(), namespace)
+        name = client.submit(_cluster(), obj, generate_name)
+    console.print(f"trainjob {obj['metadata']['namespace']}/{name} created; follow it with: wam status {name}")
+
+
+@app.command()
+def status(name: str, namespace: str = typer.Option("default", "--namespace", "-n")) -> None:
+    """Phase, progress, checkpoint, handoff and conditions of a TrainJob."""
+    from wam.operators import client
+
+    with user_errors():
+        obj = client.get(_cluster(), namespace, name)
+    st = obj.get("status") or {}
+    table = Table(show_header=False)
+    progress = st.get("progress") or {}
+    rows = {
+        "phase": st.get("phase", "Pending"),
+        "step": progress.get("summary", ""),
+        "loss": progress.get("loss"),
+        "tokens/s": progress.get("tokensPerSecond"),
+        "restarts": st.get("restarts", 0),
+        "checkpoint": (st.get("checkpoint") or {}).get("uri"),
+        "mlflow": (st.get("mlflow") or {}).get("url") or (st.get("mlflow") or {}).get("runId"),
+        "quantized": (st.get("quantized") or {}).get("uri"),
+        "serving": (st.get("serving") or {}).get("endpoint"),
+        "last failure": (st.get("lastFailure") or {}).get("message"),
+    }
+    for key, value in rows.items():
+        if value not in (None, ""):
+            table.add_row(key, str(value))
+    console.print(table)
+    conditions = Table("condition", "status", "reason", "message")
+    for cond in st.get("conditions") or []:
+        conditions.add_row(cond["type"], cond["status"], cond.get("reason", ""), cond.get("message", ""))
+    console.print(conditions)
+
+
+@app.command()
+def logs(name: str, namespace: str = typer.Option("default", "--namespace", "-n"),
+         rank: int = typer.Option(0, help="node index (0: the node of global rank 0)"),
+         follow: bool = typer.Option(False, "--follow", "-f")) -> None:
+    """The training log of one node of a TrainJob's current attempt."""
+    from wam.operators import client
+
+    with user_errors():
+        for chunk in client.logs(_cluster(), namespace, name, rank, follow):
+            print(chunk, end="", flush=True)

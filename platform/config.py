@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from wam.platform.accounting import GIB, estimate_memory, min_gpus
 from wam.platform.embodiment import ProfileSection, resolve_profile
 from wam.platform.errors import ConfigError
 from wam.platform.presets import Preset, WamArch, get_preset
@@ -241,6 +242,32 @@ def resolve_preset(cfg: WamConfig) -> Preset:
     return dataclasses.replace(preset, sample=sample)
 
 
+def check_memory(cfg: WamConfig, gib_per_process: float, where: str) -> None:
+    """Refuse a run whose estimated memory per training process exceeds `gib_per_process` (`where` says
+    what that memory is, for the message)."""
+    preset = resolve_preset(cfg)
+    t = cfg.training
+    kwargs = dict(batch_per_gpu=t.batch_size, activation_checkpointing=t.activation_checkpointing != "none")
+    need = estimate_memory(preset.arch, preset.sample, cfg.world_size, **kwargs)
+    if need.total / GIB <= gib_per_process:
+        return
+    fewest = min_gpus(preset.arch, preset.sample, gib_per_process, headroom=1.0, **kwargs)
+    with_ac = min_gpus(preset.arch, preset.sample, gib_per_process, headroom=1.0,
+                       **{**kwargs, "activation_checkpointing": True})
+    if fewest:
+        hint = f"at least {fewest} processes of this size would fit"
+    elif with_ac and t.activation_checkpointing == "none":
+        hint = f"with training.activation_checkpointing=full at least {with_ac} processes of this size would fit"
+    else:
+        hint = "no number of processes of this size fits (activations or frozen encoders alone do not)"
+    raise ConfigError(
+        f"preset {preset.name} needs ~{need.total / GIB:.1f} GiB per process with {cfg.world_size} process(es) "
+        f"(sharded states {need.sharded_states / GIB:.1f}, encoders {need.frozen_encoders / GIB:.1f}, "
+        f"activations {need.activations / GIB:.1f}) but each process has {gib_per_process:.1f} GiB ({where}); "
+        f"{hint}. Use more processes or nodes, training.activation_checkpointing=full, a smaller batch, "
+        "or a smaller preset")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> WamConfig:
     """Schema defaults <- YAML file <- `key=value` overrides, validated. Raises ConfigError on bad input."""
     schema = OmegaConf.structured(WamConfig)
@@ -264,12 +291,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def config_from_dict(data: dict) -> WamConfig:
-    """A config recorded as a plain dict (a checkpoint manifest, an MLflow run), validated."""
+def config_from_dict(data: dict, source: str = "recorded config") -> WamConfig:
+    """A config held as a plain dict (a checkpoint manifest, an MLflow run, a TrainJob), validated."""
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(WamConfig), data))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid recorded config: key {getattr(err, 'full_key', '?')!r}: {_first_line(err)}") from None
+        raise ConfigError(f"invalid {source}: key {getattr(err, 'full_key', '?')!r}: {_first_line(err)}") from None
     validate(cfg)
     return cfg
 

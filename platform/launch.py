@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from wam.platform.accounting import GIB, estimate_memory
-from wam.platform.config import WamConfig, resolve_preset, to_yaml
+from wam.platform.accounting import GIB
+from wam.platform.config import WamConfig, check_memory, to_yaml
 from wam.platform.errors import ConfigError
 from wam.platform.storage import probe_writable
 
@@ -39,19 +39,12 @@ def _host_memory_gib() -> float:
 
 def check_capacity(cfg: WamConfig) -> None:
     """Refuse a run whose estimated memory per process exceeds what each process has here."""
-    preset = resolve_preset(cfg)
-    t = cfg.training
-    need = estimate_memory(preset.arch, preset.sample, cfg.world_size, batch_per_gpu=t.batch_size,
-                           activation_checkpointing=t.activation_checkpointing != "none")
     gpu = _gpu_memory_gib()
-    have = gpu if gpu is not None else _host_memory_gib() / t.processes
-    where = "GPU" if gpu is not None else f"share of this machine's {_host_memory_gib():.0f} GiB RAM"
-    if need.total / GIB > have:
-        raise ConfigError(
-            f"preset {preset.name} needs ~{need.total / GIB:.1f} GiB per process with {cfg.world_size} process(es) "
-            f"(sharded states {need.sharded_states / GIB:.1f}, encoders {need.frozen_encoders / GIB:.1f}, "
-            f"activations {need.activations / GIB:.1f}) but each process has {have:.1f} GiB ({where}); use more "
-            "processes or nodes, training.activation_checkpointing=full, a smaller batch, or a smaller preset")
+    if gpu is not None:
+        check_memory(cfg, gpu, "GPU")
+    else:
+        host = _host_memory_gib()
+        check_memory(cfg, host / cfg.training.processes, f"share of this machine's {host:.0f} GiB RAM")
 
 
 def prepare(cfg: WamConfig) -> Path:

@@ -3,11 +3,16 @@
     torchrun --nproc_per_node N -m wam.trainer.titan.train --module wam.trainer.titan --config from_yaml
 
 with WAM_CONFIG naming the project YAML. On machines without an accelerator the CPU support module is
-loaded first; GPU runs never load it.
+loaded first; GPU runs never load it. A failure is also written as the pod's termination message
+(wam.platform.termination) so that the operator knows whether a restart can help.
 """
+
+import sys
 
 import torch
 
+from wam.platform import termination
+from wam.platform.errors import UserError
 from wam.trainer.titan import compat  # noqa: F401  (torch shims, before torchtitan)
 
 if not torch.cuda.is_available():
@@ -15,5 +20,19 @@ if not torch.cuda.is_available():
 
 from torchtitan.train import main  # noqa: E402
 
+
+def run() -> None:
+    try:
+        main()
+    except UserError as err:
+        termination.record(termination.INVALID_INPUT, str(err))
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except BaseException as err:
+        if not isinstance(err, SystemExit | KeyboardInterrupt):
+            termination.record(termination.ERROR, f"{type(err).__name__}: {err}")
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -1,0 +1,159 @@
+"""One reconciliation of one TrainJob: read the children and the job's reports, plan (pure), then apply the
+plan and write the status. Serialized per TrainJob; different TrainJobs reconcile in parallel."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict
+
+from wam.operators import builders, gang, handoff, kube, metrics, progress
+from wam.operators.reconcile import Observed, Plan, invalid, now_iso, plan
+from wam.operators.settings import OperatorSettings
+from wam.operators.status import TERMINAL_PHASES, jobset_state
+from wam.platform import trainjob
+from wam.platform.apischema import to_api
+from wam.platform.errors import ConfigError
+from wam.platform.trainjob import TrainJob, TrainJobStatus
+
+log = logging.getLogger("wam.operator")
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+
+
+class Controller:
+    def __init__(self, client: kube.Kube, settings: OperatorSettings):
+        self.kube, self.settings, self.platform = client, settings, settings.platform()
+        self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        self._read_at: dict[tuple[str, str], float] = {}
+
+    def reconcile(self, namespace: str, name: str) -> str | None:
+        """Reconcile the TrainJob as it is now (read again under its lock, so a stale event cannot act on an
+        old status twice); its phase, or None when it is gone."""
+        with self._locks[(namespace, name)], metrics.RECONCILE_SECONDS.time():
+            try:
+                obj = self.kube.get(kube.TRAINJOB, namespace, name)
+                if obj is None or obj["metadata"].get("deletionTimestamp"):
+                    metrics.forget(namespace, name)
+                    self._read_at.pop((namespace, name), None)
+                    return None
+                phase = self._reconcile(obj)
+            except Exception:
+                metrics.RECONCILES.labels(result="error").inc()
+                raise
+            metrics.RECONCILES.labels(result="ok").inc()
+            metrics.observe_phase(namespace, name, phase)
+            return phase
+
+    def _reconcile(self, obj: dict) -> str:
+        meta, now = obj["metadata"], now_iso()
+        try:
+            job = trainjob.parse(obj)
+            cfg = trainjob.training_config(job, self.platform)
+        except ConfigError as err:
+            status = trainjob.parse_status(obj.get("status") or {})
+            if status.jobset is not None:  # it ran before: a spec edit cannot take back what was started
+                log.warning("TrainJob %s/%s: %s", meta["namespace"], meta["name"], err)
+                return status.phase
+            new = invalid(status, meta.get("generation", 1), str(err), now)
+            if self._write_status(obj, new):
+                self._event(obj, "Warning", "InvalidSpec", str(err))
+            return new.phase
+        p = plan(job, cfg, self.observe(job), self.settings, now)
+        self._apply(job, p)
+        self._write_status(obj, p.status)
+        for type_, reason, message in p.events:
+            self._event(obj, type_, reason, message)
+        return p.status.phase
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def observe(self, job: TrainJob) -> Observed:
+        ns, st = job.namespace, job.status
+        seen = Observed()
+        current = builders.jobset_name(job, st.attempt)
+        for js in self.kube.list(kube.JOBSET, ns, {builders.JOB_LABEL: job.name}):
+            if js["metadata"]["name"] == current:
+                seen.jobset = js
+            elif not js["metadata"].get("deletionTimestamp"):
+                seen.stale_jobsets.append(js["metadata"]["name"])
+        state = jobset_state(seen.jobset)[0] if seen.jobset else None
+        running = st.phase not in TERMINAL_PHASES
+        if running and state == "failed":
+            seen.pods = self.kube.list(kube.POD, ns, {JOBSET_NAME_LABEL: current})
+        if running and seen.jobset and gang.kueue_owns_suspend(job, self.settings):
+            uid = seen.jobset["metadata"].get("uid", "")
+            workloads = self.kube.list(kube.WORKLOAD, ns, {gang.KUEUE_JOB_UID_LABEL: uid}) if uid else []
+            seen.workload = workloads[0] if workloads else None
+        if job.spec.handoff.quantize != "never":
+            for qjob in self.kube.list(kube.JOB, ns, {builders.JOB_LABEL: job.name,
+                                                       builders.COMPONENT_LABEL: handoff.QUANTIZE_COMPONENT}):
+                seen.quantize_jobs[int(qjob["metadata"]["labels"][handoff.STEP_LABEL])] = qjob
+        if job.spec.handoff.serving.replicas:
+            name = handoff.serving_name(job)
+            seen.deployment = self.kube.get(kube.DEPLOYMENT, ns, name)
+            seen.service = self.kube.get(kube.SERVICE, ns, name)
+        finishing = running and state in ("completed", "failed")
+        if finishing or (running and self._due(job)):
+            self._read_reports(job, seen)
+        return seen
+
+    def _due(self, job: TrainJob) -> bool:
+        last = self._read_at.get((job.namespace, job.name), 0.0)
+        return time.monotonic() - last >= self.settings.progress_interval_seconds
+
+    def _read_reports(self, job: TrainJob, seen: Observed) -> None:
+        """Progress from the MLflow run and the newest complete checkpoint; an unreachable store leaves the
+        status as it was (and is logged), it never fails the reconciliation."""
+        self._read_at[(job.namespace, job.name)] = time.monotonic()
+        if self.settings.mlflow.tracking_uri:
+            try:
+                seen.report = progress.read_mlflow(self.settings.mlflow.tracking_uri, job.spec.tracking.experiment,
+                                                   job.run_name)
+            except Exception as err:  # noqa: BLE001 - tracking is advisory
+                log.warning("TrainJob %s/%s: MLflow unreadable: %s", job.namespace, job.name, err)
+        try:
+            seen.checkpoint = progress.read_checkpoint(trainjob.checkpoint_uri(job, self.platform))
+        except Exception as err:  # noqa: BLE001 - storage hiccups must not stop reconciling
+            log.warning("TrainJob %s/%s: checkpoints unreadable: %s", job.namespace, job.name, err)
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    def _apply(self, job: TrainJob, p: Plan) -> None:
+        ns = job.namespace
+        for kind, name in p.delete:
+            if self.kube.delete(kind, ns, name):
+                log.info("TrainJob %s/%s: deleted %s %s", ns, job.name, kind.kind, name)
+        for obj in p.create:
+            if self.kube.create(obj):
+                log.info("TrainJob %s/%s: created %s %s", ns, job.name, obj["kind"], obj["metadata"]["name"])
+        for kind, name, patch in p.patch:
+            self.kube.patch(kind, ns, name, patch)
+            log.info("TrainJob %s/%s: patched %s %s", ns, job.name, kind.kind, name)
+
+    def _write_status(self, obj: dict, status: TrainJobStatus) -> bool:
+        """Patch the status subresource when it changed (keys that went away are removed); True if it did."""
+        meta = obj["metadata"]
+        old, new = obj.get("status") or {}, to_api(status)
+        if new == old:
+            return False
+        patch = {**{key: None for key in old if key not in new}, **new}
+        self.kube.patch(kube.TRAINJOB, meta["namespace"], meta["name"], {"status": patch}, subresource="status")
+        return True
+
+    def _event(self, obj: dict, type_: str, reason: str, message: str) -> None:
+        meta, now = obj["metadata"], now_iso()
+        log.info("TrainJob %s/%s: %s: %s", meta["namespace"], meta["name"], reason, message)
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid", "")},
+            "type": type_, "reason": reason, "message": message[:1024], "firstTimestamp": now,
+            "lastTimestamp": now, "count": 1, "source": {"component": builders.MANAGED_BY},
+        }
+        try:
+            self.kube.create(event)
+        except Exception as err:  # noqa: BLE001 - events are best effort
+            log.debug("event not recorded: %s", err)

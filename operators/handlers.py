@@ -1,0 +1,66 @@
+"""kopf wiring: every event of a TrainJob or of one of its children, and a periodic tick while it trains,
+becomes one level-triggered reconciliation of that TrainJob (wam.operators.controller)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from wam.operators import builders, metrics
+from wam.operators.controller import Controller
+from wam.operators.settings import OperatorSettings
+from wam.operators.status import TERMINAL_PHASES
+from wam.platform import trainjob
+
+FINALIZER = "wam.dev/operator"
+# Children whose status changes matter: a JobSet starting/finishing, a quantization Job, the policy server.
+WATCHED_CHILDREN = (("jobset.x-k8s.io", "v1alpha2", "jobsets"), ("batch", "v1", "jobs"),
+                    ("apps", "v1", "deployments"))
+
+
+def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
+    """Handler state lives in annotations (the TrainJob status belongs to our schema), a bounded thread
+    pool runs the synchronous reconciliations."""
+    ks = kopf.OperatorSettings()
+    ks.persistence.finalizer = FINALIZER
+    ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="operator.wam.dev")
+    ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="operator.wam.dev")
+    ks.execution.max_workers = settings.workers
+    ks.posting.level = logging.WARNING
+    return ks
+
+
+def registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
+    reg = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=reg)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.event(trainjob.GROUP, trainjob.VERSION, trainjob.PLURAL, registry=reg)
+    def trainjob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        if type == "DELETED":
+            metrics.forget(body.metadata.namespace, body.metadata.name)
+            return
+        memo.controller.reconcile(body.metadata.namespace, body.metadata.name)
+
+    for group, version, plural in WATCHED_CHILDREN:
+        @kopf.on.event(group, version, plural, labels={builders.JOB_LABEL: kopf.PRESENT}, registry=reg,
+                       id=f"child-{plural}")
+        def child_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+            memo.controller.reconcile(body.metadata.namespace, body.metadata.labels[builders.JOB_LABEL])
+
+    # Progress and checkpoints are polled: the training job reports to MLflow and storage, not to us.
+    @kopf.timer(trainjob.GROUP, trainjob.VERSION, trainjob.PLURAL, registry=reg,
+                interval=settings.progress_interval_seconds, idle=None,
+                when=lambda status, **_: status.get("phase") not in TERMINAL_PHASES)
+    def progress_tick(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        memo.controller.reconcile(body.metadata.namespace, body.metadata.name)
+
+    return reg
+
+
+def memo(controller: Controller) -> kopf.Memo:
+    return kopf.Memo(controller=controller)

@@ -1,0 +1,102 @@
+"""Pure builders of the handoff children: the quantization Job of one checkpoint, and the policy server
+(Deployment + Service) of the newest quantized model."""
+
+from __future__ import annotations
+
+from wam.operators import placement
+from wam.operators.builders import (
+    COMPONENT_LABEL,
+    JOB_LABEL,
+    env_from,
+    metadata,
+    pod_security_context,
+    secret_refs,
+    security_context,
+)
+from wam.operators.settings import OperatorSettings
+from wam.platform import handoff, termination
+from wam.platform.trainjob import TrainJob
+
+STEP_LABEL = "wam.dev/step"
+QUANTIZE_COMPONENT = "quantize"
+SERVING_COMPONENT = "serving"
+
+
+def quantize_job_name(job: TrainJob, step: int) -> str:
+    return f"{job.name}-quantize-{step}"
+
+
+def serving_name(job: TrainJob) -> str:
+    return f"{job.name}-policy"
+
+
+def _container(job: TrainJob, settings: OperatorSettings, name: str, command: list[str], gpus: int,
+               resources: dict) -> dict:
+    gpu_resource = settings.accelerators[job.spec.handoff.serving.accelerator].gpu_resource
+    return {
+        "name": name,
+        "image": job.spec.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": command,
+        "env": [{"name": "HOME", "value": "/tmp"}, {"name": termination.ENV, "value": "/dev/termination-log"},
+                *({"name": e.name, "value": e.value} for e in job.spec.env)],
+        "envFrom": env_from(secret_refs(job, settings)),
+        "resources": {"requests": {**resources, gpu_resource: str(gpus)},
+                      "limits": {"memory": resources["memory"], gpu_resource: str(gpus)}},
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _pod_spec(job: TrainJob, settings: OperatorSettings, container: dict, restart: str) -> dict:
+    profile = settings.accelerators[job.spec.handoff.serving.accelerator]
+    return {"restartPolicy": restart, "containers": [container], "volumes": [{"name": "tmp", "emptyDir": {}}],
+            "nodeSelector": placement.node_selector(profile), "tolerations": list(profile.tolerations),
+            "securityContext": pod_security_context(), "enableServiceLinks": False}
+
+
+def quantize_job(job: TrainJob, step: int, checkpoint: str, out: str, settings: OperatorSettings) -> dict:
+    """NVFP4 quantization of one complete checkpoint (one GPU: the reference quantizer reads every layer once)."""
+    meta = metadata(job, quantize_job_name(job, step), QUANTIZE_COMPONENT, **{STEP_LABEL: str(step)})
+    container = _container(job, settings, "quantize", handoff.quantize_command(checkpoint, out), 1,
+                           {"cpu": "8", "memory": "128Gi"})
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+            "spec": {"backoffLimit": 2, "ttlSecondsAfterFinished": 7 * 24 * 3600,
+                     "template": {"metadata": {"labels": dict(meta["labels"])},
+                                  "spec": _pod_spec(job, settings, container, "Never")}}}
+
+
+def _serving_selector(job: TrainJob) -> dict[str, str]:
+    return {COMPONENT_LABEL: SERVING_COMPONENT, JOB_LABEL: job.name}
+
+
+def serving_deployment(job: TrainJob, step: int, model: str, settings: OperatorSettings) -> dict:
+    """The policy server of a quantized model; a newer model changes the pod template, which rolls it."""
+    serving = job.spec.handoff.serving
+    name = serving_name(job)
+    meta = metadata(job, name, SERVING_COMPONENT)
+    port = settings.serving.port
+    container = _container(job, settings, "policy", handoff.serve_command(model, port), 1,
+                           {"cpu": settings.serving.cpu, "memory": settings.serving.memory})
+    container["ports"] = [{"name": "policy", "containerPort": port}]
+    container["readinessProbe"] = {"tcpSocket": {"port": port}, "periodSeconds": 5}
+    selector = _serving_selector(job)
+    template_labels = {**meta["labels"], STEP_LABEL: str(step)}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
+            "spec": {"replicas": serving.replicas, "selector": {"matchLabels": selector},
+                     "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                     "template": {"metadata": {"labels": template_labels},
+                                  "spec": _pod_spec(job, settings, container, "Always")}}}
+
+
+def serving_service(job: TrainJob, settings: OperatorSettings) -> dict:
+    name = serving_name(job)
+    selector = _serving_selector(job)
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(job, name, SERVING_COMPONENT),
+            "spec": {"selector": selector, "ports": [{"name": "policy", "port": settings.serving.port,
+                                                      "targetPort": "policy"}]}}
+
+
+def endpoint(job: TrainJob, settings: OperatorSettings) -> str:
+    return f"ws://{serving_name(job)}.{job.namespace}.svc:{settings.serving.port}"

@@ -1,0 +1,131 @@
+"""An emulated Kubernetes API for tests and benchmarks of the operator (needs the `dev` extra: kmock).
+
+kmock's KubernetesEmulator keeps objects in memory and serves create / get / list / watch / merge-patch /
+delete over real HTTP, so the real kubernetes client and the real kopf run against it unchanged. This
+module adds what the operator relies on and kmock leaves out: server-set metadata (uid, creationTimestamp,
+generation bumped by spec changes, a resourceVersion set at creation) and garbage collection of owned
+objects. No
+controller runs in it: a test plays JobSet, Job, Deployment and Kueue controllers by writing statuses.
+Not emulated: admission and CRD schema validation, optimistic concurrency (resourceVersion never changes),
+label-selector filtering on the server (the client filters again), field managers, real scheduling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+import kmock
+import yaml
+from kmock import action
+from kubernetes import client, config
+
+from wam.operators import kube
+
+_DISCOVERY = {
+    kube.TRAINJOB: {"shortnames": {"tj"}, "categories": {"wam"}, "subresources": {"status"}},
+    kube.JOBSET: {"subresources": {"status"}},
+    kube.JOB: {"subresources": {"status"}},
+    kube.DEPLOYMENT: {"subresources": {"status", "scale"}},
+    kube.WORKLOAD: {"subresources": {"status"}},
+}
+_VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+
+
+class _Emulator(kmock.KubernetesEmulator):
+    _versions = itertools.count(1)
+
+    async def _handle(self, request):
+        deleted_uid = None
+        if request.resource is not None and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            if request.action == action.CREATE:
+                meta.update(uid=str(uuid.uuid4()), generation=1, resourceVersion=str(next(self._versions)),
+                            creationTimestamp=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+            elif request.action == action.UPDATE and request.name:
+                current = self._find(request)
+                if "spec" in request.data and request.subresource is None and current is not None \
+                        and request.data["spec"] != current.get("spec"):
+                    meta["generation"] = current["metadata"].get("generation", 1) + 1
+        if request.resource is not None and request.action == action.DELETE and request.name:
+            current = self._find(request)
+            deleted_uid = current["metadata"].get("uid") if current is not None and not current.deleted else None
+        response = await super()._handle(request)
+        if deleted_uid:
+            await self._collect(deleted_uid)
+        return response
+
+    def _find(self, request):
+        key = (request.resource, request.namespace, request.name)
+        return self.objects[key] if key in self.objects else None
+
+    async def _collect(self, owner_uid: str) -> None:
+        """The garbage collector: delete what the deleted object owned, recursively."""
+        async with self._lock:
+            owned = [(key, obj) for key, obj in self.objects.items() if not obj.deleted and any(
+                ref.get("uid") == owner_uid for ref in obj.get("metadata", {}).get("ownerReferences", []))]
+            for (resource, _, _), obj in owned:
+                raw = obj.raw
+                obj.delete()
+                await self._buses[resource].put({"type": "DELETED", "object": raw})
+        for _, obj in owned:
+            await self._collect(obj.last.raw["metadata"]["uid"])
+
+
+class EmulatedCluster:
+    """The emulated API server on a local port, in a background thread, with a kubeconfig that points at
+    it; `kube` is a client for tests to create objects and to play the cluster's controllers."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="emulated-kube-api", daemon=True)
+        self._dir = tempfile.TemporaryDirectory(prefix="wam-kube-")
+        self.url = ""
+        self.emulator: _Emulator | None = None
+
+    def __enter__(self) -> EmulatedCluster:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the emulated API server did not start")
+        self.kubeconfig = Path(self._dir.name) / "kubeconfig"
+        self.kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulated",
+            "clusters": [{"name": "emulated", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": "emulated"}}],
+            "contexts": [{"name": "emulated", "context": {"cluster": "emulated", "user": "tester"}}]}))
+        api_config = client.Configuration()
+        config.load_kube_config(str(self.kubeconfig), client_configuration=api_config)
+        self.kube = kube.Kube(client.ApiClient(api_config))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        self._dir.cleanup()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with _Emulator() as emulator, kmock.Server(emulator) as server:
+            for kind in kube.KINDS.values():
+                emulator.resources[f"{kind.api_version}/{kind.plural}"] = kmock.ResourceInfo(kind=kind.kind, namespaced=True, verbs=_VERBS,
+                                                             **_DISCOVERY.get(kind, {}))
+            for cluster_scoped in ("v1/namespaces", "apiextensions.k8s.io/v1/customresourcedefinitions"):
+                emulator.resources[cluster_scoped] = kmock.ResourceInfo(namespaced=False, verbs=_VERBS)  # kopf waits on these
+            self.emulator, self.url = emulator, str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+    def objects(self, kind: kube.Kind, namespace: str = "default") -> dict[str, dict]:
+        """Live objects of a kind by name (read over HTTP, as any client would)."""
+        return {o["metadata"]["name"]: o for o in self.kube.list(kind, namespace, {})}

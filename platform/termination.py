@@ -1,0 +1,38 @@
+"""Why a training process ended, told to whoever runs it: the pod's termination message.
+
+Kubernetes copies the file named by a container's `terminationMessagePath` into the pod's status, so
+the operator learns why an attempt failed without exec'ing into pods or scraping logs: a user error
+(bad config, bad data, unwritable checkpoint URI; never worth a restart) or any other failure.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "WAM_TERMINATION_LOG"  # set in pods to the container's terminationMessagePath
+INVALID_INPUT = "InvalidInput"
+ERROR = "Error"
+_LIMIT = 4000  # the kubelet keeps at most 4096 bytes
+
+
+def record(reason: str, message: str) -> None:
+    """Write `<reason>: <message>` where $WAM_TERMINATION_LOG says (nowhere when unset, e.g. locally)."""
+    path = os.environ.get(ENV)
+    if not path:
+        return
+    text = f"{reason}: {message}"
+    try:
+        with open(path, "w") as f:
+            f.write(text[:_LIMIT])
+    except OSError:
+        pass  # reporting why we failed must not hide the failure itself
+
+
+def parse(text: str | None) -> tuple[str, str] | None:
+    """(reason, message) of a termination message written by `record`, else None."""
+    if not text:
+        return None
+    reason, sep, message = text.partition(": ")
+    if not sep or reason not in (INVALID_INPUT, ERROR):
+        return None
+    return reason, message.strip()
