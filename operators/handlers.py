@@ -29,6 +29,7 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="operator.wam.dev")
     ks.execution.max_workers = settings.workers
     ks.posting.level = logging.WARNING
+    ks.scanning.disabled = True  # no list/watch of CRDs or namespaces: the RBAC stays minimal
     return ks
 
 
@@ -39,16 +40,20 @@ def registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return kopf.login_via_client(**kwargs)
 
-    @kopf.on.event(trainjob.GROUP, trainjob.VERSION, trainjob.PLURAL, registry=reg)
+    # A TrainJob event matters when its spec is new to the operator; the events of its own status writes
+    # and of kopf's finalizer do not (the children's events and the tick cover everything else).
+    @kopf.on.event(trainjob.GROUP, trainjob.VERSION, trainjob.PLURAL, registry=reg,
+                   when=lambda type, body, **_: type == "DELETED" or _spec_unseen(body))
     def trainjob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         if type == "DELETED":
             metrics.forget(body.metadata.namespace, body.metadata.name)
             return
         memo.controller.reconcile(body.metadata.namespace, body.metadata.name)
 
+    # A child matters once it has a status (or is gone): a fresh child is one the operator just made.
     for group, version, plural in WATCHED_CHILDREN:
         @kopf.on.event(group, version, plural, labels={builders.JOB_LABEL: kopf.PRESENT}, registry=reg,
-                       id=f"child-{plural}")
+                       id=f"child-{plural}", when=lambda type, body, **_: type == "DELETED" or bool(body.status))
         def child_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             memo.controller.reconcile(body.metadata.namespace, body.metadata.labels[builders.JOB_LABEL])
 
@@ -60,6 +65,10 @@ def registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         memo.controller.reconcile(body.metadata.namespace, body.metadata.name)
 
     return reg
+
+
+def _spec_unseen(body: kopf.Body) -> bool:
+    return body.status.get("observedGeneration") != body.metadata.get("generation", 1)
 
 
 def memo(controller: Controller) -> kopf.Memo:

@@ -6,8 +6,8 @@ module adds what the operator relies on and kmock leaves out: server-set metadat
 generation bumped by spec changes, a resourceVersion set at creation) and garbage collection of owned
 objects. No
 controller runs in it: a test plays JobSet, Job, Deployment and Kueue controllers by writing statuses.
-Not emulated: admission and CRD schema validation, optimistic concurrency (resourceVersion never changes),
-label-selector filtering on the server (the client filters again), field managers, real scheduling.
+Label selectors are filtered on the server for equality terms only. Not emulated: admission and CRD
+schema validation, optimistic concurrency (resourceVersion never changes), field managers, scheduling.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import datetime
 import itertools
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -39,12 +40,15 @@ _VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 
 class _Emulator(kmock.KubernetesEmulator):
     _versions = itertools.count(1)
+    created_at: dict[tuple[str, str, str], float] = {}  # (plural, namespace, name) -> time.perf_counter()
 
     async def _handle(self, request):
         deleted_uid = None
         if request.resource is not None and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if request.action == action.CREATE:
+                self.created_at[(request.resource.plural, meta.get("namespace") or request.namespace,
+                                 meta.get("name"))] = time.perf_counter()
                 meta.update(uid=str(uuid.uuid4()), generation=1, resourceVersion=str(next(self._versions)),
                             creationTimestamp=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
             elif request.action == action.UPDATE and request.name:
@@ -59,6 +63,16 @@ class _Emulator(kmock.KubernetesEmulator):
         if deleted_uid:
             await self._collect(deleted_uid)
         return response
+
+    async def _serve_list(self, request):
+        """Equality label selectors (`a=b,c=d`), as the operator sends them, filtered on the server."""
+        listed = await super()._serve_list(request)
+        selector = (request.params or {}).get("labelSelector") or ""
+        wanted = dict(term.split("=", 1) for term in selector.split(",") if "=" in term)
+        if wanted:
+            listed["items"] = [o for o in listed["items"]
+                               if wanted.items() <= (o.get("metadata", {}).get("labels") or {}).items()]
+        return listed
 
     def _find(self, request):
         key = (request.resource, request.namespace, request.name)
@@ -125,6 +139,10 @@ class EmulatedCluster:
             self.emulator, self.url = emulator, str(server.url).rstrip("/")
             self._ready.set()
             await self._stop.wait()
+
+    def created_at(self, kind: kube.Kind, namespace: str, name: str) -> float | None:
+        """When the server received the object's creation (time.perf_counter() of this process)."""
+        return self.emulator.created_at.get((kind.plural, namespace, name))
 
     def objects(self, kind: kube.Kind, namespace: str = "default") -> dict[str, dict]:
         """Live objects of a kind by name (read over HTTP, as any client would)."""

@@ -36,3 +36,8 @@ def test_data_benchmark_smoke(tmp_path):
     data = run_benchmark("data.py", tmp_path, "--smoke")
     assert set(data["results"]) == {"av1", "h264", "vp9"}
     assert all(row["samples_per_s"] > 0 for rows in data["results"].values() for row in rows.values())
+
+
+def test_operator_benchmark_smoke(tmp_path):
+    data = run_benchmark("operator.py", tmp_path, "--jobs", "3", "--baseline", "1")
+    assert data["3_concurrent"]["n"] == 3 and data["one_at_a_time"]["p50_ms"] > 0

@@ -1,0 +1,317 @@
+"""Everything the platform sends to Kubernetes, checked offline: builders (golden files, Kubernetes 1.37
+schemas, the published JobSet / PodGroup / ComputeDomain CRDs), the generated CRD and values schema, the
+examples, the Helm chart rendered and linted by a real helm, and the Dockerfiles' rules."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from wam.operators import builders, gang, handoff, placement
+from wam.operators.chart import json_schema
+from wam.operators.chart import render as render_values_schema
+from wam.operators.reconcile import training_children
+from wam.operators.settings import OperatorSettings, load_settings
+from wam.platform import crd, trainjob
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "wam-platform"
+GOLDEN = Path(__file__).parent / "golden"
+SCHEMAS = Path(__file__).parent / "schemas"
+KUBE_VERSION = "1.33.0"  # the oldest Kubernetes the chart supports with DRA ComputeDomains
+HELM = Path(sys.executable).parent / "helm"
+UPDATE = os.environ.get("WAM_UPDATE_GOLDEN") == "1"
+
+JOBS = {
+    "tiny": {"model": {"preset": "tiny"}, "config": {"data": {"source": "synthetic"}, "training": {"steps": 50}},
+             "resources": {"accelerator": "h100", "nodes": 1, "gpusPerNode": 1}, "scheduling": {"gang": "none"},
+             "handoff": {"quantize": "never"}},
+    "h100": yaml.safe_load((ROOT / "examples" / "dreamzero-14b-h100.yaml").read_text())["spec"],
+    "gb200": yaml.safe_load((ROOT / "examples" / "dreamzero-14b-gb200.yaml").read_text())["spec"],
+}
+
+
+def make_job(spec: dict, name: str = "golden", namespace: str = "robotics") -> trainjob.TrainJob:
+    return trainjob.parse({"apiVersion": trainjob.API_VERSION, "kind": trainjob.KIND,
+                           "metadata": {"name": name, "namespace": namespace, "uid": "00000000-0000-0000-0000-0000000000aa"},
+                           "spec": spec})
+
+
+def children(key: str, settings: OperatorSettings | None = None) -> list[dict]:
+    settings = settings or OperatorSettings()
+    job = make_job(JOBS[key])
+    cfg = trainjob.training_config(job, settings.platform())
+    objs = training_children(job, cfg, 0, settings)
+    if job.spec.handoff.quantize != "never":
+        objs.append(handoff.quantize_job(job, 1000, "s3://ckpt/step-1000", "s3://ckpt/nvfp4/step-1000", settings))
+    if job.spec.handoff.serving.replicas:
+        objs += [handoff.serving_deployment(job, 1000, "s3://ckpt/nvfp4/step-1000", settings),
+                 handoff.serving_service(job, settings)]
+    return objs
+
+
+def crd_schema(path: Path) -> dict:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        doc = yaml.safe_load(f)
+    versions = {v["name"]: v["schema"]["openAPIV3Schema"] for v in doc["spec"]["versions"]}
+    return {"group": doc["spec"]["group"], "kind": doc["spec"]["names"]["kind"], "versions": versions}
+
+
+PUBLISHED = [crd_schema(p) for p in sorted(SCHEMAS.glob("*.yaml.gz"))]
+
+
+def validate_custom(obj: dict) -> None:
+    """A custom object against its published CRD (JSON Schema from the OpenAPI v3 schema; unknown fields
+    refused, as the API server's pruning would silently drop them)."""
+    group, version = obj["apiVersion"].split("/")
+    for schema in PUBLISHED:
+        if schema["group"] == group and schema["kind"] == obj["kind"]:
+            jsonschema.validate(obj, json_schema(schema["versions"][version]))
+            return
+    raise AssertionError(f"no published schema for {obj['apiVersion']} {obj['kind']}")
+
+
+def validate(obj: dict) -> None:
+    if "/" in obj["apiVersion"] and obj["apiVersion"].split("/")[0].endswith(
+            ("x-k8s.io", "volcano.sh", "nvidia.com")):
+        validate_custom(obj)
+    else:
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+
+
+# -- builders ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", list(JOBS))
+def test_builders_match_golden_files(key):
+    rendered = yaml.safe_dump_all(children(key), sort_keys=True, width=120)
+    path = GOLDEN / f"{key}.yaml"
+    if UPDATE:
+        path.write_text(rendered)
+    assert path.read_text() == rendered, f"builders changed {path.name}; review, then WAM_UPDATE_GOLDEN=1 pytest"
+
+
+@pytest.mark.parametrize("key", list(JOBS))
+def test_every_child_passes_its_schema(key):
+    objs = children(key)
+    kinds = {o["kind"] for o in objs}
+    assert {"ConfigMap", "JobSet"} <= kinds
+    for obj in objs:
+        validate(obj)
+
+
+@pytest.mark.parametrize("backend", ["volcano", "coscheduling", "kueue"])
+def test_gang_backends_produce_valid_objects(backend):
+    spec = {**JOBS["h100"], "scheduling": {"gang": backend, "queue": "research"}}
+    job = make_job(spec)
+    settings = OperatorSettings()
+    objs = training_children(job, trainjob.training_config(job, settings.platform()), 0, settings)
+    for obj in objs:
+        validate(obj)
+    js = objs[-1]
+    pod = js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    if backend == "kueue":
+        assert js["metadata"]["labels"][gang.KUEUE_QUEUE_LABEL] == "research" and js["spec"]["suspend"] is True
+    elif backend == "volcano":
+        assert pod["spec"]["schedulerName"] == "volcano"
+        group = next(o for o in objs if o["kind"] == "PodGroup")
+        assert group["spec"]["minMember"] == 8 and group["spec"]["minResources"]["nvidia.com/gpu"] == "64"
+    else:
+        assert pod["metadata"]["labels"][gang.COSCHEDULING_GROUP_LABEL] == js["metadata"]["name"]
+
+
+def test_placement_h100_vs_gb200():
+    gb200 = children("gb200")
+    js_h100 = next(o for o in children("h100") if o["kind"] == "JobSet")
+    js_gb200 = next(o for o in gb200 if o["kind"] == "JobSet")
+    pod_h100 = js_h100["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    pod_gb200 = js_gb200["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod_h100["nodeSelector"]["kubernetes.io/arch"] == "amd64"
+    assert pod_h100["nodeSelector"]["nvidia.com/gpu.product"].startswith("NVIDIA-H100")
+    assert pod_h100["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert "resourceClaims" not in pod_h100
+    assert pod_gb200["nodeSelector"]["kubernetes.io/arch"] == "arm64"
+    assert pod_gb200["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    domain = next(o for o in gb200 if o["kind"] == "ComputeDomain")
+    assert pod_gb200["resourceClaims"][0]["resourceClaimTemplateName"] == domain["spec"]["channel"][
+        "resourceClaimTemplate"]["name"]
+    clique = pod_gb200["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert clique["nodeSelectorTerms"][0]["matchExpressions"][0]["key"] == "nvidia.com/gpu.clique"
+    template = js_gb200["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    assert template["metadata"]["annotations"][placement.KUEUE_REQUIRED_TOPOLOGY] == "nvidia.com/gpu.clique"
+    assert js_gb200["spec"]["replicatedJobs"][0]["template"]["spec"]["parallelism"] == 8
+
+
+def test_rendezvous_env_and_owner_references():
+    objs = children("gb200")
+    js = next(o for o in objs if o["kind"] == "JobSet")
+    container = js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PET_NNODES"] == "8" and env["PET_NPROC_PER_NODE"] == "4"
+    assert env["PET_MASTER_ADDR"] == f"{js['metadata']['name']}-node-0-0.{js['metadata']['name']}"
+    assert {"name": "wam-s3-credentials"} in [e.get("secretRef") for e in container["envFrom"]]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/dev/shm", builders.CONFIG_DIR, builders.WORKSPACE} <= mounts
+    for obj in objs:
+        ref = obj["metadata"]["ownerReferences"][0]
+        assert (ref["kind"], ref["name"], ref["controller"]) == ("TrainJob", "golden", True)
+
+
+# -- the API: CRD, values schema, examples -----------------------------------------------------------------
+
+
+def test_chart_crd_and_values_schema_are_generated():
+    assert (CHART / "crds" / "trainjobs.wam.dev.yaml").read_text() == crd.render(), "run `make generate`"
+    assert (CHART / "values.schema.json").read_text() == render_values_schema(), "run `make generate`"
+
+
+@pytest.fixture(scope="module")
+def trainjob_schema() -> dict:
+    return json_schema(crd.trainjob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
+def test_examples_validate_against_the_crd_and_fit_their_gpus(example, trainjob_schema):
+    obj = yaml.safe_load((ROOT / "examples" / example).read_text())
+    jsonschema.validate(obj, trainjob_schema)
+    job = trainjob.parse(obj)
+    cfg = trainjob.training_config(job, OperatorSettings().platform())
+    assert cfg.training.nodes == job.spec.resources.nodes
+
+
+def test_crd_schema_refuses_bad_specs(trainjob_schema):
+    good = yaml.safe_load((ROOT / "examples" / "tiny-smoke.yaml").read_text())
+    for path, value in [(("resources", "accelerator"), "TPU"), (("resources", "nodes"), 0),
+                        (("scheduling", "gang"), "slurm"), (("handoff", "quantize"), "sometimes"),
+                        (("failurePolicy", "restartOn"), ["Always"]), (("resources", "nodez"), 2)]:
+        bad = yaml.safe_load(yaml.safe_dump(good))
+        target = bad["spec"]
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, trainjob_schema)
+
+
+def test_capacity_check_names_the_fix():
+    job = make_job({**JOBS["h100"], "config": {"training": {"activation_checkpointing": "none"}},
+                    "resources": {"accelerator": "h100", "nodes": 1, "gpusPerNode": 1}})
+    with pytest.raises(trainjob.ConfigError, match="(?i)memory"):
+        trainjob.training_config(job, OperatorSettings().platform())
+
+
+# -- the Helm chart ----------------------------------------------------------------------------------------
+
+
+def helm(*args: str) -> str:
+    done = subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def render_chart(*sets: str) -> list[dict]:
+    out = helm("template", "wam", str(CHART), "--namespace", "wam", "--kube-version", KUBE_VERSION, *sets)
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+CHART_VARIANTS = {
+    "defaults": (),
+    "nightly-external-mlflow": ("--set", "nightly.enabled=true", "--set", "mlflow.enabled=false",
+                                "--set", "mlflow.trackingUri=https://mlflow.example.com",
+                                "--set", "settings.gang=volcano", "--set", "settings.secretRefs={wam-s3}"),
+}
+
+
+def test_chart_lints():
+    helm("lint", str(CHART), "--strict", "--kube-version", KUBE_VERSION)
+    helm("lint", str(CHART), "--strict", "--kube-version", KUBE_VERSION, *CHART_VARIANTS["nightly-external-mlflow"])
+
+
+@pytest.mark.parametrize("variant", list(CHART_VARIANTS))
+def test_chart_renders_valid_secure_objects(variant):
+    docs = render_chart(*CHART_VARIANTS[variant])
+    kinds = [d["kind"] for d in docs]
+    assert "Deployment" in kinds and "ClusterRole" in kinds
+    assert ("CronJob" in kinds) == (variant != "defaults")
+    assert ("PersistentVolumeClaim" in kinds) == (variant == "defaults")
+    assert any(d["kind"] == "Pod" and d["metadata"]["annotations"]["helm.sh/hook"] == "test" for d in docs)
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        for pod in _pod_specs(doc):
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            for c in pod["containers"]:
+                sc = c["securityContext"]
+                assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"], (doc["kind"], c["name"])
+                assert "limits" in c["resources"] and "memory" in c["resources"]["limits"]
+
+
+def _pod_specs(doc: dict) -> list[dict]:
+    if doc["kind"] == "Pod":
+        return [doc["spec"]]
+    if doc["kind"] in ("Deployment", "Job"):
+        return [doc["spec"]["template"]["spec"]]
+    if doc["kind"] == "CronJob":
+        return [doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]]
+    return []
+
+
+def test_chart_rbac_is_least_privilege():
+    role = next(d for d in render_chart() if d["kind"] == "ClusterRole")
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+        assert "update" not in rule["verbs"], "the operator only merge-patches"
+    granted = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert ("", "secrets") not in granted, "the operator never reads secrets: pods reference them by name"
+    assert granted[("", "pods")] == {"list"}, "no exec, no log reading: progress comes from the job itself"
+    assert granted[("wam.dev", "trainjobs/status")] == {"patch"}
+
+
+def test_chart_settings_load_as_operator_settings(tmp_path):
+    docs = render_chart(*CHART_VARIANTS["nightly-external-mlflow"])
+    settings_map = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-settings"))
+    path = tmp_path / "settings.yaml"
+    path.write_text(settings_map["data"]["settings.yaml"])
+    settings = load_settings(path)
+    assert settings.accelerators == OperatorSettings().accelerators, "values.yaml profiles drifted from the code's"
+    assert (settings.gang, settings.secret_refs) == ("volcano", ["wam-s3"])
+    assert settings.mlflow.tracking_uri == "https://mlflow.example.com"
+    nightly = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-nightly"))
+    job = trainjob.parse(yaml.safe_load(nightly["data"]["trainjob.yaml"]))
+    trainjob.training_config(job, settings.platform())
+
+
+def test_chart_refuses_bad_values():
+    for sets, message in [(("--set", "settings.gang=slurm"), "settings/gang"),
+                          (("--set", "settings.acceleratorz.x=1"), "acceleratorz"),
+                          (("--set", "mlflow.enabled=false"), "mlflow.trackingUri"),
+                          (("--set", "nightly.trainJob.resources.nodes=0"), "nodes")]:
+        done = subprocess.run([str(HELM), "template", "wam", str(CHART), "--kube-version", KUBE_VERSION, *sets],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and message in done.stderr, done.stderr
+
+
+# -- images ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,extra", [("trainer", "trainer"), ("operator", "operator")])
+def test_dockerfiles_follow_the_rules(name, extra):
+    text = "\n".join(line for line in (ROOT / "dockerfiles" / f"{name}.Dockerfile").read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    bases = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert bases and all(":" in b and not b.endswith((":latest", ":stable")) for b in bases), bases
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must end as a non-root user"
+    assert re.search(rf'pip install "\.\[{extra}\]"', text), f"installs the {extra} extra"
+    assert not re.search(r"^(ENV|ARG)\s+\S*(KEY|SECRET|TOKEN|PASSWORD)", text, re.M | re.I), "no secrets baked in"
+    if name == "operator":
+        assert "torch" not in text, "the operator image stays slim"

@@ -1,0 +1,326 @@
+"""The operator end to end: the real kopf operator process (`python -m wam.operators`) against an emulated
+Kubernetes API (kmock, wam.operators.testing), a real MLflow server and a real S3-compatible server
+(moto). The tests play the cluster's controllers (Kueue, JobSet, Job, Deployment) by writing statuses;
+scheduling, admission webhooks and GPUs are not exercised (see the README)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+import yaml
+from conftest import free_port
+
+from wam.operators import kube
+from wam.operators.reconcile import Observed, plan
+from wam.operators.settings import OperatorSettings
+from wam.operators.testing import EmulatedCluster
+from wam.platform import manifest, trainjob
+from wam.platform.tracking import Tracker
+
+NS = "default"
+BUCKET = "s3://wam-checkpoints"
+
+
+def wait_for(what, timeout: float = 30.0, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = what()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what.__doc__ or what}")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    import requests
+
+    def up():
+        try:
+            return requests.get(f"{uri}/health", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    wait_for(up, timeout=90, every=0.5)
+    yield uri
+    proc.terminate()
+    proc.wait(30)
+
+
+class Operator:
+    """The operator as a process, restartable mid-test."""
+
+    def __init__(self, cluster: EmulatedCluster, settings: Path, env: dict, log: Path):
+        self.cmd = [sys.executable, "-m", "wam.operators", "--settings", str(settings), "--metrics-port", "0",
+                    "--health-port", "0", "--log-format", "plain"]
+        self.env = {**os.environ, **env, "KUBECONFIG": str(cluster.kubeconfig)}
+        self.log, self.proc = log, None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        """SIGKILL: no graceful shutdown, as when a node dies under the operator."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3, mlflow_server):
+    tmp = tmp_path_factory.mktemp("operator")
+    settings = tmp / "settings.yaml"
+    settings.write_text(yaml.safe_dump({"checkpointBase": BUCKET, "progressIntervalSeconds": 0.5,
+                                        "mlflow": {"trackingUri": mlflow_server, "externalUrl": "https://mlflow.test"}}))
+    with EmulatedCluster() as c:
+        op = Operator(c, settings, s3, tmp / "operator.log")
+        op.start()
+        c.operator, c.mlflow, c.s3 = op, mlflow_server, s3
+        try:
+            yield c
+        finally:
+            op.stop()
+            print((tmp / "operator.log").read_text()[-20000:])
+
+
+def submit(c: EmulatedCluster, name: str, **spec) -> None:
+    base = {"model": {"preset": "tiny"}, "config": {"data": {"source": "synthetic"}, "training": {"steps": 20}},
+            "resources": {"accelerator": "h100", "nodes": 2, "gpusPerNode": 1}}
+    assert c.kube.create({"apiVersion": trainjob.API_VERSION, "kind": trainjob.KIND,
+                          "metadata": {"name": name, "namespace": NS}, "spec": {**base, **spec}})
+
+
+def status(c: EmulatedCluster, name: str) -> dict:
+    return (c.kube.get(kube.TRAINJOB, NS, name) or {}).get("status") or {}
+
+
+def condition(st: dict, type_: str) -> dict:
+    return next((x for x in st.get("conditions", []) if x["type"] == type_), {})
+
+
+def phase_is(c, name, phase):
+    def check():
+        return status(c, name).get("phase") == phase
+    check.__doc__ = f"{name} to be {phase} (now {status(c, name).get('phase')})"
+    return wait_for(check)
+
+
+def write_checkpoint(folder: str, step: int, env: dict) -> None:
+    """What rank 0 leaves behind: the shard files, then the manifest last."""
+    os.environ.update(env)  # the fsspec S3 client of this process talks to the same server
+    uri = manifest.step_dir(folder, step)
+    with fsspec.open(f"{uri}/__0_0.distcp", "wb") as f:
+        f.write(os.urandom(1024))
+    manifest.write_manifest(uri, step, config={}, metrics={"loss": 0.5})
+
+
+def set_status(c, kind, name, status_patch):
+    c.kube.patch(kind, NS, name, {"status": status_patch}, subresource="status")
+
+
+def failed_pod(c, jobset: str, message: str, exit_code: int = 1, reason: str = "Error") -> None:
+    c.kube.create({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": f"{jobset}-node-0-0", "namespace": NS,
+                                "labels": {"jobset.sigs.k8s.io/jobset-name": jobset}},
+                   "spec": {"containers": [{"name": "trainer", "image": "trainer"}]},
+                   "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {
+                       "exitCode": exit_code, "reason": reason, "message": message}}}]}})
+
+
+JOBSET_FAILED = {"conditions": [{"type": "Failed", "status": "True", "reason": "FailedJobs",
+                                 "message": "jobset failed due to a failed job"}]}
+JOBSET_RUNNING = {"replicatedJobsStatus": [{"name": "node", "ready": 1, "succeeded": 0, "failed": 0, "active": 1,
+                                            "suspended": 0}]}
+
+
+@pytest.mark.slow
+def test_trainjob_from_queue_to_serving(cluster):
+    c = cluster
+    submit(c, "e2e", handoff={"quantize": "final", "serving": {"replicas": 1, "accelerator": "h100"}})
+    js = wait_for(lambda: c.objects(kube.JOBSET).get("e2e-0"))
+    pod = js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert js["spec"]["suspend"] is True, "created suspended: Kueue admits it"
+    assert js["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "default"
+    assert pod["nodeSelector"]["kubernetes.io/arch"] == "amd64"
+    phase_is(c, "e2e", "Queued")
+    assert condition(status(c, "e2e"), "Admitted")["status"] == "False"
+
+    # The operator dies and comes back: nothing is created twice, nothing is recreated.
+    before = {n: o["metadata"]["uid"] for n, o in {**c.objects(kube.JOBSET), **c.objects(kube.CONFIGMAP)}.items()}
+    c.operator.kill()
+    c.operator.start()
+    time.sleep(3)
+    after = {n: o["metadata"]["uid"] for n, o in {**c.objects(kube.JOBSET), **c.objects(kube.CONFIGMAP)}.items()}
+    assert after == before
+    assert status(c, "e2e")["attempt"] == 0
+
+    # Kueue admits the workload and unsuspends the JobSet; its pods become ready.
+    c.kube.create({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+                   "metadata": {"name": "jobset-e2e-0", "namespace": NS,
+                                "labels": {"kueue.x-k8s.io/job-uid": js["metadata"]["uid"]}},
+                   "spec": {"active": True, "queueName": "default"},
+                   "status": {"conditions": [{"type": "Admitted", "status": "True", "reason": "Admitted"}]}})
+    c.kube.patch(kube.JOBSET, NS, "e2e-0", {"spec": {"suspend": False}})
+    set_status(c, kube.JOBSET, "e2e-0", JOBSET_RUNNING)
+    phase_is(c, "e2e", "Running")
+    assert c.objects(kube.JOBSET)["e2e-0"]["spec"]["suspend"] is False, "the operator never touches suspend"
+
+    # Rank 0 reports to MLflow and writes a complete checkpoint.
+    tracker = Tracker(c.mlflow, "wam", f"{NS}.e2e", "wam-e2e")
+    tracker.start({"model.preset": "tiny"})
+    tracker.log_metrics({"loss": 0.75, "tokens_per_s": 1234.0}, step=15)
+    assert tracker.close(30)
+    write_checkpoint(f"{BUCKET}/{NS}/e2e", 20, c.s3)
+    st = wait_for(lambda: (s := status(c, "e2e")).get("checkpoint") and s.get("progress") and s)
+    assert st["progress"]["step"] == 15 and st["progress"]["summary"] == "15/20" and st["progress"]["loss"] == 0.75
+    assert st["mlflow"]["runId"] == tracker.run_id and st["mlflow"]["url"].startswith("https://mlflow.test/#/")
+    assert st["checkpoint"]["uri"] == f"{BUCKET}/{NS}/e2e/step-20"
+    assert condition(st, "Checkpointed")["status"] == "True"
+    assert not c.objects(kube.JOB), "quantize: final waits for the end of training"
+
+    # Training ends: the final checkpoint is quantized, then served.
+    set_status(c, kube.JOBSET, "e2e-0", {"conditions": [{"type": "Completed", "status": "True",
+                                                         "reason": "AllJobsCompleted", "message": "done"}]})
+    phase_is(c, "e2e", "Succeeded")
+    qjob = wait_for(lambda: c.objects(kube.JOB).get("e2e-quantize-20"))
+    command = qjob["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:3] == ["wam", "quantize", f"{BUCKET}/{NS}/e2e/step-20"]
+    set_status(c, kube.JOB, "e2e-quantize-20", {"conditions": [{"type": "Complete", "status": "True"}],
+                                                 "succeeded": 1})
+    dep = wait_for(lambda: c.objects(kube.DEPLOYMENT).get("e2e-policy"))
+    assert "e2e-policy" in c.objects(kube.SERVICE)
+    assert dep["spec"]["template"]["spec"]["containers"][0]["command"][:3] == [
+        "wam", "serve", f"{BUCKET}/{NS}/e2e/nvfp4/step-20"]
+    set_status(c, kube.DEPLOYMENT, "e2e-policy", {"readyReplicas": 1, "availableReplicas": 1})
+    st = wait_for(lambda: condition(s := status(c, "e2e"), "Serving").get("status") == "True" and s)
+    assert st["quantized"] == {"step": 20, "uri": f"{BUCKET}/{NS}/e2e/nvfp4/step-20", "job": "e2e-quantize-20"}
+    assert st["serving"]["endpoint"] == f"ws://e2e-policy.{NS}.svc:8000" and st["serving"]["readyReplicas"] == 1
+    assert condition(st, "Succeeded")["status"] == "True" and st["restarts"] == 0
+
+    # A terminal TrainJob never gets training children again, whatever happens to them.
+    c.kube.delete(kube.JOBSET, NS, "e2e-0")
+    time.sleep(3)
+    assert not [n for n in c.objects(kube.JOBSET) if n.startswith("e2e-")]
+    assert status(c, "e2e")["phase"] == "Succeeded"
+
+    # Deleting the TrainJob removes everything it owns.
+    c.kube.delete(kube.TRAINJOB, NS, "e2e")
+    wait_for(lambda: c.kube.get(kube.TRAINJOB, NS, "e2e") is None)
+    wait_for(lambda: "e2e-policy" not in c.objects(kube.DEPLOYMENT) and "e2e-config" not in c.objects(kube.CONFIGMAP))
+
+
+@pytest.mark.slow
+def test_failures_restart_with_a_counter_then_stop_and_serving_rolls(cluster):
+    c = cluster
+    submit(c, "flaky", scheduling={"gang": "none"}, failurePolicy={"maxRestarts": 1, "restartOn": ["Error"]},
+           handoff={"quantize": "every", "serving": {"replicas": 1, "accelerator": "h100"}})
+    wait_for(lambda: "flaky-0" in c.objects(kube.JOBSET))
+    set_status(c, kube.JOBSET, "flaky-0", JOBSET_RUNNING)
+    phase_is(c, "flaky", "Running")
+
+    # A rank crashes: the attempt fails, a new JobSet starts, the counter lives in the TrainJob.
+    failed_pod(c, "flaky-0", "Error: CUDA error: an illegal memory access was encountered")
+    set_status(c, kube.JOBSET, "flaky-0", JOBSET_FAILED)
+    wait_for(lambda: "flaky-1" in c.objects(kube.JOBSET))
+    wait_for(lambda: "flaky-0" not in c.objects(kube.JOBSET))
+    st = status(c, "flaky")
+    assert (st["restarts"], st["attempt"], st["jobset"], st["phase"]) == (1, 1, "flaky-1", "Restarting")
+    assert st["lastFailure"]["reason"] == "Error" and "illegal memory access" in st["lastFailure"]["message"]
+    set_status(c, kube.JOBSET, "flaky-1", JOBSET_RUNNING)
+    phase_is(c, "flaky", "Running")
+    assert status(c, "flaky")["restarts"] == 1, "running again does not reset the counter"
+
+    # quantize: every -> each new complete checkpoint is quantized; a newer one rolls the policy server.
+    folder = f"{BUCKET}/{NS}/flaky"
+    for step in (10, 20):
+        write_checkpoint(folder, step, c.s3)
+        wait_for(lambda: f"flaky-quantize-{step}" in c.objects(kube.JOB))
+        set_status(c, kube.JOB, f"flaky-quantize-{step}", {"conditions": [{"type": "Complete", "status": "True"}]})
+
+        def serving_step(expected=step):
+            dep = c.objects(kube.DEPLOYMENT).get("flaky-policy")
+            return dep and dep["spec"]["template"]["metadata"]["labels"]["wam.dev/step"] == str(expected) and dep
+        dep = wait_for(serving_step)
+        assert dep["spec"]["template"]["spec"]["containers"][0]["command"][2] == f"{folder}/nvfp4/step-{step}"
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+    # A user error is not worth a restart, and no restarts are left anyway.
+    failed_pod(c, "flaky-1", "InvalidInput: dataset s3://x/droid: meta/info.json not found", exit_code=2)
+    set_status(c, kube.JOBSET, "flaky-1", JOBSET_FAILED)
+    phase_is(c, "flaky", "Failed")
+    st = status(c, "flaky")
+    assert st["lastFailure"]["reason"] == "InvalidInput" and "info.json" in st["lastFailure"]["message"]
+    assert condition(st, "Failed")["reason"] == "InvalidInput"
+    time.sleep(2)
+    assert "flaky-2" not in c.objects(kube.JOBSET) and status(c, "flaky")["restarts"] == 1
+
+
+@pytest.mark.slow
+def test_invalid_specs_end_with_a_clear_condition(cluster):
+    c = cluster
+    submit(c, "no-tpu", resources={"accelerator": "tpu", "nodes": 1})
+    submit(c, "too-big", model={"preset": "dreamzero-14b"}, config={"data": {"source": "synthetic"}},
+           resources={"accelerator": "h100", "nodes": 1, "gpusPerNode": 1})
+    for name, words in (("no-tpu", ("tpu", "h100")), ("too-big", ("memory",))):
+        phase_is(c, name, "Failed")
+        st = status(c, name)
+        failed = condition(st, "Failed")
+        assert failed["reason"] == "InvalidSpec" and all(w in failed["message"] for w in words), failed
+        assert not [n for n in c.objects(kube.JOBSET) if n.startswith(name)]
+
+
+# -- the pure plan ----------------------------------------------------------------------------------------
+
+
+def _job(**spec) -> trainjob.TrainJob:
+    return trainjob.parse({"metadata": {"name": "unit", "namespace": NS, "uid": "u1"}, "spec": {
+        "model": {"preset": "tiny"}, "config": {"data": {"source": "synthetic"}},
+        "resources": {"accelerator": "h100", "nodes": 1, "gpusPerNode": 1}, **spec}})
+
+
+def test_plan_is_idempotent_and_kueue_owns_suspend():
+    settings = OperatorSettings()
+    job = _job()
+    cfg = trainjob.training_config(job, settings.platform())
+    first = plan(job, cfg, Observed(), settings, "2026-01-01T00:00:00+00:00")
+    assert [o["kind"] for o in first.create] == ["ConfigMap", "JobSet"]
+    job.status = first.status
+    js = first.create[-1]
+    js["spec"]["suspend"] = False  # Kueue admitted it
+    again = plan(job, cfg, Observed(jobset=js), settings, "2026-01-01T00:01:00+00:00")
+    assert not again.create and not again.delete
+    assert all(kind != kube.JOBSET for kind, _, _ in again.patch), "never patches a Kueue-managed JobSet"
+    job.spec.suspend = True
+    workload = {"metadata": {"name": "w"}, "spec": {"active": True}}
+    suspended = plan(job, cfg, Observed(jobset=js, workload=workload), settings, "2026-01-01T00:02:00+00:00")
+    assert suspended.patch == [(kube.WORKLOAD, "w", {"spec": {"active": False}})]
+
+
+def test_plan_active_deadline_fails_the_job():
+    settings = OperatorSettings()
+    job = _job(activeDeadlineSeconds=60)
+    cfg = trainjob.training_config(job, settings.platform())
+    first = plan(job, cfg, Observed(), settings, "2026-01-01T00:00:00+00:00")
+    job.status = first.status
+    late = plan(job, cfg, Observed(jobset=first.create[-1]), settings, "2026-01-01T00:02:00+00:00")
+    assert late.status.phase == "Failed" and late.status.last_failure.reason == "DeadlineExceeded"
+    assert (kube.JOBSET, "unit-0") in late.delete
