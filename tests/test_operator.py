@@ -15,7 +15,6 @@ from pathlib import Path
 import fsspec
 import pytest
 import yaml
-from conftest import free_port
 
 from wam.operators import kube
 from wam.operators.reconcile import Observed, plan
@@ -23,6 +22,8 @@ from wam.operators.settings import OperatorSettings
 from wam.operators.testing import EmulatedCluster
 from wam.platform import manifest, trainjob
 from wam.platform.tracking import Tracker
+
+from conftest import free_port
 
 NS = "default"
 BUCKET = "s3://wam-checkpoints"
@@ -253,7 +254,7 @@ def test_failures_restart_with_a_counter_then_stop_and_serving_rolls(cluster):
     folder = f"{BUCKET}/{NS}/flaky"
     for step in (10, 20):
         write_checkpoint(folder, step, c.s3)
-        wait_for(lambda: f"flaky-quantize-{step}" in c.objects(kube.JOB))
+        wait_for(lambda name=f"flaky-quantize-{step}": name in c.objects(kube.JOB))
         set_status(c, kube.JOB, f"flaky-quantize-{step}", {"conditions": [{"type": "Complete", "status": "True"}]})
 
         def serving_step(expected=step):
