@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from wam.platform import launch
+from wam.platform import launch, termination
 from wam.platform.config import load_config, to_yaml
 from wam.platform.manifest import latest_complete, list_checkpoints, read_manifest
 
@@ -168,16 +168,21 @@ def test_bad_input_fails_before_training_with_a_clear_error(tmp_path):
     assert not (load_config(config).run_dir / "train.log").exists()  # nothing was started
 
 
-def test_training_process_refuses_an_unwritable_checkpoint_uri_before_step_one(tmp_path):
-    """Without the CLI (as in a pod), the training processes check the URI themselves."""
+def test_training_process_refuses_an_unwritable_checkpoint_uri_before_step_one(tmp_path, monkeypatch):
+    """Without the CLI (as in a pod), the training processes check the URI themselves, and tell the
+    operator through the termination log that this is a user error (not worth a restart)."""
     cfg = load_config(write_run_config(tmp_path, "pod", checkpoint={"uri": "/proc/wam-checkpoints"}))
     cfg.run_dir.mkdir(parents=True)
     path = cfg.run_dir / "config.yaml"
     path.write_text(to_yaml(cfg))
+    termination_log = tmp_path / "termination-log"
+    monkeypatch.setenv(termination.ENV, str(termination_log))
     process = launch.start(cfg, path)
     assert process.wait(300) != 0
     assert "cannot write to /proc/wam-checkpoints" in (cfg.run_dir / "train.log").read_text()
     assert progress(cfg.run_dir) == {}
+    reason, message = termination.parse(termination_log.read_text())
+    assert reason == termination.INVALID_INPUT and "/proc/wam-checkpoints" in message
 
 
 def test_hsdp_matches_fsdp_on_the_same_four_processes(tmp_path):
