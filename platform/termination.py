@@ -16,12 +16,18 @@ _LIMIT = 4000  # the kubelet keeps at most 4096 bytes
 
 
 def record(reason: str, message: str) -> None:
-    """Write `<reason>: <message>` where $WAM_TERMINATION_LOG says (nowhere when unset, e.g. locally)."""
+    """Write `<reason>: <message>` where $WAM_TERMINATION_LOG says (nowhere when unset, e.g. locally).
+
+    The local ranks of a pod share the file. When one rank stops on invalid input the others then fail
+    with connection errors; those consequences must not hide the cause, so an Error never replaces
+    what another rank already wrote."""
     path = os.environ.get(ENV)
     if not path:
         return
     text = f"{reason}: {message}"
     try:
+        if reason != INVALID_INPUT and os.path.exists(path) and os.path.getsize(path) > 0:
+            return
         with open(path, "w") as f:
             f.write(text[:_LIMIT])
     except OSError:
