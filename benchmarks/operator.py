@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,11 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, EmulatedCluster() as cluster:
         settings = Path(tmp) / "settings.yaml"
         settings.write_text(yaml.safe_dump({"checkpointBase": f"{tmp}/checkpoints", "progressIntervalSeconds": 60}))
-        log = open(Path(tmp) / "operator.log", "w")
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "wam.operators", "--settings", str(settings), "--metrics-port", "0",
-             "--health-port", "0", "--log-format", "plain"],
-            env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}, stdout=log, stderr=subprocess.STDOUT)
+        operator = cluster.start_operator(settings, Path(tmp) / "operator.log")
         try:
             def create(name: str) -> None:
                 cluster.kube.create(manifest(name))

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     # One replica (the chart's Deployment uses the Recreate strategy), so no peering objects are needed.
     asyncio.run(kopf.operator(
         registry=handlers.registry(settings), settings=handlers.kopf_settings(settings),
-        memo=handlers.memo(Controller(kube.Kube(), settings)), standalone=True,
+        memo=kopf.Memo(controller=Controller(kube.Kube(), settings)), standalone=True,
         clusterwide=not settings.namespaces, namespaces=settings.namespaces,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None))
 

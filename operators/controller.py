@@ -15,6 +15,7 @@ from wam.operators.settings import OperatorSettings
 from wam.operators.status import TERMINAL_PHASES, jobset_state
 from wam.platform import trainjob
 from wam.platform.apischema import to_api
+from wam.platform.config import WamConfig
 from wam.platform.errors import ConfigError
 from wam.platform.trainjob import TrainJob, TrainJobStatus
 
@@ -27,6 +28,8 @@ class Controller:
         self.kube, self.settings, self.platform = client, settings, settings.platform()
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._read_at: dict[tuple[str, str], float] = {}
+        # The training config of a job is validated and rendered (~20 ms) once per spec generation.
+        self._configs: dict[tuple[str, str], tuple[str, int, WamConfig]] = {}
 
     def reconcile(self, namespace: str, name: str) -> str | None:
         """Reconcile the TrainJob as it is now (read again under its lock, so a stale event cannot act on an
@@ -37,6 +40,7 @@ class Controller:
                 if obj is None or obj["metadata"].get("deletionTimestamp"):
                     metrics.forget(namespace, name)
                     self._read_at.pop((namespace, name), None)
+                    self._configs.pop((namespace, name), None)
                     return None
                 phase = self._reconcile(obj)
             except Exception:
@@ -50,7 +54,7 @@ class Controller:
         meta, now = obj["metadata"], now_iso()
         try:
             job = trainjob.parse(obj)
-            cfg = trainjob.training_config(job, self.platform)
+            cfg = self._training_config(job)
         except ConfigError as err:
             status = trainjob.parse_status(obj.get("status") or {})
             if status.jobset is not None:  # it ran before: a spec edit cannot take back what was started
@@ -66,6 +70,15 @@ class Controller:
         for type_, reason, message in p.events:
             self._event(obj, type_, reason, message)
         return p.status.phase
+
+    def _training_config(self, job: TrainJob) -> WamConfig:
+        key, version = (job.namespace, job.name), (job.uid, job.generation)
+        cached = self._configs.get(key)
+        if cached is not None and cached[:2] == version:
+            return cached[2]
+        cfg = trainjob.training_config(job, self.platform)
+        self._configs[key] = (*version, cfg)
+        return cfg
 
     # -- reading --------------------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ from typing import Any
 import kopf
 
 from wam.operators import builders, metrics
-from wam.operators.controller import Controller
 from wam.operators.settings import OperatorSettings
 from wam.operators.status import TERMINAL_PHASES
 from wam.platform import trainjob
@@ -70,6 +69,3 @@ def registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
 def _spec_unseen(body: kopf.Body) -> bool:
     return body.status.get("observedGeneration") != body.metadata.get("generation", 1)
 
-
-def memo(controller: Controller) -> kopf.Memo:
-    return kopf.Memo(controller=controller)

@@ -15,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import itertools
+import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -39,8 +42,10 @@ _VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 
 
 class _Emulator(kmock.KubernetesEmulator):
-    _versions = itertools.count(1)
-    created_at: dict[tuple[str, str, str], float] = {}  # (plural, namespace, name) -> time.perf_counter()
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._versions = itertools.count(1)
+        self.created_at: dict[tuple[str, str, str], float] = {}  # (plural, namespace, name) -> perf_counter()
 
     async def _handle(self, request):
         deleted_uid = None
@@ -139,6 +144,14 @@ class EmulatedCluster:
             self.emulator, self.url = emulator, str(server.url).rstrip("/")
             self._ready.set()
             await self._stop.wait()
+
+    def start_operator(self, settings: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """The real operator (`python -m wam.operators`) against this server, its output appended to `log`."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "wam.operators", "--settings", str(settings), "--metrics-port", "0",
+             "--health-port", "0", "--log-format", "plain"],
+            env={**os.environ, **(env or {}), "KUBECONFIG": str(self.kubeconfig)}, stdout=log.open("a"),
+            stderr=subprocess.STDOUT)
 
     def created_at(self, kind: kube.Kind, namespace: str, name: str) -> float | None:
         """When the server received the object's creation (time.perf_counter() of this process)."""

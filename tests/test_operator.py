@@ -67,13 +67,10 @@ class Operator:
     """The operator as a process, restartable mid-test."""
 
     def __init__(self, cluster: EmulatedCluster, settings: Path, env: dict, log: Path):
-        self.cmd = [sys.executable, "-m", "wam.operators", "--settings", str(settings), "--metrics-port", "0",
-                    "--health-port", "0", "--log-format", "plain"]
-        self.env = {**os.environ, **env, "KUBECONFIG": str(cluster.kubeconfig)}
-        self.log, self.proc = log, None
+        self.cluster, self.settings, self.env, self.log, self.proc = cluster, settings, env, log, None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
+        self.proc = self.cluster.start_operator(self.settings, self.log, self.env)
 
     def kill(self) -> None:
         """SIGKILL: no graceful shutdown, as when a node dies under the operator."""
