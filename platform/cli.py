@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from wam.platform.accounting import GIB, count_flops, count_params, estimate_memory, min_gpus, training_layout
@@ -37,7 +38,7 @@ def user_errors():
     try:
         yield
     except (UserError, FileNotFoundError) as err:
-        err_console.print(f"[bold red]error:[/] {err}")
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}")
         raise typer.Exit(2) from None
 
 
@@ -150,7 +151,7 @@ def train(
         err_console.print("interrupted; `wam train` with the same config resumes from the last complete checkpoint")
         raise typer.Exit(130) from None
     if process.returncode != 0:
-        err_console.print(launch.log_tail(cfg))
+        err_console.print(launch.log_tail(cfg), markup=False)  # logs hold brackets rich would parse
         err_console.print(f"[bold red]training failed[/] (exit code {process.returncode}); full log: "
                           f"{cfg.run_dir / 'train.log'}")
         raise typer.Exit(process.returncode or 1)
@@ -215,7 +216,7 @@ def data_synth(
         root = synthesize(out, SynthOptions(episodes=episodes, version=version, codec=codec, seed=seed,
                                             video_only=video_only))
     except (ValueError, FileExistsError) as err:
-        err_console.print(f"[bold red]error:[/] {err}")
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}")
         raise typer.Exit(2) from None
     console.print(f"wrote a LeRobot {version} dataset of {episodes} episodes to {root}")
 

@@ -46,6 +46,11 @@ class WamCheckpointManager(CheckpointManager):
         self._finalizing: list[Future] = []
         if self.coordinator:
             probe_writable(self.folder)
+        if dist.is_initialized():
+            # torchtitan asks every rank on its own whether the folder exists before the collective
+            # _find_load_step; on S3 the probe object briefly makes it exist, so a rank checking during the
+            # probe would enter the collective alone and hang. Everyone checks after the probe instead.
+            dist.barrier()
 
     # -- saving ---------------------------------------------------------------------------------------
 
