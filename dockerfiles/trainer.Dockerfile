@@ -28,7 +28,10 @@ COPY pyproject.toml README.md ./
 COPY platform platform
 COPY trainer trainer
 COPY operators operators
-RUN pip install ".[trainer]" \
+# openpi-client with --no-deps: it pins numpy<2 but runs on numpy 2 (its dependencies come with the extra).
+# torchao: the FP4 matmuls of the policy server on Blackwell GPUs.
+RUN pip install ".[trainer]" torchao==0.18.0 \
+ && pip install --no-deps openpi-client==0.1.2 \
  && python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '${TORCH_VERSION}')" \
  && rm -rf /src
 

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -136,10 +141,16 @@ def train(
     """Train locally: torchrun starts training.processes processes (FSDP2 over gloo on CPU, NCCL on GPUs).
 
     Resumes from the newest complete checkpoint of the run if there is one."""
+    with user_errors():
+        cfg = load_config(config, overrides or [])
+    _run_training(cfg)
+    _print_run_summary(cfg)
+
+
+def _run_training(cfg) -> None:
     from wam.platform import launch
 
     with user_errors():
-        cfg = load_config(config, overrides or [])
         config_path = launch.prepare(cfg)
     console.print(f"[bold]{cfg.name}[/]: preset {cfg.model.preset}, {cfg.training.processes} processes, "
                   f"{cfg.training.steps} steps; log {cfg.run_dir / 'train.log'}")
@@ -155,7 +166,6 @@ def train(
         err_console.print(f"[bold red]training failed[/] (exit code {process.returncode}); full log: "
                           f"{cfg.run_dir / 'train.log'}")
         raise typer.Exit(process.returncode or 1)
-    _print_run_summary(launch.run_info(cfg), cfg.checkpoint_uri)
 
 
 def _show_progress(records, total: int) -> None:
@@ -173,9 +183,11 @@ def _show_progress(records, total: int) -> None:
             bar.update(task, completed=record.step, metrics=shown)
 
 
-def _print_run_summary(info: dict, checkpoints: str) -> None:
+def _print_run_summary(cfg) -> None:
+    from wam.platform.launch import run_info
     from wam.platform.manifest import latest_complete
 
+    info, checkpoints = run_info(cfg), cfg.checkpoint_uri
     latest = latest_complete(checkpoints)
     console.print(f"checkpoints: {checkpoints}" + (f" (newest complete: step {latest[0]})" if latest else ""))
     if info.get("tracking_uri"):
@@ -198,6 +210,170 @@ def export(
     with user_errors():
         step = export_checkpoint(checkpoint, out, dtype)
     console.print(f"exported step {step} to {out}")
+
+
+@app.command()
+def quantize(
+    checkpoint: str = typer.Argument(..., help="a complete checkpoint folder (step-N) or a checkpoint URI (its newest "
+                                               "complete one); local or s3://"),
+    out: str | None = typer.Option(None, help="output folder or URI (default: <checkpoints>/nvfp4/step-N)"),
+    keep: list[str] | None = typer.Option(None, help="module name pattern kept in bf16 (repeatable; default: the "
+                                                     "config's quantization.keep)"),
+    shard_mb: int | None = typer.Option(None, min=1, help="output shard size (default: quantization.shard_mb)"),
+) -> None:
+    """Quantize a complete checkpoint to NVFP4 for serving; logs the per-layer report to MLflow."""
+    from wam.trainer.quantize.checkpoint import quantize_checkpoint  # needs the trainer extra
+
+    with user_errors():
+        report = quantize_checkpoint(checkpoint, out, keep or None, shard_mb)
+    s = report.summary()
+    if report.reused:
+        console.print(f"{report.out} already holds the complete NVFP4 model of {report.source}")
+        return
+    console.print(f"step {report.step}: {s['layers_nvfp4']:.0f} layers NVFP4, {s['layers_bf16']:.0f} tensors bf16; "
+                  f"relative weight error mean {s['relative_error_mean']:.4f} max {s['relative_error_max']:.4f}; "
+                  f"{report.input_bytes / 1e6:.1f} MB -> {report.output_bytes / 1e6:.1f} MB "
+                  f"({s['compression']:.2f}x) at {s['throughput_mb_s']:.1f} MB/s")
+    console.print(f"wrote {report.out}" + (f" (MLflow model version {report.mlflow_version})"
+                                           if report.mlflow_version else ""))
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="a quantized model folder from `wam quantize` (local or s3://)"),
+    host: str = typer.Option("127.0.0.1", help="0.0.0.0 to accept robots from other machines"),
+    port: int = typer.Option(8000),
+    device: str = typer.Option("auto", help="auto (cuda if present) | cpu | cuda[:N]"),
+    steps: int | None = typer.Option(None, min=1, help="denoising steps per chunk (default: serving.steps, else "
+                                                       "sampler.steps; 1 for Flash checkpoints)"),
+    embodiment: str | None = typer.Option(None, help="which trained embodiment to serve (default: the first)"),
+) -> None:
+    """Serve a quantized policy over openpi's websocket protocol (health: /healthz /readyz, metrics: /metrics)."""
+    import asyncio
+    import logging
+
+    import torch
+
+    from wam.trainer.quantize.load import load_quantized
+    from wam.trainer.serve.policy import PolicyRuntime
+    from wam.trainer.serve.server import PolicyServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    with user_errors():
+        try:
+            runtime = PolicyRuntime(load_quantized(model, chosen), chosen, steps, embodiment)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    meta = runtime.metadata()
+    console.print(f"policy {meta['preset']} step {meta['step']} ({meta['compute_path']}, {meta['denoising_steps']} "
+                  f"denoising steps, embodiment {meta['embodiment']}) on ws://{host}:{port}")
+    try:
+        asyncio.run(PolicyServer(runtime).run(host, port))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def client(
+    uri: str = typer.Argument(..., help="the policy server, e.g. ws://127.0.0.1:8000"),
+    config: Path = typer.Option(..., help="the model's training config (profiles, sample shape)"),
+    dataset: str = typer.Option(..., help="a LeRobot dataset whose episodes play the robot"),
+    windows: int = typer.Option(1, min=1, help="context windows (episodes segments) to replay"),
+    asynchronous: bool = typer.Option(False, "--async", help="compute chunk k+1 while chunk k executes"),
+    control_hz: float = typer.Option(15.0, help="the robot's control rate: sets the per-chunk deadline"),
+) -> None:
+    """Drive a served policy with recorded episodes through openpi-client; prints chunks and latencies."""
+    with user_errors():
+        cfg = load_config(config)
+    _replay(cfg, uri, dataset, windows, asynchronous, control_hz)
+
+
+def _replay(cfg, uri: str, dataset: str, windows: int, asynchronous: bool, control_hz: float) -> None:
+    from wam.trainer.serve.replay import replay
+
+    steps = replay(cfg, dataset, uri, windows, asynchronous, control_hz)
+    table = Table("chunk", "round trip ms", "server ms", "queue ms", "deadline", "first action (robot units)",
+                  "MAE vs recorded", title=f"{len(steps)} chunks from {uri} ({'async' if asynchronous else 'sync'}, "
+                                           f"{control_hz:g} Hz control)")
+    for i, step in enumerate(steps):
+        r = step.result
+        dims = step.recorded.shape[1]
+        first = ", ".join(f"{v:+.2f}" for v in r.actions[0, :min(dims, 4)]) + (" ..." if dims > 4 else "")
+        table.add_row(str(i), f"{r.round_trip_ms:.0f}", f"{r.server_timing['infer_ms']:.0f}",
+                      f"{r.server_timing['queue_ms']:.1f}", "met" if r.met_deadline else f"missed ({r.budget_ms:.0f})",
+                      first, f"{np.abs(r.actions - step.recorded).mean():.3f}")
+    console.print(table)
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def pipeline(
+    config: Path = typer.Argument(..., help="the run's YAML config"),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides"),
+    every: bool = typer.Option(False, help="quantize every complete checkpoint, not only the final one"),
+    serve_policy: bool = typer.Option(True, "--serve/--no-serve", help="serve the final quantized model"),
+    port: int = typer.Option(8000),
+    client_dataset: str | None = typer.Option(None, help="replay this LeRobot dataset against the served policy "
+                                                         "through openpi-client, then stop the server"),
+    asynchronous: bool = typer.Option(False, "--async", help="the replay client computes ahead (async execution)"),
+) -> None:
+    """Train -> quantize the final (or every) complete checkpoint to NVFP4 -> serve it, as the operator does
+    in a cluster, with the same `wam quantize` / `wam serve` commands."""
+    from wam.platform import handoff
+    from wam.platform.manifest import list_checkpoints
+
+    with user_errors():
+        cfg = load_config(config, overrides or [])
+    _run_training(cfg)
+    complete = [(step, uri) for step, uri, ok in list_checkpoints(cfg.checkpoint_uri) if ok]
+    for step, uri in complete if every else complete[-1:]:
+        _stage(handoff.quantize_command(uri, handoff.quantized_uri(cfg.checkpoint_uri, step)), f"quantize step {step}")
+    model = handoff.quantized_uri(cfg.checkpoint_uri, complete[-1][0])
+    if not serve_policy:
+        return
+    server = subprocess.Popen(_local(handoff.serve_command(model, port, host="127.0.0.1")))
+    try:
+        _wait_ready(port, server)
+        if client_dataset is None:
+            console.print(f"serving {model} on ws://127.0.0.1:{port}; Ctrl-C stops")
+            server.wait()
+        else:
+            _replay(cfg, f"ws://127.0.0.1:{port}", client_dataset, 1, asynchronous, 15.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _local(command: list[str]) -> list[str]:
+    """The handoff contract's `wam ...` command, run with this installation's `wam`."""
+    return [shutil.which("wam") or str(Path(sys.executable).parent / "wam"), *command[1:]]
+
+
+def _stage(command: list[str], what: str) -> None:
+    console.print(f"[bold]{what}[/]: {' '.join(command)}")
+    if subprocess.run(_local(command)).returncode != 0:
+        err_console.print(f"[bold red]{what} failed[/]")
+        raise typer.Exit(1)
+
+
+def _wait_ready(port: int, server: subprocess.Popen, timeout: float = 300.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            err_console.print(f"[bold red]the policy server exited[/] (code {server.returncode})")
+            raise typer.Exit(1)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    err_console.print(f"[bold red]the policy server was not ready within {timeout:.0f} s[/]")
+    raise typer.Exit(1)
 
 
 @data_app.command("synth")

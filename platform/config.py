@@ -68,6 +68,30 @@ class SamplerSection:
     video_final_sigma: float = 0.0  # stop video denoising early (actions always go to 0)
 
 
+# Modules kept in bf16 by NVFP4 quantization (fnmatch patterns on module names): the patch embedding, norms,
+# time/text embeddings, the WAM's action/state heads and the output head. Biases and 1D parameters always are.
+DEFAULT_KEEP_BF16 = ("patch_embedding", "text_embedding.*", "time_embedding.*", "time_projection.*", "*norm*",
+                     "head.*", "state_encoder.*", "action_encoder.*", "action_decoder.*")
+
+
+@dataclass
+class QuantizationSection:
+    keep: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_BF16))
+    shard_mb: int = 1024  # output safetensors shards; the quantizer holds about one shard + one tensor
+
+
+@dataclass
+class ServingSection:
+    steps: int | None = None  # denoising steps per chunk; default sampler.steps (1 suits Flash checkpoints)
+    embodiment: str | None = None  # whose profile and stats (a data.datasets profile); default the first
+    smoothing_window: int = 7  # Savitzky-Golay window over the 2x-upsampled chunk (odd; 0 = no smoothing)
+    smoothing_order: int = 3
+    gripper_dims: list[int] = field(default_factory=list)  # action dims binarised (robot units) ...
+    gripper_threshold: float = 0.5  # ... to 1.0 above this value, else 0.0
+    max_sessions: int = 16  # concurrent robot connections per server
+    max_request_mb: float = 64.0  # larger requests get an error reply
+
+
 @dataclass
 class EncodersSection:
     """Frozen encoder weights (local paths or fsspec URIs); the tiny preset needs none."""
@@ -148,6 +172,8 @@ class WamConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    quantization: QuantizationSection = field(default_factory=QuantizationSection)
+    serving: ServingSection = field(default_factory=ServingSection)
     seed: int = 0
 
     @property
@@ -182,7 +208,21 @@ def validate(cfg: WamConfig) -> None:
     if not 0.0 <= cfg.sampler.video_final_sigma < 1.0:
         raise ConfigError(f"sampler.video_final_sigma must be in [0, 1), got {cfg.sampler.video_final_sigma}")
     _validate_training(cfg)
+    _validate_handoff(cfg)
     resolve_preset(cfg)
+
+
+def _validate_handoff(cfg: WamConfig) -> None:
+    q, s = cfg.quantization, cfg.serving
+    if q.shard_mb < 1:
+        raise ConfigError(f"quantization.shard_mb must be >= 1, got {q.shard_mb}")
+    if s.steps is not None and s.steps < 1:
+        raise ConfigError(f"serving.steps must be >= 1, got {s.steps}")
+    if s.smoothing_window and (s.smoothing_window % 2 == 0 or not 0 <= s.smoothing_order < s.smoothing_window):
+        raise ConfigError(f"serving.smoothing_window must be odd (or 0 for none) and greater than serving.smoothing_order; "
+                          f"got {s.smoothing_window} and {s.smoothing_order}")
+    if s.max_sessions < 1 or s.max_request_mb <= 0:
+        raise ConfigError("serving.max_sessions must be >= 1 and serving.max_request_mb > 0")
 
 
 def _validate_data(cfg: WamConfig) -> None:

@@ -21,5 +21,5 @@ def quantize_command(checkpoint: str, out: str) -> list[str]:
     return ["wam", "quantize", checkpoint, "--out", out]
 
 
-def serve_command(model: str, port: int = SERVING_PORT) -> list[str]:
-    return ["wam", "serve", model, "--host", "0.0.0.0", "--port", str(port)]
+def serve_command(model: str, port: int = SERVING_PORT, host: str = "0.0.0.0") -> list[str]:
+    return ["wam", "serve", model, "--host", host, "--port", str(port)]

@@ -174,3 +174,39 @@ class Tracker:
         version = client.create_model_version(self.registered_model, source=uri, run_id=self.run_id,
                                               tags={"step": str(step)})
         client.set_registered_model_alias(self.registered_model, NEWEST_ALIAS, version.version)
+
+
+def quantized_model_name(registered_model: str) -> str:
+    return f"{registered_model}-nvfp4"
+
+
+def log_quantized_model(uri: str, experiment: str, job: str, registered_model: str, step: int, model_uri: str,
+                        report_json: str, summary: dict[str, float]) -> str:
+    """Record a quantized checkpoint on its training job's run (the report as an artifact, its summary as
+    metrics at the checkpoint's step) and register it as a new version of `<registered_model>-nvfp4` under
+    the alias 'newest'. Returns the version. Raises when the server cannot be reached: the caller decides."""
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # an outage must not hold the handoff long
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'",
+                              max_results=1) if found else []
+    run_id = runs[0].info.run_id if runs else None
+    if run_id is not None:
+        client.log_text(run_id, report_json, f"quantized/step-{step}/report.json")
+        stamp = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(f"nvfp4/{k}", float(v), stamp, step) for k, v in summary.items()])
+    name = quantized_model_name(registered_model)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+            raise
+    version = client.create_model_version(name, source=model_uri, run_id=run_id,
+                                          tags={"step": str(step), "format": "nvfp4"})
+    client.set_registered_model_alias(name, NEWEST_ALIAS, version.version)
+    return version.version

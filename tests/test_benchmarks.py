@@ -41,3 +41,10 @@ def test_data_benchmark_smoke(tmp_path):
 def test_operator_benchmark_smoke(tmp_path):
     data = run_benchmark("operator.py", tmp_path, "--jobs", "3", "--baseline", "1")
     assert data["3_concurrent"]["n"] == 3 and data["one_at_a_time"]["p50_ms"] > 0
+
+
+def test_serve_benchmark_smoke(tmp_path):
+    data = run_benchmark("serve.py", tmp_path, "--quick")
+    assert set(data["cpu_tiny"]) == {"1_steps", "4_steps"}
+    assert all(row["kv_cache"]["p50_ms"] > 0 for row in data["cpu_tiny"].values())
+    assert data["quantization"]["streaming"]["mb_per_s"] > 0

@@ -77,8 +77,10 @@ class ChunkRollout:
         return Chunk(video=video, actions=actions)
 
     @torch.no_grad()
-    def observe(self, latents: torch.Tensor) -> None:
-        """Write the real latents (B, z, F, h, w) of the chunk just acted on into the cache."""
-        if self.cache is None or self.next_chunk >= self.max_chunks:
+    def observe(self, latents: torch.Tensor, chunk: int | None = None) -> None:
+        """Write the latents (B, z, F, h, w) of a chunk acted on into the cache: by default the next one;
+        an earlier `chunk` replaces what was written for it (and drops the chunks after it)."""
+        chunk = self.next_chunk if chunk is None else chunk
+        if self.cache is None or chunk >= self.max_chunks:
             raise RuntimeError("nothing to observe: act on a chunk first")
-        self.model.observe(self.cache, latents, chunk=self.next_chunk)
+        self.model.observe(self.cache, latents, chunk=chunk)

@@ -64,6 +64,20 @@ def complete_checkpoint(uri: str) -> tuple[str, CheckpointManifest]:
     return uri, manifest
 
 
+def load_from_checkpoint(state: dict[str, torch.Tensor], uri: str) -> None:
+    """Fill the tensors of `state` (any subset of the checkpoint's keys) in place from a DCP checkpoint folder,
+    in this process; DCP reads only the bytes of the requested tensors."""
+    if is_remote(uri):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        reader = FsspecReader(uri)
+    else:
+        reader = FileSystemReader(str(local_path(uri)))
+    with warnings.catch_warnings():  # DCP notes that it loads in a single process, which is the point
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)
+
+
 def export_checkpoint(uri: str, out: Path, dtype: str = "bfloat16") -> int:
     """Consolidate the model weights of a complete DCP checkpoint into one safetensors file; returns its step."""
     if dtype not in DTYPES:
@@ -74,15 +88,7 @@ def export_checkpoint(uri: str, out: Path, dtype: str = "bfloat16") -> int:
     with torch.device("meta"):
         model = model_config(preset.arch, preset.sample).build()
     state = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in model.state_dict().items()}
-    if is_remote(uri):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-        reader = FsspecReader(uri)
-    else:
-        reader = FileSystemReader(str(local_path(uri)))
-    with warnings.catch_warnings():  # DCP notes that it loads in a single process, which is the point
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=reader, no_dist=True)
+    load_from_checkpoint(state, uri)
     save_safetensors({k: v.to(DTYPES[dtype]) for k, v in state.items()}, Path(out),
                      {"preset": preset.name, "step": str(manifest.step), "source": uri, "config": json.dumps(manifest.config)})
     return manifest.step

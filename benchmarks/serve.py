@@ -1,0 +1,152 @@
+"""Policy serving and NVFP4 quantization, with the obvious alternatives measured in the same run.
+
+1. Per-chunk denoising latency (p50/p99) of the last chunk of a context window: against the session's KV
+   cache vs recomputing the whole sequence every denoising step, with 1 and 4 steps. CPU: the tiny preset
+   (fp32); with CUDA also a model of the 14B block width (dim 5120, 40 heads; --layers of them, bf16).
+2. Quantization: throughput (MB of float32 weights per second) and peak memory growth of the streaming
+   quantizer vs loading the whole model first, on one checkpoint, each in a fresh process.
+
+    python benchmarks/serve.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from wam.platform.config import SamplerSection, load_config, resolve_preset  # noqa: E402
+from wam.trainer.inference import ChunkRollout  # noqa: E402
+from wam.trainer.model import WamInputs  # noqa: E402
+
+from conftest import randomized_model, write_checkpoint  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@torch.no_grad()
+def chunk_latency(overrides: list[str], device: str, dtype: torch.dtype, repeats: int) -> dict:
+    cfg = load_config(None, overrides)
+    preset = resolve_preset(cfg)
+    arch, s = preset.arch, preset.sample
+    model = randomized_model(arch, s).to(device=device, dtype=dtype)
+    inputs = WamInputs.random(arch, s, batch=1, seed=0, device=device)
+    k, f = s.num_chunks, s.frames_per_chunk
+    rows = {}
+    for steps in (1, 4):
+        rollout = ChunkRollout(model, SamplerSection(steps=steps), max_chunks=k, frames_per_chunk=f,
+                               actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width))
+        rollout.reset(inputs.video[:, :, :1], inputs.text, inputs.image, inputs.i2v_cond)
+        for c in range(k - 1):
+            rollout.observe(inputs.video[:, :, 1 + c * f:1 + (c + 1) * f])
+        state = inputs.state[:, -1]
+
+        def cached(rollout=rollout, state=state) -> None:
+            rollout.act(state)
+
+        def uncached(steps=steps) -> None:  # what a server without a cache does: the whole sequence, every step
+            for _ in range(steps):
+                model(inputs)
+
+        timings = {}
+        for name, fn in (("kv_cache", cached), ("recompute", uncached)):
+            for _ in range(2):
+                fn()
+            samples = []
+            for _ in range(repeats):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                samples.append((time.perf_counter() - start) * 1000)
+            timings[name] = {"p50_ms": statistics.median(samples), "p99_ms": percentile(samples, 0.99)}
+        timings["speedup_p50"] = timings["recompute"]["p50_ms"] / timings["kv_cache"]["p50_ms"]
+        rows[f"{steps}_steps"] = timings
+    return rows
+
+
+_QUANTIZE = textwrap.dedent("""
+    import gc, json, sys, time, torch
+    from wam.trainer.quantize.checkpoint import quantize_checkpoint, kept_reason, _release_large_buffers_to_the_os
+    from wam.trainer.quantize import nvfp4
+    from wam.trainer.model.export import complete_checkpoint, load_from_checkpoint
+    from wam.platform.config import config_from_dict, resolve_preset
+    from wam.trainer.model.registry import model_config
+
+    def kib(field):
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+
+    mode, checkpoint, out = sys.argv[1:4]
+    gc.collect()
+    open("/proc/self/clear_refs", "w").write("5")
+    before, start = kib("VmRSS:"), time.perf_counter()
+    if mode == "streaming":
+        quantize_checkpoint(checkpoint, out, shard_mb=64)
+    else:  # the obvious alternative: the whole model in memory, then every weight quantized
+        _release_large_buffers_to_the_os()
+        uri, manifest = complete_checkpoint(checkpoint)
+        preset = resolve_preset(config_from_dict(manifest.config))
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in model_config(preset.arch, preset.sample).build().state_dict().items()}
+        state = {k: torch.empty(v) for k, v in shapes.items()}
+        load_from_checkpoint(state, uri)
+        quantized = {k: nvfp4.quantize(v) if not kept_reason(k, tuple(v.shape), []) else v.bfloat16()
+                     for k, v in state.items()}
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_growth_mb": (kib("VmHWM:") - before) / 1024}))
+""")
+
+
+def quantization(layers: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(None, ["name=bench", "model.dim=512", f"model.num_layers={layers}", "model.ffn_dim=2048",
+                                 "model.num_heads=4", f"output_dir={tmp}/runs"])
+        preset = resolve_preset(cfg)
+        model = randomized_model(preset.arch, preset.sample)
+        megabytes = sum(p.numel() * 4 for p in model.state_dict().values()) / 1e6
+        checkpoint = write_checkpoint(Path(tmp) / "checkpoints", cfg, model)
+        del model
+        result = {"model_mb_fp32": megabytes}
+        for mode in ("streaming", "whole_model"):
+            run = subprocess.run([sys.executable, "-c", _QUANTIZE, mode, checkpoint, f"{tmp}/out-{mode}"],
+                                 capture_output=True, text=True, check=True)
+            measured = json.loads(run.stdout.strip().splitlines()[-1])
+            result[mode] = {**measured, "mb_per_s": megabytes / measured["seconds"]}
+        result["peak_memory_ratio"] = result["whole_model"]["peak_growth_mb"] / result["streaming"]["peak_growth_mb"]
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats, a small quantization model (smoke)")
+    parser.add_argument("--layers", type=int, default=2, help="14B-width blocks in the GPU latency model")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    repeats = 5 if args.quick else 30
+    results = {"cpu_tiny": chunk_latency(["sample.actions_per_chunk=24"], "cpu", torch.float32, repeats),
+               "quantization": quantization(2 if args.quick else 16)}
+    if torch.cuda.is_available():
+        results["cuda_14b_width"] = chunk_latency(
+            ["model.preset=dreamzero-14b", f"model.num_layers={args.layers}"], "cuda", torch.bfloat16, repeats)
+        results["device"] = torch.cuda.get_device_name()
+    for name, rows in results.items():
+        print(name, json.dumps(rows, indent=1, default=str))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

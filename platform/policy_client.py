@@ -1,0 +1,90 @@
+"""Robot-side helpers over the public `openpi-client`: timed calls, and asynchronous chunk execution.
+
+Synchronous: execute chunk k, send its frames, wait for chunk k+1. Asynchronous: while the robot executes
+chunk k, chunk k+1 is already being computed (the request carries no frames; the server stands in chunk
+k's predicted video until its real frames come with the following request). Each step records the round
+trip and the server's compute and queue time, and whether the next chunk was ready before the current one
+finished: the deadline a robot loop must meet.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+Observation = dict  # camera frames, state, prompt (see the server's metadata for the keys)
+
+
+@dataclass
+class ChunkResult:
+    actions: np.ndarray  # (actions_per_chunk, dims)
+    round_trip_ms: float
+    server_timing: dict  # infer_ms, queue_ms, encode_ms, denoise_ms
+    budget_ms: float  # how long the robot takes to execute one chunk
+    new_window: bool
+
+    @property
+    def met_deadline(self) -> bool:
+        return self.round_trip_ms <= self.budget_ms
+
+
+class PolicyClient:
+    def __init__(self, uri: str, control_hz: float):
+        from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+        self.policy = WebsocketClientPolicy(uri)
+        self.metadata = self.policy.get_server_metadata()
+        self.budget_ms = 1000 * self.metadata["actions_per_chunk"] / control_hz
+        self._pool = ThreadPoolExecutor(max_workers=1)
+
+    def infer(self, obs: Observation) -> ChunkResult:
+        start = time.perf_counter()
+        reply = self.policy.infer(obs)
+        return ChunkResult(reply["actions"], (time.perf_counter() - start) * 1000, reply["server_timing"],
+                           self.budget_ms, reply["new_window"])
+
+    def submit(self, obs: Observation) -> Future[ChunkResult]:
+        return self._pool.submit(self.infer, obs)
+
+    def reset(self) -> None:
+        """Drop the session's context on the server (openpi-client's own reset is local only)."""
+        self.policy.infer({"reset": True})
+
+    def close(self) -> None:
+        self._pool.shutdown()
+        self.policy._ws.close()
+
+
+def without_frames(obs: Observation, cameras: list[str]) -> Observation:
+    return {k: v for k, v in obs.items() if k not in cameras}
+
+
+def run_sync(client: PolicyClient, first: Observation, execute: Callable[[np.ndarray], Observation],
+             chunks: int) -> Iterator[ChunkResult]:
+    """Act, execute, send what was seen, repeat. `execute(actions)` runs a chunk on the robot and returns the
+    observation after it (the chunk's frames, the current state, the prompt)."""
+    result = client.infer(first)
+    for _ in range(chunks - 1):
+        yield result
+        result = client.infer(execute(result.actions))
+    yield result
+
+
+def run_async(client: PolicyClient, first: Observation, execute: Callable[[np.ndarray], Observation],
+              chunks: int) -> Iterator[ChunkResult]:
+    """Execute chunk k while chunk k+1 is computed. A result whose `met_deadline` is False arrived after the
+    robot had finished the chunk before it (the loop then waits)."""
+    cameras = client.metadata["cameras"]
+    current = client.infer(first)
+    ahead = client.submit(without_frames(first, cameras)) if chunks > 1 else None
+    for k in range(chunks):
+        yield current
+        if ahead is None:
+            return
+        seen = execute(current.actions)  # the robot moves while `ahead` is computed
+        current = ahead.result()
+        ahead = client.submit(seen) if k + 2 < chunks else None

@@ -1,0 +1,236 @@
+"""The policy server against the public openpi-client: closed loop, sessions, bad requests, the KV cache
+against the uncached computation, action post-processing, and the whole local pipeline."""
+
+import json
+import re
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+from wam.platform.config import load_config, resolve_preset
+from wam.platform.policy_client import PolicyClient, run_async
+from wam.trainer.data.transforms import normalize
+from wam.trainer.flow import euler_step
+from wam.trainer.model import WamInputs
+from wam.trainer.quantize.checkpoint import quantize_checkpoint
+from wam.trainer.quantize.load import load_quantized
+from wam.trainer.serve import actions as post
+from wam.trainer.serve.policy import PolicyRuntime
+from wam.trainer.serve.server import PolicyServer, serve_in_background
+
+from conftest import randomized_model, wam_cli, write_checkpoint, write_run_config
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from wam.trainer.data.synth import SynthOptions, synthesize
+
+    folder = tmp_path_factory.mktemp("serve")
+    dataset = synthesize(folder / "data", SynthOptions(episodes=2, seed=5))
+    config = write_run_config(folder, "policy", sample={"num_chunks": 2, "actions_per_chunk": 24},
+                              data={"source": "lerobot", "datasets": [{"uri": str(dataset), "profile": "droid"}]},
+                              serving={"gripper_dims": [7], "max_request_mb": 2})
+    cfg = load_config(config)
+    preset = resolve_preset(cfg)
+    model = randomized_model(preset.arch, preset.sample, seed=11)
+    checkpoint = write_checkpoint(folder / "checkpoints", cfg, model)
+    policy = load_quantized(quantize_checkpoint(checkpoint).out)
+    runtime = PolicyRuntime(policy)
+    server = PolicyServer(runtime)
+    with serve_in_background(server) as port:
+        yield {"cfg": cfg, "dataset": dataset, "runtime": runtime, "server": server, "uri": f"ws://127.0.0.1:{port}",
+               "port": port}
+
+
+def robot_observations(runtime, seed, chunks=2, prompt="put the red block on the blue one"):
+    """A first observation and the following ones (each chunk's frames), as a robot would send them."""
+    rng = np.random.default_rng(seed)
+    meta = runtime.metadata()
+    state = lambda: rng.uniform(-0.5, 0.5, meta["state_dims"]).astype(np.float32)  # noqa: E731
+    frames = lambda n: rng.integers(0, 256, (n, 48, 64, 3), dtype=np.uint8)  # noqa: E731
+    first = {**{c: frames(1)[0] for c in meta["cameras"]}, "observation.state": state(), "prompt": prompt}
+    later = [{**{c: frames(meta["frames_per_chunk"]) for c in meta["cameras"]}, "observation.state": state(),
+              "prompt": prompt} for _ in range(chunks - 1)]
+    return [first, *later]
+
+
+def test_openpi_client_drives_the_server_end_to_end(served):
+    client = WebsocketClientPolicy(served["uri"])
+    meta = client.get_server_metadata()
+    assert meta["embodiment"] == "droid" and meta["action_units"] == "robot" and meta["compute_path"] == "fp32-dequantized"
+    assert meta["cameras"] == ["observation.images.wrist_left", "observation.images.exterior_1_left",
+                               "observation.images.exterior_2_left"]
+    for i, obs in enumerate(robot_observations(served["runtime"], seed=1, chunks=3)):
+        reply = client.infer(obs)
+        assert reply["actions"].shape == (24, meta["action_dims"]) and np.isfinite(reply["actions"]).all()
+        assert set(np.unique(reply["actions"][:, 7])) <= {0.0, 1.0}  # the gripper dim is binarised
+        assert reply["chunk"] == i and reply["window_chunk"] == i % 2 and reply["new_window"] == (i % 2 == 0)
+        assert {"infer_ms", "queue_ms", "encode_ms", "denoise_ms"} <= set(reply["server_timing"])
+    assert client.infer({"reset": True}) == {"reset": True}
+    with urllib.request.urlopen(f"http://127.0.0.1:{served['port']}/healthz") as r:
+        assert r.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{served['port']}/readyz") as r:
+        assert r.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{served['port']}/metrics") as r:
+        metrics = r.read().decode()
+    assert re.search(r"wam_policy_requests_total [1-9]", metrics) and "wam_policy_request_seconds_bucket" in metrics
+    assert 'wam_policy_info{compute_path="fp32-dequantized",preset="tiny",step="5"} 1.0' in metrics
+
+
+def test_two_concurrent_sessions_do_not_interfere(served):
+    a_obs = robot_observations(served["runtime"], seed=2, chunks=3)
+    b_obs = robot_observations(served["runtime"], seed=3, chunks=3, prompt="open the drawer")
+    alone = [WebsocketClientPolicy(served["uri"]).infer(o)["actions"] for o in a_obs[:1]]
+    client = WebsocketClientPolicy(served["uri"])
+    alone = [client.infer(o)["actions"] for o in a_obs]
+    results = {}
+
+    def run(name, observations):
+        c = WebsocketClientPolicy(served["uri"])
+        results[name] = [c.infer(o)["actions"] for o in observations]
+
+    threads = [threading.Thread(target=run, args=(n, o)) for n, o in (("a", a_obs), ("b", b_obs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(np.array_equal(x, y) for x, y in zip(alone, results["a"], strict=True))
+    assert not np.array_equal(results["a"][0], results["b"][0])
+
+
+def test_malformed_requests_get_an_error_and_the_server_keeps_serving(served):
+    client = WebsocketClientPolicy(served["uri"])
+    good = robot_observations(served["runtime"], seed=4)[0]
+    camera = served["runtime"].profile.cameras[0]
+    bad = {
+        "missing state": {k: v for k, v in good.items() if k != "observation.state"},
+        "missing prompt": {k: v for k, v in good.items() if k != "prompt"},
+        "float image": {**good, camera: good[camera].astype(np.float32)},
+        "wrong image shape": {**good, camera: good[camera][..., :2]},
+        "wrong state size": {**good, "observation.state": np.zeros(3, np.float32)},
+        "NaN state": {**good, "observation.state": np.full_like(good["observation.state"], np.nan)},
+        "oversized": {**good, "padding": np.zeros(3_000_000, np.uint8)},
+        "not a map": [1, 2, 3],
+    }
+    for name, obs in bad.items():
+        with pytest.raises(RuntimeError, match="bad request") as err:
+            client.infer(obs)
+        assert len(str(err.value)) > 40, name
+    for raw in (b"\xc1\xff garbage", b"\x92\x01"):  # not msgpack, then trailing data
+        client._ws.send(raw)
+        assert client._ws.recv().startswith("bad request: cannot decode")
+    client._ws.send("a text frame")
+    assert "binary msgpack" in client._ws.recv()
+    assert client.infer(good)["actions"].shape[0] == 24  # the same session still works
+    assert WebsocketClientPolicy(served["uri"]).infer(good)["actions"].shape[0] == 24
+
+
+def test_kv_cached_serving_equals_the_uncached_computation(served):
+    runtime = served["runtime"]
+    session = runtime.session()
+    observations = robot_observations(runtime, seed=6, chunks=2)
+    served_chunks, states = [], []
+    for obs in observations:
+        session.infer(obs)
+        served_chunks.append(session.returned[-1].normalised)
+        q01, q99 = (np.asarray(v) for v in (runtime.stats.state_q01, runtime.stats.state_q99))
+        states.append(torch.zeros(runtime.arch.state_dim))
+        states[-1][:len(q01)] = torch.as_tensor(normalize(obs["observation.state"].astype(np.float64), q01, q99))
+    # The uncached computation: every denoising step is one full teacher-forcing forward over the whole
+    # sequence so far (the first frame, the real frames of earlier chunks, the noisy chunk).
+    from wam.trainer.data.transforms import tile
+
+    profile = runtime.profile
+    views = [torch.from_numpy(np.concatenate([observations[0][c][None]] + [o[c] for o in observations[1:]]))
+             .permute(0, 3, 1, 2) for c in profile.cameras]
+    pixels = tile(views, profile.layout, runtime.canvas).permute(1, 0, 2, 3)[None].float() / 127.5 - 1
+    model, encoders, s = runtime.policy.model, runtime.encoders, runtime.sample
+    latents = encoders.vae.encode(pixels)
+    latents = torch.cat([latents, torch.zeros_like(latents[:, :, 1:1 + s.frames_per_chunk])], dim=2)  # never seen
+    first = pixels[:, :, 0]
+    text = encoders.text([observations[0]["prompt"]])
+    image = encoders.image(first) if encoders.image is not None else None
+    g = torch.Generator().manual_seed(served["cfg"].seed)
+    f, a, k = s.frames_per_chunk, s.actions_per_chunk, len(observations)
+    sigmas = session.rollout.video_sigmas, session.rollout.action_sigmas
+    for c in range(k):
+        video = torch.randn(1, model.arch.out_dim, f, s.latent_height, s.latent_width, generator=g)
+        acts = torch.randn(1, a, model.arch.action_dim, generator=g)
+        for i in range(len(sigmas[0]) - 1):
+            sv, sa = sigmas[0][i].item(), sigmas[1][i].item()
+            zeros = torch.zeros(1, c)
+            inputs = WamInputs(
+                video=latents[:, :, :1 + (c + 1) * f],
+                noisy_video=torch.cat([torch.zeros_like(latents[:, :, 1:1 + c * f]), video], dim=2),
+                noisy_actions=torch.cat([torch.zeros(1, c, a, model.arch.action_dim), acts[:, None]], dim=1),
+                state=torch.stack(states[:c + 1])[None], video_t=torch.cat([zeros, torch.full((1, 1), sv * 1000)], 1),
+                action_t=torch.cat([zeros, torch.full((1, 1), sa * 1000)], 1), text=text, image=image,
+                i2v_cond=encoders.i2v_condition(first, 1 + (c + 1) * f) if model.arch.i2v_concat else None)
+            with torch.no_grad():
+                out = model(inputs)
+            video = euler_step(video, out.video[:, :, c * f:], sv, sigmas[0][i + 1].item())
+            acts = euler_step(acts, out.actions[:, c], sa, sigmas[1][i + 1].item())
+        assert torch.allclose(acts[0], served_chunks[c], atol=1e-4), (c, (acts[0] - served_chunks[c]).abs().max())
+
+
+def test_async_execution_computes_ahead_and_reports_the_deadline(served):
+    client = PolicyClient(served["uri"], control_hz=15.0)
+    observations = robot_observations(served["runtime"], seed=8, chunks=4)
+    later = iter(observations[1:])
+    executed = []
+
+    def execute(actions):
+        executed.append(actions)
+        return next(later)
+
+    results = list(run_async(client, observations[0], execute, chunks=4))
+    client.close()
+    assert len(results) == 4 and len(executed) == 3
+    assert all(r.budget_ms == pytest.approx(1000 * 24 / 15) for r in results)
+    assert all(isinstance(r.met_deadline, bool) and r.server_timing["queue_ms"] >= 0 for r in results)
+    assert [r.new_window for r in results] == [True, False, True, False]  # 2-chunk windows restart
+
+
+def test_action_postprocessing_steps():
+    q01, q99 = np.array([-2.0, 0.0, 5.0]), np.array([2.0, 1.0, 5.0])
+    x = np.random.default_rng(0).uniform(-3, 3, (10, 3))
+    x[:, 2] = 5.0
+    assert np.allclose(post.unnormalize(normalize(np.clip(x, q01, q99), q01, q99), q01, q99), np.clip(x, q01, q99))
+    absolute = post.to_absolute(np.zeros((4, 3)), np.array([1.0, 2.0, 3.0]), (0, 2))
+    assert np.array_equal(absolute, np.tile([1.0, 0.0, 3.0], (4, 1)))
+    ramp = np.stack([np.linspace(0, 1, 24), np.linspace(1, -1, 24)], axis=1)
+    assert np.allclose(post.smooth(ramp, 7, 3), ramp)  # polynomials pass unchanged, no time shift
+    noisy = ramp + np.random.default_rng(1).normal(0, 0.05, ramp.shape)
+    assert np.abs(post.smooth(noisy, 7, 3) - ramp).mean() < 0.8 * np.abs(noisy - ramp).mean()
+    assert np.array_equal(post.smooth(noisy, 0, 3), noisy)
+    assert np.array_equal(post.binarize(np.array([[0.2, 0.7], [0.6, 0.1]]), (1,), 0.5), [[0.2, 1.0], [0.6, 0.0]])
+
+
+def test_pipeline_trains_quantizes_and_serves_to_a_real_client(tmp_path):
+    from wam.trainer.data.synth import SynthOptions, synthesize
+
+    train = synthesize(tmp_path / "train", SynthOptions(episodes=3))
+    heldout = synthesize(tmp_path / "heldout", SynthOptions(episodes=2, seed=1))
+    config = write_run_config(tmp_path, "pipe", sample={"num_chunks": 2, "actions_per_chunk": 24},
+                              data={"source": "lerobot", "datasets": [{"uri": str(train), "profile": "droid"}],
+                                    "workers": 1}, training={"steps": 4}, checkpoint={"interval": 2})
+    port = __import__("conftest").free_port()
+    result = wam_cli("pipeline", config, "--every", "--port", port, "--client-dataset", heldout, "--async")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    cfg = load_config(config)
+    quantized = sorted(p.name for p in (cfg.run_dir / "checkpoints/nvfp4").iterdir())
+    assert quantized == ["step-2", "step-4"]
+    assert re.search(r"2 chunks from ws://127.0.0.1:\d+ \(async", " ".join(result.stdout.split()))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{(cfg.run_dir / 'mlflow.db').resolve()}")
+    versions = client.search_model_versions("name='wam-pipe-nvfp4'")
+    assert sorted(v.tags["step"] for v in versions) == ["2", "4"]
+    run = client.get_run(versions[0].run_id)
+    assert "nvfp4/relative_error_mean" in run.data.metrics
+    report = json.loads((cfg.run_dir / "checkpoints/nvfp4/step-4/report.json").read_text())
+    assert report["summary"]["layers_nvfp4"] > 0

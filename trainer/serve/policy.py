@@ -1,0 +1,265 @@
+"""A served WAM policy: one shared model and encoders, one closed-loop Session per connected robot.
+
+A session's first call (and any call with a new prompt) starts a context window: the first frame is
+encoded and prefilled into the session's KV cache, then the first chunk is denoised. Each later call brings
+the REAL frames the robot saw while executing the oldest returned chunk; they are VAE-encoded (continuing
+the session's causal encoder stream) and written into the cache in place of the prediction. A call without
+frames asks for one chunk ahead (asynchronous execution): the chunk being executed enters the cache with its
+predicted video until its real frames arrive on the next call. A full context window restarts from the
+newest real frame.
+
+Observations use the training profile's LeRobot feature names: each camera an (H, W, 3) or (T, H, W, 3)
+uint8 array, each state key a float vector in robot units, and "prompt". Actions come back in robot
+units: un-normalised, relative dims made absolute, smoothed, grippers optionally binarised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wam.platform.embodiment import EmbodimentProfile
+from wam.trainer.data.stats import NormStats
+from wam.trainer.data.transforms import normalize, tile
+from wam.trainer.inference import ChunkRollout
+from wam.trainer.model.encoders import EncoderPaths, FrozenEncoders
+from wam.trainer.model.vae import StreamState
+from wam.trainer.quantize.load import QuantizedPolicy
+from wam.trainer.serve.actions import ActionPostprocess
+
+PROMPT_KEY = "prompt"
+RESET_KEY = "reset"
+MAX_FRAME_SIDE = 4096
+# A model trained on procedural latents has no robot: one camera, a state vector, normalised actions.
+SYNTHETIC_PROFILE = EmbodimentProfile(name="synthetic", cameras=("observation.image",), layout="single",
+                                      state_keys=("observation.state",))
+
+
+class RequestError(ValueError):
+    """A request the client must fix; the message says what and how."""
+
+
+@dataclass
+class _Returned:
+    """A chunk sent to the robot whose real frames have not arrived yet."""
+
+    index: int  # chunk index in the context window
+    video: torch.Tensor  # (1, z, F, h, w) predicted latents: the cache's stand-in until the real ones come
+    actions: np.ndarray  # (A, dims) robot-unit actions as returned
+    normalised: torch.Tensor  # (A, action_dim) the model's output
+
+
+class PolicyRuntime:
+    """What all sessions share: the model, the frozen encoders, the embodiment and the post-processing."""
+
+    def __init__(self, policy: QuantizedPolicy, device: torch.device | str = "cpu", steps: int | None = None,
+                 embodiment: str | None = None):
+        from wam.platform.config import resolve_preset
+        from wam.trainer.model.vae import vae_config
+
+        self.policy, self.device = policy, torch.device(device)
+        cfg = policy.config
+        preset = resolve_preset(cfg)
+        self.arch, self.sample = preset.arch, preset.sample
+        self.sampler = dataclasses.replace(cfg.sampler, steps=steps or cfg.serving.steps or cfg.sampler.steps)
+        self.encoders = FrozenEncoders.build(self.arch, EncoderPaths(**vars(cfg.encoders)), seed=cfg.seed,
+                                             device=self.device)
+        stride = vae_config(self.arch.vae).spatial_stride
+        self.canvas = (self.sample.latent_height * stride, self.sample.latent_width * stride)
+        self.pixel_frames_per_chunk = self.encoders.vae.cfg.temporal_stride * self.sample.frames_per_chunk
+        self.profile, self.stats = self._embodiment(embodiment or cfg.serving.embodiment)
+        s = cfg.serving
+        self.postprocess = None if self.stats is None else ActionPostprocess(
+            *(np.asarray(v) for v in (self.stats.action_q01, self.stats.action_q99)), self.profile.relative_dims,
+            s.smoothing_window, s.smoothing_order, tuple(s.gripper_dims), s.gripper_threshold)
+
+    def _embodiment(self, name: str | None) -> tuple[EmbodimentProfile, NormStats | None]:
+        known = self.policy.embodiments
+        if not known:
+            return SYNTHETIC_PROFILE, None
+        name = name or next(iter(known))
+        if name not in known:
+            raise ValueError(f"embodiment {name!r} is not one this model was trained on: {', '.join(known)}")
+        entry = known[name]
+        profile = EmbodimentProfile(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["profile"].items()})
+        return profile, NormStats(**entry["stats"])
+
+    def metadata(self) -> dict:
+        """Sent to every client on connect."""
+        p = self.profile
+        return {
+            "policy": "wam", "preset": self.policy.config.model.preset, "step": self.policy.step,
+            "compute_path": self.policy.compute_path, "denoising_steps": self.sampler.steps,
+            "embodiment": p.name, "cameras": list(p.cameras), "state_keys": list(p.state_keys),
+            "state_dims": len(self.stats.state_q01) if self.stats else self.arch.state_dim,
+            "action_dims": len(self.stats.action_q01) if self.stats else self.arch.action_dim,
+            "action_units": "robot" if self.stats else "normalised",
+            "actions_per_chunk": self.sample.actions_per_chunk, "frames_per_chunk": self.pixel_frames_per_chunk,
+            "frame_stride": p.video_stride, "chunks_per_window": self.sample.num_chunks,
+        }
+
+    def session(self) -> Session:
+        return Session(self)
+
+
+class Session:
+    def __init__(self, runtime: PolicyRuntime):
+        self.runtime = runtime
+        s = runtime.sample
+        self.rollout = ChunkRollout(runtime.policy.model, runtime.sampler, max_chunks=s.num_chunks,
+                                    frames_per_chunk=s.frames_per_chunk, actions_per_chunk=s.actions_per_chunk,
+                                    latent_hw=(s.latent_height, s.latent_width))
+        self.generator = torch.Generator(runtime.device).manual_seed(runtime.policy.config.seed)
+        self.prompt: str | None = None
+        self.text: torch.Tensor | None = None  # umT5 features of the prompt
+        self.returned: list[_Returned] = []
+        self.stream = StreamState()
+        self.newest_frame: torch.Tensor | None = None  # (1, 3, 1, H, W) in [-1, 1]
+        self.chunks_served = 0
+
+    def reset(self) -> None:
+        self.prompt, self.returned, self.newest_frame = None, [], None
+
+    # -- request parsing ------------------------------------------------------------------------------
+
+    def _frames(self, obs: dict) -> torch.Tensor | None:
+        """The cameras' frames tiled as in training: (1, 3, T, H, W) in [-1, 1], or None when none were sent."""
+        cameras = self.runtime.profile.cameras
+        present = [c for c in cameras if c in obs]
+        if not present:
+            return None
+        if len(present) != len(cameras):
+            raise RequestError(f"send all cameras {list(cameras)} or none; missing {sorted(set(cameras) - set(present))}")
+        views = []
+        for camera in cameras:
+            view = obs[camera]
+            if not isinstance(view, np.ndarray) or view.dtype != np.uint8:
+                raise RequestError(f"{camera} must be a uint8 numpy array (H, W, 3) or (T, H, W, 3), got "
+                                   f"{getattr(view, 'dtype', type(view).__name__)}")
+            view = view[None] if view.ndim == 3 else view
+            if view.ndim != 4 or view.shape[-1] != 3 or not 0 < min(view.shape[1:3]) <= max(view.shape[1:3]) \
+                    <= MAX_FRAME_SIDE or view.shape[0] < 1:
+                raise RequestError(f"{camera} must be (H, W, 3) or (T, H, W, 3) RGB frames of at most "
+                                   f"{MAX_FRAME_SIDE} pixels a side, got shape {view.shape}")
+            views.append(torch.from_numpy(np.array(view)).permute(0, 3, 1, 2))
+        if len({v.shape[0] for v in views}) != 1:
+            raise RequestError(f"cameras sent different numbers of frames: {[v.shape[0] for v in views]}")
+        canvas = tile(views, self.runtime.profile.layout, self.runtime.canvas)  # (T, 3, H, W) uint8
+        return (canvas.permute(1, 0, 2, 3)[None].float() / 127.5 - 1).to(self.runtime.device)
+
+    def _state(self, obs: dict) -> np.ndarray:
+        parts = []
+        for key in self.runtime.profile.state_keys:
+            value = obs.get(key)
+            if value is None:
+                raise RequestError(f"missing state {key!r}; the policy expects {list(self.runtime.profile.state_keys)}")
+            array = np.asarray(value)
+            if array.dtype.kind not in "fiu" or not np.isfinite(array).all():
+                raise RequestError(f"{key} must be finite numbers, got dtype {array.dtype}")
+            parts.append(array.reshape(-1).astype(np.float64))
+        state = np.concatenate(parts)
+        expected = len(self.runtime.stats.state_q01) if self.runtime.stats else None
+        if expected is not None and len(state) != expected:
+            raise RequestError(f"state has {len(state)} dims, the policy was trained on {expected}")
+        if len(state) > self.runtime.arch.state_dim:
+            raise RequestError(f"state has {len(state)} dims, the model takes at most {self.runtime.arch.state_dim}")
+        return state
+
+    # -- the closed loop ------------------------------------------------------------------------------
+
+    def _start_window(self, frame: torch.Tensor, prompt: str) -> None:
+        """Prefill the cache with `frame` (1, 3, 1, H, W) as the first frame of a new context window."""
+        encoders, runtime = self.runtime.encoders, self.runtime
+        if prompt != self.prompt:
+            self.text = encoders.text([prompt]).to(runtime.device)
+            self.prompt = prompt
+        self.stream = StreamState()
+        first = encoders.vae.encode_stream(frame, self.stream)
+        image = encoders.image(frame[:, :, 0]) if encoders.image is not None else None
+        i2v = encoders.i2v_condition(frame[:, :, 0], 1 + runtime.sample.num_chunks * runtime.sample.frames_per_chunk) \
+            if runtime.arch.i2v_concat else None
+        self.rollout.reset(first, self.text, image, i2v)
+        self.returned, self.newest_frame = [], frame
+
+    def _observe(self, frames: torch.Tensor) -> None:
+        if not self.returned:
+            raise RequestError("no returned chunk is waiting for its frames; frames come after a chunk was executed")
+        expected = self.runtime.pixel_frames_per_chunk
+        if frames.shape[2] != expected:
+            raise RequestError(f"got {frames.shape[2]} frames per camera; send the {expected} frames the robot saw "
+                               f"while executing the last chunk (every {self.runtime.profile.video_stride}th control "
+                               "step), or none to predict one chunk ahead")
+        latents = self.runtime.encoders.vae.encode_stream(frames, self.stream)
+        self.rollout.observe(latents, chunk=self.returned.pop(0).index)
+        self.newest_frame = frames[:, :, -1:]
+
+    def _anchor(self, state: np.ndarray) -> np.ndarray:
+        """The state the next chunk starts from: the robot's, or (one chunk ahead) where the chunk still being
+        executed ends on the relative dims."""
+        if not self.returned or self.runtime.postprocess is None:
+            return state
+        anchor = state.copy()
+        dims = list(self.runtime.profile.relative_dims)
+        anchor[dims] = self.returned[-1].actions[-1, dims]
+        return anchor
+
+    @torch.no_grad()
+    def infer(self, obs: dict) -> dict:
+        if not isinstance(obs, dict):
+            raise RequestError(f"a request is a msgpack map of observations, got {type(obs).__name__}")
+        if obs.get(RESET_KEY):
+            self.reset()
+            return {"reset": True}
+        prompt = obs.get(PROMPT_KEY)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RequestError(f"{PROMPT_KEY!r} must be a non-empty string")
+        state = self._state(obs)
+        frames = self._frames(obs)
+        start = time.perf_counter()
+        new_window = prompt != self.prompt
+        if new_window:
+            if frames is None:
+                raise RequestError(f"the first call of a session or prompt needs the cameras {list(self.runtime.profile.cameras)}")
+            self._start_window(frames[:, :, -1:], prompt)
+        else:
+            if frames is not None:
+                self._observe(frames)
+            elif not self.returned:
+                raise RequestError("send the frames the robot saw while executing the last chunk")
+            if len(self.returned) > 1:
+                raise RequestError(f"at most one chunk can be predicted ahead; send the frames of chunk "
+                                   f"{self.returned[0].index} of this window first")
+            for ahead in self.returned:  # its video stands in until its real frames arrive
+                self.rollout.observe(ahead.video, chunk=ahead.index)
+            if self.rollout.context_full:
+                self._start_window(self.newest_frame, prompt)
+                new_window = True
+        encoded = time.perf_counter()
+        self._act(self._anchor(state))
+        done = time.perf_counter()
+        self.chunks_served += 1
+        return {"actions": self.returned[-1].actions, "chunk": self.chunks_served - 1,
+                "window_chunk": self.returned[-1].index, "new_window": new_window,
+                "server_timing": {"encode_ms": (encoded - start) * 1000, "denoise_ms": (done - encoded) * 1000,
+                                  "infer_ms": (done - start) * 1000}}
+
+    def _act(self, anchor: np.ndarray) -> None:
+        runtime = self.runtime
+        if runtime.stats is not None:
+            normalised = normalize(anchor, *(np.asarray(v) for v in (runtime.stats.state_q01, runtime.stats.state_q99)))
+        else:
+            normalised = anchor
+        state = torch.zeros(1, runtime.arch.state_dim, device=runtime.device)
+        state[0, :len(normalised)] = torch.as_tensor(normalised, dtype=torch.float32)
+        index = self.rollout.next_chunk
+        chunk = self.rollout.act(state, self.generator)
+        raw = chunk.actions[0].float().cpu()
+        if runtime.postprocess is None:
+            actions = raw.numpy().astype(np.float32)
+        else:
+            actions = runtime.postprocess(raw.numpy(), anchor)
+        self.returned.append(_Returned(index, chunk.video, actions, raw))

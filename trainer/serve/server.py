@@ -1,0 +1,173 @@
+"""The websocket policy server, wire-compatible with openpi (the `openpi-client` package works unchanged).
+
+Protocol: on connect the server sends its metadata (msgpack); each binary msgpack-numpy request is one
+`infer` (or `{"reset": true}`) and gets one binary reply. A bad request gets a text frame saying what is
+wrong (openpi-client raises it as an error) and the session stays open; other sessions never notice.
+One worker thread runs inference, so requests of all sessions queue for the device in arrival order;
+each reply reports its queue and compute time. Plain HTTP on the same port: /healthz (alive), /readyz
+(model loaded, a session slot free), /metrics (Prometheus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from http import HTTPStatus
+from urllib.parse import urlparse
+
+from openpi_client import msgpack_numpy
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from wam.trainer.serve.policy import PolicyRuntime, RequestError, Session
+
+log = logging.getLogger("wam.serve")
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+
+
+class _Metrics:
+    def __init__(self, runtime: PolicyRuntime):
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("wam_policy_request_seconds", "Request latency: queue + inference", registry=self.registry,
+                                 buckets=_LATENCY_BUCKETS)
+        self.queue = Histogram("wam_policy_queue_seconds", "Time a request waited for the device", registry=self.registry,
+                               buckets=_LATENCY_BUCKETS)
+        self.sessions = Gauge("wam_policy_sessions", "Connected robot sessions", registry=self.registry)
+        self.requests = Counter("wam_policy_requests", "Requests answered", registry=self.registry)
+        self.errors = Counter("wam_policy_errors", "Requests answered with an error", ["reason"], registry=self.registry)
+        meta = runtime.metadata()
+        Gauge("wam_policy_info", "The served model", ["preset", "step", "compute_path"], registry=self.registry).labels(
+            meta["preset"], str(meta["step"]), meta["compute_path"]).set(1)
+
+
+class PolicyServer:
+    def __init__(self, runtime: PolicyRuntime, max_sessions: int | None = None, max_request_mb: float | None = None):
+        serving = runtime.policy.config.serving
+        self.runtime = runtime
+        self.max_sessions = max_sessions or serving.max_sessions
+        self.max_request_bytes = int((max_request_mb or serving.max_request_mb) * 1e6)
+        self.metrics = _Metrics(runtime)
+        self.active = 0
+        self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wam-infer")
+        self._packer = msgpack_numpy.Packer()
+
+    # -- HTTP ------------------------------------------------------------------------------------------
+
+    def _http(self, connection: ServerConnection, request):
+        path = urlparse(request.path).path
+        if path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            ready = self.active < self.max_sessions
+            return connection.respond(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
+                                      "ready\n" if ready else f"at capacity: {self.active} sessions\n")
+        if path == "/metrics":
+            response = connection.respond(HTTPStatus.OK, generate_latest(self.metrics.registry).decode())
+            response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+            return response
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found: websocket policy at /, or /healthz /readyz "
+                                                            "/metrics\n")
+        return None
+
+    # -- websocket sessions ---------------------------------------------------------------------------
+
+    async def _session(self, ws: ServerConnection) -> None:
+        if self.active >= self.max_sessions:
+            self.metrics.errors.labels("capacity").inc()
+            await ws.send(f"server at capacity ({self.active} sessions); retry later or use another replica")
+            await ws.close(1013, "at capacity")
+            return
+        self.active += 1
+        self.metrics.sessions.inc()
+        session = self.runtime.session()
+        try:
+            await ws.send(self._packer.pack(self.runtime.metadata()))
+            async for message in ws:
+                await ws.send(await self._reply(session, message, time.perf_counter()))
+        except ConnectionClosed:
+            pass
+        finally:
+            self.active -= 1
+            self.metrics.sessions.dec()
+
+    async def _reply(self, session: Session, message: bytes | str, received: float) -> bytes | str:
+        try:
+            if isinstance(message, str):
+                raise RequestError("requests are binary msgpack-numpy frames (openpi_client.msgpack_numpy), not text")
+            if len(message) > self.max_request_bytes:
+                raise RequestError(f"request of {len(message) / 1e6:.1f} MB exceeds the server's limit of "
+                                   f"{self.max_request_bytes / 1e6:.1f} MB (serving.max_request_mb)")
+            try:
+                obs = msgpack_numpy.unpackb(message)
+            except Exception as err:  # noqa: BLE001 - whatever the bytes were, the answer is the same
+                raise RequestError(f"cannot decode the request as msgpack-numpy: {type(err).__name__}: {err}") from None
+            result = await asyncio.get_running_loop().run_in_executor(self._device, self._infer, session, obs, received)
+            return self._packer.pack(result)
+        except RequestError as err:
+            self.metrics.errors.labels("bad_request").inc()
+            return f"bad request: {err}"
+        except Exception as err:  # noqa: BLE001 - one failed request must not take the server down
+            log.exception("inference failed")
+            session.reset()
+            self.metrics.errors.labels("internal").inc()
+            return f"internal error: {type(err).__name__}: {err}; the session was reset (the next call starts a new window)"
+
+    def _infer(self, session: Session, obs: dict, received: float) -> dict:
+        started = time.perf_counter()
+        result = session.infer(obs)
+        finished = time.perf_counter()
+        if "server_timing" in result:
+            result["server_timing"]["queue_ms"] = (started - received) * 1000
+        self.metrics.queue.observe(started - received)
+        self.metrics.latency.observe(finished - received)
+        self.metrics.requests.inc()
+        return result
+
+    # -- running --------------------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> Server:
+        return await serve(self._session, host, port, compression=None, process_request=self._http,
+                           max_size=4 * self.max_request_bytes)  # beyond this the library drops the connection
+
+    async def run(self, host: str, port: int) -> None:
+        server = await self.start(host, port)
+        log.info("serving %s on ws://%s:%d (%s)", self.runtime.metadata()["preset"], host, port,
+                 self.runtime.policy.compute_path)
+        await server.serve_forever()
+
+
+@contextmanager
+def serve_in_background(server: PolicyServer, host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
+    """Run the server on an event loop in a thread (tests, the local pipeline); yields the bound port."""
+    loop = asyncio.new_event_loop()
+    started: dict = {}
+    ready = threading.Event()
+
+    async def main() -> None:
+        started["server"] = await server.start(host, port)
+        ready.set()
+        await started["server"].serve_forever()
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True, name="wam-policy-server")
+    thread.start()
+    if not ready.wait(60):
+        raise RuntimeError("the policy server did not start")
+    try:
+        yield started["server"].sockets[0].getsockname()[1]
+    finally:
+        loop.call_soon_threadsafe(started["server"].close)
+        thread.join(10)
