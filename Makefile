@@ -44,8 +44,9 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Synthesizes robot datasets (LeRobot v3.0), trains the tiny preset from scratch on one (2 CPU processes,
-# FSDP2), exports the final checkpoint, and rolls the trained policy out chunk by chunk on held-out
-# episodes next to an untrained one.
+# FSDP2), exports the final checkpoint, rolls the trained policy out chunk by chunk on held-out episodes
+# next to an untrained one, then hands the final checkpoint off: NVFP4 quantization, the policy server,
+# and a held-out episode driving it through the public openpi-client.
 demo: setup
 	rm -rf runs/demo runs/demo-data
 	$(BIN)/wam data synth runs/demo-data/train --episodes 12 --seed 0
@@ -53,6 +54,7 @@ demo: setup
 	$(BIN)/wam train configs/demo.yaml
 	$(BIN)/wam export runs/demo/checkpoints runs/demo/model.safetensors --dtype float32
 	$(BIN)/wam demo --weights runs/demo/model.safetensors --dataset runs/demo-data/heldout
+	$(BIN)/wam pipeline configs/demo.yaml --port 8765 --client-dataset runs/demo-data/heldout
 
 lint: setup
 	$(BIN)/ruff check platform trainer operators tests benchmarks helm
