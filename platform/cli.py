@@ -15,7 +15,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -302,7 +301,7 @@ def _replay(cfg, uri: str, dataset: str, windows: int, asynchronous: bool, contr
         first = ", ".join(f"{v:+.2f}" for v in r.actions[0, :min(dims, 4)]) + (" ..." if dims > 4 else "")
         table.add_row(str(i), f"{r.round_trip_ms:.0f}", f"{r.server_timing['infer_ms']:.0f}",
                       f"{r.server_timing['queue_ms']:.1f}", "met" if r.met_deadline else f"missed ({r.budget_ms:.0f})",
-                      first, f"{np.abs(r.actions - step.recorded).mean():.3f}")
+                      first, f"{abs(r.actions - step.recorded).mean():.3f}")
     console.print(table)
 
 

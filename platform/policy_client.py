@@ -13,8 +13,10 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # wam.platform imports without numpy; the arrays come from openpi-client
+    import numpy as np
 
 Observation = dict  # camera frames, state, prompt (see the server's metadata for the keys)
 
