@@ -1,8 +1,8 @@
 """`wam quantize`: a complete training checkpoint -> an NVFP4 model folder the policy server loads.
 
-The checkpoint is read one tensor at a time (DCP reads only that tensor's bytes) and written in safetensors
-shards of `quantization.shard_mb`, so memory stays at about one shard plus one tensor, whatever the model
-size. The folder (layout in the README):
+The checkpoint is read in groups of at most `quantization.shard_mb` (DCP reads only those tensors' bytes)
+and written in safetensors shards of the same size, so memory stays at about two shards plus a few copies
+of the largest tensor, whatever the model size. The folder (layout in the README):
 
   model-00001-of-0000N.safetensors ...  per quantized weight W: W.packed, W.scales, W.global_scale (nvfp4.py);
                                         every other tensor in bfloat16 under its own name
@@ -20,6 +20,7 @@ import ctypes.util
 import fnmatch
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -170,6 +171,20 @@ def _embodiments(cfg: WamConfig) -> dict[str, dict]:
     return found
 
 
+def _read_groups(shapes: dict[str, tuple[int, ...]], limit: int) -> list[list[str]]:
+    """Consecutive tensors in groups of at most `limit` float32 bytes (a larger tensor alone)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = 4 * math.prod(shape)
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
 def _release_large_buffers_to_the_os() -> None:
     """glibc raises its mmap threshold after large frees, so later tensor-sized buffers come from the heap,
     which fragments and never shrinks: streaming a big model would then hold about the model's size anyway.
@@ -225,18 +240,20 @@ def quantize_checkpoint(checkpoint: str, out: str | None = None, keep: list[str]
     staging = Path(tempfile.mkdtemp(prefix=".quantize-", dir=staging_parent))
     try:
         writer = _ShardWriter(staging, limit, {"format": FORMAT, "step": str(manifest.step)})
-        for name, shape in shapes.items():
-            weight = torch.empty(shape, dtype=torch.float32)
-            load_from_checkpoint({name: weight}, uri)
-            report.input_bytes += weight.nbytes
-            reason = kept_reason(name, shape, keep)
-            if reason:
-                writer.add({name: weight.to(torch.bfloat16)})
-                report.layers.append(LayerReport(name, list(shape), "bfloat16", reason=reason))
-                continue
-            q = nvfp4.quantize(weight)
-            writer.add({f"{name}.{suffix}": getattr(q, suffix) for suffix in SUFFIXES})
-            report.layers.append(_layer_report(name, weight, q))
+        for group in _read_groups(shapes, limit):  # one DCP read per group: its fixed cost is ~50 ms
+            loaded = {name: torch.empty(shapes[name], dtype=torch.float32) for name in group}
+            load_from_checkpoint(loaded, uri)
+            for name, weight in loaded.items():
+                report.input_bytes += weight.nbytes
+                reason = kept_reason(name, shapes[name], keep)
+                if reason:
+                    writer.add({name: weight.to(torch.bfloat16)})
+                    report.layers.append(LayerReport(name, list(shapes[name]), "bfloat16", reason=reason))
+                    continue
+                q = nvfp4.quantize(weight)
+                writer.add({f"{name}.{suffix}": getattr(q, suffix) for suffix in SUFFIXES})
+                report.layers.append(_layer_report(name, weight, q))
+            del loaded
         weight_map = writer.finish()
         report.output_bytes = writer.bytes
         report.seconds = time.perf_counter() - start
