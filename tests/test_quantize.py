@@ -53,9 +53,9 @@ def test_round_trip_exact_on_representable_values_and_bounded_elsewhere():
     error = (nvfp4.dequantize(nvfp4.quantize(w)) - w).norm() / w.norm()
     assert 0.05 < error < 0.12  # FP4 keeps ~3 significant bits: ~10% relative error on Gaussian weights
     assert torch.equal(nvfp4.dequantize(nvfp4.quantize(torch.zeros(4, 32))), torch.zeros(4, 32))
-    assert torch.equal(nvfp4.unpack(nvfp4.quantize(w).packed), nvfp4.encode_fp4(
-        (w.view(128, 32, 16) / (nvfp4.quantize(w).scales.float() * nvfp4.quantize(w).global_scale)[..., None])
-        .clamp(-6, 6).view(128, 512)))
+    q = nvfp4.quantize(w)
+    assert torch.equal(nvfp4.unpack(q.packed), nvfp4.encode_fp4(
+        (w.view(128, 32, 16) / (q.scales.float() * q.global_scale)[..., None]).clamp(-6, 6).view(128, 512)))
 
 
 def test_rounding_is_to_nearest_with_ties_to_even():

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from wam.platform.config import resolve_preset
 from wam.platform.embodiment import EmbodimentProfile
 from wam.trainer.data.stats import NormStats
 from wam.trainer.data.transforms import normalize, tile
 from wam.trainer.inference import ChunkRollout
 from wam.trainer.model.encoders import EncoderPaths, FrozenEncoders
-from wam.trainer.model.vae import StreamState
+from wam.trainer.model.vae import StreamState, vae_config
 from wam.trainer.quantize.load import QuantizedPolicy
 from wam.trainer.serve.actions import ActionPostprocess
 
@@ -58,9 +59,6 @@ class PolicyRuntime:
 
     def __init__(self, policy: QuantizedPolicy, device: torch.device | str = "cpu", steps: int | None = None,
                  embodiment: str | None = None):
-        from wam.platform.config import resolve_preset
-        from wam.trainer.model.vae import vae_config
-
         self.policy, self.device = policy, torch.device(device)
         cfg = policy.config
         preset = resolve_preset(cfg)
@@ -73,9 +71,14 @@ class PolicyRuntime:
         self.pixel_frames_per_chunk = self.encoders.vae.cfg.temporal_stride * self.sample.frames_per_chunk
         self.profile, self.stats = self._embodiment(embodiment or cfg.serving.embodiment)
         s = cfg.serving
-        self.postprocess = None if self.stats is None else ActionPostprocess(
-            *(np.asarray(v) for v in (self.stats.action_q01, self.stats.action_q99)), self.profile.relative_dims,
-            s.smoothing_window, s.smoothing_order, tuple(s.gripper_dims), s.gripper_threshold)
+        self.state_range: tuple[np.ndarray, np.ndarray] | None = None  # q01, q99 of the state (robot units)
+        self.postprocess = None
+        if self.stats is not None:
+            state_q01, state_q99, action_q01, action_q99 = self.stats.arrays()
+            self.state_range = (state_q01, state_q99)
+            self.postprocess = ActionPostprocess(action_q01, action_q99, self.profile.relative_dims,
+                                                 s.smoothing_window, s.smoothing_order, tuple(s.gripper_dims),
+                                                 s.gripper_threshold)
 
     def _embodiment(self, name: str | None) -> tuple[EmbodimentProfile, NormStats | None]:
         known = self.policy.embodiments
@@ -249,10 +252,7 @@ class Session:
 
     def _act(self, anchor: np.ndarray) -> None:
         runtime = self.runtime
-        if runtime.stats is not None:
-            normalised = normalize(anchor, *(np.asarray(v) for v in (runtime.stats.state_q01, runtime.stats.state_q99)))
-        else:
-            normalised = anchor
+        normalised = anchor if runtime.state_range is None else normalize(anchor, *runtime.state_range)
         state = torch.zeros(1, runtime.arch.state_dim, device=runtime.device)
         state[0, :len(normalised)] = torch.as_tensor(normalised, dtype=torch.float32)
         index = self.rollout.next_chunk
