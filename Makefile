@@ -67,6 +67,7 @@ generate: setup
 
 bench: setup
 	$(BIN)/python benchmarks/model.py
+	$(BIN)/python benchmarks/attention.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

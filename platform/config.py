@@ -19,7 +19,7 @@ from wam.platform.embodiment import ProfileSection, resolve_profile
 from wam.platform.errors import ConfigError
 from wam.platform.presets import Preset, WamArch, get_preset
 
-ATTENTION_BACKENDS = ("sdpa", "flex")
+ATTENTION_BACKENDS = ("sdpa", "flex", "triton")
 NOISE_SCHEDULES = ("coupled", "flash")
 LOSS_WEIGHTINGS = ("uniform", "bell")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
@@ -32,7 +32,9 @@ BAD_SAMPLE_POLICIES = ("error", "skip")
 @dataclass
 class ModelSection:
     preset: str = "tiny"
-    attention: str = "sdpa"  # sdpa (dense mask; runs everywhere) | flex (block-sparse BlockMask, GPU training)
+    # sdpa (dense mask; runs everywhere) | flex (flex_attention, block-sparse BlockMask; GPU training) |
+    # triton (the platform's block-sparse Triton kernels; GPU training)
+    attention: str = "sdpa"
     # Architecture overrides of the preset; None keeps the preset's value.
     dim: int | None = None
     num_layers: int | None = None

@@ -28,13 +28,15 @@ class TokenKind(IntEnum):
 def attends(q_kind, q_chunk, k_kind, k_chunk):
     """True where a query token may attend to a key token.
 
-    Works elementwise on ints/bools and on broadcastable integer tensors alike (only ==, <, <=, &, |).
+    Works elementwise on ints/bools, on broadcastable integer tensors, and inside Triton kernels, which
+    compile this very function (only ==, <, <=, &, | and literal constants).
       - first frame  -> first frame
       - clean chunk i -> first frame, clean chunks <= i
       - noisy chunk i, action chunk i -> first frame, clean chunks < i, noisy i, action i, state i
       - state i      -> state i
+    Any other kind (padding, -1) attends to nothing and is attended to by nothing.
     """
-    FIRST, CLEAN, NOISY, ACTION, STATE = (int(k) for k in TokenKind)
+    FIRST, CLEAN, NOISY, ACTION, STATE = 0, 1, 2, 3, 4  # TokenKind's values, as literals Triton can compile
     k_first = k_kind == FIRST
     k_clean = k_kind == CLEAN
     same_chunk = q_chunk == k_chunk

@@ -1,9 +1,15 @@
 import dataclasses
+import os
 
 import pytest
 import torch
 
 from wam.platform.presets import get_preset
+
+# Without a GPU the Triton attention kernels run in Triton's interpreter, which must be chosen before Triton
+# is first imported (tests/test_kernels.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 

@@ -48,3 +48,13 @@ def test_serve_benchmark_smoke(tmp_path):
     assert set(data["cpu_tiny"]) == {"1_steps", "4_steps"}
     assert all(row["kv_cache"]["p50_ms"] > 0 for row in data["cpu_tiny"].values())
     assert data["quantization"]["streaming"]["mb_per_s"] > 0
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    """On CPU the attention benchmark checks the kernels in Triton's interpreter and reports the schedules."""
+    data = run_benchmark("attention.py", tmp_path, "--quick")
+    if data["device"] == "cpu":
+        assert all(error < 1e-4 for error in data["interpreter_max_abs_error"].values())
+        assert 0.30 < data["schedules"]["4_chunks"]["visited_tiles"] < 0.45
+    else:
+        assert all(row["results"]["triton"]["forward_ms"] > 0 for row in data["layouts"].values())

@@ -1,12 +1,12 @@
-"""GPU-only checks (marked `gpu`; they run wherever CUDA exists): compiled flex_attention forward and
-backward against the dense-mask SDPA reference, and the bf16 model on the GPU."""
+"""GPU-only checks (marked `gpu`; they run wherever CUDA exists): compiled flex_attention and the Triton
+kernels, forward and backward, against the dense-mask SDPA reference; the bf16 model on the GPU."""
 
 import pytest
 import torch
 
 from wam.platform.layout import TokenLayout
 from wam.trainer.model import WamInputs, build_model, model_config
-from wam.trainer.model.attention import FlexKernel, SDPAKernel
+from wam.trainer.model.attention import FlexKernel, SDPAKernel, TritonKernel
 from wam.trainer.model.mask import AttentionMask
 
 pytestmark = pytest.mark.gpu
@@ -21,25 +21,55 @@ def test_compiled_flex_forward_and_backward_match_dense_sdpa(dtype, tol):
                for _ in range(3))
     grad = torch.randn(1, layout.length, 4, 64, device="cuda", dtype=dtype, generator=g)
     results = []
-    for kernel in (SDPAKernel(SDPAKernel.Config()), FlexKernel(FlexKernel.Config())):
+    for kernel in (SDPAKernel(SDPAKernel.Config()), FlexKernel(FlexKernel.Config()),
+                   TritonKernel(TritonKernel.Config())):
         out = kernel(q, k, v, mask)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
         results.append((out, dq, dk, dv))
-    for ref, got in zip(*results, strict=True):
-        assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < tol
+    for other in results[1:]:
+        for ref, got in zip(results[0], other, strict=True):
+            assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < tol
 
 
-def test_bf16_training_step_with_flex_attention_on_gpu(tiny):
-    model = build_model(model_config(tiny.arch, tiny.sample, attention="flex"), device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunks, actions", [(1, 24), (4, 24), (4, 48)])
+def test_triton_kernels_at_the_14b_head_size_match_sdpa(dtype, chunks, actions):
+    """head_dim 128 (the 14B's), real tile sizes and tuning, 96 tokens per latent frame; out, lse, grads."""
+    from wam.trainer.kernels import block_sparse_attention
+
+    layout = TokenLayout.teacher_forcing(chunks, 2, 96, actions)
+    mask = AttentionMask(layout)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, layout.length, 4, 128, device="cuda", dtype=dtype, generator=g).requires_grad_()
+               for _ in range(3))
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True)
+    qf, kf, vf = (t.detach().float().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    dense = mask.dense("cuda")
+    ref = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, attn_mask=dense)
+    scores = (qf @ kf.transpose(-1, -2) / 128**0.5).masked_fill(~dense, float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1).detach(), atol=2e-2, rtol=2e-2)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref.transpose(1, 2), (qf, kf, vf), grad.float())
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    assert rel(out, ref.transpose(1, 2)) < 1e-2
+    for a, b in zip(got, want, strict=True):
+        assert rel(a, b.transpose(1, 2)) < 2e-2
+
+
+@pytest.mark.parametrize("attention", ["flex", "triton"])
+def test_bf16_training_step_on_gpu(tiny, attention):
+    model = build_model(model_config(tiny.arch, tiny.sample, attention=attention), device="cuda", dtype=torch.bfloat16)
     batch = WamInputs.random(tiny.arch, tiny.sample, batch=2, device="cuda")
     out = model(batch)
     (out.video.square().mean() + out.actions.square().mean()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
-def test_kv_cache_matches_full_forward_on_gpu(tiny):
+@pytest.mark.parametrize("attention", ["flex", "triton"])
+def test_kv_cache_matches_full_forward_on_gpu(tiny, attention):
     arch, sample = tiny.arch, tiny.sample
-    model = build_model(model_config(arch, sample, attention="flex"), device="cuda").eval()
+    model = build_model(model_config(arch, sample, attention=attention), device="cuda").eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=(p.numel() / p.shape[0]) ** -0.5 if p.ndim > 1 else 0.1)
     batch = WamInputs.random(arch, sample, batch=1, device="cuda")

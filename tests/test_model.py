@@ -84,7 +84,7 @@ def _observe_chunk(model, cache, latents, c, f):
     model.observe(cache, latents[:, :, 1 + c * f:1 + (c + 1) * f], chunk=c)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("attention", ["sdpa", "flex", "triton"])
 def test_kv_cache_inference_equals_the_full_forward(tiny, attention):
     arch, sample = tiny.arch, tiny.sample
     model = randomized_model(arch, sample, attention=attention)

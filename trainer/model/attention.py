@@ -1,8 +1,9 @@
 """Self- and cross-attention of the Wan DiT block, with a pluggable masked-attention kernel.
 
 Tensors are (batch, tokens, heads, head_dim) between modules, as in torchtitan. The kernel is chosen by
-`model.attention`: `sdpa` (dense boolean mask; runs everywhere, the CPU training path) or `flex`
-(flex_attention with the block-sparse BlockMask; compiled on GPU, forward-only on CPU).
+`model.attention`: `sdpa` (dense boolean mask; runs everywhere, the CPU training path), `flex`
+(flex_attention with the block-sparse BlockMask; compiled on GPU, forward-only on CPU) or `triton` (the
+platform's own block-sparse kernels, wam.trainer.kernels; GPU, or Triton's interpreter in tests).
 """
 
 from __future__ import annotations
@@ -65,7 +66,29 @@ class FlexKernel(Module):
         return out.transpose(1, 2)
 
 
-KERNELS = {"sdpa": SDPAKernel, "flex": FlexKernel}
+class TritonKernel(Module):
+    """The platform's Triton flash-attention kernels (wam.trainer.kernels): only tiles the mask allows are
+    visited, one custom op with its own backward. CUDA GPUs; on CPU only under TRITON_INTERPRET=1 (tests)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Module.Config):
+        # Rotate q/k inside the kernels instead of before them (training, no KV cache). Off by default: it is
+        # correct (tests) but not yet measured faster on a GPU (benchmarks/attention.py --fuse-rope).
+        fuse_rope: bool = False
+
+    def __init__(self, config: Config):
+        super().__init__()
+        from wam.trainer.kernels import block_sparse_attention  # Triton is imported only for this backend
+
+        self.attention = block_sparse_attention
+        self.fuses_rope = config.fuse_rope
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.attention(q, k, v, mask, rope=rope)
+
+
+KERNELS = {"sdpa": SDPAKernel, "flex": FlexKernel, "triton": TritonKernel}
 
 
 class _Attention(Module):
@@ -103,10 +126,10 @@ class SelfAttention(_Attention):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 cache: LayerCache | None = None) -> torch.Tensor:
         """x (B, L, dim) attends under `mask` to its own keys, after the cache's committed keys if given."""
-        cos, sin = rope
-        q = apply_rope(self._heads(self.norm_q(self.q(x))), cos, sin)
-        k = apply_rope(self._heads(self.norm_k(self.k(x))), cos, sin)
-        v = self._heads(self.v(x))
+        q, k, v = self._heads(self.norm_q(self.q(x))), self._heads(self.norm_k(self.k(x))), self._heads(self.v(x))
+        if cache is None and getattr(self.kernel, "fuses_rope", False):
+            return self.o(self.kernel(q, k, v, mask, rope=rope).flatten(2))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.extend(k, v)
         return self.o(self.kernel(q, k, v, mask).flatten(2))

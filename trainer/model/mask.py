@@ -66,7 +66,8 @@ class AttentionMask:
         self.keys = keys if keys is not None else queries
         self._cache: dict[tuple, object] = {}
 
-    def _cached(self, key: tuple, build):
+    def cached(self, key: tuple, build):
+        """`build()` once per key: every form of this mask (and the kernels' schedules) is made once."""
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
@@ -77,7 +78,7 @@ class AttentionMask:
             kk, kc = token_metadata(self.keys, torch.device(device))
             return attends(qk[:, None], qc[:, None], kk[None, :], kc[None, :])
 
-        return self._cached(("dense", str(device)), build)
+        return self.cached(("dense", str(device)), build)
 
     def block_layout(self, block_q: int = 128, block_k: int = 128) -> BlockLayout:
         def build() -> BlockLayout:
@@ -88,7 +89,7 @@ class AttentionMask:
             any_forbidden = (q_overlap @ (1 - allowed) @ k_overlap.T) > 0
             return BlockLayout(block_q, block_k, partial=any_allowed & any_forbidden, full=any_allowed & ~any_forbidden)
 
-        return self._cached(("blocks", block_q, block_k), build)
+        return self.cached(("blocks", block_q, block_k), build)
 
     def block_mask(self, device: torch.device | str, block_size: int = 128) -> BlockMask:
         def build() -> BlockMask:
@@ -110,4 +111,4 @@ class AttentionMask:
             return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
                                             mask_mod=mask_mod, seq_lengths=(self.queries.length, self.keys.length))
 
-        return self._cached(("flex", str(device), block_size), build)
+        return self.cached(("flex", str(device), block_size), build)
