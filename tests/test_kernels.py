@@ -11,11 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
+from wam.platform.config import load_config
 from wam.platform.layout import TokenKind, TokenLayout
 from wam.trainer.kernels import RaggedMask, block_sparse_attention
 from wam.trainer.kernels.schedule import KernelConfigs, PassConfig, build_schedule
+from wam.trainer.model.attention import TritonKernel
 from wam.trainer.model.mask import AttentionMask
 from wam.trainer.model.rope import apply_rope, rope_tables
+
+from conftest import progress, random_inputs, randomized_model, wam_cli, write_run_config
 
 HEADS = 2
 
@@ -241,10 +245,6 @@ def test_schedule_skips_most_tiles_of_the_14b_layout():
 @pytest.mark.parametrize("fuse_rope", [False, True], ids=["rope-before", "rope-fused"])
 def test_wam_training_step_with_triton_attention_matches_sdpa(tiny, fuse_rope):
     """The tiny WAM on a 2-chunk sample: outputs and every parameter gradient equal the SDPA model's."""
-    from wam.trainer.model.attention import TritonKernel
-
-    from conftest import random_inputs, randomized_model
-
     sample = dataclasses.replace(tiny.sample, num_chunks=2, latent_height=4)
     reference_model = randomized_model(tiny.arch, sample, attention="sdpa")
     model = randomized_model(tiny.arch, sample, attention="triton")
@@ -261,3 +261,22 @@ def test_wam_training_step_with_triton_attention_matches_sdpa(tiny, fuse_rope):
     torch.testing.assert_close(outputs[1].actions, outputs[0].actions, atol=1e-5, rtol=1e-4)
     for (name, p), ref in zip(model.named_parameters(), reference_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, ref.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_fsdp2_training_with_triton_attention_matches_sdpa(tmp_path):
+    """`wam train` on 2 processes (torchtitan, FSDP2 over gloo) with the Triton op inside every block: the
+    losses follow the SDPA run's (different kernels: equal within float tolerance, not bit for bit)."""
+    losses = {}
+    for attention in ("sdpa", "triton"):
+        config = write_run_config(tmp_path, attention, model={"preset": "tiny", "attention": attention},
+                                  sample={"num_chunks": 2, "latent_height": 4},
+                                  training={"steps": 2, "batch_size": 1, "warmup_steps": 1},
+                                  checkpoint={"interval": 2})
+        result = wam_cli("train", config)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        cfg = load_config(config)
+        assert cfg.model.attention == attention
+        losses[attention] = [r["loss"] for _, r in sorted(progress(cfg.run_dir).items())]
+    assert len(losses["triton"]) == 2  # step 2's loss depends on step 1's gradients
+    assert losses["triton"] == pytest.approx(losses["sdpa"], rel=1e-4)
