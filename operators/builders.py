@@ -1,4 +1,5 @@
-"""Pure builders of a TrainJob's training children: the config ConfigMap and the JobSet of one attempt.
+"""Pure builders of a TrainJob's training children: the config ConfigMap and the JobSet of one attempt (the
+RayJob of spec.launcher: ray is in wam.operators.rayjob, from the same pod pieces).
 
 No I/O and no cluster: a TrainJob, the settings and the attempt number in, plain manifests out. Gang
 scheduling (wam.operators.gang) and accelerator placement (wam.operators.placement) are applied here
@@ -47,7 +48,8 @@ def config_map_name(job: TrainJob) -> str:
     return f"{job.name}-config"
 
 
-def jobset_name(job: TrainJob, attempt: int) -> str:
+def attempt_name(job: TrainJob, attempt: int) -> str:
+    """The training child of an attempt (JobSet, or RayJob under spec.launcher: ray)."""
     return f"{job.name}-{attempt}"
 
 
@@ -74,16 +76,9 @@ def secret_refs(job: TrainJob, settings: OperatorSettings) -> list[str]:
     return list(dict.fromkeys([*settings.secret_refs, *job.spec.secret_refs]))
 
 
-def _training_env(job: TrainJob, name: str, settings: OperatorSettings) -> list[dict]:
-    spec = job.spec
-    rank_field = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+def trainer_env(job: TrainJob, settings: OperatorSettings) -> list[dict]:
+    """What every training process reads, whoever starts it: its config, where to report, the spec's env."""
     env = [
-        # torchrun reads PET_<ARG> as the default of --<arg>: static rendezvous on the first pod
-        {"name": "PET_NNODES", "value": str(spec.resources.nodes)},
-        {"name": "PET_NPROC_PER_NODE", "value": str(gpus_per_node(job, settings.platform()))},
-        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": rank_field}}},
-        {"name": "PET_MASTER_ADDR", "value": f"{name}-{REPLICATED_JOB}-0-0.{name}"},
-        {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
         {"name": "WAM_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
         {"name": termination.ENV, "value": TERMINATION_LOG},
         {"name": "WAM_TRAINJOB", "value": f"{job.namespace}/{job.name}"},
@@ -91,7 +86,19 @@ def _training_env(job: TrainJob, name: str, settings: OperatorSettings) -> list[
     ]
     if settings.mlflow.tracking_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": settings.mlflow.tracking_uri})
-    return env + [{"name": e.name, "value": e.value} for e in spec.env]
+    return env + [{"name": e.name, "value": e.value} for e in job.spec.env]
+
+
+def _rendezvous_env(job: TrainJob, name: str, settings: OperatorSettings) -> list[dict]:
+    rank_field = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    # torchrun reads PET_<ARG> as the default of --<arg>: static rendezvous on the first pod
+    return [
+        {"name": "PET_NNODES", "value": str(job.spec.resources.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(gpus_per_node(job, settings.platform()))},
+        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": rank_field}}},
+        {"name": "PET_MASTER_ADDR", "value": f"{name}-{REPLICATED_JOB}-0-0.{name}"},
+        {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+    ]
 
 
 def training_command() -> list[str]:
@@ -99,22 +106,26 @@ def training_command() -> list[str]:
             "--module", "wam.trainer.titan", "--config", "from_yaml"]
 
 
-def _pod_spec(job: TrainJob, name: str, settings: OperatorSettings) -> dict:
+def node_resources(job: TrainJob, settings: OperatorSettings) -> dict:
+    """A training node's share: the accelerator profile's CPUs and memory, and its GPUs."""
     profile = settings.accelerators[job.spec.resources.accelerator]
-    gpus = gpus_per_node(job, settings.platform())
+    gpus = str(gpus_per_node(job, settings.platform()))
     memory = job.spec.resources.memory or profile.memory
-    container = {
-        "name": CONTAINER,
+    return {"requests": {"cpu": profile.cpu, "memory": memory, profile.gpu_resource: gpus},
+            "limits": {"memory": memory, profile.gpu_resource: gpus}}
+
+
+def trainer_container(job: TrainJob, settings: OperatorSettings, name: str, env: list[dict],
+                      resources: dict) -> dict:
+    """The trainer image with the run's config, scratch space and shared memory, locked down. No command:
+    the JobSet runs torchrun in it, KubeRay `ray start`."""
+    return {
+        "name": name,
         "image": job.spec.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": training_command(),
-        "env": _training_env(job, name, settings),
+        "env": env,
         "envFrom": env_from(secret_refs(job, settings)),
-        "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],
-        "resources": {
-            "requests": {"cpu": profile.cpu, "memory": memory, profile.gpu_resource: str(gpus)},
-            "limits": {"memory": memory, profile.gpu_resource: str(gpus)},
-        },
+        "resources": resources,
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "workspace", "mountPath": WORKSPACE},
@@ -126,6 +137,10 @@ def _pod_spec(job: TrainJob, name: str, settings: OperatorSettings) -> dict:
         "securityContext": security_context(),
         "workingDir": WORKSPACE,
     }
+
+
+def trainer_pod_spec(job: TrainJob, settings: OperatorSettings, container: dict) -> dict:
+    profile = settings.accelerators[job.spec.resources.accelerator]
     pod = {
         "restartPolicy": "Never",  # a failed process fails the attempt; the operator restarts the whole gang
         "containers": [container],
@@ -144,11 +159,22 @@ def _pod_spec(job: TrainJob, name: str, settings: OperatorSettings) -> dict:
     return pod
 
 
+def attempt_template(job: TrainJob, attempt: int, component: str, spec: dict) -> dict:
+    """A pod template of one attempt (labels say whose, and which attempt)."""
+    return {"metadata": {"labels": {**labels(job, component), ATTEMPT_LABEL: str(attempt)}, "annotations": {}},
+            "spec": spec}
+
+
 def jobset(job: TrainJob, attempt: int, settings: OperatorSettings) -> dict:
     """One training attempt: `nodes` indexed pods of one Job, reachable by DNS, gang-scheduled and placed."""
-    name = jobset_name(job, attempt)
+    name = attempt_name(job, attempt)
     nodes = job.spec.resources.nodes
-    pod_labels = {**labels(job, "training"), ATTEMPT_LABEL: str(attempt)}
+    container = trainer_container(job, settings, CONTAINER,
+                                  _rendezvous_env(job, name, settings) + trainer_env(job, settings),
+                                  node_resources(job, settings))
+    container["command"] = training_command()
+    container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
+    template = attempt_template(job, attempt, "training", trainer_pod_spec(job, settings, container))
     js = {
         "apiVersion": "jobset.x-k8s.io/v1alpha2",
         "kind": "JobSet",
@@ -163,21 +189,18 @@ def jobset(job: TrainJob, attempt: int, settings: OperatorSettings) -> dict:
                 "name": REPLICATED_JOB,
                 "replicas": 1,
                 "template": {
-                    "metadata": {"labels": dict(pod_labels)},
+                    "metadata": {"labels": dict(template["metadata"]["labels"])},
                     "spec": {
                         "parallelism": nodes,
                         "completions": nodes,
                         "completionMode": "Indexed",
                         "backoffLimit": 0,
-                        "template": {
-                            "metadata": {"labels": dict(pod_labels), "annotations": {}},
-                            "spec": _pod_spec(job, name, settings),
-                        },
+                        "template": template,
                     },
                 },
             }],
         },
     }
     placement.apply(js, job, settings)
-    gang.apply(js, job, settings)
+    gang.apply(js, job, settings, [template])
     return js

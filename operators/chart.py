@@ -1,5 +1,6 @@
-"""values.schema.json of the Helm chart: the operator settings and the nightly TrainJob template are
-checked at install time with the same schemas the operator and the CRD use (generated from the types).
+"""values.schema.json of the Helm chart: the operator settings and the nightly regression suite are
+checked at install time with the same schemas the operator, the CRD and `wam regress` use (generated from
+the types).
 
 `python -m wam.operators.chart` prints it; `make generate` writes the chart's copy, a test checks it."""
 
@@ -10,6 +11,7 @@ import json
 from wam.operators.settings import OperatorSettings
 from wam.platform.apischema import SchemaStyle, openapi
 from wam.platform.crd import spec_schema
+from wam.platform.regress import Suite
 
 
 def json_schema(schema: dict) -> dict:
@@ -40,6 +42,13 @@ _STRING, _BOOL, _OBJECT, _LIST = {"type": "string"}, {"type": "boolean"}, {"type
 _PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 
 
+def suite_schema() -> dict:
+    """A regression suite (configs/regress/*.yaml): its TrainJob spec checked as the CRD checks one."""
+    schema = openapi(Suite, SchemaStyle(defaults=False))
+    schema["properties"]["trainJob"] = {**spec_schema(), "description": "The TrainJob spec trained."}
+    return schema
+
+
 def values_schema() -> dict:
     image = _object("A container image.", repository=_STRING, tag=_STRING,
                     pullPolicy={"type": "string", "enum": ["Always", "IfNotPresent", "Never"]})
@@ -56,9 +65,8 @@ def values_schema() -> dict:
                        persistence=_object("", size=_STRING, storageClass=_STRING),
                        artifactsDestination=_STRING, secretRefs={"type": "array", "items": _STRING},
                        trackingUri=_STRING, externalUrl=_STRING, resources=_OBJECT),
-        nightly=_object("Nightly regression TrainJob.", enabled=_BOOL, schedule=_STRING,
-                        name={"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 34},
-                        trainJob=spec_schema()),
+        nightly=_object("Nightly regression suite, run by `wam regress`.", enabled=_BOOL, schedule=_STRING,
+                        updateBaseline=_BOOL, resources=_OBJECT, suite=suite_schema()),
     )
     schema["properties"]["settings"]["properties"].pop("mlflow")  # the chart fills it from mlflow.*
     return {"$schema": "https://json-schema.org/draft-07/schema#", **json_schema(schema)}

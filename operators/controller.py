@@ -10,9 +10,18 @@ import uuid
 from collections import defaultdict
 
 from wam.operators import builders, gang, handoff, kube, metrics, progress
-from wam.operators.reconcile import Observed, Plan, invalid, now_iso, plan
+from wam.operators.reconcile import (
+    Observed,
+    Plan,
+    child_state,
+    invalid,
+    now_iso,
+    plan,
+    started,
+    training_kind,
+)
 from wam.operators.settings import OperatorSettings
-from wam.operators.status import TERMINAL_PHASES, jobset_state
+from wam.operators.status import TERMINAL_PHASES
 from wam.platform import trainjob
 from wam.platform.apischema import to_api
 from wam.platform.config import WamConfig
@@ -57,7 +66,7 @@ class Controller:
             cfg = self._training_config(job)
         except ConfigError as err:
             status = trainjob.parse_status(obj.get("status") or {})
-            if status.jobset is not None:  # it ran before: a spec edit cannot take back what was started
+            if started(status):  # it ran before: a spec edit cannot take back what was started
                 log.warning("TrainJob %s/%s: %s", meta["namespace"], meta["name"], err)
                 return status.phase
             new = invalid(status, meta.get("generation", 1), str(err), now)
@@ -85,18 +94,21 @@ class Controller:
     def observe(self, job: TrainJob) -> Observed:
         ns, st = job.namespace, job.status
         seen = Observed()
-        current = builders.jobset_name(job, st.attempt)
-        for js in self.kube.list(kube.JOBSET, ns, {builders.JOB_LABEL: job.name}):
-            if js["metadata"]["name"] == current:
-                seen.jobset = js
-            elif not js["metadata"].get("deletionTimestamp"):
-                seen.stale_jobsets.append(js["metadata"]["name"])
-        state = jobset_state(seen.jobset)[0] if seen.jobset else None
+        current, kind = builders.attempt_name(job, st.attempt), training_kind(job)
+        for child in self.kube.list(kind, ns, {builders.JOB_LABEL: job.name}):
+            if child["metadata"]["name"] == current:
+                seen.child = child
+            elif not child["metadata"].get("deletionTimestamp"):
+                seen.stale.append(child["metadata"]["name"])
+        state = child_state(job, seen.child)[0] if seen.child else None
         running = st.phase not in TERMINAL_PHASES
         if running and state == "failed":
-            seen.pods = self.kube.list(kube.POD, ns, {JOBSET_NAME_LABEL: current})
-        if running and seen.jobset and gang.kueue_owns_suspend(job, self.settings):
-            uid = seen.jobset["metadata"].get("uid", "")
+            # JobSet pods by their JobSet; a RayJob's (KubeRay names them) by the attempt's template labels
+            selector = {JOBSET_NAME_LABEL: current} if kind == kube.JOBSET else \
+                {builders.JOB_LABEL: job.name, builders.ATTEMPT_LABEL: str(st.attempt)}
+            seen.pods = self.kube.list(kube.POD, ns, selector)
+        if running and seen.child and gang.kueue_owns_suspend(job, self.settings):
+            uid = seen.child["metadata"].get("uid", "")
             workloads = self.kube.list(kube.WORKLOAD, ns, {gang.KUEUE_JOB_UID_LABEL: uid}) if uid else []
             seen.workload = workloads[0] if workloads else None
         if job.spec.handoff.quantize != "never":

@@ -4,7 +4,8 @@
   from then on Kueue alone flips `spec.suspend` (admission, preemption). The operator never touches it:
   suspending such a job deactivates its Kueue Workload instead.
 - volcano / coscheduling: one PodGroup for the whole JobSet (minMember = every pod) and the scheduler's
-  name and group marker on the pods; without it each child Job would be its own gang of one.
+  name and group marker on the pods; without it each child Job would be its own gang of one. A RayJob is
+  labelled for KubeRay instead, which makes the PodGroup of its cluster (head and workers) itself.
 - none: the default scheduler, no gang.
 """
 
@@ -19,6 +20,10 @@ KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
 COSCHEDULING_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"
 SCHEDULERS = {"volcano": "volcano", "coscheduling": "scheduler-plugins-scheduler"}
+# KubeRay's batch-scheduler integration reads these from a RayJob (copied to its RayCluster).
+KUBERAY_VOLCANO_QUEUE_LABEL = "volcano.sh/queue-name"
+KUBERAY_PRIORITY_LABEL = "ray.io/priority-class-name"
+KUBERAY_GANG_LABEL = "ray.io/gang-scheduling-enabled"
 
 
 def backend(job: TrainJob, settings: OperatorSettings) -> str:
@@ -33,31 +38,42 @@ def kueue_owns_suspend(job: TrainJob, settings: OperatorSettings) -> bool:
     return backend(job, settings) == "kueue"
 
 
-def apply(js: dict, job: TrainJob, settings: OperatorSettings) -> None:
-    """Mark a JobSet for its gang scheduler (its PodGroup, if any, comes from `pod_group`)."""
+def apply(obj: dict, job: TrainJob, settings: OperatorSettings, templates: list[dict]) -> None:
+    """Mark a JobSet or a RayJob (and its pod templates) for its gang scheduler. A JobSet's PodGroup, if any,
+    comes from `pod_group`; KubeRay makes a RayJob's itself (its operator runs with the matching
+    batch scheduler)."""
     kind = backend(job, settings)
-    pod_template = js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
     priority = job.spec.scheduling.priority_class
     if kind == "kueue":
-        js["metadata"]["labels"][KUEUE_QUEUE_LABEL] = queue(job, settings)
+        obj["metadata"]["labels"][KUEUE_QUEUE_LABEL] = queue(job, settings)
         if priority:
-            js["metadata"]["labels"][KUEUE_PRIORITY_LABEL] = priority  # a WorkloadPriorityClass
-        js["spec"]["suspend"] = True  # Kueue resumes it on admission
+            obj["metadata"]["labels"][KUEUE_PRIORITY_LABEL] = priority  # a WorkloadPriorityClass
+        obj["spec"]["suspend"] = True  # Kueue resumes it on admission
         return
     if priority:
-        pod_template["spec"]["priorityClassName"] = priority
-    if kind == "volcano":
-        pod_template["spec"]["schedulerName"] = SCHEDULERS[kind]
-        pod_template["metadata"]["annotations"][VOLCANO_GROUP_ANNOTATION] = js["metadata"]["name"]
-    elif kind == "coscheduling":
-        pod_template["spec"]["schedulerName"] = SCHEDULERS[kind]
-        pod_template["metadata"]["labels"][COSCHEDULING_GROUP_LABEL] = js["metadata"]["name"]
+        for template in templates:
+            template["spec"]["priorityClassName"] = priority
+    if obj["kind"] == "RayJob":
+        if kind == "volcano":
+            obj["metadata"]["labels"][KUBERAY_VOLCANO_QUEUE_LABEL] = queue(job, settings)
+            if priority:
+                obj["metadata"]["labels"][KUBERAY_PRIORITY_LABEL] = priority
+        elif kind == "coscheduling":
+            obj["metadata"]["labels"][KUBERAY_GANG_LABEL] = "true"
+        return
+    for template in templates:
+        if kind == "volcano":
+            template["spec"]["schedulerName"] = SCHEDULERS[kind]
+            template["metadata"]["annotations"][VOLCANO_GROUP_ANNOTATION] = obj["metadata"]["name"]
+        elif kind == "coscheduling":
+            template["spec"]["schedulerName"] = SCHEDULERS[kind]
+            template["metadata"]["labels"][COSCHEDULING_GROUP_LABEL] = obj["metadata"]["name"]
 
 
 def pod_group(js: dict, job: TrainJob, settings: OperatorSettings) -> dict | None:
     """The PodGroup of a JobSet under volcano or coscheduling (same name as the JobSet), else None."""
     kind = backend(job, settings)
-    if kind not in ("volcano", "coscheduling"):
+    if kind not in ("volcano", "coscheduling") or js["kind"] != "JobSet":
         return None
     nodes = job.spec.resources.nodes
     resources = js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]["resources"]

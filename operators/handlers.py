@@ -14,8 +14,9 @@ from wam.operators.status import TERMINAL_PHASES
 from wam.platform import trainjob
 
 FINALIZER = "wam.dev/operator"
-# Children whose status changes matter: a JobSet starting/finishing, a quantization Job, the policy server.
-WATCHED_CHILDREN = (("jobset.x-k8s.io", "v1alpha2", "jobsets"), ("batch", "v1", "jobs"),
+# Children whose status changes matter: a JobSet or RayJob starting/finishing, a quantization Job, the policy
+# server. A kind the cluster does not serve (no KubeRay, say) is not watched (kopf warns once at start-up).
+WATCHED_CHILDREN = (("jobset.x-k8s.io", "v1alpha2", "jobsets"), ("ray.io", "v1", "rayjobs"), ("batch", "v1", "jobs"),
                     ("apps", "v1", "deployments"))
 
 

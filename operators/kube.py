@@ -37,12 +37,13 @@ EVENT = Kind("v1", "Event", "events")
 JOB = Kind("batch/v1", "Job", "jobs")
 DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
 JOBSET = Kind("jobset.x-k8s.io/v1alpha2", "JobSet", "jobsets")
+RAYJOB = Kind("ray.io/v1", "RayJob", "rayjobs")
 WORKLOAD = Kind("kueue.x-k8s.io/v1beta2", "Workload", "workloads")
 COMPUTE_DOMAIN = Kind("resource.nvidia.com/v1beta1", "ComputeDomain", "computedomains")
 VOLCANO_POD_GROUP = Kind("scheduling.volcano.sh/v1beta1", "PodGroup", "podgroups")
 COSCHEDULING_POD_GROUP = Kind("scheduling.x-k8s.io/v1alpha1", "PodGroup", "podgroups")
 KINDS = {(k.api_version, k.kind): k for k in (TRAINJOB, CONFIGMAP, SERVICE, POD, EVENT, JOB, DEPLOYMENT, JOBSET,
-                                               WORKLOAD, COMPUTE_DOMAIN, VOLCANO_POD_GROUP, COSCHEDULING_POD_GROUP)}
+                                               RAYJOB, WORKLOAD, COMPUTE_DOMAIN, VOLCANO_POD_GROUP, COSCHEDULING_POD_GROUP)}
 
 
 def kind_of(obj: dict) -> Kind:

@@ -42,19 +42,36 @@ def node_selector(p: AcceleratorProfile) -> dict[str, str]:
     return {"kubernetes.io/arch": p.arch, **p.node_selector}
 
 
-def apply(js: dict, job: TrainJob, settings: OperatorSettings) -> None:
+def place_pod(template: dict, job: TrainJob, settings: OperatorSettings) -> bool:
+    """The profile's nodes and tolerations on a GPU pod template; for an NVLink domain (GB200) also the domain's
+    channel claim, nodes in a clique, and with Kueue its required topology (all pods in one clique). True when
+    the pods must share a clique and Kueue does not see to it: the caller keeps them together."""
     p = profile(job, settings)
-    pod_template = js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
-    pod = pod_template["spec"]
+    pod = template["spec"]
     pod["nodeSelector"] = node_selector(p)
     pod["tolerations"] = list(p.tolerations)
     if not p.nvlink_domain:
-        return
+        return False
     pod["resourceClaims"] = [{"name": CHANNEL_CLAIM, "resourceClaimTemplateName": channel_template_name(job)}]
     pod["containers"][0]["resources"]["claims"] = [{"name": CHANNEL_CLAIM}]
     pod["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": [{"key": p.clique_label, "operator": "Exists"}]}]}}}
     if gang.backend(job, settings) == "kueue":
-        pod_template["metadata"]["annotations"][KUEUE_REQUIRED_TOPOLOGY] = p.clique_label
-    else:
-        js["metadata"].setdefault("annotations", {})[JOBSET_EXCLUSIVE_TOPOLOGY] = p.clique_label
+        template["metadata"]["annotations"][KUEUE_REQUIRED_TOPOLOGY] = p.clique_label
+        return False
+    return True
+
+
+def apply(js: dict, job: TrainJob, settings: OperatorSettings) -> None:
+    """Place a JobSet's pods; without Kueue, JobSet's exclusive topology keeps them in one clique."""
+    if place_pod(js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"], job, settings):
+        js["metadata"].setdefault("annotations", {})[JOBSET_EXCLUSIVE_TOPOLOGY] = profile(job, settings).clique_label
+
+
+def apply_ray_workers(template: dict, job: TrainJob, settings: OperatorSettings) -> None:
+    """Place a RayJob's worker pods; without Kueue, pod affinity to each other keeps them in one clique (the
+    first lands anywhere, the others where it did)."""
+    if place_pod(template, job, settings):
+        template["spec"]["affinity"]["podAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": [{
+            "labelSelector": {"matchLabels": dict(template["metadata"]["labels"])},
+            "topologyKey": profile(job, settings).clique_label}]}

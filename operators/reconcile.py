@@ -16,15 +16,17 @@ import copy
 import datetime
 from dataclasses import dataclass, field
 
-from wam.operators import builders, gang, handoff, kube, placement
+from wam.operators import builders, gang, handoff, kube, placement, rayjob
 from wam.operators.progress import TrainingReport, run_url
 from wam.operators.settings import OperatorSettings
 from wam.operators.status import (
     TERMINAL_PHASES,
     classify_failure,
+    classify_rayjob_failure,
     is_true,
     job_state,
     jobset_state,
+    rayjob_state,
     set_condition,
     workload_admission,
 )
@@ -47,10 +49,10 @@ from wam.platform.trainjob import (
 class Observed:
     """The children of one TrainJob (and the training job's own reports) as read just now."""
 
-    jobset: dict | None = None  # the JobSet of the current attempt
-    stale_jobsets: list[str] = field(default_factory=list)  # JobSets of earlier attempts still present
+    child: dict | None = None  # the training child of the current attempt: JobSet, or RayJob (spec.launcher: ray)
+    stale: list[str] = field(default_factory=list)  # training children of earlier attempts still present
     pods: list[dict] = field(default_factory=list)  # pods of the current attempt (read when it failed)
-    workload: dict | None = None  # Kueue's Workload of the current JobSet
+    workload: dict | None = None  # Kueue's Workload of the current child
     quantize_jobs: dict[int, dict] = field(default_factory=dict)  # checkpoint step -> Job
     deployment: dict | None = None
     service: dict | None = None
@@ -71,21 +73,33 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
+def training_kind(job: TrainJob) -> kube.Kind:
+    return kube.RAYJOB if job.spec.launcher == "ray" else kube.JOBSET
+
+
+def child_state(job: TrainJob, child: dict) -> tuple[str, str]:
+    """(completed | failed | suspended | running | starting, message) of an attempt's JobSet or RayJob."""
+    return rayjob_state(child) if training_kind(job) == kube.RAYJOB else jobset_state(child)
+
+
 def training_children(job: TrainJob, cfg: WamConfig, attempt: int, settings: OperatorSettings) -> list[dict]:
-    """Everything one attempt needs, in creation order (the JobSet last: its pods mount the others)."""
-    js = builders.jobset(job, attempt, settings)
+    """Everything one attempt needs, in creation order (the JobSet or RayJob last: its pods mount the others)."""
+    ray = training_kind(job) == kube.RAYJOB
+    child = rayjob.rayjob(job, attempt, settings) if ray else builders.jobset(job, attempt, settings)
     children = [builders.config_map(job, cfg)]
     if placement.profile(job, settings).nvlink_domain:
         children.append(placement.compute_domain(job, builders.metadata(job, placement.compute_domain_name(job),
                                                                          "nvlink")))
-    if (group := gang.pod_group(js, job, settings)) is not None:
+    if (group := gang.pod_group(child, job, settings)) is not None:
         children.append(group)
     if job.spec.suspend and not gang.kueue_owns_suspend(job, settings):
-        js["spec"]["suspend"] = True
-    return [*children, js]
+        child["spec"]["suspend"] = True
+    return [*children, child]
 
 
 def _pod_group_kind(job: TrainJob, settings: OperatorSettings) -> kube.Kind | None:
+    if training_kind(job) == kube.RAYJOB:
+        return None  # KubeRay's own, deleted with its RayCluster
     return {"volcano": kube.VOLCANO_POD_GROUP, "coscheduling": kube.COSCHEDULING_POD_GROUP}.get(
         gang.backend(job, settings))
 
@@ -102,7 +116,7 @@ def invalid(status: TrainJobStatus, generation: int, message: str, now: str) -> 
 
 def plan(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorSettings, now: str) -> Plan:
     st = copy.deepcopy(job.status)
-    if st.phase == "Failed" and st.last_failure and st.last_failure.reason == "InvalidSpec" and st.jobset is None:
+    if st.phase == "Failed" and st.last_failure and st.last_failure.reason == "InvalidSpec" and not started(st):
         st = TrainJobStatus(restarts=st.restarts)  # the spec was fixed: start over (nothing ran yet)
     st.observed_generation = job.generation
     p = Plan(status=st)
@@ -114,43 +128,44 @@ def plan(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorSettin
 
 
 def _training(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorSettings, now: str, p: Plan) -> None:
-    st, gen = p.status, job.generation
-    current = builders.jobset_name(job, st.attempt)
-    for stale in seen.stale_jobsets:
-        p.delete.append((kube.JOBSET, stale))
+    st, gen, kind = p.status, job.generation, training_kind(job)
+    current = builders.attempt_name(job, st.attempt)
+    for stale in seen.stale:
+        p.delete.append((kind, stale))
     deadline = job.spec.active_deadline_seconds
     if deadline and st.start_time and _seconds_between(st.start_time, now) > deadline:
-        if seen.jobset is not None:
-            p.delete.append((kube.JOBSET, current))
+        if seen.child is not None:
+            p.delete.append((kind, current))
         _fail(p, FailureStatus("DeadlineExceeded", f"ran longer than activeDeadlineSeconds={deadline}", now), now, gen)
         return
-    if seen.jobset is None:
-        if st.jobset == current:
-            p.events.append(("Warning", "JobSetMissing", f"JobSet {current} disappeared; creating it again"))
+    if seen.child is None:
+        if started(st) == current:
+            p.events.append(("Warning", f"{kind.kind}Missing", f"{kind.kind} {current} disappeared; creating it again"))
         _start_attempt(job, cfg, settings, now, p)
         return
-    state, message = jobset_state(seen.jobset)
+    state, message = child_state(job, seen.child)
     kueue = gang.kueue_owns_suspend(job, settings)
     if kueue and seen.workload is not None and seen.workload["spec"].get("active", True) == job.spec.suspend:
         p.patch.append((kube.WORKLOAD, seen.workload["metadata"]["name"], {"spec": {"active": not job.spec.suspend}}))
-    if not kueue and bool(seen.jobset["spec"].get("suspend")) != job.spec.suspend and state in ("suspended",
-                                                                                                  "starting", "running"):
-        p.patch.append((kube.JOBSET, current, {"spec": {"suspend": job.spec.suspend}}))
+    if not kueue and bool(seen.child["spec"].get("suspend")) != job.spec.suspend and state in ("suspended",
+                                                                                                "starting", "running"):
+        p.patch.append((kind, current, {"spec": {"suspend": job.spec.suspend}}))
     if state == "completed":
         st.phase, st.completion_time = "Succeeded", now
         set_condition(st, "Running", False, "Completed", "training finished", now, gen)
         set_condition(st, "Succeeded", True, "TrainingComplete", message or f"{cfg.training.steps} steps done", now, gen)
         p.events.append(("Normal", "Succeeded", "training finished"))
     elif state == "failed":
-        failure = classify_failure(seen.pods, message)
+        failure = classify_rayjob_failure(seen.child, seen.pods) if kind == kube.RAYJOB else \
+            classify_failure(seen.pods, message)
         failure.time = now
         st.last_failure = failure
         policy = job.spec.failure_policy
         if failure.reason in policy.restart_on and st.restarts < policy.max_restarts:
             st.restarts += 1
-            p.delete.append((kube.JOBSET, current))
-            if (kind := _pod_group_kind(job, settings)) is not None:
-                p.delete.append((kind, current))
+            p.delete.append((kind, current))
+            if (group_kind := _pod_group_kind(job, settings)) is not None:
+                p.delete.append((group_kind, current))
             st.attempt += 1
             set_condition(st, "Restarting", True, failure.reason,
                           f"restart {st.restarts}/{policy.max_restarts} from the newest checkpoint: {failure.message}",
@@ -170,7 +185,7 @@ def _training(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorS
         else:
             st.phase = "Queued"
             set_condition(st, "Suspended", False, "NotSuspended", "", now, gen)
-            admitted, why = workload_admission(seen.workload) if kueue else (False, "JobSet is suspended")
+            admitted, why = workload_admission(seen.workload) if kueue else (False, f"{kind.kind} is suspended")
             set_condition(st, "Admitted", admitted, "Queued" if not admitted else "Admitted",
                           f"queue {gang.queue(job, settings)}: {why}" if not admitted else "", now, gen)
         set_condition(st, "Running", False, "Suspended", "", now, gen)
@@ -190,14 +205,23 @@ def _training(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorS
             set_condition(st, "Running", False, "PodsStarting", "waiting for every node's pod to be ready", now, gen)
 
 
+def started(st: TrainJobStatus) -> str | None:
+    """The training child the status records as created (None: nothing ran yet)."""
+    return st.ray_job or st.jobset
+
+
 def _start_attempt(job: TrainJob, cfg: WamConfig, settings: OperatorSettings, now: str, p: Plan,
                    phase: str = "Pending") -> None:
-    st = p.status
+    st, kind = p.status, training_kind(job)
     p.create.extend(training_children(job, cfg, st.attempt, settings))
-    st.jobset = builders.jobset_name(job, st.attempt)
+    name = builders.attempt_name(job, st.attempt)
+    if kind == kube.RAYJOB:
+        st.ray_job = name
+    else:
+        st.jobset = name
     st.phase = "Suspended" if job.spec.suspend else phase
     st.start_time = st.start_time or now
-    set_condition(st, "Created", True, "JobSetCreated", f"JobSet {st.jobset}", now, job.generation)
+    set_condition(st, "Created", True, f"{kind.kind}Created", f"{kind.kind} {name}", now, job.generation)
 
 
 def _fail(p: Plan, failure: FailureStatus, now: str, gen: int) -> None:

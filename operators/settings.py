@@ -69,6 +69,13 @@ class ServingSettings:
 
 
 @dataclass
+class RaySettings:
+    head_cpu: str = api_field("CPU request of a RayJob's head pod (Ray's control plane and the Ray Train driver; "
+                              "no training runs there).", default="4")
+    head_memory: str = api_field("Memory of a RayJob's head pod.", default="16Gi")
+
+
+@dataclass
 class OperatorSettings:
     trainer_image: str = api_field("Image of training, quantization and serving pods.",
                                    default="ghcr.io/wam-platform/trainer:0.1.0")
@@ -82,6 +89,7 @@ class OperatorSettings:
     service_account: str | None = api_field("ServiceAccount of training pods.", default=None)
     mlflow: MlflowSettings = api_field("", default_factory=MlflowSettings)
     serving: ServingSettings = api_field("", default_factory=ServingSettings)
+    ray: RaySettings = api_field("KubeRay RayJobs of TrainJobs with spec.launcher: ray.", default_factory=RaySettings)
     accelerators: dict[str, AcceleratorProfile] = api_field("", default_factory=_default_accelerators)
     progress_interval_seconds: float = api_field("How often running jobs' progress and checkpoints are read.",
                                                  default=30.0, minimum=0.1)

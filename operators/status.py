@@ -49,6 +49,25 @@ def jobset_state(js: dict) -> tuple[str, str]:
     return "starting", ""
 
 
+def rayjob_state(rj: dict) -> tuple[str, str]:
+    """(state, message) of a KubeRay RayJob in a JobSet's terms, from its jobDeploymentStatus (the cluster and
+    the submission) and jobStatus (the Ray job): completed only when the Ray job SUCCEEDED."""
+    st = rj.get("status") or {}
+    deployment, ray_job = st.get("jobDeploymentStatus", ""), st.get("jobStatus", "")
+    message = st.get("message", "")
+    if deployment == "Complete":
+        if ray_job == "SUCCEEDED":
+            return "completed", message
+        return "failed", message or f"the Ray job ended {ray_job or 'without a status'}"
+    if deployment in ("Failed", "ValidationFailed"):
+        return "failed", f"{st.get('reason') or deployment}: {message}".rstrip(": ")
+    if (rj.get("spec") or {}).get("suspend") or deployment in ("Suspending", "Suspended"):
+        return "suspended", ""
+    if deployment == "Running":
+        return "running", ""
+    return "starting", ""  # new, Initializing, Waiting (for the cluster), Retrying
+
+
 def job_state(job: dict) -> tuple[str, str]:
     """(state, message) of a batch Job: succeeded, failed or active."""
     if _condition(job, "Complete"):
@@ -102,3 +121,17 @@ def classify_failure(pods: list[dict], fallback: str) -> FailureStatus:
         if reason in found:
             return FailureStatus(reason=reason, message=found[reason])
     return FailureStatus(reason="Error", message=fallback or "the JobSet failed; no pod reported why")
+
+
+def classify_rayjob_failure(rj: dict, pods: list[dict]) -> FailureStatus:
+    """Why a RayJob attempt failed. Its Ray containers outlive the training processes, so the driver's last
+    words (the log tail KubeRay copies into the status) tell a user error; the pods still tell disruptions
+    and OOM kills; a spec KubeRay refused is not worth a restart."""
+    st = rj.get("status") or {}
+    if st.get("jobDeploymentStatus") == "ValidationFailed":
+        return FailureStatus(reason="InvalidSpec", message=f"KubeRay refused the RayJob: {st.get('message', '')}")
+    reported = termination.from_log_tail(st.get("message"))
+    if reported and reported[0] == termination.INVALID_INPUT:
+        return FailureStatus(reason="InvalidInput", message=reported[1])
+    said = reported[1] if reported else rayjob_state(rj)[1]
+    return classify_failure(pods, said[-2000:])  # the end of a traceback says most

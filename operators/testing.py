@@ -34,6 +34,7 @@ from wam.operators import kube
 _DISCOVERY = {
     kube.TRAINJOB: {"shortnames": {"tj"}, "categories": {"wam"}, "subresources": {"status"}},
     kube.JOBSET: {"subresources": {"status"}},
+    kube.RAYJOB: {"subresources": {"status"}},
     kube.JOB: {"subresources": {"status"}},
     kube.DEPLOYMENT: {"subresources": {"status", "scale"}},
     kube.WORKLOAD: {"subresources": {"status"}},

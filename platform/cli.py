@@ -136,12 +136,15 @@ def model_import(
 def train(
     config: Path = typer.Argument(..., help="the run's YAML config"),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. training.steps=100"),
+    launcher: str | None = typer.Option(None, help="torchrun | ray (Ray Train; restarts failed workers); "
+                                                   "default: the config's training.launcher"),
 ) -> None:
-    """Train locally: torchrun starts training.processes processes (FSDP2 over gloo on CPU, NCCL on GPUs).
+    """Train locally: training.processes processes (FSDP2 over gloo on CPU, NCCL on GPUs), started by torchrun
+    or by Ray Train.
 
     Resumes from the newest complete checkpoint of the run if there is one."""
     with user_errors():
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, [*(overrides or []), *([f"training.launcher={launcher}"] if launcher else [])])
     _run_training(cfg)
     _print_run_summary(cfg)
 
@@ -151,7 +154,8 @@ def _run_training(cfg) -> None:
 
     with user_errors():
         config_path = launch.prepare(cfg)
-    console.print(f"[bold]{cfg.name}[/]: preset {cfg.model.preset}, {cfg.training.processes} processes, "
+    console.print(f"[bold]{cfg.name}[/]: preset {cfg.model.preset}, {cfg.training.processes} processes "
+                  f"({cfg.training.launcher}), "
                   f"{cfg.training.steps} steps; log {cfg.run_dir / 'train.log'}")
     process = launch.start(cfg, config_path)
     try:
@@ -469,7 +473,8 @@ def data_stats(
 
 @app.command()
 def demo(
-    weights: Path | None = typer.Option(None, help="trained weights from `wam export` (else an untrained model only)"),
+    weights: Path | None = typer.Option(None, help="a trained checkpoint (folder, checkpoints root, or an export from "
+                                                   "`wam export`); else an untrained model only"),
     dataset: str | None = typer.Option(None, help="held-out LeRobot dataset (default: a freshly synthesized one)"),
     episodes: int = typer.Option(8, min=1, help="held-out windows to roll out"),
     steps: int | None = typer.Option(None, min=1, help="denoising steps per chunk (default: the config's sampler)"),
@@ -479,6 +484,101 @@ def demo(
 
     with user_errors():
         run_demo(console, weights=weights, dataset=dataset, episodes=episodes, steps=steps)
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: str = typer.Argument(..., help="a complete checkpoint folder (step-N), a checkpoints folder (its "
+                                               "newest complete one), or a .safetensors file from `wam export`"),
+    data: str | None = typer.Option(None, help="held-out LeRobot dataset (path or URI); a model trained on "
+                                               "procedural latents is evaluated on held-out procedural episodes"),
+    profile: str | None = typer.Option(None, help="embodiment profile of --data (default: the training data's)"),
+    windows: int = typer.Option(8, min=1, help="held-out windows, spread evenly over the data"),
+    steps: int | None = typer.Option(None, min=1, help="denoising steps per chunk (default: the config's sampler)"),
+    seed: int = typer.Option(0, help="noise seed: the same checkpoint, data and seed give the same report"),
+    device: str = typer.Option("auto", help="auto (small presets on the CPU, the others on a GPU) | cpu | cuda[:N]"),
+    out: Path | None = typer.Option(None, help="folder for report.json and actions.png (default: <run dir>/eval/"
+                                               "step-N beside the checkpoints, else ./eval/<run>/step-N)"),
+    plot_episodes: int = typer.Option(3, min=1, help="episodes shown in actions.png"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow store (default: the training run's, from run.json, "
+                                                       "tracking.uri or MLFLOW_TRACKING_URI)"),
+    mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="log metrics and files to the training run"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Open-loop evaluation on held-out episodes: each chunk predicted from the real context, actions compared
+    with the recorded ones in robot units (MSE, L1 per dim), video latents with the real ones."""
+    from wam.trainer.eval import run_eval  # needs the trainer extra
+
+    with user_errors():
+        result = run_eval(checkpoint, data, profile, windows, steps, seed, device, out, plot_episodes, tracking_uri,
+                          mlflow)
+    r = result.report
+    if as_json:
+        console.print_json(json.dumps(r))
+    else:
+        console.print(f"[bold]{escape(r['run'])}[/] step {r['step']}: {len(r['windows'])} held-out windows of "
+                      f"{escape(r['data'])}; actions in {r['units']} units")
+        table = Table("action dim", "MSE", "L1")
+        for d in r["per_dim"]:
+            table.add_row(escape(d["dim"]), f"{d['mse']:.4g}", f"{d['l1']:.4g}")
+        table.add_row("mean", f"{r['action_mse']:.4g}", f"{r['action_l1']:.4g}", style="bold")
+        console.print(table)
+        console.print(f"video latent MSE {r['video_mse']:.4f}; action L1 in normalised units "
+                      f"{r['action_l1_normalised']:.4f}; {r['denoise_ms']:.1f} ms per chunk ({r['denoising_steps']} "
+                      f"denoising steps, {r['device']})")
+        console.print(f"report: {result.out / 'report.json'}  plot: {result.out / 'actions.png'}")
+    if result.mlflow_run_id:
+        err_console.print(f"logged to MLflow run {result.mlflow_run_id} at {result.tracking_uri}")
+    else:
+        err_console.print(f"[yellow]not logged to MLflow:[/] {escape(result.tracking_note)}")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def regress(
+    suite: Path = typer.Argument(..., help="a regression suite (configs/regress/*.yaml)"),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides of the training config, e.g. "
+                                                     "training.lr=0.3 to check that a regression is caught"),
+    local: bool = typer.Option(False, "--local", help="train on this machine (as `wam train`) instead of "
+                                                      "submitting a TrainJob to the cluster and waiting for it"),
+    update_baseline: bool = typer.Option(False, help="promote this run to the suite's baseline (compared first "
+                                                     "when there is one; never fails on a regression)"),
+    output_dir: Path = typer.Option(Path("runs/regress"), help="runs, evaluations and reports; --local also keeps "
+                                                               "checkpoints and the default MLflow store here"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow store of runs and baselines (default: "
+                                                       "MLFLOW_TRACKING_URI, else --local: <output-dir>/mlflow.db)"),
+    namespace: str = typer.Option("default", "--namespace", "-n", help="the TrainJob's namespace"),
+    processes: int | None = typer.Option(None, min=1, help="--local: training processes (default: the spec's GPUs "
+                                                           "per node, as in the cluster)"),
+    poll: float = typer.Option(30.0, min=0.1, help="seconds between TrainJob status reads"),
+    timeout: float = typer.Option(6 * 3600.0, help="seconds to wait for the TrainJob"),
+) -> None:
+    """Run a regression suite: train, evaluate, compare each metric with the baseline run's; exit 1 on a
+    regression (the report says which metric moved by how much)."""
+    from wam.platform import regress as rg
+
+    try:
+        with user_errors():
+            report = rg.run_suite(suite, overrides or [], local=local, update_baseline=update_baseline,
+                                  out=output_dir, tracking_uri=tracking_uri, namespace=namespace, processes=processes,
+                                  poll=poll, timeout=timeout, train=_run_training, echo=console.print)
+    except rg.TrainingFailed as err:  # the training itself regressed
+        err_console.print(f"[bold red]REGRESSION:[/] {escape(str(err))}")
+        raise typer.Exit(1) from None
+    table = Table("metric", "baseline", "this run", "change", "allowed", "verdict",
+                  title=f"suite {report.suite}: run {report.run} vs baseline {report.baseline_run_id or '(none yet)'}")
+    for c in report.comparisons:
+        verdict = "[bold red]REGRESSION[/]" if c.regressed else "ok"
+        table.add_row(f"{c.name} ({c.key})", rg.fmt_value(c.baseline), rg.fmt_value(c.value), c.change, c.allowed, verdict)
+    console.print(table)
+    console.print(f"report: {report.folder}/report.md and report.json (also in MLflow run {report.run_id}, "
+                  f"regress/{report.suite}/)")
+    if report.promoted:
+        console.print(f"run {report.run_id} is the baseline now (model version {report.promoted})")
+    if not report.passed and not update_baseline:
+        for c in report.regressions:
+            err_console.print(f"[bold red]REGRESSION[/] {c.name}: {escape(c.note)}")
+        raise typer.Exit(1)
+    console.print("[bold green]passed[/]" if report.passed else "[yellow]regressions noted; promoted anyway[/]")
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ PRECISIONS = ("auto", "bfloat16", "float32")
 DATA_SOURCES = ("synthetic", "lerobot")
 DECODERS = ("auto", "torchcodec", "pyav", "dali")
 BAD_SAMPLE_POLICIES = ("error", "skip")
+LAUNCHERS = ("torchrun", "ray")
 
 
 @dataclass
@@ -123,6 +124,7 @@ class DataSection:
     epoch_samples: int | None = None  # lerobot: samples per epoch (default: one per window of the data)
     episodes: int = 64  # synthetic: distinct episodes per epoch
     video_only_fraction: float = 0.0  # synthetic: share of episodes without actions (video loss only)
+    delay_s: float = 0.0  # seconds slept before each batch: a deliberately slow data path (regression checks)
 
 
 @dataclass
@@ -139,7 +141,9 @@ class TrainingSection:
     precision: str = "auto"  # parameter dtype in the forward: auto = bfloat16 on GPU, float32 on CPU
     activation_checkpointing: str = "none"  # none | full | selective, per DiT block
     compile: bool = False  # torch.compile each DiT block
-    processes: int = 2  # processes per node (`wam train` runs them with torchrun)
+    processes: int = 2  # processes per node (`wam train` runs them with training.launcher)
+    launcher: str = "torchrun"  # torchrun | ray (Ray Train: one worker per process, restarted on failure)
+    max_failures: int = 3  # ray: worker-group restarts from the newest complete checkpoint before failing
     nodes: int = 1
     dp_replicate: int = 1  # HSDP: replicas of the sharded model (shards per replica = world / dp_replicate)
     log_every: int = 1
@@ -234,6 +238,8 @@ def _validate_data(cfg: WamConfig) -> None:
     if d.episodes < 1 or not 0.0 <= d.video_only_fraction < 1.0 or d.workers < 0 or not 0.1 <= d.crop_scale <= 1.0:
         raise ConfigError("data.episodes must be >= 1, data.video_only_fraction in [0, 1), data.workers >= 0 and "
                           "data.crop_scale in [0.1, 1]")
+    if d.delay_s < 0:
+        raise ConfigError(f"data.delay_s must be >= 0, got {d.delay_s}")
     if d.source != "lerobot":
         return
     if not d.datasets:
@@ -255,11 +261,14 @@ def _validate_training(cfg: WamConfig) -> None:
     t, c = cfg.training, cfg.checkpoint
     _choice(t.activation_checkpointing, ACTIVATION_CHECKPOINTING, "training.activation_checkpointing")
     _choice(t.precision, PRECISIONS, "training.precision")
+    _choice(t.launcher, LAUNCHERS, "training.launcher")
     _choice(t.lr_decay, ("linear", "sqrt", "cosine"), "training.lr_decay")
     _choice(cfg.data.source, DATA_SOURCES, "data.source")
     for key in ("steps", "batch_size", "grad_accumulation", "processes", "nodes", "dp_replicate", "log_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"training.{key} must be >= 1, got {getattr(t, key)}")
+    if t.max_failures < 0:
+        raise ConfigError(f"training.max_failures must be >= 0, got {t.max_failures}")
     if t.lr <= 0 or t.warmup_steps < 0 or t.max_grad_norm <= 0:
         raise ConfigError("training.lr and training.max_grad_norm must be > 0 and training.warmup_steps >= 0")
     if cfg.world_size % t.dp_replicate:

@@ -1,5 +1,6 @@
-"""`wam train`: check a run before any process starts, run it under torchrun, follow its progress.
+"""`wam train`: check a run before any process starts, run it under its launcher, follow its progress.
 
+torchrun here; `training.launcher: ray` starts the Ray Train driver instead (wam.platform.ray_launch).
 Torch-free: the training processes import torch, this one only starts them.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from wam.platform import ray_launch
 from wam.platform.accounting import GIB
 from wam.platform.config import WamConfig, check_memory, to_yaml
 from wam.platform.errors import ConfigError
@@ -22,6 +24,7 @@ from wam.platform.storage import probe_writable
 
 TRAIN_MODULE = "wam.trainer.titan.train"
 CONFIG_MODULE = "wam.trainer.titan"
+TRAIN_ARGS = ("--module", CONFIG_MODULE, "--config", "from_yaml")  # torchtitan's: the config function
 
 
 def _gpu_memory_gib() -> float | None:
@@ -52,6 +55,8 @@ def prepare(cfg: WamConfig) -> Path:
     if cfg.training.nodes != 1:
         raise ConfigError(f"`wam train` runs on this machine; a {cfg.training.nodes}-node job is submitted as a "
                           "TrainJob (`wam submit`)")
+    if cfg.training.launcher == "ray":
+        ray_launch.check_installed()
     check_capacity(cfg)
     probe_writable(cfg.checkpoint_uri)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -61,8 +66,10 @@ def prepare(cfg: WamConfig) -> Path:
 
 
 def command(cfg: WamConfig) -> list[str]:
+    if cfg.training.launcher == "ray":
+        return ray_launch.command()
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.training.processes}",
-            "-m", TRAIN_MODULE, "--module", CONFIG_MODULE, "--config", "from_yaml"]
+            "-m", TRAIN_MODULE, *TRAIN_ARGS]
 
 
 @dataclass
@@ -94,6 +101,9 @@ def start(cfg: WamConfig, config_path: Path) -> subprocess.Popen:
     """Start the training processes (a new session, so Ctrl-C reaches all of them through `stop`)."""
     log = (cfg.run_dir / "train.log").open("ab")
     env = {**os.environ, "WAM_CONFIG": str(config_path.resolve()), "PYTHONUNBUFFERED": "1"}
+    if cfg.training.launcher == "ray":
+        env.pop("RAY_ADDRESS", None)  # a private cluster on this machine, never one a shell points at
+        env.update(ray_launch.local_environment())
     return subprocess.Popen(command(cfg), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 

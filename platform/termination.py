@@ -8,6 +8,7 @@ the operator learns why an attempt failed without exec'ing into pods or scraping
 from __future__ import annotations
 
 import os
+import sys
 
 ENV = "WAM_TERMINATION_LOG"  # set in pods to the container's terminationMessagePath
 INVALID_INPUT = "InvalidInput"
@@ -42,3 +43,19 @@ def parse(text: str | None) -> tuple[str, str] | None:
     if not sep or reason not in (INVALID_INPUT, ERROR):
         return None
     return reason, message.strip()
+
+
+def announce(reason: str, message: str) -> None:
+    """`record`, and the same words as the process's last line of output: where only a job's log tail reaches
+    the operator (a KubeRay RayJob's status message), that line says why it failed."""
+    record(reason, message)
+    print(f"{reason}: {message}", file=sys.stderr, flush=True)
+
+
+def from_log_tail(text: str | None) -> tuple[str, str] | None:
+    """(reason, message) of the last `announce` in a log tail, else None."""
+    lines = (text or "").splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith((f"{INVALID_INPUT}: ", f"{ERROR}: ")):
+            return parse("\n".join(lines[i:]))
+    return None

@@ -22,7 +22,9 @@ log = logging.getLogger("wam.tracking")
 JOB_TAG = "wam.job"
 CHECKPOINT_TAG = "wam.latest_checkpoint"
 NEWEST_ALIAS = "newest"  # MLflow reserves "latest"
+EVAL_TAG = "wam.eval_of"  # on an evaluation run of a job whose own run is unknown
 _MAX_PARAMS_PER_CALL = 100
+_MAX_METRICS_PER_CALL = 1000
 
 
 def resolve_uri(configured: str | None, run_dir: Path) -> str:
@@ -176,6 +178,37 @@ class Tracker:
         client.set_registered_model_alias(self.registered_model, NEWEST_ALIAS, version.version)
 
 
+def find_job_run(client, experiment: str, job: str) -> str | None:
+    """The id of a training job's run (by its `wam.job` tag), or None."""
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'",
+                              max_results=1) if found else []
+    return runs[0].info.run_id if runs else None
+
+
+def log_evaluation(uri: str, experiment: str, job: str, step: int, metrics: dict[str, float], artifacts: Path,
+                   run_id: str | None = None) -> str:
+    """Record an evaluation of a job's checkpoint: metrics at the checkpoint's step and the files of the folder
+    `artifacts` under eval/step-N, on the job's run (`run_id`, else found by its job tag), else on a new run
+    tagged `wam.eval_of=<job>`. Returns the run id. Raises when the server cannot be reached."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run_id = run_id or find_job_run(client, experiment, job)
+    if run_id is None:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        run_id = client.create_run(experiment_id, run_name=f"eval-{job}", tags={EVAL_TAG: job}).info.run_id
+        client.set_terminated(run_id)
+    stamp = int(time.time() * 1000)
+    entries = [Metric(k, float(v), stamp, step) for k, v in sorted(metrics.items())]
+    for i in range(0, len(entries), _MAX_METRICS_PER_CALL):
+        client.log_batch(run_id, metrics=entries[i:i + _MAX_METRICS_PER_CALL])
+    client.log_artifacts(run_id, str(artifacts), f"eval/step-{step}")
+    return run_id
+
+
 def quantized_model_name(registered_model: str) -> str:
     return f"{registered_model}-nvfp4"
 
@@ -192,10 +225,7 @@ def log_quantized_model(uri: str, experiment: str, job: str, registered_model: s
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # an outage must not hold the handoff long
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'",
-                              max_results=1) if found else []
-    run_id = runs[0].info.run_id if runs else None
+    run_id = find_job_run(client, experiment, job)
     if run_id is not None:
         client.log_text(run_id, report_json, f"quantized/step-{step}/report.json")
         stamp = int(time.time() * 1000)

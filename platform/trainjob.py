@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from wam.platform.accelerators import ACCELERATORS, Accelerator
 from wam.platform.apischema import api_field, from_api
-from wam.platform.config import DatasetEntry, WamConfig, check_memory, config_from_dict
+from wam.platform.config import LAUNCHERS, DatasetEntry, WamConfig, check_memory, config_from_dict
 from wam.platform.errors import ConfigError
 from wam.platform.presets import PRESETS
 
@@ -138,6 +138,11 @@ class TrainJobSpec:
     config: dict[str, Any] = api_field(
         "Overrides of the training YAML (the schema of `wam train`), e.g. {training: {steps: 1000}}.",
         default_factory=dict)
+    launcher: str = api_field(
+        "How the training processes start: torchrun (a JobSet of indexed pods) or ray (a KubeRay RayJob: a head "
+        "and a worker group running Ray Train, which restarts failed workers itself, config "
+        "training.max_failures times, before the attempt fails).", default="torchrun", enum=LAUNCHERS,
+        rules=_immutable("spec.launcher"))
     resources: ResourcesSpec = api_field("Nodes and accelerators.", default_factory=ResourcesSpec,
                                          rules=_immutable("spec.resources") + (
                                              ("!has(self.gpusPerNode) || self.accelerator != 'gb200' || "
@@ -232,8 +237,10 @@ class TrainJobStatus:
     conditions: list[Condition] = api_field("", default_factory=list, list_map_keys=("type",))
     observed_generation: int | None = api_field("", default=None)
     restarts: int = api_field("Restarts so far; never reset.", default=0)
-    attempt: int = api_field("Index of the current training attempt (its JobSet is <name>-<attempt>).", default=0)
+    attempt: int = api_field("Index of the current training attempt (its JobSet or RayJob is <name>-<attempt>).",
+                             default=0)
     jobset: str | None = api_field("The current attempt's JobSet.", default=None)
+    ray_job: str | None = api_field("The current attempt's RayJob (spec.launcher: ray).", default=None)
     progress: ProgressStatus | None = api_field("", default=None)
     checkpoint: CheckpointStatus | None = api_field("Newest complete checkpoint.", default=None)
     mlflow: TrackingStatus | None = api_field("", default=None)
@@ -305,6 +312,7 @@ OWNED_CONFIG_KEYS = {
     "data.datasets": "spec.datasets",
     "training.nodes": "spec.resources.nodes",
     "training.processes": "spec.resources.gpusPerNode",
+    "training.launcher": "spec.launcher",
     "tracking.uri": "(the platform's MLflow server)",
     "tracking.experiment": "spec.tracking.experiment",
 }
@@ -355,7 +363,7 @@ def training_config(job: TrainJob, platform: Platform) -> WamConfig:
         "model": {"preset": spec.model.preset},
         "checkpoint": {"uri": checkpoint_uri(job, platform), "interval": spec.checkpoint.interval,
                        "keep": spec.checkpoint.keep, "init_weights": spec.model.initial_weights},
-        "training": {"nodes": spec.resources.nodes, "processes": per_node},
+        "training": {"nodes": spec.resources.nodes, "processes": per_node, "launcher": spec.launcher},
         "tracking": {"experiment": spec.tracking.experiment, "uri": platform.tracking_uri},
     }
     if spec.datasets:

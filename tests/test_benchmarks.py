@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -58,3 +60,11 @@ def test_attention_benchmark_smoke(tmp_path):
         assert 0.30 < data["schedules"]["4_chunks"]["visited_tiles"] < 0.45
     else:
         assert all(row["results"]["triton"]["forward_ms"] > 0 for row in data["layouts"].values())
+
+
+@pytest.mark.slow
+def test_launchers_benchmark_smoke(tmp_path):
+    data = run_benchmark("launchers.py", tmp_path, "--quick")
+    assert [r["launcher"] for r in data["runs"]] == ["torchrun", "ray"]
+    assert all(r["startup_s"] > 0 and r["step_s"] > 0 for r in data["runs"])
+    assert set(data["ray_over_torchrun"]) == {"startup_s", "step_s"}

@@ -5,10 +5,12 @@ examples, the Helm chart rendered and linted by a real helm, and the Dockerfiles
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -21,7 +23,7 @@ from wam.operators.chart import json_schema
 from wam.operators.chart import render as render_values_schema
 from wam.operators.reconcile import training_children
 from wam.operators.settings import OperatorSettings, load_settings
-from wam.platform import crd, trainjob
+from wam.platform import crd, ray_launch, regress, trainjob
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "wam-platform"
@@ -38,6 +40,8 @@ JOBS = {
     "h100": yaml.safe_load((ROOT / "examples" / "dreamzero-14b-h100.yaml").read_text())["spec"],
     "gb200": yaml.safe_load((ROOT / "examples" / "dreamzero-14b-gb200.yaml").read_text())["spec"],
 }
+# The same jobs under Ray (KubeRay RayJobs): no gang, Volcano through KubeRay, Kueue with NVLink placement.
+JOBS.update({f"{key}-ray": {**JOBS[key], "launcher": "ray", "handoff": {"quantize": "never"}} for key in list(JOBS)})
 
 
 def make_job(spec: dict, name: str = "golden", namespace: str = "robotics") -> trainjob.TrainJob:
@@ -70,6 +74,14 @@ def crd_schema(path: Path) -> dict:
 PUBLISHED = [crd_schema(p) for p in sorted(SCHEMAS.glob("*.yaml.gz"))]
 
 
+def test_vendored_crds_are_the_recorded_upstream_files():
+    recorded = dict(re.findall(r"^\| (\S+\.yaml) \|.*\| ([0-9a-f]{64}) \|$", (SCHEMAS / "SOURCES.md").read_text(), re.M))
+    vendored = sorted(SCHEMAS.glob("*.yaml.gz"))
+    assert sorted(recorded) == sorted(p.name.removesuffix(".gz") for p in vendored)
+    for path in vendored:
+        assert hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest() == recorded[path.name[:-3]], path.name
+
+
 def validate_custom(obj: dict) -> None:
     """A custom object against its published CRD (JSON Schema from the OpenAPI v3 schema; unknown fields
     refused, as the API server's pruning would silently drop them)."""
@@ -83,7 +95,7 @@ def validate_custom(obj: dict) -> None:
 
 def validate(obj: dict) -> None:
     if "/" in obj["apiVersion"] and obj["apiVersion"].split("/")[0].endswith(
-            ("x-k8s.io", "volcano.sh", "nvidia.com")):
+            ("x-k8s.io", "volcano.sh", "nvidia.com", "ray.io")):
         validate_custom(obj)
     else:
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
@@ -105,7 +117,7 @@ def test_builders_match_golden_files(key):
 def test_every_child_passes_its_schema(key):
     objs = children(key)
     kinds = {o["kind"] for o in objs}
-    assert {"ConfigMap", "JobSet"} <= kinds
+    assert {"ConfigMap", "RayJob" if key.endswith("-ray") else "JobSet"} <= kinds
     for obj in objs:
         validate(obj)
 
@@ -165,6 +177,80 @@ def test_rendezvous_env_and_owner_references():
     for obj in objs:
         ref = obj["metadata"]["ownerReferences"][0]
         assert (ref["kind"], ref["name"], ref["controller"]) == ("TrainJob", "golden", True)
+
+
+def _ray_templates(rj: dict) -> dict[str, dict]:
+    cluster = rj["spec"]["rayClusterSpec"]
+    return {"head": cluster["headGroupSpec"]["template"], "worker": cluster["workerGroupSpecs"][0]["template"],
+            "submitter": rj["spec"]["submitterPodTemplate"]}
+
+
+def test_rayjob_runs_the_ray_driver_on_a_cpu_head_and_places_gpu_workers():
+    objs = children("gb200-ray")
+    rj = objs[-1]
+    assert [o["kind"] for o in objs] == ["ConfigMap", "ComputeDomain", "RayJob"], "KubeRay makes no PodGroup here"
+    spec = rj["spec"]
+    assert spec["entrypoint"] == "python -m wam.trainer.titan.ray_train"
+    assert (spec["backoffLimit"], spec["shutdownAfterJobFinishes"]) == (0, True), "the operator restarts attempts"
+    pin = next(d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "trainer"] if d.startswith("ray["))
+    assert pin.endswith(f"=={spec['rayClusterSpec']['rayVersion']}") and ray_launch.RAY_VERSION in pin
+    templates = _ray_templates(rj)
+    head, worker = templates["head"]["spec"], templates["worker"]["spec"]
+    group = spec["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 8
+    assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}
+    assert "nvidia.com/gpu" not in head["containers"][0]["resources"]["requests"] and "nodeSelector" not in head
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert worker["nodeSelector"]["kubernetes.io/arch"] == "arm64" and worker["resourceClaims"]
+    assert templates["worker"]["metadata"]["annotations"][placement.KUEUE_REQUIRED_TOPOLOGY] == "nvidia.com/gpu.clique"
+    for template in (head, worker):
+        env = {e["name"]: e.get("value") for e in template["containers"][0]["env"]}
+        assert env["WAM_CONFIG"] == f"{builders.CONFIG_DIR}/{builders.CONFIG_KEY}"
+        assert ray_launch.DRIVER_ENV.items() <= env.items() and not any(k.startswith("PET_") for k in env)
+        assert {"name": "wam-s3-credentials"} in [e.get("secretRef") for e in template["containers"][0]["envFrom"]]
+    for name, template in templates.items():
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True, name
+        assert "memory" in pod["containers"][0]["resources"]["limits"], name
+        assert template["metadata"]["labels"][builders.ATTEMPT_LABEL] == "0", name
+    config = yaml.safe_load(objs[0]["data"][builders.CONFIG_KEY])
+    assert (config["training"]["launcher"], config["training"]["processes"], config["training"]["nodes"]) == ("ray", 4, 8)
+
+
+def test_rayjob_keeps_gb200_workers_in_one_clique_without_kueue():
+    spec = {**JOBS["gb200-ray"], "scheduling": {"gang": "none"}}
+    settings = OperatorSettings()
+    job = make_job(spec)
+    rj = training_children(job, trainjob.training_config(job, settings.platform()), 2, settings)[-1]
+    worker = _ray_templates(rj)["worker"]
+    [term] = worker["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "nvidia.com/gpu.clique"
+    assert term["labelSelector"]["matchLabels"] == {**builders.labels(job, "training"), builders.ATTEMPT_LABEL: "2"}
+    assert placement.KUEUE_REQUIRED_TOPOLOGY not in worker["metadata"]["annotations"]
+    assert rj["spec"]["suspend"] is False
+
+
+@pytest.mark.parametrize("backend", ["none", "volcano", "coscheduling", "kueue"])
+def test_rayjob_gang_scheduling_goes_through_kuberay_or_kueue(backend):
+    spec = {**JOBS["h100-ray"], "scheduling": {"gang": backend, "queue": "research", "priorityClass": "high"}}
+    job = make_job(spec)
+    settings = OperatorSettings()
+    objs = training_children(job, trainjob.training_config(job, settings.platform()), 0, settings)
+    for obj in objs:
+        validate(obj)
+    rj = objs[-1]
+    assert "PodGroup" not in {o["kind"] for o in objs}, "KubeRay makes the PodGroup of its cluster"
+    labels, templates = rj["metadata"]["labels"], _ray_templates(rj)
+    expected = {"none": {}, "kueue": {gang.KUEUE_QUEUE_LABEL: "research", gang.KUEUE_PRIORITY_LABEL: "high"},
+                "volcano": {gang.KUBERAY_VOLCANO_QUEUE_LABEL: "research", gang.KUBERAY_PRIORITY_LABEL: "high"},
+                "coscheduling": {gang.KUBERAY_GANG_LABEL: "true"}}[backend]
+    assert expected.items() <= labels.items()
+    assert rj["spec"]["suspend"] is (backend == "kueue")
+    for template in templates.values():
+        assert "schedulerName" not in template["spec"], "KubeRay names the scheduler on the pods it makes"
+        assert template["spec"].get("priorityClassName") == (None if backend == "kueue" else "high")
 
 
 # -- the API: CRD, values schema, examples -----------------------------------------------------------------
@@ -274,6 +360,8 @@ def test_chart_rbac_is_least_privilege():
     assert ("", "secrets") not in granted, "the operator never reads secrets: pods reference them by name"
     assert granted[("", "pods")] == {"list"}, "no exec, no log reading: progress comes from the job itself"
     assert granted[("wam.dev", "trainjobs/status")] == {"patch"}
+    assert granted[("ray.io", "rayjobs")] == granted[("jobset.x-k8s.io", "jobsets")] == {
+        "list", "watch", "create", "patch", "delete"}
 
 
 def test_chart_settings_load_as_operator_settings(tmp_path):
@@ -286,15 +374,39 @@ def test_chart_settings_load_as_operator_settings(tmp_path):
     assert (settings.gang, settings.secret_refs) == ("volcano", ["wam-s3"])
     assert settings.mlflow.tracking_uri == "https://mlflow.example.com"
     nightly = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-nightly"))
-    job = trainjob.parse(yaml.safe_load(nightly["data"]["trainjob.yaml"]))
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(nightly["data"]["suite.yaml"])
+    suite = regress.load_suite(suite_file)  # what `wam regress` in the CronJob reads
+    job = trainjob.TrainJob(name=regress.run_name(suite), namespace="wam", spec=regress.with_overrides(suite, []))
     trainjob.training_config(job, settings.platform())
+
+
+def test_nightly_cronjob_runs_the_regression_suite():
+    docs = render_chart(*CHART_VARIANTS["nightly-external-mlflow"], "--set", "nightly.updateBaseline=true")
+    cron = next(d for d in docs if d["kind"] == "CronJob")
+    job = cron["spec"]["jobTemplate"]["spec"]
+    (container,) = job["template"]["spec"]["containers"]
+    assert container["command"][:3] == ["wam", "regress", "/etc/wam-nightly/suite.yaml"]
+    assert {"--namespace=wam", "--update-baseline"} <= set(container["command"])
+    assert container["image"] == OperatorSettings().trainer_image, "evaluation needs the trainer image (torch)"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com"
+    assert container["envFrom"] == [{"secretRef": {"name": "wam-s3"}}]  # reads the final checkpoint
+    (rule,) = job["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [1, 2], "a regression is not retried"
+    role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-nightly"))
+    assert role["rules"] == [{"apiGroups": ["wam.dev"], "resources": ["trainjobs"], "verbs": ["create", "get"]}]
+    plain = render_chart(*CHART_VARIANTS["nightly-external-mlflow"])
+    assert "--update-baseline" not in next(d for d in plain if d["kind"] == "CronJob")[
+        "spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
 
 
 def test_chart_refuses_bad_values():
     for sets, message in [(("--set", "settings.gang=slurm"), "settings/gang"),
                           (("--set", "settings.acceleratorz.x=1"), "acceleratorz"),
                           (("--set", "mlflow.enabled=false"), "mlflow.trackingUri"),
-                          (("--set", "nightly.trainJob.resources.nodes=0"), "nodes")]:
+                          (("--set", "nightly.suite.trainJob.resources.nodes=0"), "/nightly/suite/trainJob/resources/nodes"),
+                          (("--set", "nightly.suite.name=Nightly_Suite"), "/nightly/suite/name")]:
         done = subprocess.run([str(HELM), "template", "wam", str(CHART), "--kube-version", KUBE_VERSION, *sets],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and message in done.stderr, done.stderr

@@ -19,6 +19,7 @@ import yaml
 from wam.operators import kube
 from wam.operators.reconcile import Observed, plan
 from wam.operators.settings import OperatorSettings
+from wam.operators.status import classify_rayjob_failure, rayjob_state
 from wam.operators.testing import EmulatedCluster
 from wam.platform import manifest, trainjob
 from wam.platform.tracking import Tracker
@@ -54,7 +55,7 @@ def mlflow_server(tmp_path_factory):
     def up():
         try:
             return requests.get(f"{uri}/health", timeout=1).ok
-        except requests.ConnectionError:
+        except requests.RequestException:  # refused, or too slow to answer on a loaded machine
             return False
 
     wait_for(up, timeout=90, every=0.5)
@@ -273,6 +274,56 @@ def test_failures_restart_with_a_counter_then_stop_and_serving_rolls(cluster):
 
 
 @pytest.mark.slow
+def test_ray_trainjob_goes_through_rayjob_states_to_completion(cluster):
+    c = cluster
+    submit(c, "ray", launcher="ray", failurePolicy={"maxRestarts": 1, "restartOn": ["Error"]})
+    rj = wait_for(lambda: c.objects(kube.RAYJOB).get("ray-0"))
+    assert rj["spec"]["suspend"] is True and rj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "default"
+    assert not c.objects(kube.JOBSET).get("ray-0")
+    phase_is(c, "ray", "Queued")
+
+    # Kueue admits the RayJob; KubeRay starts its cluster, then submits the Ray job.
+    c.kube.create({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+                   "metadata": {"name": "rayjob-ray-0", "namespace": NS,
+                                "labels": {"kueue.x-k8s.io/job-uid": rj["metadata"]["uid"]}},
+                   "spec": {"active": True, "queueName": "default"},
+                   "status": {"conditions": [{"type": "Admitted", "status": "True", "reason": "Admitted"}]}})
+    c.kube.patch(kube.RAYJOB, NS, "ray-0", {"spec": {"suspend": False}})
+    set_status(c, kube.RAYJOB, "ray-0", rayjob_status("Initializing"))
+    phase_is(c, "ray", "Pending")
+    set_status(c, kube.RAYJOB, "ray-0", rayjob_status("Running", "RUNNING", rayClusterName="ray-0-x7k2p"))
+    phase_is(c, "ray", "Running")
+    assert condition(status(c, "ray"), "Created")["reason"] == "RayJobCreated"
+
+    # A failure Ray Train's own worker restarts could not absorb: a new RayJob, the count kept in the TrainJob.
+    set_status(c, kube.RAYJOB, "ray-0", APP_FAILED)
+    wait_for(lambda: "ray-1" in c.objects(kube.RAYJOB))
+    wait_for(lambda: "ray-0" not in c.objects(kube.RAYJOB))
+    st = status(c, "ray")
+    assert (st["restarts"], st["attempt"], st["rayJob"]) == (1, 1, "ray-1") and "jobset" not in st
+    assert st["lastFailure"]["reason"] == "Error" and "NCCL" in st["lastFailure"]["message"]
+    c.kube.patch(kube.RAYJOB, NS, "ray-1", {"spec": {"suspend": False}})
+    set_status(c, kube.RAYJOB, "ray-1", rayjob_status("Running", "RUNNING"))
+    phase_is(c, "ray", "Running")
+
+    # Rank 0 (on a worker pod) reports to MLflow and writes a complete checkpoint, as under torchrun.
+    tracker = Tracker(c.mlflow, "wam", f"{NS}.ray", "wam-ray")
+    tracker.start({"model.preset": "tiny"})
+    tracker.log_metrics({"loss": 0.5, "tokens_per_s": 99.0}, step=20)
+    assert tracker.close(30)
+    write_checkpoint(f"{BUCKET}/{NS}/ray", 20, c.s3)
+    st = wait_for(lambda: (s := status(c, "ray")).get("checkpoint") and s.get("progress") and s)
+    assert st["progress"]["summary"] == "20/20" and st["mlflow"]["runId"] == tracker.run_id
+
+    set_status(c, kube.RAYJOB, "ray-1", rayjob_status("Complete", "SUCCEEDED"))
+    phase_is(c, "ray", "Succeeded")
+    assert condition(status(c, "ray"), "Succeeded")["status"] == "True"
+    c.kube.delete(kube.RAYJOB, NS, "ray-1")  # KubeRay's TTL, or a person: a terminal job is never restarted
+    time.sleep(2)
+    assert not [n for n in c.objects(kube.RAYJOB) if n.startswith("ray-")] and status(c, "ray")["restarts"] == 1
+
+
+@pytest.mark.slow
 def test_invalid_specs_end_with_a_clear_condition(cluster):
     c = cluster
     submit(c, "no-tpu", resources={"accelerator": "tpu", "nodes": 1})
@@ -304,12 +355,12 @@ def test_plan_is_idempotent_and_kueue_owns_suspend():
     job.status = first.status
     js = first.create[-1]
     js["spec"]["suspend"] = False  # Kueue admitted it
-    again = plan(job, cfg, Observed(jobset=js), settings, "2026-01-01T00:01:00+00:00")
+    again = plan(job, cfg, Observed(child=js), settings, "2026-01-01T00:01:00+00:00")
     assert not again.create and not again.delete
     assert all(kind != kube.JOBSET for kind, _, _ in again.patch), "never patches a Kueue-managed JobSet"
     job.spec.suspend = True
     workload = {"metadata": {"name": "w"}, "spec": {"active": True}}
-    suspended = plan(job, cfg, Observed(jobset=js, workload=workload), settings, "2026-01-01T00:02:00+00:00")
+    suspended = plan(job, cfg, Observed(child=js, workload=workload), settings, "2026-01-01T00:02:00+00:00")
     assert suspended.patch == [(kube.WORKLOAD, "w", {"spec": {"active": False}})]
 
 
@@ -319,6 +370,104 @@ def test_plan_active_deadline_fails_the_job():
     cfg = trainjob.training_config(job, settings.platform())
     first = plan(job, cfg, Observed(), settings, "2026-01-01T00:00:00+00:00")
     job.status = first.status
-    late = plan(job, cfg, Observed(jobset=first.create[-1]), settings, "2026-01-01T00:02:00+00:00")
+    late = plan(job, cfg, Observed(child=first.create[-1]), settings, "2026-01-01T00:02:00+00:00")
     assert late.status.phase == "Failed" and late.status.last_failure.reason == "DeadlineExceeded"
     assert (kube.JOBSET, "unit-0") in late.delete
+
+
+# -- RayJobs (spec.launcher: ray) -------------------------------------------------------------------------
+
+
+def rayjob_status(deployment: str, job_status: str = "", **extra) -> dict:
+    """A RayJob status as KubeRay writes it."""
+    return {"jobDeploymentStatus": deployment, "jobStatus": job_status, **extra}
+
+
+APP_FAILED = rayjob_status("Failed", "FAILED", reason="AppFailed", message=(
+    "Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n"
+    "(RayTrainWorker pid=7) RuntimeError: NCCL error\n"
+    "Error: WorkerGroupError: Training failed due to worker errors:\n[Rank 1 Error Snippet]:\nRuntimeError: NCCL error\n"))
+USER_ERROR = rayjob_status("Failed", "FAILED", reason="AppFailed", message=(
+    "Job entrypoint command failed with exit code 2, last available logs (truncated to 20,000 chars):\n"
+    "(RayTrainWorker pid=7) Traceback (most recent call last):\n"
+    "InvalidInput: s3://x/droid is not a LeRobot dataset: s3://x/droid/meta/info.json is missing\n"))
+
+
+@pytest.mark.parametrize("rj_status,suspend,state", [
+    ({}, False, "starting"),
+    (rayjob_status("Initializing"), False, "starting"),
+    (rayjob_status("Waiting"), False, "starting"),
+    (rayjob_status("Running", "PENDING"), False, "running"),
+    (rayjob_status("Running", "RUNNING"), False, "running"),
+    ({}, True, "suspended"),
+    (rayjob_status("Suspended"), False, "suspended"),
+    (rayjob_status("Suspending", "STOPPED"), False, "suspended"),
+    (rayjob_status("Complete", "SUCCEEDED"), False, "completed"),
+    (rayjob_status("Complete", "STOPPED"), False, "failed"),
+    (APP_FAILED, False, "failed"),
+    (rayjob_status("Failed", reason="DeadlineExceeded", message="past activeDeadlineSeconds"), False, "failed"),
+    (rayjob_status("ValidationFailed", message="bad spec"), False, "failed"),
+])
+def test_rayjob_states_in_a_jobsets_terms(rj_status, suspend, state):
+    assert rayjob_state({"spec": {"suspend": suspend}, "status": rj_status})[0] == state
+
+
+def test_rayjob_failures_are_classified_from_the_drivers_last_words_and_the_pods():
+    user = classify_rayjob_failure({"status": USER_ERROR}, [])
+    assert user.reason == "InvalidInput" and user.message.startswith("s3://x/droid is not a LeRobot dataset")
+    error = classify_rayjob_failure({"status": APP_FAILED}, [])
+    assert error.reason == "Error" and error.message.startswith("WorkerGroupError") and "NCCL" in error.message
+    evicted = {"metadata": {"name": "unit-0-node-worker-x"}, "status": {"reason": "Evicted", "message": "node drained"}}
+    assert classify_rayjob_failure({"status": APP_FAILED}, [evicted]).reason == "Disruption"
+    refused = classify_rayjob_failure({"status": rayjob_status("ValidationFailed", message="bad spec")}, [])
+    assert refused.reason == "InvalidSpec" and "bad spec" in refused.message
+
+
+def _ray_plan(job, cfg, child, settings, minute):
+    return plan(job, cfg, Observed(child=child), settings, f"2026-01-01T00:{minute:02d}:00+00:00")
+
+
+def test_plan_takes_a_rayjob_through_its_states_and_restarts_failed_attempts():
+    settings = OperatorSettings()
+    job = _job(launcher="ray", scheduling={"gang": "none"}, failurePolicy={"maxRestarts": 1, "restartOn": ["Error"]})
+    cfg = trainjob.training_config(job, settings.platform())
+    assert cfg.training.launcher == "ray"
+    first = plan(job, cfg, Observed(), settings, "2026-01-01T00:00:00+00:00")
+    assert [o["kind"] for o in first.create] == ["ConfigMap", "RayJob"]
+    assert (first.status.ray_job, first.status.jobset, first.status.phase) == ("unit-0", None, "Pending")
+    job.status, rj = first.status, first.create[-1]
+    for minute, (rj_status, phase) in enumerate([(rayjob_status("Initializing"), "Pending"),
+                                                 (rayjob_status("Running", "RUNNING"), "Running")], start=1):
+        rj["status"] = rj_status
+        step = _ray_plan(job, cfg, rj, settings, minute)
+        assert step.status.phase == phase and not step.create and not step.delete
+        job.status = step.status
+
+    rj["status"] = APP_FAILED  # a failure Ray Train's own restarts (training.max_failures) could not absorb
+    restarted = _ray_plan(job, cfg, rj, settings, 3)
+    st = restarted.status
+    assert (st.phase, st.restarts, st.attempt, st.ray_job) == ("Restarting", 1, 1, "unit-1")
+    assert (kube.RAYJOB, "unit-0") in restarted.delete and restarted.create[-1]["metadata"]["name"] == "unit-1"
+    job.status, rj = st, restarted.create[-1]
+
+    rj["status"] = USER_ERROR  # a restart could not help, and none is left anyway
+    failed = _ray_plan(job, cfg, rj, settings, 4)
+    assert failed.status.phase == "Failed" and failed.status.last_failure.reason == "InvalidInput"
+    assert not failed.create and failed.status.restarts == 1
+
+
+def test_plan_completes_a_rayjob_and_never_touches_kueues_suspend():
+    settings = OperatorSettings()
+    job = _job(launcher="ray")
+    cfg = trainjob.training_config(job, settings.platform())
+    first = plan(job, cfg, Observed(), settings, "2026-01-01T00:00:00+00:00")
+    rj = first.create[-1]
+    assert rj["spec"]["suspend"] is True and rj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "default"
+    job.status = first.status
+    queued = _ray_plan(job, cfg, rj, settings, 1)
+    assert queued.status.phase == "Queued" and not queued.patch
+    job.status = queued.status
+    rj["spec"]["suspend"] = False  # Kueue admitted it
+    rj["status"] = rayjob_status("Complete", "SUCCEEDED")
+    done = _ray_plan(job, cfg, rj, settings, 2)
+    assert done.status.phase == "Succeeded" and not done.patch and not done.create

@@ -10,7 +10,7 @@ BLOCK_HEAVY = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {'torch', 'torchtitan', 'triton', 'transformers', 'safetensors', 'numpy'}:
+        if name.split('.')[0] in {'torch', 'torchtitan', 'triton', 'transformers', 'safetensors', 'numpy', 'ray'}:
             raise ImportError(f'{name} is blocked: this package must not need it')
 sys.meta_path.insert(0, Block())
 """

@@ -9,6 +9,7 @@ samples, whatever the decoding workers had prefetched.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -85,6 +86,7 @@ class WamDataLoader(BaseDataLoader):
         epoch_samples: int | None = None
         episodes: int = 64
         video_only_fraction: float = 0.0
+        delay_s: float = 0.0  # slept before each batch (data.delay_s)
         seed: int = 0
 
     def __init__(self, config: Config, *, dp_world_size: int, dp_rank: int, local_batch_size: int, **_: Any):
@@ -99,7 +101,7 @@ class WamDataLoader(BaseDataLoader):
         else:
             raise ValueError(f"unknown data source {config.source!r}")
         self.order = EpochOrder(len(self.source), config.seed, dp_rank, dp_world_size)
-        self.rank, self.batch_size = dp_rank, local_batch_size
+        self.rank, self.batch_size, self.delay_s = dp_rank, local_batch_size, config.delay_s
         s = config.sample
         self.tokens_per_sample = TokenLayout.teacher_forcing(
             s.num_chunks, s.frames_per_chunk, s.tokens_per_frame(config.arch), s.actions_per_chunk).length
@@ -124,6 +126,8 @@ class WamDataLoader(BaseDataLoader):
                 continue  # every sample of the batch was bad and skipped
             batch["skipped"] = skipped
             skipped = 0
+            if self.delay_s:
+                time.sleep(self.delay_s)
             yield batch, torch.zeros(len(batch["prompt"]), self.tokens_per_sample, dtype=torch.int8)
 
     def state_dict(self) -> dict[str, Any]:

@@ -51,7 +51,8 @@ def trainer_config(cfg: WamConfig) -> WamTrainer.Config:
                                         profiles=d.profiles, decoder=d.decoder, workers=d.workers,
                                         bad_samples=d.bad_samples, crop_scale=d.crop_scale,
                                         epoch_samples=d.epoch_samples, episodes=d.episodes,
-                                        video_only_fraction=d.video_only_fraction, seed=cfg.seed),
+                                        video_only_fraction=d.video_only_fraction, delay_s=d.delay_s,
+                                        seed=cfg.seed),
         loss=MSELoss.Config(),  # required by torchtitan; the WAM's flow loss is computed in the train step
         optimizer=OptimizersContainer.Config(implementation="fused" if torch.cuda.is_available() else "foreach",
                                              param_groups=[ParamGroupConfig(

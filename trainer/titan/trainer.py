@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 import warnings
 from collections import OrderedDict
@@ -176,6 +177,12 @@ class WamTrainer(Trainer):
             extra["video_loss"] = video_sum / max(video_count, 1.0)
             if action_count:
                 extra["action_loss"] = action_sum / action_count
+            # Peak host memory (RSS, ru_maxrss is in KiB) of the busiest process, for regression suites: device
+            # memory is torchtitan's memory/*, which a CPU run does not have.
+            rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, device=self.device)
+            if dist.is_initialized():
+                dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+            extra["host/peak_rss_gib"] = rss.item()
             if self.wam.data.source == "lerobot":
                 extra["data/skipped"] = skipped
                 if skipped and dist.get_rank() == 0:

@@ -1,0 +1,172 @@
+"""The Ray launcher (`wam train --launcher ray`): the same torchtitan training in Ray Train workers, on a real
+local Ray cluster (loopback only), with real checkpoints and MLflow store; a worker killed with SIGKILL is
+restarted by Ray Train and the run resumes from the newest complete checkpoint."""
+
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from wam.platform import launch
+from wam.platform.config import load_config
+from wam.platform.manifest import list_checkpoints
+from wam.platform.tracking import JOB_TAG
+
+from conftest import progress, wam_cli, write_run_config
+
+RUN = {"training": {"steps": 12}, "checkpoint": {"interval": 3, "keep": 0}}
+# Ray Train workers and torchrun processes run the same code with the same process group (gloo, 2 ranks),
+# the same threads (OMP_NUM_THREADS=1) and the same seeds. Measured: 11 of the 12 losses are bit-identical;
+# one differs in its last float32 bit (8.7e-8 relative): a loss is a reduction whose rounding depends on how
+# its buffers happen to be aligned in the process, and the steps after it agree exactly again (the parameters
+# did not drift). Hence a relative tolerance of 1e-6, about 8 float32 ulps.
+LOSS_TOLERANCE = 1e-6
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {step: r["loss"] for step, r in progress(run_dir).items()}
+
+
+def _in_session(sid: int) -> list[int]:
+    """Processes of a session (the driver's: Ray's processes and workers all stay in it)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _listening(pids: list[int]) -> list[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """(process, address) of every TCP socket the processes listen on (/proc/net/tcp*, by socket inode)."""
+    owners = {}
+    for pid in pids:
+        try:
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue
+        owners.update({link[8:-1]: name for link in links if link.startswith("socket:[")})
+    found = []
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "0A" and fields[9] in owners:  # 0A: LISTEN
+                raw = bytes.fromhex(fields[1].split(":")[0])  # 32-bit words in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append((owners[fields[9]], ipaddress.ip_address(socket.inet_ntop(family, raw))))
+    return found
+
+
+def _loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+
+
+def _rank0_pid(log: Path) -> int | None:
+    """Ray Train's own record of where world rank 0 runs."""
+    for line in reversed(log.read_text(errors="replace").splitlines() if log.exists() else []):
+        if "world_rank=0," in line and "pid=" in line:
+            return int(line.split("pid=")[-1].split(")")[0])
+    return None
+
+
+@pytest.fixture(scope="module")
+def torchrun_losses(tmp_path_factory) -> dict[int, float]:
+    config = write_run_config(tmp_path_factory.mktemp("torchrun"), "reference", **RUN)
+    result = wam_cli("train", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return _losses(load_config(config).run_dir)
+
+
+@pytest.mark.slow
+def test_ray_run_trains_checkpoints_and_matches_torchrun(tmp_path, torchrun_losses):
+    config = write_run_config(tmp_path, "ray", **RUN)
+    result = wam_cli("train", config, "--launcher", "ray")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = " ".join(result.stdout.split())
+    assert "2 processes (ray)" in out and "12/12" in out and "newest complete: step 12" in out
+    cfg = load_config(config, ["training.launcher=ray"])
+    losses = _losses(cfg.run_dir)
+    assert sorted(losses) == list(range(1, 13))
+    assert losses == pytest.approx(torchrun_losses, rel=LOSS_TOLERANCE, abs=0)
+    assert [(s, ok) for s, _, ok in list_checkpoints(cfg.checkpoint_uri)] == [(s, True) for s in (3, 6, 9, 12)]
+    log = (cfg.run_dir / "train.log").read_text()
+    assert "Started training worker group of size 2" in log and "ip=127.0.0.1" in log
+    assert "PlacementGroupCleaner" not in log, "no warnings about the dashboard a local run does without"
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_ray_worker_resumes_from_the_newest_complete_checkpoint(tmp_path, torchrun_losses):
+    # The MLflow store exists before the run, as a tracking server would: MLflow creates an embedded sqlite
+    # store with tens of non-atomic migrations, and a process killed during them (whatever its launcher)
+    # leaves a store nothing can open again.
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store)
+    experiment = client.get_experiment(client.create_experiment("wam", (tmp_path / "mlartifacts").as_uri()))
+    cfg = load_config(write_run_config(tmp_path, "killed", tracking={"uri": store}, **RUN), ["training.launcher=ray"])
+    process = launch.start(cfg, launch.prepare(cfg))
+    log = cfg.run_dir / "train.log"
+    deadline = time.time() + 600
+
+    def tracked() -> int:
+        """The newest step rank 0's (asynchronous) tracker has stored in the MLflow run."""
+        runs = client.search_runs([experiment.experiment_id], f"tags.`{JOB_TAG}` = 'killed'")
+        return max((m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")), default=0) if runs else 0
+    while tracked() < 8 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    logged = tracked()
+    rank0 = _rank0_pid(log)
+    assert rank0 and process.poll() is None, "the run ended before it could be interrupted"
+    # Ray's cluster listens on loopback only. (The training's own rendezvous store, torch's TCPStore in
+    # rank 0, binds every interface under either launcher, so the training workers are left out.)
+    ray = [(name, address) for name, address in _listening(_in_session(process.pid)) if "RayTrainWorker" not in name]
+    assert any("gcs_server" in name for name, _ in ray) and all(_loopback(a) for _, a in ray), ray
+    # Rank 0 writes every manifest: once it is gone no checkpoint can complete, so the newest complete one
+    # now is the one the restarted workers must resume from.
+    os.kill(rank0, signal.SIGKILL)
+    complete = max(step for step, _, ok in list_checkpoints(cfg.checkpoint_uri) if ok)
+    assert 3 <= complete < 12
+    assert process.wait(600) == 0, log.read_text()[-5000:]
+
+    text = log.read_text()
+    assert "[FailurePolicy] RETRY" in text
+    assert f"Loading the checkpoint from {cfg.checkpoint_uri}/step-{complete}." in text
+    steps = [json.loads(line)["step"] for line in (cfg.run_dir / "progress.jsonl").read_text().splitlines()]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[:restart] == list(range(1, steps[restart - 1] + 1)) and steps[restart - 1] >= 8
+    assert steps[restart:] == list(range(complete + 1, 13)), "the resumed steps follow the checkpoint"
+    assert _losses(cfg.run_dir) == pytest.approx(torchrun_losses, rel=LOSS_TOLERANCE, abs=0)
+
+    info = json.loads((cfg.run_dir / "run.json").read_text())
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{JOB_TAG}` = 'killed'")
+    assert [r.info.run_id for r in runs] == [info["mlflow_run_id"]], "one MLflow run across the restart"
+    assert runs[0].info.status == "FINISHED" and info["finished"] is True
+    history = [m.step for m in client.get_metric_history(info["mlflow_run_id"], "loss")]
+    assert set(history) == set(range(1, 13)) and len(history) >= 12 + logged - complete, "both attempts logged here"
+    time.sleep(5)  # Ray's processes leave after the driver
+    assert not _in_session(process.pid), "Ray was not shut down"
+
+
+def test_launcher_choice_is_checked_before_anything_starts(tmp_path):
+    config = write_run_config(tmp_path, "launchers")
+    unknown = wam_cli("train", config, "--launcher", "slurm")
+    said = " ".join(unknown.stderr.split())
+    assert unknown.returncode == 2 and "training.launcher = 'slurm' is not one of torchrun, ray" in said, said
+    # An environment without Ray (a module set to None is one Python cannot import).
+    missing = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['ray'] = None; from wam.platform.cli import main; "
+                               f"sys.argv = ['wam', 'train', {str(config)!r}, '--launcher', 'ray']; main()"],
+        capture_output=True, text=True, timeout=120)
+    message = " ".join(missing.stderr.split())
+    assert missing.returncode == 2 and "training.launcher=ray needs Ray Train" in message, missing.stderr
+    assert not (load_config(config).run_dir / "train.log").exists()  # nothing was started
