@@ -36,6 +36,31 @@ def resolve_uri(configured: str | None, run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 
 
+def create_sqlite_store(uri: str) -> None:
+    """Create a new embedded sqlite store whole or not at all. MLflow builds one with tens of migrations that
+    are not atomic together, and a process killed among them (a SIGKILLed rank 0) leaves a file no one can
+    open again; so the store is built under a temporary name and linked into place when complete (a store
+    another process completed meanwhile wins)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if path.exists():
+        return
+    from mlflow.tracking import MlflowClient
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    building = path.with_name(f".{path.name}.{os.getpid()}.building")
+    building.unlink(missing_ok=True)
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{building}").search_experiments(max_results=1)  # runs the migrations
+        try:
+            os.link(building, path)
+        except FileExistsError:
+            pass
+    finally:
+        building.unlink(missing_ok=True)
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     """Nested config -> {'model.preset': 'tiny', ...} for MLflow params."""
     out: dict[str, str] = {}
@@ -132,6 +157,7 @@ class Tracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            create_sqlite_store(self.uri)
             self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         return self._client
 

@@ -51,3 +51,29 @@ def test_uri_resolution_order(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert resolve_uri(None, tmp_path) == "http://mlflow:5000"
     assert resolve_uri("http://other:5000", tmp_path) == "http://other:5000"
+
+
+def test_embedded_store_appears_only_when_complete(tmp_path, monkeypatch):
+    """A new sqlite store is built under a temporary name and linked into place once migrated: a rank 0
+    killed while MLflow creates it leaves no half-made store behind."""
+    from wam.platform.tracking import create_sqlite_store
+
+    path = tmp_path / "runs" / "mlflow.db"
+    seen_while_building = []
+    original = MlflowClient.search_experiments
+
+    def observe(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)  # the first use of a new store runs its migrations
+        seen_while_building.append(path.exists())
+        return result
+
+    monkeypatch.setattr(MlflowClient, "search_experiments", observe)
+    create_sqlite_store(f"sqlite:///{path}")
+    assert seen_while_building == [False], "the store's path must appear only once its migrations are done"
+    monkeypatch.undo()
+    assert [p.name for p in path.parent.iterdir()] == ["mlflow.db"], "no temporary file is left"
+    client = MlflowClient(f"sqlite:///{path}", registry_uri=f"sqlite:///{path}")
+    client.create_experiment("complete")
+    client.create_registered_model("wam-complete")
+    create_sqlite_store(f"sqlite:///{path}")  # an existing store is left as it is
+    assert client.get_experiment_by_name("complete") is not None
