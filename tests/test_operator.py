@@ -136,6 +136,15 @@ def set_status(c, kind, name, status_patch):
     c.kube.patch(kind, NS, name, {"status": status_patch}, subresource="status")
 
 
+def kueue_admits(c, kind, name: str, workload: str, owner_uid: str) -> None:
+    """What Kueue does on admission: an admitted Workload owned by the job, and the job unsuspended."""
+    c.kube.create({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+                   "metadata": {"name": workload, "namespace": NS, "labels": {"kueue.x-k8s.io/job-uid": owner_uid}},
+                   "spec": {"active": True, "queueName": "default"},
+                   "status": {"conditions": [{"type": "Admitted", "status": "True", "reason": "Admitted"}]}})
+    c.kube.patch(kind, NS, name, {"spec": {"suspend": False}})
+
+
 def failed_pod(c, jobset: str, message: str, exit_code: int = 1, reason: str = "Error") -> None:
     c.kube.create({"apiVersion": "v1", "kind": "Pod",
                    "metadata": {"name": f"{jobset}-node-0-0", "namespace": NS,
@@ -173,12 +182,7 @@ def test_trainjob_from_queue_to_serving(cluster):
     assert status(c, "e2e")["attempt"] == 0
 
     # Kueue admits the workload and unsuspends the JobSet; its pods become ready.
-    c.kube.create({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
-                   "metadata": {"name": "jobset-e2e-0", "namespace": NS,
-                                "labels": {"kueue.x-k8s.io/job-uid": js["metadata"]["uid"]}},
-                   "spec": {"active": True, "queueName": "default"},
-                   "status": {"conditions": [{"type": "Admitted", "status": "True", "reason": "Admitted"}]}})
-    c.kube.patch(kube.JOBSET, NS, "e2e-0", {"spec": {"suspend": False}})
+    kueue_admits(c, kube.JOBSET, "e2e-0", "jobset-e2e-0", js["metadata"]["uid"])
     set_status(c, kube.JOBSET, "e2e-0", JOBSET_RUNNING)
     phase_is(c, "e2e", "Running")
     assert c.objects(kube.JOBSET)["e2e-0"]["spec"]["suspend"] is False, "the operator never touches suspend"
@@ -283,12 +287,7 @@ def test_ray_trainjob_goes_through_rayjob_states_to_completion(cluster):
     phase_is(c, "ray", "Queued")
 
     # Kueue admits the RayJob; KubeRay starts its cluster, then submits the Ray job.
-    c.kube.create({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
-                   "metadata": {"name": "rayjob-ray-0", "namespace": NS,
-                                "labels": {"kueue.x-k8s.io/job-uid": rj["metadata"]["uid"]}},
-                   "spec": {"active": True, "queueName": "default"},
-                   "status": {"conditions": [{"type": "Admitted", "status": "True", "reason": "Admitted"}]}})
-    c.kube.patch(kube.RAYJOB, NS, "ray-0", {"spec": {"suspend": False}})
+    kueue_admits(c, kube.RAYJOB, "ray-0", "rayjob-ray-0", rj["metadata"]["uid"])
     set_status(c, kube.RAYJOB, "ray-0", rayjob_status("Initializing"))
     phase_is(c, "ray", "Pending")
     set_status(c, kube.RAYJOB, "ray-0", rayjob_status("Running", "RUNNING", rayClusterName="ray-0-x7k2p"))

@@ -89,24 +89,9 @@ def torchrun_losses(tmp_path_factory) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_ray_run_trains_checkpoints_and_matches_torchrun(tmp_path, torchrun_losses):
-    config = write_run_config(tmp_path, "ray", **RUN)
-    result = wam_cli("train", config, "--launcher", "ray")
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = " ".join(result.stdout.split())
-    assert "2 processes (ray)" in out and "12/12" in out and "newest complete: step 12" in out
-    cfg = load_config(config, ["training.launcher=ray"])
-    losses = _losses(cfg.run_dir)
-    assert sorted(losses) == list(range(1, 13))
-    assert losses == pytest.approx(torchrun_losses, rel=LOSS_TOLERANCE, abs=0)
-    assert [(s, ok) for s, _, ok in list_checkpoints(cfg.checkpoint_uri)] == [(s, True) for s in (3, 6, 9, 12)]
-    log = (cfg.run_dir / "train.log").read_text()
-    assert "Started training worker group of size 2" in log and "ip=127.0.0.1" in log
-    assert "PlacementGroupCleaner" not in log, "no warnings about the dashboard a local run does without"
-
-
-@pytest.mark.slow
-def test_sigkill_of_a_ray_worker_resumes_from_the_newest_complete_checkpoint(tmp_path, torchrun_losses):
+def test_ray_run_survives_a_sigkilled_worker_and_matches_torchrun(tmp_path, torchrun_losses):
+    """2 Ray Train workers train and checkpoint; rank 0 is SIGKILLed after step 8; Ray Train restarts the
+    group, which resumes from the newest complete checkpoint; every loss equals the torchrun run's."""
     # The MLflow store exists before the run, as a tracking server would: MLflow creates an embedded sqlite
     # store with tens of non-atomic migrations, and a process killed during them (whatever its launcher)
     # leaves a store nothing can open again.
@@ -139,13 +124,17 @@ def test_sigkill_of_a_ray_worker_resumes_from_the_newest_complete_checkpoint(tmp
     assert process.wait(600) == 0, log.read_text()[-5000:]
 
     text = log.read_text()
+    assert "Started training worker group of size 2" in text and "ip=127.0.0.1" in text
+    assert "PlacementGroupCleaner" not in text, "no warnings about the dashboard a local run does without"
     assert "[FailurePolicy] RETRY" in text
     assert f"Loading the checkpoint from {cfg.checkpoint_uri}/step-{complete}." in text
     steps = [json.loads(line)["step"] for line in (cfg.run_dir / "progress.jsonl").read_text().splitlines()]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[:restart] == list(range(1, steps[restart - 1] + 1)) and steps[restart - 1] >= 8
     assert steps[restart:] == list(range(complete + 1, 13)), "the resumed steps follow the checkpoint"
+    # Steps 1..complete are the first attempt's, the rest the restarted workers': all as torchrun's.
     assert _losses(cfg.run_dir) == pytest.approx(torchrun_losses, rel=LOSS_TOLERANCE, abs=0)
+    assert [(s, ok) for s, _, ok in list_checkpoints(cfg.checkpoint_uri)] == [(s, True) for s in (3, 6, 9, 12)]
 
     info = json.loads((cfg.run_dir / "run.json").read_text())
     runs = client.search_runs([experiment.experiment_id], f"tags.`{JOB_TAG}` = 'killed'")
