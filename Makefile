@@ -37,11 +37,16 @@ $(STAMP): pyproject.toml Makefile
 	  || (echo "torch was replaced by a resolver; run 'make clean setup'" && exit 1)
 	touch $(STAMP)
 
+# Two pytest-xdist workers: about a third of a serial run waits (process start-up, servers, sleeps) while
+# the other worker computes. A module runs on one worker (its fixtures are built once), the longest
+# modules first (tests/conftest.py orders them). TEST_WORKERS=0 runs serially.
+PYTEST := $(BIN)/python -m pytest -q -n $(or $(TEST_WORKERS),2) --dist loadfile --no-loadscope-reorder
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Synthesizes robot datasets (LeRobot v3.0), trains the tiny preset from scratch on one (2 CPU processes,
 # FSDP2), exports the final checkpoint, rolls the trained policy out chunk by chunk on held-out episodes

@@ -32,7 +32,7 @@ from wam.trainer.model.text_encoder import load_text_encoder
 WARMUP = 25  # torchtitan's first steps (allocator, FSDP buffers, first async work) are slow
 
 
-def titan_step_times(workdir: Path, name: str, steps: int, processes: int, **sections) -> list[dict]:
+def titan_step_times(workdir: Path, name: str, steps: int, warmup: int, processes: int, **sections) -> list[dict]:
     config = {"name": name, "output_dir": str(workdir), "training": {"steps": steps, "processes": processes,
               "batch_size": 2, "log_every": 5}, "checkpoint": {"interval": 10_000}}
     for section, values in sections.items():
@@ -44,10 +44,10 @@ def titan_step_times(workdir: Path, name: str, steps: int, processes: int, **sec
     if result.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{result.stdout}\n{result.stderr}")
     records = [json.loads(line) for line in (workdir / name / "progress.jsonl").read_text().splitlines()]
-    return [r for r in records if r["step"] > WARMUP]  # step_time_s: mean over the steps since the last log
+    return [r for r in records if r["step"] > warmup]  # step_time_s: mean over the steps since the last log
 
 
-def eager_step_time(steps: int) -> float:
+def eager_step_time(steps: int, warmup: int) -> float:
     cfg = load_config(None, ["training.batch_size=2"])
     preset = resolve_preset(cfg)
     arch, sample = preset.arch, preset.sample
@@ -76,30 +76,31 @@ def eager_step_time(steps: int) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[WARMUP:])
+    return statistics.median(times[warmup:])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="5 warm-up and 5 timed steps (a smoke run)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    steps = WARMUP + (10 if args.quick else 50)
+    warmup, timed = (5, 5) if args.quick else (WARMUP, 50)
+    steps = warmup + timed
     results: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                      "torch_threads_eager": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        eager = eager_step_time(steps)
-        titan = {n: statistics.median(r["step_time_s"] for r in titan_step_times(work, f"tiny-{n}p", steps, n))
+        eager = eager_step_time(steps, warmup)
+        titan = {n: statistics.median(r["step_time_s"] for r in titan_step_times(work, f"tiny-{n}p", steps, warmup, n))
                  for n in (1, 2)}
         results.update(eager_step_s=eager, titan_step_s=titan)
-        print(f"tiny preset, batch 2 per process, {results['device']}; medians after {WARMUP} warm-up steps")
+        print(f"tiny preset, batch 2 per process, {results['device']}; medians after {warmup} warm-up steps")
         print(f"{'setup':<34} {'step ms':>8} {'samples/s':>10} {'vs eager (time)':>16}")
         print(f"{'eager loop, 1 process':<34} {eager * 1000:>8.1f} {2 / eager:>10.1f} {1.0:>15.2f}x")
         for n, t in titan.items():
             print(f"{f'torchtitan Trainer, {n} process(es)':<34} {t * 1000:>8.1f} {2 * n / t:>10.1f} {t / eager:>15.2f}x")
         if torch.cuda.is_available():  # a few DiT blocks at the 14B width, on one GPU
-            records = titan_step_times(work, "width-14b", steps, 1,
+            records = titan_step_times(work, "width-14b", steps, warmup, 1,
                                        model={"preset": "dreamzero-14b", "num_layers": 4, "attention": "flex"},
                                        training={"batch_size": 1, "precision": "bfloat16"})
             mfu = statistics.median(r["mfu_pct"] for r in records)

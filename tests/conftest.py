@@ -14,8 +14,18 @@ if not torch.cuda.is_available():
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
+# `make test` runs the modules on two pytest-xdist workers: a module's tests on one worker (--dist loadfile, so
+# module fixtures are built once), modules handed out in the order collected (--no-loadscope-reorder). The
+# longest modules go first, so that no worker is left alone with a long one at the end (serially on 2 cores:
+# training ~7 min, Ray ~4, evaluation and regression ~3 each, kernels and benchmarks ~2 each).
+LONGEST_FIRST = ("tests/test_training.py", "tests/test_ray_launcher.py", "tests/test_eval.py", "tests/test_regress.py",
+                 "tests/test_kernels.py", "tests/test_benchmarks.py", "tests/test_serve.py", "tests/test_operator.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` run only where CUDA exists; everywhere else they are reported as skipped."""
+    """The longest modules first; tests marked `gpu` run only where CUDA exists, elsewhere they are skipped."""
+    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: a module stays in order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -136,6 +146,37 @@ def progress(run_dir):
 
     path = run_dir / "progress.jsonl"
     return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
+
+
+# The run the SIGKILL tests interrupt (torchrun in test_training, Ray in test_ray_launcher): both compare
+# with the same uninterrupted torchrun run of it.
+INTERRUPTED_RUN = {"training": {"steps": 16}, "checkpoint": {"interval": 4, "keep": 0}}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_losses(tmp_path_factory) -> dict[int, float]:
+    """{step: loss} of INTERRUPTED_RUN trained to the end under torchrun."""
+    from wam.platform.config import load_config
+
+    config = write_run_config(tmp_path_factory.mktemp("uninterrupted"), "uninterrupted", **INTERRUPTED_RUN)
+    result = wam_cli("train", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    losses = {step: r["loss"] for step, r in progress(load_config(config).run_dir).items()}
+    assert sorted(losses) == list(range(1, 17))
+    return losses
+
+
+def run_benchmark(script: str, tmp_path, *args: str) -> dict:
+    """Run a script of benchmarks/ (a smoke run: the arguments keep it short); returns its --json output."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "result.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--json", str(out)],
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(out.read_text())
 
 
 def free_port() -> int:

@@ -1,26 +1,15 @@
 """The benchmark scripts keep running (a smoke run; the numbers themselves go in the README)."""
 
-import json
 import subprocess
 import sys
 
-import pytest
-
-from conftest import REPO
+from conftest import REPO, run_benchmark
 
 
 def test_model_benchmark_smoke(tmp_path):
     data = run_benchmark("model.py", tmp_path, "--quick", "--steps", "2")
     assert set(data["flops"]) == {"tiny", "wan2.1-1.3b", "dreamzero-5b", "dreamzero-14b"}
     assert all(row["cached_s"] > 0 for row in data["chunk_inference"]["tiny"])
-
-
-def run_benchmark(script: str, tmp_path, *args: str) -> dict:
-    out = tmp_path / "result.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--json", str(out)],
-                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(out.read_text())
 
 
 def test_train_step_benchmark_smoke(tmp_path):
@@ -60,11 +49,3 @@ def test_attention_benchmark_smoke(tmp_path):
         assert 0.30 < data["schedules"]["4_chunks"]["visited_tiles"] < 0.45
     else:
         assert all(row["results"]["triton"]["forward_ms"] > 0 for row in data["layouts"].values())
-
-
-@pytest.mark.slow
-def test_launchers_benchmark_smoke(tmp_path):
-    data = run_benchmark("launchers.py", tmp_path, "--quick")
-    assert [r["launcher"] for r in data["runs"]] == ["torchrun", "ray"]
-    assert all(r["startup_s"] > 0 and r["step_s"] > 0 for r in data["runs"])
-    assert set(data["ray_over_torchrun"]) == {"startup_s", "step_s"}

@@ -1,6 +1,7 @@
 """The Ray launcher (`wam train --launcher ray`): the same torchtitan training in Ray Train workers, on a real
 local Ray cluster (loopback only), with real checkpoints and MLflow store; a worker killed with SIGKILL is
-restarted by Ray Train and the run resumes from the newest complete checkpoint."""
+restarted by Ray Train and the run resumes from the newest complete checkpoint. Also the smoke run of
+benchmarks/launchers.py."""
 
 import ipaddress
 import json
@@ -20,14 +21,13 @@ from wam.platform.config import load_config
 from wam.platform.manifest import list_checkpoints
 from wam.platform.tracking import JOB_TAG
 
-from conftest import progress, wam_cli, write_run_config
+from conftest import INTERRUPTED_RUN, progress, run_benchmark, wam_cli, write_run_config
 
-RUN = {"training": {"steps": 12}, "checkpoint": {"interval": 3, "keep": 0}}
 # Ray Train workers and torchrun processes run the same code with the same process group (gloo, 2 ranks),
-# the same threads (OMP_NUM_THREADS=1) and the same seeds. Measured: 11 of the 12 losses are bit-identical;
-# one differs in its last float32 bit (8.7e-8 relative): a loss is a reduction whose rounding depends on how
-# its buffers happen to be aligned in the process, and the steps after it agree exactly again (the parameters
-# did not drift). Hence a relative tolerance of 1e-6, about 8 float32 ulps.
+# the same threads (OMP_NUM_THREADS=1) and the same seeds. Measured on a 12-step run: 11 of the 12 losses
+# are bit-identical; one differs in its last float32 bit (8.7e-8 relative): a loss is a reduction whose
+# rounding depends on how its buffers happen to be aligned in the process, and the steps after it agree
+# exactly again (the parameters did not drift). Hence a relative tolerance of 1e-6, about 8 float32 ulps.
 LOSS_TOLERANCE = 1e-6
 
 
@@ -80,16 +80,8 @@ def _rank0_pid(log: Path) -> int | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def torchrun_losses(tmp_path_factory) -> dict[int, float]:
-    config = write_run_config(tmp_path_factory.mktemp("torchrun"), "reference", **RUN)
-    result = wam_cli("train", config)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return _losses(load_config(config).run_dir)
-
-
 @pytest.mark.slow
-def test_ray_run_survives_a_sigkilled_worker_and_matches_torchrun(tmp_path, torchrun_losses):
+def test_ray_run_survives_a_sigkilled_worker_and_matches_torchrun(tmp_path, uninterrupted_losses):
     """2 Ray Train workers train and checkpoint; rank 0 is SIGKILLed after step 8; Ray Train restarts the
     group, which resumes from the newest complete checkpoint; every loss equals the torchrun run's."""
     # The MLflow store exists before the run, as a tracking server would: MLflow creates an embedded sqlite
@@ -98,7 +90,8 @@ def test_ray_run_survives_a_sigkilled_worker_and_matches_torchrun(tmp_path, torc
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(store)
     experiment = client.get_experiment(client.create_experiment("wam", (tmp_path / "mlartifacts").as_uri()))
-    cfg = load_config(write_run_config(tmp_path, "killed", tracking={"uri": store}, **RUN), ["training.launcher=ray"])
+    cfg = load_config(write_run_config(tmp_path, "killed", tracking={"uri": store}, **INTERRUPTED_RUN),
+                      ["training.launcher=ray"])
     process = launch.start(cfg, launch.prepare(cfg))
     log = cfg.run_dir / "train.log"
     deadline = time.time() + 600
@@ -120,7 +113,7 @@ def test_ray_run_survives_a_sigkilled_worker_and_matches_torchrun(tmp_path, torc
     # now is the one the restarted workers must resume from.
     os.kill(rank0, signal.SIGKILL)
     complete = max(step for step, _, ok in list_checkpoints(cfg.checkpoint_uri) if ok)
-    assert 3 <= complete < 12
+    assert 4 <= complete < 16
     assert process.wait(600) == 0, log.read_text()[-5000:]
 
     text = log.read_text()
@@ -131,17 +124,17 @@ def test_ray_run_survives_a_sigkilled_worker_and_matches_torchrun(tmp_path, torc
     steps = [json.loads(line)["step"] for line in (cfg.run_dir / "progress.jsonl").read_text().splitlines()]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[:restart] == list(range(1, steps[restart - 1] + 1)) and steps[restart - 1] >= 8
-    assert steps[restart:] == list(range(complete + 1, 13)), "the resumed steps follow the checkpoint"
+    assert steps[restart:] == list(range(complete + 1, 17)), "the resumed steps follow the checkpoint"
     # Steps 1..complete are the first attempt's, the rest the restarted workers': all as torchrun's.
-    assert _losses(cfg.run_dir) == pytest.approx(torchrun_losses, rel=LOSS_TOLERANCE, abs=0)
-    assert [(s, ok) for s, _, ok in list_checkpoints(cfg.checkpoint_uri)] == [(s, True) for s in (3, 6, 9, 12)]
+    assert _losses(cfg.run_dir) == pytest.approx(uninterrupted_losses, rel=LOSS_TOLERANCE, abs=0)
+    assert [(s, ok) for s, _, ok in list_checkpoints(cfg.checkpoint_uri)] == [(s, True) for s in (4, 8, 12, 16)]
 
     info = json.loads((cfg.run_dir / "run.json").read_text())
     runs = client.search_runs([experiment.experiment_id], f"tags.`{JOB_TAG}` = 'killed'")
     assert [r.info.run_id for r in runs] == [info["mlflow_run_id"]], "one MLflow run across the restart"
     assert runs[0].info.status == "FINISHED" and info["finished"] is True
     history = [m.step for m in client.get_metric_history(info["mlflow_run_id"], "loss")]
-    assert set(history) == set(range(1, 13)) and len(history) >= 12 + logged - complete, "both attempts logged here"
+    assert set(history) == set(range(1, 17)) and len(history) >= 16 + logged - complete, "both attempts logged here"
     time.sleep(5)  # Ray's processes leave after the driver
     assert not _in_session(process.pid), "Ray was not shut down"
 
@@ -159,3 +152,11 @@ def test_launcher_choice_is_checked_before_anything_starts(tmp_path):
     message = " ".join(missing.stderr.split())
     assert missing.returncode == 2 and "training.launcher=ray needs Ray Train" in message, missing.stderr
     assert not (load_config(config).run_dir / "train.log").exists()  # nothing was started
+
+
+@pytest.mark.slow  # here rather than in test_benchmarks: one module, one worker, one Ray cluster at a time
+def test_launchers_benchmark_smoke(tmp_path):
+    data = run_benchmark("launchers.py", tmp_path, "--quick")
+    assert [r["launcher"] for r in data["runs"]] == ["torchrun", "ray"]
+    assert all(r["startup_s"] > 0 and r["step_s"] > 0 for r in data["runs"])
+    assert set(data["ray_over_torchrun"]) == {"startup_s", "step_s"}

@@ -3,7 +3,6 @@ MLflow store. Every run here is a real `wam train` / torchrun launch."""
 
 import json
 import os
-import re
 import signal
 import statistics
 import time
@@ -16,7 +15,7 @@ from wam.platform import launch, termination
 from wam.platform.config import load_config, to_yaml
 from wam.platform.manifest import latest_complete, list_checkpoints, read_manifest
 
-from conftest import free_port, progress, wam_cli, write_run_config
+from conftest import INTERRUPTED_RUN, free_port, progress, wam_cli, write_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -93,14 +92,10 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {step: r["loss"] for step, r in progress(run_dir).items()}
 
 
-def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identical_losses(tmp_path):
-    steps = {"training": {"steps": 16}, "checkpoint": {"interval": 4, "keep": 0}}
-    reference = write_run_config(tmp_path, "uninterrupted", **steps)
-    assert wam_cli("train", reference).returncode == 0
-    expected = _losses(load_config(reference).run_dir)
-    assert len(expected) == 16
-
-    cfg = load_config(write_run_config(tmp_path, "killed", **steps))
+def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identical_losses(
+        tmp_path, uninterrupted_losses):
+    expected = uninterrupted_losses
+    cfg = load_config(write_run_config(tmp_path, "killed", **INTERRUPTED_RUN))
     process = launch.start(cfg, launch.prepare(cfg))
     deadline = time.time() + 300
     while max(_losses(cfg.run_dir), default=0) < 10 and time.time() < deadline and process.poll() is None:
@@ -200,49 +195,17 @@ def test_hsdp_matches_fsdp_on_the_same_four_processes(tmp_path):
 
 
 def test_activation_checkpointing_and_compile_keep_the_numerics(tmp_path, monkeypatch):
-    """Recomputation (full, selective) and per-block torch.compile change speed and memory, not results."""
+    """Recomputation (full, selective) and per-block torch.compile change speed and memory, not results.
+    Full recomputation is checked in the compiled run: it wraps every compiled block."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     losses = {}
-    for name, training in (("plain", {}), ("full-ac", {"activation_checkpointing": "full"}),
-                           ("selective-ac", {"activation_checkpointing": "selective"}),
-                           ("compiled", {"activation_checkpointing": "full", "compile": True})):
+    for name, training in (("plain", {}), ("selective-ac", {"activation_checkpointing": "selective"}),
+                           ("compiled-full-ac", {"activation_checkpointing": "full", "compile": True})):
         config = write_run_config(tmp_path, name, training={"steps": 3, "processes": 1, **training},
                                   checkpoint={"interval": 3})
         result = wam_cli("train", config)
         assert result.returncode == 0, result.stdout + result.stderr
         losses[name] = _losses(load_config(config).run_dir)
     assert any((tmp_path / "inductor").rglob("*.py")), "torch.compile generated no kernels"
-    for name in ("full-ac", "selective-ac", "compiled"):
+    for name in ("selective-ac", "compiled-full-ac"):
         assert losses[name] == pytest.approx(losses["plain"], rel=1e-5), name
-
-
-def test_training_on_robot_video_skips_bad_samples_and_the_policy_rolls_out(tmp_path):
-    """The robot-data path end to end: a synthesized LeRobot dataset (one episode's video damaged) decoded by
-    workers, encoded by the frozen VAE/CLIP on the fly, trained with FSDP2, exported, rolled out."""
-    from wam.trainer.data.synth import CAMERAS, SynthOptions, synthesize
-
-    train = synthesize(tmp_path / "train", SynthOptions(episodes=5, episodes_per_file=1))
-    damaged = train / f"videos/{CAMERAS[1]}/chunk-000/file-002.mp4"
-    damaged.write_bytes(damaged.read_bytes()[:500])
-    heldout = synthesize(tmp_path / "heldout", SynthOptions(episodes=2, seed=1))
-    config = write_run_config(
-        tmp_path, "robot", sample={"num_chunks": 2, "actions_per_chunk": 24},
-        data={"source": "lerobot", "datasets": [{"uri": str(train), "profile": "droid"}], "bad_samples": "skip",
-              "workers": 1},
-        training={"steps": 30, "batch_size": 4, "warmup_steps": 3}, checkpoint={"interval": 30})
-    result = wam_cli("train", config)
-    assert result.returncode == 0, result.stdout + result.stderr
-    cfg = load_config(config)
-    records = progress(cfg.run_dir)
-    assert sum(r["data/skipped"] for r in records.values()) > 0
-    assert "bad samples skipped" in (cfg.run_dir / "train.log").read_text()
-    losses = [records[s]["video_loss"] for s in sorted(records)]
-    assert statistics.mean(losses[-5:]) < 0.5 * statistics.mean(losses[:5])
-    out = tmp_path / "robot.safetensors"
-    assert wam_cli("export", cfg.checkpoint_uri, out, "--dtype", "float32").returncode == 0
-    demo = wam_cli("demo", "--weights", out, "--dataset", heldout, "--episodes", "3")
-    assert demo.returncode == 0, demo.stderr
-    trained, untrained = map(float, re.search(r"video error over held-out windows: trained ([0-9.]+) vs "
-                                              r"untrained ([0-9.]+)", " ".join(demo.stdout.split())).groups())
-    assert trained < 0.5 * untrained, (trained, untrained)
-    assert float(re.search(r"max abs difference ([0-9.e+-]+)", demo.stdout).group(1)) < 1e-4
