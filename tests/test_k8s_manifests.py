@@ -50,6 +50,13 @@ def make_job(spec: dict, name: str = "golden", namespace: str = "robotics") -> t
                            "spec": spec})
 
 
+def training_objects(spec: dict, attempt: int = 0) -> tuple[trainjob.TrainJob, list[dict]]:
+    """A TrainJob of `spec` and its training children for `attempt`, under the default operator settings."""
+    settings = OperatorSettings()
+    job = make_job(spec)
+    return job, training_children(job, trainjob.training_config(job, settings.platform()), attempt, settings)
+
+
 def children(key: str, settings: OperatorSettings | None = None) -> list[dict]:
     settings = settings or OperatorSettings()
     job = make_job(JOBS[key])
@@ -125,9 +132,7 @@ def test_every_child_passes_its_schema(key):
 @pytest.mark.parametrize("backend", ["volcano", "coscheduling", "kueue"])
 def test_gang_backends_produce_valid_objects(backend):
     spec = {**JOBS["h100"], "scheduling": {"gang": backend, "queue": "research"}}
-    job = make_job(spec)
-    settings = OperatorSettings()
-    objs = training_children(job, trainjob.training_config(job, settings.platform()), 0, settings)
+    _, objs = training_objects(spec)
     for obj in objs:
         validate(obj)
     js = objs[-1]
@@ -221,9 +226,8 @@ def test_rayjob_runs_the_ray_driver_on_a_cpu_head_and_places_gpu_workers():
 
 def test_rayjob_keeps_gb200_workers_in_one_clique_without_kueue():
     spec = {**JOBS["gb200-ray"], "scheduling": {"gang": "none"}}
-    settings = OperatorSettings()
-    job = make_job(spec)
-    rj = training_children(job, trainjob.training_config(job, settings.platform()), 2, settings)[-1]
+    job, objs = training_objects(spec, attempt=2)
+    rj = objs[-1]
     worker = _ray_templates(rj)["worker"]
     [term] = worker["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["topologyKey"] == "nvidia.com/gpu.clique"
@@ -235,9 +239,7 @@ def test_rayjob_keeps_gb200_workers_in_one_clique_without_kueue():
 @pytest.mark.parametrize("backend", ["none", "volcano", "coscheduling", "kueue"])
 def test_rayjob_gang_scheduling_goes_through_kuberay_or_kueue(backend):
     spec = {**JOBS["h100-ray"], "scheduling": {"gang": backend, "queue": "research", "priorityClass": "high"}}
-    job = make_job(spec)
-    settings = OperatorSettings()
-    objs = training_children(job, trainjob.training_config(job, settings.platform()), 0, settings)
+    _, objs = training_objects(spec)
     for obj in objs:
         validate(obj)
     rj = objs[-1]

@@ -132,6 +132,17 @@ def write_checkpoint(folder: str, step: int, env: dict) -> None:
     manifest.write_manifest(uri, step, config={}, metrics={"loss": 0.5})
 
 
+def train_reports(c: EmulatedCluster, name: str, metrics: dict, step: int, checkpoint: int) -> tuple[Tracker, dict]:
+    """What rank 0 of job `name` does: log metrics to its MLflow run and write a complete checkpoint; returns
+    the tracker and the job's status once the operator shows both."""
+    tracker = Tracker(c.mlflow, "wam", f"{NS}.{name}", f"wam-{name}")
+    tracker.start({"model.preset": "tiny"})
+    tracker.log_metrics(metrics, step=step)
+    assert tracker.close(30)
+    write_checkpoint(f"{BUCKET}/{NS}/{name}", checkpoint, c.s3)
+    return tracker, wait_for(lambda: (s := status(c, name)).get("checkpoint") and s.get("progress") and s)
+
+
 def set_status(c, kind, name, status_patch):
     c.kube.patch(kind, NS, name, {"status": status_patch}, subresource="status")
 
@@ -188,12 +199,7 @@ def test_trainjob_from_queue_to_serving(cluster):
     assert c.objects(kube.JOBSET)["e2e-0"]["spec"]["suspend"] is False, "the operator never touches suspend"
 
     # Rank 0 reports to MLflow and writes a complete checkpoint.
-    tracker = Tracker(c.mlflow, "wam", f"{NS}.e2e", "wam-e2e")
-    tracker.start({"model.preset": "tiny"})
-    tracker.log_metrics({"loss": 0.75, "tokens_per_s": 1234.0}, step=15)
-    assert tracker.close(30)
-    write_checkpoint(f"{BUCKET}/{NS}/e2e", 20, c.s3)
-    st = wait_for(lambda: (s := status(c, "e2e")).get("checkpoint") and s.get("progress") and s)
+    tracker, st = train_reports(c, "e2e", {"loss": 0.75, "tokens_per_s": 1234.0}, step=15, checkpoint=20)
     assert st["progress"]["step"] == 15 and st["progress"]["summary"] == "15/20" and st["progress"]["loss"] == 0.75
     assert st["mlflow"]["runId"] == tracker.run_id and st["mlflow"]["url"].startswith("https://mlflow.test/#/")
     assert st["checkpoint"]["uri"] == f"{BUCKET}/{NS}/e2e/step-20"
@@ -306,12 +312,7 @@ def test_ray_trainjob_goes_through_rayjob_states_to_completion(cluster):
     phase_is(c, "ray", "Running")
 
     # Rank 0 (on a worker pod) reports to MLflow and writes a complete checkpoint, as under torchrun.
-    tracker = Tracker(c.mlflow, "wam", f"{NS}.ray", "wam-ray")
-    tracker.start({"model.preset": "tiny"})
-    tracker.log_metrics({"loss": 0.5, "tokens_per_s": 99.0}, step=20)
-    assert tracker.close(30)
-    write_checkpoint(f"{BUCKET}/{NS}/ray", 20, c.s3)
-    st = wait_for(lambda: (s := status(c, "ray")).get("checkpoint") and s.get("progress") and s)
+    tracker, st = train_reports(c, "ray", {"loss": 0.5, "tokens_per_s": 99.0}, step=20, checkpoint=20)
     assert st["progress"]["summary"] == "20/20" and st["mlflow"]["runId"] == tracker.run_id
 
     set_status(c, kube.RAYJOB, "ray-1", rayjob_status("Complete", "SUCCEEDED"))
