@@ -148,6 +148,11 @@ def progress(run_dir):
     return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
 
 
+def step_losses(run_dir) -> dict[int, float]:
+    """{step: loss} from a run's progress file."""
+    return {step: r["loss"] for step, r in progress(run_dir).items()}
+
+
 # The run the SIGKILL tests interrupt (torchrun in test_training, Ray in test_ray_launcher): both compare
 # with the same uninterrupted torchrun run of it.
 INTERRUPTED_RUN = {"training": {"steps": 16}, "checkpoint": {"interval": 4, "keep": 0}}
@@ -161,7 +166,7 @@ def uninterrupted_losses(tmp_path_factory) -> dict[int, float]:
     config = write_run_config(tmp_path_factory.mktemp("uninterrupted"), "uninterrupted", **INTERRUPTED_RUN)
     result = wam_cli("train", config)
     assert result.returncode == 0, result.stdout + result.stderr
-    losses = {step: r["loss"] for step, r in progress(load_config(config).run_dir).items()}
+    losses = step_losses(load_config(config).run_dir)
     assert sorted(losses) == list(range(1, 17))
     return losses
 

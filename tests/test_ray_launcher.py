@@ -21,7 +21,7 @@ from wam.platform.config import load_config
 from wam.platform.manifest import list_checkpoints
 from wam.platform.tracking import JOB_TAG
 
-from conftest import INTERRUPTED_RUN, progress, run_benchmark, wam_cli, write_run_config
+from conftest import INTERRUPTED_RUN, run_benchmark, step_losses, wam_cli, write_run_config
 
 # Ray Train workers and torchrun processes run the same code with the same process group (gloo, 2 ranks),
 # the same threads (OMP_NUM_THREADS=1) and the same seeds. Measured on a 12-step run: 11 of the 12 losses
@@ -29,10 +29,6 @@ from conftest import INTERRUPTED_RUN, progress, run_benchmark, wam_cli, write_ru
 # rounding depends on how its buffers happen to be aligned in the process, and the steps after it agree
 # exactly again (the parameters did not drift). Hence a relative tolerance of 1e-6, about 8 float32 ulps.
 LOSS_TOLERANCE = 1e-6
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {step: r["loss"] for step, r in progress(run_dir).items()}
 
 
 def _in_session(sid: int) -> list[int]:
@@ -126,7 +122,7 @@ def test_ray_run_survives_a_sigkilled_worker_and_matches_torchrun(tmp_path, unin
     assert steps[:restart] == list(range(1, steps[restart - 1] + 1)) and steps[restart - 1] >= 8
     assert steps[restart:] == list(range(complete + 1, 17)), "the resumed steps follow the checkpoint"
     # Steps 1..complete are the first attempt's, the rest the restarted workers': all as torchrun's.
-    assert _losses(cfg.run_dir) == pytest.approx(uninterrupted_losses, rel=LOSS_TOLERANCE, abs=0)
+    assert step_losses(cfg.run_dir) == pytest.approx(uninterrupted_losses, rel=LOSS_TOLERANCE, abs=0)
     assert [(s, ok) for s, _, ok in list_checkpoints(cfg.checkpoint_uri)] == [(s, True) for s in (4, 8, 12, 16)]
 
     info = json.loads((cfg.run_dir / "run.json").read_text())

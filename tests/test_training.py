@@ -15,7 +15,7 @@ from wam.platform import launch, termination
 from wam.platform.config import load_config, to_yaml
 from wam.platform.manifest import latest_complete, list_checkpoints, read_manifest
 
-from conftest import INTERRUPTED_RUN, free_port, progress, wam_cli, write_run_config
+from conftest import INTERRUPTED_RUN, free_port, progress, step_losses, wam_cli, write_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -88,23 +88,19 @@ def _workers(parent: int) -> list[int]:
     return children
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {step: r["loss"] for step, r in progress(run_dir).items()}
-
-
 def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identical_losses(
         tmp_path, uninterrupted_losses):
     expected = uninterrupted_losses
     cfg = load_config(write_run_config(tmp_path, "killed", **INTERRUPTED_RUN))
     process = launch.start(cfg, launch.prepare(cfg))
     deadline = time.time() + 300
-    while max(_losses(cfg.run_dir), default=0) < 10 and time.time() < deadline and process.poll() is None:
+    while max(step_losses(cfg.run_dir), default=0) < 10 and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
     workers = _workers(process.pid)
     assert len(workers) == 2 and process.poll() is None, "the run ended before it could be interrupted"
     os.kill(max(workers), signal.SIGKILL)  # one rank dies without warning
     assert process.wait(120) != 0
-    before = _losses(cfg.run_dir)
+    before = step_losses(cfg.run_dir)
     assert before and all(before[s] == expected[s] for s in before)
     complete = [step for step, _, ok in list_checkpoints(cfg.checkpoint_uri) if ok]
     assert complete and max(complete) < 16
@@ -120,7 +116,7 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identica
     log = (cfg.run_dir / "train.log").read_text()
     assert f"Loading the checkpoint from {cfg.checkpoint_uri}/step-{max(complete)}" in log
     assert "ignoring" in log and "step-15: no manifest" in log
-    after = _losses(cfg.run_dir)
+    after = step_losses(cfg.run_dir)
     assert sorted(after) == list(range(max(complete) + 1, 17))
     assert all(after[s] == expected[s] for s in after), {s: (after[s], expected[s]) for s in after}
     assert not debris.exists()  # older than the newest complete checkpoint: cleaned up
@@ -188,7 +184,7 @@ def test_hsdp_matches_fsdp_on_the_same_four_processes(tmp_path):
                                                               "batch_size": 1}, checkpoint={"interval": 4})
         result = wam_cli("train", config)
         assert result.returncode == 0, result.stdout + result.stderr
-        losses[name] = _losses(load_config(config).run_dir)
+        losses[name] = step_losses(load_config(config).run_dir)
     assert "dp_replicate=2, dp_shard=2" in (tmp_path / "runs/hsdp2x2/train.log").read_text()
     for step in range(1, 5):
         assert losses["hsdp2x2"][step] == pytest.approx(losses["fsdp4"][step], rel=1e-4)
@@ -205,7 +201,7 @@ def test_activation_checkpointing_and_compile_keep_the_numerics(tmp_path, monkey
                                   checkpoint={"interval": 3})
         result = wam_cli("train", config)
         assert result.returncode == 0, result.stdout + result.stderr
-        losses[name] = _losses(load_config(config).run_dir)
+        losses[name] = step_losses(load_config(config).run_dir)
     assert any((tmp_path / "inductor").rglob("*.py")), "torch.compile generated no kernels"
     for name in ("selective-ac", "compiled-full-ac"):
         assert losses[name] == pytest.approx(losses["plain"], rel=1e-5), name
