@@ -12,6 +12,7 @@ from wam.operators import gang, placement
 from wam.operators.settings import OperatorSettings
 from wam.platform import termination
 from wam.platform.config import WamConfig, to_yaml
+from wam.platform.launch import training_command
 from wam.platform.trainjob import API_VERSION, KIND, TrainJob, gpus_per_node
 
 MANAGED_BY = "wam-operator"
@@ -101,11 +102,6 @@ def _rendezvous_env(job: TrainJob, name: str, settings: OperatorSettings) -> lis
     ]
 
 
-def training_command() -> list[str]:
-    return ["python", "-m", "torch.distributed.run", "-m", "wam.trainer.titan.train",
-            "--module", "wam.trainer.titan", "--config", "from_yaml"]
-
-
 def node_resources(job: TrainJob, settings: OperatorSettings) -> dict:
     """A training node's share: the accelerator profile's CPUs and memory, and its GPUs."""
     profile = settings.accelerators[job.spec.resources.accelerator]
@@ -172,7 +168,7 @@ def jobset(job: TrainJob, attempt: int, settings: OperatorSettings) -> dict:
     container = trainer_container(job, settings, CONTAINER,
                                   _rendezvous_env(job, name, settings) + trainer_env(job, settings),
                                   node_resources(job, settings))
-    container["command"] = training_command()
+    container["command"] = training_command("torchrun")
     container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
     template = attempt_template(job, attempt, "training", trainer_pod_spec(job, settings, container))
     js = {

@@ -11,7 +11,7 @@ import json
 from wam.operators.settings import OperatorSettings
 from wam.platform.apischema import SchemaStyle, openapi
 from wam.platform.crd import spec_schema
-from wam.platform.regress import Suite
+from wam.platform.suite import Suite
 
 
 def json_schema(schema: dict) -> dict:

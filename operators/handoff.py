@@ -14,7 +14,8 @@ from wam.operators.builders import (
     security_context,
 )
 from wam.operators.settings import OperatorSettings
-from wam.platform import handoff, termination
+from wam.platform import termination
+from wam.platform.launch import quantize_command, serve_command
 from wam.platform.trainjob import TrainJob
 
 STEP_LABEL = "wam.dev/step"
@@ -59,7 +60,7 @@ def _pod_spec(job: TrainJob, settings: OperatorSettings, container: dict, restar
 def quantize_job(job: TrainJob, step: int, checkpoint: str, out: str, settings: OperatorSettings) -> dict:
     """NVFP4 quantization of one complete checkpoint (one GPU: the reference quantizer reads every layer once)."""
     meta = metadata(job, quantize_job_name(job, step), QUANTIZE_COMPONENT, **{STEP_LABEL: str(step)})
-    container = _container(job, settings, "quantize", handoff.quantize_command(checkpoint, out), 1,
+    container = _container(job, settings, "quantize", quantize_command(checkpoint, out), 1,
                            {"cpu": "8", "memory": "128Gi"})
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
             "spec": {"backoffLimit": 2, "ttlSecondsAfterFinished": 7 * 24 * 3600,
@@ -77,7 +78,7 @@ def serving_deployment(job: TrainJob, step: int, model: str, settings: OperatorS
     name = serving_name(job)
     meta = metadata(job, name, SERVING_COMPONENT)
     port = settings.serving.port
-    container = _container(job, settings, "policy", handoff.serve_command(model, port), 1,
+    container = _container(job, settings, "policy", serve_command(model, port), 1,
                            {"cpu": settings.serving.cpu, "memory": settings.serving.memory})
     container["ports"] = [{"name": "policy", "containerPort": port}]
     container["readinessProbe"] = {"tcpSocket": {"port": port}, "periodSeconds": 5}

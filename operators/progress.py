@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import requests
 
-from wam.platform import manifest
+from wam.platform import checkpoints
 from wam.platform.tracking import JOB_TAG
 from wam.platform.trainjob import CheckpointStatus
 
@@ -67,11 +67,11 @@ def run_url(external_url: str | None, report: TrainingReport) -> str | None:
 
 def read_checkpoint(folder: str) -> CheckpointStatus | None:
     """The newest complete checkpoint (its manifest exists) under the job's checkpoint folder."""
-    latest = manifest.latest_complete(folder)
+    latest = checkpoints.latest_complete(folder)
     if latest is None:
         return None
     step, uri = latest
-    written = manifest.read_manifest(uri)
+    written = checkpoints.read_manifest(uri)
     created = datetime.datetime.fromtimestamp(written.created, datetime.UTC).isoformat(timespec="seconds") \
         if written else None
     return CheckpointStatus(step=step, uri=uri, time=created)

@@ -14,7 +14,7 @@ import shlex
 
 from wam.operators import builders, gang, placement
 from wam.operators.settings import OperatorSettings
-from wam.platform import ray_launch
+from wam.platform.launch import RAY_DRIVER_ENV, RAY_VERSION, training_command
 from wam.platform.trainjob import TrainJob
 
 API_VERSION = "ray.io/v1"
@@ -24,11 +24,11 @@ SUBMITTER_COMPONENT = "ray-submitter"
 
 
 def entrypoint() -> str:
-    return shlex.join(["python", "-m", ray_launch.RAY_MODULE])
+    return shlex.join(training_command("ray"))
 
 
 def _ray_env(job: TrainJob, settings: OperatorSettings) -> list[dict]:
-    driver = [{"name": key, "value": value} for key, value in ray_launch.DRIVER_ENV.items()]
+    driver = [{"name": key, "value": value} for key, value in RAY_DRIVER_ENV.items()]
     return builders.trainer_env(job, settings) + driver
 
 
@@ -74,7 +74,7 @@ def rayjob(job: TrainJob, attempt: int, settings: OperatorSettings) -> dict:
             "backoffLimit": 0,  # a failed attempt is the operator's to restart, counted in the TrainJob
             "suspend": job.spec.suspend,
             "rayClusterSpec": {
-                "rayVersion": ray_launch.RAY_VERSION,
+                "rayVersion": RAY_VERSION,
                 "enableInTreeAutoscaling": False,  # a gang of fixed size
                 # No CPUs for Ray tasks on the head: training workers need GPUs, the rest stays off the driver.
                 "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": head},

@@ -30,7 +30,7 @@ from wam.operators.status import (
     set_condition,
     workload_admission,
 )
-from wam.platform import handoff as handoff_uris
+from wam.platform.checkpoints import quantized_uri
 from wam.platform.config import WamConfig
 from wam.platform.trainjob import (
     CheckpointStatus,
@@ -260,7 +260,7 @@ def _handoff(job: TrainJob, seen: Observed, settings: OperatorSettings, now: str
         state, message = job_state(qjob)
         newer = st.quantized is None or step > st.quantized.step
         if state == "succeeded" and newer:
-            st.quantized = QuantizedStatus(step=step, uri=handoff_uris.quantized_uri(folder, step),
+            st.quantized = QuantizedStatus(step=step, uri=quantized_uri(folder, step),
                                            job=qjob["metadata"]["name"])
             set_condition(st, "Quantized", True, "Quantized", f"NVFP4 model of step {step}: {st.quantized.uri}",
                           now, gen)
@@ -272,7 +272,7 @@ def _handoff(job: TrainJob, seen: Observed, settings: OperatorSettings, now: str
     if wanted and st.checkpoint.step not in seen.quantize_jobs and not busy and \
             (st.quantized is None or st.quantized.step < st.checkpoint.step):
         ck = st.checkpoint
-        out = handoff_uris.quantized_uri(folder, ck.step)
+        out = quantized_uri(folder, ck.step)
         p.create.append(handoff.quantize_job(job, ck.step, ck.uri, out, settings))
         set_condition(st, "Quantized", False, "Quantizing", f"quantizing step {ck.step}", now, gen)
     serving = job.spec.handoff.serving

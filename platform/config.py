@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from wam.platform.accounting import GIB, estimate_memory, min_gpus
+from wam.platform.checkpoints import run_series
 from wam.platform.embodiment import ProfileSection, resolve_profile
 from wam.platform.errors import ConfigError
 from wam.platform.presets import Preset, WamArch, get_preset
@@ -188,7 +189,7 @@ class WamConfig:
 
     @property
     def checkpoint_uri(self) -> str:
-        return self.checkpoint.uri or str(self.run_dir / "checkpoints")
+        return self.checkpoint.uri or run_series(self.run_dir)
 
     @property
     def world_size(self) -> int:

@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class StorageError(UserError):
     """A path or URI cannot be read or written as needed."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is incomplete, corrupted or does not fit the model; the message says which and why."""

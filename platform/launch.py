@@ -1,127 +1,42 @@
-"""`wam train`: check a run before any process starts, run it under its launcher, follow its progress.
+"""The launch contract: the command every process of the platform runs, wherever it runs.
 
-torchrun here; `training.launcher: ray` starts the Ray Train driver instead (wam.platform.ray_launch).
-Torch-free: the training processes import torch, this one only starts them.
+A training process is torchtitan's own `main` with the project's config function, started by torchrun
+(`training.launcher: torchrun`) or by the Ray Train driver (`ray`); a quantization pod runs `wam quantize`,
+a serving pod `wam serve`. `wam train`, the local pipeline, the operator's JobSet, RayJob, quantize Job and
+serving Deployment all build their commands here, so a laptop run and a pod cannot drift apart.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-
-from wam.platform import ray_launch
-from wam.platform.accounting import GIB
-from wam.platform.config import WamConfig, check_memory, to_yaml
-from wam.platform.errors import ConfigError
-from wam.platform.storage import probe_writable
-
 TRAIN_MODULE = "wam.trainer.titan.train"
-CONFIG_MODULE = "wam.trainer.titan"
-TRAIN_ARGS = ("--module", CONFIG_MODULE, "--config", "from_yaml")  # torchtitan's: the config function
+# torchtitan's arguments: the config function `from_yaml` of wam.trainer.titan reads $WAM_CONFIG.
+CONFIG_ARGS = ("--module", "wam.trainer.titan", "--config", "from_yaml")
+RAY_MODULE = "wam.trainer.titan.ray_train"
+RAY_VERSION = "2.60.0"  # the trainer extra's pin, and the RayJob's rayVersion (tests check they agree)
+SERVING_PORT = 8000
+
+# How the Ray Train driver runs, here and in a RayJob's pods (set before it starts: Ray reads some on import).
+RAY_DRIVER_ENV = {
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",  # workers keep the working directory: relative run paths stay valid
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # each output line once, not also through Ray Train's logger
+    "RAY_DEDUP_LOGS": "0",  # every rank's lines, as under torchrun
+    "RAY_COLOR_PREFIX": "0",  # logs are files, not terminals
+}
 
 
-def _gpu_memory_gib() -> float | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
-        return min(float(line) for line in out.split()) / 1024
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
+def training_command(launcher: str, *, python: str = "python", standalone_processes: int | None = None) -> list[str]:
+    """The command that starts a training job's processes on one node. torchrun takes its rendezvous from
+    `PET_*` variables (a pod) unless `standalone_processes` asks for a single-machine run of that many;
+    the Ray driver starts or joins a Ray cluster and runs one Ray Train worker per process."""
+    if launcher == "ray":
+        return [python, "-m", RAY_MODULE]
+    standalone = ["--standalone", f"--nproc_per_node={standalone_processes}"] if standalone_processes else []
+    return [python, "-m", "torch.distributed.run", *standalone, "-m", TRAIN_MODULE, *CONFIG_ARGS]
 
 
-def _host_memory_gib() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+def quantize_command(checkpoint: str, out: str) -> list[str]:
+    return ["wam", "quantize", checkpoint, "--out", out]
 
 
-def check_capacity(cfg: WamConfig) -> None:
-    """Refuse a run whose estimated memory per process exceeds what each process has here."""
-    gpu = _gpu_memory_gib()
-    if gpu is not None:
-        check_memory(cfg, gpu, "GPU")
-    else:
-        host = _host_memory_gib()
-        check_memory(cfg, host / cfg.training.processes, f"share of this machine's {host:.0f} GiB RAM")
-
-
-def prepare(cfg: WamConfig) -> Path:
-    """Validate what can be validated before starting, and write the resolved config into the run dir."""
-    if cfg.training.nodes != 1:
-        raise ConfigError(f"`wam train` runs on this machine; a {cfg.training.nodes}-node job is submitted as a "
-                          "TrainJob (`wam submit`)")
-    if cfg.training.launcher == "ray":
-        ray_launch.check_installed()
-    check_capacity(cfg)
-    probe_writable(cfg.checkpoint_uri)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    path = cfg.run_dir / "config.yaml"
-    path.write_text(to_yaml(cfg))
-    return path
-
-
-def command(cfg: WamConfig) -> list[str]:
-    if cfg.training.launcher == "ray":
-        return ray_launch.command()
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.training.processes}",
-            "-m", TRAIN_MODULE, *TRAIN_ARGS]
-
-
-@dataclass
-class Progress:
-    step: int
-    steps: int
-    metrics: dict
-
-
-def follow(progress_file: Path, process: subprocess.Popen, poll: float = 0.5) -> Iterator[Progress]:
-    """Progress records as rank 0 writes them, until the process ends."""
-    offset = 0
-    while True:
-        finished = process.poll() is not None
-        if progress_file.exists():
-            with progress_file.open() as f:
-                f.seek(offset)
-                for line in f:
-                    if line.endswith("\n"):
-                        record = json.loads(line)
-                        yield Progress(record.pop("step"), record.pop("steps"), record)
-                        offset += len(line.encode())
-        if finished:
-            return
-        time.sleep(poll)
-
-
-def start(cfg: WamConfig, config_path: Path) -> subprocess.Popen:
-    """Start the training processes (a new session, so Ctrl-C reaches all of them through `stop`)."""
-    log = (cfg.run_dir / "train.log").open("ab")
-    env = {**os.environ, "WAM_CONFIG": str(config_path.resolve()), "PYTHONUNBUFFERED": "1"}
-    if cfg.training.launcher == "ray":
-        env.pop("RAY_ADDRESS", None)  # a private cluster on this machine, never one a shell points at
-        env.update(ray_launch.local_environment())
-    return subprocess.Popen(command(cfg), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def run_info(cfg: WamConfig) -> dict:
-    path = cfg.run_dir / "run.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def log_tail(cfg: WamConfig, lines: int = 30) -> str:
-    path = cfg.run_dir / "train.log"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+def serve_command(model: str, port: int = SERVING_PORT, host: str = "0.0.0.0") -> list[str]:
+    return ["wam", "serve", model, "--host", host, "--port", str(port)]

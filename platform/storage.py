@@ -68,6 +68,18 @@ def join(base: str, *parts: str) -> str:
     return str(Path(local_path(base), *parts))
 
 
+def parent(uri: str) -> str:
+    """The folder holding a local path or URI."""
+    if is_remote(uri):
+        return uri.rstrip("/").rsplit("/", 1)[0]
+    return str(local_path(uri).parent)
+
+
+def basename(uri: str) -> str:
+    """The last part of a local path or URI."""
+    return uri.rstrip("/").rsplit("/", 1)[-1] if is_remote(uri) else local_path(uri).name
+
+
 def filesystem(uri: str):
     """(fsspec filesystem, path within it) for a local path or URI."""
     return url_to_fs(str(uri) if is_remote(uri) else str(local_path(uri)))

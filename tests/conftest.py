@@ -217,7 +217,7 @@ def write_checkpoint(folder, cfg, model, step=5):
 
     import torch.distributed.checkpoint as dcp
 
-    from wam.platform.manifest import step_dir, write_manifest
+    from wam.platform.checkpoints import step_dir, write_manifest
 
     path = step_dir(str(folder), step)
     with warnings.catch_warnings():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from wam.platform.manifest import (
+from wam.platform.checkpoints import (
     MANIFEST_NAME,
     latest_complete,
     list_checkpoints,

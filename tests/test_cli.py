@@ -8,8 +8,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from wam.app.cli import app
 from wam.platform.accounting import count_flops, count_params
-from wam.platform.cli import app
 from wam.platform.presets import get_preset
 
 from conftest import REPO

@@ -12,8 +12,8 @@ import statistics
 import pytest
 from mlflow.tracking import MlflowClient
 
+from wam.platform.checkpoints import latest_complete
 from wam.platform.errors import ConfigError
-from wam.platform.manifest import latest_complete
 
 from conftest import progress, wam_cli, write_checkpoint, write_run_config
 

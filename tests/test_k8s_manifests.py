@@ -23,7 +23,8 @@ from wam.operators.chart import json_schema
 from wam.operators.chart import render as render_values_schema
 from wam.operators.reconcile import training_children
 from wam.operators.settings import OperatorSettings, load_settings
-from wam.platform import crd, ray_launch, regress, trainjob
+from wam.platform import crd, suite, trainjob
+from wam.platform.launch import RAY_DRIVER_ENV, RAY_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "wam-platform"
@@ -199,7 +200,7 @@ def test_rayjob_runs_the_ray_driver_on_a_cpu_head_and_places_gpu_workers():
     assert (spec["backoffLimit"], spec["shutdownAfterJobFinishes"]) == (0, True), "the operator restarts attempts"
     pin = next(d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][
         "trainer"] if d.startswith("ray["))
-    assert pin.endswith(f"=={spec['rayClusterSpec']['rayVersion']}") and ray_launch.RAY_VERSION in pin
+    assert pin.endswith(f"=={spec['rayClusterSpec']['rayVersion']}") and RAY_VERSION in pin
     templates = _ray_templates(rj)
     head, worker = templates["head"]["spec"], templates["worker"]["spec"]
     group = spec["rayClusterSpec"]["workerGroupSpecs"][0]
@@ -212,7 +213,7 @@ def test_rayjob_runs_the_ray_driver_on_a_cpu_head_and_places_gpu_workers():
     for template in (head, worker):
         env = {e["name"]: e.get("value") for e in template["containers"][0]["env"]}
         assert env["WAM_CONFIG"] == f"{builders.CONFIG_DIR}/{builders.CONFIG_KEY}"
-        assert ray_launch.DRIVER_ENV.items() <= env.items() and not any(k.startswith("PET_") for k in env)
+        assert RAY_DRIVER_ENV.items() <= env.items() and not any(k.startswith("PET_") for k in env)
         assert {"name": "wam-s3-credentials"} in [e.get("secretRef") for e in template["containers"][0]["envFrom"]]
     for name, template in templates.items():
         pod = template["spec"]
@@ -378,8 +379,8 @@ def test_chart_settings_load_as_operator_settings(tmp_path):
     nightly = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-nightly"))
     suite_file = tmp_path / "suite.yaml"
     suite_file.write_text(nightly["data"]["suite.yaml"])
-    suite = regress.load_suite(suite_file)  # what `wam regress` in the CronJob reads
-    job = trainjob.TrainJob(name=regress.run_name(suite), namespace="wam", spec=regress.with_overrides(suite, []))
+    loaded = suite.load_suite(suite_file)  # what `wam regress` in the CronJob reads
+    job = trainjob.TrainJob(name=suite.run_name(loaded), namespace="wam", spec=suite.with_overrides(loaded, []))
     trainjob.training_config(job, settings.platform())
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from wam.platform import launch
+from wam.app import local_training
+from wam.platform.checkpoints import list_checkpoints
 from wam.platform.config import load_config
-from wam.platform.manifest import list_checkpoints
 from wam.platform.tracking import JOB_TAG
 
 from conftest import INTERRUPTED_RUN, run_benchmark, step_losses, wam_cli, write_run_config
@@ -88,7 +88,7 @@ def test_ray_run_survives_a_sigkilled_worker_and_matches_torchrun(tmp_path, unin
     experiment = client.get_experiment(client.create_experiment("wam", (tmp_path / "mlartifacts").as_uri()))
     cfg = load_config(write_run_config(tmp_path, "killed", tracking={"uri": store}, **INTERRUPTED_RUN),
                       ["training.launcher=ray"])
-    process = launch.start(cfg, launch.prepare(cfg))
+    process = local_training.start(cfg, local_training.prepare(cfg))
     log = cfg.run_dir / "train.log"
     deadline = time.time() + 600
 
@@ -142,7 +142,7 @@ def test_launcher_choice_is_checked_before_anything_starts(tmp_path):
     assert unknown.returncode == 2 and "training.launcher = 'slurm' is not one of torchrun, ray" in said, said
     # An environment without Ray (a module set to None is one Python cannot import).
     missing = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.modules['ray'] = None; from wam.platform.cli import main; "
+        [sys.executable, "-c", "import sys; sys.modules['ray'] = None; from wam.app.cli import main; "
                                f"sys.argv = ['wam', 'train', {str(config)!r}, '--launcher', 'ray']; main()"],
         capture_output=True, text=True, timeout=120)
     message = " ".join(missing.stderr.split())

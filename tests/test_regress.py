@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from wam.app import regress
 from wam.operators import kube
 from wam.operators.testing import EmulatedCluster
-from wam.platform import regress, trainjob
+from wam.platform import suite as suites
+from wam.platform import trainjob
 from wam.platform.config import to_yaml
 from wam.platform.errors import ConfigError
 
@@ -166,10 +168,10 @@ def test_suite_mistakes_are_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(SUITE.read_text().replace("tolerance: 0.1}", "tolerance: 0.1, better: sideways}", 1))
     with pytest.raises(ConfigError, match=r"metrics\[0\].better: 'sideways' is not one of lower, higher"):
-        regress.load_suite(bad)
+        suites.load_suite(bad)
     bad.write_text(SUITE.read_text().replace("eval: {windows: 8, seed: 0}", ""))
     with pytest.raises(ConfigError, match="eval/\\* metrics need an `eval` section"):
-        regress.load_suite(bad)
-    suite = regress.load_suite(SUITE)
+        suites.load_suite(bad)
+    suite = suites.load_suite(SUITE)
     with pytest.raises(ConfigError, match="spec.config.model.preset is set by the platform"):
-        regress.local_config(regress.with_overrides(suite, ["model.preset=dreamzero-14b"]), "smoke-x", tmp_path, "sqlite://")
+        regress.local_config(suites.with_overrides(suite, ["model.preset=dreamzero-14b"]), "smoke-x", tmp_path, "sqlite://")

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from wam.platform import launch, termination
+from wam.app import local_training
+from wam.platform import termination
+from wam.platform.checkpoints import latest_complete, list_checkpoints, read_manifest
 from wam.platform.config import load_config, to_yaml
-from wam.platform.manifest import latest_complete, list_checkpoints, read_manifest
 
 from conftest import INTERRUPTED_RUN, free_port, progress, step_losses, wam_cli, write_run_config
 
@@ -92,7 +93,7 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identica
         tmp_path, uninterrupted_losses):
     expected = uninterrupted_losses
     cfg = load_config(write_run_config(tmp_path, "killed", **INTERRUPTED_RUN))
-    process = launch.start(cfg, launch.prepare(cfg))
+    process = local_training.start(cfg, local_training.prepare(cfg))
     deadline = time.time() + 300
     while max(step_losses(cfg.run_dir), default=0) < 10 and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
@@ -168,7 +169,7 @@ def test_training_process_refuses_an_unwritable_checkpoint_uri_before_step_one(t
     path.write_text(to_yaml(cfg))
     termination_log = tmp_path / "termination-log"
     monkeypatch.setenv(termination.ENV, str(termination_log))
-    process = launch.start(cfg, path)
+    process = local_training.start(cfg, path)
     assert process.wait(300) != 0
     assert "cannot write to /proc/wam-checkpoints" in (cfg.run_dir / "train.log").read_text()
     assert progress(cfg.run_dir) == {}

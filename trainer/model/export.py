@@ -14,9 +14,9 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 
+from wam.platform.checkpoints import CheckpointManifest, latest_complete, read_manifest, verify
 from wam.platform.config import config_from_dict, resolve_preset
 from wam.platform.errors import ConfigError
-from wam.platform.manifest import CheckpointManifest, latest_complete, read_manifest, verify
 from wam.platform.presets import Preset
 from wam.platform.storage import is_remote, local_path
 from wam.trainer.model.registry import build_model, model_config

@@ -17,14 +17,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from wam.platform.errors import UserError
+from wam.platform.errors import CheckpointError
 from wam.platform.storage import localize
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-
-
-class CheckpointError(UserError):
-    """A checkpoint does not fit the model; the message lists what is wrong."""
 
 
 def _resolve_files(path: Path) -> list[Path]:

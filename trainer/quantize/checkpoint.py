@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from wam.platform.checkpoints import quantized_uri, read_manifest, series_of, verify, write_manifest
 from wam.platform.config import WamConfig, config_from_dict, resolve_preset
 from wam.platform.embodiment import resolve_profile
-from wam.platform.handoff import quantized_uri
-from wam.platform.manifest import read_manifest, verify, write_manifest
 from wam.platform.storage import filesystem, is_remote, join, local_path, open_uri
 from wam.platform.tracking import log_quantized_model, resolve_uri
 from wam.trainer.model.export import complete_checkpoint, load_from_checkpoint
@@ -217,7 +216,7 @@ def quantize_checkpoint(checkpoint: str, out: str | None = None, keep: list[str]
     start = time.perf_counter()
     _release_large_buffers_to_the_os()
     uri, manifest = complete_checkpoint(checkpoint)
-    out = out or quantized_uri(uri.rstrip("/").rsplit("/", 1)[0], manifest.step)
+    out = out or quantized_uri(series_of(uri), manifest.step)
     done = _already_quantized(out, uri, manifest.step)
     if done is not None:
         return done

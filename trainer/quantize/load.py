@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from wam.platform.checkpoints import CheckpointManifest, read_manifest, verify
 from wam.platform.config import WamConfig, config_from_dict, resolve_preset
-from wam.platform.manifest import CheckpointManifest, read_manifest, verify
 from wam.platform.storage import localize
 from wam.trainer.model.model import WamModel
 from wam.trainer.model.registry import model_config

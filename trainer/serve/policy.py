@@ -24,12 +24,13 @@ import torch
 
 from wam.platform.config import resolve_preset
 from wam.platform.embodiment import EmbodimentProfile
+from wam.platform.errors import ConfigError
 from wam.trainer.data.stats import NormStats
 from wam.trainer.data.transforms import normalize, tile
 from wam.trainer.inference import ChunkRollout
 from wam.trainer.model.encoders import EncoderPaths, FrozenEncoders
 from wam.trainer.model.vae import StreamState, vae_config
-from wam.trainer.quantize.load import QuantizedPolicy
+from wam.trainer.quantize.load import QuantizedPolicy, load_quantized
 from wam.trainer.serve.actions import ActionPostprocess
 
 PROMPT_KEY = "prompt"
@@ -86,7 +87,7 @@ class PolicyRuntime:
             return SYNTHETIC_PROFILE, None
         name = name or next(iter(known))
         if name not in known:
-            raise ValueError(f"embodiment {name!r} is not one this model was trained on: {', '.join(known)}")
+            raise ConfigError(f"embodiment {name!r} is not one this model was trained on: {', '.join(known)}")
         entry = known[name]
         profile = EmbodimentProfile(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["profile"].items()})
         return profile, NormStats(**entry["stats"])
@@ -107,6 +108,13 @@ class PolicyRuntime:
 
     def session(self) -> Session:
         return Session(self)
+
+
+def load_runtime(model: str, device: str = "auto", steps: int | None = None,
+                 embodiment: str | None = None) -> PolicyRuntime:
+    """The runtime of a quantized model folder on `device` (auto: the GPU if there is one)."""
+    chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return PolicyRuntime(load_quantized(model, chosen), chosen, steps, embodiment)
 
 
 class Session:

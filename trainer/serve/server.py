@@ -150,6 +150,15 @@ class PolicyServer:
         await server.serve_forever()
 
 
+def serve_forever(runtime: PolicyRuntime, host: str, port: int) -> None:
+    """`wam serve`: log to the console and serve until interrupted."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(PolicyServer(runtime).run(host, port))
+    except KeyboardInterrupt:
+        pass
+
+
 @contextmanager
 def serve_in_background(server: PolicyServer, host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
     """Run the server on an event loop in a thread (tests, the local pipeline); yields the bound port."""

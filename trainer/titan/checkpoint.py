@@ -20,7 +20,13 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torchtitan.components.checkpointer.dcp import AsyncMode, CheckpointManager
 
-from wam.platform.manifest import CheckpointManifest, list_checkpoints, read_manifest, verify, write_manifest
+from wam.platform.checkpoints import (
+    CheckpointManifest,
+    list_checkpoints,
+    read_manifest,
+    verify,
+    write_manifest,
+)
 from wam.platform.storage import filesystem, localize, probe_writable
 
 log = logging.getLogger("wam.checkpoint")

@@ -2,7 +2,7 @@
 
     WAM_CONFIG=run/config.yaml python -m wam.trainer.titan.ray_train   # `wam train --launcher ray` does this
 
-in the environment of wam.platform.ray_launch. The driver starts a private Ray cluster on this machine
+in the environment `wam train` gives it (wam.app.local_training). The driver starts a private Ray cluster on this machine
 (loopback only), or joins the cluster it was submitted to (a KubeRay RayJob sets RAY_ADDRESS),
 and runs Ray Train's TorchTrainer with one worker per training process. Each worker runs torchtitan's
 own `main` exactly as a torchrun process does: Ray Train only gives it torchrun's environment (rank,
@@ -28,9 +28,10 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig, get_context
 from ray.train.backend import Backend
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from wam.platform import launch, termination
+from wam.platform import termination
 from wam.platform.config import WamConfig, load_config
 from wam.platform.errors import UserError
+from wam.platform.launch import CONFIG_ARGS
 from wam.platform.storage import probe_writable
 
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
@@ -74,7 +75,7 @@ def _quiet_placement_group_cleaner() -> None:
 def train_worker(config: dict[str, str]) -> None:
     """One training process: torchtitan's main with the project's config function."""
     os.environ["WAM_CONFIG"] = config["config"]
-    sys.argv = [sys.argv[0], *launch.TRAIN_ARGS]  # torchtitan's main reads its arguments from here
+    sys.argv = [sys.argv[0], *CONFIG_ARGS]  # torchtitan's main reads its arguments from here
     from wam.trainer.titan import train  # the CPU support before torchtitan, as under torchrun
 
     train.main()

@@ -26,8 +26,8 @@ from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.trainer import Trainer
 
 from wam.platform.accelerators import detect
+from wam.platform.checkpoints import CheckpointManifest
 from wam.platform.config import WamConfig, resolve_preset
-from wam.platform.manifest import CheckpointManifest
 from wam.platform.tracking import Tracker, flatten, resolve_uri
 from wam.trainer.flow import LossWeighting, StepRandomness, flow_loss, noise_batch
 from wam.trainer.model.encoders import EncoderPaths, FrozenEncoders

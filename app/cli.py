@@ -1,28 +1,25 @@
 """The `wam` command line: the single entry point for researchers, CI and the images.
 
-Commands needing the model (demo, train, ...) import wam.trainer lazily, so `wam --help` and the
-torch-free commands work in the operator image too.
+Every command parses its options, calls one function of the layer below and shows the result. Commands
+needing the model (train's processes, eval, serve, ...) import wam.trainer inside the command, and the
+cluster commands wam.operators, so `wam --help` and the torch-free commands work in the operator image too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from wam.app import local_training
+from wam.app.console import console, err_console, fail, human, user_errors
+from wam.app.pipeline import run_pipeline, show_replay
 from wam.platform.accounting import GIB, count_flops, count_params, estimate_memory, min_gpus, training_layout
 from wam.platform.config import load_config, resolve_preset
-from wam.platform.errors import UserError
 from wam.platform.presets import PRESETS
 
 app = typer.Typer(help="WAM Platform: train, quantize and serve DreamZero-style World Action Models.",
@@ -32,25 +29,6 @@ app.add_typer(model_app, name="model")
 data_app = typer.Typer(help="Robot datasets (LeRobot v2.1 / v3.0): synthesize, inspect, validate, stats.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
-err_console = Console(stderr=True)
-
-
-@contextmanager
-def user_errors():
-    """Turn configuration mistakes into a one-line error and exit code 2, not a traceback."""
-    try:
-        yield
-    except (UserError, FileNotFoundError) as err:
-        err_console.print(f"[bold red]error:[/] {escape(str(err))}")
-        raise typer.Exit(2) from None
-
-
-def _human(n: float, unit: str = "") -> str:
-    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {suffix}{unit}"
-    return f"{n:.0f} {unit}".strip()
 
 
 @model_app.command("list")
@@ -58,7 +36,7 @@ def model_list() -> None:
     """The model presets."""
     table = Table("preset", "trained params", "description")
     for preset in PRESETS.values():
-        table.add_row(preset.name, _human(count_params(preset.arch).total), preset.description)
+        table.add_row(preset.name, human(count_params(preset.arch).total), preset.description)
     console.print(table)
 
 
@@ -99,13 +77,13 @@ def model_info(
         console.print_json(json.dumps(info))
         return
     table = Table(title=f"{preset}: {resolved.description}", show_header=False)
-    table.add_row("trained parameters", f"{params.total:,} ({_human(params.total)})")
+    table.add_row("trained parameters", f"{params.total:,} ({human(params.total)})")
     table.add_row("  blocks / embeddings / head / WAM heads",
-                  " / ".join(_human(x) for x in (params.blocks, params.embeddings, params.head, params.wam_heads)))
+                  " / ".join(human(x) for x in (params.blocks, params.embeddings, params.head, params.wam_heads)))
     table.add_row("sample", f"{sample.num_chunks} chunks x ({sample.frames_per_chunk} latent frames + "
                   f"{sample.actions_per_chunk} actions), latent {sample.latent_height}x{sample.latent_width}")
     table.add_row("tokens per sample", f"{layout.length:,}")
-    table.add_row("FLOPs per sample (fwd+bwd)", _human(flops.training, "FLOP"))
+    table.add_row("FLOPs per sample (fwd+bwd)", human(flops.training, "FLOP"))
     table.add_row("  attention density", f"{flops.self_attention / flops.self_attention_dense:.1%} of dense pairs")
     for ac, est in memory.items():
         table.add_row(f"memory per GPU, {gpus} GPUs, AC {'on' if ac else 'off'}",
@@ -145,59 +123,8 @@ def train(
     Resumes from the newest complete checkpoint of the run if there is one."""
     with user_errors():
         cfg = load_config(config, [*(overrides or []), *([f"training.launcher={launcher}"] if launcher else [])])
-    _run_training(cfg)
-    _print_run_summary(cfg)
-
-
-def _run_training(cfg) -> None:
-    from wam.platform import launch
-
-    with user_errors():
-        config_path = launch.prepare(cfg)
-    console.print(f"[bold]{cfg.name}[/]: preset {cfg.model.preset}, {cfg.training.processes} processes "
-                  f"({cfg.training.launcher}), "
-                  f"{cfg.training.steps} steps; log {cfg.run_dir / 'train.log'}")
-    process = launch.start(cfg, config_path)
-    try:
-        _show_progress(launch.follow(cfg.run_dir / "progress.jsonl", process), cfg.training.steps)
-    except KeyboardInterrupt:
-        launch.stop(process)
-        err_console.print("interrupted; `wam train` with the same config resumes from the last complete checkpoint")
-        raise typer.Exit(130) from None
-    if process.returncode != 0:
-        err_console.print(launch.log_tail(cfg), markup=False)  # logs hold brackets rich would parse
-        err_console.print(f"[bold red]training failed[/] (exit code {process.returncode}); full log: "
-                          f"{cfg.run_dir / 'train.log'}")
-        raise typer.Exit(process.returncode or 1)
-
-
-def _show_progress(records, total: int) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("train", total=total, metrics="")
-        for record in records:
-            m = record.metrics
-            shown = f"loss {m.get('loss', float('nan')):.4f}  video {m.get('video_loss', float('nan')):.4f}"
-            if "action_loss" in m:
-                shown += f"  action {m['action_loss']:.4f}"
-            bar.update(task, completed=record.step, metrics=shown)
-
-
-def _print_run_summary(cfg) -> None:
-    from wam.platform.launch import run_info
-    from wam.platform.manifest import latest_complete
-
-    info, checkpoints = run_info(cfg), cfg.checkpoint_uri
-    latest = latest_complete(checkpoints)
-    console.print(f"checkpoints: {checkpoints}" + (f" (newest complete: step {latest[0]})" if latest else ""))
-    if info.get("tracking_uri"):
-        console.print(f"MLflow run {info.get('mlflow_run_id')} in experiment {info.get('experiment')!r} at "
-                      f"{info['tracking_uri']}")
-        if info["tracking_uri"].startswith("sqlite:"):
-            console.print(f"  open it with: mlflow ui --backend-store-uri {info['tracking_uri']}")
+    local_training.run(cfg)
+    local_training.print_summary(cfg)
 
 
 @app.command()
@@ -252,29 +179,15 @@ def serve(
     embodiment: str | None = typer.Option(None, help="which trained embodiment to serve (default: the first)"),
 ) -> None:
     """Serve a quantized policy over openpi's websocket protocol (health: /healthz /readyz, metrics: /metrics)."""
-    import asyncio
-    import logging
+    from wam.trainer.serve.policy import load_runtime
+    from wam.trainer.serve.server import serve_forever
 
-    import torch
-
-    from wam.trainer.quantize.load import load_quantized
-    from wam.trainer.serve.policy import PolicyRuntime
-    from wam.trainer.serve.server import PolicyServer
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     with user_errors():
-        try:
-            runtime = PolicyRuntime(load_quantized(model, chosen), chosen, steps, embodiment)
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        runtime = load_runtime(model, device, steps, embodiment)
     meta = runtime.metadata()
     console.print(f"policy {meta['preset']} step {meta['step']} ({meta['compute_path']}, {meta['denoising_steps']} "
                   f"denoising steps, embodiment {meta['embodiment']}) on ws://{host}:{port}")
-    try:
-        asyncio.run(PolicyServer(runtime).run(host, port))
-    except KeyboardInterrupt:
-        pass
+    serve_forever(runtime, host, port)
 
 
 @app.command()
@@ -289,24 +202,7 @@ def client(
     """Drive a served policy with recorded episodes through openpi-client; prints chunks and latencies."""
     with user_errors():
         cfg = load_config(config)
-    _replay(cfg, uri, dataset, windows, asynchronous, control_hz)
-
-
-def _replay(cfg, uri: str, dataset: str, windows: int, asynchronous: bool, control_hz: float) -> None:
-    from wam.trainer.serve.replay import replay
-
-    steps = replay(cfg, dataset, uri, windows, asynchronous, control_hz)
-    table = Table("chunk", "round trip ms", "server ms", "queue ms", "deadline", "first action (robot units)",
-                  "MAE vs recorded", title=f"{len(steps)} chunks from {uri} ({'async' if asynchronous else 'sync'}, "
-                                           f"{control_hz:g} Hz control)")
-    for i, step in enumerate(steps):
-        r = step.result
-        dims = step.recorded.shape[1]
-        first = ", ".join(f"{v:+.2f}" for v in r.actions[0, :min(dims, 4)]) + (" ..." if dims > 4 else "")
-        table.add_row(str(i), f"{r.round_trip_ms:.0f}", f"{r.server_timing['infer_ms']:.0f}",
-                      f"{r.server_timing['queue_ms']:.1f}", "met" if r.met_deadline else f"missed ({r.budget_ms:.0f})",
-                      first, f"{abs(r.actions - step.recorded).mean():.3f}")
-    console.print(table)
+    show_replay(cfg, uri, dataset, windows, asynchronous, control_hz)
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -322,61 +218,10 @@ def pipeline(
 ) -> None:
     """Train -> quantize the final (or every) complete checkpoint to NVFP4 -> serve it, as the operator does
     in a cluster, with the same `wam quantize` / `wam serve` commands."""
-    from wam.platform import handoff
-    from wam.platform.manifest import list_checkpoints
-
     with user_errors():
         cfg = load_config(config, overrides or [])
-    _run_training(cfg)
-    complete = [(step, uri) for step, uri, ok in list_checkpoints(cfg.checkpoint_uri) if ok]
-    for step, uri in complete if every else complete[-1:]:
-        _stage(handoff.quantize_command(uri, handoff.quantized_uri(cfg.checkpoint_uri, step)), f"quantize step {step}")
-    model = handoff.quantized_uri(cfg.checkpoint_uri, complete[-1][0])
-    if not serve_policy:
-        return
-    server = subprocess.Popen(_local(handoff.serve_command(model, port, host="127.0.0.1")))
-    try:
-        _wait_ready(port, server)
-        if client_dataset is None:
-            console.print(f"serving {model} on ws://127.0.0.1:{port}; Ctrl-C stops")
-            server.wait()
-        else:
-            _replay(cfg, f"ws://127.0.0.1:{port}", client_dataset, 1, asynchronous, 15.0)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.terminate()
-        server.wait(30)
-
-
-def _local(command: list[str]) -> list[str]:
-    """The handoff contract's `wam ...` command, run with this installation's `wam`."""
-    return [shutil.which("wam") or str(Path(sys.executable).parent / "wam"), *command[1:]]
-
-
-def _stage(command: list[str], what: str) -> None:
-    console.print(f"[bold]{what}[/]: {' '.join(command)}")
-    if subprocess.run(_local(command)).returncode != 0:
-        err_console.print(f"[bold red]{what} failed[/]")
-        raise typer.Exit(1)
-
-
-def _wait_ready(port: int, server: subprocess.Popen, timeout: float = 300.0) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            err_console.print(f"[bold red]the policy server exited[/] (code {server.returncode})")
-            raise typer.Exit(1)
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    err_console.print(f"[bold red]the policy server was not ready within {timeout:.0f} s[/]")
-    raise typer.Exit(1)
+    run_pipeline(cfg, every=every, serve=serve_policy, port=port, client_dataset=client_dataset,
+                 asynchronous=asynchronous)
 
 
 @data_app.command("synth")
@@ -395,8 +240,7 @@ def data_synth(
         root = synthesize(out, SynthOptions(episodes=episodes, version=version, codec=codec, seed=seed,
                                             video_only=video_only))
     except (ValueError, FileExistsError) as err:
-        err_console.print(f"[bold red]error:[/] {escape(str(err))}")
-        raise typer.Exit(2) from None
+        fail(str(err), 2)
     console.print(f"wrote a LeRobot {version} dataset of {episodes} episodes to {root}")
 
 
@@ -554,21 +398,22 @@ def regress(
 ) -> None:
     """Run a regression suite: train, evaluate, compare each metric with the baseline run's; exit 1 on a
     regression (the report says which metric moved by how much)."""
-    from wam.platform import regress as rg
+    from wam.app.regress import TrainingFailed, run_suite
+    from wam.platform.suite import fmt_value
 
     try:
         with user_errors():
-            report = rg.run_suite(suite, overrides or [], local=local, update_baseline=update_baseline,
-                                  out=output_dir, tracking_uri=tracking_uri, namespace=namespace, processes=processes,
-                                  poll=poll, timeout=timeout, train=_run_training, echo=console.print)
-    except rg.TrainingFailed as err:  # the training itself regressed
+            report = run_suite(suite, overrides or [], local=local, update_baseline=update_baseline, out=output_dir,
+                               tracking_uri=tracking_uri, namespace=namespace, processes=processes, poll=poll,
+                               timeout=timeout)
+    except TrainingFailed as err:  # the training itself regressed
         err_console.print(f"[bold red]REGRESSION:[/] {escape(str(err))}")
         raise typer.Exit(1) from None
     table = Table("metric", "baseline", "this run", "change", "allowed", "verdict",
                   title=f"suite {report.suite}: run {report.run} vs baseline {report.baseline_run_id or '(none yet)'}")
     for c in report.comparisons:
         verdict = "[bold red]REGRESSION[/]" if c.regressed else "ok"
-        table.add_row(f"{c.name} ({c.key})", rg.fmt_value(c.baseline), rg.fmt_value(c.value), c.change, c.allowed, verdict)
+        table.add_row(f"{c.name} ({c.key})", fmt_value(c.baseline), fmt_value(c.value), c.change, c.allowed, verdict)
     console.print(table)
     console.print(f"report: {report.folder}/report.md and report.json (also in MLflow run {report.run_id}, "
                   f"regress/{report.suite}/)")
@@ -600,21 +445,21 @@ def submit(file: Path = typer.Argument(..., help="a TrainJob manifest (see examp
            namespace: str = typer.Option(None, "--namespace", "-n", help="default: the manifest's, else default"),
            generate_name: bool = typer.Option(False, help="append a random suffix to metadata.name")) -> None:
     """Submit a TrainJob to the cluster of the current kubeconfig."""
-    from wam.operators import client
+    from wam.operators import trainjobs
 
     with user_errors():
-        obj = client.read_manifest(file.read_text(), namespace)
-        name = client.submit(_cluster(), obj, generate_name)
+        obj = trainjobs.read_manifest(file.read_text(), namespace)
+        name = trainjobs.submit(_cluster(), obj, generate_name)
     console.print(f"trainjob {obj['metadata']['namespace']}/{name} created; follow it with: wam status {name}")
 
 
 @app.command()
 def status(name: str, namespace: str = typer.Option("default", "--namespace", "-n")) -> None:
     """Phase, progress, checkpoint, handoff and conditions of a TrainJob."""
-    from wam.operators import client
+    from wam.operators import trainjobs
 
     with user_errors():
-        obj = client.get(_cluster(), namespace, name)
+        obj = trainjobs.get(_cluster(), namespace, name)
     st = obj.get("status") or {}
     table = Table(show_header=False)
     progress = st.get("progress") or {}
@@ -645,8 +490,8 @@ def logs(name: str, namespace: str = typer.Option("default", "--namespace", "-n"
          rank: int = typer.Option(0, help="node index (0: the node of global rank 0)"),
          follow: bool = typer.Option(False, "--follow", "-f")) -> None:
     """The training log of one node of a TrainJob's current attempt."""
-    from wam.operators import client
+    from wam.operators import trainjobs
 
     with user_errors():
-        for chunk in client.logs(_cluster(), namespace, name, rank, follow):
+        for chunk in trainjobs.logs(_cluster(), namespace, name, rank, follow):
             print(chunk, end="", flush=True)

@@ -1,0 +1,95 @@
+"""`wam pipeline`: the whole handoff on this machine, as the operator runs it in a cluster: train, quantize
+the final (or every) complete checkpoint with the same `wam quantize` command a quantize Job runs, serve
+it with the same `wam serve` command a serving pod runs, and optionally let a recorded episode drive it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from wam.app import local_training
+from wam.app.console import console, err_console, fail
+from wam.platform.checkpoints import list_checkpoints, quantized_uri
+from wam.platform.config import WamConfig
+from wam.platform.launch import quantize_command, serve_command
+
+
+def run_pipeline(cfg: WamConfig, *, every: bool, serve: bool, port: int, client_dataset: str | None,
+                 asynchronous: bool) -> None:
+    local_training.run(cfg)
+    complete = [(step, uri) for step, uri, ok in list_checkpoints(cfg.checkpoint_uri) if ok]
+    if not complete:
+        fail(f"training left no complete checkpoint in {cfg.checkpoint_uri}")
+    for step, uri in complete if every else complete[-1:]:
+        _stage(quantize_command(uri, quantized_uri(cfg.checkpoint_uri, step)), f"quantize step {step}")
+    model = quantized_uri(cfg.checkpoint_uri, complete[-1][0])
+    if not serve:
+        return
+    server = subprocess.Popen(_local(serve_command(model, port, host="127.0.0.1")))
+    try:
+        _wait_ready(port, server)
+        if client_dataset is None:
+            console.print(f"serving {escape(model)} on ws://127.0.0.1:{port}; Ctrl-C stops")
+            server.wait()
+        else:
+            show_replay(cfg, f"ws://127.0.0.1:{port}", client_dataset, 1, asynchronous, 15.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def show_replay(cfg: WamConfig, uri: str, dataset: str, windows: int, asynchronous: bool, control_hz: float) -> None:
+    """Recorded episodes drive the served policy through openpi-client (`wam client`, and the end of the
+    pipeline); a table of the chunks: latencies, the deadline, the first action, the error vs recorded."""
+    from wam.trainer.serve.replay import replay
+
+    steps = replay(cfg, dataset, uri, windows, asynchronous, control_hz)
+    table = Table("chunk", "round trip ms", "server ms", "queue ms", "deadline", "first action (robot units)",
+                  "MAE vs recorded", title=f"{len(steps)} chunks from {uri} ({'async' if asynchronous else 'sync'}, "
+                                           f"{control_hz:g} Hz control)")
+    for i, step in enumerate(steps):
+        r = step.result
+        dims = step.recorded.shape[1]
+        first = ", ".join(f"{v:+.2f}" for v in r.actions[0, :min(dims, 4)]) + (" ..." if dims > 4 else "")
+        table.add_row(str(i), f"{r.round_trip_ms:.0f}", f"{r.server_timing['infer_ms']:.0f}",
+                      f"{r.server_timing['queue_ms']:.1f}", "met" if r.met_deadline else f"missed ({r.budget_ms:.0f})",
+                      first, f"{abs(r.actions - step.recorded).mean():.3f}")
+    console.print(table)
+
+
+def _local(command: list[str]) -> list[str]:
+    """The launch contract's `wam ...` command, run with this installation's `wam`."""
+    return [shutil.which("wam") or str(Path(sys.executable).parent / "wam"), *command[1:]]
+
+
+def _stage(command: list[str], what: str) -> None:
+    console.print(f"[bold]{what}[/]: {escape(' '.join(command))}")
+    if subprocess.run(_local(command)).returncode != 0:
+        err_console.print(f"[bold red]{what} failed[/]")
+        raise typer.Exit(1)
+
+
+def _wait_ready(port: int, server: subprocess.Popen, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            err_console.print(f"[bold red]the policy server exited[/] (code {server.returncode})")
+            raise typer.Exit(1)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    err_console.print(f"[bold red]the policy server was not ready within {timeout:.0f} s[/]")
+    raise typer.Exit(1)
