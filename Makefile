@@ -61,8 +61,11 @@ demo: setup
 	$(BIN)/wam demo --weights runs/demo/model.safetensors --dataset runs/demo-data/heldout
 	$(BIN)/wam pipeline configs/demo.yaml --port 8765 --client-dataset runs/demo-data/heldout
 
+# ruff, and the layers' import contracts (pyproject.toml [tool.importlinter]): app -> trainer | operators ->
+# platform, lazy imports included. tests/test_packaging.py runs both in `make test`.
 lint: setup
-	$(BIN)/ruff check platform trainer operators tests benchmarks helm
+	$(BIN)/ruff check app platform trainer operators tests benchmarks helm
+	$(BIN)/lint-imports --no-cache
 
 # The chart's TrainJob CRD and values.schema.json, generated from the API types (a test checks both are
 # up to date).
