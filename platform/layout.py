@@ -125,6 +125,12 @@ class TokenLayout:
         return cls(tuple(spans), tokens_per_frame, actions_per_chunk)
 
     @classmethod
+    def video_clip(cls, frames: int, tokens_per_frame: int) -> TokenLayout:
+        """Wan2.1's full-attention clip: `frames` latent frames from position 0 as one noisy span, in which
+        every token attends to every token (noisy chunk 0 -> noisy chunk 0); no action or state tokens."""
+        return cls((cls._video(TokenKind.NOISY, 0, 0, frames, tokens_per_frame),), tokens_per_frame, 0)
+
+    @classmethod
     def teacher_forcing(cls, num_chunks: int, frames_per_chunk: int, tokens_per_frame: int,
                         actions_per_chunk: int) -> TokenLayout:
         layout = cls.first_frame(tokens_per_frame, actions_per_chunk)

@@ -64,6 +64,14 @@ def test_reader_locates_episodes_in_shared_files(datasets):
     assert v21.tasks == [json.loads(line)["task"] for line in open(f"{datasets['v2.1']}/meta/tasks.jsonl")]
 
 
+def test_frames_returns_the_index_column_it_also_filters_and_sorts_by(datasets):
+    dataset = LeRobotDataset(datasets["v3.0"])
+    episode = dataset.episodes[4]  # the second episode of a shared file: the `index` filter selects its rows
+    rows = dataset.frames(episode, ("index", "action"))
+    np.testing.assert_array_equal(rows["index"], episode.first_row + np.arange(episode.length))
+    np.testing.assert_array_equal(rows["action"], raw_episode(datasets["v3.0"], "v3.0", 4)["action"])
+
+
 @pytest.mark.parametrize("version", ["v3.0", "v2.1"])
 def test_window_frames_state_actions_and_prompt(datasets, tiny, version):
     uri = datasets[version]

@@ -149,7 +149,9 @@ def _read_episode(uri: str, data_path: str, index: int, first: int, length: int,
     try:
         if not fs.exists(path):
             raise FileNotFoundError(path)
-        table = pq.read_table(path, columns=list(columns) + ["index"], filesystem=fs,
+        # `index` orders the rows; it is read once, also when the caller asked for it
+        read = list(columns) if "index" in columns else [*columns, "index"]
+        table = pq.read_table(path, columns=read, filesystem=fs,
                               filters=[("index", ">=", first), ("index", "<", last)])
     except (FileNotFoundError, OSError, pa.ArrowException) as err:
         raise DataError(f"dataset {uri}, episode {index}: cannot read {data_path}: {type(err).__name__}: {err}") from None

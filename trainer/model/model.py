@@ -3,7 +3,8 @@
 Training runs the whole teacher-forcing sequence (see wam.platform.layout) in one forward. Inference runs
 chunk by chunk against a KV cache: `observe` writes clean frames (the first frame, then each chunk's REAL
 observed latents) into the cache, `predict` denoises the next chunk's video and actions without writing.
-Both paths share every step below, so they agree numerically (tests/test_model.py).
+Both paths share every step below, so they agree numerically (tests/test_model.py). `wan_forward` runs the
+same steps as plain Wan2.1: video only, full attention (tests/test_wan_forward.py).
 """
 
 from __future__ import annotations
@@ -262,6 +263,30 @@ class WamModel(BaseModel):
         context = self.conditioning(batch.text, batch.image)
         x, e = self._run_blocks(x, layout, layout, span_t, grid, context, cache=None)
         return self._decode(x, e, layout, grid, frames)
+
+    # -- plain Wan2.1 ---------------------------------------------------------------------------------
+
+    def wan_forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                    image: torch.Tensor | None = None, i2v_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The DiT exactly as Wan2.1's `WanModel.forward` computes it: video latents (B, z, T, h, w) at one
+        timestep per sample (B,) (0..1000), full attention among all video tokens, 3D RoPE from frame 0, no
+        action or state tokens; I2V models take CLIP tokens `image` and `i2v_cond` (B, 4 + z, T, h, w),
+        concatenated to the latents. Returns the predicted velocity (B, z, T, h, w) in fp32.
+
+        So an imported Wan2.1 checkpoint can be compared with Wan's own outputs, and video-only data can
+        pretrain the backbone."""
+        b, frames = latents.shape[0], latents.shape[2]
+        if timestep.shape != (b,):
+            raise ValueError(f"wan_forward takes one timestep per sample, shape ({b},), not "
+                             f"{tuple(timestep.shape)}")
+        if i2v_cond is not None and i2v_cond.shape[2] != frames:
+            raise ValueError(f"i2v_cond has {i2v_cond.shape[2]} latent frames, the latents {frames}")
+        grid = self._grid(latents)
+        layout = TokenLayout.video_clip(frames, grid[0] * grid[1])
+        x = self.embed_video(latents, 0, i2v_cond).float()  # (B, T*h'*w', dim)
+        span_t = self._span_timesteps(layout, timestep.reshape(b, 1), None, b, x.device)  # (B, 1)
+        x, e = self._run_blocks(x, layout, layout, span_t, grid, self.conditioning(text, image), cache=None)
+        return self._unpatchify(self.head(x, e), frames, grid)  # e (B, 1, dim): every token's time embedding
 
     # -- chunk-wise inference with a KV cache ---------------------------------------------------------
 
