@@ -102,7 +102,7 @@ def model_import(
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float32"),
 ) -> None:
     """Import a published Wan2.1 / DreamZero checkpoint into a preset; new WAM heads are initialised."""
-    from wam.trainer.model.export import import_to_safetensors  # needs the trainer extra
+    from wam.trainer.export import import_to_safetensors  # needs the trainer extra
 
     with user_errors():
         cfg = load_config(None, [f"model.preset={preset}"])
@@ -135,7 +135,7 @@ def export(
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float32"),
 ) -> None:
     """Consolidate a complete training checkpoint into one safetensors file (what quantization reads)."""
-    from wam.trainer.model.export import export_checkpoint  # needs the trainer extra
+    from wam.trainer.export import export_checkpoint  # needs the trainer extra
 
     with user_errors():
         step = export_checkpoint(checkpoint, out, dtype)
@@ -152,7 +152,7 @@ def quantize(
     shard_mb: int | None = typer.Option(None, min=1, help="output shard size (default: quantization.shard_mb)"),
 ) -> None:
     """Quantize a complete checkpoint to NVFP4 for serving; logs the per-layer report to MLflow."""
-    from wam.trainer.quantize.checkpoint import quantize_checkpoint  # needs the trainer extra
+    from wam.trainer.quantize.quantizer import quantize_checkpoint  # needs the trainer extra
 
     with user_errors():
         report = quantize_checkpoint(checkpoint, out, keep or None, shard_mb)
@@ -234,7 +234,7 @@ def data_synth(
     video_only: bool = typer.Option(False, help="write no actions (like human or other-robot video)"),
 ) -> None:
     """Write a LeRobot dataset of a procedural scene: a gripper pushing blocks, three cameras, instructions."""
-    from wam.trainer.data.synth import SynthOptions, synthesize
+    from wam.trainer.data.synth_dataset import SynthOptions, synthesize
 
     try:
         root = synthesize(out, SynthOptions(episodes=episodes, version=version, codec=codec, seed=seed,
@@ -250,8 +250,8 @@ def data_inspect(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Episodes, lengths, cameras, fps, codecs and tasks of a dataset."""
+    from wam.trainer.data.inspection import inspect
     from wam.trainer.data.lerobot import LeRobotDataset
-    from wam.trainer.data.report import inspect
 
     with user_errors():
         info = inspect(LeRobotDataset(uri))
@@ -277,8 +277,8 @@ def data_validate(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Check every episode: rows readable, timestamps consistent, no NaN, videos decodable. Exit 1 on problems."""
+    from wam.trainer.data.inspection import problems_as_dicts, validate
     from wam.trainer.data.lerobot import LeRobotDataset
-    from wam.trainer.data.report import problems_as_dicts, validate
 
     with user_errors():
         problems = validate(LeRobotDataset(uri), decoder)
@@ -351,11 +351,12 @@ def evaluate(
 ) -> None:
     """Open-loop evaluation on held-out episodes: each chunk predicted from the real context, actions compared
     with the recorded ones in robot units (MSE, L1 per dim), video latents with the real ones."""
-    from wam.trainer.eval import run_eval  # needs the trainer extra
+    from wam.trainer.eval.evaluate import run_eval  # needs the trainer extra
 
     with user_errors():
-        result = run_eval(checkpoint, data, profile, windows, steps, seed, device, out, plot_episodes, tracking_uri,
-                          mlflow)
+        result = run_eval(checkpoint, dataset=data, profile=profile, windows=windows, steps=steps, seed=seed,
+                          device=device, out=out, plot_episodes=plot_episodes, tracking_uri=tracking_uri,
+                          log_mlflow=mlflow)
     r = result.report
     if as_json:
         console.print_json(json.dumps(r))

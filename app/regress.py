@@ -204,11 +204,11 @@ def train_in_cluster(suite: Suite, spec: TrainJobSpec, name: str, namespace: str
 
 def evaluate(suite: Suite, trained: Trained, tracking_uri: str, out: Path) -> None:
     """`wam eval` on the final checkpoint, logged on the training run (needs the trainer extra)."""
-    from wam.trainer.eval import run_eval
+    from wam.trainer.eval.evaluate import run_eval
 
     e = suite.eval
-    result = run_eval(trained.checkpoint, e.dataset, e.profile, e.windows, e.steps, e.seed, "auto", out,
-                      tracking_uri=tracking_uri, run_id=trained.run_id)
+    result = run_eval(trained.checkpoint, dataset=e.dataset, profile=e.profile, windows=e.windows, steps=e.steps,
+                      seed=e.seed, out=out, tracking_uri=tracking_uri, run_id=trained.run_id)
     if result.mlflow_run_id is None:
         raise UserError(f"the evaluation could not be logged: {result.tracking_note}")
 

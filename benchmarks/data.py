@@ -25,7 +25,7 @@ from wam.platform.config import DatasetEntry
 from wam.platform.presets import get_preset
 from wam.trainer.data.decode import make_decoder
 from wam.trainer.data.robot import RobotSource
-from wam.trainer.data.synth import CAMERAS, SynthOptions, synthesize
+from wam.trainer.data.synth_dataset import CAMERAS, SynthOptions, synthesize
 from wam.trainer.data.windows import video_frames
 
 CHUNKS, STRIDE, FRAMES_PER_CHUNK = 4, 3, 2

@@ -81,11 +81,9 @@ def chunk_latency(overrides: list[str], device: str, dtype: torch.dtype, repeats
 
 _QUANTIZE = textwrap.dedent("""
     import gc, json, sys, time, torch
-    from wam.trainer.quantize.checkpoint import quantize_checkpoint, kept_reason, _release_large_buffers_to_the_os
+    from wam.trainer.quantize.quantizer import quantize_checkpoint, kept_reason, _release_large_buffers_to_the_os
     from wam.trainer.quantize import nvfp4
-    from wam.trainer.model.export import complete_checkpoint, load_from_checkpoint
-    from wam.platform.config import config_from_dict, resolve_preset
-    from wam.trainer.model.registry import model_config
+    from wam.trainer.checkpoint_reader import open_checkpoint
 
     def kib(field):
         return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
@@ -98,12 +96,7 @@ _QUANTIZE = textwrap.dedent("""
         quantize_checkpoint(checkpoint, out, shard_mb=64)
     else:  # the obvious alternative: the whole model in memory, then every weight quantized
         _release_large_buffers_to_the_os()
-        uri, manifest = complete_checkpoint(checkpoint)
-        preset = resolve_preset(config_from_dict(manifest.config))
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in model_config(preset.arch, preset.sample).build().state_dict().items()}
-        state = {k: torch.empty(v) for k, v in shapes.items()}
-        load_from_checkpoint(state, uri)
+        state = open_checkpoint(checkpoint).read()
         quantized = {k: nvfp4.quantize(v) if not kept_reason(k, tuple(v.shape), []) else v.bfloat16()
                      for k, v in state.items()}
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_growth_mb": (kib("VmHWM:") - before) / 1024}))

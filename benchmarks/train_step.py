@@ -24,7 +24,7 @@ import yaml
 
 from wam.platform.config import FlowSection, load_config, resolve_preset
 from wam.trainer.data.batch import collate_latents
-from wam.trainer.data.synthetic import SyntheticLatents
+from wam.trainer.data.latent_episodes import SyntheticLatents
 from wam.trainer.flow import LossWeighting, StepRandomness, flow_loss, noise_batch
 from wam.trainer.model import build_model, model_config
 from wam.trainer.model.text_encoder import load_text_encoder

@@ -1,27 +1,21 @@
-"""Pure builders of a TrainJob's training children: the config ConfigMap and the JobSet of one attempt (the
-RayJob of spec.launcher: ray is in wam.operators.rayjob, from the same pod pieces).
-
-No I/O and no cluster: a TrainJob, the settings and the attempt number in, plain manifests out. Gang
-scheduling (wam.operators.gang) and accelerator placement (wam.operators.placement) are applied here
-so that one call returns everything an attempt needs.
+"""Pure builders of what every child of a TrainJob shares: names, labels, owner references, the config
+ConfigMap, and the training pod's pieces (env, volumes, resources, security) that the training children
+(wam.operators.jobset, wam.operators.rayjob) assemble. No I/O and no cluster: a TrainJob and the settings
+in, plain manifests out.
 """
 
 from __future__ import annotations
 
-from wam.operators import gang, placement
 from wam.operators.settings import OperatorSettings
 from wam.platform import termination
 from wam.platform.config import WamConfig, to_yaml
-from wam.platform.launch import training_command
 from wam.platform.trainjob import API_VERSION, KIND, TrainJob, gpus_per_node
 
 MANAGED_BY = "wam-operator"
 JOB_LABEL = "wam.dev/trainjob"
 ATTEMPT_LABEL = "wam.dev/attempt"
 COMPONENT_LABEL = "app.kubernetes.io/component"
-REPLICATED_JOB = "node"
 CONTAINER = "trainer"
-RENDEZVOUS_PORT = 29500
 CONFIG_KEY = "config.yaml"
 CONFIG_DIR = "/etc/wam"
 WORKSPACE = "/workspace"
@@ -90,18 +84,6 @@ def trainer_env(job: TrainJob, settings: OperatorSettings) -> list[dict]:
     return env + [{"name": e.name, "value": e.value} for e in job.spec.env]
 
 
-def _rendezvous_env(job: TrainJob, name: str, settings: OperatorSettings) -> list[dict]:
-    rank_field = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-    # torchrun reads PET_<ARG> as the default of --<arg>: static rendezvous on the first pod
-    return [
-        {"name": "PET_NNODES", "value": str(job.spec.resources.nodes)},
-        {"name": "PET_NPROC_PER_NODE", "value": str(gpus_per_node(job, settings.platform()))},
-        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": rank_field}}},
-        {"name": "PET_MASTER_ADDR", "value": f"{name}-{REPLICATED_JOB}-0-0.{name}"},
-        {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
-    ]
-
-
 def node_resources(job: TrainJob, settings: OperatorSettings) -> dict:
     """A training node's share: the accelerator profile's CPUs and memory, and its GPUs."""
     profile = settings.accelerators[job.spec.resources.accelerator]
@@ -159,44 +141,3 @@ def attempt_template(job: TrainJob, attempt: int, component: str, spec: dict) ->
     """A pod template of one attempt (labels say whose, and which attempt)."""
     return {"metadata": {"labels": {**labels(job, component), ATTEMPT_LABEL: str(attempt)}, "annotations": {}},
             "spec": spec}
-
-
-def jobset(job: TrainJob, attempt: int, settings: OperatorSettings) -> dict:
-    """One training attempt: `nodes` indexed pods of one Job, reachable by DNS, gang-scheduled and placed."""
-    name = attempt_name(job, attempt)
-    nodes = job.spec.resources.nodes
-    container = trainer_container(job, settings, CONTAINER,
-                                  _rendezvous_env(job, name, settings) + trainer_env(job, settings),
-                                  node_resources(job, settings))
-    container["command"] = training_command("torchrun")
-    container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
-    template = attempt_template(job, attempt, "training", trainer_pod_spec(job, settings, container))
-    js = {
-        "apiVersion": "jobset.x-k8s.io/v1alpha2",
-        "kind": "JobSet",
-        "metadata": metadata(job, name, "training", **{ATTEMPT_LABEL: str(attempt)}),
-        "spec": {
-            "suspend": job.spec.suspend,
-            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True, "subdomain": name},
-            "successPolicy": {"operator": "All"},
-            # No failurePolicy: a failed pod fails the JobSet, and the operator decides whether to restart
-            # (new JobSet, restart count kept in the TrainJob's status where nothing can reset it).
-            "replicatedJobs": [{
-                "name": REPLICATED_JOB,
-                "replicas": 1,
-                "template": {
-                    "metadata": {"labels": dict(template["metadata"]["labels"])},
-                    "spec": {
-                        "parallelism": nodes,
-                        "completions": nodes,
-                        "completionMode": "Indexed",
-                        "backoffLimit": 0,
-                        "template": template,
-                    },
-                },
-            }],
-        },
-    }
-    placement.apply(js, job, settings)
-    gang.apply(js, job, settings, [template])
-    return js

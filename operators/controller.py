@@ -10,18 +10,10 @@ import uuid
 from collections import defaultdict
 
 from wam.operators import builders, gang, handoff, kube, metrics, progress
-from wam.operators.reconcile import (
-    Observed,
-    Plan,
-    child_state,
-    invalid,
-    now_iso,
-    plan,
-    started,
-    training_kind,
-)
+from wam.operators.reconcile import Observed, Plan, invalid, now_iso, plan
 from wam.operators.settings import OperatorSettings
 from wam.operators.status import TERMINAL_PHASES
+from wam.operators.training_child import started, training_child
 from wam.platform import trainjob
 from wam.platform.apischema import to_api
 from wam.platform.config import WamConfig
@@ -29,7 +21,6 @@ from wam.platform.errors import ConfigError
 from wam.platform.trainjob import TrainJob, TrainJobStatus
 
 log = logging.getLogger("wam.operator")
-JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 
 
 class Controller:
@@ -94,19 +85,16 @@ class Controller:
     def observe(self, job: TrainJob) -> Observed:
         ns, st = job.namespace, job.status
         seen = Observed()
-        current, kind = builders.attempt_name(job, st.attempt), training_kind(job)
-        for child in self.kube.list(kind, ns, {builders.JOB_LABEL: job.name}):
+        current, child_kind = builders.attempt_name(job, st.attempt), training_child(job)
+        for child in self.kube.list(child_kind.kind, ns, {builders.JOB_LABEL: job.name}):
             if child["metadata"]["name"] == current:
                 seen.child = child
             elif not child["metadata"].get("deletionTimestamp"):
                 seen.stale.append(child["metadata"]["name"])
-        state = child_state(job, seen.child)[0] if seen.child else None
+        state = child_kind.state(seen.child)[0] if seen.child else None
         running = st.phase not in TERMINAL_PHASES
         if running and state == "failed":
-            # JobSet pods by their JobSet; a RayJob's (KubeRay names them) by the attempt's template labels
-            selector = {JOBSET_NAME_LABEL: current} if kind == kube.JOBSET else \
-                {builders.JOB_LABEL: job.name, builders.ATTEMPT_LABEL: str(st.attempt)}
-            seen.pods = self.kube.list(kube.POD, ns, selector)
+            seen.pods = self.kube.list(kube.POD, ns, child_kind.pod_selector(job, st.attempt))
         if running and seen.child and gang.kueue_owns_suspend(job, self.settings):
             uid = seen.child["metadata"].get("uid", "")
             workloads = self.kube.list(kube.WORKLOAD, ns, {gang.KUEUE_JOB_UID_LABEL: uid}) if uid else []

@@ -3,14 +3,16 @@
 - kueue: the JobSet carries the LocalQueue (and WorkloadPriorityClass) labels and is created suspended;
   from then on Kueue alone flips `spec.suspend` (admission, preemption). The operator never touches it:
   suspending such a job deactivates its Kueue Workload instead.
-- volcano / coscheduling: one PodGroup for the whole JobSet (minMember = every pod) and the scheduler's
-  name and group marker on the pods; without it each child Job would be its own gang of one. A RayJob is
-  labelled for KubeRay instead, which makes the PodGroup of its cluster (head and workers) itself.
+- volcano / coscheduling: one PodGroup for the whole gang (minMember = every pod) and the scheduler's name and
+  group marker on the pods; or, for KubeRay, labels from which it makes its cluster's PodGroup itself.
 - none: the default scheduler, no gang.
+
+Which of these pieces a training child uses is its own business (wam.operators.jobset, wam.operators.rayjob).
 """
 
 from __future__ import annotations
 
+from wam.operators import kube
 from wam.operators.settings import OperatorSettings
 from wam.platform.trainjob import TrainJob, gpus_per_node
 
@@ -38,59 +40,72 @@ def kueue_owns_suspend(job: TrainJob, settings: OperatorSettings) -> bool:
     return backend(job, settings) == "kueue"
 
 
-def apply(obj: dict, job: TrainJob, settings: OperatorSettings, templates: list[dict]) -> None:
-    """Mark a JobSet or a RayJob (and its pod templates) for its gang scheduler. A JobSet's PodGroup, if any,
-    comes from `pod_group`; KubeRay makes a RayJob's itself (its operator runs with the matching
-    batch scheduler)."""
-    kind = backend(job, settings)
-    priority = job.spec.scheduling.priority_class
-    if kind == "kueue":
-        obj["metadata"]["labels"][KUEUE_QUEUE_LABEL] = queue(job, settings)
-        if priority:
-            obj["metadata"]["labels"][KUEUE_PRIORITY_LABEL] = priority  # a WorkloadPriorityClass
-        obj["spec"]["suspend"] = True  # Kueue resumes it on admission
-        return
-    if priority:
+def queue_in_kueue(obj: dict, job: TrainJob, settings: OperatorSettings) -> bool:
+    """Under Kueue: the LocalQueue (and WorkloadPriorityClass) labels, and created suspended (Kueue resumes it on
+    admission). False for the other backends."""
+    if backend(job, settings) != "kueue":
+        return False
+    obj["metadata"]["labels"][KUEUE_QUEUE_LABEL] = queue(job, settings)
+    if job.spec.scheduling.priority_class:
+        obj["metadata"]["labels"][KUEUE_PRIORITY_LABEL] = job.spec.scheduling.priority_class
+    obj["spec"]["suspend"] = True
+    return True
+
+
+def set_priority(templates: list[dict], job: TrainJob) -> None:
+    if job.spec.scheduling.priority_class:
         for template in templates:
-            template["spec"]["priorityClassName"] = priority
-    if obj["kind"] == "RayJob":
-        if kind == "volcano":
-            obj["metadata"]["labels"][KUBERAY_VOLCANO_QUEUE_LABEL] = queue(job, settings)
-            if priority:
-                obj["metadata"]["labels"][KUBERAY_PRIORITY_LABEL] = priority
-        elif kind == "coscheduling":
-            obj["metadata"]["labels"][KUBERAY_GANG_LABEL] = "true"
-        return
+            template["spec"]["priorityClassName"] = job.spec.scheduling.priority_class
+
+
+def join_pod_group(templates: list[dict], group: str, job: TrainJob, settings: OperatorSettings) -> None:
+    """Volcano / coscheduling: the gang scheduler's name and the PodGroup `group` on each pod template."""
+    kind = backend(job, settings)
     for template in templates:
         if kind == "volcano":
             template["spec"]["schedulerName"] = SCHEDULERS[kind]
-            template["metadata"]["annotations"][VOLCANO_GROUP_ANNOTATION] = obj["metadata"]["name"]
+            template["metadata"]["annotations"][VOLCANO_GROUP_ANNOTATION] = group
         elif kind == "coscheduling":
             template["spec"]["schedulerName"] = SCHEDULERS[kind]
-            template["metadata"]["labels"][COSCHEDULING_GROUP_LABEL] = obj["metadata"]["name"]
+            template["metadata"]["labels"][COSCHEDULING_GROUP_LABEL] = group
 
 
-def pod_group(js: dict, job: TrainJob, settings: OperatorSettings) -> dict | None:
-    """The PodGroup of a JobSet under volcano or coscheduling (same name as the JobSet), else None."""
+def kuberay_gang_labels(obj: dict, job: TrainJob, settings: OperatorSettings) -> None:
+    """What KubeRay's batch-scheduler integration reads from a RayJob to make its cluster's PodGroup itself."""
+    kind, priority = backend(job, settings), job.spec.scheduling.priority_class
+    if kind == "volcano":
+        obj["metadata"]["labels"][KUBERAY_VOLCANO_QUEUE_LABEL] = queue(job, settings)
+        if priority:
+            obj["metadata"]["labels"][KUBERAY_PRIORITY_LABEL] = priority
+    elif kind == "coscheduling":
+        obj["metadata"]["labels"][KUBERAY_GANG_LABEL] = "true"
+
+
+def pod_group_kind(job: TrainJob, settings: OperatorSettings) -> kube.Kind | None:
+    return {"volcano": kube.VOLCANO_POD_GROUP, "coscheduling": kube.COSCHEDULING_POD_GROUP}.get(backend(job, settings))
+
+
+def pod_group(meta: dict, pod_resources: dict, job: TrainJob, settings: OperatorSettings) -> dict | None:
+    """Under volcano or coscheduling, the PodGroup of a gang of `nodes` pods of `pod_resources` each, named and
+    labelled as the object whose metadata is `meta`; else None."""
     kind = backend(job, settings)
-    if kind not in ("volcano", "coscheduling") or js["kind"] != "JobSet":
+    if kind not in ("volcano", "coscheduling"):
         return None
     nodes = job.spec.resources.nodes
-    resources = js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]["resources"]
     gpu_resource = settings.accelerators[job.spec.resources.accelerator].gpu_resource
     min_resources = {gpu_resource: str(nodes * gpus_per_node(job, settings.platform()))}
-    if "cpu" in resources["requests"]:
-        min_resources["cpu"] = _times(resources["requests"]["cpu"], nodes)
-    meta = {k: v for k, v in js["metadata"].items() if k != "annotations"}
+    if "cpu" in pod_resources["requests"]:
+        min_resources["cpu"] = _times(pod_resources["requests"]["cpu"], nodes)
+    meta = {k: v for k, v in meta.items() if k != "annotations"}
     meta["labels"] = {k: v for k, v in meta["labels"].items() if not k.startswith("kueue.x-k8s.io/")}
     if kind == "volcano":
         spec = {"minMember": nodes, "minResources": min_resources, "queue": queue(job, settings)}
         if job.spec.scheduling.priority_class:
             spec["priorityClassName"] = job.spec.scheduling.priority_class
-        return {"apiVersion": "scheduling.volcano.sh/v1beta1", "kind": "PodGroup", "metadata": meta, "spec": spec}
+        return {"apiVersion": kube.VOLCANO_POD_GROUP.api_version, "kind": "PodGroup", "metadata": meta, "spec": spec}
     spec = {"minMember": nodes, "minResources": min_resources,
             "scheduleTimeoutSeconds": job.spec.scheduling.schedule_timeout_seconds}
-    return {"apiVersion": "scheduling.x-k8s.io/v1alpha1", "kind": "PodGroup", "metadata": meta, "spec": spec}
+    return {"apiVersion": kube.COSCHEDULING_POD_GROUP.api_version, "kind": "PodGroup", "metadata": meta, "spec": spec}
 
 
 def _times(quantity: str, n: int) -> str:

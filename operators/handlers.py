@@ -8,16 +8,16 @@ from typing import Any
 
 import kopf
 
-from wam.operators import builders, metrics
+from wam.operators import builders, kube, metrics
 from wam.operators.settings import OperatorSettings
 from wam.operators.status import TERMINAL_PHASES
+from wam.operators.training_child import CHILDREN
 from wam.platform import trainjob
 
 FINALIZER = "wam.dev/operator"
 # Children whose status changes matter: a JobSet or RayJob starting/finishing, a quantization Job, the policy
 # server. A kind the cluster does not serve (no KubeRay, say) is not watched (kopf warns once at start-up).
-WATCHED_CHILDREN = (("jobset.x-k8s.io", "v1alpha2", "jobsets"), ("ray.io", "v1", "rayjobs"), ("batch", "v1", "jobs"),
-                    ("apps", "v1", "deployments"))
+WATCHED_CHILDREN = (*(child.kind for child in CHILDREN.values()), kube.JOB, kube.DEPLOYMENT)
 
 
 def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
@@ -51,9 +51,10 @@ def registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         memo.controller.reconcile(body.metadata.namespace, body.metadata.name)
 
     # A child matters once it has a status (or is gone): a fresh child is one the operator just made.
-    for group, version, plural in WATCHED_CHILDREN:
-        @kopf.on.event(group, version, plural, labels={builders.JOB_LABEL: kopf.PRESENT}, registry=reg,
-                       id=f"child-{plural}", when=lambda type, body, **_: type == "DELETED" or bool(body.status))
+    for kind in WATCHED_CHILDREN:
+        group, version = kind.api_version.split("/")
+        @kopf.on.event(group, version, kind.plural, labels={builders.JOB_LABEL: kopf.PRESENT}, registry=reg,
+                       id=f"child-{kind.plural}", when=lambda type, body, **_: type == "DELETED" or bool(body.status))
         def child_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             memo.controller.reconcile(body.metadata.namespace, body.metadata.labels[builders.JOB_LABEL])
 

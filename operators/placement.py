@@ -14,7 +14,6 @@ from wam.platform.trainjob import TrainJob
 
 CHANNEL_CLAIM = "nvlink-channel"
 KUEUE_REQUIRED_TOPOLOGY = "kueue.x-k8s.io/podset-required-topology"
-JOBSET_EXCLUSIVE_TOPOLOGY = "alpha.jobset.sigs.k8s.io/exclusive-topology"
 
 
 def compute_domain_name(job: TrainJob) -> str:
@@ -45,7 +44,7 @@ def node_selector(p: AcceleratorProfile) -> dict[str, str]:
 def place_pod(template: dict, job: TrainJob, settings: OperatorSettings) -> bool:
     """The profile's nodes and tolerations on a GPU pod template; for an NVLink domain (GB200) also the domain's
     channel claim, nodes in a clique, and with Kueue its required topology (all pods in one clique). True when
-    the pods must share a clique and Kueue does not see to it: the caller keeps them together."""
+    the pods must share a clique and Kueue does not see to it: the training child keeps them together."""
     p = profile(job, settings)
     pod = template["spec"]
     pod["nodeSelector"] = node_selector(p)
@@ -60,18 +59,3 @@ def place_pod(template: dict, job: TrainJob, settings: OperatorSettings) -> bool
         template["metadata"]["annotations"][KUEUE_REQUIRED_TOPOLOGY] = p.clique_label
         return False
     return True
-
-
-def apply(js: dict, job: TrainJob, settings: OperatorSettings) -> None:
-    """Place a JobSet's pods; without Kueue, JobSet's exclusive topology keeps them in one clique."""
-    if place_pod(js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"], job, settings):
-        js["metadata"].setdefault("annotations", {})[JOBSET_EXCLUSIVE_TOPOLOGY] = profile(job, settings).clique_label
-
-
-def apply_ray_workers(template: dict, job: TrainJob, settings: OperatorSettings) -> None:
-    """Place a RayJob's worker pods; without Kueue, pod affinity to each other keeps them in one clique (the
-    first lands anywhere, the others where it did)."""
-    if place_pod(template, job, settings):
-        template["spec"]["affinity"]["podAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": [{
-            "labelSelector": {"matchLabels": dict(template["metadata"]["labels"])},
-            "topologyKey": profile(job, settings).clique_label}]}

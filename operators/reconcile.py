@@ -16,20 +16,11 @@ import copy
 import datetime
 from dataclasses import dataclass, field
 
-from wam.operators import builders, gang, handoff, kube, placement, rayjob
+from wam.operators import builders, gang, handoff, kube, placement
 from wam.operators.progress import TrainingReport, run_url
 from wam.operators.settings import OperatorSettings
-from wam.operators.status import (
-    TERMINAL_PHASES,
-    classify_failure,
-    classify_rayjob_failure,
-    is_true,
-    job_state,
-    jobset_state,
-    rayjob_state,
-    set_condition,
-    workload_admission,
-)
+from wam.operators.status import TERMINAL_PHASES, is_true, job_state, set_condition, workload_admission
+from wam.operators.training_child import started, training_child
 from wam.platform.checkpoints import quantized_uri
 from wam.platform.config import WamConfig
 from wam.platform.trainjob import (
@@ -73,35 +64,19 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-def training_kind(job: TrainJob) -> kube.Kind:
-    return kube.RAYJOB if job.spec.launcher == "ray" else kube.JOBSET
-
-
-def child_state(job: TrainJob, child: dict) -> tuple[str, str]:
-    """(completed | failed | suspended | running | starting, message) of an attempt's JobSet or RayJob."""
-    return rayjob_state(child) if training_kind(job) == kube.RAYJOB else jobset_state(child)
-
-
 def training_children(job: TrainJob, cfg: WamConfig, attempt: int, settings: OperatorSettings) -> list[dict]:
-    """Everything one attempt needs, in creation order (the JobSet or RayJob last: its pods mount the others)."""
-    ray = training_kind(job) == kube.RAYJOB
-    child = rayjob.rayjob(job, attempt, settings) if ray else builders.jobset(job, attempt, settings)
+    """Everything one attempt needs, in creation order (the training child last: its pods mount the others)."""
+    child = training_child(job)
+    obj = child.build(job, attempt, settings)
     children = [builders.config_map(job, cfg)]
     if placement.profile(job, settings).nvlink_domain:
         children.append(placement.compute_domain(job, builders.metadata(job, placement.compute_domain_name(job),
                                                                          "nvlink")))
-    if (group := gang.pod_group(child, job, settings)) is not None:
+    if (group := child.pod_group(obj, job, settings)) is not None:
         children.append(group)
     if job.spec.suspend and not gang.kueue_owns_suspend(job, settings):
-        child["spec"]["suspend"] = True
-    return [*children, child]
-
-
-def _pod_group_kind(job: TrainJob, settings: OperatorSettings) -> kube.Kind | None:
-    if training_kind(job) == kube.RAYJOB:
-        return None  # KubeRay's own, deleted with its RayCluster
-    return {"volcano": kube.VOLCANO_POD_GROUP, "coscheduling": kube.COSCHEDULING_POD_GROUP}.get(
-        gang.backend(job, settings))
+        obj["spec"]["suspend"] = True
+    return [*children, obj]
 
 
 def invalid(status: TrainJobStatus, generation: int, message: str, now: str) -> TrainJobStatus:
@@ -128,8 +103,8 @@ def plan(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorSettin
 
 
 def _training(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorSettings, now: str, p: Plan) -> None:
-    st, gen, kind = p.status, job.generation, training_kind(job)
-    current = builders.attempt_name(job, st.attempt)
+    st, gen, child = p.status, job.generation, training_child(job)
+    kind, current = child.kind, builders.attempt_name(job, st.attempt)
     for stale in seen.stale:
         p.delete.append((kind, stale))
     deadline = job.spec.active_deadline_seconds
@@ -143,7 +118,7 @@ def _training(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorS
             p.events.append(("Warning", f"{kind.kind}Missing", f"{kind.kind} {current} disappeared; creating it again"))
         _start_attempt(job, cfg, settings, now, p)
         return
-    state, message = child_state(job, seen.child)
+    state, message = child.state(seen.child)
     kueue = gang.kueue_owns_suspend(job, settings)
     if kueue and seen.workload is not None and seen.workload["spec"].get("active", True) == job.spec.suspend:
         p.patch.append((kube.WORKLOAD, seen.workload["metadata"]["name"], {"spec": {"active": not job.spec.suspend}}))
@@ -156,15 +131,14 @@ def _training(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorS
         set_condition(st, "Succeeded", True, "TrainingComplete", message or f"{cfg.training.steps} steps done", now, gen)
         p.events.append(("Normal", "Succeeded", "training finished"))
     elif state == "failed":
-        failure = classify_rayjob_failure(seen.child, seen.pods) if kind == kube.RAYJOB else \
-            classify_failure(seen.pods, message)
+        failure = child.classify_failure(seen.child, seen.pods)
         failure.time = now
         st.last_failure = failure
         policy = job.spec.failure_policy
         if failure.reason in policy.restart_on and st.restarts < policy.max_restarts:
             st.restarts += 1
             p.delete.append((kind, current))
-            if (group_kind := _pod_group_kind(job, settings)) is not None:
+            if (group_kind := child.pod_group_kind(job, settings)) is not None:
                 p.delete.append((group_kind, current))
             st.attempt += 1
             set_condition(st, "Restarting", True, failure.reason,
@@ -205,23 +179,15 @@ def _training(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorS
             set_condition(st, "Running", False, "PodsStarting", "waiting for every node's pod to be ready", now, gen)
 
 
-def started(st: TrainJobStatus) -> str | None:
-    """The training child the status records as created (None: nothing ran yet)."""
-    return st.ray_job or st.jobset
-
-
 def _start_attempt(job: TrainJob, cfg: WamConfig, settings: OperatorSettings, now: str, p: Plan,
                    phase: str = "Pending") -> None:
-    st, kind = p.status, training_kind(job)
+    st, child = p.status, training_child(job)
     p.create.extend(training_children(job, cfg, st.attempt, settings))
     name = builders.attempt_name(job, st.attempt)
-    if kind == kube.RAYJOB:
-        st.ray_job = name
-    else:
-        st.jobset = name
+    setattr(st, child.status_field, name)
     st.phase = "Suspended" if job.spec.suspend else phase
     st.start_time = st.start_time or now
-    set_condition(st, "Created", True, f"{kind.kind}Created", f"{kind.kind} {name}", now, job.generation)
+    set_condition(st, "Created", True, f"{child.kind.kind}Created", f"{child.kind.kind} {name}", now, job.generation)
 
 
 def _fail(p: Plan, failure: FailureStatus, now: str, gen: int) -> None:

@@ -1,5 +1,6 @@
-"""Pure reading of children's statuses: conditions of the TrainJob, the state of a JobSet, a Job or a
-Deployment, and why a failed attempt failed (from its pods' statuses; the operator never execs into pods)."""
+"""Pure reading of statuses: conditions of the TrainJob, the state of a batch Job and of a Kueue Workload, and
+why a failed attempt failed (from its pods' statuses; the operator never execs into pods). What the training
+children's own statuses mean is theirs to say (wam.operators.jobset, wam.operators.rayjob)."""
 
 from __future__ import annotations
 
@@ -27,52 +28,19 @@ def is_true(status: TrainJobStatus, type_: str) -> bool:
     return any(c.type == type_ and c.status == "True" for c in status.conditions)
 
 
-def _condition(obj: dict, type_: str) -> dict | None:
+def true_condition(obj: dict, type_: str) -> dict | None:
+    """The condition of `type_` of a Kubernetes object when it is True, else None."""
     for cond in (obj.get("status") or {}).get("conditions") or []:
         if cond.get("type") == type_ and cond.get("status") == "True":
             return cond
     return None
 
 
-def jobset_state(js: dict) -> tuple[str, str]:
-    """(state, message) of a JobSet: completed, failed, suspended, running or starting."""
-    if cond := _condition(js, "Completed"):
-        return "completed", cond.get("message", "")
-    if cond := _condition(js, "Failed"):
-        return "failed", cond.get("message", "") or cond.get("reason", "")
-    if (js.get("spec") or {}).get("suspend") or _condition(js, "Suspended"):
-        return "suspended", ""
-    replicated = (js.get("status") or {}).get("replicatedJobsStatus") or []
-    wanted = sum(r.get("replicas", 1) for r in js["spec"]["replicatedJobs"])
-    if replicated and sum(r.get("ready", 0) + r.get("succeeded", 0) for r in replicated) >= wanted:
-        return "running", ""
-    return "starting", ""
-
-
-def rayjob_state(rj: dict) -> tuple[str, str]:
-    """(state, message) of a KubeRay RayJob in a JobSet's terms, from its jobDeploymentStatus (the cluster and
-    the submission) and jobStatus (the Ray job): completed only when the Ray job SUCCEEDED."""
-    st = rj.get("status") or {}
-    deployment, ray_job = st.get("jobDeploymentStatus", ""), st.get("jobStatus", "")
-    message = st.get("message", "")
-    if deployment == "Complete":
-        if ray_job == "SUCCEEDED":
-            return "completed", message
-        return "failed", message or f"the Ray job ended {ray_job or 'without a status'}"
-    if deployment in ("Failed", "ValidationFailed"):
-        return "failed", f"{st.get('reason') or deployment}: {message}".rstrip(": ")
-    if (rj.get("spec") or {}).get("suspend") or deployment in ("Suspending", "Suspended"):
-        return "suspended", ""
-    if deployment == "Running":
-        return "running", ""
-    return "starting", ""  # new, Initializing, Waiting (for the cluster), Retrying
-
-
 def job_state(job: dict) -> tuple[str, str]:
     """(state, message) of a batch Job: succeeded, failed or active."""
-    if _condition(job, "Complete"):
+    if true_condition(job, "Complete"):
         return "succeeded", ""
-    if cond := _condition(job, "Failed"):
+    if cond := true_condition(job, "Failed"):
         return "failed", cond.get("message", "") or cond.get("reason", "")
     return "active", ""
 
@@ -81,7 +49,7 @@ def workload_admission(workload: dict | None) -> tuple[bool, str]:
     """(admitted, why not) of a Kueue Workload, from its QuotaReserved / Admitted conditions."""
     if workload is None:
         return False, "waiting for Kueue to create the Workload"
-    if _condition(workload, "Admitted"):
+    if true_condition(workload, "Admitted"):
         return True, ""
     for cond in (workload.get("status") or {}).get("conditions") or []:
         if cond.get("type") in ("QuotaReserved", "Admitted") and cond.get("message"):
@@ -92,7 +60,7 @@ def workload_admission(workload: dict | None) -> tuple[bool, str]:
 def classify_failure(pods: list[dict], fallback: str) -> FailureStatus:
     """Why an attempt failed, by precedence: a process that reported invalid input (restarting cannot help),
     a disruption (node lost, preemption, eviction; the other ranks' errors are its consequence), an OOM
-    kill, else an error. `fallback` is the JobSet's own message, for when no pod tells more."""
+    kill, else an error. `fallback` is the training child's own message, for when no pod tells more."""
     found: dict[str, str] = {}
     for pod in pods:
         name = pod["metadata"]["name"]
@@ -120,18 +88,4 @@ def classify_failure(pods: list[dict], fallback: str) -> FailureStatus:
     for reason in ("InvalidInput", "Disruption", "OOMKilled", "Error"):
         if reason in found:
             return FailureStatus(reason=reason, message=found[reason])
-    return FailureStatus(reason="Error", message=fallback or "the JobSet failed; no pod reported why")
-
-
-def classify_rayjob_failure(rj: dict, pods: list[dict]) -> FailureStatus:
-    """Why a RayJob attempt failed. Its Ray containers outlive the training processes, so the driver's last
-    words (the log tail KubeRay copies into the status) tell a user error; the pods still tell disruptions
-    and OOM kills; a spec KubeRay refused is not worth a restart."""
-    st = rj.get("status") or {}
-    if st.get("jobDeploymentStatus") == "ValidationFailed":
-        return FailureStatus(reason="InvalidSpec", message=f"KubeRay refused the RayJob: {st.get('message', '')}")
-    reported = termination.from_log_tail(st.get("message"))
-    if reported and reported[0] == termination.INVALID_INPUT:
-        return FailureStatus(reason="InvalidInput", message=reported[1])
-    said = reported[1] if reported else rayjob_state(rj)[1]
-    return classify_failure(pods, said[-2000:])  # the end of a traceback says most
+    return FailureStatus(reason="Error", message=fallback or "the attempt failed; no pod reported why")

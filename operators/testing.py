@@ -4,8 +4,8 @@ kmock's KubernetesEmulator keeps objects in memory and serves create / get / lis
 delete over real HTTP, so the real kubernetes client and the real kopf run against it unchanged. This
 module adds what the operator relies on and kmock leaves out: server-set metadata (uid, creationTimestamp,
 generation bumped by spec changes, a resourceVersion set at creation) and garbage collection of owned
-objects. No
-controller runs in it: a test plays JobSet, Job, Deployment and Kueue controllers by writing statuses.
+objects, and pods' logs (the kubelet's part, set by the test). No controller runs in it: a test plays JobSet,
+Job, Deployment and Kueue controllers by writing statuses.
 Label selectors are filtered on the server for equality terms only. Not emulated: admission and CRD
 schema validation, optimistic concurrency (resourceVersion never changes), field managers, scheduling.
 """
@@ -24,6 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
+import aiohttp.web
 import kmock
 import yaml
 from kmock import action
@@ -47,8 +48,11 @@ class _Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._versions = itertools.count(1)
         self.created_at: dict[tuple[str, str, str], float] = {}  # (plural, namespace, name) -> perf_counter()
+        self.pod_logs: dict[tuple[str, str, str], str] = {}  # (namespace, pod, container) -> what it printed
 
     async def _handle(self, request):
+        if request.resource is not None and request.resource.plural == "pods" and request.subresource == "log":
+            return self._serve_log(request)
         deleted_uid = None
         if request.resource is not None and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
@@ -69,6 +73,16 @@ class _Emulator(kmock.KubernetesEmulator):
         if deleted_uid:
             await self._collect(deleted_uid)
         return response
+
+    def _serve_log(self, request) -> aiohttp.web.Response:
+        """A container's log, as the kubelet serves it through the API server (text; `follow` ends at its end)."""
+        container = (request.params or {}).get("container", "")
+        text = self.pod_logs.get((request.namespace, request.name, container))
+        if text is None:
+            return aiohttp.web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+                                              "reason": "NotFound", "message": f"no log of container {container!r} "
+                                              f"in pod {request.namespace}/{request.name}"}, status=404)
+        return aiohttp.web.Response(text=text, content_type="text/plain")
 
     async def _serve_list(self, request):
         """Equality label selectors (`a=b,c=d`), as the operator sends them, filtered on the server."""
@@ -153,6 +167,10 @@ class EmulatedCluster:
              "--health-port", "0", "--log-format", "plain"],
             env={**os.environ, **(env or {}), "KUBECONFIG": str(self.kubeconfig)}, stdout=log.open("a"),
             stderr=subprocess.STDOUT)
+
+    def set_pod_log(self, namespace: str, pod: str, container: str, text: str) -> None:
+        """What a container printed (the emulated kubelet's part): `wam logs` reads it back."""
+        self.emulator.pod_logs[(namespace, pod, container)] = text
 
     def created_at(self, kind: kube.Kind, namespace: str, name: str) -> float | None:
         """When the server received the object's creation (time.perf_counter() of this process)."""

@@ -1,4 +1,5 @@
-"""What `wam submit / status / logs` do on a cluster: the researcher's side of the TrainJob API."""
+"""TrainJobs as a researcher uses them (`wam submit / status / logs`, `wam regress` in the cluster): submit a
+manifest checked before the cluster sees it, read one, follow its training log."""
 
 from __future__ import annotations
 
@@ -9,11 +10,9 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from wam.operators import kube
-from wam.operators.controller import JOBSET_NAME_LABEL
+from wam.operators.training_child import started, training_child
 from wam.platform import trainjob
 from wam.platform.errors import ConfigError
-
-POD_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 
 
 def read_manifest(text: str, namespace: str | None) -> dict:
@@ -58,15 +57,18 @@ def get(api: kube.Kube, namespace: str, name: str) -> dict:
 
 
 def logs(api: kube.Kube, namespace: str, name: str, rank: int, follow: bool) -> Iterator[str]:
-    """The training container's log of one node (rank) of the current attempt."""
-    status = get(api, namespace, name).get("status") or {}
-    jobset = status.get("jobset")
-    if not jobset:
-        raise ConfigError(f"TrainJob {namespace}/{name} has no pods yet (phase {status.get('phase', 'Pending')})")
-    pods = api.list(kube.POD, namespace, {JOBSET_NAME_LABEL: jobset, POD_INDEX_LABEL: str(rank)})
+    """The training log of node `rank` of the current attempt, whatever launcher runs it."""
+    job = trainjob.parse(get(api, namespace, name))
+    attempt = started(job.status)
+    if not attempt:
+        raise ConfigError(f"TrainJob {namespace}/{name} has no pods yet (phase {job.status.phase})")
+    child = training_child(job)
+    selector, container = child.log_source(job, job.status.attempt, rank)
+    pods = api.list(kube.POD, namespace, selector)
     if not pods:
-        raise ConfigError(f"no pod of node {rank} in JobSet {jobset} (is the job queued, or is --rank too big?)")
+        raise ConfigError(f"no pod of node {rank} in {child.kind.kind} {attempt} yet (is the job queued, or is "
+                          "--rank beyond its nodes?)")
     response = client.CoreV1Api(api.api).read_namespaced_pod_log(
-        pods[0]["metadata"]["name"], namespace, container="trainer", follow=follow, _preload_content=False)
+        pods[0]["metadata"]["name"], namespace, container=container, follow=follow, _preload_content=False)
     for line in response.stream():
         yield line.decode(errors="replace")

@@ -175,11 +175,11 @@ def latest_complete(folder: str) -> tuple[int, str] | None:
     return complete[-1] if complete else None
 
 
-def require_complete(uri: str, *, newest_under: bool = True, what: str = "checkpoint",
-                     hint: str = "") -> tuple[str, CheckpointManifest]:
+def require_complete(uri: str, *, newest_under: bool = True, what: str = "checkpoint", hint: str = "",
+                     checksums: bool = True) -> tuple[str, CheckpointManifest]:
     """`uri` (or, with `newest_under`, the newest complete checkpoint under it) with its manifest, every file
-    checked against it (sizes and sha256). Refuses a folder without a manifest (an unfinished save: `hint`
-    says what to do) and files that differ from their manifest."""
+    checked against it (sizes, and with `checksums` sha256). Refuses a folder without a manifest (an unfinished
+    save: `hint` says what to do) and files that differ from their manifest."""
     manifest = read_manifest(uri)
     if manifest is None and newest_under:
         newest = latest_complete(uri)
@@ -188,7 +188,7 @@ def require_complete(uri: str, *, newest_under: bool = True, what: str = "checkp
     if manifest is None:
         holds = " and holds none" if newest_under else ""
         raise CheckpointError(f"{uri} is not a complete {what} (no {MANIFEST_NAME}){holds}" + (f"; {hint}" if hint else ""))
-    problems = verify(uri, manifest, checksums=True)
+    problems = verify(uri, manifest, checksums=checksums)
     if problems:
         raise CheckpointError(f"{what} {uri} does not match its manifest: " + "; ".join(problems[:5]))
     return uri, manifest

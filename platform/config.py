@@ -100,10 +100,10 @@ class ServingSection:
 class EncodersSection:
     """Frozen encoder weights (local paths or fsspec URIs); the tiny preset needs none."""
 
-    vae: str | None = None
-    text: str | None = None
-    tokenizer: str | None = None
-    image: str | None = None
+    vae: str | None = None  # Wan2.1_VAE.pth
+    text: str | None = None  # HF umT5 folder or models_t5_umt5-xxl-enc-bf16.pth
+    tokenizer: str | None = None  # umT5 tokenizer folder (defaults to the text weights' folder)
+    image: str | None = None  # models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth (its visual.* part)
 
 
 @dataclass

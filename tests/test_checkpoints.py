@@ -12,7 +12,7 @@ from wam.platform.checkpoints import (
     verify,
     write_manifest,
 )
-from wam.trainer.model.weights import CheckpointError
+from wam.platform.errors import CheckpointError
 
 
 def fake_checkpoint(folder, step, complete=True, payload=b"weights"):
@@ -57,7 +57,7 @@ def test_only_checkpoints_with_a_manifest_are_complete(tmp_path):
 
 
 def test_export_refuses_incomplete_and_corrupted_checkpoints(tmp_path):
-    from wam.trainer.model.export import export_checkpoint
+    from wam.trainer.export import export_checkpoint
 
     incomplete = fake_checkpoint(tmp_path / "a", 6, complete=False)
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from wam.platform.config import DataSection
+from wam.trainer.data.latent_episodes import REAL_ACTION_DIMS, SPEED, SyntheticLatents
 from wam.trainer.data.loader import EpochOrder, WamDataLoader
-from wam.trainer.data.synthetic import REAL_ACTION_DIMS, SPEED, SyntheticLatents
 
 
 def test_samples_are_deterministic_and_actions_cause_the_motion(tiny):
@@ -40,7 +41,7 @@ def test_epoch_order_shards_ranks_disjointly_and_covers_each_epoch():
 
 def test_loader_state_resumes_the_exact_sample_order(tiny):
     def loader(rank):
-        config = WamDataLoader.Config(arch=tiny.arch, sample=tiny.sample, episodes=16, seed=2)
+        config = WamDataLoader.Config(arch=tiny.arch, sample=tiny.sample, data=DataSection(episodes=16), seed=2)
         return WamDataLoader(config, dp_world_size=2, dp_rank=rank, local_batch_size=3)
 
     first = loader(1)
@@ -55,6 +56,6 @@ def test_loader_state_resumes_the_exact_sample_order(tiny):
     got = [next(it2)[0]["video"] for _ in range(3)]
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
     with pytest.raises(ValueError, match="same number of processes"):
-        other = WamDataLoader(WamDataLoader.Config(arch=tiny.arch, sample=tiny.sample, episodes=16, seed=2),
+        other = WamDataLoader(WamDataLoader.Config(arch=tiny.arch, sample=tiny.sample, data=DataSection(episodes=16), seed=2),
                               dp_world_size=4, dp_rank=1, local_batch_size=3)
         other.load_state_dict(state)

@@ -7,13 +7,14 @@ from safetensors.torch import save_file
 from transformers import UMT5EncoderModel
 
 from wam.platform.accounting import FROZEN_ENCODER_PARAMS
-from wam.platform.errors import ConfigError
+from wam.platform.config import EncodersSection
+from wam.platform.errors import CheckpointError, ConfigError
 from wam.platform.presets import get_preset
 from wam.trainer.model.clip import CLIP_CONFIGS, ClipImageEncoder
-from wam.trainer.model.encoders import EncoderPaths, FrozenEncoders
+from wam.trainer.model.encoders import FrozenEncoders
 from wam.trainer.model.text_encoder import ByteTokenizer, load_text_encoder, umt5_config
 from wam.trainer.model.vae import VAE_CONFIGS, StreamState, VaeConfig, WanVAE, vae_config
-from wam.trainer.model.weights import CheckpointError, load_frozen
+from wam.trainer.model.weights import load_frozen
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_text_encoder_loads_wan_t5_pth(tmp_path):
 
 def test_real_presets_refuse_to_run_on_random_encoders():
     with pytest.raises(ConfigError, match="needs (its published )?weights"):
-        FrozenEncoders.build(get_preset("dreamzero-14b").arch, EncoderPaths())
+        FrozenEncoders.build(get_preset("dreamzero-14b").arch, EncodersSection())
     with pytest.raises(ConfigError, match="Wan2.2"):
         vae_config(get_preset("dreamzero-5b").arch.vae)
 
@@ -193,7 +194,7 @@ def test_frozen_encoders_build_from_published_style_files(tiny, tmp_path):
     torch.save(random.vae.state_dict(), tmp_path / "Wan2.1_VAE.pth")
     torch.save({**random.image.state_dict(), "textual.embedding.weight": torch.zeros(2, 2)}, tmp_path / "clip.pth")
     random.text.model.save_pretrained(tmp_path / "umt5")
-    paths = EncoderPaths(vae=str(tmp_path / "Wan2.1_VAE.pth"), text=str(tmp_path / "umt5"),
+    paths = EncodersSection(vae=str(tmp_path / "Wan2.1_VAE.pth"), text=str(tmp_path / "umt5"),
                          image=str(tmp_path / "clip.pth"))
     loaded = FrozenEncoders.build(tiny.arch, paths, seed=99)
     for a, b in ((random.vae, loaded.vae), (random.image, loaded.image), (random.text.model, loaded.text.model)):

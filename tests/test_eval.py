@@ -44,7 +44,7 @@ def robot_run(tmp_path_factory):
     episodes of another dataset, and an untrained checkpoint of the same config (the initial weights, DCP
     folder + manifest)."""
     from wam.platform.config import load_config, resolve_preset
-    from wam.trainer.data.synth import CAMERAS, SynthOptions, synthesize
+    from wam.trainer.data.synth_dataset import CAMERAS, SynthOptions, synthesize
     from wam.trainer.model import build_model, model_config
 
     directory = tmp_path_factory.mktemp("robot")
@@ -98,9 +98,9 @@ def test_a_trained_checkpoint_beats_an_untrained_one_on_held_out_actions(robot_r
     png = (report_path.parent / "actions.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
-    from wam.trainer.eval import run_eval
+    from wam.trainer.eval.evaluate import run_eval
 
-    untrained_eval = run_eval(untrained, heldout, windows=8, out=tmp_path / "untrained", log_mlflow=False)
+    untrained_eval = run_eval(untrained, dataset=heldout, windows=8, out=tmp_path / "untrained", log_mlflow=False)
     assert untrained_eval.mlflow_run_id is None and "logging off" in untrained_eval.tracking_note
     before = untrained_eval.report
     assert before["windows"] == report["windows"] and before["step"] == 0
@@ -119,8 +119,8 @@ def test_a_trained_checkpoint_beats_an_untrained_one_on_held_out_actions(robot_r
 
 
 def test_the_same_seed_gives_the_same_report_from_a_folder_or_an_export(robot_run, tmp_path, one_thread):
-    from wam.trainer.eval import run_eval
-    from wam.trainer.model.export import export_checkpoint
+    from wam.trainer.eval.evaluate import run_eval
+    from wam.trainer.export import export_checkpoint
 
     cfg, heldout, _ = robot_run
     step, folder = latest_complete(cfg.checkpoint_uri)
@@ -132,7 +132,7 @@ def test_the_same_seed_gives_the_same_report_from_a_folder_or_an_export(robot_ru
         return {k: v for k, v in report.items() if k not in timing and k != "per_chunk"} | {
             "per_chunk": [{k: v for k, v in c.items() if k != "denoise_ms"} for c in report["per_chunk"]]}
 
-    runs = [run_eval(uri, heldout, windows=1, seed=seed, out=tmp_path / f"{i}", log_mlflow=False).report
+    runs = [run_eval(uri, dataset=heldout, windows=1, seed=seed, out=tmp_path / f"{i}", log_mlflow=False).report
             for i, (uri, seed) in enumerate([(folder, 0), (str(exported), 0), (folder, 1)])]
     assert runs[0]["step"] == runs[1]["step"] == step
     assert numbers(runs[0]) == numbers(runs[1])
@@ -148,13 +148,13 @@ def test_incomplete_and_mismatched_checkpoints_are_refused(robot_run, tmp_path, 
     done = wam_cli("eval", unfinished, "--data", heldout)
     assert done.returncode == 2 and "is not a complete checkpoint (no manifest.json)" in " ".join(done.stderr.split())
 
-    from wam.trainer.eval import run_eval
-    from wam.trainer.model.weights import CheckpointError
+    from wam.platform.errors import CheckpointError
+    from wam.trainer.eval.evaluate import run_eval
 
     corrupted = tmp_path / "step-9"
     shutil.copytree(folder, corrupted)
     (corrupted / ".metadata").write_bytes(b"x" * (corrupted / ".metadata").stat().st_size)
     with pytest.raises(CheckpointError, match="does not match its manifest: .metadata: sha256"):
-        run_eval(str(corrupted), heldout, log_mlflow=False)
+        run_eval(str(corrupted), dataset=heldout, log_mlflow=False)
     with pytest.raises(ConfigError, match="name the held-out LeRobot dataset with --data"):
-        run_eval(str(folder), None, log_mlflow=False)
+        run_eval(str(folder), log_mlflow=False)

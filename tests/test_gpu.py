@@ -93,7 +93,7 @@ def test_dali_decodes_h264_with_nvdec(tmp_path):
 
     from wam.trainer.data.decode import DaliDecoder, TorchCodecDecoder
     from wam.trainer.data.lerobot import LeRobotDataset
-    from wam.trainer.data.synth import CAMERAS, SynthOptions, read_frame_index, synthesize
+    from wam.trainer.data.synth_dataset import CAMERAS, SynthOptions, read_frame_index, synthesize
 
     for codec in ("h264", "av1"):
         root = synthesize(tmp_path / codec, SynthOptions(episodes=2, codec=codec, height=180, width=320))

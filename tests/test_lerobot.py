@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wam.platform.config import DatasetEntry
+from wam.platform.config import DataSection, DatasetEntry
 from wam.platform.embodiment import ProfileSection
 from wam.platform.presets import SampleShape
 from wam.trainer.data.decode import make_decoder
@@ -20,7 +20,7 @@ from wam.trainer.data.lerobot import DataError, LeRobotDataset
 from wam.trainer.data.loader import WamDataLoader
 from wam.trainer.data.robot import RobotSource
 from wam.trainer.data.stats import compute_stats, stats_paths
-from wam.trainer.data.synth import CAMERAS, SynthOptions, read_frame_index, synthesize
+from wam.trainer.data.synth_dataset import CAMERAS, SynthOptions, read_frame_index, synthesize
 
 from conftest import wam_cli
 
@@ -176,8 +176,8 @@ def test_reads_a_dataset_from_s3_only_through_fsspec(datasets, tiny, s3, monkeyp
 
 
 def _loader(uri, tiny, rank, **config):
-    cfg = WamDataLoader.Config(arch=tiny.arch, sample=SHAPE, source="lerobot",
-                               datasets=[DatasetEntry(uri=uri, profile="droid")], workers=1, seed=3, **config)
+    data = DataSection(source="lerobot", datasets=[DatasetEntry(uri=uri, profile="droid")], workers=1, **config)
+    cfg = WamDataLoader.Config(arch=tiny.arch, sample=SHAPE, data=data, seed=3)
     return WamDataLoader(cfg, dp_world_size=2, dp_rank=rank, local_batch_size=2)
 
 

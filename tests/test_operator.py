@@ -17,11 +17,11 @@ import pytest
 import yaml
 
 from wam.operators import kube
+from wam.operators.rayjob import RayJobChild
 from wam.operators.reconcile import Observed, plan
 from wam.operators.settings import OperatorSettings
-from wam.operators.status import classify_rayjob_failure, rayjob_state
 from wam.operators.testing import EmulatedCluster
-from wam.platform import manifest, trainjob
+from wam.platform import checkpoints, trainjob
 from wam.platform.tracking import Tracker
 
 from conftest import free_port
@@ -126,10 +126,10 @@ def phase_is(c, name, phase):
 def write_checkpoint(folder: str, step: int, env: dict) -> None:
     """What rank 0 leaves behind: the shard files, then the manifest last."""
     os.environ.update(env)  # the fsspec S3 client of this process talks to the same server
-    uri = manifest.step_dir(folder, step)
+    uri = checkpoints.step_dir(folder, step)
     with fsspec.open(f"{uri}/__0_0.distcp", "wb") as f:
         f.write(os.urandom(1024))
-    manifest.write_manifest(uri, step, config={}, metrics={"loss": 0.5})
+    checkpoints.write_manifest(uri, step, config={}, metrics={"loss": 0.5})
 
 
 def train_reports(c: EmulatedCluster, name: str, metrics: dict, step: int, checkpoint: int) -> tuple[Tracker, dict]:
@@ -409,17 +409,17 @@ USER_ERROR = rayjob_status("Failed", "FAILED", reason="AppFailed", message=(
     (rayjob_status("ValidationFailed", message="bad spec"), False, "failed"),
 ])
 def test_rayjob_states_in_a_jobsets_terms(rj_status, suspend, state):
-    assert rayjob_state({"spec": {"suspend": suspend}, "status": rj_status})[0] == state
+    assert RayJobChild().state({"spec": {"suspend": suspend}, "status": rj_status})[0] == state
 
 
 def test_rayjob_failures_are_classified_from_the_drivers_last_words_and_the_pods():
-    user = classify_rayjob_failure({"status": USER_ERROR}, [])
+    user = RayJobChild().classify_failure({"status": USER_ERROR}, [])
     assert user.reason == "InvalidInput" and user.message.startswith("s3://x/droid is not a LeRobot dataset")
-    error = classify_rayjob_failure({"status": APP_FAILED}, [])
+    error = RayJobChild().classify_failure({"status": APP_FAILED}, [])
     assert error.reason == "Error" and error.message.startswith("WorkerGroupError") and "NCCL" in error.message
     evicted = {"metadata": {"name": "unit-0-node-worker-x"}, "status": {"reason": "Evicted", "message": "node drained"}}
-    assert classify_rayjob_failure({"status": APP_FAILED}, [evicted]).reason == "Disruption"
-    refused = classify_rayjob_failure({"status": rayjob_status("ValidationFailed", message="bad spec")}, [])
+    assert RayJobChild().classify_failure({"status": APP_FAILED}, [evicted]).reason == "Disruption"
+    refused = RayJobChild().classify_failure({"status": rayjob_status("ValidationFailed", message="bad spec")}, [])
     assert refused.reason == "InvalidSpec" and "bad spec" in refused.message
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from wam.platform.config import load_config, resolve_preset
+from wam.platform.errors import CheckpointError
 from wam.trainer.model import WamInputs
-from wam.trainer.model.weights import CheckpointError
 from wam.trainer.quantize import nvfp4
-from wam.trainer.quantize.checkpoint import kept_reason, quantize_checkpoint
 from wam.trainer.quantize.load import load_quantized
+from wam.trainer.quantize.quantizer import kept_reason, quantize_checkpoint
 
 from conftest import randomized_model, wam_cli, write_checkpoint
 
@@ -149,7 +149,7 @@ def test_quantizer_memory_stays_bounded_by_a_few_tensors(tmp_path):
     del model
     script = textwrap.dedent(f"""
         import json, gc
-        from wam.trainer.quantize.checkpoint import quantize_checkpoint
+        from wam.trainer.quantize.quantizer import quantize_checkpoint
         import wam.trainer.quantize.load, wam.trainer.data.stats  # everything imported before the baseline
 
         def kib(field):

@@ -16,8 +16,8 @@ from wam.platform.policy_client import PolicyClient, run_async
 from wam.trainer.data.transforms import normalize
 from wam.trainer.flow import euler_step
 from wam.trainer.model import WamInputs
-from wam.trainer.quantize.checkpoint import quantize_checkpoint
 from wam.trainer.quantize.load import load_quantized
+from wam.trainer.quantize.quantizer import quantize_checkpoint
 from wam.trainer.serve import actions as post
 from wam.trainer.serve.policy import PolicyRuntime
 from wam.trainer.serve.server import PolicyServer, serve_in_background
@@ -27,7 +27,7 @@ from conftest import randomized_model, wam_cli, write_checkpoint, write_run_conf
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from wam.trainer.data.synth import SynthOptions, synthesize
+    from wam.trainer.data.synth_dataset import SynthOptions, synthesize
 
     folder = tmp_path_factory.mktemp("serve")
     dataset = synthesize(folder / "data", SynthOptions(episodes=2, seed=5))
@@ -210,7 +210,7 @@ def test_action_postprocessing_steps():
 
 
 def test_pipeline_trains_quantizes_and_serves_to_a_real_client(tmp_path):
-    from wam.trainer.data.synth import SynthOptions, synthesize
+    from wam.trainer.data.synth_dataset import SynthOptions, synthesize
 
     train = synthesize(tmp_path / "train", SynthOptions(episodes=3))
     heldout = synthesize(tmp_path / "heldout", SynthOptions(episodes=2, seed=1))

@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from wam.platform.errors import CheckpointError
 from wam.platform.presets import get_preset
 from wam.trainer.model import build_model, model_config
-from wam.trainer.model.weights import CheckpointError, import_wan_checkpoint
+from wam.trainer.model.weights import import_wan_checkpoint
 
 from conftest import wan_i2v_keys
 

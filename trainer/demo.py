@@ -18,11 +18,13 @@ from rich.table import Table
 
 from wam.platform.config import SamplerSection, WamConfig, load_config, resolve_preset
 from wam.platform.errors import ConfigError
-from wam.trainer.data.synth import SynthOptions, synthesize
-from wam.trainer.eval import RobotHeldOut, build_policy, evaluate, read_checkpoint, summarize
+from wam.trainer.checkpoint_reader import open_for_eval
+from wam.trainer.data.synth_dataset import SynthOptions, synthesize
+from wam.trainer.eval.heldout import RobotHeldOut
+from wam.trainer.eval.rollouts import roll_out_models, summarize
 from wam.trainer.inference import ChunkRollout
 from wam.trainer.model import WamInputs, WamModel, build_model, model_config
-from wam.trainer.model.encoders import EncoderPaths, FrozenEncoders
+from wam.trainer.model.encoders import FrozenEncoders
 
 
 def _default_config(dataset: str) -> WamConfig:
@@ -34,7 +36,7 @@ def _default_config(dataset: str) -> WamConfig:
 @torch.no_grad()
 def run_demo(console: Console, weights: Path | None = None, dataset: str | None = None, episodes: int = 8,
              steps: int | None = None) -> None:
-    ckpt = read_checkpoint(str(weights)) if weights is not None else None
+    ckpt = open_for_eval(str(weights)) if weights is not None else None
     if ckpt is not None and ckpt.config.data.source != "lerobot":
         raise ConfigError(f"{weights} was trained on data.source={ckpt.config.data.source}; `wam demo` rolls a policy "
                           "out on robot video, so use weights trained on a LeRobot dataset (as `make demo` does)")
@@ -44,17 +46,17 @@ def run_demo(console: Console, weights: Path | None = None, dataset: str | None 
         cfg = ckpt.config if ckpt is not None else _default_config(dataset)
         preset = resolve_preset(cfg)
         cpu = torch.device("cpu")
-        encoders = FrozenEncoders.build(preset.arch, EncoderPaths(**vars(cfg.encoders)), seed=cfg.seed)  # as training did
+        encoders = FrozenEncoders.of_config(cfg, cpu)  # as training did
         models = {"untrained": build_model(model_config(preset.arch, preset.sample), seed=cfg.seed).eval()}
         if ckpt is not None:
-            models = {"trained": build_policy(ckpt, cpu), **models}
-        heldout = RobotHeldOut(cfg, dataset, cfg.data.datasets[0].profile, encoders, cpu)
+            models = {"trained": ckpt.load(cpu), **models}
+        heldout = RobotHeldOut(cfg, dataset, cfg.data.datasets[0].profile, encoders)
         indices = heldout.select(episodes)
         s = preset.sample
         console.print(f"[bold]{preset.name}[/]: {sum(p.numel() for p in models['untrained'].parameters()):,} "
                       f"parameters; {s.num_chunks} chunks x ({s.frames_per_chunk} latent frames + {s.actions_per_chunk} "
                       f"actions); {len(indices)} held-out windows of {dataset}")
-        results = {name: summarize(r) for name, r in evaluate(models, cfg, heldout, indices, cfg.seed, steps).items()}
+        results = {name: summarize(r) for name, r in roll_out_models(models, cfg, heldout, indices, cfg.seed, steps).items()}
 
         table = Table("chunk", *(f"{n} action MAE ({heldout.units} units)" for n in results),
                       *(f"{n} video MSE" for n in results), "denoise ms (KV cache)")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from wam.trainer.data.latent_episodes import Sample
 from wam.trainer.data.lerobot import DataError
 from wam.trainer.data.robot import RobotSample
-from wam.trainer.data.synthetic import Sample
 
 
 def _stack_common(samples: list[Sample] | list[RobotSample]) -> dict:

@@ -20,12 +20,12 @@ import tyro
 from torch.utils.data import DataLoader
 from torchtitan.components.dataloader import BaseDataLoader
 
-from wam.platform.config import DatasetEntry, ProfileSection
+from wam.platform.config import DataSection
 from wam.platform.layout import TokenLayout
 from wam.platform.presets import SampleShape, WamArch
 from wam.trainer.data.batch import collate_latents, collate_robot
+from wam.trainer.data.latent_episodes import SyntheticLatents
 from wam.trainer.data.robot import RobotSource
-from wam.trainer.data.synthetic import SyntheticLatents
 
 
 class EpochOrder:
@@ -76,32 +76,22 @@ class WamDataLoader(BaseDataLoader):
     class Config(BaseDataLoader.Config):
         arch: Annotated[WamArch, tyro.conf.Suppress]
         sample: Annotated[SampleShape, tyro.conf.Suppress]
-        source: str = "synthetic"
-        datasets: Annotated[list[DatasetEntry], tyro.conf.Suppress] = field(default_factory=list)
-        profiles: Annotated[dict[str, ProfileSection], tyro.conf.Suppress] = field(default_factory=dict)
-        decoder: str = "auto"
-        workers: int = 2
-        bad_samples: str = "error"
-        crop_scale: float = 1.0
-        epoch_samples: int | None = None
-        episodes: int = 64
-        video_only_fraction: float = 0.0
-        delay_s: float = 0.0  # slept before each batch (data.delay_s)
+        data: Annotated[DataSection, tyro.conf.Suppress] = field(default_factory=DataSection)  # the run's `data`
         seed: int = 0
 
     def __init__(self, config: Config, *, dp_world_size: int, dp_rank: int, local_batch_size: int, **_: Any):
-        if config.source == "synthetic":
-            self.source = SyntheticLatents(config.arch, config.sample, config.episodes, config.seed,
-                                           config.video_only_fraction)
+        d = config.data
+        if d.source == "synthetic":
+            self.source = SyntheticLatents(config.arch, config.sample, d.episodes, config.seed, d.video_only_fraction)
             self.collate, self.workers = collate_latents, 0
-        elif config.source == "lerobot":
-            self.source = RobotSource(config.datasets, config.profiles, config.arch, config.sample, config.seed,
-                                      config.decoder, config.bad_samples, config.crop_scale, config.epoch_samples)
-            self.collate, self.workers = collate_robot, config.workers
+        elif d.source == "lerobot":
+            self.source = RobotSource(d.datasets, d.profiles, config.arch, config.sample, config.seed, d.decoder,
+                                      d.bad_samples, d.crop_scale, d.epoch_samples)
+            self.collate, self.workers = collate_robot, d.workers
         else:
-            raise ValueError(f"unknown data source {config.source!r}")
+            raise ValueError(f"unknown data source {d.source!r}")
         self.order = EpochOrder(len(self.source), config.seed, dp_rank, dp_world_size)
-        self.rank, self.batch_size, self.delay_s = dp_rank, local_batch_size, config.delay_s
+        self.rank, self.batch_size, self.delay_s = dp_rank, local_batch_size, d.delay_s
         s = config.sample
         self.tokens_per_sample = TokenLayout.teacher_forcing(
             s.num_chunks, s.frames_per_chunk, s.tokens_per_frame(config.arch), s.actions_per_chunk).length

@@ -23,7 +23,7 @@ from torch import Tensor
 from triton import knobs
 
 from wam.platform.layout import Span, TokenKind, TokenLayout
-from wam.trainer.kernels.launch import launch_backward, launch_forward
+from wam.trainer.kernels.dispatch import launch_backward, launch_forward
 from wam.trainer.kernels.schedule import KernelConfigs, Schedule, build_schedule
 from wam.trainer.kernels.tuning import INTERPRETER, architecture, tuned_configs
 from wam.trainer.model.mask import AttentionMask

@@ -78,20 +78,6 @@ class Schedule:
     def k_len(self) -> int:
         return self.k_meta.shape[1]
 
-    def tensors(self) -> list[torch.Tensor]:
-        """The flat tensor list the custom op carries (see `from_tensors`)."""
-        return [self.q_meta, self.k_meta, *(t for p in (self.forward, self.dq, self.dkdv) for t in (p.rows, p.tiles))]
-
-    def launch_params(self) -> list[int]:
-        return [v for c in (self.configs.forward, self.configs.dq, self.configs.dkdv)
-                for v in (c.block, c.tile, c.num_warps, c.num_stages)]
-
-    @classmethod
-    def from_op_args(cls, tensors: Sequence[torch.Tensor], params: Sequence[int]) -> Schedule:
-        q_meta, k_meta, *passes = tensors
-        configs = KernelConfigs(*(PassConfig(*params[i:i + 4]) for i in range(0, 12, 4)))
-        return cls(q_meta, k_meta, *(PassSchedule(passes[i], passes[i + 1]) for i in range(0, 6, 2)), configs)
-
 
 def _pass_rows(segments: Sequence[tuple[AttentionMask, int, int]], block: int, tile: int,
                keys_major: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,12 +95,17 @@ def model_config(arch: WamArch, sample: SampleShape, attention: str = "sdpa") ->
     )
 
 
+def meta_model(config: WamModel.Config, dtype: torch.dtype = torch.float32) -> WamModel:
+    """The model's structure on the meta device: every parameter's name, shape and dtype, no memory."""
+    with torch.device("meta"):
+        return config.build().to(dtype)
+
+
 def build_model(config: WamModel.Config, device: torch.device | str = "cpu", seed: int = 0,
                 dtype: torch.dtype = torch.float32) -> WamModel:
     """Meta-device construction, then materialise on `device` in `dtype` and initialise, as torchtitan's
     Trainer does (no full-size copy in another dtype is ever allocated)."""
-    with torch.device("meta"):
-        model = config.build().to(dtype)
+    model = meta_model(config, dtype)
     model.verify_module_protocol()
     model.to_empty(device=device)
     torch.manual_seed(seed)

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from wam.platform.checkpoints import CheckpointManifest, read_manifest, verify
-from wam.platform.config import WamConfig, config_from_dict, resolve_preset
-from wam.platform.storage import localize
+from wam.platform.config import WamConfig
+from wam.platform.errors import CheckpointError
+from wam.trainer.checkpoint_reader import open_quantized
 from wam.trainer.model.model import WamModel
-from wam.trainer.model.registry import model_config
-from wam.trainer.model.weights import CheckpointError
 from wam.trainer.quantize import nvfp4
-from wam.trainer.quantize.checkpoint import FORMAT, INDEX, POLICY, SUFFIXES
+from wam.trainer.quantize.quantizer import FORMAT, INDEX, POLICY, SUFFIXES
 
 PATHS = ("nvfp4", "bf16-dequantized", "fp32-dequantized")
 
@@ -60,33 +57,17 @@ def _as_torchao(q: nvfp4.NVFP4Weight) -> torch.nn.Parameter:
     return torch.nn.Parameter(weight, requires_grad=False)
 
 
-def read_complete(uri: str) -> tuple[Path, CheckpointManifest]:
-    """A local copy of a quantized model folder that has its manifest and matches it (sizes and sha256)."""
-    manifest = read_manifest(uri)
-    if manifest is None:
-        raise CheckpointError(f"{uri} is not a complete quantized model (no manifest.json); run `wam quantize` "
-                              "on a complete checkpoint and serve its output folder")
-    folder = localize(uri)
-    problems = verify(str(folder), manifest, checksums=True)
-    if problems:
-        raise CheckpointError(f"quantized model {uri} does not match its manifest: " + "; ".join(problems[:5]))
-    return folder, manifest
-
-
 def load_quantized(uri: str, device: torch.device | str = "cpu", path: str | None = None) -> QuantizedPolicy:
     device = torch.device(device)
-    folder, manifest = read_complete(uri)
+    stored, folder = open_quantized(uri)
     policy = json.loads((folder / POLICY).read_text())
     if policy.get("format") != FORMAT:
         raise CheckpointError(f"{uri} holds format {policy.get('format')!r}; this version reads {FORMAT}")
-    cfg = config_from_dict(manifest.config, f"training config in {uri}")
-    preset = resolve_preset(cfg)
     path = path or compute_path(device)
     if path not in PATHS:
         raise ValueError(f"compute path {path!r} is not one of {', '.join(PATHS)}")
     dtype = torch.float32 if path == "fp32-dequantized" else torch.bfloat16
-    with torch.device("meta"):
-        model = model_config(preset.arch, preset.sample).build().to(dtype)
+    model = stored.skeleton(dtype)
     model.to_empty(device=device)
     index = json.loads((folder / INDEX).read_text())
     quantized = set(index["metadata"]["nvfp4"])
@@ -104,4 +85,4 @@ def load_quantized(uri: str, device: torch.device | str = "cpu", path: str | Non
             for name in names - {f"{n}.{s}" for n in quantized for s in SUFFIXES}:
                 targets[name].copy_(f.get_tensor(name).to(dtype))
     model.eval().requires_grad_(False)
-    return QuantizedPolicy(model, cfg, manifest.step, path, policy["embodiments"], policy["source"])
+    return QuantizedPolicy(model, stored.config, stored.step, path, policy["embodiments"], policy["source"])

@@ -28,7 +28,7 @@ from wam.platform.errors import ConfigError
 from wam.trainer.data.stats import NormStats
 from wam.trainer.data.transforms import normalize, tile
 from wam.trainer.inference import ChunkRollout
-from wam.trainer.model.encoders import EncoderPaths, FrozenEncoders
+from wam.trainer.model.encoders import FrozenEncoders
 from wam.trainer.model.vae import StreamState, vae_config
 from wam.trainer.quantize.load import QuantizedPolicy, load_quantized
 from wam.trainer.serve.actions import ActionPostprocess
@@ -65,8 +65,7 @@ class PolicyRuntime:
         preset = resolve_preset(cfg)
         self.arch, self.sample = preset.arch, preset.sample
         self.sampler = dataclasses.replace(cfg.sampler, steps=steps or cfg.serving.steps or cfg.sampler.steps)
-        self.encoders = FrozenEncoders.build(self.arch, EncoderPaths(**vars(cfg.encoders)), seed=cfg.seed,
-                                             device=self.device)
+        self.encoders = FrozenEncoders.of_config(cfg, self.device)
         stride = vae_config(self.arch.vae).spatial_stride
         self.canvas = (self.sample.latent_height * stride, self.sample.latent_width * stride)
         self.pixel_frames_per_chunk = self.encoders.vae.cfg.temporal_stride * self.sample.frames_per_chunk
@@ -129,7 +128,7 @@ class Session:
         self.text: torch.Tensor | None = None  # umT5 features of the prompt
         self.returned: list[_Returned] = []
         self.stream = StreamState()
-        self.newest_frame: torch.Tensor | None = None  # (1, 3, 1, H, W) in [-1, 1]
+        self.newest_frame: torch.Tensor | None = None  # (1, 3, 1, H, W) uint8
         self.chunks_served = 0
 
     def reset(self) -> None:
@@ -138,7 +137,7 @@ class Session:
     # -- request parsing ------------------------------------------------------------------------------
 
     def _frames(self, obs: dict) -> torch.Tensor | None:
-        """The cameras' frames tiled as in training: (1, 3, T, H, W) in [-1, 1], or None when none were sent."""
+        """The cameras' frames tiled as in training: (1, 3, T, H, W) uint8, or None when none were sent."""
         cameras = self.runtime.profile.cameras
         present = [c for c in cameras if c in obs]
         if not present:
@@ -160,7 +159,7 @@ class Session:
         if len({v.shape[0] for v in views}) != 1:
             raise RequestError(f"cameras sent different numbers of frames: {[v.shape[0] for v in views]}")
         canvas = tile(views, self.runtime.profile.layout, self.runtime.canvas)  # (T, 3, H, W) uint8
-        return (canvas.permute(1, 0, 2, 3)[None].float() / 127.5 - 1).to(self.runtime.device)
+        return canvas.permute(1, 0, 2, 3)[None]
 
     def _state(self, obs: dict) -> np.ndarray:
         parts = []
@@ -183,17 +182,15 @@ class Session:
     # -- the closed loop ------------------------------------------------------------------------------
 
     def _start_window(self, frame: torch.Tensor, prompt: str) -> None:
-        """Prefill the cache with `frame` (1, 3, 1, H, W) as the first frame of a new context window."""
+        """Prefill the cache with `frame` (1, 3, 1, H, W) uint8 as the first frame of a new context window."""
         encoders, runtime = self.runtime.encoders, self.runtime
         if prompt != self.prompt:
             self.text = encoders.text([prompt]).to(runtime.device)
             self.prompt = prompt
         self.stream = StreamState()
-        first = encoders.vae.encode_stream(frame, self.stream)
-        image = encoders.image(frame[:, :, 0]) if encoders.image is not None else None
-        i2v = encoders.i2v_condition(frame[:, :, 0], 1 + runtime.sample.num_chunks * runtime.sample.frames_per_chunk) \
-            if runtime.arch.i2v_concat else None
-        self.rollout.reset(first, self.text, image, i2v)
+        window = 1 + runtime.sample.num_chunks * runtime.sample.frames_per_chunk  # latent frames of the I2V channels
+        first = encoders.encode_clip(frame, stream=self.stream, i2v_frames=window)
+        self.rollout.reset(first.latents, self.text, first.image, first.i2v)
         self.returned, self.newest_frame = [], frame
 
     def _observe(self, frames: torch.Tensor) -> None:
@@ -204,7 +201,8 @@ class Session:
             raise RequestError(f"got {frames.shape[2]} frames per camera; send the {expected} frames the robot saw "
                                f"while executing the last chunk (every {self.runtime.profile.video_stride}th control "
                                "step), or none to predict one chunk ahead")
-        latents = self.runtime.encoders.vae.encode_stream(frames, self.stream)
+        encoders = self.runtime.encoders
+        latents = encoders.vae.encode_stream(encoders.unit_range(frames), self.stream)
         self.rollout.observe(latents, chunk=self.returned.pop(0).index)
         self.newest_frame = frames[:, :, -1:]
 

@@ -22,7 +22,7 @@ from wam.platform.config import WamConfig, load_config, resolve_preset
 from wam.platform.storage import is_remote
 from wam.trainer.data.loader import WamDataLoader
 from wam.trainer.model.registry import model_config
-from wam.trainer.titan.checkpoint import WamCheckpointManager
+from wam.trainer.titan.checkpoint_manager import WamCheckpointManager
 from wam.trainer.titan.parallelize import parallelize_wam
 from wam.trainer.titan.trainer import PromptsNotTokens, WamTrainer
 
@@ -32,7 +32,7 @@ _AC = {"none": None, "full": FullAC.Config, "selective": SelectiveAC.Config}
 def trainer_config(cfg: WamConfig) -> WamTrainer.Config:
     """torchtitan's Trainer config for a project config."""
     preset = resolve_preset(cfg)
-    t, c, d = cfg.training, cfg.checkpoint, cfg.data
+    t, c = cfg.training, cfg.checkpoint
     precision = t.precision if t.precision != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
     tokens = training_layout(preset.arch, preset.sample).length  # sequence length of one sample
     run_dir = cfg.run_dir
@@ -47,12 +47,7 @@ def trainer_config(cfg: WamConfig) -> WamTrainer.Config:
                              parallelize_fn=parallelize_wam, pipelining_fn=None, post_optimizer_build_fn=None,
                              state_dict_adapter=None),
         tokenizer=PromptsNotTokens.Config(),
-        dataloader=WamDataLoader.Config(arch=preset.arch, sample=preset.sample, source=d.source, datasets=d.datasets,
-                                        profiles=d.profiles, decoder=d.decoder, workers=d.workers,
-                                        bad_samples=d.bad_samples, crop_scale=d.crop_scale,
-                                        epoch_samples=d.epoch_samples, episodes=d.episodes,
-                                        video_only_fraction=d.video_only_fraction, delay_s=d.delay_s,
-                                        seed=cfg.seed),
+        dataloader=WamDataLoader.Config(arch=preset.arch, sample=preset.sample, data=cfg.data, seed=cfg.seed),
         loss=MSELoss.Config(),  # required by torchtitan; the WAM's flow loss is computed in the train step
         optimizer=OptimizersContainer.Config(implementation="fused" if torch.cuda.is_available() else "foreach",
                                              param_groups=[ParamGroupConfig(

@@ -30,7 +30,7 @@ from wam.platform.checkpoints import CheckpointManifest
 from wam.platform.config import WamConfig, resolve_preset
 from wam.platform.tracking import Tracker, flatten, resolve_uri
 from wam.trainer.flow import LossWeighting, StepRandomness, flow_loss, noise_batch
-from wam.trainer.model.encoders import EncoderPaths, FrozenEncoders
+from wam.trainer.model.encoders import FrozenEncoders
 
 log = logging.getLogger("wam.train")
 # FSDP warns about any view among a root module's outputs (in-place edits would skip its backward hook);
@@ -115,11 +115,9 @@ class WamTrainer(Trainer):
         loss_mesh = self.parallel_dims.get_optional_mesh("loss")
         self.loss_group = loss_mesh.get_group() if loss_mesh is not None else None
 
-        encoder_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.arch = arch
-        self.encoders = FrozenEncoders.build(arch, EncoderPaths(**asdict(self.wam.encoders)), seed=self.wam.seed,
-                                             device=self.device, dtype=encoder_dtype,
-                                             vision=self.wam.data.source == "lerobot")  # pixels need VAE and CLIP
+        self.encoders = FrozenEncoders.of_config(self.wam, self.device,
+                                                 vision=self.wam.data.source == "lerobot")  # pixels need VAE, CLIP
+        encoder_dtype = self.encoders.text.model.dtype
         self.text_encoder = self.encoders.text
         self.prompt_features: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU, stored in encoder_dtype
         self.prompt_cache_size = max(1, _PROMPT_CACHE_BYTES // (arch.text_len * arch.text_dim * encoder_dtype.itemsize))
@@ -212,24 +210,15 @@ class WamTrainer(Trainer):
             self.prompt_features.popitem(last=False)
         return batch
 
-    @torch.no_grad()
-    def _encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Tiled frames (B, 3, T, H, W) uint8 -> VAE latents, CLIP tokens of the first frame, I2V channels."""
-        frames = pixels.to(next(self.encoders.vae.parameters()).dtype) / 127.5 - 1
-        latents = self.encoders.vae.encode(frames)
-        first = frames[:, :, 0]
-        image = self.encoders.image(first) if self.encoders.image is not None else None
-        i2v = self.encoders.i2v_condition(first, latents.shape[2]) if self.arch.i2v_concat else None
-        return latents, image, i2v
-
     def forward_backward_step(self, *, input_dict: dict, labels: torch.Tensor,
                               global_valid_tokens: torch.Tensor) -> torch.Tensor:
         step, index = self.microbatch
         self.microbatch = (self.step, index + 1 if step == self.step else 0)
         randomness = StepRandomness(self.wam.seed, self.step, self.dp_rank, self.microbatch[1])
         flow = self.wam.flow
-        if "pixels" in input_dict:
-            video, image, i2v = self._encode_pixels(input_dict["pixels"])
+        if "pixels" in input_dict:  # robot video: the frozen VAE / CLIP encode it here
+            clip = self.encoders.encode_clip(input_dict["pixels"])
+            video, image, i2v = clip.latents, clip.image, clip.i2v
         else:
             video, image, i2v = input_dict["video"], input_dict.get("image"), input_dict.get("i2v_cond")
         batch = noise_batch(video, input_dict["actions"], input_dict["state"], self._encode_prompts(input_dict["prompt"]),

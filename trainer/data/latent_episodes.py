@@ -1,4 +1,5 @@
-"""A procedural source of training samples in latent space, until robot datasets are wired in.
+"""Procedural episodes in latent space (`data.source: synthetic`): fast tests and smoke runs with no video to
+decode. (`wam data synth`, in synth_dataset.py, writes a real LeRobot dataset instead.)
 
 Each episode is a latent "table" (a smooth background) with one object (a blob with its own channel
 signature). The actions are the object's velocity and a gripper command: the video shows the object move

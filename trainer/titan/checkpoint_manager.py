@@ -49,7 +49,6 @@ class WamCheckpointManager(CheckpointManager):
         self.manifest_context: Callable[[], tuple[dict, dict]] = lambda: ({}, {})
         self.on_complete: Callable[[CheckpointManifest, str], None] | None = None
         self._finalizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wam-manifest") if self.coordinator else None
-        self._finalizing: list[Future] = []
         if self.coordinator:
             probe_writable(self.folder)
         if dist.is_initialized():
@@ -65,7 +64,7 @@ class WamCheckpointManager(CheckpointManager):
         if saved and self.coordinator:
             config, metrics = self.manifest_context()
             pending = self.save_future if (self.async_mode != AsyncMode.DISABLED and not last_step) else None
-            self._finalizing.append(self._finalizer.submit(self._finalize, curr_step, pending, config, metrics))
+            self._finalizer.submit(self._finalize, curr_step, pending, config, metrics)
         return saved
 
     def _finalize(self, step: int, pending_save: Future | None, config: dict, metrics: dict) -> None:
@@ -100,10 +99,6 @@ class WamCheckpointManager(CheckpointManager):
         super()._close()
         if self._finalizer is not None:
             self._finalizer.shutdown(wait=True)  # the last manifest is written before the process ends
-
-    def wait_for_manifests(self) -> None:
-        for future in self._finalizing:
-            future.result()
 
     # -- loading --------------------------------------------------------------------------------------
 

@@ -31,12 +31,11 @@ import torch
 from safetensors.torch import save_file
 
 from wam.platform.checkpoints import quantized_uri, read_manifest, series_of, verify, write_manifest
-from wam.platform.config import WamConfig, config_from_dict, resolve_preset
+from wam.platform.config import WamConfig
 from wam.platform.embodiment import resolve_profile
 from wam.platform.storage import filesystem, is_remote, join, local_path, open_uri
 from wam.platform.tracking import log_quantized_model, resolve_uri
-from wam.trainer.model.export import complete_checkpoint, load_from_checkpoint
-from wam.trainer.model.registry import model_config
+from wam.trainer.checkpoint_reader import open_checkpoint
 from wam.trainer.quantize import nvfp4
 
 log = logging.getLogger("wam.quantize")
@@ -215,19 +214,17 @@ def quantize_checkpoint(checkpoint: str, out: str | None = None, keep: list[str]
     corrupted checkpoints; an intact result of an earlier run is reused."""
     start = time.perf_counter()
     _release_large_buffers_to_the_os()
-    uri, manifest = complete_checkpoint(checkpoint)
+    stored = open_checkpoint(checkpoint)
+    uri, manifest, cfg = stored.uri, stored.manifest, stored.config
     out = out or quantized_uri(series_of(uri), manifest.step)
     done = _already_quantized(out, uri, manifest.step)
     if done is not None:
         return done
-    cfg = config_from_dict(manifest.config)
     keep = list(cfg.quantization.keep if keep is None else keep)
     limit = (shard_mb or cfg.quantization.shard_mb) << 20
-    preset = resolve_preset(cfg)
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in model_config(preset.arch, preset.sample).build().state_dict().items()}
+    shapes = stored.shapes
     report = QuantizationReport(step=manifest.step, source=uri, out=out)
-    policy = {"format": FORMAT, "step": manifest.step, "source": uri, "preset": preset.name,
+    policy = {"format": FORMAT, "step": manifest.step, "source": uri, "preset": stored.preset.name,
               "embodiments": _embodiments(cfg), "keep": keep}
 
     fs, root = filesystem(out)
@@ -240,8 +237,7 @@ def quantize_checkpoint(checkpoint: str, out: str | None = None, keep: list[str]
     try:
         writer = _ShardWriter(staging, limit, {"format": FORMAT, "step": str(manifest.step)})
         for group in _read_groups(shapes, limit):  # one DCP read per group: its fixed cost is ~50 ms
-            loaded = {name: torch.empty(shapes[name], dtype=torch.float32) for name in group}
-            load_from_checkpoint(loaded, uri)
+            loaded = stored.read(group)
             for name, weight in loaded.items():
                 report.input_bytes += weight.nbytes
                 reason = kept_reason(name, shapes[name], keep)

@@ -1,0 +1,104 @@
+"""`wam eval`: open-loop evaluation of a checkpoint on held-out episodes, as DreamZero evaluates offline.
+
+Each held-out window (wam.trainer.eval.heldout) is rolled out from its real context (.rollouts); actions are
+compared with the recorded ones in robot units (q01/q99 normalisation inverted, relative dims made absolute
+from the chunk's starting state), per action dim (MSE, L1), and predicted video latents with the real ones
+(MSE); the report, a plot and MLflow metrics follow (.reporting). Windows, noise and results are a function
+of the seed: the same checkpoint, data and seed give the same report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from wam.platform.accounting import count_params
+from wam.platform.config import WamConfig, resolve_preset
+from wam.platform.errors import ConfigError
+from wam.platform.tracking import log_evaluation
+from wam.trainer.checkpoint_reader import open_for_eval
+from wam.trainer.eval.heldout import held_out
+from wam.trainer.eval.reporting import mlflow_metrics, plot_actions, training_run
+from wam.trainer.eval.rollouts import roll_out_models, summarize
+from wam.trainer.model.encoders import FrozenEncoders
+
+SMALL_PRESET_PARAMS = 100_000_000  # `--device auto` evaluates presets below this on the CPU, others on a GPU
+
+
+def choose_device(requested: str, cfg: WamConfig) -> torch.device:
+    """auto: small presets on the CPU (fast enough, reproducible anywhere), the others on a GPU."""
+    if requested != "auto":
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: this machine has no CUDA GPU")
+        return device
+    params = count_params(resolve_preset(cfg).arch).total
+    if params < SMALL_PRESET_PARAMS:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"preset {cfg.model.preset} ({params / 1e9:.1f} B parameters) is evaluated on a GPU and "
+                          "this machine has none; pass --device cpu to run it on the CPU anyway (slow)")
+    return torch.device("cuda")
+
+
+@dataclass
+class EvalReport:
+    report: dict  # what report.json holds
+    out: Path  # the folder holding report.json and actions.png
+    metrics: dict[str, float]  # flat, as logged to MLflow
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    tracking_note: str = ""  # why nothing was logged, when nothing was
+
+
+def run_eval(checkpoint: str, *, dataset: str | None = None, profile: str | None = None, windows: int = 8,
+             steps: int | None = None, seed: int = 0, device: str = "auto", out: Path | None = None,
+             plot_episodes: int = 3, tracking_uri: str | None = None, log_mlflow: bool = True,
+             run_id: str | None = None) -> EvalReport:
+    """Evaluate a checkpoint (folder, series or export); write report.json and actions.png; log them and the
+    metrics to MLflow (on `run_id`, else the run that trained it, else a new evaluation run)."""
+    if windows < 1:
+        raise ConfigError(f"--windows must be >= 1, got {windows}")
+    stored = open_for_eval(checkpoint)
+    cfg = stored.config
+    chosen = choose_device(device, cfg)
+    encoders = FrozenEncoders.of_config(cfg, chosen, vision=cfg.data.source == "lerobot")
+    heldout = held_out(cfg, dataset, profile, windows, encoders)
+    indices = heldout.select(windows)
+    started = time.perf_counter()
+    rollouts = roll_out_models({"model": stored.load(chosen)}, cfg, heldout, indices, seed, steps)["model"]
+    summary = summarize(rollouts)
+    known_uri, known_run, run_dir = training_run(stored)
+    out = out or ((run_dir / "eval" if run_dir else Path("eval") / cfg.name) / f"step-{stored.step}")
+    report = {
+        "checkpoint": stored.uri, "step": stored.step, "preset": cfg.model.preset, "run": cfg.name,
+        "data": heldout.description,
+        "windows": [{"window": w, "prompt": p} for w, p in zip(rollouts.labels, rollouts.prompts, strict=True)],
+        "seed": seed, "denoising_steps": steps or cfg.sampler.steps, "device": str(chosen), "units": heldout.units,
+        "seconds": round(time.perf_counter() - started, 2),
+        **{k: v for k, v in summary.items() if k != "per_dim"},
+        "per_dim": [{"dim": name, **d} for name, d in zip(heldout.dim_names, summary["per_dim"], strict=True)],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    plot_actions(rollouts, heldout.dim_names, heldout.units, out / "actions.png", plot_episodes)
+    metrics = mlflow_metrics(summary, heldout.dim_names)
+    result = EvalReport(report, out, metrics)
+    uri = tracking_uri or known_uri
+    if not log_mlflow:
+        result.tracking_note = "MLflow logging off (--no-mlflow)"
+    elif uri is None:
+        result.tracking_note = ("no MLflow store known for this checkpoint (no run.json beside its checkpoints, no "
+                                "tracking.uri, no MLFLOW_TRACKING_URI): pass --tracking-uri to log the evaluation")
+    else:
+        try:
+            result.mlflow_run_id = log_evaluation(uri, cfg.tracking.experiment, cfg.name, stored.step, metrics, out,
+                                                  run_id or (known_run if uri == known_uri else None))
+            result.tracking_uri = uri
+        except Exception as err:  # noqa: BLE001 - the report on disk stands; the caller says what was not logged
+            result.tracking_note = f"MLflow at {uri} did not take the evaluation ({type(err).__name__}: {err})"
+    return result
