@@ -26,13 +26,13 @@ $(STAMP): pyproject.toml Makefile
 	  fi; \
 	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -qq --upgrade pip
 	# torch first and exactly: the CPU build here, and nothing may upgrade it to a CUDA build later.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[trainer,operator,dev]"
+	$(BIN)/python -m pip install -qq torch==2.13.0
+	$(BIN)/python -m pip install -qq -e ".[trainer,operator,dev]"
 	# The public openpi client, unchanged; --no-deps because it pins numpy<2 (its dependencies are in
 	# the trainer extra and it runs on numpy 2).
-	$(BIN)/python -m pip install -q --no-deps openpi-client==0.1.2
+	$(BIN)/python -m pip install -qq --no-deps openpi-client==0.1.2
 	$(BIN)/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" \
 	  || (echo "torch was replaced by a resolver; run 'make clean setup'" && exit 1)
 	touch $(STAMP)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -34,7 +35,7 @@ app.add_typer(data_app, name="data")
 @model_app.command("list")
 def model_list() -> None:
     """The model presets."""
-    table = Table("preset", "trained params", "description")
+    table = Table("preset", "trained params", "description", box=box.SIMPLE_HEAD)
     for preset in PRESETS.values():
         table.add_row(preset.name, human(count_params(preset.arch).total), preset.description)
     console.print(table)
@@ -76,19 +77,23 @@ def model_info(
     if as_json:
         console.print_json(json.dumps(info))
         return
-    table = Table(title=f"{preset}: {resolved.description}", show_header=False)
+    table = Table(title=f"{preset}: {resolved.description}", show_header=False, box=box.SIMPLE)
+    table.add_column(no_wrap=True)
+    table.add_column()
     table.add_row("trained parameters", f"{params.total:,} ({human(params.total)})")
-    table.add_row("  blocks / embeddings / head / WAM heads",
-                  " / ".join(human(x) for x in (params.blocks, params.embeddings, params.head, params.wam_heads)))
-    table.add_row("sample", f"{sample.num_chunks} chunks x ({sample.frames_per_chunk} latent frames + "
-                  f"{sample.actions_per_chunk} actions), latent {sample.latent_height}x{sample.latent_width}")
+    for label, count in (("blocks", params.blocks), ("embeddings", params.embeddings), ("output head", params.head),
+                         ("WAM heads", params.wam_heads)):
+        table.add_row(f"  {label}", human(count))
+    table.add_row("sample", f"{sample.num_chunks} chunks of {sample.frames_per_chunk} latent frames + "
+                  f"{sample.actions_per_chunk} actions")
+    table.add_row("  latent frame", f"{sample.latent_height}x{sample.latent_width}")
     table.add_row("tokens per sample", f"{layout.length:,}")
     table.add_row("FLOPs per sample (fwd+bwd)", human(flops.training, "FLOP"))
     table.add_row("  attention density", f"{flops.self_attention / flops.self_attention_dense:.1%} of dense pairs")
     for ac, est in memory.items():
-        table.add_row(f"memory per GPU, {gpus} GPUs, AC {'on' if ac else 'off'}",
-                      f"{est.total / GIB:.1f} GiB (states {est.sharded_states / GIB:.1f}, encoders "
-                      f"{est.frozen_encoders / GIB:.1f}, activations {est.activations / GIB:.1f})")
+        table.add_row(f"memory per GPU, {gpus} GPUs, AC {'on' if ac else 'off'}", f"{est.total / GIB:.1f} GiB")
+        table.add_row("  states / encoders / activations", f"{est.sharded_states / GIB:.1f} / "
+                      f"{est.frozen_encoders / GIB:.1f} / {est.activations / GIB:.1f} GiB")
     table.add_row(f"fewest {gpu_memory:g} GiB GPUs (AC on)", str(fewest) if fewest else "does not fit")
     console.print(table)
 
@@ -258,7 +263,8 @@ def data_inspect(
     if as_json:
         console.print_json(json.dumps(info))
         return
-    table = Table(title=f"{uri} (LeRobot {info['format']}, {info['robot']}, {info['fps']:g} fps)", show_header=False)
+    table = Table(title=f"{uri} (LeRobot {info['format']}, {info['robot']}, {info['fps']:g} fps)", show_header=False,
+                  box=box.SIMPLE)
     lengths = info["episode_length"]
     table.add_row("episodes", f"{info['episodes']} ({info['frames']:,} frames; length {lengths['min']} / "
                   f"{lengths['median']:g} / {lengths['max']} min/median/max)")
@@ -285,7 +291,7 @@ def data_validate(
     if as_json:
         console.print_json(json.dumps(problems_as_dicts(problems)))
     elif problems:
-        table = Table("episode", "file", "problem", title=f"{len(problems)} problem(s) in {uri}")
+        table = Table("episode", "file", "problem", title=f"{len(problems)} problem(s) in {uri}", box=box.SIMPLE_HEAD)
         for p in problems:
             table.add_row(str(p.episode), p.file, p.problem)
         console.print(table)
@@ -363,7 +369,7 @@ def evaluate(
     else:
         console.print(f"[bold]{escape(r['run'])}[/] step {r['step']}: {len(r['windows'])} held-out windows of "
                       f"{escape(r['data'])}; actions in {r['units']} units")
-        table = Table("action dim", "MSE", "L1")
+        table = Table("action dim", "MSE", "L1", box=box.SIMPLE_HEAD)
         for d in r["per_dim"]:
             table.add_row(escape(d["dim"]), f"{d['mse']:.4g}", f"{d['l1']:.4g}")
         table.add_row("mean", f"{r['action_mse']:.4g}", f"{r['action_l1']:.4g}", style="bold")
@@ -410,7 +416,7 @@ def regress(
     except TrainingFailed as err:  # the training itself regressed
         err_console.print(f"[bold red]REGRESSION:[/] {escape(str(err))}")
         raise typer.Exit(1) from None
-    table = Table("metric", "baseline", "this run", "change", "allowed", "verdict",
+    table = Table("metric", "baseline", "this run", "change", "allowed", "verdict", box=box.SIMPLE_HEAD,
                   title=f"suite {report.suite}: run {report.run} vs baseline {report.baseline_run_id or '(none yet)'}")
     for c in report.comparisons:
         verdict = "[bold red]REGRESSION[/]" if c.regressed else "ok"
@@ -462,7 +468,7 @@ def status(name: str, namespace: str = typer.Option("default", "--namespace", "-
     with user_errors():
         obj = trainjobs.get(_cluster(), namespace, name)
     st = obj.get("status") or {}
-    table = Table(show_header=False)
+    table = Table(show_header=False, box=box.SIMPLE)
     progress = st.get("progress") or {}
     rows = {
         "phase": st.get("phase", "Pending"),
@@ -480,7 +486,7 @@ def status(name: str, namespace: str = typer.Option("default", "--namespace", "-
         if value not in (None, ""):
             table.add_row(key, str(value))
     console.print(table)
-    conditions = Table("condition", "status", "reason", "message")
+    conditions = Table("condition", "status", "reason", "message", box=box.SIMPLE_HEAD)
     for cond in st.get("conditions") or []:
         conditions.add_row(cond["type"], cond["status"], cond.get("reason", ""), cond.get("message", ""))
     console.print(conditions)

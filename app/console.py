@@ -12,8 +12,9 @@ from rich.markup import escape
 
 from wam.platform.errors import UserError
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a long line (a path, a URI) is never broken with newlines; tables still fit the terminal
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 @contextmanager

@@ -93,6 +93,8 @@ def start(cfg: WamConfig, config_path: Path) -> subprocess.Popen:
     if cfg.training.launcher == "ray":
         env.pop("RAY_ADDRESS", None)  # a private cluster on this machine, never one a shell points at
         env.update(RAY_DRIVER_ENV, **RAY_LOCAL_ENV)
+    else:
+        env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, which it announces in a banner otherwise
     command = training_command(cfg.training.launcher, python=sys.executable,
                                standalone_processes=cfg.training.processes)
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -12,8 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from wam.app import local_training
 from wam.app.console import console, err_console, fail
@@ -54,13 +55,14 @@ def show_replay(cfg: WamConfig, uri: str, dataset: str, windows: int, asynchrono
     from wam.trainer.serve.replay import replay
 
     steps = replay(cfg, dataset, uri, windows, asynchronous, control_hz)
-    table = Table("chunk", "round trip ms", "server ms", "queue ms", "deadline", "first action (robot units)",
-                  "MAE vs recorded", title=f"{len(steps)} chunks from {uri} ({'async' if asynchronous else 'sync'}, "
-                                           f"{control_hz:g} Hz control)")
+    table = Table("chunk", "trip ms", "server ms", "queue ms", "deadline", Column("first action", no_wrap=True), "MAE",
+                  box=box.SIMPLE_HEAD,
+                  title=f"{len(steps)} chunks from {uri} ({'async' if asynchronous else 'sync'}, {control_hz:g} Hz "
+                        "control); actions in robot units, MAE vs the recorded ones")
     for i, step in enumerate(steps):
         r = step.result
         dims = step.recorded.shape[1]
-        first = ", ".join(f"{v:+.2f}" for v in r.actions[0, :min(dims, 4)]) + (" ..." if dims > 4 else "")
+        first = " ".join(f"{v:+.2f}" for v in r.actions[0, :min(dims, 3)]) + (" .." if dims > 3 else "")
         table.add_row(str(i), f"{r.round_trip_ms:.0f}", f"{r.server_timing['infer_ms']:.0f}",
                       f"{r.server_timing['queue_ms']:.1f}", "met" if r.met_deadline else f"missed ({r.budget_ms:.0f})",
                       first, f"{abs(r.actions - step.recorded).mean():.3f}")

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -58,12 +59,12 @@ def run_demo(console: Console, weights: Path | None = None, dataset: str | None 
                       f"actions); {len(indices)} held-out windows of {dataset}")
         results = {name: summarize(r) for name, r in roll_out_models(models, cfg, heldout, indices, cfg.seed, steps).items()}
 
-        table = Table("chunk", *(f"{n} action MAE ({heldout.units} units)" for n in results),
-                      *(f"{n} video MSE" for n in results), "denoise ms (KV cache)")
-        for c in range(s.num_chunks):
-            chunks = [r["per_chunk"][c] for r in results.values()]
-            table.add_row(str(c), *(f"{x['action_l1']:.4f}" for x in chunks), *(f"{x['video_mse']:.3f}" for x in chunks),
-                          f"{chunks[0]['denoise_ms']:.1f}")
+        table = Table("model", "chunk", "action MAE", "video MSE", "denoise ms", box=box.SIMPLE_HEAD,
+                      title=f"rollouts with the KV cache; actions in {heldout.units} units")
+        for name, result in results.items():
+            for c, chunk in enumerate(result["per_chunk"]):
+                table.add_row(name if c == 0 else "", str(c), f"{chunk['action_l1']:.4f}", f"{chunk['video_mse']:.3f}",
+                              f"{chunk['denoise_ms']:.1f}")
         console.print(table)
         if ckpt is not None:
             for label, key in (("action error", "action_l1"), ("video error", "video_mse")):

@@ -153,6 +153,7 @@ class PolicyServer:
 def serve_forever(runtime: PolicyRuntime, host: str, port: int) -> None:
     """`wam serve`: log to the console and serve until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # a line per connection and health probe otherwise
     try:
         asyncio.run(PolicyServer(runtime).run(host, port))
     except KeyboardInterrupt:
