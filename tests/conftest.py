@@ -1,5 +1,6 @@
 import dataclasses
 import os
+import time
 
 import pytest
 import torch
@@ -182,6 +183,26 @@ def run_benchmark(script: str, tmp_path, *args: str) -> dict:
                             capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(out.read_text())
+
+
+def load_factor() -> float:
+    """How much slower than idle this machine is right now: 1 when idle, up to 6 when its cores are busy (the load
+    average per core). Tests stretch their deadlines by it: a busy machine is slow, not broken."""
+    return min(6.0, max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1)))
+
+
+def wait_for(what, timeout: float = 60.0, every: float = 0.1):
+    """Poll `what` until it returns something truthy, and return that. The deadline is `timeout` seconds on an idle
+    machine and stretches with the load while waiting (`load_factor`)."""
+    start = time.monotonic()
+    while True:
+        value = what()
+        if value:
+            return value
+        if time.monotonic() - start > timeout * load_factor():
+            raise AssertionError(f"timed out after {time.monotonic() - start:.0f} s (load {os.getloadavg()[0]:.1f}) "
+                                 f"waiting for {what.__doc__ or what}")
+        time.sleep(every)
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""The benchmark scripts keep running (a smoke run; the numbers themselves go in the README)."""
+"""The benchmark scripts keep running (a smoke run; the numbers themselves go in docs/performance.md)."""
 
 from conftest import run_benchmark
 

@@ -1,7 +1,7 @@
 """The operator end to end: the real kopf operator process (`python -m wam.operators`) against an emulated
 Kubernetes API (kmock, wam.operators.testing), a real MLflow server and a real S3-compatible server
 (moto). The tests play the cluster's controllers (Kueue, JobSet, Job, Deployment) by writing statuses;
-scheduling, admission webhooks and GPUs are not exercised (see the README)."""
+scheduling, admission webhooks and GPUs are not exercised (see docs/platform-team.md)."""
 
 from __future__ import annotations
 
@@ -24,21 +24,10 @@ from wam.operators.testing import EmulatedCluster
 from wam.platform import checkpoints, trainjob
 from wam.platform.tracking import Tracker
 
-from conftest import free_port
+from conftest import free_port, wait_for
 
 NS = "default"
 BUCKET = "s3://wam-checkpoints"
-
-
-def wait_for(what, timeout: float = 30.0, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = what()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what.__doc__ or what}")
-        time.sleep(every)
 
 
 @pytest.fixture(scope="module")

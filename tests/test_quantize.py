@@ -103,7 +103,7 @@ def test_quantized_model_stays_within_the_stated_error_of_the_fp32_model(tiny_ch
     for name in ("video", "actions"):
         ref, q = getattr(reference, name), getattr(quantized, name)
         error = ((q - ref).norm() / ref.norm()).item()
-        assert 0.01 < error < 0.25, (name, error)  # the README states this bound for the tiny preset
+        assert 0.01 < error < 0.25, (name, error)  # docs/robotics.md states this bound for the tiny preset
     again = quantize_checkpoint(checkpoint)  # a retried quantization Job reuses the intact result
     assert again.reused and len(again.layers) == len(report.layers)
 

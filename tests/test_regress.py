@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from wam.platform import trainjob
 from wam.platform.config import to_yaml
 from wam.platform.errors import ConfigError
 
-from conftest import REPO, wam_cli
+from conftest import REPO, wait_for, wam_cli
 
 pytestmark = pytest.mark.slow
 
@@ -99,10 +98,11 @@ def test_an_injected_regression_fails_naming_the_metrics(store, baseline):
 def _play_operator(cluster: EmulatedCluster, namespace: str, out: Path, tracking_uri: str, train: bool) -> str:
     """Wait for `wam regress` to submit its TrainJob, then do what the operator and the pod would: render the
     job's training config, train it (or fail), and write the status the operator writes."""
-    deadline = time.monotonic() + 120
-    while not (jobs := cluster.objects(kube.TRAINJOB, namespace)):
-        assert time.monotonic() < deadline, "wam regress submitted no TrainJob"
-        time.sleep(0.2)
+    def submitted():
+        """wam regress to submit its TrainJob"""
+        return cluster.objects(kube.TRAINJOB, namespace)
+
+    jobs = wait_for(submitted, timeout=120, every=0.2)
     (obj,) = jobs.values()
     assert obj["metadata"]["labels"][regress.SUITE_LABEL] == "smoke"
     name = obj["metadata"]["name"]
