@@ -10,11 +10,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY app app
 COPY platform platform
 COPY trainer trainer
 COPY operators operators
 RUN pip install ".[operator]" \
- && python -c "import wam.operators.handlers, wam.platform.cli" \
+ && python -c "import wam.operators.handlers, wam.app.cli" \
  && rm -rf /src
 
 RUN useradd --uid 1000 --user-group --no-create-home --home-dir /tmp wam

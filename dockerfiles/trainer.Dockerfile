@@ -25,6 +25,7 @@ RUN apt-get update \
 RUN pip install torch==${TORCH_VERSION} --index-url ${TORCH_INDEX}
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY app app
 COPY platform platform
 COPY trainer trainer
 COPY operators operators

@@ -427,6 +427,8 @@ def test_dockerfiles_follow_the_rules(name, extra):
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must end as a non-root user"
     assert re.search(rf'pip install "\.\[{extra}\]"', text), f"installs the {extra} extra"
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    assert all(re.search(rf"^COPY {f} {f}$", text, re.M) for f in folders), f"copies every code folder: {folders}"
     assert not re.search(r"^(ENV|ARG)\s+\S*(KEY|SECRET|TOKEN|PASSWORD)", text, re.M | re.I), "no secrets baked in"
     if name == "operator":
         assert "torch" not in text, "the operator image stays slim"
