@@ -59,7 +59,7 @@ def test_demo_runs_the_tiny_chunkwise_inference_end_to_end():
     result = subprocess.run([str(wam), "demo", "--steps", "2"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
-    assert "held-out windows" in text and "untrained action MAE" in text
+    assert "held-out windows" in text and "action MAE" in text and "untrained 0" in text
     diff = float(re.search(r"max abs difference ([0-9.e+-]+)", result.stdout).group(1))
     assert diff < 1e-4
 
