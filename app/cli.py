@@ -17,14 +17,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from wam.app import local_training
-from wam.app.console import console, err_console, fail, human, user_errors
+from wam.app.console import Options, console, err_console, fail, human, user_errors
 from wam.app.pipeline import run_pipeline, show_replay
 from wam.platform.accounting import GIB, count_flops, count_params, estimate_memory, min_gpus, training_layout
 from wam.platform.config import load_config, resolve_preset
 from wam.platform.presets import PRESETS
 
 app = typer.Typer(help="WAM Platform: train, quantize and serve DreamZero-style World Action Models.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+
+
+@app.callback()
+def options(debug: bool = typer.Option(False, "--debug", help="show tracebacks of user errors too")) -> None:
+    Options.debug = debug
 model_app = typer.Typer(help="Model presets: architecture, parameters, FLOPs and memory.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 data_app = typer.Typer(help="Robot datasets (LeRobot v2.1 / v3.0): synthesize, inspect, validate, stats.",
@@ -189,10 +194,10 @@ def serve(
 
     with user_errors():
         runtime = load_runtime(model, device, steps, embodiment)
-    meta = runtime.metadata()
-    console.print(f"policy {meta['preset']} step {meta['step']} ({meta['compute_path']}, {meta['denoising_steps']} "
-                  f"denoising steps, embodiment {meta['embodiment']}) on ws://{host}:{port}")
-    serve_forever(runtime, host, port)
+        meta = runtime.metadata()
+        console.print(f"policy {meta['preset']} step {meta['step']} ({meta['compute_path']}, {meta['denoising_steps']} "
+                      f"denoising steps, embodiment {meta['embodiment']}) on ws://{host}:{port}")
+        serve_forever(runtime, host, port)
 
 
 @app.command()
@@ -306,6 +311,8 @@ def data_stats(
     uri: str = typer.Argument(..., help="dataset folder or URI"),
     profile: str = typer.Option("droid", help="embodiment profile (built in: droid, agibot)"),
     config: Path | None = typer.Option(None, help="a YAML config declaring custom profiles under data.profiles"),
+    bad_samples: str | None = typer.Option(None, help="error | skip: an episode with NaN/inf state or actions stops "
+                                                      "it, or is left out (default: the config's data.bad_samples)"),
 ) -> None:
     """Compute the q01/q99 normalisation statistics (state, relative actions) of a dataset for a profile."""
     from wam.platform.embodiment import resolve_profile
@@ -313,9 +320,9 @@ def data_stats(
     from wam.trainer.data.stats import compute_stats, save_stats
 
     with user_errors():
-        declared = load_config(config).data.profiles if config else {}
-        chosen = resolve_profile(profile, declared)
-        stats = compute_stats(LeRobotDataset(uri), chosen)
+        data = load_config(config, [f"data.bad_samples={bad_samples}"] if bad_samples else []).data
+        chosen = resolve_profile(profile, data.profiles)
+        stats = compute_stats(LeRobotDataset(uri), chosen, data.bad_samples)
         path = save_stats(uri, chosen, stats)
     console.print(f"state q01..q99 over {len(stats.state_q01)} dims, actions over {len(stats.action_q01)} dims "
                   f"(relative dims {list(chosen.relative_dims)}); saved to {path}")

@@ -17,12 +17,18 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
+class Options:
+    debug = False  # `wam --debug`: user errors show their traceback too
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn configuration mistakes into a one-line error and exit code 2, not a traceback."""
+    """Turn configuration mistakes into a one-line error and exit code 2, not a traceback (`--debug` keeps it)."""
     try:
         yield
     except (UserError, FileNotFoundError) as err:
+        if Options.debug:
+            raise
         fail(str(err), 2)
 
 

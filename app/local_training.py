@@ -16,20 +16,25 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from wam.app.console import console, err_console, user_errors
+from wam.app.console import console, err_console, fail, user_errors
+from wam.platform import termination
 from wam.platform.accounting import GIB
 from wam.platform.checkpoints import latest_complete
 from wam.platform.config import WamConfig, check_memory, to_yaml
+from wam.platform.data_contract import check_datasets
 from wam.platform.errors import ConfigError
 from wam.platform.launch import RAY_DRIVER_ENV, RAY_VERSION, training_command
+from wam.platform.resume import Resume, check_resume
 from wam.platform.storage import probe_writable
 
+TERMINATION_FILE = "termination.log"  # in the run directory
 # What a local Ray run's driver adds to RAY_DRIVER_ENV.
 RAY_LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray's loopback-only mode: every node address is 127.0.0.1
@@ -71,25 +76,42 @@ def check_ray_installed() -> None:
                           "training.launcher=torchrun")
 
 
-def prepare(cfg: WamConfig) -> Path:
-    """Validate what can be validated before starting, and write the resolved config into the run dir."""
+@dataclass
+class Prepared:
+    config_path: Path  # this attempt's config: what the training processes read
+    resume: Resume  # the checkpoint it continues, and what changed since
+
+
+def prepare(cfg: WamConfig) -> Prepared:
+    """Check everything that can be checked before a process starts (nothing is written until every check passed),
+    then record this attempt's config. The run's `config.yaml` is its first attempt's and is never rewritten;
+    every attempt's is kept under `attempts/`."""
     if cfg.training.nodes != 1:
         raise ConfigError(f"`wam train` runs on this machine; a {cfg.training.nodes}-node job is submitted as a "
                           "TrainJob (`wam submit`)")
     if cfg.training.launcher == "ray":
         check_ray_installed()
     check_capacity(cfg)
+    check_datasets(cfg)
+    resume = check_resume(cfg)
     probe_writable(cfg.checkpoint_uri)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    path = cfg.run_dir / "config.yaml"
-    path.write_text(to_yaml(cfg))
-    return path
+    text = to_yaml(cfg)
+    attempts = cfg.run_dir / "attempts"
+    attempts.mkdir(parents=True, exist_ok=True)
+    path = attempts / f"{datetime.now(UTC):%Y%m%d-%H%M%S-%f}.yaml"
+    path.write_text(text)
+    if not (cfg.run_dir / "config.yaml").exists():
+        (cfg.run_dir / "config.yaml").write_text(text)
+    return Prepared(path, resume)
 
 
 def start(cfg: WamConfig, config_path: Path) -> subprocess.Popen:
     """Start the training processes (a new session, so Ctrl-C reaches all of them through `stop`)."""
     log = (cfg.run_dir / "train.log").open("ab")
-    env = {**os.environ, "WAM_CONFIG": str(config_path.resolve()), "PYTHONUNBUFFERED": "1"}
+    cause = cfg.run_dir / TERMINATION_FILE  # why the processes ended, as a pod's termination message says it
+    cause.unlink(missing_ok=True)
+    env = {**os.environ, "WAM_CONFIG": str(config_path.resolve()), "PYTHONUNBUFFERED": "1",
+           termination.ENV: str(cause.resolve())}
     if cfg.training.launcher == "ray":
         env.pop("RAY_ADDRESS", None)  # a private cluster on this machine, never one a shell points at
         env.update(RAY_DRIVER_ENV, **RAY_LOCAL_ENV)
@@ -152,10 +174,16 @@ def log_tail(cfg: WamConfig, lines: int = 30) -> str:
 def run(cfg: WamConfig) -> None:
     """Check, start, show progress with an ETA until the processes end; exit non-zero when they fail."""
     with user_errors():
-        config_path = prepare(cfg)
+        prepared = prepare(cfg)
+    resume = prepared.resume
     console.print(f"[bold]{escape(cfg.name)}[/]: preset {cfg.model.preset}, {cfg.training.processes} processes "
-                  f"({cfg.training.launcher}), {cfg.training.steps} steps; log {escape(str(cfg.run_dir / 'train.log'))}")
-    process = start(cfg, config_path)
+                  f"({cfg.training.launcher}), {cfg.training.steps} steps"
+                  + (f", resuming step {resume.step}" if resume.step is not None else "")
+                  + f"; log {escape(str(cfg.run_dir / 'train.log'))}")
+    if resume.changed:
+        err_console.print(f"[yellow]changed since step {resume.step}:[/] {escape(resume.describe())} (recorded on the "
+                          "MLflow run)")
+    process = start(cfg, prepared.config_path)
     try:
         _show_progress(follow(cfg.run_dir / "progress.jsonl", process), cfg.training.steps)
     except KeyboardInterrupt:
@@ -163,10 +191,19 @@ def run(cfg: WamConfig) -> None:
         err_console.print("interrupted; `wam train` with the same config resumes from the last complete checkpoint")
         raise typer.Exit(130) from None
     if process.returncode != 0:
+        reported = termination.parse(_read(cfg.run_dir / TERMINATION_FILE))
+        if reported and reported[0] == termination.INVALID_INPUT:  # a user error: its message is the whole story
+            fail(reported[1], 2)
         err_console.print(log_tail(cfg), markup=False)  # logs hold brackets rich would parse
+        if reported:
+            err_console.print(f"[bold red]cause:[/] {escape(reported[1])}")
         err_console.print(f"[bold red]training failed[/] (exit code {process.returncode}); full log: "
                           f"{escape(str(cfg.run_dir / 'train.log'))}")
         raise typer.Exit(process.returncode or 1)
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text(errors="replace") if path.exists() else None
 
 
 def _show_progress(records: Iterator[ProgressRecord], total: int) -> None:

@@ -34,7 +34,7 @@ from wam.platform.suite import (
     with_overrides,
 )
 from wam.platform.tracking import find_job_run
-from wam.platform.trainjob import API_VERSION, KIND, Platform, TrainJob, TrainJobSpec, parse, training_config
+from wam.platform.trainjob import API_VERSION, KIND, Platform, TrainJob, TrainJobSpec, training_config
 
 SUITE_LABEL = "wam.dev/regress-suite"
 SUITE_TAG, PASSED_TAG = "wam.regress.suite", "wam.regress.passed"
@@ -171,7 +171,7 @@ def train_in_cluster(suite: Suite, spec: TrainJobSpec, name: str, namespace: str
     obj = {"apiVersion": API_VERSION, "kind": KIND,
            "metadata": {"name": name, "namespace": namespace, "labels": {SUITE_LABEL: suite.name}},
            "spec": to_api(spec)}
-    job = parse(obj)  # refused here, before the cluster sees it
+    job = trainjobs.validate(obj)  # refused here, as the operator would, before the cluster sees it
     trainjobs.submit(api, obj)
     console.print(f"submitted TrainJob {namespace}/{name}")
     deadline, shown = time.monotonic() + timeout, None

@@ -5,6 +5,10 @@
    (fp32); with CUDA also a model of the 14B block width (dim 5120, 40 heads; --layers of them, bf16).
 2. Quantization: throughput (MB of float32 weights per second) and peak memory growth of the streaming
    quantizer vs loading the whole model first, on one checkpoint, each in a fresh process.
+3. A burst of oversized requests (several clients at once, each sending a message larger than
+   serving.max_request_mb): the server's peak memory growth when it refuses each from its frame header (ours)
+   vs when websockets buffers up to 4x the limit and the size is checked after reading (the obvious
+   alternative, and what this server did before), each server in a fresh process.
 
     python benchmarks/serve.py [--quick] [--json out.json]
 """
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from wam.platform.config import SamplerSection, load_config, resolve_preset  # noqa: E402
 from wam.trainer.inference import ChunkRollout  # noqa: E402
 from wam.trainer.model import WamInputs  # noqa: E402
+from wam.trainer.quantize.quantizer import quantize_checkpoint  # noqa: E402
 
 from conftest import randomized_model, write_checkpoint  # noqa: E402
 
@@ -122,6 +127,86 @@ def quantization(layers: int) -> dict:
         return result
 
 
+_BURST_SERVER = textwrap.dedent("""
+    import sys
+    from wam.trainer.quantize.load import load_quantized
+    from wam.trainer.serve.policy import PolicyRuntime
+    from wam.trainer.serve.server import PolicyServer, serve_in_background
+    from websockets.asyncio.server import serve
+
+    model, limit_mb, buffered = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "buffered"
+
+    class Buffering(PolicyServer):
+        \"\"\"The alternative: websockets reads messages up to 4x the limit, then the size is checked.\"\"\"
+
+        async def start(self, host, port):
+            return await serve(self._session, host, port, compression=None, process_request=self._http,
+                               max_size=4 * self.max_request_bytes)
+
+        async def _reply(self, session, message, received):
+            if len(message) > self.max_request_bytes:
+                return "bad request: too large"
+            return await super()._reply(session, message, received)
+
+    server = (Buffering if buffered else PolicyServer)(PolicyRuntime(load_quantized(model)), max_request_mb=limit_mb)
+    with serve_in_background(server) as port:
+        print(port, flush=True)
+        sys.stdin.read()  # serve until the benchmark closes stdin
+""")
+
+
+def _kib(pid: int, field: str) -> int:
+    return next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith(field))
+
+
+def oversized_burst(limit_mb: float, message_mb: float, clients: int) -> dict:
+    """Peak memory growth of a policy server while `clients` connections each send one message of `message_mb`
+    (over the limit), refused from the header (ours) vs buffered up to 4x the limit first."""
+    import threading
+
+    from websockets.sync.client import connect
+
+    payload = bytes(int(message_mb * 1e6))  # one buffer, shared by the client threads
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(None, ["name=burst", "data.source=synthetic", f"output_dir={tmp}/runs"])
+        preset = resolve_preset(cfg)
+        checkpoint = write_checkpoint(Path(tmp) / "checkpoints", cfg, randomized_model(preset.arch, preset.sample))
+        model = quantize_checkpoint(checkpoint).out
+        rows = {}
+        for mode in ("refused_from_header", "buffered"):
+            server = subprocess.Popen([sys.executable, "-c", _BURST_SERVER, model, str(limit_mb), mode.split("_")[0]],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            port = int(server.stdout.readline())
+            with open(f"/proc/{server.pid}/clear_refs", "w") as f:
+                f.write("5")  # the peak (VmHWM) restarts from the current size
+            before = _kib(server.pid, "VmRSS:")
+            refused: list[str] = []
+
+            def send(port: int = port, refused: list[str] = refused) -> None:
+                with connect(f"ws://127.0.0.1:{port}", max_size=None, compression=None) as ws:
+                    ws.recv()  # the metadata
+                    try:
+                        ws.send(payload)
+                        refused.append(ws.recv())
+                    except Exception as err:  # noqa: BLE001 - a closed connection is the refusal
+                        refused.append(type(err).__name__)
+
+            threads = [threading.Thread(target=send) for _ in range(clients)]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+            rows[mode] = {"peak_growth_mb": (_kib(server.pid, "VmHWM:") - before) / 1024,
+                          "seconds": time.perf_counter() - start, "refused": len(refused)}
+            server.stdin.close()
+            server.wait(30)
+        rows["ratio_peak_growth"] = rows["buffered"]["peak_growth_mb"] / max(rows["refused_from_header"]["peak_growth_mb"],
+                                                                              1.0)
+        rows["setup"] = {"limit_mb": limit_mb, "message_mb": message_mb, "clients": clients}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repeats, a small quantization model (smoke)")
@@ -130,7 +215,8 @@ def main() -> None:
     args = parser.parse_args()
     repeats = 5 if args.quick else 30
     results = {"cpu_tiny": chunk_latency(["sample.actions_per_chunk=24"], "cpu", torch.float32, repeats),
-               "quantization": quantization(2 if args.quick else 16)}
+               "quantization": quantization(2 if args.quick else 16),
+               "oversized_burst": oversized_burst(2, 7, 4) if args.quick else oversized_burst(64, 250, 4)}
     if torch.cuda.is_available():
         results["cuda_14b_width"] = chunk_latency(
             ["model.preset=dreamzero-14b", f"model.num_layers={args.layers}"], "cuda", torch.bfloat16, repeats)

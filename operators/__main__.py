@@ -12,9 +12,7 @@ from prometheus_client import start_http_server
 
 from wam.operators import handlers, kube
 from wam.operators.controller import Controller
-from wam.operators.settings import load_settings
-
-SETTINGS_ENV = "WAM_OPERATOR_SETTINGS"
+from wam.operators.settings import SETTINGS_ENV, load_settings
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from wam.operators.training_child import started, training_child
 from wam.platform import trainjob
 from wam.platform.apischema import to_api
 from wam.platform.config import WamConfig
+from wam.platform.data_contract import check_datasets
 from wam.platform.errors import ConfigError
 from wam.platform.trainjob import TrainJob, TrainJobStatus
 
@@ -77,6 +78,7 @@ class Controller:
         if cached is not None and cached[:2] == version:
             return cached[2]
         cfg = trainjob.training_config(job, self.platform)
+        check_datasets(cfg, skip_unreadable=True)  # what the pods' own check would refuse, refused before they start
         self._configs[key] = (*version, cfg)
         return cfg
 

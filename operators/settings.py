@@ -13,6 +13,8 @@ from wam.platform.apischema import api_field, from_api
 from wam.platform.errors import ConfigError
 from wam.platform.trainjob import GANG_BACKENDS, Platform
 
+SETTINGS_ENV = "WAM_OPERATOR_SETTINGS"  # the installation's settings file (the chart mounts it)
+
 
 @dataclass
 class AcceleratorProfile:

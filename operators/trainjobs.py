@@ -3,6 +3,7 @@ manifest checked before the cluster sees it, read one, follow its training log."
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import yaml
@@ -10,28 +11,48 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from wam.operators import kube
+from wam.operators.settings import SETTINGS_ENV, OperatorSettings, load_settings
 from wam.operators.training_child import started, training_child
 from wam.platform import trainjob
+from wam.platform.data_contract import check_datasets
 from wam.platform.errors import ConfigError
 
 
 def read_manifest(text: str, namespace: str | None) -> dict:
-    """A TrainJob manifest, checked with the same rules as the CRD's types (a clear error before the
-    cluster sees it)."""
+    """A TrainJob manifest, checked as the operator checks it (`validate`): a clear error before the cluster sees
+    it."""
     try:
         obj = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"not YAML: {err}") from None
+        raise ConfigError(f"not YAML: {str(err).splitlines()[0]} ({_where(err)})") from None
     if not isinstance(obj, dict):
-        raise ConfigError("expected one TrainJob manifest (a YAML mapping)")
+        raise ConfigError(f"expected one TrainJob manifest (a YAML mapping), got {type(obj).__name__}")
     obj.setdefault("apiVersion", trainjob.API_VERSION)
     obj.setdefault("kind", trainjob.KIND)
     meta = obj.setdefault("metadata", {})
+    if not isinstance(meta, dict):
+        raise ConfigError(f"metadata: expected a mapping, got {meta!r}")
     if namespace:
         meta["namespace"] = namespace
     meta.setdefault("namespace", "default")
-    trainjob.parse(obj)
+    validate(obj)
     return obj
+
+
+def _where(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "see the file"
+
+
+def validate(obj: dict, settings: OperatorSettings | None = None) -> trainjob.TrainJob:
+    """Everything the operator checks before it creates anything (else it marks the job InvalidSpec): the spec's
+    types and ranges, the training config it renders, the accelerator's memory, and what the datasets hold
+    (when their metadata can be read from here). `settings`: the installation's (default: $WAM_OPERATOR_SETTINGS,
+    else the chart's defaults)."""
+    job = trainjob.parse(obj)
+    settings = settings or load_settings(os.environ.get(SETTINGS_ENV))
+    check_datasets(trainjob.training_config(job, settings.platform()), skip_unreadable=True)
+    return job
 
 
 def submit(api: kube.Kube, obj: dict, generate_name: bool = False) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +28,12 @@ from pathlib import Path
 from wam.platform.errors import CheckpointError
 from wam.platform.storage import basename, filesystem, is_remote, join, local_path, parent, write_text_atomic
 
+log = logging.getLogger("wam.checkpoints")
 MANIFEST_NAME = "manifest.json"
 RUN_SERIES = "checkpoints"  # a local run's series, inside its run directory
 QUANTIZED = "nvfp4"  # quantized models, inside a series
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-FORMAT = "torch-dcp"
+FORMAT = "torch-dcp"  # a training checkpoint; a quantized model's manifest names its own format
 
 
 # -- the layout -------------------------------------------------------------------------------------------
@@ -120,25 +122,32 @@ def _data_files(checkpoint: str) -> tuple[object, str, list[str]]:
     return fs, root, files
 
 
-def write_manifest(checkpoint: str, step: int, config: dict, metrics: dict, threads: int = 8) -> CheckpointManifest:
-    """Hash every file of a finished checkpoint folder and write its manifest last."""
+def write_manifest(checkpoint: str, step: int, config: dict, metrics: dict, threads: int = 8,
+                   format: str = FORMAT) -> CheckpointManifest:
+    """Hash every file of a finished checkpoint folder (`format`: a DCP training checkpoint, or another stage's
+    output) and write its manifest last."""
     fs, root, files = _data_files(checkpoint)
     if not files:
         raise FileNotFoundError(f"checkpoint {checkpoint} holds no files")
     with ThreadPoolExecutor(max_workers=threads) as pool:  # hashlib releases the GIL on large blocks
         digests = list(pool.map(lambda p: _sha256(fs, p), files))
     entries = [FileEntry(p[len(root) + 1:], fs.size(p), d) for p, d in zip(files, digests, strict=True)]
-    manifest = CheckpointManifest(step=step, files=entries, config=config, metrics=metrics)
+    manifest = CheckpointManifest(step=step, files=entries, config=config, metrics=metrics, format=format)
     write_text_atomic(join(checkpoint, MANIFEST_NAME), manifest.to_json())
     return manifest
 
 
 def read_manifest(checkpoint: str) -> CheckpointManifest | None:
+    """The checkpoint's manifest, None when it has none (not complete); CheckpointError when it is unreadable."""
     fs, path = filesystem(join(checkpoint, MANIFEST_NAME))
     if not fs.exists(path):
         return None
-    with fs.open(path, "r") as f:
-        return CheckpointManifest.from_json(f.read())
+    try:
+        with fs.open(path, "r") as f:
+            return CheckpointManifest.from_json(f.read())
+    except (ValueError, TypeError, KeyError) as err:  # truncated or edited JSON, missing fields
+        raise CheckpointError(f"{join(checkpoint, MANIFEST_NAME)} is corrupt ({type(err).__name__}: {err}); the "
+                              "checkpoint cannot be trusted: use an older one, or delete this folder") from None
 
 
 def verify(checkpoint: str, manifest: CheckpointManifest, checksums: bool = True) -> list[str]:
@@ -171,8 +180,17 @@ def list_checkpoints(folder: str) -> list[tuple[int, str, bool]]:
 
 
 def latest_complete(folder: str) -> tuple[int, str] | None:
-    complete = [(step, uri) for step, uri, ok in list_checkpoints(folder) if ok]
-    return complete[-1] if complete else None
+    """The newest checkpoint with a readable manifest: one whose manifest is corrupt is passed over, with a warning."""
+    for step, uri, ok in reversed(list_checkpoints(folder)):
+        if not ok:
+            continue
+        try:
+            read_manifest(uri)
+        except CheckpointError as err:
+            log.warning("passing over %s: %s", uri, err)
+            continue
+        return step, uri
+    return None
 
 
 def require_complete(uri: str, *, newest_under: bool = True, what: str = "checkpoint", hint: str = "",

@@ -7,10 +7,13 @@ wrong types are errors that name the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -92,8 +95,13 @@ class ServingSection:
     smoothing_order: int = 3
     gripper_dims: list[int] = field(default_factory=list)  # action dims binarised (robot units) ...
     gripper_threshold: float = 0.5  # ... to 1.0 above this value, else 0.0
+    # The safety envelope (wam.trainer.serve.safety), where the embodiment profile declares no explicit limits:
+    action_margin: float = 0.25  # actions stay within the training range widened by this many spans per side
+    step_margin: float = 1.0  # a step may change an action by the data's 99th-percentile step x (1 + this)
+    state_margin: float = 1.0  # a state beyond the training range widened by this many spans is refused
     max_sessions: int = 16  # concurrent robot connections per server
-    max_request_mb: float = 64.0  # larger requests get an error reply
+    max_request_mb: float = 64.0  # larger requests are refused while being read
+    idle_timeout_s: float = 300.0  # a session that sends nothing for this long is closed (its slot freed)
 
 
 @dataclass
@@ -228,8 +236,14 @@ def _validate_handoff(cfg: WamConfig) -> None:
     if s.smoothing_window and (s.smoothing_window % 2 == 0 or not 0 <= s.smoothing_order < s.smoothing_window):
         raise ConfigError(f"serving.smoothing_window must be odd (or 0 for none) and greater than serving.smoothing_order; "
                           f"got {s.smoothing_window} and {s.smoothing_order}")
-    if s.max_sessions < 1 or s.max_request_mb <= 0:
-        raise ConfigError("serving.max_sessions must be >= 1 and serving.max_request_mb > 0")
+    if s.max_sessions < 1 or s.max_request_mb <= 0 or s.idle_timeout_s <= 0:
+        raise ConfigError("serving.max_sessions must be >= 1, serving.max_request_mb and serving.idle_timeout_s > 0; "
+                          f"got {s.max_sessions}, {s.max_request_mb}, {s.idle_timeout_s}")
+    for key in ("action_margin", "step_margin", "state_margin"):
+        if not 0 <= getattr(s, key) <= 100:
+            raise ConfigError(f"serving.{key} must be in [0, 100] (spans of the training range), got {getattr(s, key)}")
+    if any(d < 0 for d in s.gripper_dims):
+        raise ConfigError(f"serving.gripper_dims are action dim indices (>= 0), got {s.gripper_dims}")
 
 
 def _validate_data(cfg: WamConfig) -> None:
@@ -327,20 +341,63 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     source = "overrides"
     try:
         if path is not None:
-            source = str(path)
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            layers.append(OmegaConf.load(path))
+            layers.append(_read_yaml(Path(path)))
         source = "overrides" if path is None else f"{path} or its overrides"
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(_dotlist(overrides))
         merged: DictConfig = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"invalid config in {source}: key {key!r}: {_first_line(err)}") from None
-    cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, WamConfig)
     validate(cfg)
     return cfg
+
+
+_OVERRIDE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+|\[\d+\])*$")
+
+
+def _dotlist(overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """`key=value` overrides; ConfigError naming the one that is not `key=<YAML value>`."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not _OVERRIDE_KEY.match(key):
+            raise ConfigError(f"override {item!r} is not key=value with a dotted config key (e.g. training.steps=100, "
+                              "data.datasets.0.uri=/data/x)")
+        try:
+            yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: its value is not YAML ({getattr(err, 'problem', None) or err}); "
+                              "quote it, e.g. key='text'") from None
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """A config file's mapping; ConfigError for a missing file, a YAML error (with where) or anything but a
+    non-empty mapping."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"config file {path} is not readable by this user")
+    try:
+        data = OmegaConf.load(path)  # omegaconf's YAML: `1e-4` is a number, as in the rest of the schema
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise ConfigError(f"config file {path} is not valid YAML at {where}: {getattr(err, 'problem', None) or err}") \
+            from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not text: {err}") from None
+    except OSError as err:  # omegaconf's word for a YAML scalar ("Invalid loaded object type: int")
+        raise ConfigError(f"config file {path} is not a mapping of sections (model:, data:, training:, ...): {err}") \
+            from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"config file {path} holds a list; a config is a mapping of sections (model:, data:, "
+                          "training:, ...)")
+    if not data:
+        raise ConfigError(f"config file {path} is empty: a run needs at least its data and training sections, e.g. "
+                          "start from configs/tiny.yaml")
+    return data
 
 
 def config_from_dict(data: dict, source: str = "recorded config") -> WamConfig:

@@ -51,6 +51,9 @@ def trainjob_crd() -> dict:
             "rule": f"self.metadata.name.size() <= {trainjob.MAX_NAME_LENGTH}",
             "message": f"metadata.name must be at most {trainjob.MAX_NAME_LENGTH} characters (pod hostnames derived "
                        "from it must stay within 63)",
+        }, {
+            "rule": f"self.metadata.name.matches('{trainjob.DNS_LABEL}')",
+            "message": "metadata.name must be a DNS label (lowercase letters, digits and '-'): it names the job's pods",
         }],
     }
     return {

@@ -26,6 +26,10 @@ class EmbodimentProfile:
     action_horizon: int = 24  # actions per chunk at the recording rate
     video_stride: int = 3  # recording frames between the 5 fps video frames
     prompt: str = "{task}"  # how a task string becomes the prompt
+    # The policy server's safety envelope, per action dim in robot units; empty: derived from the training data
+    action_low: tuple[float, ...] = ()  # joint / command limits
+    action_high: tuple[float, ...] = ()
+    max_action_step: tuple[float, ...] = ()  # largest change between consecutive actions (velocity limit)
 
     @property
     def has_actions(self) -> bool:
@@ -47,6 +51,12 @@ class EmbodimentProfile:
                 f"{self.action_horizon}; make video_stride x {pixel_frames_per_chunk} equal action_horizon")
         if "{task}" not in self.prompt:
             raise ConfigError(f"profile {self.name}: prompt must contain {{task}}")
+        if len(self.action_low) != len(self.action_high) or any(lo >= hi for lo, hi in
+                                                                zip(self.action_low, self.action_high, strict=False)):
+            raise ConfigError(f"profile {self.name}: action_low and action_high must list the same number of dims, "
+                              f"each low below its high; got {list(self.action_low)} and {list(self.action_high)}")
+        if any(step <= 0 for step in self.max_action_step):
+            raise ConfigError(f"profile {self.name}: max_action_step must be positive, got {list(self.max_action_step)}")
 
 
 BUILTIN_PROFILES = {
@@ -83,6 +93,9 @@ class ProfileSection:
     action_horizon: int = 24
     video_stride: int = 3
     prompt: str = "{task}"
+    action_low: list[float] = field(default_factory=list)
+    action_high: list[float] = field(default_factory=list)
+    max_action_step: list[float] = field(default_factory=list)
 
 
 def resolve_profile(name: str, declared: dict[str, ProfileSection]) -> EmbodimentProfile:
@@ -90,7 +103,9 @@ def resolve_profile(name: str, declared: dict[str, ProfileSection]) -> Embodimen
         d = declared[name]
         return EmbodimentProfile(name=name, cameras=tuple(d.cameras), layout=d.layout, state_keys=tuple(d.state_keys),
                                  action_keys=tuple(d.action_keys), relative_dims=tuple(d.relative_dims),
-                                 action_horizon=d.action_horizon, video_stride=d.video_stride, prompt=d.prompt)
+                                 action_horizon=d.action_horizon, video_stride=d.video_stride, prompt=d.prompt,
+                                 action_low=tuple(d.action_low), action_high=tuple(d.action_high),
+                                 max_action_step=tuple(d.max_action_step))
     if name in BUILTIN_PROFILES:
         return BUILTIN_PROFILES[name]
     raise ConfigError(f"unknown embodiment profile {name!r}; built in: {', '.join(BUILTIN_PROFILES)}; or declare it "

@@ -22,10 +22,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from wam.platform.apischema import api_field, from_api
 from wam.platform.errors import ConfigError
-from wam.platform.trainjob import TrainJobSpec
+from wam.platform.trainjob import DNS_LABEL, TrainJobSpec
 
 REDUCTIONS = ("last", "min", "max", "mean", "median")
-_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # a DNS label: runs are TrainJobs named <suite>-<time>
 
 
 # -- the suite --------------------------------------------------------------------------------------------
@@ -69,7 +68,7 @@ class BaselineSpec:
 
 @dataclass
 class Suite:
-    name: str = api_field("Suite name; runs are named <name>-<UTC time>.", default="???", pattern=_NAME, max_length=24)
+    name: str = api_field("Suite name; runs are named <name>-<UTC time>.", default="???", pattern=DNS_LABEL, max_length=24)
     description: str = api_field("", default="")
     train_job: TrainJobSpec = api_field("The TrainJob spec trained.", default_factory=TrainJobSpec)
     eval: EvalSpec | None = api_field("Evaluate the final checkpoint (`wam eval`); its metrics are eval/*.",

@@ -103,6 +103,9 @@ class Tracker:
     def start(self, params: dict[str, str], tags: dict[str, str] | None = None) -> None:
         self._queue.put(lambda: self._start(params, tags or {}))
 
+    def tag(self, key: str, value: str) -> None:
+        self._queue.put(lambda: self._mlflow().set_tag(self.run_id, key, value[:5000]))
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         stamp = int(time.time() * 1000)
         self._queue.put(lambda: self._log_metrics(metrics, step, stamp))

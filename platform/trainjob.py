@@ -9,6 +9,7 @@ spec, not by the overrides, so one value has one place.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ PLURAL = "trainjobs"
 SHORT_NAMES = ("tj",)
 CATEGORIES = ("wam", "all-training")
 MAX_NAME_LENGTH = 40  # pods are named <job>-<attempt>-node-<i>-<j>; hostnames stop at 63 characters
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # what a hostname part may be: pods and services take the job's name
 
 GANG_BACKENDS = ("kueue", "volcano", "coscheduling", "none")
 QUANTIZE_WHEN = ("every", "final", "never")
@@ -280,6 +282,11 @@ def parse(obj: dict) -> TrainJob:
     if len(name) > MAX_NAME_LENGTH:
         raise ConfigError(f"metadata.name: {name!r} is longer than {MAX_NAME_LENGTH} characters (pod hostnames "
                           "derived from it must stay within 63)")
+    if not re.match(DNS_LABEL, name):
+        raise ConfigError(f"metadata.name: {name!r} is not a DNS label: lowercase letters, digits and '-', starting "
+                          "and ending with a letter or digit (it names the job's pods and services)")
+    if not isinstance(obj.get("spec"), dict):
+        raise ConfigError(f"spec: required, a mapping (model, resources, ...); got {obj.get('spec')!r}")
     status = obj.get("status") or {}
     return TrainJob(name=name, namespace=meta.get("namespace") or "default", uid=meta.get("uid", ""),
                     generation=meta.get("generation", 1), spec=from_api(TrainJobSpec, obj.get("spec"), "spec"),

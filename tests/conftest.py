@@ -129,7 +129,7 @@ def write_run_config(directory, name, **sections):
     return path
 
 
-def wam_cli(*args, env=None, timeout=600):
+def wam_cli(*args, env=None, timeout=600, cwd=None):
     """Run the `wam` console script of this environment."""
     import os
     import subprocess
@@ -138,7 +138,7 @@ def wam_cli(*args, env=None, timeout=600):
 
     wam = Path(sys.executable).parent / "wam"
     return subprocess.run([str(wam), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, cwd=cwd)
 
 
 def progress(run_dir):

@@ -30,6 +30,9 @@ def test_serve_benchmark_smoke(tmp_path):
     assert set(data["cpu_tiny"]) == {"1_steps", "4_steps"}
     assert all(row["kv_cache"]["p50_ms"] > 0 for row in data["cpu_tiny"].values())
     assert data["quantization"]["streaming"]["mb_per_s"] > 0
+    burst = data["oversized_burst"]  # 4 clients x 7 MB over a 2 MB limit: refused unread, or buffered first
+    assert burst["refused_from_header"]["refused"] == burst["buffered"]["refused"] == 4
+    assert burst["refused_from_header"]["peak_growth_mb"] < 10 < burst["buffered"]["peak_growth_mb"]
 
 
 def test_attention_benchmark_smoke(tmp_path):

@@ -2,6 +2,7 @@
 computed here from the raw files, decoder agreement, remote reading, resume, and bad data."""
 
 import json
+import re
 import shutil
 
 import fsspec
@@ -243,11 +244,38 @@ def test_episode_shorter_than_one_chunk_is_named(broken, tiny):
         source_for(str(broken), tiny)
 
 
-def _nan_actions(table):
-    actions = np.asarray(table["action"].to_pylist())
-    actions[100] = np.nan
-    return table.set_column(table.schema.get_field_index("action"), "action",
-                            pa.FixedSizeListArray.from_arrays(pa.array(actions.reshape(-1).astype(np.float32)), 8))
+def _damaged(column: str, value: float, row: int | slice = 100):
+    """A table rewrite putting `value` (NaN, inf) into `column` at `row`."""
+    def rewrite(table):
+        values = np.asarray(table[column].to_pylist())
+        values[row] = value
+        return table.set_column(table.schema.get_field_index(column), column,
+                                pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1).astype(np.float32)), 8))
+    return rewrite
+
+
+_nan_actions = _damaged("action", np.nan)
+
+
+def test_non_finite_state_stops_statistics_or_is_skipped(broken, tiny):
+    """An episode with inf in its state: `wam data stats` names it (exit 2); with bad_samples skip the statistics
+    leave it out, and the loader skips its samples."""
+    _rewrite_episode(broken, 2, _damaged("observation.state", np.inf, slice(None)))
+    refused = wam_cli("data", "stats", broken)
+    said = " ".join(refused.stderr.split())
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert re.search(r"episode 2: inf in \['observation.state'\] at frame\(s\) \[0, 1, 2, 3, 4\] \.\.\. .*"
+                     r"episode_000002.parquet", said), said
+    skipped = wam_cli("data", "stats", broken, "--bad-samples", "skip")
+    assert skipped.returncode == 0 and "saved to" in skipped.stdout, skipped.stderr
+    loader = _loader(str(broken), tiny, 0, bad_samples="skip")
+    skipped = 0
+    for _, (batch, _) in zip(range(40), iter(loader), strict=False):  # until one of episode 2's windows came up
+        assert torch.isfinite(batch["state"]).all()
+        skipped += batch["skipped"]
+        if skipped:
+            break
+    assert skipped > 0
 
 
 def test_nan_actions_are_named(broken, tiny):

@@ -88,7 +88,7 @@ def test_ray_run_survives_a_sigkilled_worker_and_matches_torchrun(tmp_path, unin
     experiment = client.get_experiment(client.create_experiment("wam", (tmp_path / "mlartifacts").as_uri()))
     cfg = load_config(write_run_config(tmp_path, "killed", tracking={"uri": store}, **INTERRUPTED_RUN),
                       ["training.launcher=ray"])
-    process = local_training.start(cfg, local_training.prepare(cfg))
+    process = local_training.start(cfg, local_training.prepare(cfg).config_path)
     log = cfg.run_dir / "train.log"
     deadline = time.time() + 600
 

@@ -1,17 +1,24 @@
 """The policy server against the public openpi-client: closed loop, sessions, bad requests, the KV cache
 against the uncached computation, action post-processing, and the whole local pipeline."""
 
+import asyncio
 import json
 import re
 import threading
+import time
 import urllib.request
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from openpi_client import msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 
 from wam.platform.config import load_config, resolve_preset
+from wam.platform.errors import ConfigError
 from wam.platform.policy_client import PolicyClient, run_async
 from wam.trainer.data.transforms import normalize
 from wam.trainer.flow import euler_step
@@ -22,7 +29,7 @@ from wam.trainer.serve import actions as post
 from wam.trainer.serve.policy import PolicyRuntime
 from wam.trainer.serve.server import PolicyServer, serve_in_background
 
-from conftest import randomized_model, wam_cli, write_checkpoint, write_run_config
+from conftest import randomized_model, wait_for, wam_cli, write_checkpoint, write_run_config
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +45,20 @@ def served(tmp_path_factory):
     preset = resolve_preset(cfg)
     model = randomized_model(preset.arch, preset.sample, seed=11)
     checkpoint = write_checkpoint(folder / "checkpoints", cfg, model)
-    policy = load_quantized(quantize_checkpoint(checkpoint).out)
-    runtime = PolicyRuntime(policy)
+    quantized = quantize_checkpoint(checkpoint).out
+    runtime = PolicyRuntime(load_quantized(quantized))
     server = PolicyServer(runtime)
     with serve_in_background(server) as port:
         yield {"cfg": cfg, "dataset": dataset, "runtime": runtime, "server": server, "uri": f"ws://127.0.0.1:{port}",
-               "port": port}
+               "port": port, "quantized": quantized}
 
 
 def robot_observations(runtime, seed, chunks=2, prompt="put the red block on the blue one"):
     """A first observation and the following ones (each chunk's frames), as a robot would send them."""
     rng = np.random.default_rng(seed)
     meta = runtime.metadata()
-    state = lambda: rng.uniform(-0.5, 0.5, meta["state_dims"]).astype(np.float32)  # noqa: E731
+    low, high = runtime.stats.state_q01, runtime.stats.state_q99  # states like the ones it was trained on
+    state = lambda: rng.uniform(low, high).astype(np.float32)  # noqa: E731
     frames = lambda n: rng.integers(0, 256, (n, 48, 64, 3), dtype=np.uint8)  # noqa: E731
     first = {**{c: frames(1)[0] for c in meta["cameras"]}, "observation.state": state(), "prompt": prompt}
     later = [{**{c: frames(meta["frames_per_chunk"]) for c in meta["cameras"]}, "observation.state": state(),
@@ -112,7 +120,6 @@ def test_malformed_requests_get_an_error_and_the_server_keeps_serving(served):
         "wrong image shape": {**good, camera: good[camera][..., :2]},
         "wrong state size": {**good, "observation.state": np.zeros(3, np.float32)},
         "NaN state": {**good, "observation.state": np.full_like(good["observation.state"], np.nan)},
-        "oversized": {**good, "padding": np.zeros(3_000_000, np.uint8)},
         "not a map": [1, 2, 3],
     }
     for name, obs in bad.items():
@@ -125,6 +132,11 @@ def test_malformed_requests_get_an_error_and_the_server_keeps_serving(served):
     client._ws.send("a text frame")
     assert "binary msgpack" in client._ws.recv()
     assert client.infer(good)["actions"].shape[0] == 24  # the same session still works
+    assert WebsocketClientPolicy(served["uri"]).infer(good)["actions"].shape[0] == 24
+    # larger than serving.max_request_mb: refused from its frame header, before its bytes are buffered; the
+    # connection closes (websockets cannot skip a message), every other session goes on
+    with pytest.raises(ConnectionClosedError, match=r"1009 \(message too big\).*exceeds limit of 2000000 bytes"):
+        client.infer({**good, "padding": np.zeros(3_000_000, np.uint8)})
     assert WebsocketClientPolicy(served["uri"]).infer(good)["actions"].shape[0] == 24
 
 
@@ -233,3 +245,121 @@ def test_pipeline_trains_quantizes_and_serves_to_a_real_client(tmp_path):
     assert "nvfp4/relative_error_mean" in run.data.metrics
     report = json.loads((cfg.run_dir / "checkpoints/nvfp4/step-4/report.json").read_text())
     assert report["summary"]["layers_nvfp4"] > 0
+
+
+# -- the safety envelope and the server's limits ---------------------------------------------------------------
+
+
+def metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
+        found = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", r.read().decode(), re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_states_far_outside_the_training_range_are_refused(served):
+    client = WebsocketClientPolicy(served["uri"])
+    good = robot_observations(served["runtime"], seed=9)[0]
+    for state, shown in ((np.full(8, 1e300), "dim 0 = 1e+300"), (np.full(8, 1e30, np.float32), "dim 0 = 1e+30"),
+                         (good["observation.state"] - np.float32(5), "dim 0 = ")):
+        with pytest.raises(RuntimeError, match=rf"bad request: the state is far outside .*{re.escape(shown)}") as err:
+            client.infer({**good, "observation.state": state})
+        assert "accepted" in str(err.value) and "serving.state_margin" in str(err.value)
+    assert np.isfinite(client.infer(good)["actions"]).all()  # the session goes on
+
+
+def test_served_actions_stay_inside_the_safety_envelope(served):
+    """Random weights and adversarial frames: whatever the model proposes, what leaves the server is finite,
+    within every dim's limits and moves at most the step limit per step (grippers may jump)."""
+    client = WebsocketClientPolicy(served["uri"])
+    meta = client.get_server_metadata()
+    limits = meta["safety"]
+    low, high, step = (np.asarray(limits[k], dtype=np.float64) for k in ("action_low", "action_high",
+                                                                         "max_action_step"))
+    assert limits["limits_from"] == "training data" and np.isfinite(step[:7]).all() and np.isinf(step[7])
+    runtime, clipped = served["runtime"], 0
+    observations = robot_observations(runtime, seed=10, chunks=2)
+    for fill in (0, 255, None):
+        frames = [{k: (np.full_like(v, fill) if fill is not None and k in meta["cameras"] else v) for k, v in o.items()}
+                  for o in observations]
+        client.infer({"reset": True})
+        for obs in frames:
+            reply = client.infer(obs)
+            actions = reply["actions"].astype(np.float64)
+            assert np.isfinite(actions).all() and (actions >= low - 1e-5).all() and (actions <= high + 1e-5).all()
+            moves = np.abs(np.diff(np.concatenate([obs["observation.state"][None], actions]), axis=0))[:, :7]
+            assert (moves <= step[:7] * (1 + 1e-5) + 1e-6).all()
+            clipped += reply["safety"]["clipped_values"]
+    assert clipped > 0, "random weights should have needed clipping somewhere"
+    assert metric(served["port"], "wam_policy_clipped_values_total") >= clipped
+
+
+def test_a_checkpoint_whose_weights_overflow_never_sends_inf(served):
+    policy = load_quantized(served["quantized"])
+    with torch.no_grad():  # weights that overflow float32 in the action decoder
+        for layer in (policy.model.action_decoder.layer1, policy.model.action_decoder.layer2):
+            layer.weight.mul_(1e30)
+    server = PolicyServer(PolicyRuntime(policy))
+    with serve_in_background(server) as port:
+        client = WebsocketClientPolicy(f"ws://127.0.0.1:{port}")
+        for obs in robot_observations(served["runtime"], seed=11, chunks=2)[:1] * 2:
+            with pytest.raises(RuntimeError, match="unsafe output: the policy produced non-finite actions in dims"):
+                client.infer(obs)  # refused, the session reset: the next call starts again and is refused again
+        assert metric(port, 'wam_policy_errors_total{reason="unsafe_output"}') == 2
+
+
+def test_requests_that_used_to_break_a_session(served):
+    client = WebsocketClientPolicy(served["uri"])
+    good, *later = robot_observations(served["runtime"], seed=12, chunks=2)
+    with pytest.raises(RuntimeError, match="bad request: observation.state must be a flat array"):
+        client.infer({**good, "observation.state": [[1, 2], [3]]})
+    with pytest.raises(RuntimeError, match='bad request: a reset is exactly {"reset": true}'):
+        client.infer({"reset": "no"})
+    # a reset starts the next episode exactly as a new connection would: its noise included
+    new_connection = WebsocketClientPolicy(served["uri"])
+    fresh = [new_connection.infer(obs)["actions"] for obs in [good, *later]]
+    client.infer(good)  # draws noise
+    assert client.infer({"reset": True}) == {"reset": True}
+    again = [client.infer(obs)["actions"] for obs in [good, *later]]
+    assert all(np.array_equal(a, b) for a, b in zip(fresh, again, strict=True))
+
+
+def test_a_full_server_refuses_clearly_and_idle_sessions_are_reclaimed(served):
+    server = PolicyServer(served["runtime"], max_sessions=1, idle_timeout_s=1.0)
+    good = robot_observations(served["runtime"], seed=13)[0]
+    with serve_in_background(server) as port:
+        uri = f"ws://127.0.0.1:{port}"
+        quiet = WebsocketClientPolicy(uri)
+        with pytest.raises(ConnectionClosedError, match="1013 .*server at capacity: 1 sessions; retry later"):
+            WebsocketClientPolicy(uri)  # openpi-client raises the reason while it waits for the metadata
+        wait_for(lambda: server.active == 0, timeout=30)  # the quiet robot's session times out, its slot frees
+        assert WebsocketClientPolicy(uri).infer(good)["actions"].shape[0] == 24
+        with pytest.raises(ConnectionClosedOK, match="idle for 1 s"):
+            quiet.infer(good)
+        assert metric(port, "wam_policy_idle_sessions_closed_total") == 1
+
+
+def test_a_served_embodiment_is_checked_against_what_the_model_was_trained_on(served):
+    policy = load_quantized(served["quantized"])
+    policy.config.serving.gripper_dims = [42]
+    with pytest.raises(ConfigError, match=r"serving.gripper_dims \[42\] do not exist: the actions have 8 dims"):
+        PolicyRuntime(policy)
+
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(), st.text(max_size=20),
+                    st.binary(max_size=20), st.lists(st.floats(), max_size=9), st.lists(st.lists(st.integers(-2**63, 2**63 - 1), max_size=3),
+                                                                                       max_size=3),
+                    st.builds(lambda shape, dtype: np.zeros(shape, dtype),
+                              st.lists(st.integers(0, 8), max_size=4).map(tuple),
+                              st.sampled_from([np.uint8, np.float32, np.float64, np.int64, np.bool_])))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=300), fields=st.dictionaries(
+    st.sampled_from(["prompt", "observation.state", "observation.images.wrist_left", "reset", "other"]), _VALUES,
+    max_size=4))
+def test_the_request_decoder_answers_anything_without_an_internal_error(served, raw, fields):
+    """Random bytes and random observations: a reply or a `bad request`, never an internal error."""
+    server, session = served["server"], served["runtime"].session()
+    for message in (raw, msgpack_numpy.packb(fields)):
+        reply = asyncio.run(server._reply(session, message, time.perf_counter()))
+        assert isinstance(reply, bytes) or reply.startswith("bad request: "), reply

@@ -93,7 +93,7 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identica
         tmp_path, uninterrupted_losses):
     expected = uninterrupted_losses
     cfg = load_config(write_run_config(tmp_path, "killed", **INTERRUPTED_RUN))
-    process = local_training.start(cfg, local_training.prepare(cfg))
+    process = local_training.start(cfg, local_training.prepare(cfg).config_path)
     deadline = time.time() + 300
     while max(step_losses(cfg.run_dir), default=0) < 10 and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
@@ -160,17 +160,16 @@ def test_bad_input_fails_before_training_with_a_clear_error(tmp_path):
     assert not (load_config(config).run_dir / "train.log").exists()  # nothing was started
 
 
-def test_training_process_refuses_an_unwritable_checkpoint_uri_before_step_one(tmp_path, monkeypatch):
+def test_training_process_refuses_an_unwritable_checkpoint_uri_before_step_one(tmp_path):
     """Without the CLI (as in a pod), the training processes check the URI themselves, and tell the
     operator through the termination log that this is a user error (not worth a restart)."""
     cfg = load_config(write_run_config(tmp_path, "pod", checkpoint={"uri": "/proc/wam-checkpoints"}))
     cfg.run_dir.mkdir(parents=True)
     path = cfg.run_dir / "config.yaml"
     path.write_text(to_yaml(cfg))
-    termination_log = tmp_path / "termination-log"
-    monkeypatch.setenv(termination.ENV, str(termination_log))
-    process = local_training.start(cfg, path)
+    process = local_training.start(cfg, path)  # which points $WAM_TERMINATION_LOG into the run directory
     assert process.wait(300) != 0
+    termination_log = cfg.run_dir / local_training.TERMINATION_FILE
     assert "cannot write to /proc/wam-checkpoints" in (cfg.run_dir / "train.log").read_text()
     assert progress(cfg.run_dir) == {}
     reason, message = termination.parse(termination_log.read_text())

@@ -62,7 +62,7 @@ class RobotSource:
             if missing:
                 raise DataError(f"dataset {dataset.uri} has no video stream(s) {missing} named by profile "
                                 f"{profile.name}; its streams: {dataset.video_keys}")
-            stats, where = load_or_compute_stats(dataset, profile)
+            stats, where = load_or_compute_stats(dataset, profile, bad_samples)
             log.info("normalisation stats of %s (%s): %s", dataset.uri, profile.name, where)
             self.stats.append(stats)
         self.skipped_episodes = 0
@@ -138,8 +138,9 @@ class RobotSource:
         actions = concat_columns(frames, profile.action_keys)[action_steps(window.start, k, horizon)] \
             if profile.has_actions else None
         for name, values in (("state", state), ("actions", actions)):
-            if values is not None and np.isnan(values).any():
-                raise DataError(f"{where}: NaN in the {name} of frames {window.start}..{window.start + k * horizon}")
+            if values is not None and not np.isfinite(values).all():
+                kind = "NaN" if np.isnan(values).any() else "inf"
+                raise DataError(f"{where}: {kind} in the {name} of frames {window.start}..{window.start + k * horizon}")
         views = {}
         indices = video_frames(window.start, k, self.shape.frames_per_chunk, profile.video_stride)
         for camera in profile.cameras:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from wam.trainer.data.lerobot import DataError, LeRobotDataset
 from wam.trainer.data.transforms import relative_actions
 from wam.trainer.data.windows import instruction_segments
 
+log = logging.getLogger("wam.data")
 MAX_ROWS = 2_000_000  # quantiles from an even subsample beyond this
 
 
@@ -30,6 +32,9 @@ class NormStats:
     state_q99: list[float]
     action_q01: list[float]
     action_q99: list[float]
+    # 99th percentile of |a[t+1] - a[t]| per action dim (absolute actions, within an episode): the policy server's
+    # per-step limit. None in statistics written before it existed.
+    action_step_q99: list[float] | None = None
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         return tuple(np.asarray(v, dtype=np.float64) for v in
@@ -50,32 +55,55 @@ def _quantiles(rows: list[np.ndarray]) -> tuple[list[float], list[float]]:
     return np.quantile(values, 0.01, axis=0).tolist(), np.quantile(values, 0.99, axis=0).tolist()
 
 
-def compute_stats(dataset: LeRobotDataset, profile: EmbodimentProfile) -> NormStats:
-    states, actions = [], []
+def compute_stats(dataset: LeRobotDataset, profile: EmbodimentProfile, bad_samples: str = "error") -> NormStats:
+    """Statistics over every episode; an episode with a non-finite state or action stops it (`bad_samples: error`)
+    or is left out with a warning (`skip`)."""
+    states, actions, steps = [], [], []
     columns = profile.state_keys + profile.action_keys
     for episode in dataset.episodes:
         frames = dataset.frames(episode, columns)
         state = concat_columns(frames, profile.state_keys)
-        if np.isnan(state).any():
-            raise DataError(f"{dataset.describe(episode)}: NaN in {profile.state_keys} ({episode.data_path})")
-        states.append(state)
-        if not profile.has_actions:
+        action = concat_columns(frames, profile.action_keys) if profile.has_actions else None
+        problem = _non_finite(state, profile.state_keys) or (action is not None and _non_finite(action, profile.action_keys))
+        if problem:
+            error = DataError(f"{dataset.describe(episode)}: {problem} ({episode.data_path})")
+            if bad_samples == "error":
+                raise error
+            log.warning("statistics leave out %s (data.bad_samples: skip)", error)
             continue
-        action = concat_columns(frames, profile.action_keys)
-        if np.isnan(action).any():
-            raise DataError(f"{dataset.describe(episode)}: NaN in {profile.action_keys} ({episode.data_path})")
+        states.append(state)
+        if action is None:
+            continue
+        steps.append(np.abs(np.diff(action, axis=0)))
         for begin, end in instruction_segments(frames["task_index"]):
             for start in range(begin, end, profile.action_horizon):
                 stop = min(start + profile.action_horizon, end)
                 actions.append(relative_actions(action[start:stop], state[start:start + 1], profile.relative_dims,
                                                 stop - start))
+    if not states:
+        raise DataError(f"dataset {dataset.uri}: no episode has finite {profile.state_keys}"
+                        + (f" and {profile.action_keys}" if profile.has_actions else "") + ": nothing to normalise by")
     state_q01, state_q99 = _quantiles(states)
     action_q01, action_q99 = _quantiles(actions)
-    return NormStats(state_q01, state_q99, action_q01, action_q99)
+    step_q99 = _quantiles(steps)[1] if steps else None
+    return NormStats(state_q01, state_q99, action_q01, action_q99, step_q99)
+
+
+def _non_finite(values: np.ndarray, keys: tuple[str, ...]) -> str:
+    """'' when every value is finite, else what is wrong and in which rows."""
+    rows = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if not len(rows):
+        return ""
+    kind = "NaN" if np.isnan(values[rows]).any() else "inf"
+    return f"{kind} in {list(keys)} at frame(s) {rows[:5].tolist()}" + (" ..." if len(rows) > 5 else "")
+
+
+_STATS_VERSION = 2  # 2: per-step action changes (the policy server's step limit)
 
 
 def _fingerprint(profile: EmbodimentProfile) -> str:
-    key = json.dumps([profile.state_keys, profile.action_keys, profile.relative_dims, profile.action_horizon])
+    key = json.dumps([_STATS_VERSION, profile.state_keys, profile.action_keys, profile.relative_dims,
+                      profile.action_horizon])
     return hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
@@ -97,10 +125,11 @@ def save_stats(uri: str, profile: EmbodimentProfile, stats: NormStats) -> Path:
     raise OSError(f"cannot write statistics of {uri} anywhere")
 
 
-def load_or_compute_stats(dataset: LeRobotDataset, profile: EmbodimentProfile) -> tuple[NormStats, Path | None]:
+def load_or_compute_stats(dataset: LeRobotDataset, profile: EmbodimentProfile,
+                          bad_samples: str = "error") -> tuple[NormStats, Path | None]:
     """Stats from a previous `wam data stats`, else computed now and saved. Returns where they came from."""
     for path in stats_paths(dataset.uri, profile):
         if path.exists():
             return NormStats(**json.loads(path.read_text())), path
-    stats = compute_stats(dataset, profile)
+    stats = compute_stats(dataset, profile, bad_samples)
     return stats, save_stats(dataset.uri, profile, stats)

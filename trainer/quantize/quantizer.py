@@ -30,9 +30,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from wam.platform.checkpoints import quantized_uri, read_manifest, series_of, verify, write_manifest
+from wam.platform.checkpoints import quantized_uri, read_manifest, series_of, step_of, verify, write_manifest
 from wam.platform.config import WamConfig
+from wam.platform.data_contract import check_datasets
 from wam.platform.embodiment import resolve_profile
+from wam.platform.errors import CheckpointError, ConfigError
 from wam.platform.storage import filesystem, is_remote, join, local_path, open_uri
 from wam.platform.tracking import log_quantized_model, resolve_uri
 from wam.trainer.checkpoint_reader import open_checkpoint
@@ -196,7 +198,10 @@ def _release_large_buffers_to_the_os() -> None:
 
 def _already_quantized(out: str, source: str, step: int) -> QuantizationReport | None:
     """The report of a complete, intact quantized model of this checkpoint at `out` (a retried Job)."""
-    manifest = read_manifest(out)
+    try:
+        manifest = read_manifest(out)
+    except CheckpointError:  # a corrupt result is made again
+        return None
     if manifest is None or manifest.metrics.get("source") != source or manifest.step != step:
         return None
     if verify(out, manifest, checksums=False):
@@ -216,10 +221,14 @@ def quantize_checkpoint(checkpoint: str, out: str | None = None, keep: list[str]
     _release_large_buffers_to_the_os()
     stored = open_checkpoint(checkpoint)
     uri, manifest, cfg = stored.uri, stored.manifest, stored.config
+    if out is None and step_of(uri) is None:
+        raise ConfigError(f"{uri} is not a step-N folder of a checkpoint series, so it has no default output place: "
+                          "pass --out")
     out = out or quantized_uri(series_of(uri), manifest.step)
     done = _already_quantized(out, uri, manifest.step)
     if done is not None:
         return done
+    check_datasets(cfg)  # the embodiments' statistics come from them
     keep = list(cfg.quantization.keep if keep is None else keep)
     limit = (shard_mb or cfg.quantization.shard_mb) << 20
     shapes = stored.shapes
@@ -266,7 +275,7 @@ def quantize_checkpoint(checkpoint: str, out: str | None = None, keep: list[str]
             staging.rename(local_path(out))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    write_manifest(out, manifest.step, manifest.config, {"source": uri, **report.summary()})  # last: complete
+    write_manifest(out, manifest.step, manifest.config, {"source": uri, **report.summary()}, format=FORMAT)  # last
     _track(cfg, report)
     return report
 

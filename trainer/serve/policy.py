@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from wam.platform.config import resolve_preset
+from wam.platform.data_contract import gripper_problems
 from wam.platform.embodiment import EmbodimentProfile
 from wam.platform.errors import ConfigError
 from wam.trainer.data.stats import NormStats
@@ -32,6 +33,7 @@ from wam.trainer.model.encoders import FrozenEncoders
 from wam.trainer.model.vae import StreamState, vae_config
 from wam.trainer.quantize.load import QuantizedPolicy, load_quantized
 from wam.trainer.serve.actions import ActionPostprocess
+from wam.trainer.serve.safety import SafetyReport, envelope_from_stats, require_finite, state_check
 
 PROMPT_KEY = "prompt"
 RESET_KEY = "reset"
@@ -53,6 +55,7 @@ class _Returned:
     video: torch.Tensor  # (1, z, F, h, w) predicted latents: the cache's stand-in until the real ones come
     actions: np.ndarray  # (A, dims) robot-unit actions as returned
     normalised: torch.Tensor  # (A, action_dim) the model's output
+    safety: SafetyReport  # what the envelope clipped
 
 
 class PolicyRuntime:
@@ -75,10 +78,22 @@ class PolicyRuntime:
         self.postprocess = None
         if self.stats is not None:
             state_q01, state_q99, action_q01, action_q99 = self.stats.arrays()
+            if problems := gripper_problems(s.gripper_dims, len(action_q01)):
+                raise ConfigError(f"{problems[0]} (embodiment {self.profile.name}); set serving.gripper_dims to action "
+                                  "dims that exist and train (or quantize) again")
             self.state_range = (state_q01, state_q99)
             self.postprocess = ActionPostprocess(action_q01, action_q99, self.profile.relative_dims,
                                                  s.smoothing_window, s.smoothing_order, tuple(s.gripper_dims),
                                                  s.gripper_threshold)
+            step_q99, grippers = self.stats.action_step_q99, tuple(s.gripper_dims)
+        else:  # a model of procedural latents: its state and actions are already in [-1, 1]
+            state_q01, state_q99 = -np.ones(self.arch.state_dim), np.ones(self.arch.state_dim)
+            action_q01, action_q99 = -np.ones(self.arch.action_dim), np.ones(self.arch.action_dim)
+            step_q99, grippers = None, ()
+        self.state_check = state_check(state_q01, state_q99, s.state_margin)
+        self.envelope = envelope_from_stats(self.profile, state_q01, state_q99, action_q01, action_q99,
+                                            None if step_q99 is None else np.asarray(step_q99), grippers,
+                                            s.action_margin, s.step_margin)
 
     def _embodiment(self, name: str | None) -> tuple[EmbodimentProfile, NormStats | None]:
         known = self.policy.embodiments
@@ -103,6 +118,10 @@ class PolicyRuntime:
             "action_units": "robot" if self.stats else "normalised",
             "actions_per_chunk": self.sample.actions_per_chunk, "frames_per_chunk": self.pixel_frames_per_chunk,
             "frame_stride": p.video_stride, "chunks_per_window": self.sample.num_chunks,
+            "safety": {"limits_from": self.envelope.source, "action_low": self.envelope.low.tolist(),
+                       "action_high": self.envelope.high.tolist(),
+                       "max_action_step": None if self.envelope.max_step is None else self.envelope.max_step.tolist(),
+                       "state_low": self.state_check.low.tolist(), "state_high": self.state_check.high.tolist()},
         }
 
     def session(self) -> Session:
@@ -132,7 +151,9 @@ class Session:
         self.chunks_served = 0
 
     def reset(self) -> None:
+        """Forget the context; the next episode starts as on a new connection (the same noise included)."""
         self.prompt, self.returned, self.newest_frame = None, [], None
+        self.generator.manual_seed(self.runtime.policy.config.seed)
 
     # -- request parsing ------------------------------------------------------------------------------
 
@@ -167,9 +188,16 @@ class Session:
             value = obs.get(key)
             if value is None:
                 raise RequestError(f"missing state {key!r}; the policy expects {list(self.runtime.profile.state_keys)}")
-            array = np.asarray(value)
-            if array.dtype.kind not in "fiu" or not np.isfinite(array).all():
-                raise RequestError(f"{key} must be finite numbers, got dtype {array.dtype}")
+            try:
+                array = np.asarray(value)
+            except ValueError:  # e.g. ragged nested lists
+                raise RequestError(f"{key} must be a flat array of numbers, got {type(value).__name__} of uneven "
+                                   "length") from None
+            if array.dtype.kind not in "fiu" or array.ndim > 1:
+                raise RequestError(f"{key} must be a flat array of numbers, got dtype {array.dtype}, shape "
+                                   f"{array.shape}")
+            if not np.isfinite(array.astype(np.float64)).all():
+                raise RequestError(f"{key} holds NaN or inf at {np.flatnonzero(~np.isfinite(array)).tolist()[:8]}")
             parts.append(array.reshape(-1).astype(np.float64))
         state = np.concatenate(parts)
         expected = len(self.runtime.stats.state_q01) if self.runtime.stats else None
@@ -177,6 +205,11 @@ class Session:
             raise RequestError(f"state has {len(state)} dims, the policy was trained on {expected}")
         if len(state) > self.runtime.arch.state_dim:
             raise RequestError(f"state has {len(state)} dims, the model takes at most {self.runtime.arch.state_dim}")
+        far = self.runtime.state_check.problems(state) if len(state) == len(self.runtime.state_check.low) else ""
+        if far:
+            raise RequestError(f"the state is far outside what the policy was trained on: {far}. Check the robot's "
+                               "units and joint order; serving.state_margin sets how far beyond the training range "
+                               "is accepted")
         return state
 
     # -- the closed loop ------------------------------------------------------------------------------
@@ -220,7 +253,9 @@ class Session:
     def infer(self, obs: dict) -> dict:
         if not isinstance(obs, dict):
             raise RequestError(f"a request is a msgpack map of observations, got {type(obs).__name__}")
-        if obs.get(RESET_KEY):
+        if RESET_KEY in obs:
+            if obs[RESET_KEY] is not True or len(obs) != 1:
+                raise RequestError(f'a reset is exactly {{"{RESET_KEY}": true}}, got {obs!r}'[:300])
             self.reset()
             return {"reset": True}
         prompt = obs.get(PROMPT_KEY)
@@ -253,6 +288,7 @@ class Session:
         self.chunks_served += 1
         return {"actions": self.returned[-1].actions, "chunk": self.chunks_served - 1,
                 "window_chunk": self.returned[-1].index, "new_window": new_window,
+                "safety": self.returned[-1].safety.to_reply(),
                 "server_timing": {"encode_ms": (encoded - start) * 1000, "denoise_ms": (done - encoded) * 1000,
                                   "infer_ms": (done - start) * 1000}}
 
@@ -264,8 +300,10 @@ class Session:
         index = self.rollout.next_chunk
         chunk = self.rollout.act(state, self.generator)
         raw = chunk.actions[0].float().cpu()
+        require_finite(raw.numpy())  # before smoothing spreads it
         if runtime.postprocess is None:
-            actions = raw.numpy().astype(np.float32)
+            actions = raw.numpy()[:, :len(runtime.envelope.low)].astype(np.float32)
         else:
             actions = runtime.postprocess(raw.numpy(), anchor)
-        self.returned.append(_Returned(index, chunk.video, actions, raw))
+        actions, report = runtime.envelope.apply(actions, anchor)  # raises UnsafeOutput on NaN / inf
+        self.returned.append(_Returned(index, chunk.video, actions, raw, report))

@@ -2,7 +2,11 @@
 
 Protocol: on connect the server sends its metadata (msgpack); each binary msgpack-numpy request is one
 `infer` (or `{"reset": true}`) and gets one binary reply. A bad request gets a text frame saying what is
-wrong (openpi-client raises it as an error) and the session stays open; other sessions never notice.
+wrong (openpi-client raises it as an error) and the session stays open; other sessions never notice. A chunk the
+safety envelope refuses (non-finite actions) gets an error frame too, and its session starts over. A full
+server closes a new connection at once with code 1013 and the reason (openpi-client raises it on connect); a
+session idle for `serving.idle_timeout_s` is closed; a request larger than `serving.max_request_mb` closes its
+connection with code 1009 as soon as its size is known, before its bytes are buffered.
 One worker thread runs inference, so requests of all sessions queue for the device in arrival order;
 each reply reports its queue and compute time. Plain HTTP on the same port: /healthz (alive), /readyz
 (model loaded, a session slot free), /metrics (Prometheus).
@@ -11,6 +15,7 @@ each reply reports its queue and compute time. Plain HTTP on the same port: /hea
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import threading
 import time
@@ -32,7 +37,9 @@ from prometheus_client import (
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from wam.platform.errors import ConfigError
 from wam.trainer.serve.policy import PolicyRuntime, RequestError, Session
+from wam.trainer.serve.safety import UnsafeOutput
 
 log = logging.getLogger("wam.serve")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
@@ -48,17 +55,25 @@ class _Metrics:
         self.sessions = Gauge("wam_policy_sessions", "Connected robot sessions", registry=self.registry)
         self.requests = Counter("wam_policy_requests", "Requests answered", registry=self.registry)
         self.errors = Counter("wam_policy_errors", "Requests answered with an error", ["reason"], registry=self.registry)
+        self.clipped_chunks = Counter("wam_policy_clipped_chunks", "Chunks the safety envelope clipped",
+                                      registry=self.registry)
+        self.clipped_values = Counter("wam_policy_clipped_values", "Action values the safety envelope clipped",
+                                      registry=self.registry)
+        self.idle_closed = Counter("wam_policy_idle_sessions_closed", "Sessions closed for idleness",
+                                   registry=self.registry)
         meta = runtime.metadata()
         Gauge("wam_policy_info", "The served model", ["preset", "step", "compute_path"], registry=self.registry).labels(
             meta["preset"], str(meta["step"]), meta["compute_path"]).set(1)
 
 
 class PolicyServer:
-    def __init__(self, runtime: PolicyRuntime, max_sessions: int | None = None, max_request_mb: float | None = None):
+    def __init__(self, runtime: PolicyRuntime, max_sessions: int | None = None, max_request_mb: float | None = None,
+                 idle_timeout_s: float | None = None):
         serving = runtime.policy.config.serving
         self.runtime = runtime
         self.max_sessions = max_sessions or serving.max_sessions
         self.max_request_bytes = int((max_request_mb or serving.max_request_mb) * 1e6)
+        self.idle_timeout_s = idle_timeout_s or serving.idle_timeout_s
         self.metrics = _Metrics(runtime)
         self.active = 0
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wam-infer")
@@ -88,15 +103,22 @@ class PolicyServer:
     async def _session(self, ws: ServerConnection) -> None:
         if self.active >= self.max_sessions:
             self.metrics.errors.labels("capacity").inc()
-            await ws.send(f"server at capacity ({self.active} sessions); retry later or use another replica")
-            await ws.close(1013, "at capacity")
+            # nothing is sent first: openpi-client expects its metadata, and raises this close reason instead
+            await ws.close(1013, f"server at capacity: {self.active} sessions; retry later")
             return
         self.active += 1
         self.metrics.sessions.inc()
         session = self.runtime.session()
         try:
             await ws.send(self._packer.pack(self.runtime.metadata()))
-            async for message in ws:
+            while True:
+                try:
+                    message = await asyncio.wait_for(ws.recv(), self.idle_timeout_s)
+                except TimeoutError:
+                    self.metrics.idle_closed.inc()
+                    await ws.close(1000, f"idle for {self.idle_timeout_s:g} s; session closed "
+                                         "(serving.idle_timeout_s)")
+                    return
                 await ws.send(await self._reply(session, message, time.perf_counter()))
         except ConnectionClosed:
             pass
@@ -108,9 +130,6 @@ class PolicyServer:
         try:
             if isinstance(message, str):
                 raise RequestError("requests are binary msgpack-numpy frames (openpi_client.msgpack_numpy), not text")
-            if len(message) > self.max_request_bytes:
-                raise RequestError(f"request of {len(message) / 1e6:.1f} MB exceeds the server's limit of "
-                                   f"{self.max_request_bytes / 1e6:.1f} MB (serving.max_request_mb)")
             try:
                 obs = msgpack_numpy.unpackb(message)
             except Exception as err:  # noqa: BLE001 - whatever the bytes were, the answer is the same
@@ -120,6 +139,11 @@ class PolicyServer:
         except RequestError as err:
             self.metrics.errors.labels("bad_request").inc()
             return f"bad request: {err}"
+        except UnsafeOutput as err:
+            session.reset()
+            self.metrics.errors.labels("unsafe_output").inc()
+            log.error("refused a chunk: %s", err)
+            return f"unsafe output: {err}; the session was reset (the next call starts a new window)"
         except Exception as err:  # noqa: BLE001 - one failed request must not take the server down
             log.exception("inference failed")
             session.reset()
@@ -132,6 +156,9 @@ class PolicyServer:
         finished = time.perf_counter()
         if "server_timing" in result:
             result["server_timing"]["queue_ms"] = (started - received) * 1000
+        if result.get("safety", {}).get("clipped"):
+            self.metrics.clipped_chunks.inc()
+            self.metrics.clipped_values.inc(result["safety"]["clipped_values"])
         self.metrics.queue.observe(started - received)
         self.metrics.latency.observe(finished - received)
         self.metrics.requests.inc()
@@ -140,8 +167,10 @@ class PolicyServer:
     # -- running --------------------------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> Server:
+        # max_size: websockets refuses a larger message (close code 1009) as soon as its frame header says how large,
+        # so no more than the limit is ever buffered per connection
         return await serve(self._session, host, port, compression=None, process_request=self._http,
-                           max_size=4 * self.max_request_bytes)  # beyond this the library drops the connection
+                           max_size=self.max_request_bytes)
 
     async def run(self, host: str, port: int) -> None:
         server = await self.start(host, port)
@@ -158,6 +187,11 @@ def serve_forever(runtime: PolicyRuntime, host: str, port: int) -> None:
         asyncio.run(PolicyServer(runtime).run(host, port))
     except KeyboardInterrupt:
         pass
+    except OSError as err:
+        if err.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror}; pick another --port (or --host), or "
+                              "stop what uses it") from None
+        raise
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from wam.platform.checkpoints import (
     verify,
     write_manifest,
 )
+from wam.platform.errors import CheckpointError
 from wam.platform.storage import filesystem, localize, probe_writable
 
 log = logging.getLogger("wam.checkpoint")
@@ -110,7 +111,10 @@ class WamCheckpointManager(CheckpointManager):
                 if not complete:
                     log.warning("ignoring %s: no manifest (the save did not complete)", uri)
                     continue
-                problems = verify(uri, read_manifest(uri), checksums=False)
+                try:
+                    problems = verify(uri, read_manifest(uri), checksums=False)
+                except CheckpointError as err:  # a corrupt manifest: the next older checkpoint is tried
+                    problems = [str(err)]
                 if problems:
                     log.warning("ignoring %s: %s", uri, "; ".join(problems[:3]))
                     continue

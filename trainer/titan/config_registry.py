@@ -19,6 +19,8 @@ from torchtitan.protocols.model_spec import ModelSpec
 
 from wam.platform.accounting import training_layout
 from wam.platform.config import WamConfig, load_config, resolve_preset
+from wam.platform.data_contract import check_datasets
+from wam.platform.resume import check_resume
 from wam.platform.storage import is_remote
 from wam.trainer.data.loader import WamDataLoader
 from wam.trainer.model.registry import model_config
@@ -74,8 +76,13 @@ def trainer_config(cfg: WamConfig) -> WamTrainer.Config:
 
 
 def from_yaml() -> WamTrainer.Config:
-    """The run described by the YAML file at $WAM_CONFIG."""
+    """The run described by the YAML file at $WAM_CONFIG, checked against its datasets and the checkpoint it
+    resumes before anything is built (a UserError here ends every rank with exit code 2)."""
     path = os.environ.get("WAM_CONFIG")
     if not path:
         raise RuntimeError("set WAM_CONFIG to the run's YAML config (`wam train` does this)")
-    return trainer_config(load_config(path))
+    cfg = load_config(path)
+    check_datasets(cfg)
+    config = trainer_config(cfg)
+    config.resume = check_resume(cfg)
+    return config

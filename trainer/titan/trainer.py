@@ -28,6 +28,7 @@ from torchtitan.trainer import Trainer
 from wam.platform.accelerators import detect
 from wam.platform.checkpoints import CheckpointManifest
 from wam.platform.config import WamConfig, resolve_preset
+from wam.platform.resume import Resume
 from wam.platform.tracking import Tracker, flatten, resolve_uri
 from wam.trainer.flow import LossWeighting, StepRandomness, flow_loss, noise_batch
 from wam.trainer.model.encoders import FrozenEncoders
@@ -104,6 +105,7 @@ class WamTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
         wam: Annotated[WamConfig | None, tyro.conf.Suppress] = None  # the project config the run was built from
+        resume: Annotated[Resume | None, tyro.conf.Suppress] = None  # what resuming changes (from_yaml checks it)
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -150,6 +152,10 @@ class WamTrainer(Trainer):
         self.tracker = Tracker(uri, wam.tracking.experiment, wam.name, wam.tracking.registered_model or f"wam-{wam.name}",
                                artifact_dir=wam.run_dir / "mlartifacts")
         self.tracker.start(flatten(self.config_dict), tags={"wam.preset": wam.model.preset})
+        resume = self.config.resume
+        if resume is not None and resume.changed:  # MLflow params are immutable: the changes become a tag
+            log.warning("resuming step %d with changed settings: %s", resume.step, resume.describe())
+            self.tracker.tag(f"wam.resumed_step_{resume.step}_with", resume.describe())
         self._write_run_info(uri)
         sink = _ProgressLogger(self)
         if isinstance(self.metrics_processor.logger, LoggerContainer):
