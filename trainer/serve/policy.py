@@ -81,6 +81,10 @@ class PolicyRuntime:
             if problems := gripper_problems(s.gripper_dims, len(action_q01)):
                 raise ConfigError(f"{problems[0]} (embodiment {self.profile.name}); set serving.gripper_dims to action "
                                   "dims that exist and train (or quantize) again")
+            if beyond := [d for d in self.profile.relative_dims if d >= min(len(action_q01), len(state_q01))]:
+                raise ConfigError(f"embodiment {self.profile.name}: relative_dims {beyond} do not exist in the "
+                                  f"statistics it was trained with ({len(action_q01)} action, {len(state_q01)} state "
+                                  "dims); the quantized model's policy.json does not fit its profile")
             self.state_range = (state_q01, state_q99)
             self.postprocess = ActionPostprocess(action_q01, action_q99, self.profile.relative_dims,
                                                  s.smoothing_window, s.smoothing_order, tuple(s.gripper_dims),
