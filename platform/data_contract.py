@@ -34,7 +34,7 @@ def read_features(uri: str) -> dict[str, dict]:
                           "(v2.1 or v3.0) folder or URI") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"dataset {uri}: {info_uri} is not valid JSON ({err})") from None
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - credentials, network, a filesystem's own errors: unreadable from here
         raise DatasetUnreadable(f"dataset {uri}: cannot read {info_uri}: {type(err).__name__}: {err}") from None
     if not isinstance(info, dict) or not isinstance(info.get("features"), dict):
         raise ConfigError(f"dataset {uri}: {info_uri} has no `features` mapping; is it a LeRobot dataset?")
