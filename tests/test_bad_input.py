@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import re
 import shutil
 import socket
@@ -156,6 +157,27 @@ def test_a_dataset_whose_metadata_is_broken_is_refused(data, tmp_path):
     sections = copy.deepcopy(data["sections"])
     sections["data"]["datasets"][0]["uri"] = str(broken)
     refused("train", write_run_config(tmp_path, "broken", **sections), message=r"info.json is not valid JSON")
+
+
+def test_statistics_that_do_not_fit_the_dataset_are_refused(data, tmp_path):
+    from wam.platform.config import resolve_preset
+    from wam.platform.embodiment import BUILTIN_PROFILES
+    from wam.trainer.data.lerobot import DataError
+    from wam.trainer.data.robot import RobotSource
+    from wam.trainer.data.stats import stats_paths
+
+    copy_of = tmp_path / "data"
+    shutil.copytree(data["dataset"], copy_of)
+    for stale in (copy_of / "meta").glob("wam_stats.*"):
+        stale.unlink()
+    path = stats_paths(str(copy_of), BUILTIN_PROFILES["droid"])[0]
+    path.write_text(json.dumps({"state_q01": [0.0] * 3, "state_q99": [1.0] * 3, "action_q01": [0.0] * 8,
+                                "action_q99": [1.0] * 8}))  # written for another robot
+    entry = copy.deepcopy(data["cfg"].data.datasets[0])
+    entry.uri = str(copy_of)
+    preset = resolve_preset(data["cfg"])
+    with pytest.raises(DataError, match=r"hold 3 state and 8 action dims, dataset .* has 8 and 8 .*delete that file"):
+        RobotSource([entry], {}, preset.arch, preset.sample, 0)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Problems name the dataset, episode and file; with `bad_samples: skip` they are d
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,12 @@ class RobotSource:
                                 f"{profile.name}; its streams: {dataset.video_keys}")
             stats, where = load_or_compute_stats(dataset, profile, bad_samples)
             log.info("normalisation stats of %s (%s): %s", dataset.uri, profile.name, where)
+            widths = [sum(math.prod(dataset.features[k].get("shape") or [1]) for k in keys)
+                      for keys in (profile.state_keys, profile.action_keys)]
+            if [len(stats.state_q01), len(stats.action_q01)] != widths:
+                raise DataError(f"the statistics {where} hold {len(stats.state_q01)} state and {len(stats.action_q01)} "
+                                f"action dims, dataset {dataset.uri} has {widths[0]} and {widths[1]} for profile "
+                                f"{profile.name}: delete that file, or write it again with `wam data stats`")
             self.stats.append(stats)
         self.skipped_episodes = 0
         per_dataset = [self._plan(d) for d in range(len(self.datasets))]
