@@ -15,7 +15,7 @@ from wam.operators.settings import SETTINGS_ENV, OperatorSettings, load_settings
 from wam.operators.training_child import started, training_child
 from wam.platform import trainjob
 from wam.platform.data_contract import check_datasets
-from wam.platform.errors import ConfigError
+from wam.platform.errors import ConfigError, yaml_position
 
 
 def read_manifest(text: str, namespace: str | None) -> dict:
@@ -24,7 +24,7 @@ def read_manifest(text: str, namespace: str | None) -> dict:
     try:
         obj = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"not YAML: {str(err).splitlines()[0]} ({_where(err)})") from None
+        raise ConfigError(f"not YAML: {str(err).splitlines()[0]} ({yaml_position(err, 'see the file')})") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"expected one TrainJob manifest (a YAML mapping), got {type(obj).__name__}")
     obj.setdefault("apiVersion", trainjob.API_VERSION)
@@ -37,11 +37,6 @@ def read_manifest(text: str, namespace: str | None) -> dict:
     meta.setdefault("namespace", "default")
     validate(obj)
     return obj
-
-
-def _where(err: yaml.YAMLError) -> str:
-    mark = getattr(err, "problem_mark", None)
-    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "see the file"
 
 
 def validate(obj: dict, settings: OperatorSettings | None = None) -> trainjob.TrainJob:

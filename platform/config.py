@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from wam.platform.accounting import GIB, estimate_memory, min_gpus
 from wam.platform.checkpoints import run_series
 from wam.platform.embodiment import ProfileSection, resolve_profile
-from wam.platform.errors import ConfigError
+from wam.platform.errors import ConfigError, yaml_position
 from wam.platform.presets import Preset, WamArch, get_preset
 
 ATTENTION_BACKENDS = ("sdpa", "flex", "triton")
@@ -382,10 +382,8 @@ def _read_yaml(path: Path) -> DictConfig:
     try:
         data = OmegaConf.load(path)  # omegaconf's YAML: `1e-4` is a number, as in the rest of the schema
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        raise ConfigError(f"config file {path} is not valid YAML at {where}: {getattr(err, 'problem', None) or err}") \
-            from None
+        raise ConfigError(f"config file {path} is not valid YAML at {yaml_position(err, 'somewhere')}: "
+                          f"{getattr(err, 'problem', None) or err}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file {path} is not text: {err}") from None
     except OSError as err:  # omegaconf's word for a YAML scalar ("Invalid loaded object type: int")

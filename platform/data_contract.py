@@ -41,7 +41,8 @@ def read_features(uri: str) -> dict[str, dict]:
     return info["features"]
 
 
-def _width(features: dict[str, dict], key: str) -> int:
+def feature_width(features: dict[str, dict], key: str) -> int:
+    """How many numbers one frame of feature `key` holds (the product of its shape)."""
     return math.prod(features[key].get("shape") or [1])
 
 
@@ -57,8 +58,8 @@ def profile_problems(profile: EmbodimentProfile, features: dict[str, dict], stat
             problems.append(f"{what} {missing} are not among its features {sorted(features)}")
     if problems:
         return problems
-    state = sum(_width(features, k) for k in profile.state_keys)
-    action = sum(_width(features, k) for k in profile.action_keys)
+    state = sum(feature_width(features, k) for k in profile.state_keys)
+    action = sum(feature_width(features, k) for k in profile.action_keys)
     if state > state_limit:
         problems.append(f"its state has {state} dims; the model takes at most {state_limit}")
     if action > action_limit:
@@ -100,7 +101,7 @@ def check_datasets(cfg: WamConfig, skip_unreadable: bool = False) -> None:
             fixes.append(f"declare a profile under data.profiles that matches {entry.uri} instead of {profile.name} "
                          "(`wam data inspect URI` lists its streams and features)")
         elif profile.name == serving and profile.has_actions:
-            found = gripper_problems(cfg.serving.gripper_dims, sum(_width(features, k) for k in profile.action_keys))
+            found = gripper_problems(cfg.serving.gripper_dims, sum(feature_width(features, k) for k in profile.action_keys))
             fixes += ["list in serving.gripper_dims only action dims that exist"] if found else []
         problems += [f"dataset {entry.uri} (profile {profile.name}): {p}" for p in found]
     if problems:

@@ -15,3 +15,9 @@ class StorageError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is incomplete, corrupted or does not fit the model; the message says which and why."""
+
+
+def yaml_position(err: Exception, unknown: str) -> str:
+    """'line L, column C' of a YAML parser error (PyYAML's problem mark), else `unknown`."""
+    mark = getattr(err, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else unknown

@@ -10,13 +10,13 @@ Problems name the dataset, episode and file; with `bad_samples: skip` they are d
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from wam.platform.config import DatasetEntry, ProfileSection
+from wam.platform.data_contract import feature_width
 from wam.platform.embodiment import resolve_profile
 from wam.platform.presets import SampleShape, WamArch
 from wam.trainer.data.decode import FrameDecoder, make_decoder
@@ -65,7 +65,7 @@ class RobotSource:
                                 f"{profile.name}; its streams: {dataset.video_keys}")
             stats, where = load_or_compute_stats(dataset, profile, bad_samples)
             log.info("normalisation stats of %s (%s): %s", dataset.uri, profile.name, where)
-            widths = [sum(math.prod(dataset.features[k].get("shape") or [1]) for k in keys)
+            widths = [sum(feature_width(dataset.features, k) for k in keys)
                       for keys in (profile.state_keys, profile.action_keys)]
             if [len(stats.state_q01), len(stats.action_q01)] != widths:
                 raise DataError(f"the statistics {where} hold {len(stats.state_q01)} state and {len(stats.action_q01)} "
