@@ -269,6 +269,33 @@ def test_wam_training_step_with_triton_attention_matches_sdpa(tiny):
         torch.testing.assert_close(p.grad, ref.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_compiled_checkpointed_blocks_trace_once_and_recompute_the_same_graph(tiny, tmp_path):
+    """As parallelize_wam does on a GPU: each block compiled, then wrapped for activation checkpointing. The
+    mask's span tables are built before the blocks (the kernel's `prepare`), so one graph serves every block
+    and every call, and the backward's recomputation replays the graph the forward ran (when the tables
+    were built inside the first compiled call, recomputation hit a recompiled graph and failed)."""
+    from torchtitan.distributed.activation_checkpoint import FullAC
+
+    from wam.trainer.model.model import _attention_mask
+
+    sample = dataclasses.replace(tiny.sample, num_chunks=2, latent_height=4)
+    reference_model = randomized_model(tiny.arch, sample, attention="triton")
+    model = randomized_model(tiny.arch, sample, attention="triton")
+    counter = CompileCounterWithBackend("aot_eager")  # AOT autograd saves tensors as inductor's graphs do
+    policy = FullAC.Config().build(dump_folder=str(tmp_path))
+    for i, block in enumerate(model.blocks):
+        block.compile(backend=counter)
+        model.blocks.register_module(str(i), policy._wrap_block(block, base_fqn=f"blocks.{i}"))
+    batch = random_inputs(tiny.arch, sample, batch=1)
+    _attention_mask.cache_clear()  # the compiled model meets a fresh mask first
+    for m in (model, reference_model):
+        out = m(batch)
+        (out.video.square().mean() + out.actions.square().mean()).backward()
+    assert counter.frame_count == 1
+    for (name, p), ref in zip(model.named_parameters(), reference_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, ref.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.slow
 def test_fsdp2_training_with_triton_attention_matches_sdpa(tmp_path):
     """`wam train` on 2 processes (torchtitan, FSDP2 over gloo) with the Triton op inside every block: the

@@ -33,6 +33,9 @@ class SDPAKernel(Module):
     def __init__(self, config: Config):
         super().__init__()
 
+    def prepare(self, mask: AttentionMask, device: torch.device) -> None:
+        mask.dense(device)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask.dense(q.device))
@@ -60,6 +63,9 @@ class FlexKernel(Module):
             cls._compiled = torch.compile(flex_attention, dynamic=False)
         return cls._compiled
 
+    def prepare(self, mask: AttentionMask, device: torch.device) -> None:
+        mask.block_mask(device, self.block_size)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         block_mask = mask.block_mask(q.device, self.block_size)
         out = self._flex(q.device)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
@@ -79,9 +85,13 @@ class TritonKernel(Module):
     def __init__(self, config: Config):
         super().__init__()
         from wam.trainer.kernels import block_sparse_attention  # Triton is imported only for this backend
+        from wam.trainer.kernels.op import span_tables
 
-        self.attention = block_sparse_attention
+        self.attention, self._span_tables = block_sparse_attention, span_tables
         self.fuses_rope = config.fuse_rope
+
+    def prepare(self, mask: AttentionMask, device: torch.device) -> None:
+        self._span_tables(mask)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -89,6 +99,10 @@ class TritonKernel(Module):
 
 
 KERNELS = {"sdpa": SDPAKernel, "flex": FlexKernel, "triton": TritonKernel}
+# Each kernel's `prepare(mask, device)` builds the form of the mask it reads (dense, BlockMask, span tables),
+# once per mask and before the blocks run: built lazily inside a compiled block, the first call would trace
+# the building and every later one recompile; under activation checkpointing the recomputation would then
+# run a different graph than the forward did.
 
 
 class _Attention(Module):

@@ -139,6 +139,7 @@ class WamModel(BaseModel):
         self.time_embedding = Sequential(config.time_in.build(), SiLU.Config().build(), config.time_out.build())
         self.time_projection = Sequential(SiLU.Config().build(), config.time_projection.build())
         self.blocks = ModuleList([cfg.build() for cfg in config.blocks])
+        self._prepare_mask = self.blocks[0].self_attn.kernel.prepare  # every block has the same kernel (KERNELS)
         self.head = config.head.build()
         if config.img_emb is not None:
             self.img_emb = config.img_emb.build()
@@ -218,6 +219,7 @@ class WamModel(BaseModel):
         modulation = TokenModulation(e0, span_of_token)
         rope = rope_tables(layout, grid, self.arch.head_dim, self.arch.rope_theta, x.device)
         mask = _attention_mask(layout, keys)
+        self._prepare_mask(mask, x.device)
         for i, block in enumerate(self.blocks):
             block_context = context[i] if isinstance(context, list) else context
             x = block(x, modulation, rope, mask, block_context, cache.layers[i] if cache is not None else None)

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torchtitan.config import TORCH_DTYPE_MAP
-from torchtitan.distributed.fsdp import disable_fsdp_gradient_division
 
 
 def parallelize_wam(model: nn.Module, *, parallel_dims, training, parallelism, compile_config, ac_config,
@@ -32,11 +31,14 @@ def parallelize_wam(model: nn.Module, *, parallel_dims, training, parallelism, c
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
-    # torchtitan sums gradients across ranks (the loss is normalised by global counts); gloo cannot do
-    # FSDP's pre-multiplied sum, so on CPU the reduction is a plain SUM, with the same result.
-    disable_fsdp_gradient_division(model)
-    if torch.distributed.get_backend() == "gloo":
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
+    # torchtitan sums gradients across ranks (the loss is normalised by global counts), so FSDP must not divide
+    # them by the world size; gloo cannot do FSDP's pre-multiplied sum, so on CPU the reduction is a plain SUM,
+    # with the same result. (Set here, not through torchtitan's helper, whose module needs torch >= 2.12: the
+    # GPU checks run this on the GPU machine's torch 2.11.)
+    gloo = torch.distributed.get_backend() == "gloo"
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            if gloo:
                 module.set_force_sum_reduction_for_comms(True)
     return model
