@@ -9,7 +9,7 @@ STAMP := $(VENV)/.setup-stamp
 # their own).
 SYSTEM_PACKAGES := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8
 
-.PHONY: setup test test-fast demo lint bench generate clean
+.PHONY: setup test test-fast demo lint bench gpu-bundle gpu-dryrun generate clean
 
 setup: $(STAMP) $(BIN)/helm
 
@@ -76,6 +76,16 @@ generate: setup
 bench: setup
 	$(BIN)/python benchmarks/model.py
 	$(BIN)/python benchmarks/attention.py
+
+# The GPU check (benchmarks/gpu_check.py) on a GPU machine that brings its own torch and Triton and has no
+# network: gpu-bundle writes the pure-Python wheels it lacks to .gpu-bundle/ and prints the command to run
+# there; gpu-dryrun proves that command starts on torch 2.11 / Triton 3.6 (a virtualenv outside the checkout,
+# built once: several GB) through every section's CPU mode. Neither is part of `make test`.
+gpu-bundle: setup
+	$(BIN)/python benchmarks/gpu_bundle.py
+
+gpu-dryrun: gpu-bundle
+	$(PYTHON) benchmarks/gpu_dryrun.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -51,6 +51,15 @@ def _fetch(name: str, pinned: str, out: Path) -> None:
         _pip("wheel", "--no-deps", "-w", str(out), spec)
 
 
+def _commit() -> str:
+    """The checkout the project's wheel was built from (`+dirty` with uncommitted changes)."""
+    git = ["git", "-C", str(REPO)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def build(out: Path) -> dict:
     if out.exists():
         shutil.rmtree(out)
@@ -67,7 +76,8 @@ def build(out: Path) -> dict:
     total = sum(sizes.values())
     if total > LIMIT_MIB * 2**20:
         raise SystemExit(f"the bundle is {total / 2**20:.1f} MiB, over the {LIMIT_MIB} MiB that may travel")
-    manifest = {"wheels": sizes, "total_mib": round(total / 2**20, 2), "command": run_command(out)}
+    manifest = {"commit": _commit(), "wheels": sizes, "total_mib": round(total / 2**20, 2),
+                "command": run_command(out)}
     (out / "bundle.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 

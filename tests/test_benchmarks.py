@@ -21,7 +21,7 @@ def test_data_benchmark_smoke(tmp_path):
 
 
 def test_operator_benchmark_smoke(tmp_path):
-    data = run_benchmark("operator.py", tmp_path, "--jobs", "3", "--baseline", "1")
+    data = run_benchmark("operator_latency.py", tmp_path, "--jobs", "3", "--baseline", "1")
     assert data["3_concurrent"]["n"] == 3 and data["one_at_a_time"]["p50_ms"] > 0
 
 
@@ -43,3 +43,111 @@ def test_attention_benchmark_smoke(tmp_path):
         assert 0.30 < data["schedules"]["4_chunks"]["visited_tiles"] < 0.45
     else:
         assert all(row["results"]["triton"]["forward_ms"] > 0 for row in data["layouts"].values())
+
+
+def test_no_benchmark_script_shadows_a_standard_module():
+    """`python benchmarks/x.py` puts benchmarks/ first on sys.path: a script named like a standard module
+    (operator.py did) replaces it for everything imported after, wherever no site hook imported it first."""
+    import sys
+    from pathlib import Path
+
+    scripts = {p.stem for p in (Path(__file__).parents[1] / "benchmarks").glob("*.py")}
+    assert not scripts & set(sys.stdlib_module_names)
+
+
+def test_gpu_check_isolates_sections_and_summarises(tmp_path):
+    """The GPU check's CPU mode: each section in its own process under its own limit; one that runs out of
+    time is reported and the next still runs; the summary names versions and statuses; exit code 1."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "check"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), str(out), "--cpu",
+                          "--only", "serve,env", "--limit", "serve=0.5"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stdout + run.stderr
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["sections"]["serve"]["status"] == "timed out"
+    env = summary["sections"]["env"]
+    assert env["status"] == "passed" and env["result"]["torch"].startswith("2.") and env["result"]["matmul"]["tflops"] > 0
+    assert "cuda" in summary["missing_capabilities"]
+    markdown = (out / "gpu_check.md").read_text()
+    assert "| serve | timed out |" in markdown and "| env | passed |" in markdown
+    assert "===== env" in (out / "sections.log").read_text()
+
+
+def test_gpu_check_refuses_bad_arguments_before_running(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    for args in (["--only", "env,nonsense"], ["--limit", "train=soon"], []):
+        run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), *args],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and ("nonsense" in run.stderr or "SECTION=SECONDS" in run.stderr
+                                        or "OUT" in run.stderr), run.stderr
+
+
+def test_gpu_bundle_is_pure_python_and_small(tmp_path):
+    """The wheels for a GPU machine without our dependencies: the project, torchtitan, omegaconf…, all
+    py3-none-any, well under what may travel, and the command to run there."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_bundle.py"), "--out", str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    manifest = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    names = {name.split("-")[0] for name in manifest["wheels"]}
+    assert {"wam_platform", "torchtitan", "omegaconf"} <= names
+    assert all(name.endswith("-none-any.whl") for name in manifest["wheels"]) and manifest["total_mib"] < 16
+    assert "--no-index --no-deps" in manifest["command"] and "benchmarks/gpu_check.py" in run.stdout
+
+
+def test_gpu_check_summary_of_a_gpu_run_names_every_target():
+    """The GPU-only parts of the summary (targets, attention, training and serving tables) render from results
+    shaped as the sections return them on a GPU; a missing measurement reads 'not measured', never a crash."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_check import TARGETS, evaluate_targets, markdown
+
+    kernel = {"forward_ms": 1.0, "forward_backward_ms": 3.0, "forward_tflops": 300.0, "forward_backward_tflops": 350.0}
+    layout = {"tokens": 13300, "allowed_fraction": 0.35, "tuning_s": 20.0, "results": {"triton": kernel, "flex": kernel},
+              "tuning": {"chosen": {"forward": "PassConfig(block=128, tile=64, num_warps=8, num_stages=3)"}},
+              "triton_vs_flex_speedup_forward_backward": 1.2, "triton_tflops_vs_dense_sdpa_forward_backward": 0.5}
+    step = {"layers": 4, "dim": 5120, "tokens": 13300, "step_s": 0.4, "tokens_per_s": 33250.0, "mfu_pct": 47.0,
+            "peak_allocated_gib": 40.0, "estimate_gib": 44.0}
+    latency = {"kv_cache": {"p50_ms": 10.0, "p99_ms": 12.0}, "recompute": {"p50_ms": 80.0, "p99_ms": 90.0},
+               "speedup_p50": 8.0}
+    sections = {"env": {"status": "passed", "seconds": 3, "result": {
+                    "gpu": "NVIDIA H200", "python": "3.12.3", "torch": "2.11.0+cu130", "cuda_runtime": "13.0",
+                    "triton": "3.6.0", "torchtitan": "0.3.0", "bundle_commit": "abc1234",
+                    "matmul": {"n": 8192, "dtype": "torch.bfloat16", "tflops": 790.0}, "nvidia_smi": "| H200 |"}},
+                "attention": {"status": "passed", "seconds": 90, "result": {"layouts": {"4_chunks": layout}}},
+                "train": {"status": "passed", "seconds": 120, "result": {"triton": step}},
+                "pytest": {"status": "failed", "seconds": 50, "error": "2 test(s) failed"},
+                "serve": {"status": "passed", "seconds": 40, "result": {"1_steps": latency}}}
+    targets = evaluate_targets(sections)
+    assert len(targets) == len(TARGETS)
+    verdicts = {row["target"]: row["verdict"] for row in targets}
+    assert verdicts["Triton fwd+bwd vs compiled flex (time ratio), 4 chunks"] == "met"
+    assert verdicts["Triton TFLOP/s per allowed FLOP vs dense SDPA, 4 chunks"] == "missed by 0.1"
+    assert verdicts["MFU % of 989 TFLOP/s, 14B width, Triton"] == "met"
+    assert verdicts["MFU % of 989 TFLOP/s, 14B width, flex"] == "not measured"
+    assert verdicts["KV cache vs recompute at 4 chunks, 1 step (speed-up)"] == "met"
+    assert verdicts["KV cache vs recompute at 4 chunks, 4 steps (speed-up)"] == "not measured"
+    text = markdown({"date": "2026-12-03T00:00:00+00:00", "mode": "gpu", "sections": sections, "targets": targets,
+                     "missing_capabilities": {"titan-trainer": "ImportError: DataParallelMeshDims"}})
+    assert "NVIDIA H200" in text and "790 TFLOP/s" in text and "| pytest | failed |" in text
+    assert "| 1 | 10.0 / 12.0 | 80.0 / 90.0 | 8.0x |" in text
+    assert "| triton | 4 x 5120 | 13300 | 0.400 | 33,250 | 47.0 | 40.0 | 44.0 |" in text
+    assert "Tiles chosen: forward PassConfig(block=128" in text and "missed by 0.1" in text

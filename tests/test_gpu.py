@@ -89,6 +89,8 @@ def test_kv_cache_matches_full_forward_on_gpu(tiny, attention):
 
 def test_dali_decodes_h264_with_nvdec(tmp_path):
     """DALI's GPU decoder reads the codecs its CPU decoder cannot, and agrees with torchcodec."""
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed (it cannot travel to a borrowed GPU machine)")
+    pytest.importorskip("torchcodec", reason="torchcodec is not installed")
     import numpy as np
 
     from wam.trainer.data.decode import DaliDecoder, TorchCodecDecoder

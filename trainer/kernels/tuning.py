@@ -56,6 +56,7 @@ def default_configs(arch: str) -> KernelConfigs:
 
 
 _tuned: dict[tuple, KernelConfigs] = {}
+_timings: dict[tuple, dict[str, dict[str, float]]] = {}  # key -> pass -> candidate -> ms (benchmarks report them)
 
 
 def tuned_configs(key: tuple, arch: str, time_pass) -> KernelConfigs:
@@ -69,9 +70,17 @@ def tuned_configs(key: tuple, arch: str, time_pass) -> KernelConfigs:
         return default_configs(arch)
     if key not in _tuned:
         chosen = default_configs(arch)
+        _timings[key] = {}
         for name in ("forward", "dq", "dkdv"):
             timings = {c: time_pass(name, dataclasses.replace(chosen, **{name: c})) for c in CANDIDATES[arch][name]}
             chosen = dataclasses.replace(chosen, **{name: min(timings, key=timings.get)})
+            _timings[key][name] = {str(c): ms for c, ms in timings.items()}
         _tuned[key] = chosen
     return _tuned[key]
+
+
+def tuning_log() -> list[dict]:
+    """Every tuning of this process: the key, the chosen configs and each candidate's time per pass."""
+    return [{"key": str(key), "chosen": {name: str(getattr(configs, name)) for name in ("forward", "dq", "dkdv")},
+             "candidate_ms": _timings.get(key, {})} for key, configs in _tuned.items()]
 

@@ -6,7 +6,7 @@ TrainJobs created at once (N threads). Reported: p50/p99 of each, and their rati
 same run, on the same machine). Both instants are stamped by the emulated API server when it receives
 the create request, so no polling adds to the numbers.
 
-    python benchmarks/operator.py [--jobs 100] [--baseline 10] [--json out.json]
+    python benchmarks/operator_latency.py [--jobs 100] [--baseline 10] [--json out.json]
 """
 
 from __future__ import annotations

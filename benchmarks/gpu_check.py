@@ -1,0 +1,459 @@
+"""Every GPU claim of the platform, measured by one command (about 8 minutes on one H100/H200).
+
+    python benchmarks/gpu_check.py OUT                  # on a GPU machine (`make gpu-bundle` prepares one
+                                                        # that lacks this project's dependencies)
+    python benchmarks/gpu_check.py OUT --cpu            # the dry run: every section's CPU mode (`make gpu-dryrun`)
+    python benchmarks/gpu_check.py OUT --only attention,train --limit train=300     # a rerun of some sections
+
+Sections, each in its own process under its own time limit: one that fails or runs out of time is reported,
+and the others still run.
+  env        software versions, the GPU, nvidia-smi, the bf16 matmul ceiling measured on this machine
+  pytest     the GPU-marked tests (on CPU: the Triton kernels in Triton's interpreter; the GPU tests collected)
+  attention  benchmarks/attention.py at the 14B head layout, 4 and 8 chunks: Triton (tuning timed apart) vs
+             compiled flex_attention vs masked SDPA vs dense SDPA, forward and forward+backward
+  train      a training step at the 14B block width (benchmarks/train_step.py's parallelized_step), with the
+             Triton and the flex backend: step time, tokens/s, MFU, peak memory next to the estimate
+  serve      per-chunk denoising latency at the 14B block width, KV cache vs recomputing, 1 and 4 steps
+What a section needs and this machine lacks (no CUDA device, an older Triton, torchtitan's Trainer on an
+older torch) is found before anything runs and reported as skipped, with the reason.
+
+Writes OUT/gpu_check.json, OUT/gpu_check.md (the summary, with each target met or missed) and
+OUT/sections.log (every section's output); exits 1 if a section failed or ran out of time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+MIN_TORCH, MIN_TRITON = (2, 11), (3, 6)  # the oldest releases these checks are proven on (`make gpu-dryrun`)
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    limit_s: float  # on a GPU; CPU modes get CPU_LIMIT_S
+    needs: tuple[str, ...]  # capabilities checked up front (see `missing`)
+    about: str
+
+
+SECTIONS = {s.name: s for s in (
+    Section("env", 20, (), "versions, nvidia-smi, bf16 matmul ceiling"),
+    Section("pytest", 120, ("triton",), "pytest -m gpu"),
+    Section("attention", 150, ("triton", "flex"), "Triton vs flex vs SDPA at the 14B head layout"),
+    Section("train", 150, ("triton", "flex", "titan-parallel"), "training step at the 14B block width"),
+    Section("serve", 60, (), "chunk latency at the 14B block width, KV cache vs recompute"),
+)}
+CPU_LIMIT_S = 600  # the dry run on a 2-core machine; Triton's interpreter is slow
+TARGETS = (  # (section, what, path into its result, minimum); from the platform's performance goals
+    ("attention", "Triton fwd+bwd vs compiled flex (time ratio), 4 chunks",
+     ("layouts", "4_chunks", "triton_vs_flex_speedup_forward_backward"), 1.0),
+    ("attention", "Triton fwd+bwd vs compiled flex (time ratio), 8 chunks",
+     ("layouts", "8_chunks", "triton_vs_flex_speedup_forward_backward"), 1.0),
+    ("attention", "Triton TFLOP/s per allowed FLOP vs dense SDPA, 4 chunks",
+     ("layouts", "4_chunks", "triton_tflops_vs_dense_sdpa_forward_backward"), 0.6),
+    ("attention", "Triton TFLOP/s per allowed FLOP vs dense SDPA, 8 chunks",
+     ("layouts", "8_chunks", "triton_tflops_vs_dense_sdpa_forward_backward"), 0.6),
+    ("train", "MFU % of 989 TFLOP/s, 14B width, Triton", ("triton", "mfu_pct"), 45.0),
+    ("train", "MFU % of 989 TFLOP/s, 14B width, flex", ("flex", "mfu_pct"), 45.0),
+    ("serve", "KV cache vs recompute at 4 chunks, 1 step (speed-up)", ("1_steps", "speedup_p50"), 5.0),
+    ("serve", "KV cache vs recompute at 4 chunks, 4 steps (speed-up)", ("4_steps", "speedup_p50"), 5.0),
+)
+
+
+# -- what this machine can run, found before anything runs ---------------------------------------------------
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
+
+
+def capabilities(cpu: bool) -> dict[str, str | None]:
+    """capability -> None if present, else why not. Imports only; nothing runs on a device."""
+    import torch
+
+    found: dict[str, str | None] = {}
+    found["cuda"] = None if torch.cuda.is_available() else "no CUDA device (`--cpu` runs the dry run)"
+    if _version(torch.__version__) < MIN_TORCH:
+        found["torch"] = f"torch {torch.__version__} is older than {'.'.join(map(str, MIN_TORCH))}"
+    else:
+        found["torch"] = None
+    try:
+        import triton
+
+        old = _version(triton.__version__) < MIN_TRITON
+        found["triton"] = f"Triton {triton.__version__} is older than 3.6" if old else None
+    except ImportError as err:
+        found["triton"] = f"Triton is not installed ({err})"
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+
+        found["flex"] = None
+    except ImportError as err:
+        found["flex"] = f"this torch has no flex_attention ({err})"
+    for name, module in (("titan-parallel", "torchtitan.distributed.parallel_dims"),
+                         ("titan-trainer", "torchtitan.trainer")):
+        found[name] = _imports(module)
+    return found
+
+
+def _imports(module: str) -> str | None:
+    """None if `module` imports in a fresh interpreter, else its error (a fresh one: a failed import of a
+    package half-initialises it)."""
+    run = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    if run.returncode == 0:
+        return None
+    lines = run.stderr.strip().splitlines()
+    return lines[-1] if lines else f"import {module} failed"
+
+
+def missing(section: Section, found: dict[str, str | None], cpu: bool) -> str | None:
+    needs = section.needs + (() if cpu or section.name == "env" else ("cuda",)) + ("torch",)
+    reasons = [found[need] for need in needs if found.get(need)]
+    return "; ".join(reasons) or None
+
+
+# -- the sections (each runs in its own process: `--section NAME --result FILE`) ------------------------------
+
+def section_env(cpu: bool, partial) -> dict:
+    import torch
+
+    result: dict = {"python": platform.python_version(), "torch": torch.__version__,
+                    "cuda_runtime": torch.version.cuda, "machine": platform.machine(),
+                    "cpu_count": os.cpu_count()}
+    try:
+        import triton
+
+        result["triton"] = triton.__version__
+    except ImportError:
+        result["triton"] = None
+    for name in ("torchtitan", "numpy", "safetensors"):
+        try:
+            from importlib.metadata import version
+
+            result[name] = version(name)
+        except Exception:  # noqa: BLE001 - absent is an answer
+            result[name] = None
+    bundle = REPO / ".gpu-bundle" / "bundle.json"
+    result["bundle_commit"] = json.loads(bundle.read_text())["commit"] if bundle.exists() else None
+    smi = shutil.which("nvidia-smi")
+    result["nvidia_smi"] = (subprocess.run([smi], capture_output=True, text=True, timeout=20).stdout
+                            if smi else "nvidia-smi not found")
+    device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        result.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+                      gpu_memory_gib=props.total_memory / 2**30, multiprocessors=props.multi_processor_count)
+    # The matmul ceiling on this machine, the roof every MFU here sits under (bf16 8192^3 on a GPU).
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (512, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    times = []
+    for i in range(13):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    result["matmul"] = {"n": n, "dtype": str(dtype), "tflops": 2 * n**3 / statistics.median(times) / 1e12}
+    return result
+
+
+def section_pytest(cpu: bool, partial) -> dict:
+    """The GPU-marked tests. On CPU: the Triton kernels in Triton's interpreter, their compilation for Hopper
+    and Blackwell by this Triton (no GPU needed), and the GPU tests collected (skipped without CUDA)."""
+    gpu_files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+                       if "pytest.mark.gpu" in p.read_text())
+    if cpu:
+        runs = [["-m", "not slow", "tests/test_kernels.py", *gpu_files], ["tests/test_kernels_compile.py"]]
+    else:
+        runs = [["-m", "gpu", *gpu_files]]
+    tests, codes = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, args in enumerate(runs):
+            report = Path(tmp) / f"junit-{i}.xml"
+            run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                                  "-W", "ignore::DeprecationWarning", f"--junitxml={report}", *args], cwd=REPO)
+            codes.append(run.returncode)
+            tests += _junit(report) if report.exists() else []
+    counts = {status: sum(t["status"] == status for t in tests) for status in ("passed", "failed", "skipped")}
+    result = {"runs": runs, "counts": counts, "tests": tests}
+    if any(code not in (0, 5) for code in codes) or counts["failed"]:  # 5: nothing collected
+        raise SectionFailed(f"{counts['failed']} test(s) failed, exit codes {codes}", result)
+    return result
+
+
+def _junit(path: Path) -> list[dict]:
+    import xml.etree.ElementTree as ET
+
+    tests = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        status, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error"):
+                status, message = "failed", (child.get("message") or "")[:300]
+            elif child.tag == "skipped":
+                status, message = "skipped", (child.get("message") or "")[:300]
+        tests.append({"test": f"{case.get('classname')}::{case.get('name')}", "status": status,
+                      "seconds": float(case.get("time") or 0), "message": message})
+    return tests
+
+
+def section_attention(cpu: bool, partial) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "attention.json"
+        subprocess.run([sys.executable, str(BENCHMARKS / "attention.py"), "--json", str(out),
+                        *(["--quick"] if cpu else [])], check=True, cwd=REPO)
+        return json.loads(out.read_text())
+
+
+def section_train(cpu: bool, partial) -> dict:
+    if cpu:  # torchtitan must resolve its device to the CPU before it is first imported
+        import wam.trainer.titan.cpu  # noqa: F401
+    sys.path.insert(0, str(BENCHMARKS))
+    from train_step import WIDTH_14B, parallelized_step
+
+    results = {}
+    for attention in ("sdpa", "triton") if cpu else ("triton", "flex"):  # flex has no backward on CPU
+        results[attention] = parallelized_step([] if cpu else WIDTH_14B, attention, device="cpu" if cpu else "cuda",
+                                               steps=2 if cpu else 5, warmup=1 if cpu else 3)
+        partial(results)  # kept if the section runs out of time at the next backend
+    return results
+
+
+def section_serve(cpu: bool, partial) -> dict:
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from serve import chunk_latency
+
+    if cpu:
+        return chunk_latency(["sample.actions_per_chunk=24"], "cpu", torch.float32, repeats=3)
+    return chunk_latency(["model.preset=dreamzero-14b", "model.num_layers=2"], "cuda", torch.bfloat16, repeats=20)
+
+
+RUNNERS = {"env": section_env, "pytest": section_pytest, "attention": section_attention, "train": section_train,
+           "serve": section_serve}
+
+
+class SectionFailed(Exception):
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
+
+
+def child(name: str, result_file: Path, cpu: bool) -> int:
+    def partial(result: dict) -> None:
+        result_file.write_text(json.dumps({"status": "partial", "result": result}, default=str))
+
+    try:
+        result_file.write_text(json.dumps({"status": "passed", "result": RUNNERS[name](cpu, partial)}, default=str))
+        return 0
+    except SectionFailed as err:
+        result_file.write_text(json.dumps({"status": "failed", "error": str(err), "result": err.result},
+                                          default=str))
+        return 1
+
+
+# -- the orchestration ------------------------------------------------------------------------------------------
+
+def run_section(section: Section, limit_s: float, cpu: bool, log) -> dict:
+    """One section in its own process: passed, failed (with the end of its output) or timed out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = Path(tmp) / "result.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--section", section.name,
+                   "--result", str(result_file), *(["--cpu"] if cpu else [])]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if cpu:
+            env["TRITON_INTERPRET"] = "1"  # Triton's interpreter, chosen before Triton is imported
+        log.write(f"\n===== {section.name} ({section.about}), limit {limit_s:.0f} s =====\n")
+        log.flush()
+        start = time.monotonic()
+        with tempfile.TemporaryFile("w+") as output:
+            process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                       start_new_session=True)
+            try:
+                code = process.wait(timeout=limit_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)  # the section and whatever it started (pytest, compile workers)
+                process.wait()
+                code = None
+            output.seek(0)
+            text = output.read()
+        log.write(text)
+        log.flush()
+        seconds = time.monotonic() - start
+        tail = "\n".join(text.strip().splitlines()[-15:])
+        if code is None:
+            record = {"status": "timed out", "seconds": seconds, "error": f"no result within {limit_s:.0f} s",
+                      "output_tail": tail}
+            if result_file.exists():  # what the section finished before its time ran out
+                record["result"] = json.loads(result_file.read_text())["result"]
+            return record
+        if result_file.exists():
+            record = json.loads(result_file.read_text())
+            return {**record, "seconds": seconds, **({"output_tail": tail} if record["status"] != "passed" else {})}
+        return {"status": "failed", "seconds": seconds, "error": f"exit code {code}", "output_tail": tail}
+
+
+def run_all(out: Path, names: list[str], cpu: bool, budget_s: float, limits: dict[str, float]) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    found = capabilities(cpu)
+    summary: dict = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                     "mode": "cpu dry run" if cpu else "gpu", "budget_s": budget_s,
+                     "missing_capabilities": {k: v for k, v in found.items() if v}, "sections": {}}
+    deadline = time.monotonic() + budget_s
+    with open(out / "sections.log", "w") as log:
+        for name in names:
+            section = SECTIONS[name]
+            reason = missing(section, found, cpu)
+            left = deadline - time.monotonic()
+            if reason:
+                record = {"status": "skipped", "reason": reason}
+            elif left < 5:
+                record = {"status": "skipped", "reason": f"the {budget_s:.0f} s budget was spent"}
+            else:
+                limit = limits.get(name, CPU_LIMIT_S if cpu else section.limit_s)
+                record = run_section(section, min(limit, left), cpu, log)
+            summary["sections"][name] = record
+            _print_status(name, record)
+    summary["targets"] = [] if cpu else evaluate_targets(summary["sections"])
+    (out / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "gpu_check.md").write_text(markdown(summary))
+    return summary
+
+
+def _print_status(name: str, record: dict) -> None:
+    detail = record.get("reason") or record.get("error") or ""
+    seconds = f"{record['seconds']:.0f} s" if "seconds" in record else ""
+    print(f"{name:<10} {record['status']:<10} {seconds:>6}  {detail}", flush=True)
+
+
+def _lookup(result: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(result, dict) or key not in result:
+            return None
+        result = result[key]
+    return result
+
+
+def evaluate_targets(sections: dict) -> list[dict]:
+    rows = []
+    for name, what, path, minimum in TARGETS:
+        value = _lookup(sections.get(name, {}).get("result", {}), path)
+        verdict = "not measured" if value is None else ("met" if value >= minimum else f"missed by {minimum - value:.3g}")
+        rows.append({"section": name, "target": what, "minimum": minimum, "measured": value, "verdict": verdict})
+    return rows
+
+
+def markdown(summary: dict) -> str:
+    sections = summary["sections"]
+    env = sections.get("env", {}).get("result", {})
+    lines = [f"# GPU check, {summary['date']} ({summary['mode']})", ""]
+    if env:
+        device = env.get("gpu", "no GPU")
+        lines += [f"{device}; Python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('cuda_runtime')}), "
+                  f"Triton {env.get('triton')}, torchtitan {env.get('torchtitan')}, bundle {env.get('bundle_commit')}; matmul ceiling "
+                  f"{env['matmul']['tflops']:.3g} TFLOP/s ({env['matmul']['dtype']}, {env['matmul']['n']}^3)", ""]
+    lines += ["| section | status | seconds | note |", "|---|---|---|---|"]
+    for name, record in sections.items():
+        note = (record.get("reason") or record.get("error") or "").replace("|", "/").replace("\n", " ")
+        lines.append(f"| {name} | {record['status']} | {record.get('seconds', 0):.0f} | {note} |")
+    if summary["targets"]:
+        lines += ["", "| target | minimum | measured | verdict |", "|---|---|---|---|"]
+        for row in summary["targets"]:
+            measured = "—" if row["measured"] is None else f"{row['measured']:.3g}"
+            lines.append(f"| {row['target']} | {row['minimum']:g} | {measured} | {row['verdict']} |")
+    if summary["missing_capabilities"]:
+        lines += ["", "Missing on this machine (a section that needs one of these is skipped):", ""]
+        lines += [f"- {name}: {why}" for name, why in summary["missing_capabilities"].items()]
+    lines += _details(sections)
+    if env.get("nvidia_smi"):
+        lines += ["", "```", env["nvidia_smi"].rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _details(sections: dict) -> list[str]:
+    lines = []
+    attention = sections.get("attention", {}).get("result", {})
+    for layout, row in attention.get("layouts", {}).items():
+        lines += ["", f"Attention, {layout} ({row['tokens']} tokens, {row['allowed_fraction']:.1%} of pairs allowed, "
+                  f"Triton tuning {row['tuning_s']:.1f} s apart, max |Triton - flex| "
+                  f"{row.get('triton_vs_flex_max_abs_diff', float('nan')):.2g}):", "",
+                  "| kernel | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {r['forward_ms']:.2f} | {r['forward_tflops']:.0f} | {r['forward_backward_ms']:.2f} | "
+                  f"{r['forward_backward_tflops']:.0f} |" for name, r in row["results"].items()]
+        if row.get("tuning"):
+            lines += ["", "Tiles chosen: " + "; ".join(f"{p} {c}" for p, c in row["tuning"]["chosen"].items())]
+    train = sections.get("train", {}).get("result", {})
+    if train:
+        lines += ["", "Training step:", "", "| attention | layers x dim | tokens | step s | tokens/s | MFU % | "
+                  "peak GiB | estimate GiB |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in train.items():
+            lines.append(f"| {name} | {r['layers']} x {r['dim']} | {r['tokens']} | {r['step_s']:.3f} | "
+                         f"{r['tokens_per_s']:,.0f} | {r.get('mfu_pct', float('nan')):.1f} | "
+                         f"{r.get('peak_allocated_gib', float('nan')):.1f} | {r.get('estimate_gib', float('nan')):.1f} |")
+    serve = sections.get("serve", {}).get("result", {})
+    if serve:
+        lines += ["", "Per-chunk denoising latency (last chunk of the context):", "",
+                  "| steps | KV cache p50 / p99 ms | recompute p50 / p99 ms | speed-up |", "|---|---|---|---|"]
+        for steps, r in serve.items():
+            kv, re = r["kv_cache"], r["recompute"]
+            lines.append(f"| {steps.split('_')[0]} | {kv['p50_ms']:.1f} / {kv['p99_ms']:.1f} | "
+                         f"{re['p50_ms']:.1f} / {re['p99_ms']:.1f} | {r['speedup_p50']:.1f}x |")
+    return lines
+
+
+def _limits(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, float]:
+    limits = {}
+    for item in items:
+        name, _, seconds = item.partition("=")
+        if name not in SECTIONS or not seconds.replace(".", "", 1).isdigit():
+            parser.error(f"--limit {item!r}: expected SECTION=SECONDS, SECTION one of {', '.join(SECTIONS)}")
+        limits[name] = float(seconds)
+    return limits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, nargs="?", help="folder for gpu_check.json, gpu_check.md, sections.log")
+    parser.add_argument("--cpu", action="store_true", help="every section's CPU mode (the dry run)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections (default: all)")
+    parser.add_argument("--budget-s", type=float, default=480, help="all sections together (default 480)")
+    parser.add_argument("--limit", action="append", default=[], metavar="SECTION=SECONDS",
+                        help="one section's time limit")
+    parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # a section's own process
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.section:
+        sys.exit(child(args.section, args.result, args.cpu))
+    if args.out is None:
+        parser.error("OUT: give a folder for the results")
+    names = [n for n in args.only.split(",") if n]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    limits = _limits(parser, args.limit)
+    summary = run_all(args.out, names, args.cpu, args.budget_s if not args.cpu else 10**6, limits)
+    print(f"summary: {args.out / 'gpu_check.md'}")
+    for row in summary["targets"]:
+        print(f"  {row['target']}: {row['verdict']}")
+    sys.exit(int(any(r["status"] in ("failed", "timed out") for r in summary["sections"].values())))
+
+
+if __name__ == "__main__":
+    main()
