@@ -6,8 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 # Debian packages the tests need: the FFmpeg libraries torchcodec links against (PyAV and DALI bundle
-# their own).
-SYSTEM_PACKAGES := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8
+# their own), and bubblewrap, which runs the operator's containers under their pods' rules.
+SYSTEM_PACKAGES := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8 \
+	bubblewrap
 
 .PHONY: setup test test-fast demo lint bench gpu-bundle gpu-dryrun generate clean
 

@@ -1,0 +1,111 @@
+"""The operator's containers as real processes under their pods' rules (wam.operators.sandbox, bubblewrap):
+read-only root, the pod's user, only its volumes writable, its env and ConfigMap, its hostnames on loopback,
+its termination message."""
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+from wam.operators import builders
+from wam.operators.sandbox import SandboxedContainer, SandboxError, container_env, plan
+from wam.operators.settings import OperatorSettings
+from wam.platform import trainjob
+
+SPEC = {"model": {"preset": "tiny"}, "config": {"data": {"source": "synthetic"}, "training": {"steps": 5}},
+        "resources": {"accelerator": "h100", "nodes": 2, "gpusPerNode": 1}, "scheduling": {"gang": "none"},
+        "handoff": {"quantize": "never"}, "secretRefs": ["s3-credentials"]}
+
+# What a process checks from inside its pod: it prints one JSON line and writes its termination message.
+PROBE = textwrap.dedent("""
+    import errno, json, os, socket, sys
+    def writable(path):
+        try:
+            with open(os.path.join(path, "probe"), "w") as f:
+                f.write("x")
+            return True
+        except OSError as err:
+            return err.errno
+    print(json.dumps({
+        "uid": os.getuid(), "gid": os.getgid(), "cwd": os.getcwd(),
+        "root": writable("/etc"), "prefix": writable(sys.prefix),
+        "workspace": writable("/workspace"), "tmp": writable("/tmp"), "shm": writable("/dev/shm"),
+        "config": open(os.environ["WAM_CONFIG"]).read(), "env": {k: os.environ.get(k) for k in
+            ("HOME", "WAM_TRAINJOB", "AWS_ACCESS_KEY_ID", "PET_NNODES", "PET_MASTER_ADDR")},
+        "peer": socket.gethostbyname(os.environ["PET_MASTER_ADDR"]),
+        "no_new_privs": [l for l in open("/proc/self/status") if l.startswith("NoNewPrivs")][0].split()[1],
+    }), flush=True)
+    open(os.environ["WAM_TERMINATION_LOG"], "w").write("probe finished: exit 3")
+    sys.exit(3)
+""")
+
+
+def _training_pod(index: int = 0) -> tuple[dict, dict, dict[tuple[str, str], dict]]:
+    """Pod `index` of the tiny 2-node TrainJob's JobSet, expanded as the JobSet and Job controllers would."""
+    settings = OperatorSettings()
+    job = trainjob.parse({"apiVersion": trainjob.API_VERSION, "kind": trainjob.KIND,
+                          "metadata": {"name": "sandboxed", "namespace": "default", "uid": "u-1"}, "spec": SPEC})
+    cfg = trainjob.training_config(job, settings.platform())
+    from wam.operators.reconcile import training_children
+
+    jobset = next(o for o in training_children(job, cfg, 0, settings) if o["kind"] == "JobSet")
+    template = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    name = jobset["metadata"]["name"]
+    pod = {"metadata": {**template["metadata"], "name": f"{name}-node-0-{index}-abcde", "namespace": "default",
+                        "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
+           "spec": {**template["spec"], "hostname": f"{name}-node-0-{index}", "subdomain": name}}
+    objects = {("ConfigMap", builders.config_map_name(job)): builders.config_map(job, cfg),
+               ("Secret", "s3-credentials"): {"kind": "Secret", "stringData": {"AWS_ACCESS_KEY_ID": "local-key"}}}
+    return pod, pod["spec"]["containers"][0], objects
+
+
+def test_a_training_pod_runs_under_its_rules(tmp_path):
+    pod, container, objects = _training_pod(index=1)
+    container = {**container, "command": [sys.executable, "-c", PROBE]}
+    master = next(e["value"] for e in container["env"] if e["name"] == "PET_MASTER_ADDR")
+    run = SandboxedContainer(container, plan(pod, container, objects, tmp_path / "pod",
+                                             hosts={master: "127.0.0.1"}), tmp_path / "pod.log")
+    finished = run.wait(120)
+    log = (tmp_path / "pod.log").read_text()
+    assert finished.exit_code == 3, log
+    assert finished.message == "probe finished: exit 3"
+    seen = json.loads(log.strip().splitlines()[-1])
+    assert (seen["uid"], seen["gid"], seen["cwd"]) == (1000, 1000, "/workspace")
+    assert seen["root"] == seen["prefix"] == 30  # EROFS: the root filesystem (and the "image") is read-only
+    assert seen["workspace"] is seen["tmp"] is seen["shm"] is True
+    assert seen["config"] == objects[("ConfigMap", "sandboxed-config")]["data"]["config.yaml"]
+    assert seen["env"]["HOME"] == "/workspace" and seen["env"]["WAM_TRAINJOB"] == "default/sandboxed"
+    assert seen["env"]["AWS_ACCESS_KEY_ID"] == "local-key" and seen["env"]["PET_NNODES"] == "2"
+    assert seen["peer"] == "127.0.0.1" and seen["no_new_privs"] == "1"
+
+
+def test_a_killed_container_exits_137_and_falls_back_to_its_log(tmp_path):
+    pod, container, objects = _training_pod()
+    container = {**container, "command": [sys.executable, "-c",
+                                           "import time; print('step 1', flush=True); time.sleep(600)"]}
+    run = SandboxedContainer(container, plan(pod, container, objects, tmp_path / "pod"), tmp_path / "pod.log")
+    assert run.poll() is None
+    import time
+
+    deadline = time.monotonic() + 120
+    while "step 1" not in (tmp_path / "pod.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run.kill()
+    finished = run.wait(60)
+    assert finished.exit_code == 137 and finished.reason == "Error"
+    assert finished.message == "step 1"  # terminationMessagePolicy: FallbackToLogsOnError
+
+
+def test_what_the_runner_cannot_honour_is_refused_by_field():
+    pod, container, objects = _training_pod()
+    with pytest.raises(SandboxError, match="has no command"):
+        plan(pod, {k: v for k, v in container.items() if k != "command"}, objects, __import__("pathlib").Path("/x"))
+    writable_root = {**container, "securityContext": {"readOnlyRootFilesystem": False}}
+    with pytest.raises(SandboxError, match="readOnlyRootFilesystem"):
+        plan(pod, writable_root, objects, __import__("pathlib").Path("/x"))
+    with pytest.raises(SandboxError, match="Secret 's3-credentials' does not exist"):
+        container_env(pod, container, {k: v for k, v in objects.items() if k[0] != "Secret"})
+    field = {**container, "env": [{"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "status.podIPs"}}}]}
+    with pytest.raises(SandboxError, match="status.podIPs"):
+        container_env(pod, field, objects)
