@@ -33,6 +33,7 @@ TRAINJOB = Kind(trainjob.API_VERSION, trainjob.KIND, trainjob.PLURAL)
 CONFIGMAP = Kind("v1", "ConfigMap", "configmaps")
 SERVICE = Kind("v1", "Service", "services")
 POD = Kind("v1", "Pod", "pods")
+SECRET = Kind("v1", "Secret", "secrets")
 EVENT = Kind("v1", "Event", "events")
 JOB = Kind("batch/v1", "Job", "jobs")
 DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
@@ -42,7 +43,7 @@ WORKLOAD = Kind("kueue.x-k8s.io/v1beta2", "Workload", "workloads")
 COMPUTE_DOMAIN = Kind("resource.nvidia.com/v1beta1", "ComputeDomain", "computedomains")
 VOLCANO_POD_GROUP = Kind("scheduling.volcano.sh/v1beta1", "PodGroup", "podgroups")
 COSCHEDULING_POD_GROUP = Kind("scheduling.x-k8s.io/v1alpha1", "PodGroup", "podgroups")
-KINDS = {(k.api_version, k.kind): k for k in (TRAINJOB, CONFIGMAP, SERVICE, POD, EVENT, JOB, DEPLOYMENT, JOBSET,
+KINDS = {(k.api_version, k.kind): k for k in (TRAINJOB, CONFIGMAP, SERVICE, POD, SECRET, EVENT, JOB, DEPLOYMENT, JOBSET,
                                                RAYJOB, WORKLOAD, COMPUTE_DOMAIN, VOLCANO_POD_GROUP, COSCHEDULING_POD_GROUP)}
 
 

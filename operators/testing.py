@@ -37,6 +37,7 @@ _DISCOVERY = {
     kube.JOBSET: {"subresources": {"status"}},
     kube.RAYJOB: {"subresources": {"status"}},
     kube.JOB: {"subresources": {"status"}},
+    kube.POD: {"subresources": {"status"}},
     kube.DEPLOYMENT: {"subresources": {"status", "scale"}},
     kube.WORKLOAD: {"subresources": {"status"}},
 }

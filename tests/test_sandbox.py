@@ -109,3 +109,97 @@ def test_what_the_runner_cannot_honour_is_refused_by_field():
     field = {**container, "env": [{"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "status.podIPs"}}}]}
     with pytest.raises(SandboxError, match="status.podIPs"):
         container_env(pod, field, objects)
+
+
+# -- the controllers and the kubelet: the operator's objects as real processes ------------------------------
+
+ALL_REDUCE = ("import os, torch, torch.distributed as dist; dist.init_process_group('gloo'); "
+              "t = torch.tensor([dist.get_rank() + 1.0]); dist.all_reduce(t); "
+              "print(f'rank {dist.get_rank()} of {dist.get_world_size()}: all_reduce {t.item()}', flush=True); "
+              "dist.barrier(); dist.destroy_process_group()")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_jobset_rendezvous_through_its_service_name_across_two_sandboxed_pods(tmp_path):
+    """The JobSet the operator builds for 2 nodes: expanded into 2 indexed pods, each running torchrun under
+    its pod's rules; torchrun's static rendezvous (PET_* from the pod's env, the master addressed by the
+    JobSet's service hostname) joins them; statuses and logs come back from the processes."""
+    from conftest import wait_for
+
+    from wam.operators import kube
+    from wam.operators.local_cluster import LocalKubelet, expand_jobset
+    from wam.operators.reconcile import training_children
+    from wam.operators.testing import EmulatedCluster
+
+    settings = OperatorSettings()
+    job = trainjob.parse({"apiVersion": trainjob.API_VERSION, "kind": trainjob.KIND,
+                          "metadata": {"name": "gang", "namespace": "default", "uid": "u-2"}, "spec": SPEC})
+    cfg = trainjob.training_config(job, settings.platform())
+    jobset = next(o for o in training_children(job, cfg, 0, settings) if o["kind"] == "JobSet")
+    container = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]
+    container["command"] = ["torchrun", "--no-python", "python", "-c", ALL_REDUCE]
+    port = str(_free_port())  # tests share this machine's loopback: not the fixed rendezvous port
+    container["env"] = [{**e, "value": port} if e["name"] == "PET_MASTER_PORT" else e for e in container["env"]]
+    pods = expand_jobset({**jobset, "metadata": {**jobset["metadata"], "uid": "js"}})
+    assert [p["spec"]["hostname"] for p in pods] == ["gang-0-node-0-0", "gang-0-node-0-1"]
+    assert {p["spec"]["subdomain"] for p in pods} == {"gang-0"}
+    with EmulatedCluster() as c, LocalKubelet(c.kube, "default", tmp_path, pod_log=c.set_pod_log) as kubelet:
+        c.kube.create(builders.config_map(job, cfg))
+        c.kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials",
+                       "namespace": "default"}, "stringData": {"AWS_ACCESS_KEY_ID": "local-key"}})
+        c.kube.create(jobset)
+
+        def completed():
+            """the JobSet Completed"""
+            js = c.kube.get(kube.JOBSET, "default", "gang-0")
+            return any(x["type"] in ("Completed", "Failed") for x in (js.get("status") or {}).get("conditions", [])) \
+                and js
+        js = wait_for(completed, timeout=180)
+        logs = "".join((tmp_path / f"{name}.log").read_text() for name in kubelet.running)
+        assert js["status"]["conditions"][0]["type"] == "Completed", logs + str(kubelet.errors)
+        assert "rank 0 of 2: all_reduce 3.0" in logs and "rank 1 of 2: all_reduce 3.0" in logs
+        phases = {p["metadata"]["name"]: p["status"]["phase"] for p in c.kube.list(kube.POD, "default", {})}
+        assert sorted(phases.values()) == ["Succeeded", "Succeeded"]
+        assert kubelet.errors == []
+
+
+def test_a_job_whose_container_fails_on_start_reports_its_termination_message(tmp_path):
+    """The quantize Job as the operator builds it, its command failing at once: the pod ends Failed with the
+    process's termination message and the Job's Failed condition, as the operator reads them."""
+    from conftest import wait_for
+
+    from wam.operators import handoff, kube
+    from wam.operators.local_cluster import LocalKubelet
+    from wam.operators.testing import EmulatedCluster
+
+    settings = OperatorSettings()
+    job = trainjob.parse({"apiVersion": trainjob.API_VERSION, "kind": trainjob.KIND,
+                          "metadata": {"name": "quant", "namespace": "default", "uid": "u-3"},
+                          "spec": {**SPEC, "handoff": {"quantize": "final"}}})
+    quantize = handoff.quantize_job(job, 5, "s3://nowhere/step-5", "s3://nowhere/nvfp4/step-5", settings)
+    container = quantize["spec"]["template"]["spec"]["containers"][0]
+    path = container.get("terminationMessagePath", "/dev/termination-log")
+    container["command"] = ["python", "-c", f"open({path!r}, 'w').write('InvalidInput: no such checkpoint'); "
+                                            "raise SystemExit(2)"]
+    with EmulatedCluster() as c, LocalKubelet(c.kube, "default", tmp_path, pod_log=c.set_pod_log):
+        c.kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials",
+                       "namespace": "default"}, "stringData": {"AWS_ACCESS_KEY_ID": "local-key"}})
+        c.kube.create(quantize)
+        name = quantize["metadata"]["name"]
+
+        def failed():
+            """the quantize Job Failed"""
+            conditions = ((c.kube.get(kube.JOB, "default", name) or {}).get("status") or {}).get("conditions", [])
+            return any(x["type"] == "Failed" for x in conditions)
+        wait_for(failed, timeout=120)
+        pod = c.kube.list(kube.POD, "default", {})[0]
+        assert pod["status"]["phase"] == "Failed"
+        terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+        assert terminated["exitCode"] == 2 and terminated["message"] == "InvalidInput: no such checkpoint"

@@ -1,0 +1,225 @@
+"""The controllers and the kubelet that the emulated API server (wam.operators.testing) lacks, so that the
+operator's objects become real processes: JobSets, Jobs and Deployments are expanded into Pods as their
+controllers would (indexes, hostnames, subdomain, completion-index annotations, owner references), and
+every Pod's container runs under its pod's rules (wam.operators.sandbox). Pod, Job, JobSet and Deployment
+statuses are written back from the processes, so the operator reads what real programs did.
+
+`expand_*` are pure; `LocalKubelet` polls the API in a background thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from wam.operators import kube
+from wam.operators.sandbox import SandboxedContainer, SandboxError, plan
+
+JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"
+REPLICATED_JOB = "jobset.sigs.k8s.io/replicatedjob-name"
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+JOB_NAME = "batch.kubernetes.io/job-name"
+
+
+def _owner(obj: dict) -> dict:
+    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": obj["metadata"]["name"],
+            "uid": obj["metadata"].get("uid", ""), "controller": True}
+
+
+def _suffix(*parts: str) -> str:
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:5]
+
+
+def _pod(template: dict, name: str, namespace: str, owner: dict, labels: dict, annotations: dict,
+         **spec_fields: str) -> dict:
+    meta = template.get("metadata") or {}
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": {**(meta.get("labels") or {}), **labels},
+                         "annotations": {**(meta.get("annotations") or {}), **annotations},
+                         "ownerReferences": [owner]},
+            "spec": {**template["spec"], **spec_fields}}
+
+
+def expand_jobset(js: dict) -> list[dict]:
+    """The pods of a JobSet: per replicated job, per replica, one Indexed Job's `completions` pods, each with
+    hostname `<jobset>-<rjob>-<replica>-<index>` under the JobSet's subdomain (its headless service)."""
+    name, namespace = js["metadata"]["name"], js["metadata"]["namespace"]
+    subdomain = (js["spec"].get("network") or {}).get("subdomain") or name
+    pods = []
+    for rjob in js["spec"]["replicatedJobs"]:
+        job_spec = rjob["template"]["spec"]
+        for replica in range(rjob.get("replicas", 1)):
+            for index in range(job_spec.get("completions", job_spec.get("parallelism", 1))):
+                host = f"{name}-{rjob['name']}-{replica}-{index}"
+                labels = {JOBSET_NAME: name, REPLICATED_JOB: rjob["name"], COMPLETION_INDEX: str(index),
+                          JOB_NAME: f"{name}-{rjob['name']}-{replica}"}
+                pods.append(_pod(job_spec["template"], f"{host}-{_suffix(js['metadata'].get('uid', ''), host)}",
+                                 namespace, _owner(js), labels, {COMPLETION_INDEX: str(index)},
+                                 hostname=host, subdomain=subdomain))
+    return pods
+
+
+def expand_job(job: dict) -> list[dict]:
+    name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+    return [_pod(job["spec"]["template"], f"{name}-{_suffix(job['metadata'].get('uid', ''), name)}", namespace,
+                 _owner(job), {JOB_NAME: name}, {})]
+
+
+def expand_deployment(dep: dict) -> list[dict]:
+    name, namespace = dep["metadata"]["name"], dep["metadata"]["namespace"]
+    revision = _suffix(repr(dep["spec"]["template"]))
+    return [_pod(dep["spec"]["template"], f"{name}-{revision}-{i}", namespace, _owner(dep), {}, {})
+            for i in range(dep["spec"].get("replicas", 1))]
+
+
+def _terminated(pod: dict) -> dict | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if "terminated" in (status.get("state") or {}):
+            return status["state"]["terminated"]
+    return None
+
+
+class LocalKubelet:
+    """Runs the pods of the objects in `namespace` until `stop()`. `pod_log(namespace, pod, container, text)`
+    publishes what a container printed (the emulated API server serves it as the pod's log)."""
+
+    KINDS = ((kube.JOBSET, expand_jobset), (kube.JOB, expand_job), (kube.DEPLOYMENT, expand_deployment))
+
+    def __init__(self, api: kube.Kube, namespace: str, workdir: Path, *, interval_s: float = 0.3,
+                 pod_log: Callable[[str, str, str, str], None] | None = None):
+        self.api, self.namespace, self.workdir, self.interval_s = api, namespace, workdir, interval_s
+        self.pod_log = pod_log
+        self.running: dict[str, SandboxedContainer] = {}  # pod name -> its (single) container's process
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="local-kubelet", daemon=True)
+        self.errors: list[str] = []
+
+    def __enter__(self) -> LocalKubelet:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        for run in self.running.values():
+            run.stop(5)
+
+    def kill(self, pod_name: str) -> None:
+        """SIGKILL a pod's process (a crashed rank, a lost node)."""
+        self.running[pod_name].kill()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._sync()
+            except Exception as err:  # noqa: BLE001 - keep serving; the test reads the errors
+                self.errors.append(repr(err))
+            self._stop.wait(self.interval_s)
+
+    def _sync(self) -> None:
+        owners = {}
+        for kind, expand in self.KINDS:
+            for obj in self.api.list(kind, self.namespace, {}):
+                owners[obj["metadata"]["uid"]] = (kind, obj)
+                if kind is not kube.DEPLOYMENT and (obj["spec"].get("suspend") or _finished(obj)):
+                    continue
+                for pod in expand(obj):
+                    self.api.create(pod)  # idempotent: an existing pod stays as it is
+        pods = self.api.list(kube.POD, self.namespace, {})
+        alive = {p["metadata"]["name"] for p in pods}
+        for name in [n for n in self.running if n not in alive]:  # deleted with its owner: stop it
+            self.running.pop(name).stop(5)
+        hosts = {}  # every pod's DNS name under its headless service (JobSet), on loopback
+        for pod in pods:
+            host, sub = pod["spec"].get("hostname"), pod["spec"].get("subdomain")
+            if host and sub:
+                for name in (f"{host}.{sub}", f"{host}.{sub}.{self.namespace}.svc",
+                             f"{host}.{sub}.{self.namespace}.svc.cluster.local"):
+                    hosts[name] = "127.0.0.1"
+        for pod in pods:
+            self._tend(pod, hosts)
+        for kind, obj in owners.values():
+            mine = [p for p in pods if any(r.get("uid") == obj["metadata"]["uid"]
+                                           for r in p["metadata"].get("ownerReferences") or [])]
+            self._owner_status(kind, obj, mine)
+
+    def _tend(self, pod: dict, hosts: dict[str, str]) -> None:
+        name = pod["metadata"]["name"]
+        phase = (pod.get("status") or {}).get("phase")
+        if phase in ("Succeeded", "Failed"):
+            return
+        if name not in self.running:
+            container = pod["spec"]["containers"][0]
+            try:
+                planned = plan(pod, container, self._objects(), self.workdir / name, hosts=hosts)
+                self.running[name] = SandboxedContainer(container, planned, self.workdir / f"{name}.log")
+            except SandboxError as err:
+                self._set_pod(pod, "Failed", {"terminated": {"exitCode": 1, "reason": "CreateContainerError",
+                                                             "message": str(err)}}, ready=False)
+                return
+            self._set_pod(pod, "Running", {"running": {}}, ready=True)
+            return
+        run = self.running[name]
+        finished = run.poll()
+        if self.pod_log and run.log.exists():
+            self.pod_log(self.namespace, name, run.container["name"], run.log.read_text(errors="replace"))
+        if finished is not None:
+            state = {"terminated": {"exitCode": finished.exit_code, "reason": finished.reason,
+                                    "message": finished.message}}
+            self._set_pod(pod, "Succeeded" if finished.exit_code == 0 else "Failed", state, ready=False)
+
+    def _set_pod(self, pod: dict, phase: str, state: dict, ready: bool) -> None:
+        container = pod["spec"]["containers"][0]["name"]
+        self.api.patch(kube.POD, self.namespace, pod["metadata"]["name"], {"status": {
+            "phase": phase, "podIP": "127.0.0.1",
+            "containerStatuses": [{"name": container, "ready": ready, "state": state, "restartCount": 0}]}},
+            subresource="status")
+
+    def _objects(self) -> dict[tuple[str, str], dict]:
+        found = {}
+        for kind in (kube.CONFIGMAP, kube.SECRET):
+            for obj in self.api.list(kind, self.namespace, {}):
+                found[(kind.kind, obj["metadata"]["name"])] = {**obj, "kind": kind.kind}
+        return found
+
+    def _owner_status(self, kind: kube.Kind, obj: dict, pods: list[dict]) -> None:
+        phases = [(p.get("status") or {}).get("phase") for p in pods]
+        ready, succeeded, failed = (phases.count("Running"), phases.count("Succeeded"), phases.count("Failed"))
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if kind is kube.DEPLOYMENT:
+            status = {"replicas": len(pods), "readyReplicas": ready, "availableReplicas": ready}
+        elif kind is kube.JOB:
+            status = {"active": ready, "succeeded": succeeded, "failed": failed}
+            if failed:
+                status["conditions"] = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                         "lastTransitionTime": now}]
+            elif pods and succeeded == len(pods):
+                status["conditions"] = [{"type": "Complete", "status": "True", "lastTransitionTime": now}]
+        else:
+            rjob = obj["spec"]["replicatedJobs"][0]["name"]
+            status = {"replicatedJobsStatus": [{"name": rjob, "ready": int(bool(pods) and ready == len(pods)),
+                                                "succeeded": int(bool(pods) and succeeded == len(pods)),
+                                                "failed": int(failed > 0), "active": int(ready > 0),
+                                                "suspended": 0}]}
+            if failed:  # a failed pod fails the JobSet (no failurePolicy) and the rest of its pods stop
+                status["conditions"] = [{"type": "Failed", "status": "True", "reason": "FailedJobs",
+                                         "message": "jobset failed due to a failed job", "lastTransitionTime": now}]
+                for pod in pods:
+                    if pod["metadata"]["name"] in self.running and (pod.get("status") or {}).get("phase") == "Running":
+                        self.running[pod["metadata"]["name"]].kill()
+            elif pods and succeeded == len(pods):
+                status["conditions"] = [{"type": "Completed", "status": "True", "reason": "AllJobsCompleted",
+                                         "lastTransitionTime": now}]
+        if (obj.get("status") or {}) != {**(obj.get("status") or {}), **status}:
+            self.api.patch(kind, self.namespace, obj["metadata"]["name"], {"status": status}, subresource="status")
+
+
+def _finished(obj: dict) -> bool:
+    return any(c.get("status") == "True" and c.get("type") in ("Completed", "Complete", "Failed")
+               for c in (obj.get("status") or {}).get("conditions") or [])
