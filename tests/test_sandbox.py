@@ -131,12 +131,12 @@ def test_a_jobset_rendezvous_through_its_service_name_across_two_sandboxed_pods(
     """The JobSet the operator builds for 2 nodes: expanded into 2 indexed pods, each running torchrun under
     its pod's rules; torchrun's static rendezvous (PET_* from the pod's env, the master addressed by the
     JobSet's service hostname) joins them; statuses and logs come back from the processes."""
-    from conftest import wait_for
-
     from wam.operators import kube
     from wam.operators.local_cluster import LocalKubelet, expand_jobset
     from wam.operators.reconcile import training_children
     from wam.operators.testing import EmulatedCluster
+
+    from conftest import wait_for
 
     settings = OperatorSettings()
     job = trainjob.parse({"apiVersion": trainjob.API_VERSION, "kind": trainjob.KIND,
@@ -173,11 +173,11 @@ def test_a_jobset_rendezvous_through_its_service_name_across_two_sandboxed_pods(
 def test_a_job_whose_container_fails_on_start_reports_its_termination_message(tmp_path):
     """The quantize Job as the operator builds it, its command failing at once: the pod ends Failed with the
     process's termination message and the Job's Failed condition, as the operator reads them."""
-    from conftest import wait_for
-
     from wam.operators import handoff, kube
     from wam.operators.local_cluster import LocalKubelet
     from wam.operators.testing import EmulatedCluster
+
+    from conftest import wait_for
 
     settings = OperatorSettings()
     job = trainjob.parse({"apiVersion": trainjob.API_VERSION, "kind": trainjob.KIND,
