@@ -45,6 +45,7 @@ def _container(job: TrainJob, settings: OperatorSettings, name: str, command: li
         "resources": {"requests": {**resources, gpu_resource: str(gpus)},
                       "limits": {"memory": resources["memory"], gpu_resource: str(gpus)}},
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "workingDir": "/tmp",  # the only writable folder under the read-only root (and HOME)
         "securityContext": security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }

@@ -10,8 +10,10 @@ statuses are written back from the processes, so the operator reads what real pr
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -163,10 +165,15 @@ class LocalKubelet:
                 self._set_pod(pod, "Failed", {"terminated": {"exitCode": 1, "reason": "CreateContainerError",
                                                              "message": str(err)}}, ready=False)
                 return
-            self._set_pod(pod, "Running", {"running": {}}, ready=True)
+            self._set_pod(pod, "Running", {"running": {}}, ready=False)
             return
         run = self.running[name]
         finished = run.poll()
+        if finished is None:
+            ready = _probe(run.container)
+            statuses = (pod.get("status") or {}).get("containerStatuses") or [{}]
+            if statuses[0].get("ready") != ready:
+                self._set_pod(pod, "Running", {"running": {}}, ready=ready)
         if self.pod_log and run.log.exists():
             self.pod_log(self.namespace, name, run.container["name"], run.log.read_text(errors="replace"))
         if finished is not None:
@@ -190,7 +197,8 @@ class LocalKubelet:
 
     def _owner_status(self, kind: kube.Kind, obj: dict, pods: list[dict]) -> None:
         phases = [(p.get("status") or {}).get("phase") for p in pods]
-        ready, succeeded, failed = (phases.count("Running"), phases.count("Succeeded"), phases.count("Failed"))
+        ready = sum(1 for p in pods if ((p.get("status") or {}).get("containerStatuses") or [{}])[0].get("ready"))
+        succeeded, failed = phases.count("Succeeded"), phases.count("Failed")
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if kind is kube.DEPLOYMENT:
             status = {"replicas": len(pods), "readyReplicas": ready, "availableReplicas": ready}
@@ -218,6 +226,27 @@ class LocalKubelet:
                                          "lastTransitionTime": now}]
         if (obj.get("status") or {}) != {**(obj.get("status") or {}), **status}:
             self.api.patch(kind, self.namespace, obj["metadata"]["name"], {"status": status}, subresource="status")
+
+
+def _probe(container: dict) -> bool:
+    """The container's readiness probe, run on loopback (tcpSocket or httpGet); no probe: ready once started."""
+    probe = container.get("readinessProbe")
+    if not probe:
+        return True
+    action = probe.get("tcpSocket") or probe.get("httpGet") or {}
+    port = action.get("port")
+    if isinstance(port, str):  # a named container port
+        port = next((p["containerPort"] for p in container.get("ports") or [] if p.get("name") == port), None)
+    if port is None:
+        return False
+    try:
+        if "httpGet" in probe:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{action.get('path', '/')}", timeout=2) as reply:
+                return 200 <= reply.status < 400
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def _finished(obj: dict) -> bool:

@@ -158,9 +158,11 @@ def plan(pod: dict, container: dict, objects: dict[tuple[str, str], dict], scrat
         raise SandboxError(f"container {name!r}: only readOnlyRootFilesystem: true is run locally (a writable "
                            "root would write into this machine's)")
     targets = [m["mountPath"] for m in container.get("volumeMounts") or []]
-    argv = [BWRAP, *_read_only_root(targets), "--dev", "/dev", "--proc", "/proc", "--unshare-user",
-            "--unshare-ipc", "--unshare-uts", "--uid", str(uid), "--gid", str(gid), "--die-with-parent",
-            "--new-session", "--hostname", pod["metadata"]["name"][:63]]
+    # Its own PID namespace, as a container has: when the sandbox ends (killed, or its parent gone), every
+    # process in it ends too; no orphan keeps training after its pod is gone.
+    argv = [BWRAP, *_read_only_root(targets), "--dev", "/dev", "--unshare-pid", "--proc", "/proc",
+            "--unshare-user", "--unshare-ipc", "--unshare-uts", "--uid", str(uid), "--gid", str(gid),
+            "--die-with-parent", "--new-session", "--hostname", pod["metadata"]["name"][:63]]
     files: dict[Path, bytes] = {}
     folders: list[Path] = []
     volumes = {v["name"]: v for v in spec.get("volumes") or []}
@@ -205,8 +207,7 @@ def plan(pod: dict, container: dict, objects: dict[tuple[str, str], dict], scrat
         termination_log = scratch / f"termination-{name}"
         files[termination_log] = b""
         argv += ["--bind", str(termination_log), container.get("terminationMessagePath", "/dev/termination-log")]
-    if container.get("workingDir"):
-        argv += ["--chdir", container["workingDir"]]
+    argv += ["--chdir", container.get("workingDir") or "/"]  # the image's WORKDIR is not known here
     argv += ["--remount-ro", "/"]  # the mount points made on the way, too
     bin_dir = (prefix or Path(sys.prefix)) / "bin"
     env = {"PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin", "HOSTNAME": pod["metadata"]["name"],
@@ -257,7 +258,8 @@ class SandboxedContainer:
             pass
 
     def stop(self, grace_s: float = 10.0) -> Finished:
-        """SIGTERM, then SIGKILL after the grace period (terminationGracePeriodSeconds)."""
+        """SIGTERM, then SIGKILL after the grace period (terminationGracePeriodSeconds). bubblewrap does not pass
+        SIGTERM on: the sandbox ends at once, and its PID namespace with it (no graceful shutdown here)."""
         self.kill(signal.SIGTERM)
         try:
             return self.wait(grace_s)

@@ -169,6 +169,9 @@ def verify(checkpoint: str, manifest: CheckpointManifest, checksums: bool = True
 def list_checkpoints(folder: str) -> list[tuple[int, str, bool]]:
     """(step, uri, complete) for every step folder under `folder`, by step."""
     fs, root = filesystem(folder)
+    # Other processes write here: listings cached by this process's filesystem object (s3fs keeps them
+    # until invalidated) would hide their newer checkpoints and manifests from a long-running reader.
+    fs.invalidate_cache()
     if not fs.exists(root):
         return []
     found = []

@@ -18,8 +18,9 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 # `make test` runs the modules on two pytest-xdist workers: a module's tests on one worker (--dist loadfile, so
 # module fixtures are built once), modules handed out in the order collected (--no-loadscope-reorder). The
 # longest modules go first, so that no worker is left alone with a long one at the end (serially on 2 cores:
-# training ~7 min, Ray ~4, evaluation and regression ~3 each, kernels and benchmarks ~2 each).
-LONGEST_FIRST = ("tests/test_training.py", "tests/test_ray_launcher.py", "tests/test_eval.py", "tests/test_regress.py",
+# training ~7 min, Ray ~4, real pods, evaluation and regression ~3 each, kernels and benchmarks ~2 each).
+LONGEST_FIRST = ("tests/test_training.py", "tests/test_ray_launcher.py", "tests/test_real_pods.py", "tests/test_eval.py",
+                 "tests/test_regress.py",
                  "tests/test_kernels.py", "tests/test_benchmarks.py", "tests/test_serve.py", "tests/test_operator.py")
 
 
@@ -246,3 +247,32 @@ def write_checkpoint(folder, cfg, model, step=5):
         dcp.save(model.state_dict(), checkpoint_id=path, no_dist=True)
     write_manifest(path, step, dataclasses.asdict(cfg), {"loss": 1.0})
     return path
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback (sqlite store, served artifacts); yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import requests
+
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return requests.get(f"{uri}/health", timeout=1).ok
+        except requests.RequestException:  # refused, or too slow to answer on a loaded machine
+            return False
+
+    wait_for(up, timeout=90, every=0.5)
+    yield uri
+    proc.terminate()
+    proc.wait(30)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,33 +22,10 @@ from wam.operators.testing import EmulatedCluster
 from wam.platform import checkpoints, trainjob
 from wam.platform.tracking import Tracker
 
-from conftest import free_port, wait_for
+from conftest import wait_for
 
 NS = "default"
 BUCKET = "s3://wam-checkpoints"
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    import requests
-
-    def up():
-        try:
-            return requests.get(f"{uri}/health", timeout=1).ok
-        except requests.RequestException:  # refused, or too slow to answer on a loaded machine
-            return False
-
-    wait_for(up, timeout=90, every=0.5)
-    yield uri
-    proc.terminate()
-    proc.wait(30)
 
 
 class Operator:

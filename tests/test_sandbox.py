@@ -3,6 +3,7 @@ read-only root, the pod's user, only its volumes writable, its env and ConfigMap
 its termination message."""
 
 import json
+import subprocess
 import sys
 import textwrap
 
@@ -82,8 +83,9 @@ def test_a_training_pod_runs_under_its_rules(tmp_path):
 
 def test_a_killed_container_exits_137_and_falls_back_to_its_log(tmp_path):
     pod, container, objects = _training_pod()
-    container = {**container, "command": [sys.executable, "-c",
-                                           "import time; print('step 1', flush=True); time.sleep(600)"]}
+    # A process tree, as torchrun and its workers: the kill must reach the grandchild too.
+    container = {**container, "command": ["sh", "-c", f"{sys.executable} -c 'import time; print(\"step 1\", "
+                                          "flush=True); time.sleep(600)' & wait"]}
     run = SandboxedContainer(container, plan(pod, container, objects, tmp_path / "pod"), tmp_path / "pod.log")
     assert run.poll() is None
     import time
@@ -95,6 +97,8 @@ def test_a_killed_container_exits_137_and_falls_back_to_its_log(tmp_path):
     finished = run.wait(60)
     assert finished.exit_code == 137 and finished.reason == "Error"
     assert finished.message == "step 1"  # terminationMessagePolicy: FallbackToLogsOnError
+    survivors = subprocess.run(["pgrep", "-f", "time.sleep\\(600\\)"], capture_output=True, text=True).stdout
+    assert not survivors.strip(), f"processes of the killed pod still run: {survivors}"
 
 
 def test_what_the_runner_cannot_honour_is_refused_by_field():

@@ -149,8 +149,11 @@ class WamTrainer(Trainer):
         wam = self.wam
         wam.run_dir.mkdir(parents=True, exist_ok=True)
         uri = resolve_uri(wam.tracking.uri, wam.run_dir)
+        # An embedded store keeps artifacts beside the run; a tracking server keeps them where it is configured
+        # to (a pod's run directory is scratch space, gone with the pod, and out of other pods' reach).
+        served = uri.startswith(("http://", "https://"))
         self.tracker = Tracker(uri, wam.tracking.experiment, wam.name, wam.tracking.registered_model or f"wam-{wam.name}",
-                               artifact_dir=wam.run_dir / "mlartifacts")
+                               artifact_dir=None if served else wam.run_dir / "mlartifacts")
         self.tracker.start(flatten(self.config_dict), tags={"wam.preset": wam.model.preset})
         resume = self.config.resume
         if resume is not None and resume.changed:  # MLflow params are immutable: the changes become a tag
