@@ -193,6 +193,12 @@ def plan(pod: dict, container: dict, objects: dict[tuple[str, str], dict], scrat
         if mount.get("subPath"):
             source = source / mount["subPath"]
         argv += ["--ro-bind" if read_only else "--bind", str(source), target]
+    # The "image" (this environment, and the project where it is installed from source) stays visible where a
+    # volume would hide it: a checkout or virtualenv under /tmp, say, which the pods mount an emptyDir over.
+    image = {(prefix or Path(sys.prefix)).resolve(), Path(sys.base_prefix).resolve(), Path(__file__).resolve().parents[1]}
+    for path in sorted(image):
+        if any(path.is_relative_to(target) for target in targets):
+            argv += ["--ro-bind", str(path), str(path)]
     etc_hosts = scratch / "etc-hosts"
     entries = {"localhost": "127.0.0.1", pod["metadata"]["name"]: "127.0.0.1", **(hosts or {})}
     hostname, subdomain = spec.get("hostname"), spec.get("subdomain")

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -101,13 +102,23 @@ def test_a_killed_container_exits_137_and_falls_back_to_its_log(tmp_path):
     assert not survivors.strip(), f"processes of the killed pod still run: {survivors}"
 
 
+def test_the_image_stays_visible_under_the_pods_volumes(tmp_path):
+    """A virtualenv (the image's stand-in) under /tmp, which the pod mounts an emptyDir over, is bound back
+    read-only after the volume, so its programs still start."""
+    pod, container, objects = _training_pod()
+    argv = plan(pod, container, objects, tmp_path / "pod", prefix=Path("/tmp/checkout/.venv")).argv
+    volume = argv.index("/tmp", argv.index("--bind"))  # the tmp emptyDir's mount
+    image = argv.index("/tmp/checkout/.venv")
+    assert argv[image - 1] == "--ro-bind" and argv[image + 1] == "/tmp/checkout/.venv" and image > volume
+
+
 def test_what_the_runner_cannot_honour_is_refused_by_field():
     pod, container, objects = _training_pod()
     with pytest.raises(SandboxError, match="has no command"):
-        plan(pod, {k: v for k, v in container.items() if k != "command"}, objects, __import__("pathlib").Path("/x"))
+        plan(pod, {k: v for k, v in container.items() if k != "command"}, objects, Path("/x"))
     writable_root = {**container, "securityContext": {"readOnlyRootFilesystem": False}}
     with pytest.raises(SandboxError, match="readOnlyRootFilesystem"):
-        plan(pod, writable_root, objects, __import__("pathlib").Path("/x"))
+        plan(pod, writable_root, objects, Path("/x"))
     with pytest.raises(SandboxError, match="Secret 's3-credentials' does not exist"):
         container_env(pod, container, {k: v for k, v in objects.items() if k[0] != "Secret"})
     field = {**container, "env": [{"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "status.podIPs"}}}]}
