@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from wam.platform.accounting import GIB, estimate_memory, min_gpus
@@ -344,6 +344,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             layers.append(_read_yaml(Path(path)))
         source = "overrides" if path is None else f"{path} or its overrides"
         layers.append(_dotlist(overrides))
+        _check_shapes(schema, layers[1:], source)
         merged: DictConfig = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
@@ -400,12 +401,33 @@ def _read_yaml(path: Path) -> DictConfig:
 
 def config_from_dict(data: dict, source: str = "recorded config") -> WamConfig:
     """A config held as a plain dict (a checkpoint manifest, an MLflow run, a TrainJob), validated."""
+    schema = OmegaConf.structured(WamConfig)
+    _check_shapes(schema, [data], source)
     try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(WamConfig), data))
+        cfg = OmegaConf.to_object(OmegaConf.merge(schema, data))
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid {source}: key {getattr(err, 'full_key', '?')!r}: {_first_line(err)}") from None
     validate(cfg)
     return cfg
+
+
+def _check_shapes(schema: DictConfig, layers: list, source: str) -> None:
+    """A mapping where the schema has a list, or a list where it has a section: omegaconf's merge fails on
+    these with a bare TypeError that names no key, so they are found here first."""
+    def walk(node, value, key: str) -> None:
+        sequence = OmegaConf.is_config(node) and not isinstance(node, DictConfig)  # a list or a tuple
+        if sequence and isinstance(value, (dict, DictConfig)):
+            raise ConfigError(f"invalid config in {source}: key {key!r} must be a list, got a mapping")
+        if isinstance(node, DictConfig) and isinstance(value, (list, tuple, ListConfig)):
+            raise ConfigError(f"invalid config in {source}: key {key!r} must be a mapping, got a list")
+        if isinstance(node, DictConfig) and isinstance(value, (dict, DictConfig)):
+            for k, v in value.items():
+                child = node._get_node(k) if k in node else None
+                if child is not None:
+                    walk(child, v, f"{key}.{k}" if key else str(k))
+
+    for layer in layers:
+        walk(schema, layer, "")
 
 
 def _first_line(err: Exception) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from wam.operators.trainjobs import read_manifest
@@ -319,6 +319,8 @@ _TREES = st.recursive(_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tree=_TREES)
+@example(tree={"name": None, "data": {"datasets": {}}})  # found by this test: omegaconf's bare TypeError
+@example(tree={"training": {"betas": {}}, "data": []})
 def test_config_loading_never_fails_but_with_a_config_error(tree, tmp_path):
     """Any YAML document, however wrong: a WamConfig or a ConfigError, never another exception."""
     path = tmp_path / "fuzz.yaml"
