@@ -95,6 +95,7 @@ class LocalKubelet:
         self.api, self.namespace, self.workdir, self.interval_s = api, namespace, workdir, interval_s
         self.pod_log = pod_log
         self.running: dict[str, SandboxedContainer] = {}  # pod name -> its (single) container's process
+        self._published: dict[str, int] = {}  # pod name -> log size last published
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="local-kubelet", daemon=True)
         self.errors: list[str] = []
@@ -174,7 +175,9 @@ class LocalKubelet:
             statuses = (pod.get("status") or {}).get("containerStatuses") or [{}]
             if statuses[0].get("ready") != ready:
                 self._set_pod(pod, "Running", {"running": {}}, ready=ready)
-        if self.pod_log and run.log.exists():
+        size = run.log.stat().st_size if run.log.exists() else 0
+        if self.pod_log and size != self._published.get(name):  # re-read a log only when it grew
+            self._published[name] = size
             self.pod_log(self.namespace, name, run.container["name"], run.log.read_text(errors="replace"))
         if finished is not None:
             state = {"terminated": {"exitCode": finished.exit_code, "reason": finished.reason,

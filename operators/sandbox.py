@@ -44,8 +44,8 @@ class Plan:
 
 def _data(obj: dict) -> dict[str, bytes]:
     """A ConfigMap's or Secret's keys as bytes (Secret `data` is base64, `stringData` plain)."""
-    out = {k: v.encode() for k, v in (obj.get("data") or {}).items()} if obj.get("kind") != "Secret" else {
-        k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+    decode = base64.b64decode if obj.get("kind") == "Secret" else str.encode
+    out = {k: decode(v) for k, v in (obj.get("data") or {}).items()}
     out.update({k: v.encode() for k, v in (obj.get("stringData") or {}).items()})
     return out
 

@@ -15,6 +15,8 @@ from wam.operators.sandbox import SandboxedContainer, SandboxError, container_en
 from wam.operators.settings import OperatorSettings
 from wam.platform import trainjob
 
+from conftest import free_port, wait_for
+
 SPEC = {"model": {"preset": "tiny"}, "config": {"data": {"source": "synthetic"}, "training": {"steps": 5}},
         "resources": {"accelerator": "h100", "nodes": 2, "gpusPerNode": 1}, "scheduling": {"gang": "none"},
         "handoff": {"quantize": "never"}, "secretRefs": ["s3-credentials"]}
@@ -134,14 +136,6 @@ ALL_REDUCE = ("import os, torch, torch.distributed as dist; dist.init_process_gr
               "dist.barrier(); dist.destroy_process_group()")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_jobset_rendezvous_through_its_service_name_across_two_sandboxed_pods(tmp_path):
     """The JobSet the operator builds for 2 nodes: expanded into 2 indexed pods, each running torchrun under
     its pod's rules; torchrun's static rendezvous (PET_* from the pod's env, the master addressed by the
@@ -151,7 +145,6 @@ def test_a_jobset_rendezvous_through_its_service_name_across_two_sandboxed_pods(
     from wam.operators.reconcile import training_children
     from wam.operators.testing import EmulatedCluster
 
-    from conftest import wait_for
 
     settings = OperatorSettings()
     job = trainjob.parse({"apiVersion": trainjob.API_VERSION, "kind": trainjob.KIND,
@@ -160,7 +153,7 @@ def test_a_jobset_rendezvous_through_its_service_name_across_two_sandboxed_pods(
     jobset = next(o for o in training_children(job, cfg, 0, settings) if o["kind"] == "JobSet")
     container = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]
     container["command"] = ["torchrun", "--no-python", "python", "-c", ALL_REDUCE]
-    port = str(_free_port())  # tests share this machine's loopback: not the fixed rendezvous port
+    port = str(free_port())  # tests share this machine's loopback: not the fixed rendezvous port
     container["env"] = [{**e, "value": port} if e["name"] == "PET_MASTER_PORT" else e for e in container["env"]]
     pods = expand_jobset({**jobset, "metadata": {**jobset["metadata"], "uid": "js"}})
     assert [p["spec"]["hostname"] for p in pods] == ["gang-0-node-0-0", "gang-0-node-0-1"]
@@ -192,7 +185,6 @@ def test_a_job_whose_container_fails_on_start_reports_its_termination_message(tm
     from wam.operators.local_cluster import LocalKubelet
     from wam.operators.testing import EmulatedCluster
 
-    from conftest import wait_for
 
     settings = OperatorSettings()
     job = trainjob.parse({"apiVersion": trainjob.API_VERSION, "kind": trainjob.KIND,
