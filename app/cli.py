@@ -187,16 +187,20 @@ def serve(
     steps: int | None = typer.Option(None, min=1, help="denoising steps per chunk (default: serving.steps, else "
                                                        "sampler.steps; 1 for Flash checkpoints)"),
     embodiment: str | None = typer.Option(None, help="which trained embodiment to serve (default: the first)"),
+    sampler: str | None = typer.Option(None, help="sampler preset (default: serving.sampler): dreamzero = UniPC, 16 "
+                                                  "steps, shift 5, guidance 5.0, transformer on 8 of the 16 steps"),
 ) -> None:
     """Serve a quantized policy over openpi's websocket protocol (health: /healthz /readyz, metrics: /metrics)."""
     from wam.trainer.serve.policy import load_runtime
     from wam.trainer.serve.server import serve_forever
 
     with user_errors():
-        runtime = load_runtime(model, device, steps, embodiment)
+        runtime = load_runtime(model, device, steps, embodiment, sampler)
         meta = runtime.metadata()
-        console.print(f"policy {meta['preset']} step {meta['step']} ({meta['compute_path']}, {meta['denoising_steps']} "
-                      f"denoising steps, embodiment {meta['embodiment']}) on ws://{host}:{port}")
+        s = meta["sampler"]
+        console.print(f"policy {meta['preset']} step {meta['step']} ({meta['compute_path']}, {s['solver']} "
+                      f"{meta['denoising_steps']} steps, guidance {s['guidance']:g}, DiT cache {s['dit_cache']}, "
+                      f"embodiment {meta['embodiment']}) on ws://{host}:{port}")
         serve_forever(runtime, host, port)
 
 
@@ -361,6 +365,9 @@ def evaluate(
                                                        "tracking.uri or MLFLOW_TRACKING_URI)"),
     mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="log metrics and files to the training run"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    sweep: bool = typer.Option(False, help="also compare samplers on the same windows and noise: Euler and UniPC at "
+                                           "4/8/16 steps, without and with guidance, without and with the DiT cache"),
+    sweep_guidance: float = typer.Option(5.0, help="the guidance scale of --sweep (DreamZero serves 5.0)"),
 ) -> None:
     """Open-loop evaluation on held-out episodes: each chunk predicted from the real context, actions compared
     with the recorded ones in robot units (MSE, L1 per dim), video latents with the real ones."""
@@ -369,7 +376,7 @@ def evaluate(
     with user_errors():
         result = run_eval(checkpoint, dataset=data, profile=profile, windows=windows, steps=steps, seed=seed,
                           device=device, out=out, plot_episodes=plot_episodes, tracking_uri=tracking_uri,
-                          log_mlflow=mlflow)
+                          log_mlflow=mlflow, sweep_guidance=sweep_guidance if sweep else None)
     r = result.report
     if as_json:
         console.print_json(json.dumps(r))
@@ -384,6 +391,14 @@ def evaluate(
         console.print(f"video latent MSE {r['video_mse']:.4f}; action L1 in normalised units "
                       f"{r['action_l1_normalised']:.4f}; {r['denoise_ms']:.1f} ms per chunk ({r['denoising_steps']} "
                       f"denoising steps, {r['device']})")
+        if "sweep" in r:
+            table = Table("solver", "steps", "guidance", "DiT cache", "DiT passes", "action MSE", "action L1",
+                          "video MSE", "ms/chunk", box=box.SIMPLE_HEAD, title="samplers on the same windows and noise")
+            for row in r["sweep"]:
+                table.add_row(row["solver"], str(row["steps"]), f"{row['guidance']:g}", row["dit_cache"],
+                              f"{row['dit_steps']:.1f}", f"{row['action_mse']:.4g}", f"{row['action_l1']:.4g}",
+                              f"{row['video_mse']:.4f}", f"{row['denoise_ms']:.0f}")
+            console.print(table)
         console.print(f"report: {result.out / 'report.json'}  plot: {result.out / 'actions.png'}")
     if result.mlflow_run_id:
         err_console.print(f"logged to MLflow run {result.mlflow_run_id} at {result.tracking_uri}")

@@ -55,16 +55,18 @@ def show_replay(cfg: WamConfig, uri: str, dataset: str, windows: int, asynchrono
     from wam.trainer.serve.replay import replay
 
     steps = replay(cfg, dataset, uri, windows, asynchronous, control_hz)
-    table = Table("chunk", "round trip", "server", "queue", "deadline", Column("first action", no_wrap=True), "MAE",
-                  box=box.SIMPLE_HEAD,
+    table = Table("chunk", "round trip", "server", "queue", "passes", "deadline", Column("first action", no_wrap=True),
+                  "MAE", box=box.SIMPLE_HEAD,
                   title=f"{len(steps)} chunks from {uri} ({'async' if asynchronous else 'sync'}, {control_hz:g} Hz "
-                        "control); times in ms, actions in robot units, MAE vs the recorded ones")
+                        "control); times in ms, transformer passes of the chunk, actions in robot units, MAE vs "
+                        "the recorded ones")
     for i, step in enumerate(steps):
         r = step.result
         dims = step.recorded.shape[1]
         first = " ".join(f"{v:+.2f}" for v in r.actions[0, :min(dims, 3)])
         table.add_row(str(i), f"{r.round_trip_ms:.0f}", f"{r.server_timing['infer_ms']:.0f}",
-                      f"{r.server_timing['queue_ms']:.1f}", "met" if r.met_deadline else f"missed ({r.budget_ms:.0f})",
+                      f"{r.server_timing['queue_ms']:.1f}", str(r.server_timing["transformer_passes"]),
+                      "met" if r.met_deadline else f"missed ({r.budget_ms:.0f})",
                       first, f"{abs(r.actions - step.recorded).mean():.3f}")
     console.print(table)
 

@@ -7,6 +7,7 @@ wrong types are errors that name the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from wam.platform.presets import Preset, WamArch, get_preset
 
 ATTENTION_BACKENDS = ("sdpa", "flex", "triton")
 NOISE_SCHEDULES = ("coupled", "flash")
+SOLVERS = ("euler", "unipc")
+DIT_CACHES = ("none", "static", "dynamic")
 LOSS_WEIGHTINGS = ("uniform", "bell")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 PRECISIONS = ("auto", "bfloat16", "float32")
@@ -64,15 +67,50 @@ class FlowSection:
     schedule: str = "coupled"  # coupled: video and action share t per chunk; flash: DreamZero-Flash
     flash_video_beta: tuple[float, float] = (7.0, 1.0)  # flash: video noise level ~ Beta(a, b), mean a/(a+b)
     loss_weighting: str = "bell"  # bell: DreamZero's exp(-2((t-500)/1000)^2) weighting; uniform: none
+    # Classifier-free guidance needs an unconditional branch: each sample's prompt is replaced by
+    # dropout_prompt with this probability (drawn from (seed, step, rank) like all training randomness).
+    prompt_dropout: float = 0.0
+    dropout_prompt: str = ""  # the empty prompt, as Wan trains its unconditional branch
     video_loss_weight: float = 1.0
     action_loss_weight: float = 1.0
 
 
 @dataclass
 class SamplerSection:
+    solver: str = "euler"  # euler | unipc: FlowUniPC multistep (order 2), as Wan2.1 and DreamZero sample
     steps: int = 4  # denoising steps per chunk (1 works for Flash-trained checkpoints)
     shift: float = 5.0
     video_final_sigma: float = 0.0  # stop video denoising early (actions always go to 0)
+    # Classifier-free guidance: v = v_uncond + scale (v_cond - v_uncond); 1 = the conditional pass only.
+    guidance: float = 1.0  # on video (DreamZero serves 5.0)
+    action_guidance: float = 1.0  # on actions, separately (DreamZero: none)
+    negative_prompt: str | None = None  # the unconditional pass's prompt; default flow.dropout_prompt if trained with dropout
+    guidance_batch: bool = True  # both passes as one forward of batch 2B (else two forwards of batch B)
+    # DiT step cache: the transformer runs on some steps only, the others reuse the last velocity.
+    dit_cache: str = "none"  # none | static (the steps below) | dynamic (skip while velocities barely change)
+    dit_passes: int = 8  # static: transformer passes per chunk (DreamZero's tables at 16 steps; else evenly spaced)
+    dit_steps: list[int] = field(default_factory=list)  # static: exactly these steps run (must start with 0)
+
+
+# DreamZero's released server (socket_test_optimized_AR.py with its action head's defaults); its negative
+# prompt is the one its data transform gives every sample.
+DREAMZERO_NEGATIVE_PROMPT = (
+    "Vibrant colors, overexposed, static, blurry details, text, subtitles, style, artwork, painting, image, still, "
+    "grayscale, dull, worst quality, low quality, JPEG artifacts, ugly, mutilated, extra fingers, bad hands, bad face, "
+    "deformed, disfigured, mutated limbs, fused fingers, stagnant image, cluttered background, three legs, many people "
+    "in the background, walking backwards.")
+SAMPLER_PRESETS = {
+    "dreamzero": {"solver": "unipc", "steps": 16, "shift": 5.0, "guidance": 5.0, "action_guidance": 1.0,
+                  "negative_prompt": DREAMZERO_NEGATIVE_PROMPT, "dit_cache": "static", "dit_passes": 8,
+                  "dit_steps": []},
+}
+
+
+def sampler_preset(sampler: SamplerSection, name: str, key: str = "serving.sampler") -> SamplerSection:
+    """`sampler` with a preset's settings in place of its own (`key` names the setting, for the message)."""
+    if name not in SAMPLER_PRESETS:
+        raise ConfigError(f"{key} = {name!r} is not a sampler preset; choose {', '.join(SAMPLER_PRESETS)}")
+    return dataclasses.replace(sampler, **SAMPLER_PRESETS[name])
 
 
 # Modules kept in bf16 by NVFP4 quantization (fnmatch patterns on module names): the patch embedding, norms,
@@ -89,6 +127,7 @@ class QuantizationSection:
 
 @dataclass
 class ServingSection:
+    sampler: str | None = None  # a sampler preset served in place of the sampler section: dreamzero
     steps: int | None = None  # denoising steps per chunk; default sampler.steps (1 suits Flash checkpoints)
     embodiment: str | None = None  # whose profile and stats (a data.datasets profile); default the first
     smoothing_window: int = 7  # Savitzky-Golay window over the 2x-upsampled chunk (odd; 0 = no smoothing)
@@ -218,13 +257,46 @@ def validate(cfg: WamConfig) -> None:
         raise ConfigError("flow.shift and sampler.shift must be > 0")
     if min(cfg.flow.flash_video_beta) <= 0:
         raise ConfigError(f"flow.flash_video_beta must be two positive numbers, got {cfg.flow.flash_video_beta}")
-    if cfg.sampler.steps < 1:
-        raise ConfigError(f"sampler.steps must be >= 1, got {cfg.sampler.steps}")
-    if not 0.0 <= cfg.sampler.video_final_sigma < 1.0:
-        raise ConfigError(f"sampler.video_final_sigma must be in [0, 1), got {cfg.sampler.video_final_sigma}")
+    if not 0.0 <= cfg.flow.prompt_dropout < 1.0:
+        raise ConfigError(f"flow.prompt_dropout must be in [0, 1), got {cfg.flow.prompt_dropout}")
+    validate_sampler(cfg.sampler, cfg.flow)
     _validate_training(cfg)
     _validate_handoff(cfg)
     resolve_preset(cfg)
+
+
+def validate_sampler(s: SamplerSection, flow: FlowSection, key: str = "sampler") -> None:
+    """A sampler section that can run: `key` prefixes the keys named (a preset's settings are named by it)."""
+    _choice(s.solver, SOLVERS, f"{key}.solver")
+    _choice(s.dit_cache, DIT_CACHES, f"{key}.dit_cache")
+    if s.steps < 1:
+        raise ConfigError(f"{key}.steps must be >= 1, got {s.steps}")
+    if not 0.0 <= s.video_final_sigma < 1.0:
+        raise ConfigError(f"{key}.video_final_sigma must be in [0, 1), got {s.video_final_sigma}")
+    for name in ("guidance", "action_guidance"):
+        if not getattr(s, name) >= 1.0:
+            raise ConfigError(f"{key}.{name} must be >= 1 (1 = no guidance), got {getattr(s, name)}")
+    if guided(s) and negative_prompt(s, flow) is None:
+        raise ConfigError(f"{key}.guidance {s.guidance:g} / {key}.action_guidance {s.action_guidance:g} need an "
+                          f"unconditional prompt: set {key}.negative_prompt (\"\" for the empty prompt), or train with "
+                          "flow.prompt_dropout > 0 so that flow.dropout_prompt is one")
+    if s.dit_passes < 1:
+        raise ConfigError(f"{key}.dit_passes must be >= 1, got {s.dit_passes}")
+    steps = s.dit_steps
+    if steps and (steps[0] != 0 or any(b <= a for a, b in itertools.pairwise(steps)) or steps[-1] >= s.steps):
+        raise ConfigError(f"{key}.dit_steps must be increasing step indices in [0, {s.steps}) starting with 0 (the "
+                          f"first step has no velocity to reuse), got {list(steps)}")
+
+
+def guided(s: SamplerSection) -> bool:
+    return s.guidance > 1.0 or s.action_guidance > 1.0
+
+
+def negative_prompt(s: SamplerSection, flow: FlowSection) -> str | None:
+    """The unconditional pass's prompt: the sampler's, else the one prompt dropout trained; None if neither."""
+    if s.negative_prompt is not None:
+        return s.negative_prompt
+    return flow.dropout_prompt if flow.prompt_dropout > 0 else None
 
 
 def _validate_handoff(cfg: WamConfig) -> None:
@@ -233,6 +305,8 @@ def _validate_handoff(cfg: WamConfig) -> None:
         raise ConfigError(f"quantization.shard_mb must be >= 1, got {q.shard_mb}")
     if s.steps is not None and s.steps < 1:
         raise ConfigError(f"serving.steps must be >= 1, got {s.steps}")
+    if s.sampler is not None:
+        validate_sampler(sampler_preset(cfg.sampler, s.sampler), cfg.flow, "serving.sampler")
     if s.smoothing_window and (s.smoothing_window % 2 == 0 or not 0 <= s.smoothing_order < s.smoothing_window):
         raise ConfigError(f"serving.smoothing_window must be odd (or 0 for none) and greater than serving.smoothing_order; "
                           f"got {s.smoothing_window} and {s.smoothing_order}")

@@ -22,7 +22,7 @@ from wam.platform.errors import ConfigError
 from wam.trainer.checkpoint_reader import open_for_eval
 from wam.trainer.data.synth_dataset import SynthOptions, synthesize
 from wam.trainer.eval.heldout import RobotHeldOut
-from wam.trainer.eval.rollouts import roll_out_models, summarize
+from wam.trainer.eval.rollouts import config_sampler, roll_out_models, summarize
 from wam.trainer.inference import ChunkRollout
 from wam.trainer.model import WamInputs, WamModel, build_model, model_config
 from wam.trainer.model.encoders import FrozenEncoders
@@ -57,7 +57,8 @@ def run_demo(console: Console, weights: Path | None = None, dataset: str | None 
         console.print(f"[bold]{preset.name}[/]: {sum(p.numel() for p in models['untrained'].parameters()):,} "
                       f"parameters; {s.num_chunks} chunks x ({s.frames_per_chunk} latent frames + {s.actions_per_chunk} "
                       f"actions); {len(indices)} held-out windows of {dataset}")
-        results = {name: summarize(r) for name, r in roll_out_models(models, cfg, heldout, indices, cfg.seed, steps).items()}
+        results = {name: summarize(r) for name, r in roll_out_models(models, cfg, heldout, indices, cfg.seed,
+                                                                        config_sampler(cfg, steps)).items()}
 
         table = Table("model", "chunk", "action MAE", "video MSE", "denoise ms", box=box.SIMPLE_HEAD,
                       title=f"rollouts with the KV cache; actions in {heldout.units} units")

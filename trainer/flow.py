@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from wam.platform.config import FlowSection
 from wam.trainer.model.model import WamInputs
@@ -36,7 +37,8 @@ class StepRandomness:
     """
 
     def __init__(self, seed: int, step: int, rank: int, microbatch: int = 0):
-        sequence = np.random.SeedSequence([seed, step, rank, microbatch])
+        self._key = [seed, step, rank, microbatch]
+        sequence = np.random.SeedSequence(self._key)
         self.numpy = np.random.Generator(np.random.PCG64(sequence))
         self._torch_seed = int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
@@ -44,6 +46,19 @@ class StepRandomness:
         generator = torch.Generator(device=device)
         generator.manual_seed(self._torch_seed)
         return generator
+
+    def dropped(self, count: int, p: float) -> np.ndarray:
+        """Which of `count` prompts prompt dropout replaces, each with probability p: a stream of its own, so
+        the noise levels and noise are the same with and without dropout."""
+        return np.random.Generator(np.random.PCG64(np.random.SeedSequence([*self._key, 1]))).uniform(size=count) < p
+
+
+def drop_prompts(prompts: list[str], cfg: FlowSection, randomness: StepRandomness) -> list[str]:
+    """Prompt dropout (flow.prompt_dropout), which trains the unconditional branch classifier-free guidance uses."""
+    if cfg.prompt_dropout == 0:
+        return prompts
+    dropped = randomness.dropped(len(prompts), cfg.prompt_dropout)
+    return [cfg.dropout_prompt if drop else prompt for prompt, drop in zip(prompts, dropped, strict=True)]
 
 
 def sample_noise_levels(cfg: FlowSection, batch: int, chunks: int,
@@ -191,3 +206,156 @@ def sampling_sigmas(steps: int, shift: float, final_sigma: float = 0.0) -> torch
 def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     """Follow dx/dsigma = velocity from sigma to sigma_next."""
     return x + (sigma_next - sigma) * velocity
+
+
+# -- sampling: schedules, solvers, guidance, the DiT step cache ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The noise levels of one denoising trajectory: sigmas (steps + 1,) float32, decreasing to the final
+    level, and the timesteps (steps,) the model is given at each step."""
+
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def euler_schedule(steps: int, shift: float, final_sigma: float = 0.0) -> Schedule:
+    sigmas = sampling_sigmas(steps, shift, final_sigma)
+    return Schedule(sigmas, sigmas[:-1] * NUM_TRAIN_TIMESTEPS)
+
+
+def unipc_schedule(steps: int, shift: float, final_sigma: float = 0.0) -> Schedule:
+    """Wan2.1's FlowUniPC grid, which DreamZero samples on: `steps` levels evenly spaced from the largest
+    training sigma (1 - 1/1000, as Wan's scheduler holds it in float32) towards 0, shifted in float64, then 0
+    appended and all kept in float32; timesteps are sigma * 1000 truncated to integers. A final_sigma > 0
+    maps [sigma_0, 0] onto [sigma_0, final_sigma], as DreamZero's decoupled video inference does."""
+    if steps < 1:
+        raise ValueError(f"need at least one denoising step, got {steps}")
+    top = float(np.float32(1 - 1 / NUM_TRAIN_TIMESTEPS))
+    base = np.linspace(top, 0.0, steps + 1)[:-1]
+    shifted = shift * base / (1 + (shift - 1) * base)
+    sigmas = torch.from_numpy(np.append(shifted, 0.0).astype(np.float32))
+    if final_sigma:
+        sigmas = sigmas * (sigmas[0] - final_sigma) / sigmas[0] + final_sigma
+        shifted = sigmas[:-1].numpy()
+    return Schedule(sigmas, torch.from_numpy(shifted * NUM_TRAIN_TIMESTEPS).long().float())
+
+
+class EulerSolver:
+    def __init__(self, sigmas: torch.Tensor):
+        self.sigmas = sigmas
+
+    def step(self, i: int, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        return euler_step(sample, velocity, self.sigmas[i].item(), self.sigmas[i + 1].item())
+
+
+class FlowUniPC:
+    """UniPC multistep on flow-matching sigmas, as Wan2.1's FlowUniPCMultistepScheduler (DreamZero's sampler)
+    and diffusers' UniPCMultistepScheduler(use_flow_sigmas, prediction_type="flow_prediction") compute it:
+    B(h) = e^h - 1 ("bh2"), updates on the clean-sample estimate x0 = x - sigma v, predictor order 1, 2, ..., 2,
+    1 and a corrector at every step after the first; the coefficients stay float32. One trajectory: call
+    `step` for i = 0, 1, ... in order. With a final sigma of 0 the last step is x - sigma v exactly, and its
+    correction (which would need one more model evaluation) never happens."""
+
+    def __init__(self, sigmas: torch.Tensor):
+        self.sigmas = sigmas.float()
+        self.alphas = 1 - self.sigmas
+        self.lambdas = torch.log(self.alphas) - torch.log(self.sigmas)  # log-SNR; +inf at sigma 0
+        self.x0: list[torch.Tensor] = []  # the last two clean-sample estimates, newest last
+        self.start: torch.Tensor | None = None  # the sample the last predictor started from
+        self.order = 0  # the last predictor's order
+
+    def step(self, i: int, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        x0 = sample - self.sigmas[i] * velocity
+        if i > 0:
+            sample = self._correct(i, x0)
+        self.x0 = [*self.x0[-1:], x0]
+        self.order = min(2, len(self.sigmas) - 1 - i, i + 1)
+        self.start = sample
+        return self._predict(i)
+
+    def _base(self, s: int, t: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first-order update from level s to t, and B(h) (its step size in x0 units)."""
+        b_h = torch.expm1(self.lambdas[s] - self.lambdas[t])
+        return self.sigmas[t] / self.sigmas[s] * x - self.alphas[t] * b_h * self.x0[-1], b_h
+
+    def _predict(self, i: int) -> torch.Tensor:
+        x, b_h = self._base(i, i + 1, self.start)
+        if self.order == 1:
+            return x
+        rk = (self.lambdas[i - 1] - self.lambdas[i]) / (self.lambdas[i + 1] - self.lambdas[i])
+        return x - self.alphas[i + 1] * b_h * 0.5 * (self.x0[-2] - self.x0[-1]) / rk
+
+    def _correct(self, i: int, x0: torch.Tensor) -> torch.Tensor:
+        """UniC: redo the last predictor (from level i-1 to i) with the new estimate x0 at level i."""
+        x, b_h = self._base(i - 1, i, self.start)
+        d_t = x0 - self.x0[-1]
+        if self.order == 1:
+            return x - self.alphas[i] * b_h * 0.5 * d_t
+        hh = self.lambdas[i - 1] - self.lambdas[i]  # -h
+        rk = (self.lambdas[i - 2] - self.lambdas[i - 1]) / -hh
+        phi_2 = torch.expm1(hh) / hh - 1  # h phi_2(h) / h, then h phi_3(h) / h^2 below
+        b = torch.stack([phi_2 / b_h, 2 * (phi_2 / hh - 0.5) / b_h])
+        rho = torch.linalg.solve(torch.stack([torch.ones(2), torch.stack([rk, torch.ones(())])]), b)
+        d_1 = (self.x0[-2] - self.x0[-1]) / rk
+        return x - self.alphas[i] * b_h * (rho[0] * d_1 + rho[1] * d_t)
+
+
+SCHEDULES = {"euler": euler_schedule, "unipc": unipc_schedule}
+SOLVERS = {"euler": EulerSolver, "unipc": FlowUniPC}
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance; scale 1 is the conditional prediction itself."""
+    return cond if scale == 1.0 else uncond + scale * (cond - uncond)
+
+
+# DreamZero's static DiT step caches at 16 steps: the steps that run the transformer, by number of passes.
+DREAMZERO_DIT_STEPS = {5: (0, 1, 2, 7, 12), 6: (0, 1, 5, 10, 14, 15), 7: (0, 1, 2, 6, 10, 14, 15),
+                       8: (0, 1, 2, 6, 10, 13, 14, 15)}
+# Dynamic schedule: when the last two computed video velocities agree above a threshold, skip that many steps.
+DYNAMIC_SKIPS = ((0.95, 4), (0.93, 2))
+
+
+def static_dit_steps(steps: int, passes: int, explicit: list[int] | tuple[int, ...] = ()) -> tuple[int, ...]:
+    """The steps that run the transformer: `explicit` if given, DreamZero's table, else `passes` evenly spaced."""
+    if explicit:
+        return tuple(explicit)
+    if passes >= steps:
+        return tuple(range(steps))
+    if steps == 16 and passes in DREAMZERO_DIT_STEPS:
+        return DREAMZERO_DIT_STEPS[passes]
+    return tuple(int(s) for s in np.linspace(0, steps - 1, passes).round())
+
+
+class DitStepCache:
+    """DreamZero's DiT step cache for one chunk: `run(i)` says whether step i runs the transformer; on the
+    other steps the caller reuses the last computed velocities. `computed(video)` records a computed (guided)
+    video velocity for the dynamic schedule: steps 0 and 1 always run; then a cosine similarity of the last
+    two (per batch item, averaged) above 0.95 skips 4 steps, above 0.93 skips 2, each followed by a run."""
+
+    def __init__(self, mode: str, steps: int, passes: int = 8, explicit: list[int] | tuple[int, ...] = ()):
+        self.mode = mode
+        self.static = set(static_dit_steps(steps, passes, explicit)) if mode == "static" else None
+        self.history: list[torch.Tensor] = []
+        self.countdown = 0
+
+    def run(self, i: int) -> bool:
+        if self.mode == "none":
+            return True
+        if self.static is not None:
+            return i in self.static
+        if len(self.history) < 2:
+            return True
+        if self.countdown:
+            self.countdown -= 1
+            return self.countdown == 0
+        similarity = F.cosine_similarity(self.history[-1], self.history[-2], dim=1).mean().item()
+        skip = next((n for threshold, n in DYNAMIC_SKIPS if similarity > threshold), 0)
+        self.countdown = skip
+        return skip == 0
+
+    def computed(self, video: torch.Tensor) -> None:
+        if self.mode == "dynamic":
+            self.history = [*self.history[-1:], video.flatten(1).float()]

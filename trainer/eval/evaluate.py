@@ -9,6 +9,8 @@ of the seed: the same checkpoint, data and seed give the same report.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -17,15 +19,17 @@ from pathlib import Path
 import torch
 
 from wam.platform.accounting import count_params
-from wam.platform.config import WamConfig, resolve_preset
+from wam.platform.config import SamplerSection, WamConfig, negative_prompt, resolve_preset
 from wam.platform.errors import ConfigError
 from wam.platform.tracking import log_evaluation
 from wam.trainer.checkpoint_reader import open_for_eval
 from wam.trainer.eval.heldout import held_out
 from wam.trainer.eval.reporting import mlflow_metrics, plot_actions, training_run
-from wam.trainer.eval.rollouts import roll_out_models, summarize
+from wam.trainer.eval.rollouts import config_sampler, roll_out_variants, summarize
 from wam.trainer.model.encoders import FrozenEncoders
 
+SWEEP_SOLVERS = ("euler", "unipc")
+SWEEP_STEPS = (4, 8, 16)
 SMALL_PRESET_PARAMS = 100_000_000  # `--device auto` evaluates presets below this on the CPU, others on a GPU
 
 
@@ -55,22 +59,40 @@ class EvalReport:
     tracking_note: str = ""  # why nothing was logged, when nothing was
 
 
+def sweep_samplers(cfg: WamConfig, guidance: float) -> dict[str, SamplerSection]:
+    """The sampler comparison of `wam eval --sweep`: Euler and UniPC at 4, 8 and 16 steps, each without and
+    with guidance at `guidance` (when the model has an unconditional prompt), without and with the static DiT
+    step cache on half the steps (DreamZero's 8 of 16)."""
+    if guidance < 1:
+        raise ConfigError(f"--sweep-guidance must be >= 1, got {guidance}")
+    base = dataclasses.replace(cfg.sampler, guidance=1.0, action_guidance=1.0, dit_cache="none", dit_steps=[])
+    scales = (1.0, guidance) if guidance > 1 and negative_prompt(cfg.sampler, cfg.flow) is not None else (1.0,)
+    return {f"{solver} {steps} steps, guidance {scale:g}, DiT cache {cache}":
+            dataclasses.replace(base, solver=solver, steps=steps, guidance=scale, dit_cache=cache, dit_passes=steps // 2)
+            for solver, steps, scale, cache in itertools.product(SWEEP_SOLVERS, SWEEP_STEPS, scales, ("none", "static"))}
+
+
 def run_eval(checkpoint: str, *, dataset: str | None = None, profile: str | None = None, windows: int = 8,
              steps: int | None = None, seed: int = 0, device: str = "auto", out: Path | None = None,
              plot_episodes: int = 3, tracking_uri: str | None = None, log_mlflow: bool = True,
-             run_id: str | None = None) -> EvalReport:
+             run_id: str | None = None, sweep_guidance: float | None = None) -> EvalReport:
     """Evaluate a checkpoint (folder, series or export); write report.json and actions.png; log them and the
-    metrics to MLflow (on `run_id`, else the run that trained it, else a new evaluation run)."""
+    metrics to MLflow (on `run_id`, else the run that trained it, else a new evaluation run). With
+    `sweep_guidance`, the report also compares the samplers of `sweep_samplers` on the same windows and noise."""
     if windows < 1:
         raise ConfigError(f"--windows must be >= 1, got {windows}")
     stored = open_for_eval(checkpoint)
     cfg = stored.config
+    sweep = {} if sweep_guidance is None else sweep_samplers(cfg, sweep_guidance)
     chosen = choose_device(device, cfg)
     encoders = FrozenEncoders.of_config(cfg, chosen, vision=cfg.data.source == "lerobot")
     heldout = held_out(cfg, dataset, profile, windows, encoders)
     indices = heldout.select(windows)
     started = time.perf_counter()
-    rollouts = roll_out_models({"model": stored.load(chosen)}, cfg, heldout, indices, seed, steps)["model"]
+    model, sampler = stored.load(chosen), config_sampler(cfg, steps)
+    variants = roll_out_variants({"model": (model, sampler), **{name: (model, s) for name, s in sweep.items()}}, cfg,
+                                 heldout, indices, seed)
+    rollouts = variants["model"]
     summary = summarize(rollouts)
     known_uri, known_run, run_dir = training_run(stored)
     out = out or ((run_dir / "eval" if run_dir else Path("eval") / cfg.name) / f"step-{stored.step}")
@@ -78,11 +100,16 @@ def run_eval(checkpoint: str, *, dataset: str | None = None, profile: str | None
         "checkpoint": stored.uri, "step": stored.step, "preset": cfg.model.preset, "run": cfg.name,
         "data": heldout.description,
         "windows": [{"window": w, "prompt": p} for w, p in zip(rollouts.labels, rollouts.prompts, strict=True)],
-        "seed": seed, "denoising_steps": steps or cfg.sampler.steps, "device": str(chosen), "units": heldout.units,
+        "seed": seed, "denoising_steps": sampler.steps, "sampler": dataclasses.asdict(sampler), "device": str(chosen),
+        "units": heldout.units,
         "seconds": round(time.perf_counter() - started, 2),
         **{k: v for k, v in summary.items() if k != "per_dim"},
         "per_dim": [{"dim": name, **d} for name, d in zip(heldout.dim_names, summary["per_dim"], strict=True)],
     }
+    if sweep:
+        report["sweep"] = [{"solver": s.solver, "steps": s.steps, "guidance": s.guidance, "dit_cache": s.dit_cache,
+                            **{k: v for k, v in summarize(variants[name]).items() if k not in ("per_dim", "per_chunk")}}
+                           for name, s in sweep.items()]
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_actions(rollouts, heldout.dim_names, heldout.units, out / "actions.png", plot_episodes)

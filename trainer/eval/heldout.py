@@ -47,6 +47,7 @@ class HeldOut(ABC):
     units: str  # what the action errors are measured in
     description: str
     dim_names: list[str]
+    encoders: FrozenEncoders  # as in training (the prompts' features, the negative prompt's too)
 
     @abstractmethod
     def __len__(self) -> int: ...

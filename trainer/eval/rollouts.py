@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from wam.platform.config import WamConfig, resolve_preset
+from wam.platform.config import (
+    SamplerSection,
+    WamConfig,
+    guided,
+    negative_prompt,
+    resolve_preset,
+    validate_sampler,
+)
 from wam.trainer.eval.heldout import HeldOut, Window
 from wam.trainer.inference import ChunkRollout
 from wam.trainer.model import WamModel
@@ -32,13 +39,23 @@ class Rollouts:
     normalised_l1: list[list[float]] = field(default_factory=list)  # per window, per chunk: over real dims
     video_mse: list[list[float]] = field(default_factory=list)  # per window, per chunk
     denoise_ms: list[list[float]] = field(default_factory=list)
+    dit_steps: list[list[int]] = field(default_factory=list)  # per window, per chunk: steps that ran the transformer
 
 
-def new_rollout(model: WamModel, cfg: WamConfig, steps: int | None = None) -> ChunkRollout:
+def config_sampler(cfg: WamConfig, steps: int | None = None) -> SamplerSection:
+    """The config's sampler, with `steps` denoising steps when given."""
+    return cfg.sampler if steps is None else dataclasses.replace(cfg.sampler, steps=steps)
+
+
+def new_rollout(model: WamModel, cfg: WamConfig, sampler: SamplerSection, heldout: HeldOut) -> ChunkRollout:
+    """A rollout sampling with `sampler`; a guided one gets its negative prompt's features from the held-out
+    data's text encoder."""
     s = resolve_preset(cfg).sample
-    sampler = cfg.sampler if steps is None else dataclasses.replace(cfg.sampler, steps=steps)
+    validate_sampler(sampler, cfg.flow)
+    negative = negative_prompt(sampler, cfg.flow) if guided(sampler) else None
     return ChunkRollout(model, sampler, max_chunks=s.num_chunks, frames_per_chunk=s.frames_per_chunk,
-                        actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width))
+                        actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width),
+                        negative_text=None if negative is None else heldout.encoders.text([negative]).float())
 
 
 @torch.no_grad()
@@ -48,13 +65,14 @@ def roll_out(rollout: ChunkRollout, window: Window, heldout: HeldOut, generator:
     device = window.latents.device
     f = rollout.frames_per_chunk
     rollout.reset(window.latents[:, :, :1], window.text, window.image, window.i2v)
-    predicted, l1, video, ms = [], [], [], []
+    predicted, l1, video, ms, dit_steps = [], [], [], [], []
     for c in range(rollout.max_chunks):
         start = time.perf_counter()
         chunk = rollout.act(window.state[c][None].to(device), generator)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         ms.append((time.perf_counter() - start) * 1000)
+        dit_steps.append(chunk.dit_steps)
         real = window.latents[:, :, 1 + c * f:1 + (c + 1) * f]
         rollout.observe(real)
         normalised = chunk.actions[0].float().cpu()
@@ -69,19 +87,26 @@ def roll_out(rollout: ChunkRollout, window: Window, heldout: HeldOut, generator:
     into.normalised_l1.append(l1)
     into.video_mse.append(video)
     into.denoise_ms.append(ms)
+    into.dit_steps.append(dit_steps)
 
 
 def roll_out_models(models: dict[str, WamModel], cfg: WamConfig, heldout: HeldOut, indices: list[int], seed: int,
-             steps: int | None = None) -> dict[str, Rollouts]:
-    """Every model on the same windows with the same noise (one generator per model, seeded alike); each
-    window is read and encoded once."""
-    device = next(iter(models.values())).patch_embedding.weight.device
-    rollouts = {name: new_rollout(model, cfg, steps) for name, model in models.items()}
-    generators = {name: torch.Generator(device).manual_seed(seed) for name in models}
-    results = {name: Rollouts() for name in models}
+                    sampler: SamplerSection) -> dict[str, Rollouts]:
+    """Every model on the same windows with the same noise and sampler."""
+    return roll_out_variants({name: (model, sampler) for name, model in models.items()}, cfg, heldout, indices, seed)
+
+
+def roll_out_variants(variants: dict[str, tuple[WamModel, SamplerSection]], cfg: WamConfig, heldout: HeldOut,
+                      indices: list[int], seed: int) -> dict[str, Rollouts]:
+    """Every (model, sampler) variant on the same windows with the same noise (one generator per variant,
+    seeded alike); each window is read and encoded once."""
+    device = next(iter(variants.values()))[0].patch_embedding.weight.device
+    rollouts = {name: new_rollout(model, cfg, sampler, heldout) for name, (model, sampler) in variants.items()}
+    generators = {name: torch.Generator(device).manual_seed(seed) for name in variants}
+    results = {name: Rollouts() for name in variants}
     for index in indices:
         window = heldout.window(index)
-        for name in models:
+        for name in variants:
             roll_out(rollouts[name], window, heldout, generators[name], results[name])
     return results
 
@@ -97,6 +122,7 @@ def summarize(r: Rollouts) -> dict:
         "action_l1_normalised": float(np.mean(r.normalised_l1)),
         "video_mse": float(video.mean()),
         "denoise_ms": float(np.mean(r.denoise_ms)),
+        "dit_steps": float(np.mean(r.dit_steps)),
         "per_dim": [{"mse": float(m), "l1": float(a)} for m, a in zip(per_dim_mse, per_dim_l1, strict=True)],
         "per_chunk": [{"action_l1": float(a), "video_mse": float(v), "denoise_ms": float(t)} for a, v, t in
                       zip(np.abs(error).mean(axis=(0, 2, 3)), video.mean(axis=0), np.mean(r.denoise_ms, axis=0),

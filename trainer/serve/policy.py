@@ -16,25 +16,28 @@ units: un-normalised, relative dims made absolute, smoothed, grippers optionally
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from wam.platform.config import resolve_preset
+from wam.platform.config import guided, negative_prompt, resolve_preset, sampler_preset, validate_sampler
 from wam.platform.data_contract import gripper_problems
 from wam.platform.embodiment import EmbodimentProfile
 from wam.platform.errors import ConfigError
 from wam.trainer.data.stats import NormStats
 from wam.trainer.data.transforms import normalize, tile
-from wam.trainer.inference import ChunkRollout
+from wam.trainer.flow import static_dit_steps
+from wam.trainer.inference import Chunk, ChunkRollout
 from wam.trainer.model.encoders import FrozenEncoders
 from wam.trainer.model.vae import StreamState, vae_config
 from wam.trainer.quantize.load import QuantizedPolicy, load_quantized
 from wam.trainer.serve.actions import ActionPostprocess
 from wam.trainer.serve.safety import SafetyReport, envelope_from_stats, require_finite, state_check
 
+log = logging.getLogger("wam.serve")
 PROMPT_KEY = "prompt"
 RESET_KEY = "reset"
 MAX_FRAME_SIDE = 4096
@@ -62,13 +65,26 @@ class PolicyRuntime:
     """What all sessions share: the model, the frozen encoders, the embodiment and the post-processing."""
 
     def __init__(self, policy: QuantizedPolicy, device: torch.device | str = "cpu", steps: int | None = None,
-                 embodiment: str | None = None):
+                 embodiment: str | None = None, sampler: str | None = None):
+        """steps and sampler (a preset name) override the config's serving.steps and serving.sampler."""
         self.policy, self.device = policy, torch.device(device)
         cfg = policy.config
         preset = resolve_preset(cfg)
         self.arch, self.sample = preset.arch, preset.sample
-        self.sampler = dataclasses.replace(cfg.sampler, steps=steps or cfg.serving.steps or cfg.sampler.steps)
+        self.sampler_preset = sampler or cfg.serving.sampler
+        key = "--sampler" if sampler else "serving.sampler"
+        served = sampler_preset(cfg.sampler, self.sampler_preset, key) if self.sampler_preset else cfg.sampler
+        self.sampler = dataclasses.replace(served, steps=steps or cfg.serving.steps or served.steps)
+        validate_sampler(self.sampler, cfg.flow, key if self.sampler_preset else "sampler")
         self.encoders = FrozenEncoders.of_config(cfg, self.device)
+        self.negative_text = None  # the unconditional prompt's features: encoded once, shared by all sessions
+        self.guidance_note = ""
+        if guided(self.sampler):
+            self.negative_text = self.encoders.text([negative_prompt(self.sampler, cfg.flow)]).to(self.device)
+            if cfg.flow.prompt_dropout == 0:
+                self.guidance_note = ("guidance asked of a model trained without prompt dropout (flow.prompt_dropout "
+                                      "0): its unconditional branch was trained only if its initial weights had one")
+                log.warning(self.guidance_note)
         stride = vae_config(self.arch.vae).spatial_stride
         self.canvas = (self.sample.latent_height * stride, self.sample.latent_width * stride)
         self.pixel_frames_per_chunk = self.encoders.vae.cfg.temporal_stride * self.sample.frames_per_chunk
@@ -116,6 +132,7 @@ class PolicyRuntime:
         return {
             "policy": "wam", "preset": self.policy.config.model.preset, "step": self.policy.step,
             "compute_path": self.policy.compute_path, "denoising_steps": self.sampler.steps,
+            "sampler": self.sampler_description(),
             "embodiment": p.name, "cameras": list(p.cameras), "state_keys": list(p.state_keys),
             "state_dims": len(self.stats.state_q01) if self.stats else self.arch.state_dim,
             "action_dims": len(self.stats.action_q01) if self.stats else self.arch.action_dim,
@@ -128,15 +145,24 @@ class PolicyRuntime:
                        "state_low": self.state_check.low.tolist(), "state_high": self.state_check.high.tolist()},
         }
 
+    def sampler_description(self) -> dict:
+        s = self.sampler
+        dit_steps = (list(static_dit_steps(s.steps, s.dit_passes, s.dit_steps)) if s.dit_cache == "static"
+                     else s.dit_cache if s.dit_cache == "dynamic" else list(range(s.steps)))
+        return {"preset": self.sampler_preset, "solver": s.solver, "steps": s.steps, "shift": s.shift,
+                "guidance": s.guidance, "action_guidance": s.action_guidance,
+                "guidance_passes": "none" if self.negative_text is None else "batched" if s.guidance_batch
+                else "sequential", "dit_cache": s.dit_cache, "dit_steps": dit_steps, "note": self.guidance_note}
+
     def session(self) -> Session:
         return Session(self)
 
 
-def load_runtime(model: str, device: str = "auto", steps: int | None = None,
-                 embodiment: str | None = None) -> PolicyRuntime:
+def load_runtime(model: str, device: str = "auto", steps: int | None = None, embodiment: str | None = None,
+                 sampler: str | None = None) -> PolicyRuntime:
     """The runtime of a quantized model folder on `device` (auto: the GPU if there is one)."""
     chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    return PolicyRuntime(load_quantized(model, chosen), chosen, steps, embodiment)
+    return PolicyRuntime(load_quantized(model, chosen), chosen, steps, embodiment, sampler)
 
 
 class Session:
@@ -145,7 +171,8 @@ class Session:
         s = runtime.sample
         self.rollout = ChunkRollout(runtime.policy.model, runtime.sampler, max_chunks=s.num_chunks,
                                     frames_per_chunk=s.frames_per_chunk, actions_per_chunk=s.actions_per_chunk,
-                                    latent_hw=(s.latent_height, s.latent_width))
+                                    latent_hw=(s.latent_height, s.latent_width),
+                                    negative_text=runtime.negative_text)
         self.generator = torch.Generator(runtime.device).manual_seed(runtime.policy.config.seed)
         self.prompt: str | None = None
         self.text: torch.Tensor | None = None  # umT5 features of the prompt
@@ -287,16 +314,17 @@ class Session:
                 self._start_window(self.newest_frame, prompt)
                 new_window = True
         encoded = time.perf_counter()
-        self._act(self._anchor(state))
+        chunk = self._act(self._anchor(state))
         done = time.perf_counter()
         self.chunks_served += 1
         return {"actions": self.returned[-1].actions, "chunk": self.chunks_served - 1,
                 "window_chunk": self.returned[-1].index, "new_window": new_window,
                 "safety": self.returned[-1].safety.to_reply(),
                 "server_timing": {"encode_ms": (encoded - start) * 1000, "denoise_ms": (done - encoded) * 1000,
-                                  "infer_ms": (done - start) * 1000}}
+                                  "infer_ms": (done - start) * 1000, "denoising_steps": self.runtime.sampler.steps,
+                                  "dit_steps": chunk.dit_steps, "transformer_passes": chunk.forwards}}
 
-    def _act(self, anchor: np.ndarray) -> None:
+    def _act(self, anchor: np.ndarray) -> Chunk:
         runtime = self.runtime
         normalised = anchor if runtime.state_range is None else normalize(anchor, *runtime.state_range)
         state = torch.zeros(1, runtime.arch.state_dim, device=runtime.device)
@@ -311,3 +339,4 @@ class Session:
             actions = runtime.postprocess(raw.numpy(), anchor)
         actions, report = runtime.envelope.apply(actions, anchor)  # raises UnsafeOutput on NaN / inf
         self.returned.append(_Returned(index, chunk.video, actions, raw, report))
+        return chunk

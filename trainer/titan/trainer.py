@@ -30,7 +30,7 @@ from wam.platform.checkpoints import CheckpointManifest
 from wam.platform.config import WamConfig, resolve_preset
 from wam.platform.resume import Resume
 from wam.platform.tracking import Tracker, flatten, resolve_uri
-from wam.trainer.flow import LossWeighting, StepRandomness, flow_loss, noise_batch
+from wam.trainer.flow import LossWeighting, StepRandomness, drop_prompts, flow_loss, noise_batch
 from wam.trainer.model.encoders import FrozenEncoders
 
 log = logging.getLogger("wam.train")
@@ -230,8 +230,8 @@ class WamTrainer(Trainer):
             video, image, i2v = clip.latents, clip.image, clip.i2v
         else:
             video, image, i2v = input_dict["video"], input_dict.get("image"), input_dict.get("i2v_cond")
-        batch = noise_batch(video, input_dict["actions"], input_dict["state"], self._encode_prompts(input_dict["prompt"]),
-                            flow, randomness, image, i2v)
+        text = self._encode_prompts(drop_prompts(input_dict["prompt"], flow, randomness))
+        batch = noise_batch(video, input_dict["actions"], input_dict["state"], text, flow, randomness, image, i2v)
         with self.train_context():
             out = self.model_parts[0](batch.inputs)
             parts = flow_loss(out.video, out.actions, batch.target_video, batch.target_actions, batch.sigma_video,
