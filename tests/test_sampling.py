@@ -309,3 +309,19 @@ def test_the_recorded_serving_preset_and_its_negative_prompt_reach_the_runtime(q
     torch.testing.assert_close(runtime.negative_text, runtime.encoders.text([DREAMZERO_NEGATIVE_PROMPT]))
     with pytest.raises(ConfigError, match=r"--sampler = 'fast' is not a sampler preset"):
         PolicyRuntime(policy, sampler="fast")
+
+
+@pytest.mark.parametrize("example", ["dreamzero-14b-gb200.yaml", "dreamzero-14b-h100.yaml"])
+def test_dreamzero_trainjobs_record_the_dreamzero_serving_preset(example):
+    """What the operator's pods run (and so the checkpoints and the quantized folder record, which its serving
+    Deployment serves) carries serving.sampler: dreamzero."""
+    from pathlib import Path
+
+    import yaml
+
+    from wam.platform import trainjob
+
+    manifest = yaml.safe_load((Path(__file__).parents[1] / "examples" / example).read_text())
+    cfg = trainjob.training_config(trainjob.parse(manifest), trainjob.Platform())
+    assert cfg.serving.sampler == "dreamzero" and cfg.flow.prompt_dropout == 0
+    assert load_config(Path(__file__).parents[1] / "configs" / "dreamzero-14b.yaml").serving.sampler == "dreamzero"
