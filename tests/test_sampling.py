@@ -325,3 +325,16 @@ def test_dreamzero_trainjobs_record_the_dreamzero_serving_preset(example):
     cfg = trainjob.training_config(trainjob.parse(manifest), trainjob.Platform())
     assert cfg.serving.sampler == "dreamzero" and cfg.flow.prompt_dropout == 0
     assert load_config(Path(__file__).parents[1] / "configs" / "dreamzero-14b.yaml").serving.sampler == "dreamzero"
+
+
+def test_the_eval_sweep_compares_solvers_steps_guidance_and_the_cache():
+    from wam.trainer.eval.evaluate import sweep_samplers
+
+    sweep = sweep_samplers(load_config(None, ["flow.prompt_dropout=0.2"]), 5.0)
+    assert len(sweep) == 24 and {(s.solver, s.steps, s.guidance, s.dit_cache) for s in sweep.values()} == {
+        (solver, steps, g, cache) for solver in ("euler", "unipc") for steps in (4, 8, 16) for g in (1.0, 5.0)
+        for cache in ("none", "static")}
+    assert all(s.dit_passes == s.steps // 2 for s in sweep.values())
+    assert {s.guidance for s in sweep_samplers(load_config(None, []), 5.0).values()} == {1.0}  # no unconditional prompt
+    with pytest.raises(ConfigError, match="--sweep-guidance must be >= 1"):
+        sweep_samplers(load_config(None, []), 0.5)

@@ -338,6 +338,8 @@ class DitStepCache:
     def __init__(self, mode: str, steps: int, passes: int = 8, explicit: list[int] | tuple[int, ...] = ()):
         self.mode = mode
         self.static = set(static_dit_steps(steps, passes, explicit)) if mode == "static" else None
+        if self.static is not None and 0 not in self.static:
+            raise ValueError(f"the DiT step cache must run the first step (no velocity to reuse yet), got {explicit}")
         self.history: list[torch.Tensor] = []
         self.countdown = 0
 

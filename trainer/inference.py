@@ -101,9 +101,8 @@ class ChunkRollout:
                     action_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (guided) video and action velocities at one step: every branch's forward, combined."""
         if self._batched():
-            out = self.model.predict(self.caches[0], *(torch.cat([x, x]) for x in (video, actions, state, video_t,
-                                                                                       action_t)))
-            branches = [(v, a) for v, a in zip(out.video.chunk(2), out.actions.chunk(2), strict=True)]
+            out = self.model.predict(self.caches[0], *(self._rows(x) for x in (video, actions, state, video_t, action_t)))
+            branches = list(zip(out.video.chunk(2), out.actions.chunk(2), strict=True))
         else:
             branches = [(out.video, out.actions) for out in
                         (self.model.predict(cache, video, actions, state, video_t, action_t) for cache in self.caches)]
