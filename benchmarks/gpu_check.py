@@ -13,7 +13,8 @@ and the others still run.
              compiled flex_attention vs masked SDPA vs dense SDPA, forward and forward+backward
   train      a training step at the 14B block width (benchmarks/train_step.py's parallelized_step), with the
              Triton and the flex backend: step time, tokens/s, MFU, peak memory next to the estimate
-  serve      per-chunk denoising latency at the 14B block width, KV cache vs recomputing, 1 and 4 steps
+  serve      per-chunk denoising latency at the 14B block width, KV cache vs recomputing, 1 and 4 steps; and
+             DreamZero's sampler built up (UniPC 16 steps, guidance batched or as two passes, the DiT cache)
 What a section needs and this machine lacks (no CUDA device, an older Triton, torchtitan's Trainer on an
 older torch) is found before anything runs and reported as skipped, with the reason.
 
@@ -239,11 +240,13 @@ def section_serve(cpu: bool, partial) -> dict:
     import torch
 
     sys.path.insert(0, str(BENCHMARKS))
-    from serve import chunk_latency
+    from serve import chunk_latency, sampler_latency
 
     if cpu:
-        return chunk_latency(["sample.actions_per_chunk=24"], "cpu", torch.float32, repeats=3)
-    return chunk_latency(["model.preset=dreamzero-14b", "model.num_layers=2"], "cuda", torch.bfloat16, repeats=20)
+        run = (["sample.actions_per_chunk=24"], "cpu", torch.float32, 3)
+    else:
+        run = (["model.preset=dreamzero-14b", "model.num_layers=2"], "cuda", torch.bfloat16, 20)
+    return {**chunk_latency(*run), "samplers": sampler_latency(*run)}
 
 
 RUNNERS = {"env": section_env, "pytest": section_pytest, "attention": section_attention, "train": section_train,
@@ -412,9 +415,15 @@ def _details(sections: dict) -> list[str]:
         lines += ["", "Per-chunk denoising latency (last chunk of the context):", "",
                   "| steps | KV cache p50 / p99 ms | recompute p50 / p99 ms | speed-up |", "|---|---|---|---|"]
         for steps, r in serve.items():
-            kv, re = r["kv_cache"], r["recompute"]
-            lines.append(f"| {steps.split('_')[0]} | {kv['p50_ms']:.1f} / {kv['p99_ms']:.1f} | "
-                         f"{re['p50_ms']:.1f} / {re['p99_ms']:.1f} | {r['speedup_p50']:.1f}x |")
+            if steps.endswith("_steps"):
+                kv, re = r["kv_cache"], r["recompute"]
+                lines.append(f"| {steps.split('_')[0]} | {kv['p50_ms']:.1f} / {kv['p99_ms']:.1f} | "
+                             f"{re['p50_ms']:.1f} / {re['p99_ms']:.1f} | {r['speedup_p50']:.1f}x |")
+        if "samplers" in serve:
+            lines += ["", "DreamZero's sampler built up (UniPC 16 steps; guidance 5; DiT cache 8 of 16):", "",
+                      "| sampler | transformer passes | p50 / p99 ms |", "|---|---|---|"]
+            lines += [f"| {name} | {r['transformer_passes']} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} |"
+                      for name, r in serve["samplers"].items()]
     return lines
 
 

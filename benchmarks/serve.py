@@ -1,8 +1,10 @@
 """Policy serving and NVFP4 quantization, with the obvious alternatives measured in the same run.
 
 1. Per-chunk denoising latency (p50/p99) of the last chunk of a context window: against the session's KV
-   cache vs recomputing the whole sequence every denoising step, with 1 and 4 steps. CPU: the tiny preset
-   (fp32); with CUDA also a model of the 14B block width (dim 5120, 40 heads; --layers of them, bf16).
+   cache vs recomputing the whole sequence every denoising step, with 1 and 4 steps; and DreamZero's sampler
+   built up (UniPC 16 steps, + guidance 5 batched or as two passes, + the DiT cache on 8 of the 16 steps).
+   CPU: the tiny preset (fp32); with CUDA also a model of the 14B block width (dim 5120, 40 heads; --layers
+   of them, bf16).
 2. Quantization: throughput (MB of float32 weights per second) and peak memory growth of the streaming
    quantizer vs loading the whole model first, on one checkpoint, each in a fresh process.
 3. A burst of oversized requests (several clients at once, each sending a message larger than
@@ -41,46 +43,80 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def timed(fn, device: str, repeats: int) -> dict:
+    """p50/p99 milliseconds of `fn` after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) * 1000)
+    return {"p50_ms": statistics.median(samples), "p99_ms": percentile(samples, 0.99)}
+
+
+class LastChunk:
+    """A model of `overrides` with random weights, and rollouts at the last chunk of a full context window."""
+
+    def __init__(self, overrides: list[str], device: str, dtype: torch.dtype):
+        preset = resolve_preset(load_config(None, overrides))
+        self.sample = preset.sample
+        self.model = randomized_model(preset.arch, preset.sample).to(device=device, dtype=dtype)
+        self.inputs = WamInputs.random(preset.arch, preset.sample, batch=1, seed=0, device=device)
+        self.state = self.inputs.state[:, -1]
+
+    def rollout(self, sampler: SamplerSection) -> ChunkRollout:
+        s, x = self.sample, self.inputs
+        k, f = s.num_chunks, s.frames_per_chunk
+        rollout = ChunkRollout(self.model, sampler, max_chunks=k, frames_per_chunk=f,
+                               actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width),
+                               negative_text=torch.zeros_like(x.text[:1]))  # a negative prompt's features
+        rollout.reset(x.video[:, :, :1], x.text, x.image, x.i2v_cond)
+        for c in range(k - 1):
+            rollout.observe(x.video[:, :, 1 + c * f:1 + (c + 1) * f])
+        return rollout
+
+
 @torch.no_grad()
 def chunk_latency(overrides: list[str], device: str, dtype: torch.dtype, repeats: int) -> dict:
-    cfg = load_config(None, overrides)
-    preset = resolve_preset(cfg)
-    arch, s = preset.arch, preset.sample
-    model = randomized_model(arch, s).to(device=device, dtype=dtype)
-    inputs = WamInputs.random(arch, s, batch=1, seed=0, device=device)
-    k, f = s.num_chunks, s.frames_per_chunk
+    setup = LastChunk(overrides, device, dtype)
     rows = {}
     for steps in (1, 4):
-        rollout = ChunkRollout(model, SamplerSection(steps=steps), max_chunks=k, frames_per_chunk=f,
-                               actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width))
-        rollout.reset(inputs.video[:, :, :1], inputs.text, inputs.image, inputs.i2v_cond)
-        for c in range(k - 1):
-            rollout.observe(inputs.video[:, :, 1 + c * f:1 + (c + 1) * f])
-        state = inputs.state[:, -1]
-
-        def cached(rollout=rollout, state=state) -> None:
-            rollout.act(state)
+        rollout = setup.rollout(SamplerSection(steps=steps))
 
         def uncached(steps=steps) -> None:  # what a server without a cache does: the whole sequence, every step
             for _ in range(steps):
-                model(inputs)
+                setup.model(setup.inputs)
 
-        timings = {}
-        for name, fn in (("kv_cache", cached), ("recompute", uncached)):
-            for _ in range(2):
-                fn()
-            samples = []
-            for _ in range(repeats):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                samples.append((time.perf_counter() - start) * 1000)
-            timings[name] = {"p50_ms": statistics.median(samples), "p99_ms": percentile(samples, 0.99)}
+        timings = {"kv_cache": timed(lambda rollout=rollout: rollout.act(setup.state), device, repeats),
+                   "recompute": timed(uncached, device, repeats)}
         timings["speedup_p50"] = timings["recompute"]["p50_ms"] / timings["kv_cache"]["p50_ms"]
         rows[f"{steps}_steps"] = timings
+    return rows
+
+
+# DreamZero's sampler built up: UniPC at 16 steps, guidance 5 as one batched forward or two passes, the DiT cache.
+SAMPLERS = {
+    "unipc_16": SamplerSection(solver="unipc", steps=16),
+    "guided_batched": SamplerSection(solver="unipc", steps=16, guidance=5.0),
+    "guided_sequential": SamplerSection(solver="unipc", steps=16, guidance=5.0, guidance_batch=False),
+    "dreamzero": SamplerSection(solver="unipc", steps=16, guidance=5.0, dit_cache="static", dit_passes=8),
+}
+
+
+@torch.no_grad()
+def sampler_latency(overrides: list[str], device: str, dtype: torch.dtype, repeats: int) -> dict:
+    """Per-chunk latency of each of SAMPLERS, and the transformer passes it ran."""
+    setup = LastChunk(overrides, device, dtype)
+    rows = {}
+    for name, sampler in SAMPLERS.items():
+        rollout = setup.rollout(sampler)
+        rows[name] = {**timed(lambda rollout=rollout: rollout.act(setup.state), device, repeats),
+                      "transformer_passes": rollout.act(setup.state).forwards}
     return rows
 
 
@@ -215,10 +251,13 @@ def main() -> None:
     args = parser.parse_args()
     repeats = 5 if args.quick else 30
     results = {"cpu_tiny": chunk_latency(["sample.actions_per_chunk=24"], "cpu", torch.float32, repeats),
+               "cpu_tiny_samplers": sampler_latency(["sample.actions_per_chunk=24"], "cpu", torch.float32, repeats),
                "quantization": quantization(2 if args.quick else 16),
                "oversized_burst": oversized_burst(2, 7, 4) if args.quick else oversized_burst(64, 250, 4)}
     if torch.cuda.is_available():
         results["cuda_14b_width"] = chunk_latency(
+            ["model.preset=dreamzero-14b", f"model.num_layers={args.layers}"], "cuda", torch.bfloat16, repeats)
+        results["cuda_14b_width_samplers"] = sampler_latency(
             ["model.preset=dreamzero-14b", f"model.num_layers={args.layers}"], "cuda", torch.bfloat16, repeats)
         results["device"] = torch.cuda.get_device_name()
     for name, rows in results.items():

@@ -29,6 +29,8 @@ def test_serve_benchmark_smoke(tmp_path):
     data = run_benchmark("serve.py", tmp_path, "--quick")
     assert set(data["cpu_tiny"]) == {"1_steps", "4_steps"}
     assert all(row["kv_cache"]["p50_ms"] > 0 for row in data["cpu_tiny"].values())
+    assert {name: row["transformer_passes"] for name, row in data["cpu_tiny_samplers"].items()} == {
+        "unipc_16": 16, "guided_batched": 16, "guided_sequential": 32, "dreamzero": 8}
     assert data["quantization"]["streaming"]["mb_per_s"] > 0
     burst = data["oversized_burst"]  # 4 clients x 7 MB over a 2 MB limit: refused unread, or buffered first
     assert burst["refused_from_header"]["refused"] == burst["buffered"]["refused"] == 4
