@@ -5,6 +5,7 @@ preset served through `wam serve` to the public openpi-client."""
 
 import dataclasses
 import re
+import urllib.request
 
 import numpy as np
 import pytest
@@ -277,6 +278,8 @@ def test_wam_serve_with_the_dreamzero_preset_answers_openpi_client(quantized):
             timing = client.infer(obs)["server_timing"]
             assert (timing["denoising_steps"], timing["dit_steps"], timing["transformer_passes"]) == (16, 8, 8)
         client._ws.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
+            assert "wam_policy_transformer_passes_total 16.0" in r.read().decode()  # 2 chunks x 8
         # `wam client` prints each chunk's transformer passes
         shown = wam_cli("client", f"ws://127.0.0.1:{port}", "--config", quantized["config"], "--dataset",
                         quantized["dataset"], timeout=300)

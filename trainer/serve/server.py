@@ -59,6 +59,8 @@ class _Metrics:
                                       registry=self.registry)
         self.clipped_values = Counter("wam_policy_clipped_values", "Action values the safety envelope clipped",
                                       registry=self.registry)
+        self.passes = Counter("wam_policy_transformer_passes", "Transformer forwards run to denoise chunks",
+                              registry=self.registry)
         self.idle_closed = Counter("wam_policy_idle_sessions_closed", "Sessions closed for idleness",
                                    registry=self.registry)
         meta = runtime.metadata()
@@ -156,6 +158,7 @@ class PolicyServer:
         finished = time.perf_counter()
         if "server_timing" in result:
             result["server_timing"]["queue_ms"] = (started - received) * 1000
+            self.metrics.passes.inc(result["server_timing"]["transformer_passes"])
         if result.get("safety", {}).get("clipped"):
             self.metrics.clipped_chunks.inc()
             self.metrics.clipped_values.inc(result["safety"]["clipped_values"])
