@@ -295,7 +295,8 @@ class FlowUniPC:
             return x - self.alphas[i] * b_h * 0.5 * d_t
         hh = self.lambdas[i - 1] - self.lambdas[i]  # -h
         rk = (self.lambdas[i - 2] - self.lambdas[i - 1]) / -hh
-        phi_2 = torch.expm1(hh) / hh - 1  # h phi_2(h) / h, then h phi_3(h) / h^2 below
+        # UniC-2: [[1, 1], [rk, 1]] rho = b, b_k = k! x phi_{k+1}(x) / B(h) at x = -h (phi_k: e^x's remainders)
+        phi_2 = torch.expm1(hh) / hh - 1
         b = torch.stack([phi_2 / b_h, 2 * (phi_2 / hh - 0.5) / b_h])
         rho = torch.linalg.solve(torch.stack([torch.ones(2), torch.stack([rk, torch.ones(())])]), b)
         d_1 = (self.x0[-2] - self.x0[-1]) / rk
