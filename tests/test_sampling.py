@@ -310,6 +310,9 @@ def test_the_recorded_serving_preset_and_its_negative_prompt_reach_the_runtime(q
     runtime = PolicyRuntime(policy)
     assert runtime.sampler_description()["preset"] == "dreamzero" and runtime.sampler.steps == 16
     torch.testing.assert_close(runtime.negative_text, runtime.encoders.text([DREAMZERO_NEGATIVE_PROMPT]))
+    policy.config.serving.steps = 4  # the config's steps refine its preset; a --sampler flag outranks both
+    assert PolicyRuntime(policy).sampler.steps == 4 and PolicyRuntime(policy, sampler="dreamzero").sampler.steps == 16
+    assert PolicyRuntime(policy, steps=2, sampler="dreamzero").sampler.steps == 2
     with pytest.raises(ConfigError, match=r"--sampler = 'fast' is not a sampler preset"):
         PolicyRuntime(policy, sampler="fast")
 

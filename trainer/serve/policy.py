@@ -66,7 +66,8 @@ class PolicyRuntime:
 
     def __init__(self, policy: QuantizedPolicy, device: torch.device | str = "cpu", steps: int | None = None,
                  embodiment: str | None = None, sampler: str | None = None):
-        """steps and sampler (a preset name) override the config's serving.steps and serving.sampler."""
+        """steps and sampler (a preset name) override the config's serving.steps and serving.sampler; at either
+        level the steps refine the preset."""
         self.policy, self.device = policy, torch.device(device)
         cfg = policy.config
         preset = resolve_preset(cfg)
@@ -74,7 +75,8 @@ class PolicyRuntime:
         self.sampler_preset = sampler or cfg.serving.sampler
         key = "--sampler" if sampler else "serving.sampler"
         served = sampler_preset(cfg.sampler, self.sampler_preset, key) if self.sampler_preset else cfg.sampler
-        self.sampler = dataclasses.replace(served, steps=steps or cfg.serving.steps or served.steps)
+        self.sampler = dataclasses.replace(served, steps=steps or (None if sampler else cfg.serving.steps)
+                                           or served.steps)
         validate_sampler(self.sampler, cfg.flow, key if self.sampler_preset else "sampler")
         self.encoders = FrozenEncoders.of_config(cfg, self.device)
         self.negative_text = None  # the unconditional prompt's features: encoded once, shared by all sessions
