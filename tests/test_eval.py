@@ -139,6 +139,20 @@ def test_the_same_seed_gives_the_same_report_from_a_folder_or_an_export(robot_ru
     assert numbers(runs[0]) != numbers(runs[2]), "another seed draws other noise"
 
 
+def test_the_sampler_sweep_runs_on_the_same_windows_and_noise(robot_run, tmp_path):
+    cfg, heldout, _ = robot_run
+    done = wam_cli("eval", cfg.checkpoint_uri, "--data", heldout, "--windows", "1", "--sweep", "--no-mlflow", "--out",
+                   tmp_path, env=ONE_THREAD)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "samplers on the same windows and noise" in done.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = {(r["solver"], r["steps"], r["dit_cache"]): r for r in report["sweep"]}
+    assert len(report["sweep"]) == len(rows) == 12 and {r["guidance"] for r in report["sweep"]} == {1.0}  # no dropout
+    assert all(r["dit_steps"] == steps // (2 if cache == "static" else 1) for (_, steps, cache), r in rows.items())
+    same = rows[("euler", cfg.sampler.steps, "none")]  # the config's own sampler: the main result, number for number
+    assert (same["action_l1"], same["video_mse"]) == (report["action_l1"], report["video_mse"])
+
+
 def test_incomplete_and_mismatched_checkpoints_are_refused(robot_run, tmp_path, one_thread):
     cfg, heldout, _ = robot_run
     _, folder = latest_complete(cfg.checkpoint_uri)
