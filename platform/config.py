@@ -100,9 +100,9 @@ DREAMZERO_NEGATIVE_PROMPT = (
     "deformed, disfigured, mutated limbs, fused fingers, stagnant image, cluttered background, three legs, many people "
     "in the background, walking backwards.")
 SAMPLER_PRESETS = {
-    "dreamzero": {"solver": "unipc", "steps": 16, "shift": 5.0, "guidance": 5.0, "action_guidance": 1.0,
-                  "negative_prompt": DREAMZERO_NEGATIVE_PROMPT, "dit_cache": "static", "dit_passes": 8,
-                  "dit_steps": []},
+    "dreamzero": {"solver": "unipc", "steps": 16, "shift": 5.0, "video_final_sigma": 0.0, "guidance": 5.0,
+                  "action_guidance": 1.0, "negative_prompt": DREAMZERO_NEGATIVE_PROMPT, "dit_cache": "static",
+                  "dit_passes": 8, "dit_steps": []},
 }
 
 
