@@ -66,7 +66,8 @@ def values_schema() -> dict:
                        artifactsDestination=_STRING, secretRefs={"type": "array", "items": _STRING},
                        trackingUri=_STRING, externalUrl=_STRING, resources=_OBJECT),
         nightly=_object("Nightly regression suite, run by `wam regress`.", enabled=_BOOL, schedule=_STRING,
-                        updateBaseline=_BOOL, resources=_OBJECT, suite=suite_schema()),
+                        updateBaseline=_BOOL, pollSeconds={"type": "number", "exclusiveMinimum": 0},
+                        resources=_OBJECT, suite=suite_schema()),
     )
     schema["properties"]["settings"]["properties"].pop("mlflow")  # the chart fills it from mlflow.*
     return {"$schema": "https://json-schema.org/draft-07/schema#", **json_schema(schema)}

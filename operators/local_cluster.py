@@ -4,12 +4,16 @@ controllers would (indexes, hostnames, subdomain, completion-index annotations, 
 every Pod's container runs under its pod's rules (wam.operators.sandbox). Pod, Job, JobSet and Deployment
 statuses are written back from the processes, so the operator reads what real programs did.
 
-`expand_*` are pure; `LocalKubelet` polls the API in a background thread.
+Containers run the images' contracts read from the project's Dockerfiles (`dockerfile_images`), and pods
+get the emulated API server's in-cluster credentials, so the operator and `wam regress` run in their pods
+as they would in a cluster. `expand_*` and `job_from_cronjob` are pure; `LocalKubelet` polls the API in a
+background thread.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import threading
 import time
@@ -17,8 +21,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from dockerfile_parse import DockerfileParser
+
 from wam.operators import kube
-from wam.operators.sandbox import SandboxedContainer, SandboxError, plan
+from wam.operators.sandbox import Image, SandboxedContainer, SandboxError, ServiceAccount, plan
 
 JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"
 REPLICATED_JOB = "jobset.sigs.k8s.io/replicatedjob-name"
@@ -77,11 +83,48 @@ def expand_deployment(dep: dict) -> list[dict]:
             for i in range(dep["spec"].get("replicas", 1))]
 
 
-def _terminated(pod: dict) -> dict | None:
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        if "terminated" in (status.get("state") or {}):
-            return status["state"]["terminated"]
-    return None
+def job_from_cronjob(cronjob: dict, name: str) -> dict:
+    """The Job a CronJob's schedule would create now (what `kubectl create job --from=cronjob/...` does)."""
+    template = cronjob["spec"]["jobTemplate"]
+    meta = template.get("metadata") or {}
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "namespace": cronjob["metadata"]["namespace"],
+                         "labels": meta.get("labels") or {},
+                         "annotations": {**(meta.get("annotations") or {}), "cronjob.kubernetes.io/instantiate": "manual"}},
+            "spec": template["spec"]}
+
+
+def dockerfile_images(folder: Path) -> dict[str, Image]:
+    """The images' contracts from `folder/<name>.Dockerfile`, by repository name (`<registry>/.../<name>`):
+    the final stage's ENTRYPOINT, CMD, USER, WORKDIR and ENV."""
+    images = {}
+    for path in sorted(folder.glob("*.Dockerfile")):
+        parsed = DockerfileParser(str(path))
+        final: dict[str, str] = {}
+        for instruction in parsed.structure:  # the last of each in the final stage wins
+            if instruction["instruction"] == "FROM":
+                final = {}
+            final[instruction["instruction"]] = instruction["value"]
+        user = final.get("USER")
+        uid, _, gid = (user or "").partition(":")
+        images[path.name.removesuffix(".Dockerfile")] = Image(
+            entrypoint=tuple(_exec_form(final.get("ENTRYPOINT"))), cmd=tuple(_exec_form(final.get("CMD"))),
+            user=(int(uid), int(gid or uid)) if uid.isdigit() else None, workdir=final.get("WORKDIR", "/"),
+            env=tuple(parsed.envs.items()))
+    return images
+
+
+def _exec_form(value: str | None) -> list[str]:
+    if not value:
+        return []
+    if not value.lstrip().startswith("["):  # shell form
+        return ["/bin/sh", "-c", value]
+    return json.loads(value)
+
+
+def _repository(image: str) -> str:
+    """`ghcr.io/wam-platform/trainer:0.1.0` (or @sha256:...) -> `trainer`."""
+    return image.split("@")[0].rsplit("/", 1)[-1].split(":")[0]
 
 
 class LocalKubelet:
@@ -91,9 +134,10 @@ class LocalKubelet:
     KINDS = ((kube.JOBSET, expand_jobset), (kube.JOB, expand_job), (kube.DEPLOYMENT, expand_deployment))
 
     def __init__(self, api: kube.Kube, namespace: str, workdir: Path, *, interval_s: float = 0.3,
-                 pod_log: Callable[[str, str, str, str], None] | None = None):
+                 pod_log: Callable[[str, str, str, str], None] | None = None, images: dict[str, Image] | None = None,
+                 service_account: ServiceAccount | None = None):
         self.api, self.namespace, self.workdir, self.interval_s = api, namespace, workdir, interval_s
-        self.pod_log = pod_log
+        self.pod_log, self.images, self.service_account = pod_log, images or {}, service_account
         self.running: dict[str, SandboxedContainer] = {}  # pod name -> its (single) container's process
         self._published: dict[str, int] = {}  # pod name -> log size last published
         self._stop = threading.Event()
@@ -138,7 +182,11 @@ class LocalKubelet:
         alive = {p["metadata"]["name"] for p in pods}
         for name in [n for n in self.running if n not in alive]:  # deleted with its owner: stop it
             self.running.pop(name).stop(5)
-        hosts = {}  # every pod's DNS name under its headless service (JobSet), on loopback
+        hosts = {}  # every Service's and every pod's DNS names (a JobSet's headless service), on loopback
+        for service in self.api.list(kube.SERVICE, self.namespace, {}):
+            name = service["metadata"]["name"]
+            for suffix in ("", f".{self.namespace}", f".{self.namespace}.svc", f".{self.namespace}.svc.cluster.local"):
+                hosts[name + suffix] = "127.0.0.1"  # ports are shared: a Service's port is its pods' port
         for pod in pods:
             host, sub = pod["spec"].get("hostname"), pod["spec"].get("subdomain")
             if host and sub:
@@ -160,7 +208,9 @@ class LocalKubelet:
         if name not in self.running:
             container = pod["spec"]["containers"][0]
             try:
-                planned = plan(pod, container, self._objects(), self.workdir / name, hosts=hosts)
+                planned = plan(pod, container, self._objects(), self.workdir / name, hosts=hosts,
+                               image=self.images.get(_repository(container.get("image", ""))),
+                               service_account=self.service_account)
                 self.running[name] = SandboxedContainer(container, planned, self.workdir / f"{name}.log")
             except SandboxError as err:
                 self._set_pod(pod, "Failed", {"terminated": {"exitCode": 1, "reason": "CreateContainerError",

@@ -6,9 +6,11 @@ read-only (`readOnlyRootFilesystem`), the pod's user and group in a user namespa
 emptyDir → a folder in /dev/shm, ConfigMap and Secret volumes → their keys as files at the mount path), its
 env (`env` with values, downward-API fields and key references; `envFrom`), its working directory, a
 termination-message file at `terminationMessagePath`, and /etc/hosts naming the pod's hostname and the
-headless services' names on loopback. The project installed in this virtualenv stands in for the image
-(its `bin/` first on PATH). What is not honoured: images, resource limits (no cgroups), network isolation
-(the host's loopback is shared, so ports are too), scheduling and the kubelet's restarts.
+headless services' names on loopback, and the service account's token and CA where the pod mounts them (the
+API server reached at KUBERNETES_SERVICE_HOST/PORT, as in a cluster). The project installed in this
+virtualenv stands in for the image (its `bin/` first on PATH); the image's contract (ENTRYPOINT, CMD, USER,
+WORKDIR, ENV) comes from its Dockerfile. What is not honoured: image contents, resource limits (no cgroups),
+network isolation (the host's loopback is shared, so ports are too), scheduling and the kubelet's restarts.
 
 `plan` is pure (manifests in, a command line out); `SandboxedContainer` runs one.
 """
@@ -27,10 +29,32 @@ from pathlib import Path
 
 BWRAP = "bwrap"
 FALLBACK_LOG_LINES = 80  # terminationMessagePolicy FallbackToLogsOnError: the kubelet's last 80 lines
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+STAND_IN_ENV = ("PATH", "VIRTUAL_ENV")  # the image's values name its own paths; the stand-in's apply here
 
 
 class SandboxError(ValueError):
     """A pod this runner cannot honour (says which field, and why)."""
+
+
+@dataclass(frozen=True)
+class Image:
+    """What a container takes from its image when the pod does not say: the Dockerfile's contract."""
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    user: tuple[int, int] | None = None  # USER uid:gid
+    workdir: str = "/"
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    """How a pod reaches the API server: the address the kubelet puts in KUBERNETES_SERVICE_HOST/PORT, and the
+    token, CA and namespace it mounts at SERVICE_ACCOUNT_DIR."""
+    host: str
+    port: int
+    token: str
+    ca_pem: bytes
 
 
 @dataclass(frozen=True)
@@ -127,54 +151,79 @@ def _missing_under(directory: Path, target: str) -> bool:
     return path.is_relative_to(directory) and path != directory and not path.exists()
 
 
-def _identity(pod: dict, container: dict) -> tuple[int, int]:
+def _identity(pod: dict, container: dict, image: Image) -> tuple[int, int]:
     pod_ctx = pod.get("spec", {}).get("securityContext") or {}
     ctx = container.get("securityContext") or {}
     uid = ctx.get("runAsUser", pod_ctx.get("runAsUser"))
     gid = ctx.get("runAsGroup", pod_ctx.get("runAsGroup", uid))
     if uid is None:
-        if ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")):
-            raise SandboxError("runAsNonRoot without runAsUser: the runner cannot read the image's USER")
-        uid = gid = 0
+        uid, gid = image.user or (0, 0)
+        if uid == 0 and ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")):
+            raise SandboxError(f"container {container['name']!r}: runAsNonRoot, but neither the pod nor the "
+                               "image's USER names a non-root user (CreateContainerConfigError)")
     if ctx.get("privileged"):
         raise SandboxError(f"container {container['name']!r} is privileged: not run locally")
     return int(uid), int(gid if gid is not None else uid)
 
 
+def _command(container: dict, image: Image) -> list[str]:
+    """Kubernetes' rule: `command` replaces the ENTRYPOINT (and drops the CMD); `args` replaces the CMD."""
+    if container.get("command"):
+        return [*container["command"], *(container.get("args") or [])]
+    return [*image.entrypoint, *(container.get("args") or image.cmd)]
+
+
 def plan(pod: dict, container: dict, objects: dict[tuple[str, str], dict], scratch: Path, *,
-         hosts: dict[str, str] | None = None, prefix: Path | None = None) -> Plan:
+         hosts: dict[str, str] | None = None, prefix: Path | None = None, image: Image | None = None,
+         service_account: ServiceAccount | None = None) -> Plan:
     """The bwrap command line that runs `container` of `pod` under the pod's rules. `scratch`: the pod's own
     folder on the host (volumes, termination log); `hosts`: extra name -> IP entries for /etc/hosts;
-    `prefix`: the environment whose bin/ stands in for the image (default: this interpreter's)."""
+    `prefix`: the environment whose bin/ stands in for the image (default: this interpreter's); `image`: the
+    image's contract; `service_account`: the API server's address and credentials, mounted unless the pod
+    opts out (automountServiceAccountToken: false)."""
     spec = pod.get("spec", {})
     name = container["name"]
-    command = [*(container.get("command") or []), *(container.get("args") or [])]
+    image = image or Image()
+    command = _command(container, image)
     if not command:
-        raise SandboxError(f"container {name!r} has no command: the local runner needs the image's entrypoint "
-                           "given as command/args")
-    uid, gid = _identity(pod, container)
+        raise SandboxError(f"container {name!r} has no command, and its image {container.get('image')!r} no "
+                           "known ENTRYPOINT or CMD")
+    uid, gid = _identity(pod, container, image)
     ctx = container.get("securityContext") or {}
     if not ctx.get("readOnlyRootFilesystem"):
         raise SandboxError(f"container {name!r}: only readOnlyRootFilesystem: true is run locally (a writable "
                            "root would write into this machine's)")
-    targets = [m["mountPath"] for m in container.get("volumeMounts") or []]
+    mounts = list(container.get("volumeMounts") or [])
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    if service_account and spec.get("automountServiceAccountToken", True):
+        volumes["kube-api-access"] = {"name": "kube-api-access", "serviceAccount": service_account}
+        mounts.append({"name": "kube-api-access", "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True})
+    workdir = container.get("workingDir") or image.workdir
+    # Mount points (and the working directory) as the real paths: /var/run is a link to /run on Debian.
+    targets = [str(Path(m["mountPath"]).resolve()) for m in mounts]
     # Its own PID namespace, as a container has: when the sandbox ends (killed, or its parent gone), every
     # process in it ends too; no orphan keeps training after its pod is gone.
-    argv = [BWRAP, *_read_only_root(targets), "--dev", "/dev", "--unshare-pid", "--proc", "/proc",
-            "--unshare-user", "--unshare-ipc", "--unshare-uts", "--uid", str(uid), "--gid", str(gid),
+    argv = [BWRAP, *_read_only_root([*targets, str(Path(workdir).resolve())]), "--dev", "/dev",
+            "--unshare-pid", "--proc", "/proc", "--unshare-user", "--unshare-ipc", "--unshare-uts", "--uid", str(uid), "--gid", str(gid),
             "--die-with-parent", "--new-session", "--hostname", pod["metadata"]["name"][:63]]
     files: dict[Path, bytes] = {}
     folders: list[Path] = []
-    volumes = {v["name"]: v for v in spec.get("volumes") or []}
-    for mount in container.get("volumeMounts") or []:
+    for mount in mounts:
         volume = volumes.get(mount["name"])
         if volume is None:
             raise SandboxError(f"container {name!r} mounts volume {mount['name']!r}, which the pod does not define")
-        target, read_only = mount["mountPath"], bool(mount.get("readOnly"))
+        target, read_only = str(Path(mount["mountPath"]).resolve()), bool(mount.get("readOnly"))
         if "emptyDir" in volume:
             memory = (volume["emptyDir"] or {}).get("medium") == "Memory"
             source = (Path("/dev/shm") / f"wam-{scratch.name}" if memory else scratch / "volumes") / volume["name"]
             folders.append(source)
+        elif "serviceAccount" in volume:  # the kubelet's projected token, CA and namespace
+            access: ServiceAccount = volume["serviceAccount"]
+            source = scratch / "volumes" / volume["name"]
+            folders.append(source)
+            files.update({source / "token": access.token.encode(), source / "ca.crt": access.ca_pem,
+                          source / "namespace": pod["metadata"]["namespace"].encode()})
+            read_only = True
         elif "configMap" in volume or "secret" in volume:
             kind, ref = ("ConfigMap", volume["configMap"]) if "configMap" in volume else ("Secret", volume["secret"])
             obj_name = ref.get("name") or ref.get("secretName")
@@ -195,8 +244,9 @@ def plan(pod: dict, container: dict, objects: dict[tuple[str, str], dict], scrat
         argv += ["--ro-bind" if read_only else "--bind", str(source), target]
     # The "image" (this environment, and the project where it is installed from source) stays visible where a
     # volume would hide it: a checkout or virtualenv under /tmp, say, which the pods mount an emptyDir over.
-    image = {(prefix or Path(sys.prefix)).resolve(), Path(sys.base_prefix).resolve(), Path(__file__).resolve().parents[1]}
-    for path in sorted(image):
+    stand_in = {(prefix or Path(sys.prefix)).resolve(), Path(sys.base_prefix).resolve(),
+                Path(__file__).resolve().parents[1]}
+    for path in sorted(stand_in):
         if any(path.is_relative_to(target) for target in targets):
             argv += ["--ro-bind", str(path), str(path)]
     etc_hosts = scratch / "etc-hosts"
@@ -213,11 +263,16 @@ def plan(pod: dict, container: dict, objects: dict[tuple[str, str], dict], scrat
         termination_log = scratch / f"termination-{name}"
         files[termination_log] = b""
         argv += ["--bind", str(termination_log), container.get("terminationMessagePath", "/dev/termination-log")]
-    argv += ["--chdir", container.get("workingDir") or "/"]  # the image's WORKDIR is not known here
+    if not Path(workdir).exists() and not any(m["mountPath"] == workdir for m in mounts):
+        argv += ["--dir", workdir]  # the image's WORKDIR (it exists in the image; read-only like the rest)
+    argv += ["--chdir", workdir]
     argv += ["--remount-ro", "/"]  # the mount points made on the way, too
     bin_dir = (prefix or Path(sys.prefix)) / "bin"
-    env = {"PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin", "HOSTNAME": pod["metadata"]["name"],
-           **container_env(pod, container, objects)}
+    env = {**{k: v for k, v in image.env if k not in STAND_IN_ENV},
+           "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin", "HOSTNAME": pod["metadata"]["name"]}
+    if "kube-api-access" in volumes:
+        env.update(KUBERNETES_SERVICE_HOST=service_account.host, KUBERNETES_SERVICE_PORT=str(service_account.port))
+    env.update(container_env(pod, container, objects))
     return Plan(argv=[*argv, "--", *command], env=env, files=files, folders=folders, termination_log=termination_log)
 
 

@@ -1,11 +1,13 @@
-"""An emulated Kubernetes API for tests and benchmarks of the operator (needs the `dev` extra: kmock).
+"""An emulated Kubernetes API for tests and benchmarks of the operator (needs the `local` extra: kmock).
 
 kmock's KubernetesEmulator keeps objects in memory and serves create / get / list / watch / merge-patch /
 delete over real HTTP, so the real kubernetes client and the real kopf run against it unchanged. This
 module adds what the operator relies on and kmock leaves out: server-set metadata (uid, creationTimestamp,
 generation bumped by spec changes, a resourceVersion set at creation) and garbage collection of owned
-objects, and pods' logs (the kubelet's part, set by the test). No controller runs in it: a test plays JobSet,
-Job, Deployment and Kueue controllers by writing statuses.
+objects, pods' logs (the kubelet's part, set by the test), and a second, TLS listener that pods reach with
+in-cluster credentials (a service account's token and the server's CA, as a kubelet mounts them). No
+controller runs in it: a test plays JobSet, Job, Deployment and Kueue controllers by writing statuses (or
+runs real pods with wam.operators.local_cluster).
 Label selectors are filtered on the server for equality terms only. Not emulated: admission and CRD
 schema validation, optimistic concurrency (resourceVersion never changes), field managers, scheduling.
 """
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
 import itertools
 import os
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -24,13 +28,19 @@ import time
 import uuid
 from pathlib import Path
 
+import aiohttp.test_utils
 import aiohttp.web
 import kmock
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from kmock import action
 from kubernetes import client, config
 
 from wam.operators import kube
+from wam.operators.sandbox import ServiceAccount
 
 _DISCOVERY = {
     kube.TRAINJOB: {"shortnames": {"tj"}, "categories": {"wam"}, "subresources": {"status"}},
@@ -112,6 +122,32 @@ class _Emulator(kmock.KubernetesEmulator):
             await self._collect(obj.last.raw["metadata"]["uid"])
 
 
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for the API server at 127.0.0.1 (and its in-cluster names), its own CA: (cert, key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
+    now = datetime.datetime.now(datetime.UTC)
+    names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost"),
+             x509.DNSName("kubernetes.default.svc")]
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False).sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "apiserver.crt", folder / "apiserver.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def _tls_server(context: ssl.SSLContext) -> type[aiohttp.test_utils.RawTestServer]:
+    class TLSServer(aiohttp.test_utils.RawTestServer):
+        async def start_server(self, loop=None, **kwargs) -> None:
+            await super().start_server(loop=loop, ssl=context, **kwargs)
+    return TLSServer
+
+
 class EmulatedCluster:
     """The emulated API server on a local port, in a background thread, with a kubeconfig that points at
     it; `kube` is a client for tests to create objects and to play the cluster's controllers."""
@@ -123,7 +159,11 @@ class EmulatedCluster:
         self._thread = threading.Thread(target=self._run, name="emulated-kube-api", daemon=True)
         self._dir = tempfile.TemporaryDirectory(prefix="wam-kube-")
         self.url = ""
+        self.tls_port = 0
         self.emulator: _Emulator | None = None
+        self._cert, key = _self_signed(Path(self._dir.name))
+        self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._tls.load_cert_chain(self._cert, key)
 
     def __enter__(self) -> EmulatedCluster:
         self._thread.start()
@@ -151,13 +191,15 @@ class EmulatedCluster:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        async with _Emulator() as emulator, kmock.Server(emulator) as server:
+        async with _Emulator() as emulator, kmock.Server(emulator) as server, \
+                kmock.Server(emulator, server_cls=_tls_server(self._tls)) as tls_server:
             for kind in kube.KINDS.values():
                 emulator.resources[f"{kind.api_version}/{kind.plural}"] = kmock.ResourceInfo(kind=kind.kind, namespaced=True, verbs=_VERBS,
                                                              **_DISCOVERY.get(kind, {}))
             for cluster_scoped in ("v1/namespaces", "apiextensions.k8s.io/v1/customresourcedefinitions"):
                 emulator.resources[cluster_scoped] = kmock.ResourceInfo(namespaced=False, verbs=_VERBS)  # kopf waits on these
             self.emulator, self.url = emulator, str(server.url).rstrip("/")
+            self.tls_port = tls_server.port
             self._ready.set()
             await self._stop.wait()
 
@@ -168,6 +210,12 @@ class EmulatedCluster:
              "--health-port", "0", "--log-format", "plain"],
             env={**os.environ, **(env or {}), "KUBECONFIG": str(self.kubeconfig)}, stdout=log.open("a"),
             stderr=subprocess.STDOUT)
+
+    def service_account(self) -> ServiceAccount:
+        """What a kubelet gives a pod to reach this server: its TLS address, a token and the CA (any token is
+        accepted: the emulator has no authentication or RBAC)."""
+        return ServiceAccount(host="127.0.0.1", port=self.tls_port, token="emulated-service-account",
+                              ca_pem=self._cert.read_bytes())
 
     def set_pod_log(self, namespace: str, pod: str, container: str, text: str) -> None:
         """What a container printed (the emulated kubelet's part): `wam logs` reads it back."""

@@ -1,6 +1,8 @@
 import dataclasses
 import os
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from wam.platform.presets import get_preset
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 
 
 # `make test` runs the modules on two pytest-xdist workers: a module's tests on one worker (--dist loadfile, so
@@ -134,8 +136,6 @@ def wam_cli(*args, env=None, timeout=600, cwd=None):
     """Run the `wam` console script of this environment."""
     import os
     import subprocess
-    import sys
-    from pathlib import Path
 
     wam = Path(sys.executable).parent / "wam"
     return subprocess.run([str(wam), *map(str, args)], capture_output=True, text=True, timeout=timeout,
@@ -178,7 +178,6 @@ def run_benchmark(script: str, tmp_path, *args: str) -> dict:
     """Run a script of benchmarks/ (a smoke run: the arguments keep it short); returns its --json output."""
     import json
     import subprocess
-    import sys
 
     out = tmp_path / "result.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--json", str(out)],
@@ -205,6 +204,29 @@ def wait_for(what, timeout: float = 60.0, every: float = 0.1):
             raise AssertionError(f"timed out after {time.monotonic() - start:.0f} s (load {os.getloadavg()[0]:.1f}) "
                                  f"waiting for {what.__doc__ or what}")
         time.sleep(every)
+
+
+CHART = REPO / "helm" / "wam-platform"
+HELM = Path(sys.executable).parent / "helm"  # installed by `make setup`
+KUBE_VERSION = "1.33.0"  # the oldest Kubernetes the chart supports with DRA ComputeDomains
+
+
+def helm(*args: str) -> str:
+    """The real helm that `make setup` installs next to this interpreter."""
+    import subprocess
+
+    done = subprocess.run([str(HELM), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def render_chart(*sets: str, namespace: str = "wam") -> list[dict]:
+    """The chart's objects, rendered by helm with `--set`-style arguments."""
+    import yaml
+
+    out = helm("template", "wam", str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION, *sets)
+    return [d for d in yaml.safe_load_all(out) if d]
 
 
 def free_port() -> int:
@@ -256,8 +278,6 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     import subprocess
-    import sys
-    from pathlib import Path
 
     import requests
 

@@ -9,7 +9,6 @@ import hashlib
 import os
 import re
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -26,12 +25,11 @@ from wam.operators.settings import OperatorSettings, load_settings
 from wam.platform import crd, suite, trainjob
 from wam.platform.launch import RAY_DRIVER_ENV, RAY_VERSION
 
+from conftest import CHART, HELM, KUBE_VERSION, helm, render_chart
+
 ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "helm" / "wam-platform"
 GOLDEN = Path(__file__).parent / "golden"
 SCHEMAS = Path(__file__).parent / "schemas"
-KUBE_VERSION = "1.33.0"  # the oldest Kubernetes the chart supports with DRA ComputeDomains
-HELM = Path(sys.executable).parent / "helm"
 UPDATE = os.environ.get("WAM_UPDATE_GOLDEN") == "1"
 
 JOBS = {
@@ -300,17 +298,6 @@ def test_capacity_check_names_the_fix():
 
 
 # -- the Helm chart ----------------------------------------------------------------------------------------
-
-
-def helm(*args: str) -> str:
-    done = subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-def render_chart(*sets: str) -> list[dict]:
-    out = helm("template", "wam", str(CHART), "--namespace", "wam", "--kube-version", KUBE_VERSION, *sets)
-    return [d for d in yaml.safe_load_all(out) if d]
 
 
 CHART_VARIANTS = {

@@ -1,12 +1,14 @@
-"""The operator's whole flow with real processes: the real operator against the emulated API, and every pod it
-causes run for real under its pod's rules (wam.operators.local_cluster, bubblewrap) — a 2-node torchrun
-training through the JobSet's service name on the real S3 server and the real MLflow server, a rank killed
-mid-run and the attempt restarted from the newest complete checkpoint, the quantize Job quantizing, the
-serving Deployment serving the public openpi-client; and an InvalidInput from a real process ending its job
-without a restart."""
+"""The chart installed with real processes: the operator in its own pod (the chart's Deployment, in-cluster
+credentials, the image's entrypoint) against the emulated API, and every pod it causes run for real under
+its pod's rules (wam.operators.local_cluster, bubblewrap) — a 2-node torchrun training through the JobSet's
+service name on the real S3 server and the real MLflow server, a rank killed mid-run and the attempt
+restarted from the newest complete checkpoint, the quantize Job quantizing, the serving Deployment serving
+the public openpi-client; an InvalidInput from a real process ending its job without a restart; the nightly
+CronJob's `wam regress` and the chart's `helm test` pod."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,34 +20,55 @@ import pytest
 import yaml
 
 from wam.operators import kube
-from wam.operators.local_cluster import JOBSET_NAME, LocalKubelet
+from wam.operators.local_cluster import (
+    JOB_NAME,
+    JOBSET_NAME,
+    LocalKubelet,
+    dockerfile_images,
+    job_from_cronjob,
+)
 from wam.operators.testing import EmulatedCluster
 from wam.platform import trainjob
 
-from conftest import free_port, wait_for
+from conftest import REPO, free_port, render_chart, wait_for
 
 NS = "default"
+
+
+def chart_values(s3_secret: str, tracking_uri: str, serving_port: int) -> list[str]:
+    """`helm install` arguments of this test: loopback ports, the local object store and MLflow server, the
+    nightly suite (the smoke suite) run every minute by `wam regress`, promoting its run to the baseline."""
+    smoke = yaml.safe_load((REPO / "configs" / "regress" / "smoke.yaml").read_text())
+    values = {"mlflow.enabled": False, "mlflow.trackingUri": tracking_uri, "settings.secretRefs": [s3_secret],
+              "settings.checkpointBase": "s3://wam-checkpoints", "settings.progressIntervalSeconds": 0.5,
+              "settings.serving.port": serving_port, "operator.metricsPort": free_port(),
+              "operator.healthPort": free_port(), "operator.logFormat": "plain", "nightly.enabled": True,
+              "nightly.updateBaseline": True, "nightly.pollSeconds": 1, "nightly.suite": smoke}
+    return [arg for key, value in values.items() for arg in ("--set-json", f"{key}={json.dumps(value)}")]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3, mlflow_server):
     tmp = tmp_path_factory.mktemp("real-pods")
     port = free_port()
-    settings = tmp / "settings.yaml"
-    settings.write_text(yaml.safe_dump({"checkpointBase": "s3://wam-checkpoints", "progressIntervalSeconds": 0.5,
-                                        "secretRefs": ["object-store"], "serving": {"port": port},
-                                        "mlflow": {"trackingUri": mlflow_server}}))
-    with EmulatedCluster() as c, LocalKubelet(c.kube, NS, tmp / "pods", pod_log=c.set_pod_log) as kubelet:
-        operator = c.start_operator(settings, tmp / "operator.log", s3)
+    docs = render_chart(*chart_values("object-store", mlflow_server, port), namespace=NS)
+    with EmulatedCluster() as c, LocalKubelet(c.kube, NS, tmp / "pods", pod_log=c.set_pod_log,
+                                              images=dockerfile_images(REPO / "dockerfiles"),
+                                              service_account=c.service_account()) as kubelet:
         c.kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "object-store", "namespace": NS},
-                       "stringData": s3})  # the pods reach the object store through the TrainJob's secretRefs
+                       "stringData": s3})  # the pods reach the object store through settings.secretRefs
+        installed = [d for d in docs if (d["apiVersion"], d["kind"]) in kube.KINDS
+                     and "helm.sh/hook" not in (d["metadata"].get("annotations") or {})]
+        for doc in installed:  # what `helm install` creates that runs here: the operator's Deployment and its data
+            c.kube.create(doc)
+        c.chart = {(d["kind"], d["metadata"]["name"]): d for d in docs}
         c.kubelet, c.serving_port, c.kubeconfig_env = kubelet, port, {"KUBECONFIG": str(c.kubeconfig)}
         try:
             yield c
         finally:
-            operator.terminate()
-            operator.wait(30)
-            print((tmp / "operator.log").read_text()[-10000:])
+            for (namespace, pod, container), text in c.emulator.pod_logs.items():
+                if container == "operator":
+                    print(f"--- {namespace}/{pod}\n{text[-10000:]}")
             print("kubelet errors:", kubelet.errors)
 
 
@@ -136,3 +159,40 @@ def test_invalid_input_from_a_real_process_ends_the_job_without_restart(cluster,
                            capture_output=True, text=True, env={**os.environ, **c.kubeconfig_env,
                                                                 "COLUMNS": "400"}, timeout=120)
     assert shown.returncode == 0 and "model.dim was 999" in shown.stdout, shown.stdout + shown.stderr
+
+
+def test_the_nightly_cronjob_runs_wam_regress_in_its_pod(cluster, mlflow_server):
+    """The CronJob's Job (as its schedule would create it): `wam regress` in the trainer image submits the suite's
+    TrainJob through its service account, follows it to the end, evaluates the final checkpoint from the
+    object store, logs the report to MLflow and promotes the run to the suite's baseline."""
+    c = cluster
+    cronjob = next(d for (kind, _), d in c.chart.items() if kind == "CronJob")
+    c.kube.create(job_from_cronjob(cronjob, "nightly-manual"))
+
+    def finished():
+        """the nightly Job finished"""
+        job = c.kube.get(kube.JOB, NS, "nightly-manual") or {}
+        return [x["type"] for x in (job.get("status") or {}).get("conditions") or [] if x["status"] == "True"]
+    done = wait_for(finished, timeout=600)
+    pod = c.kube.list(kube.POD, NS, {JOB_NAME: "nightly-manual"})[0]["metadata"]["name"]
+    log = c.emulator.pod_logs.get((NS, pod, "regress"), "")
+    assert done == ["Complete"], log[-5000:]
+    assert "final_loss" in log and "baseline" in log, log[-5000:]
+    import mlflow
+
+    versions = mlflow.MlflowClient(mlflow_server).get_model_version_by_alias("wam-regress-smoke", "baseline")
+    assert versions.run_id
+
+
+def test_the_charts_helm_test_pod_passes(cluster):
+    """`helm test`: the chart's check pod reaches the operator's metrics through its Service's name."""
+    c = cluster
+    check = next(d for (kind, _), d in c.chart.items() if kind == "Pod")
+    c.kube.create(check)
+
+    def ended():
+        """the helm test pod ended"""
+        pod = c.kube.get(kube.POD, NS, check["metadata"]["name"]) or {}
+        return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") and pod
+    pod = wait_for(ended, timeout=120)
+    assert pod["status"]["phase"] == "Succeeded", pod["status"]
