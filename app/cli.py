@@ -472,12 +472,22 @@ def _cluster():
 @app.command()
 def submit(file: Path = typer.Argument(..., help="a TrainJob manifest (see examples/)"),
            namespace: str = typer.Option(None, "--namespace", "-n", help="default: the manifest's, else default"),
-           generate_name: bool = typer.Option(False, help="append a random suffix to metadata.name")) -> None:
-    """Submit a TrainJob to the cluster of the current kubeconfig."""
+           generate_name: bool = typer.Option(False, help="append a random suffix to metadata.name"),
+           local: bool = typer.Option(False, "--local", help="run it on this machine instead: an emulated cluster "
+                                      "whose pods are real processes (needs bubblewrap and the `local` extra)"),
+           workdir: Path = typer.Option(Path("runs/local-cluster"), help="--local: logs, MLflow's store, checkpoints"),
+           serving_port: int = typer.Option(8000, help="--local: the policy server's port")) -> None:
+    """Submit a TrainJob to the cluster of the current kubeconfig (or, with --local, to one on this machine)."""
     from wam.operators import trainjobs
 
     with user_errors():
-        obj = trainjobs.read_manifest(file.read_text(), namespace)
+        obj = trainjobs.read_manifest(file.read_text(), "default" if local else namespace)
+        if local:
+            from wam.app import local_submit
+
+            code = local_submit.run(obj, workdir, serving_port, lambda line: err_console.print(escape(line)),
+                                    show_trainjob)
+            raise typer.Exit(code)
         name = trainjobs.submit(_cluster(), obj, generate_name)
     console.print(f"trainjob {obj['metadata']['namespace']}/{name} created; follow it with: wam status {name}")
 
@@ -489,7 +499,11 @@ def status(name: str, namespace: str = typer.Option("default", "--namespace", "-
 
     with user_errors():
         obj = trainjobs.get(_cluster(), namespace, name)
-    st = obj.get("status") or {}
+    show_trainjob(obj.get("status") or {})
+
+
+def show_trainjob(st: dict) -> None:
+    """A TrainJob's status as two tables: its fields, and its conditions."""
     table = Table(show_header=False, box=box.SIMPLE)
     progress = st.get("progress") or {}
     rows = {
