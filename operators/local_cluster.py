@@ -83,6 +83,38 @@ def expand_deployment(dep: dict) -> list[dict]:
             for i in range(dep["spec"].get("replicas", 1))]
 
 
+def kuberay_pods(rj: dict, gcs_port: int = 6379, dashboard_port: int = 8265) -> list[dict]:
+    """The pods KubeRay makes of a RayJob, with the commands it generates from `rayStartParams`: the head
+    (`ray start --head --block`), each worker group's replicas (`ray start --address=<head service>:6379
+    --block`) and the submitter (`ray job submit` of the entrypoint to the head's dashboard). KubeRay's fixed
+    ports (metrics 8080, dashboard agent 52365) are left to Ray here, and GCS and dashboard ports can be
+    moved: the pods share this machine's ports."""
+    name, namespace = rj["metadata"]["name"], rj["metadata"]["namespace"]
+    cluster = rj["spec"]["rayClusterSpec"]
+    head_service = f"{name}-head-svc"
+
+    def params(group: dict) -> list[str]:
+        return [f"--{key}={value}" for key, value in (group.get("rayStartParams") or {}).items()]
+
+    def with_command(template: dict, pod_name: str, command: list[str]) -> dict:
+        container = {**template["spec"]["containers"][0], "command": command, "args": []}
+        return _pod({**template, "spec": {**template["spec"], "containers": [container]}}, pod_name, namespace,
+                    _owner(rj), {"ray.io/cluster": name}, {})
+
+    head = cluster["headGroupSpec"]
+    pods = [with_command(head["template"], f"{name}-head", [
+        "ray", "start", "--head", "--block", f"--port={gcs_port}", "--dashboard-host=0.0.0.0",
+        f"--dashboard-port={dashboard_port}", *params(head)])]
+    for group in cluster.get("workerGroupSpecs") or []:
+        for index in range(group.get("replicas", 1)):
+            pods.append(with_command(group["template"], f"{name}-{group['groupName']}-{index}",
+                                     ["ray", "start", f"--address={head_service}:{gcs_port}", "--block", *params(group)]))
+    pods.append(with_command(rj["spec"]["submitterPodTemplate"], f"{name}-submitter", [
+        "ray", "job", "submit", f"--address=http://{head_service}:{dashboard_port}", f"--submission-id={name}", "--",
+        "/bin/sh", "-c", rj["spec"]["entrypoint"]]))
+    return pods
+
+
 def job_from_cronjob(cronjob: dict, name: str) -> dict:
     """The Job a CronJob's schedule would create now (what `kubectl create job --from=cronjob/...` does)."""
     template = cronjob["spec"]["jobTemplate"]

@@ -210,3 +210,48 @@ def test_a_job_whose_container_fails_on_start_reports_its_termination_message(tm
         assert pod["status"]["phase"] == "Failed"
         terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
         assert terminated["exitCode"] == 2 and terminated["message"] == "InvalidInput: no such checkpoint"
+
+
+def test_a_rayjobs_head_worker_and_submitter_run_under_their_pods_rules(tmp_path, s3, monkeypatch):
+    """The RayJob the operator builds, as KubeRay would run it: the head pod's `ray start --head`, a worker pod
+    joining it through the head's service name, and the submitter pod submitting the real entrypoint (the Ray
+    Train driver of the tiny TrainJob) to the head's dashboard; the training runs on the worker, its
+    checkpoint lands in the object store."""
+    from wam.operators.local_cluster import kuberay_pods
+    from wam.operators.reconcile import training_children
+    from wam.platform import checkpoints
+
+    settings = OperatorSettings()
+    job = trainjob.parse({"apiVersion": trainjob.API_VERSION, "kind": trainjob.KIND,
+                          "metadata": {"name": "rayed", "namespace": "default", "uid": "u-4"},
+                          "spec": {**SPEC, "launcher": "ray", "checkpoint": {"uri": "s3://wam-checkpoints/rayed"},
+                                   "config": {"data": {"source": "synthetic"}, "training": {"steps": 2}},
+                                   "resources": {"accelerator": "h100", "nodes": 1, "gpusPerNode": 1}}})
+    cfg = trainjob.training_config(job, settings.platform())
+    children = training_children(job, cfg, 0, settings)
+    rj = next(o for o in children if o["kind"] == "RayJob")
+    objects = {("ConfigMap", builders.config_map_name(job)): builders.config_map(job, cfg),
+               ("Secret", "s3-credentials"): {"kind": "Secret", "stringData": s3}}
+    head, worker, submitter = kuberay_pods(rj, gcs_port=free_port(), dashboard_port=free_port())
+    hosts = {f"{rj['metadata']['name']}-head-svc": "127.0.0.1"}
+    runs = {}
+    try:
+        for pod in (head, worker, submitter):
+            name = pod["metadata"]["name"]
+            container = pod["spec"]["containers"][0]
+            runs[name] = SandboxedContainer(container, plan(pod, container, objects, tmp_path / name, hosts=hosts),
+                                            tmp_path / f"{name}.log")
+            if pod is worker:  # the submitter starts once the head takes jobs (KubeRay waits for it too)
+                wait_for(lambda: "Ray runtime started" in (tmp_path / f"{head['metadata']['name']}.log").read_text()
+                         or runs[head["metadata"]["name"]].poll(), timeout=120)
+        finished = runs[submitter["metadata"]["name"]].wait(400)
+        logs = {name: (tmp_path / f"{name}.log").read_text() for name in runs}
+        assert finished.exit_code == 0, "\n".join(f"--- {n}\n{t[-3000:]}" for n, t in logs.items())
+        assert "succeeded" in logs[submitter["metadata"]["name"]].lower()
+        assert all(run.poll() is None for name, run in runs.items() if name != submitter["metadata"]["name"])
+        for key, value in s3.items():
+            monkeypatch.setenv(key, value)
+        assert checkpoints.latest_complete("s3://wam-checkpoints/rayed")[0] == 2
+    finally:
+        for run in runs.values():
+            run.stop(5)
