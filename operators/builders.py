@@ -71,13 +71,26 @@ def secret_refs(job: TrainJob, settings: OperatorSettings) -> list[str]:
     return list(dict.fromkeys([*settings.secret_refs, *job.spec.secret_refs]))
 
 
+def scratch_env(root: str) -> list[dict]:
+    """Where the programs write besides their outputs, all under `root` (a writable volume): the root
+    filesystem is read-only, and each tool has its own idea of where to write (found by running every
+    container under its pod's rules: wam.operators.sandbox). Dataset statistics of read-only or remote
+    datasets, localized files: WAM_CACHE_DIR; Hugging Face tokenizers/encoders: HF_HOME; Triton's kernels
+    and torch.compile's: TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR; matplotlib's font cache (eval plots):
+    MPLCONFIGDIR; everything else that follows XDG or HOME (Ray, MLflow, pip)."""
+    return [{"name": name, "value": f"{root}{suffix}"} for name, suffix in (
+        ("HOME", ""), ("XDG_CACHE_HOME", "/.cache"), ("WAM_CACHE_DIR", "/.cache/wam"),
+        ("HF_HOME", "/.cache/huggingface"), ("TRITON_CACHE_DIR", "/.cache/triton"),
+        ("TORCHINDUCTOR_CACHE_DIR", "/.cache/torchinductor"), ("MPLCONFIGDIR", "/.config/matplotlib"))]
+
+
 def trainer_env(job: TrainJob, settings: OperatorSettings) -> list[dict]:
     """What every training process reads, whoever starts it: its config, where to report, the spec's env."""
     env = [
         {"name": "WAM_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
         {"name": termination.ENV, "value": TERMINATION_LOG},
         {"name": "WAM_TRAINJOB", "value": f"{job.namespace}/{job.name}"},
-        {"name": "HOME", "value": WORKSPACE},  # compiler and kernel caches; the root filesystem is read-only
+        *scratch_env(WORKSPACE),
     ]
     if settings.mlflow.tracking_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": settings.mlflow.tracking_uri})

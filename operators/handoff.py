@@ -10,6 +10,7 @@ from wam.operators.builders import (
     env_from,
     metadata,
     pod_security_context,
+    scratch_env,
     secret_refs,
     security_context,
 )
@@ -39,7 +40,7 @@ def _container(job: TrainJob, settings: OperatorSettings, name: str, command: li
         "image": job.spec.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": command,
-        "env": [{"name": "HOME", "value": "/tmp"}, {"name": termination.ENV, "value": "/dev/termination-log"},
+        "env": [*scratch_env("/tmp"), {"name": termination.ENV, "value": "/dev/termination-log"},
                 *({"name": e.name, "value": e.value} for e in job.spec.env)],
         "envFrom": env_from(secret_refs(job, settings)),
         "resources": {"requests": {**resources, gpu_resource: str(gpus)},

@@ -42,7 +42,7 @@ def _submitter(job: TrainJob, attempt: int, settings: OperatorSettings) -> dict:
         "name": SUBMITTER_CONTAINER,
         "image": job.spec.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "env": [{"name": "HOME", "value": "/tmp"}],
+        "env": builders.scratch_env("/tmp"),
         "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
         "securityContext": builders.security_context(),

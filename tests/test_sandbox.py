@@ -39,6 +39,9 @@ PROBE = textwrap.dedent("""
             ("HOME", "WAM_TRAINJOB", "AWS_ACCESS_KEY_ID", "PET_NNODES", "PET_MASTER_ADDR")},
         "peer": socket.gethostbyname(os.environ["PET_MASTER_ADDR"]),
         "no_new_privs": [l for l in open("/proc/self/status") if l.startswith("NoNewPrivs")][0].split()[1],
+        "caches": {k: os.makedirs(os.environ[k], exist_ok=True) or writable(os.environ[k]) for k in
+                   ("XDG_CACHE_HOME", "WAM_CACHE_DIR", "HF_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
+                    "MPLCONFIGDIR")},
     }), flush=True)
     open(os.environ["WAM_TERMINATION_LOG"], "w").write("probe finished: exit 3")
     sys.exit(3)
@@ -78,6 +81,7 @@ def test_a_training_pod_runs_under_its_rules(tmp_path):
     assert (seen["uid"], seen["gid"], seen["cwd"]) == (1000, 1000, "/workspace")
     assert seen["root"] == seen["prefix"] == 30  # EROFS: the root filesystem (and the "image") is read-only
     assert seen["workspace"] is seen["tmp"] is seen["shm"] is True
+    assert set(seen["caches"].values()) == {True}, seen["caches"]  # every tool's cache on a writable volume
     assert seen["config"] == objects[("ConfigMap", "sandboxed-config")]["data"]["config.yaml"]
     assert seen["env"]["HOME"] == "/workspace" and seen["env"]["WAM_TRAINJOB"] == "default/sandboxed"
     assert seen["env"]["AWS_ACCESS_KEY_ID"] == "local-key" and seen["env"]["PET_NNODES"] == "2"
