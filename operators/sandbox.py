@@ -3,7 +3,8 @@
 bubblewrap (`bwrap`, Debian's `bubblewrap`) gives the process what the kubelet would: the root filesystem
 read-only (`readOnlyRootFilesystem`), the pod's user and group in a user namespace, no privilege escalation
 (bwrap always sets no_new_privs), only the pod's volumes writable (emptyDir → a folder, memory-backed
-emptyDir → a folder in /dev/shm, ConfigMap and Secret volumes → their keys as files at the mount path), its
+emptyDir → a folder in /dev/shm, a PersistentVolumeClaim → a folder kept for the claim, ConfigMap and Secret
+volumes → their keys as files at the mount path), its
 env (`env` with values, downward-API fields and key references; `envFrom`), its working directory, a
 termination-message file at `terminationMessagePath`, and /etc/hosts naming the pod's hostname and the
 headless services' names on loopback, and the service account's token and CA where the pod mounts them (the
@@ -217,6 +218,9 @@ def plan(pod: dict, container: dict, objects: dict[tuple[str, str], dict], scrat
             memory = (volume["emptyDir"] or {}).get("medium") == "Memory"
             source = (Path("/dev/shm") / f"wam-{scratch.name}" if memory else scratch / "volumes") / volume["name"]
             folders.append(source)
+        elif "persistentVolumeClaim" in volume:  # a folder that outlives the pod, shared by the claim's pods
+            source = scratch.parent / "persistent-volumes" / volume["persistentVolumeClaim"]["claimName"]
+            folders.append(source)
         elif "serviceAccount" in volume:  # the kubelet's projected token, CA and namespace
             access: ServiceAccount = volume["serviceAccount"]
             source = scratch / "volumes" / volume["name"]
@@ -238,7 +242,8 @@ def plan(pod: dict, container: dict, objects: dict[tuple[str, str], dict], scrat
                 files[source / item["path"]] = data[item["key"]]
             read_only = True
         else:
-            raise SandboxError(f"volume {volume['name']!r}: only emptyDir, configMap and secret volumes run locally")
+            raise SandboxError(f"volume {volume['name']!r}: only emptyDir, persistentVolumeClaim, configMap and secret "
+                               "volumes run locally")
         if mount.get("subPath"):
             source = source / mount["subPath"]
         argv += ["--ro-bind" if read_only else "--bind", str(source), target]

@@ -35,11 +35,11 @@ from conftest import REPO, free_port, render_chart, wait_for
 NS = "default"
 
 
-def chart_values(s3_secret: str, tracking_uri: str, serving_port: int) -> list[str]:
-    """`helm install` arguments of this test: loopback ports, the local object store and MLflow server, the
-    nightly suite (the smoke suite) run every minute by `wam regress`, promoting its run to the baseline."""
+def chart_values(s3_secret: str, mlflow_port: int, serving_port: int) -> list[str]:
+    """`helm install` arguments of this test: free loopback ports, the local object store, the chart's own
+    MLflow server, the nightly suite (the smoke suite) run by `wam regress`, promoting its run to the baseline."""
     smoke = yaml.safe_load((REPO / "configs" / "regress" / "smoke.yaml").read_text())
-    values = {"mlflow.enabled": False, "mlflow.trackingUri": tracking_uri, "settings.secretRefs": [s3_secret],
+    values = {"mlflow.port": mlflow_port, "settings.secretRefs": [s3_secret],
               "settings.checkpointBase": "s3://wam-checkpoints", "settings.progressIntervalSeconds": 0.5,
               "settings.serving.port": serving_port, "operator.metricsPort": free_port(),
               "operator.healthPort": free_port(), "operator.logFormat": "plain", "nightly.enabled": True,
@@ -48,10 +48,10 @@ def chart_values(s3_secret: str, tracking_uri: str, serving_port: int) -> list[s
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, s3, mlflow_server):
+def cluster(tmp_path_factory, s3):
     tmp = tmp_path_factory.mktemp("real-pods")
-    port = free_port()
-    docs = render_chart(*chart_values("object-store", mlflow_server, port), namespace=NS)
+    port, mlflow_port = free_port(), free_port()
+    docs = render_chart(*chart_values("object-store", mlflow_port, port), namespace=NS)
     with EmulatedCluster() as c, LocalKubelet(c.kube, NS, tmp / "pods", pod_log=c.set_pod_log,
                                               images=dockerfile_images(REPO / "dockerfiles"),
                                               service_account=c.service_account()) as kubelet:
@@ -59,15 +59,22 @@ def cluster(tmp_path_factory, s3, mlflow_server):
                        "stringData": s3})  # the pods reach the object store through settings.secretRefs
         installed = [d for d in docs if (d["apiVersion"], d["kind"]) in kube.KINDS
                      and "helm.sh/hook" not in (d["metadata"].get("annotations") or {})]
-        for doc in installed:  # what `helm install` creates that runs here: the operator's Deployment and its data
+        for doc in installed:  # what `helm install` creates that runs here: the operator and MLflow, their data
             c.kube.create(doc)
+
+        def mlflow_ready():
+            """the chart's MLflow server ready"""
+            dep = next(d for d in c.kube.list(kube.DEPLOYMENT, NS, {}) if d["metadata"]["name"].endswith("-mlflow"))
+            return (dep.get("status") or {}).get("readyReplicas") == 1
+        wait_for(mlflow_ready, timeout=180)
+        c.tracking_uri = f"http://localhost:{mlflow_port}"  # a host its --allowed-hosts accepts
         c.chart = {(d["kind"], d["metadata"]["name"]): d for d in docs}
         c.kubelet, c.serving_port, c.kubeconfig_env = kubelet, port, {"KUBECONFIG": str(c.kubeconfig)}
         try:
             yield c
         finally:
             for (namespace, pod, container), text in c.emulator.pod_logs.items():
-                if container == "operator":
+                if container in ("operator", "mlflow"):
                     print(f"--- {namespace}/{pod}\n{text[-10000:]}")
             print("kubelet errors:", kubelet.errors)
 
@@ -161,7 +168,7 @@ def test_invalid_input_from_a_real_process_ends_the_job_without_restart(cluster,
     assert shown.returncode == 0 and "model.dim was 999" in shown.stdout, shown.stdout + shown.stderr
 
 
-def test_the_nightly_cronjob_runs_wam_regress_in_its_pod(cluster, mlflow_server):
+def test_the_nightly_cronjob_runs_wam_regress_in_its_pod(cluster):
     """The CronJob's Job (as its schedule would create it): `wam regress` in the trainer image submits the suite's
     TrainJob through its service account, follows it to the end, evaluates the final checkpoint from the
     object store, logs the report to MLflow and promotes the run to the suite's baseline."""
@@ -180,7 +187,7 @@ def test_the_nightly_cronjob_runs_wam_regress_in_its_pod(cluster, mlflow_server)
     assert "final_loss" in log and "baseline" in log, log[-5000:]
     import mlflow
 
-    versions = mlflow.MlflowClient(mlflow_server).get_model_version_by_alias("wam-regress-smoke", "baseline")
+    versions = mlflow.MlflowClient(c.tracking_uri).get_model_version_by_alias("wam-regress-smoke", "baseline")
     assert versions.run_id
 
 
