@@ -1,4 +1,5 @@
-"""Rectified flow for joint video/action denoising: noise levels, the training loss, and an Euler sampler.
+"""Rectified flow for joint video/action denoising: noise levels, the training loss, and the samplers (Euler,
+FlowUniPC, classifier-free guidance, the DiT step cache).
 
 Conventions: t in [0, 1] is a noise level before the shift, sigma = shift*t / (1 + (shift-1)*t) the one
 used to mix, x_sigma = (1 - sigma) x + sigma eps, the model predicts the velocity eps - x, and receives
