@@ -203,12 +203,19 @@ class LocalKubelet:
 
     def _sync(self) -> None:
         owners = {}
+        pods = self.api.list(kube.POD, self.namespace, {})
         for kind, expand in self.KINDS:
             for obj in self.api.list(kind, self.namespace, {}):
                 owners[obj["metadata"]["uid"]] = (kind, obj)
                 if kind is not kube.DEPLOYMENT and (obj["spec"].get("suspend") or _finished(obj)):
                     continue
-                for pod in expand(obj):
+                wanted = expand(obj)
+                if kind is kube.DEPLOYMENT:  # a new template: the old revision's pods go first (Recreate)
+                    names = {p["metadata"]["name"] for p in wanted}
+                    for pod in _owned(pods, obj):
+                        if pod["metadata"]["name"] not in names:
+                            self.api.delete(kube.POD, self.namespace, pod["metadata"]["name"])
+                for pod in wanted:
                     self.api.create(pod)  # idempotent: an existing pod stays as it is
         pods = self.api.list(kube.POD, self.namespace, {})
         alive = {p["metadata"]["name"] for p in pods}
@@ -228,9 +235,7 @@ class LocalKubelet:
         for pod in pods:
             self._tend(pod, hosts)
         for kind, obj in owners.values():
-            mine = [p for p in pods if any(r.get("uid") == obj["metadata"]["uid"]
-                                           for r in p["metadata"].get("ownerReferences") or [])]
-            self._owner_status(kind, obj, mine)
+            self._owner_status(kind, obj, _owned(pods, obj))
 
     def _tend(self, pod: dict, hosts: dict[str, str]) -> None:
         name = pod["metadata"]["name"]
@@ -311,6 +316,11 @@ class LocalKubelet:
                                          "lastTransitionTime": now}]
         if (obj.get("status") or {}) != {**(obj.get("status") or {}), **status}:
             self.api.patch(kind, self.namespace, obj["metadata"]["name"], {"status": status}, subresource="status")
+
+
+def _owned(pods: list[dict], owner: dict) -> list[dict]:
+    return [p for p in pods if any(r.get("uid") == owner["metadata"]["uid"]
+                                   for r in p["metadata"].get("ownerReferences") or [])]
 
 
 def _probe(container: dict) -> bool:

@@ -259,3 +259,39 @@ def test_a_rayjobs_head_worker_and_submitter_run_under_their_pods_rules(tmp_path
     finally:
         for run in runs.values():
             run.stop(5)
+
+
+def test_a_deployments_new_template_replaces_its_pods_on_the_same_port(tmp_path):
+    """A policy server rolled to a newer model: the Deployment's template changes, the old revision's pod is
+    deleted and its process stopped before the new one starts (Recreate: both want the Service's port)."""
+    from wam.operators import kube
+    from wam.operators.local_cluster import LocalKubelet
+    from wam.operators.testing import EmulatedCluster
+
+    port = free_port()
+    serve = ["python", "-c", f"import http.server, os; print('serving', os.environ['MODEL'], flush=True); "
+             f"http.server.HTTPServer(('127.0.0.1', {port}), http.server.SimpleHTTPRequestHandler).serve_forever()"]
+
+    def deployment(model: str) -> dict:
+        container = {"name": "policy", "image": "trainer", "command": serve, "env": [{"name": "MODEL", "value": model}],
+                     "securityContext": builders.security_context(), "workingDir": "/tmp",
+                     "readinessProbe": {"tcpSocket": {"port": port}}, "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "policy", "namespace": "default"},
+                "spec": {"replicas": 1, "template": {"metadata": {"labels": {"app": "policy"}}, "spec": {
+                    "containers": [container], "volumes": [{"name": "tmp", "emptyDir": {}}],
+                    "securityContext": builders.pod_security_context()}}}}
+
+    with EmulatedCluster() as c, LocalKubelet(c.kube, "default", tmp_path, pod_log=c.set_pod_log) as kubelet:
+        c.kube.create(deployment("step-10"))
+
+        def ready(model):
+            pods = c.kube.list(kube.POD, "default", {})
+            logs = [c.emulator.pod_logs.get(("default", p["metadata"]["name"], "policy"), "") for p in pods]
+            ok = len(pods) == 1 and f"serving {model}" in logs[0] and \
+                (c.kube.get(kube.DEPLOYMENT, "default", "policy").get("status") or {}).get("readyReplicas") == 1
+            return ok and pods[0]["metadata"]["name"]
+        first = wait_for(lambda: ready("step-10"), timeout=60)
+        c.kube.patch(kube.DEPLOYMENT, "default", "policy", {"spec": deployment("step-20")["spec"]})
+        second = wait_for(lambda: ready("step-20"), timeout=60)
+        assert second != first and list(kubelet.running) == [second]
+        assert kubelet.errors == []
