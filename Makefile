@@ -6,9 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 # Debian packages the tests need: the FFmpeg libraries torchcodec links against (PyAV and DALI bundle
-# their own), and bubblewrap, which runs the operator's containers under their pods' rules.
+# their own), bubblewrap, which runs the operator's containers under their pods' rules, and Mesa's EGL,
+# through which MuJoCo renders the simulations' cameras offscreen (MUJOCO_GL=egl).
 SYSTEM_PACKAGES := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8 \
-	bubblewrap
+	bubblewrap libegl-mesa0
 
 .PHONY: setup test test-fast demo lint bench gpu-bundle gpu-dryrun generate clean
 

@@ -35,6 +35,8 @@ app.add_typer(model_app, name="model")
 data_app = typer.Typer(help="Robot datasets (LeRobot v2.1 / v3.0): synthesize, inspect, validate, stats.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
+sim_app = typer.Typer(help="Physics simulation (Meta-World): record scripted demonstrations.", no_args_is_help=True)
+app.add_typer(sim_app, name="sim")
 
 
 @model_app.command("list")
@@ -256,6 +258,40 @@ def data_synth(
     except (ValueError, FileExistsError) as err:
         fail(str(err), 2)
     console.print(f"wrote a LeRobot {version} dataset of {episodes} episodes to {root}")
+
+
+@sim_app.command("record")
+def sim_record(
+    out: Path = typer.Argument(..., help="an empty or new folder for the LeRobot v3.0 dataset"),
+    suite: str = typer.Option("metaworld", help="simulation suite"),
+    tasks: str = typer.Option(..., help="comma-separated tasks, e.g. push-v3,reach-v3"),
+    episodes: int = typer.Option(10, help="episodes kept per task"),
+    seed: int = typer.Option(0),
+    action_noise: float = typer.Option(0.0, help="std of Gaussian noise added to every expert action (diversity)"),
+    cameras: str = typer.Option("corner,gripperPOV", help="comma-separated cameras, rendered at the control rate"),
+    height: int = typer.Option(128),
+    width: int = typer.Option(128),
+    max_steps: int | None = typer.Option(None, help="step limit per episode (default: the task's, 500)"),
+    keep_failed: bool = typer.Option(False, help="keep failed episodes (success=false) instead of dropping them"),
+) -> None:
+    """Run the suite's scripted experts (seeded, positions randomised) and write their episodes as a LeRobot
+    dataset: cameras, state, actions, an instruction per task, per-episode success (`metaworld` profile)."""
+    from wam.trainer.sim.record import RecordOptions, record
+
+    options = RecordOptions(tasks=[t.strip() for t in tasks.split(",") if t.strip()], episodes=episodes, suite=suite,
+                            seed=seed, action_noise=action_noise,
+                            cameras=[c.strip() for c in cameras.split(",") if c.strip()], height=height, width=width,
+                            max_steps=max_steps, keep_failed=keep_failed)
+    with user_errors():
+        summaries = record(out, options)
+    table = Table(title=f"{out} (LeRobot v3.0, {suite})", box=box.SIMPLE)
+    for column in ("task", "instruction", "attempts", "succeeded", "kept", "mean length"):
+        table.add_column(column)
+    for s in summaries:
+        table.add_row(s.task, escape(s.instruction), str(s.attempts), str(s.successes), str(s.kept),
+                      f"{sum(s.lengths) / len(s.lengths):.0f}" if s.lengths else "-")
+    console.print(table)
+    console.print(f"wrote {sum(s.kept for s in summaries)} episodes to {out} (embodiment profile: metaworld)")
 
 
 @data_app.command("inspect")

@@ -200,14 +200,16 @@ def run(obj: dict, workdir: Path, serving_port: int, say: Callable[[str], None],
         platform.cluster.kube.create(obj)
         say(f"trainjob {NAMESPACE}/{name} created; MLflow at {platform.tracking_uri}; pod logs in {workdir / 'pods'}")
         last, st = "", {}
-        while True:
-            st = (platform.cluster.kube.get(kube.TRAINJOB, NAMESPACE, name) or {}).get("status") or {}
-            if (line := _line(st)) != last:
-                say(line)
-                last = line
-            if _settled(st, handoff):
-                break
-            time.sleep(1)
+        try:
+            while not _settled(st, handoff):
+                time.sleep(1)
+                st = (platform.cluster.kube.get(kube.TRAINJOB, NAMESPACE, name) or {}).get("status") or {}
+                if (line := _line(st)) != last:
+                    say(line)
+                    last = line
+        except KeyboardInterrupt:
+            say(f"interrupted: stopping the local cluster (logs stay in {workdir})")
+            return 130
         copied = platform.copy_checkpoints(st)
         show(st)
         if copied:

@@ -77,6 +77,15 @@ BUILTIN_PROFILES = {
             layout="grid", state_keys=("observation.state",), action_keys=("action",),
             relative_dims=tuple(range(20)), action_horizon=48, video_stride=6,
         ),
+        # Meta-World (`wam sim record`, 80 Hz control): a fixed corner view and the gripper's view; state is the
+        # 39-D observation, actions are already end-effector deltas + gripper effort, each clipped to [-1, 1].
+        EmbodimentProfile(
+            name="metaworld",
+            cameras=("observation.images.corner", "observation.images.gripperPOV"),
+            layout="grid", state_keys=("observation.state",), action_keys=("action",),
+            relative_dims=(), action_horizon=32, video_stride=4,
+            action_low=(-1.0,) * 4, action_high=(1.0,) * 4,
+        ),
     )
 }
 

@@ -44,13 +44,28 @@ class SynthOptions:
     sensor_noise: float = 0.0  # std of per-pixel camera noise (real footage is noisy and costlier to decode)
 
 
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a written dataset holds besides its episodes: cameras (feature keys), rate, vector names, robot."""
+
+    cameras: tuple[str, ...] = CAMERAS
+    fps: int = FPS
+    state_names: tuple[str, ...] = tuple(f"joint_{i}" for i in range(7)) + ("gripper",)
+    action_names: tuple[str, ...] = tuple(f"joint_{i}" for i in range(7)) + ("gripper",)
+    robot_type: str = "synthetic_gripper"
+
+
+SYNTH_SPEC = DatasetSpec()
+
+
 @dataclass
 class Episode:
     frames: dict[str, np.ndarray]  # camera -> (T, H, W, 3) uint8
-    state: np.ndarray  # (T, 8) float32
-    action: np.ndarray  # (T, 8) float32
+    state: np.ndarray  # (T, S) float32
+    action: np.ndarray  # (T, A) float32
     task_index: np.ndarray  # (T,) int64
     tasks: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)  # extra per-episode metadata columns (e.g. success)
 
 
 def _scripted_episode(rng: np.random.Generator, options: SynthOptions, task_ids: dict[str, int]) -> Episode:
@@ -130,12 +145,12 @@ def read_frame_index(view: np.ndarray) -> int:
     return sum(1 << b for b, on in enumerate(bits) if on)
 
 
-def _encode(frames: np.ndarray, path: Path, codec: str) -> None:
+def _encode(frames: np.ndarray, path: Path, codec: str, fps: int = FPS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1: errors only
     name, options = CODECS[codec]
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(name, rate=FPS, options=options)
+        stream = container.add_stream(name, rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for image in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
@@ -148,13 +163,13 @@ def _vectors(values: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1).astype(np.float32)), values.shape[1])
 
 
-def _frame_table(episode: Episode, index: int, first_row: int, video_only: bool) -> pa.Table:
+def _frame_table(episode: Episode, index: int, first_row: int, video_only: bool, fps: int) -> pa.Table:
     n = len(episode.state)
     columns = {"observation.state": _vectors(episode.state)}
     if not video_only:
         columns["action"] = _vectors(episode.action)
     columns.update({
-        "timestamp": pa.array(np.arange(n, dtype=np.float32) / FPS), "frame_index": pa.array(np.arange(n)),
+        "timestamp": pa.array(np.arange(n, dtype=np.float32) / fps), "frame_index": pa.array(np.arange(n)),
         "episode_index": pa.array(np.full(n, index)), "index": pa.array(np.arange(first_row, first_row + n)),
         "task_index": pa.array(episode.task_index),
     })
@@ -167,15 +182,17 @@ def _stats(values: np.ndarray) -> dict:
             "q01": np.quantile(values, 0.01, axis=0).tolist(), "q99": np.quantile(values, 0.99, axis=0).tolist()}
 
 
-def _features(options: SynthOptions) -> dict:
-    vector = {"dtype": "float32", "shape": [STATE_DIM], "names": {"axes": [f"joint_{i}" for i in range(7)] + ["gripper"]}}
+def _features(options: SynthOptions, spec: DatasetSpec) -> dict:
+    def vector(names):
+        return {"dtype": "float32", "shape": [len(names)], "names": {"axes": list(names)}}
+
     features = {c: {"dtype": "video", "shape": [options.height, options.width, 3], "names": ["height", "width", "channels"],
-                     "info": {"video.fps": FPS, "video.height": options.height, "video.width": options.width,
+                     "info": {"video.fps": spec.fps, "video.height": options.height, "video.width": options.width,
                               "video.codec": options.codec, "video.pix_fmt": "yuv420p", "video.channels": 3,
-                              "has_audio": False}} for c in CAMERAS}
-    features["observation.state"] = vector
+                              "has_audio": False}} for c in spec.cameras}
+    features["observation.state"] = vector(spec.state_names)
     if not options.video_only:
-        features["action"] = vector
+        features["action"] = vector(spec.action_names)
     for name, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
                         ("index", "int64"), ("task_index", "int64")):
         features[name] = {"dtype": dtype, "shape": [1], "names": None}
@@ -192,17 +209,29 @@ def synthesize(out: str | Path, options: SynthOptions = SynthOptions()) -> Path:
     rng = np.random.default_rng(options.seed)
     task_ids: dict[str, int] = {}
     episodes = [_scripted_episode(rng, options, task_ids) for _ in range(options.episodes)]
-    (root / "meta").mkdir(parents=True)
+    return write_dataset(root, episodes, task_ids, options)
+
+
+def write_dataset(out: str | Path, episodes: list[Episode], task_ids: dict[str, int], options: SynthOptions,
+                  spec: DatasetSpec = SYNTH_SPEC) -> Path:
+    """Write `episodes` as a LeRobot dataset (options.version, .codec, .height, .width, .episodes_per_file,
+    .video_only) to `out`, a new or empty local folder; `task_ids` maps each task string to its index."""
+    root = Path(out)
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} is not empty")
+    (root / "meta").mkdir(parents=True, exist_ok=True)
     writer = _write_v3 if options.version == "v3.0" else _write_v21
-    info = writer(root, episodes, task_ids, options)
-    info.update({"codebase_version": options.version, "robot_type": "synthetic_gripper", "fps": FPS,
+    info = writer(root, episodes, task_ids, options, spec)
+    info.update({"codebase_version": options.version, "robot_type": spec.robot_type, "fps": spec.fps,
                  "total_episodes": len(episodes), "total_frames": sum(len(e.state) for e in episodes),
-                 "total_tasks": len(task_ids), "splits": {"train": f"0:{len(episodes)}"}, "features": _features(options)})
+                 "total_tasks": len(task_ids), "splits": {"train": f"0:{len(episodes)}"},
+                 "features": _features(options, spec)})
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=2))
     return root
 
 
-def _write_v21(root: Path, episodes: list[Episode], task_ids: dict[str, int], options: SynthOptions) -> dict:
+def _write_v21(root: Path, episodes: list[Episode], task_ids: dict[str, int], options: SynthOptions,
+               spec: DatasetSpec) -> dict:
     data_path = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
     video_path = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
     first = 0
@@ -210,12 +239,12 @@ def _write_v21(root: Path, episodes: list[Episode], task_ids: dict[str, int], op
         for i, episode in enumerate(episodes):
             path = root / data_path.format(episode_chunk=0, episode_index=i)
             path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(_frame_table(episode, i, first, options.video_only), path)
-            for camera in CAMERAS:
+            pq.write_table(_frame_table(episode, i, first, options.video_only, spec.fps), path)
+            for camera in spec.cameras:
                 _encode(episode.frames[camera], root / video_path.format(episode_chunk=0, video_key=camera,
-                                                                         episode_index=i), options.codec)
+                                                                         episode_index=i), options.codec, spec.fps)
             meta.write(json.dumps({"episode_index": i, "tasks": list(dict.fromkeys(episode.tasks)),
-                                   "length": len(episode.state)}) + "\n")
+                                   "length": len(episode.state), **episode.meta}) + "\n")
             per_episode = {"observation.state": _stats(episode.state)}
             if not options.video_only:
                 per_episode["action"] = _stats(episode.action)
@@ -223,11 +252,12 @@ def _write_v21(root: Path, episodes: list[Episode], task_ids: dict[str, int], op
             first += len(episode.state)
     (root / "meta/tasks.jsonl").write_text("".join(json.dumps({"task_index": i, "task": t}) + "\n"
                                                    for t, i in task_ids.items()))
-    return {"total_videos": len(episodes) * len(CAMERAS), "total_chunks": 1, "chunks_size": 1000,
+    return {"total_videos": len(episodes) * len(spec.cameras), "total_chunks": 1, "chunks_size": 1000,
             "data_path": data_path, "video_path": video_path}
 
 
-def _write_v3(root: Path, episodes: list[Episode], task_ids: dict[str, int], options: SynthOptions) -> dict:
+def _write_v3(root: Path, episodes: list[Episode], task_ids: dict[str, int], options: SynthOptions,
+              spec: DatasetSpec) -> dict:
     data_path = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
     video_path = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
     rows, first = [], 0
@@ -236,25 +266,25 @@ def _write_v3(root: Path, episodes: list[Episode], task_ids: dict[str, int], opt
         group = episodes[start:start + per_file]
         tables, offset = [], 0.0
         for i, episode in enumerate(group, start):
-            tables.append(_frame_table(episode, i, first, options.video_only))
+            tables.append(_frame_table(episode, i, first, options.video_only, spec.fps))
             row = {"episode_index": i, "tasks": list(dict.fromkeys(episode.tasks)), "length": len(episode.state),
                    "data/chunk_index": 0, "data/file_index": file_index, "dataset_from_index": first,
-                   "dataset_to_index": first + len(episode.state)}
-            for camera in CAMERAS:
+                   "dataset_to_index": first + len(episode.state), **episode.meta}
+            for camera in spec.cameras:
                 row.update({f"videos/{camera}/chunk_index": 0, f"videos/{camera}/file_index": file_index,
                             f"videos/{camera}/from_timestamp": offset,
-                            f"videos/{camera}/to_timestamp": offset + len(episode.state) / FPS})
+                            f"videos/{camera}/to_timestamp": offset + len(episode.state) / spec.fps})
             row.update({f"stats/observation.state/{k}": v for k, v in _stats(episode.state).items()})
-            offset += len(episode.state) / FPS
+            offset += len(episode.state) / spec.fps
             first += len(episode.state)
             rows.append(row)
         path = root / data_path.format(chunk_index=0, file_index=file_index)
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.concat_tables(tables), path)
-        for camera in CAMERAS:
+        for camera in spec.cameras:
             frames = np.concatenate([e.frames[camera] for e in group])
             _encode(frames, root / video_path.format(video_key=camera, chunk_index=0, file_index=file_index),
-                    options.codec)
+                    options.codec, spec.fps)
     (root / "meta/episodes/chunk-000").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), root / "meta/episodes/chunk-000/file-000.parquet")
     tasks = sorted(task_ids.items(), key=lambda kv: kv[1])
