@@ -1,0 +1,1 @@
+"""Physics simulation: scripted demonstrations recorded as LeRobot datasets (`wam sim record`)."""
