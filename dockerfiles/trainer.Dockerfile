@@ -14,10 +14,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/wam \
     PATH=/opt/wam/bin:$PATH
 
-# Python, and the FFmpeg libraries torchcodec links against (PyAV and DALI bundle their own).
+# Python, the FFmpeg libraries torchcodec links against (PyAV and DALI bundle their own), and Mesa's EGL for
+# MuJoCo's offscreen rendering (`wam sim`, MUJOCO_GL=egl).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev ca-certificates \
-      libavcodec60 libavformat60 libavutil58 libswscale7 libswresample4 libavdevice60 libavfilter9 \
+      libavcodec60 libavformat60 libavutil58 libswscale7 libswresample4 libavdevice60 libavfilter9 libegl-mesa0 \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv $VIRTUAL_ENV
 
