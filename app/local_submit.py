@@ -27,6 +27,7 @@ from pathlib import Path
 import requests
 import yaml
 
+from wam.operators.status import true_condition
 from wam.platform.errors import ConfigError
 
 NAMESPACE = "default"
@@ -165,16 +166,16 @@ def _line(st: dict) -> str:
 
 
 def is_serving(st: dict) -> bool:
-    return any(c["type"] == "Serving" and c["status"] == "True" for c in st.get("conditions") or [])
+    return true_condition({"status": st}, "Serving") is not None
 
 
 def _settled(st: dict, handoff) -> bool:
     """Failed; or succeeded with its handoff done (quantized, and serving if asked) or its quantization failed."""
     if st.get("phase") != "Succeeded":
         return st.get("phase") == "Failed"
-    quantized = next((c for c in st.get("conditions") or [] if c["type"] == "Quantized"), None)
     if handoff.quantize == "never":
         return True
+    quantized = next((c for c in st.get("conditions") or [] if c["type"] == "Quantized"), None)
     if quantized is None or quantized["reason"] == "Quantizing":
         return False
     return quantized["status"] != "True" or not handoff.serving.replicas or is_serving(st)

@@ -107,11 +107,11 @@ def kuberay_pods(rj: dict, gcs_port: int = 6379, dashboard_port: int = 8265) -> 
         f"--dashboard-port={dashboard_port}", *params(head)])]
     for group in cluster.get("workerGroupSpecs") or []:
         for index in range(group.get("replicas", 1)):
-            pods.append(with_command(group["template"], f"{name}-{group['groupName']}-{index}",
-                                     ["ray", "start", f"--address={head_service}:{gcs_port}", "--block", *params(group)]))
+            pods.append(with_command(group["template"], f"{name}-{group['groupName']}-{index}", [
+                "ray", "start", f"--address={head_service}:{gcs_port}", "--block", *params(group)]))
     pods.append(with_command(rj["spec"]["submitterPodTemplate"], f"{name}-submitter", [
-        "ray", "job", "submit", f"--address=http://{head_service}:{dashboard_port}", f"--submission-id={name}", "--",
-        "/bin/sh", "-c", rj["spec"]["entrypoint"]]))
+        "ray", "job", "submit", f"--address=http://{head_service}:{dashboard_port}", f"--submission-id={name}",
+        "--", "/bin/sh", "-c", rj["spec"]["entrypoint"]]))
     return pods
 
 
@@ -122,7 +122,8 @@ def job_from_cronjob(cronjob: dict, name: str) -> dict:
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": name, "namespace": cronjob["metadata"]["namespace"],
                          "labels": meta.get("labels") or {},
-                         "annotations": {**(meta.get("annotations") or {}), "cronjob.kubernetes.io/instantiate": "manual"}},
+                         "annotations": {**(meta.get("annotations") or {}),
+                                         "cronjob.kubernetes.io/instantiate": "manual"}},
             "spec": template["spec"]}
 
 
@@ -166,8 +167,8 @@ class LocalKubelet:
     KINDS = ((kube.JOBSET, expand_jobset), (kube.JOB, expand_job), (kube.DEPLOYMENT, expand_deployment))
 
     def __init__(self, api: kube.Kube, namespace: str, workdir: Path, *, interval_s: float = 0.3,
-                 pod_log: Callable[[str, str, str, str], None] | None = None, images: dict[str, Image] | None = None,
-                 service_account: ServiceAccount | None = None):
+                 pod_log: Callable[[str, str, str, str], None] | None = None,
+                 images: dict[str, Image] | None = None, service_account: ServiceAccount | None = None):
         self.api, self.namespace, self.workdir, self.interval_s = api, namespace, workdir, interval_s
         self.pod_log, self.images, self.service_account = pod_log, images or {}, service_account
         self.running: dict[str, SandboxedContainer] = {}  # pod name -> its (single) container's process
@@ -222,16 +223,12 @@ class LocalKubelet:
         for name in [n for n in self.running if n not in alive]:  # deleted with its owner: stop it
             self.running.pop(name).stop(5)
         hosts = {}  # every Service's and every pod's DNS names (a JobSet's headless service), on loopback
-        for service in self.api.list(kube.SERVICE, self.namespace, {}):
-            name = service["metadata"]["name"]
+        names = [s["metadata"]["name"] for s in self.api.list(kube.SERVICE, self.namespace, {})]
+        names += [f"{p['spec']['hostname']}.{p['spec']['subdomain']}" for p in pods
+                  if p["spec"].get("hostname") and p["spec"].get("subdomain")]
+        for name in names:  # ports are shared: a Service's port is its pods' port
             for suffix in ("", f".{self.namespace}", f".{self.namespace}.svc", f".{self.namespace}.svc.cluster.local"):
-                hosts[name + suffix] = "127.0.0.1"  # ports are shared: a Service's port is its pods' port
-        for pod in pods:
-            host, sub = pod["spec"].get("hostname"), pod["spec"].get("subdomain")
-            if host and sub:
-                for name in (f"{host}.{sub}", f"{host}.{sub}.{self.namespace}.svc",
-                             f"{host}.{sub}.{self.namespace}.svc.cluster.local"):
-                    hosts[name] = "127.0.0.1"
+                hosts[name + suffix] = "127.0.0.1"
         for pod in pods:
             self._tend(pod, hosts)
         for kind, obj in owners.values():

@@ -205,15 +205,16 @@ def plan(pod: dict, container: dict, objects: dict[tuple[str, str], dict], scrat
     # Its own PID namespace, as a container has: when the sandbox ends (killed, or its parent gone), every
     # process in it ends too; no orphan keeps training after its pod is gone.
     argv = [BWRAP, *_read_only_root([*targets, str(Path(workdir).resolve())]), "--dev", "/dev",
-            "--unshare-pid", "--proc", "/proc", "--unshare-user", "--unshare-ipc", "--unshare-uts", "--uid", str(uid), "--gid", str(gid),
-            "--die-with-parent", "--new-session", "--hostname", pod["metadata"]["name"][:63]]
+            "--unshare-pid", "--proc", "/proc", "--unshare-user", "--unshare-ipc", "--unshare-uts",
+            "--uid", str(uid), "--gid", str(gid), "--die-with-parent", "--new-session",
+            "--hostname", pod["metadata"]["name"][:63]]
     files: dict[Path, bytes] = {}
     folders: list[Path] = []
-    for mount in mounts:
+    for mount, target in zip(mounts, targets, strict=True):
         volume = volumes.get(mount["name"])
         if volume is None:
             raise SandboxError(f"container {name!r} mounts volume {mount['name']!r}, which the pod does not define")
-        target, read_only = str(Path(mount["mountPath"]).resolve()), bool(mount.get("readOnly"))
+        read_only = bool(mount.get("readOnly"))
         if "emptyDir" in volume:
             memory = (volume["emptyDir"] or {}).get("medium") == "Memory"
             source = (Path("/dev/shm") / f"wam-{scratch.name}" if memory else scratch / "volumes") / volume["name"]

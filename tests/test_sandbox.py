@@ -275,7 +275,8 @@ def test_a_deployments_new_template_replaces_its_pods_on_the_same_port(tmp_path)
     def deployment(model: str) -> dict:
         container = {"name": "policy", "image": "trainer", "command": serve, "env": [{"name": "MODEL", "value": model}],
                      "securityContext": builders.security_context(), "workingDir": "/tmp",
-                     "readinessProbe": {"tcpSocket": {"port": port}}, "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}
+                     "readinessProbe": {"tcpSocket": {"port": port}},
+                     "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}
         return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "policy", "namespace": "default"},
                 "spec": {"replicas": 1, "template": {"metadata": {"labels": {"app": "policy"}}, "spec": {
                     "containers": [container], "volumes": [{"name": "tmp", "emptyDir": {}}],
