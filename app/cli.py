@@ -191,18 +191,29 @@ def serve(
     embodiment: str | None = typer.Option(None, help="which trained embodiment to serve (default: the first)"),
     sampler: str | None = typer.Option(None, help="sampler preset (default: serving.sampler): dreamzero = UniPC, 16 "
                                                   "steps, shift 5, guidance 5.0, transformer on 8 of the 16 steps"),
+    max_batch: int | None = typer.Option(None, min=1, help="chunks of different sessions denoised in one forward "
+                                                           "(default: serving.max_batch; 1 = one at a time)"),
+    compile: str | None = typer.Option(None, help="auto (on CUDA) | on | off: the denoising step under torch.compile "
+                                                  "(CUDA graphs on CUDA), warmed up before /readyz (default: "
+                                                  "serving.compile)"),
+    compute: str | None = typer.Option(None, help="the matmuls: auto (nvfp4 on Blackwell, fp8 on Hopper, else "
+                                                  "dequantized) | nvfp4 | fp8 | bf16-dequantized | fp32-dequantized "
+                                                  "(default: serving.compute)"),
 ) -> None:
     """Serve a quantized policy over openpi's websocket protocol (health: /healthz /readyz, metrics: /metrics)."""
     from wam.trainer.serve.policy import load_runtime
     from wam.trainer.serve.server import serve_forever
 
     with user_errors():
-        runtime = load_runtime(model, device, steps, embodiment, sampler)
+        runtime = load_runtime(model, device, steps, embodiment, sampler, max_batch, compile, compute)
         meta = runtime.metadata()
-        s = meta["sampler"]
+        s, e = meta["sampler"], meta["engine"]
         console.print(f"policy {meta['preset']} step {meta['step']} ({meta['compute_path']}, {s['solver']} "
                       f"{meta['denoising_steps']} steps, guidance {s['guidance']:g}, DiT cache {s['dit_cache']}, "
                       f"embodiment {meta['embodiment']}) on ws://{host}:{port}")
+        console.print(f"engine: {e['device']}, up to {e['max_batch']} sessions' chunks per forward, "
+                      + ("compiled with CUDA graphs" if e["cuda_graphs"] else "compiled" if e["compiled"] else "eager")
+                      + (" (warming up before /readyz)" if e["compiled"] else ""))
         serve_forever(runtime, host, port)
 
 

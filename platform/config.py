@@ -35,6 +35,10 @@ DATA_SOURCES = ("synthetic", "lerobot")
 DECODERS = ("auto", "torchcodec", "pyav", "dali")
 BAD_SAMPLE_POLICIES = ("error", "skip")
 LAUNCHERS = ("torchrun", "ray")
+COMPILE_MODES = ("auto", "on", "off")
+# The served matmuls: FP4 on Blackwell, FP8 (rowwise-scaled activations and weights) on Hopper, else the NVFP4
+# weights dequantized once (bf16 on other GPUs, fp32 on CPU). auto picks by the device's compute capability.
+COMPUTE_PATHS = ("auto", "nvfp4", "fp8", "bf16-dequantized", "fp32-dequantized")
 
 
 @dataclass
@@ -141,6 +145,10 @@ class ServingSection:
     max_sessions: int = 16  # concurrent robot connections per server
     max_request_mb: float = 64.0  # larger requests are refused while being read
     idle_timeout_s: float = 300.0  # a session that sends nothing for this long is closed (its slot freed)
+    # The engine (wam.trainer.serve.engine): every session's chunk is denoised step by step in a shared forward.
+    max_batch: int = 8  # chunks of different sessions in one forward (continuous batching); 1 = one at a time
+    compile: str = "auto"  # auto (on CUDA) | on | off: the step under torch.compile (CUDA graphs on CUDA), warmed up
+    compute: str = "auto"  # matmuls: auto (by compute capability) | nvfp4 | fp8 | bf16-dequantized | fp32-dequantized
 
 
 @dataclass
@@ -318,6 +326,11 @@ def _validate_handoff(cfg: WamConfig) -> None:
             raise ConfigError(f"serving.{key} must be in [0, 100] (spans of the training range), got {getattr(s, key)}")
     if any(d < 0 for d in s.gripper_dims):
         raise ConfigError(f"serving.gripper_dims are action dim indices (>= 0), got {s.gripper_dims}")
+    if not 1 <= s.max_batch <= s.max_sessions:
+        raise ConfigError(f"serving.max_batch must be in [1, serving.max_sessions = {s.max_sessions}] (chunks of "
+                          f"different sessions denoised in one forward), got {s.max_batch}")
+    _choice(s.compile, COMPILE_MODES, "serving.compile")
+    _choice(s.compute, COMPUTE_PATHS, "serving.compute")
 
 
 def _validate_data(cfg: WamConfig) -> None:

@@ -105,8 +105,9 @@ def test_two_concurrent_sessions_do_not_interfere(served):
         t.start()
     for t in threads:
         t.join(120)
-    assert all(np.array_equal(x, y) for x, y in zip(alone, results["a"], strict=True))
-    assert not np.array_equal(results["a"][0], results["b"][0])
+    # batched with b's chunks (the engine), a's equal its chunks alone up to float rounding
+    assert all(np.allclose(x, y, atol=1e-4) for x, y in zip(alone, results["a"], strict=True))
+    assert not np.allclose(results["a"][0], results["b"][0], atol=1e-4)
 
 
 def test_malformed_requests_get_an_error_and_the_server_keeps_serving(served):

@@ -21,7 +21,7 @@ import torch
 from wam.platform.config import SamplerSection, guided
 from wam.trainer.flow import SCHEDULES, SOLVERS, DitStepCache, guide
 from wam.trainer.model.kv_cache import KVCache
-from wam.trainer.model.model import WamModel
+from wam.trainer.model.model import Prediction, WamModel, WamOutputs
 
 
 @dataclass
@@ -30,17 +30,106 @@ class Chunk:
     actions: torch.Tensor  # (B, A, action_dim) normalised actions (padded dims included)
     dit_steps: int = 0  # denoising steps that ran the transformer (the others reused its last velocities)
     forwards: int = 0  # transformer forwards: one per such step, two with sequential guidance
+    queue_s: float = 0.0  # served by a DenoiseEngine: how long it waited for a place in the batch
+    batch: int = 1  # ... and the most chunks (of all sessions) denoised in one forward with it
+
+
+class Denoiser:
+    """Runs one denoising step's transformer passes (of one chunk or of many) as one forward (predict_many):
+    eagerly, or with `compiled` the blocks under torch.compile at static shapes (every row's keys padded to the
+    cache's full context), which on CUDA also captures them in CUDA graphs (mode reduce-overhead). Compiled, the
+    rows are padded to a power of two, so a few graphs serve every batch."""
+
+    def __init__(self, model: WamModel, compiled: bool = False):
+        self.model, self.compiled = model, compiled
+        self.blocks = None
+        if compiled:
+            cuda = model.patch_embedding.weight.device.type == "cuda"
+            self.blocks = torch.compile(model.run_blocks, dynamic=False, mode="reduce-overhead" if cuda else None)
+
+    def __call__(self, items: list[Prediction]) -> list[WamOutputs]:
+        if not items:  # a step the DiT cache skips
+            return []
+        if not self.compiled:
+            return self.model.predict_many(items)
+        rows, per_item = sum(item.state.shape[0] for item in items), items[-1].state.shape[0]
+        repeats = ((1 << (rows - 1).bit_length()) - rows) // per_item  # copies of the last item, outputs dropped
+        outputs = self.model.predict_many(items + items[-1:] * repeats, static=True, blocks=self.blocks)
+        return outputs[:len(items)]
+
+
+class ChunkJob:
+    """One chunk being denoised a step at a time: `passes` are the transformer forwards the current step needs
+    (none when the DiT step cache reuses the last velocities); `advance` takes their outputs and takes the step."""
+
+    def __init__(self, rollout: ChunkRollout, state: torch.Tensor, generator: torch.Generator | None):
+        self.rollout, self.state = rollout, state
+        arch, s = rollout.model.arch, rollout.sampler
+        batch, device = state.shape[0], state.device
+        h, w = rollout.latent_hw
+        self.video = torch.randn(batch, arch.out_dim, rollout.frames_per_chunk, h, w, generator=generator,
+                                 device=device)
+        self.actions = torch.randn(batch, rollout.actions_per_chunk, arch.action_dim, generator=generator,
+                                   device=device)
+        self.video_solver = SOLVERS[s.solver](rollout.video_sigmas)
+        self.action_solver = SOLVERS[s.solver](rollout.action_sigmas)
+        self.step_cache = DitStepCache(s.dit_cache, s.steps, s.dit_passes, s.dit_steps)
+        self.step, self.dit_steps = 0, 0
+        self.queue_s, self.batch = 0.0, 1  # set by a DenoiseEngine
+        self.velocities: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.passes = self._passes()
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.rollout.sampler.steps
+
+    def _passes(self) -> list[Prediction]:
+        r, i = self.rollout, self.step
+        if self.done or not self.step_cache.run(i):
+            return []
+        batch, device = self.state.shape[0], self.state.device
+        video_t = r.video_schedule.timesteps[i].expand(batch).to(device)
+        action_t = r.action_schedule.timesteps[i].expand(batch).to(device)
+        inputs = (self.video, self.actions, self.state, video_t, action_t)
+        if r._batched():
+            return [Prediction(r.caches[0], *(r._rows(x) for x in inputs))]
+        return [Prediction(cache, *inputs) for cache in r.caches]
+
+    def advance(self, outputs: list[WamOutputs]) -> None:
+        """Take the step with the outputs of `passes` (in order)."""
+        if self.passes:
+            if len(outputs) == 1 and self.rollout._batched():
+                outputs = [WamOutputs(v, a) for v, a in zip(outputs[0].video.chunk(2), outputs[0].actions.chunk(2),
+                                                             strict=True)]
+            if len(outputs) == 1:
+                self.velocities = outputs[0].video, outputs[0].actions
+            else:  # (conditional, unconditional)
+                s = self.rollout.sampler
+                self.velocities = (guide(outputs[0].video, outputs[1].video, s.guidance),
+                                   guide(outputs[0].actions, outputs[1].actions, s.action_guidance))
+            self.step_cache.computed(self.velocities[0])
+            self.dit_steps += 1
+        self.video = self.video_solver.step(self.step, self.velocities[0], self.video)
+        self.actions = self.action_solver.step(self.step, self.velocities[1], self.actions)
+        self.step += 1
+        self.passes = self._passes()
+
+    def chunk(self) -> Chunk:
+        return Chunk(self.video, self.actions, self.dit_steps, self.dit_steps * len(self.rollout.caches), self.queue_s,
+                     self.batch)
 
 
 class ChunkRollout:
     def __init__(self, model: WamModel, sampler: SamplerSection, *, max_chunks: int, frames_per_chunk: int,
-                 actions_per_chunk: int, latent_hw: tuple[int, int], negative_text: torch.Tensor | None = None):
+                 actions_per_chunk: int, latent_hw: tuple[int, int], negative_text: torch.Tensor | None = None,
+                 denoiser: Denoiser | None = None):
         """negative_text: (1, text_len, text_dim) features of the unconditional prompt, needed when the
-        sampler guides."""
+        sampler guides. denoiser: how `act` runs the transformer (default: eagerly)."""
         if guided(sampler) and negative_text is None:
             raise ValueError("classifier-free guidance needs the negative prompt's text features")
         self.model = model
         self.sampler = sampler
+        self.denoiser = denoiser or Denoiser(model)
         self.frames_per_chunk = frames_per_chunk
         self.actions_per_chunk = actions_per_chunk
         self.latent_hw = latent_hw
@@ -97,45 +186,23 @@ class ChunkRollout:
             self.model.set_conditioning(cache, branch_text, self._rows(image), self._rows(i2v_cond))
             self.model.observe(cache, self._rows(first_latent))
 
-    def _velocities(self, video: torch.Tensor, actions: torch.Tensor, state: torch.Tensor, video_t: torch.Tensor,
-                    action_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (guided) video and action velocities at one step: every branch's forward, combined."""
-        if self._batched():
-            out = self.model.predict(self.caches[0], *(self._rows(x) for x in (video, actions, state, video_t, action_t)))
-            branches = list(zip(out.video.chunk(2), out.actions.chunk(2), strict=True))
-        else:
-            branches = [(out.video, out.actions) for out in
-                        (self.model.predict(cache, video, actions, state, video_t, action_t) for cache in self.caches)]
-        if len(branches) == 1:
-            return branches[0]
-        (video_c, actions_c), (video_u, actions_u) = branches
-        return guide(video_c, video_u, self.sampler.guidance), guide(actions_c, actions_u, self.sampler.action_guidance)
-
-    @torch.no_grad()
-    def act(self, state: torch.Tensor, generator: torch.Generator | None = None) -> Chunk:
-        """Denoise the next chunk from noise given the robot state (B, state_dim)."""
+    def start(self, state: torch.Tensor, generator: torch.Generator | None = None) -> ChunkJob:
+        """Begin denoising the next chunk from noise given the robot state (B, state_dim); `act` runs it to the
+        end, a DenoiseEngine steps it together with other sessions' chunks."""
         if self.cache is None:
             raise RuntimeError("reset the rollout with a first frame before acting")
         if self.context_full:
             raise RuntimeError(f"context window of {self.max_chunks} chunks is full; reset with a new first frame")
-        arch, s = self.model.arch, self.sampler
-        batch, device = state.shape[0], state.device
-        h, w = self.latent_hw
-        video = torch.randn(batch, arch.out_dim, self.frames_per_chunk, h, w, generator=generator, device=device)
-        actions = torch.randn(batch, self.actions_per_chunk, arch.action_dim, generator=generator, device=device)
-        video_solver, action_solver = SOLVERS[s.solver](self.video_sigmas), SOLVERS[s.solver](self.action_sigmas)
-        step_cache = DitStepCache(s.dit_cache, s.steps, s.dit_passes, s.dit_steps)
-        dit_steps = 0
-        for i in range(s.steps):
-            if step_cache.run(i):
-                video_v, action_v = self._velocities(
-                    video, actions, state, self.video_schedule.timesteps[i].expand(batch).to(device),
-                    self.action_schedule.timesteps[i].expand(batch).to(device))
-                step_cache.computed(video_v)
-                dit_steps += 1
-            video = video_solver.step(i, video_v, video)
-            actions = action_solver.step(i, action_v, actions)
-        return Chunk(video, actions, dit_steps, dit_steps * len(self.caches))
+        return ChunkJob(self, state, generator)
+
+    @torch.no_grad()
+    def act(self, state: torch.Tensor, generator: torch.Generator | None = None) -> Chunk:
+        """Denoise the next chunk from noise given the robot state (B, state_dim)."""
+        job = self.start(state, generator)
+        while not job.done:  # sequential guidance: a forward per branch; batched: both branches' rows in one
+            sequential = len(job.passes) > 1
+            job.advance([self.denoiser([item])[0] for item in job.passes] if sequential else self.denoiser(job.passes))
+        return job.chunk()
 
     @torch.no_grad()
     def observe(self, latents: torch.Tensor, chunk: int | None = None) -> None:

@@ -17,9 +17,9 @@ from torch.nn.attention.flex_attention import flex_attention
 from torchtitan.models.common.linear import Linear
 from torchtitan.protocols.module import Module
 
-from wam.trainer.model.kv_cache import KV, LayerCache
+from wam.trainer.model.kv_cache import KV, LayerCache, PaddedKV
 from wam.trainer.model.layers import FP32RMSNorm
-from wam.trainer.model.mask import AttentionMask
+from wam.trainer.model.mask import AttentionMask, PaddedMask
 from wam.trainer.model.rope import apply_rope
 
 
@@ -36,7 +36,8 @@ class SDPAKernel(Module):
     def prepare(self, mask: AttentionMask, device: torch.device) -> None:
         mask.dense(device)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: AttentionMask | PaddedMask) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask.dense(q.device))
         return out.transpose(1, 2)
@@ -98,6 +99,7 @@ class TritonKernel(Module):
         return self.attention(q, k, v, mask, rope=rope)
 
 
+_SDPA = SDPAKernel(SDPAKernel.Config())
 KERNELS = {"sdpa": SDPAKernel, "flex": FlexKernel, "triton": TritonKernel}
 # Each kernel's `prepare(mask, device)` builds the form of the mask it reads (dense, BlockMask, span tables),
 # once per mask and before the blocks run: built lazily inside a compiled block, the first call would trace
@@ -138,7 +140,7 @@ class SelfAttention(_Attention):
         self.kernel = config.kernel.build()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
-                cache: LayerCache | None = None) -> torch.Tensor:
+                cache: LayerCache | PaddedKV | None = None) -> torch.Tensor:
         """x (B, L, dim) attends under `mask` to its own keys, after the cache's committed keys if given."""
         q, k, v = self._heads(self.norm_q(self.q(x))), self._heads(self.norm_k(self.k(x))), self._heads(self.v(x))
         if cache is None and getattr(self.kernel, "fuses_rope", False):
@@ -146,7 +148,9 @@ class SelfAttention(_Attention):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.extend(k, v)
-        return self.o(self.kernel(q, k, v, mask).flatten(2))
+        # a padded serving batch has a per-row dense mask, which only SDPA reads
+        kernel = _SDPA if isinstance(mask, PaddedMask) else self.kernel
+        return self.o(kernel(q, k, v, mask).flatten(2))
 
 
 class CrossContext(NamedTuple):

@@ -12,7 +12,7 @@ from torchtitan.models.common.nn_modules import GELU, Identity
 from torchtitan.protocols.module import Module, Sequential
 
 from wam.trainer.model.attention import CrossAttention, CrossContext, SelfAttention
-from wam.trainer.model.kv_cache import LayerCache
+from wam.trainer.model.kv_cache import LayerCache, PaddedKV
 from wam.trainer.model.layers import FP32LayerNorm
 from wam.trainer.model.mask import AttentionMask
 
@@ -59,7 +59,7 @@ class WanBlock(Module):
 
     def forward(self, x: torch.Tensor, modulation: TokenModulation, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: AttentionMask, context: Conditioning | CrossContext,
-                cache: LayerCache | None = None) -> torch.Tensor:
+                cache: LayerCache | PaddedKV | None = None) -> torch.Tensor:
         """x: (B, L, dim) fp32 residual stream. Sub-layers run in the weights' dtype; the residual and the
         modulation stay fp32, as in Wan. With a cache, self-attention also sees the cache's committed keys."""
         dtype = self.ffn[0].weight.dtype

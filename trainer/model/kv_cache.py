@@ -25,8 +25,9 @@ class KV(NamedTuple):
 class LayerCache:
     def __init__(self, batch: int, capacity: int, heads: int, head_dim: int, device: torch.device,
                  dtype: torch.dtype):
-        self.k = torch.empty(batch, capacity, heads, head_dim, device=device, dtype=dtype)
-        self.v = torch.empty_like(self.k)
+        # zeros, not empty: padded batches (PaddedKV) read unwritten rows under a mask, and 0 * NaN would leak
+        self.k = torch.zeros(batch, capacity, heads, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
         self.length = 0  # committed tokens
         self.pending = 0
 
@@ -40,6 +41,17 @@ class LayerCache:
         self.v[:, start:end] = v
         self.pending = k.shape[1]
         return KV(self.k[:, :end], self.v[:, :end])
+
+
+class PaddedKV(NamedTuple):
+    """One block's committed keys/values of a batch of caches, each row padded to one length (masked): a
+    prediction's new keys go after them, so nothing is written and the shapes stay static (predict_many)."""
+
+    k: torch.Tensor  # (B, context, heads, head_dim)
+    v: torch.Tensor
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> KV:
+        return KV(torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1))
 
 
 @dataclass

@@ -10,6 +10,7 @@ All three come from `wam.platform.layout.attends`, the single definition of the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -112,3 +113,13 @@ class AttentionMask:
                                             mask_mod=mask_mod, seq_lengths=(self.queries.length, self.keys.length))
 
         return self.cached(("flex", str(device), block_size), build)
+
+
+class PaddedMask(NamedTuple):
+    """A dense per-row mask (B, 1, Lq, Lk) of a padded batch (the serving engine's rows sit at different chunks,
+    their keys padded to one length); attention over it always runs SDPA."""
+
+    rows: torch.Tensor
+
+    def dense(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self.rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -23,11 +24,12 @@ from torchtitan.protocols.module import Module, ModuleList, Sequential
 from wam.platform.accounting import count_flops
 from wam.platform.layout import TokenKind, TokenLayout
 from wam.platform.presets import SampleShape, WamArch
+from wam.trainer.model.attention import CrossContext
 from wam.trainer.model.block import Conditioning, TokenModulation, WanBlock
 from wam.trainer.model.heads import ActionEncoder, ImageProjection, OutputHead, ReluMLP
-from wam.trainer.model.kv_cache import KVCache, LayerCache
+from wam.trainer.model.kv_cache import KV, KVCache, LayerCache, PaddedKV
 from wam.trainer.model.layers import Conv3d, sinusoidal_embedding
-from wam.trainer.model.mask import AttentionMask
+from wam.trainer.model.mask import AttentionMask, PaddedMask
 from wam.trainer.model.rope import rope_tables
 
 _CLEAN_KINDS = (TokenKind.FIRST, TokenKind.CLEAN)
@@ -95,6 +97,32 @@ def _init_full_then_shard(param: torch.Tensor, init, seed: int) -> None:
 @lru_cache(maxsize=8)  # a cached dense mask of a 14B sample is ~180 MB
 def _attention_mask(queries: TokenLayout, keys: TokenLayout) -> AttentionMask:
     return AttentionMask(queries, keys)
+
+
+@lru_cache(maxsize=64)
+def _padded_mask(pairs: tuple[tuple[TokenLayout, TokenLayout], ...], rows: tuple[int, ...], context: int,
+                 device: torch.device) -> torch.Tensor:
+    """(B, 1, Lq, context + Lq) bool: each (committed layout, prediction layout) pair's mask with its committed
+    keys padded to `context`, repeated over the pair's rows (predict_many)."""
+    masks = []
+    for (committed, queries), r in zip(pairs, rows, strict=True):
+        dense = _attention_mask(queries, committed + queries).dense(device)  # (Lq, committed + Lq)
+        padded = torch.zeros(queries.length, context + queries.length, dtype=torch.bool, device=device)
+        padded[:, :committed.length] = dense[:, :committed.length]
+        padded[:, context:] = dense[:, committed.length:]
+        masks.append(padded.expand(r, 1, -1, -1))
+    return torch.cat(masks)
+
+
+class Prediction(NamedTuple):
+    """`predict`'s inputs for one cache's rows (predict_many)."""
+
+    cache: KVCache
+    noisy_video: torch.Tensor  # (B, z, F, h, w)
+    noisy_actions: torch.Tensor  # (B, A, action_dim)
+    state: torch.Tensor  # (B, state_dim)
+    video_t: torch.Tensor  # (B,)
+    action_t: torch.Tensor  # (B,)
 
 
 @lru_cache(maxsize=32)
@@ -208,22 +236,31 @@ class WamModel(BaseModel):
                 cols.append(action_t[:, column[span.chunk]].float())
         return torch.stack(cols, dim=1)
 
+    def _time_modulation(self, layout: TokenLayout, span_t: torch.Tensor) -> tuple[torch.Tensor, TokenModulation]:
+        """The per-span time embedding (B, spans, dim), for the output head, and the blocks' adaLN input."""
+        e = self.time_embedding(sinusoidal_embedding(span_t, self.arch.freq_dim).to(self.dtype)).float()
+        e0 = self.time_projection(e.to(self.dtype)).float().unflatten(-1, (6, self.arch.dim))
+        return e, TokenModulation(e0, _span_of_token(layout).to(span_t.device))
+
     def _run_blocks(self, x: torch.Tensor, layout: TokenLayout, keys: TokenLayout, span_t: torch.Tensor,
                     grid: tuple[int, int], context: Conditioning | list,
                     cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, L, dim) tokens of `layout`, attending to `keys` (the cache's context + layout). Returns the
         final hidden states and the per-span time embedding (B, spans, dim) for the output head."""
-        e = self.time_embedding(sinusoidal_embedding(span_t, self.arch.freq_dim).to(self.dtype)).float()
-        e0 = self.time_projection(e.to(self.dtype)).float().unflatten(-1, (6, self.arch.dim))
-        span_of_token = _span_of_token(layout).to(x.device)
-        modulation = TokenModulation(e0, span_of_token)
+        e, modulation = self._time_modulation(layout, span_t)
         rope = rope_tables(layout, grid, self.arch.head_dim, self.arch.rope_theta, x.device)
         mask = _attention_mask(layout, keys)
         self._prepare_mask(mask, x.device)
+        layers = cache.layers if cache is not None else [None] * len(self.blocks)
+        return self.run_blocks(x, modulation, rope, mask, context, layers), e
+
+    def run_blocks(self, x: torch.Tensor, modulation: TokenModulation, rope: tuple[torch.Tensor, torch.Tensor],
+                   mask: AttentionMask | PaddedMask, context: Conditioning | list,
+                   layers: list[LayerCache | PaddedKV | None]) -> torch.Tensor:
+        """Every block over x (B, L, dim); the serving engine compiles this (static shapes with PaddedKV)."""
         for i, block in enumerate(self.blocks):
-            block_context = context[i] if isinstance(context, list) else context
-            x = block(x, modulation, rope, mask, block_context, cache.layers[i] if cache is not None else None)
-        return x, e
+            x = block(x, modulation, rope, mask, context[i] if isinstance(context, list) else context, layers[i])
+        return x
 
     def _decode(self, x: torch.Tensor, e: torch.Tensor, layout: TokenLayout, grid: tuple[int, int],
                 frames: int) -> WamOutputs:
@@ -349,19 +386,66 @@ class WamModel(BaseModel):
                 video_t: torch.Tensor, action_t: torch.Tensor) -> WamOutputs:
         """Velocities for the next chunk (cache.next_chunk) given its noisy video (B, z, F, h, w), noisy actions
         (B, A, action_dim), state (B, state_dim) and timesteps (B,). The cache is read, never written."""
-        if cache.layout is None:
-            raise RuntimeError("observe the first frame before predicting")
-        c, f, a = cache.next_chunk, cache.frames_per_chunk, cache.actions_per_chunk
-        if c >= cache.max_chunks:
-            raise ValueError(f"the cache holds {cache.max_chunks} chunks; reset it for a new context window")
-        layout = TokenLayout.prediction(range(c, c + 1), f, cache.tokens_per_frame, a)
-        action_t = action_t.reshape(-1, 1)
+        return self.predict_many([Prediction(cache, noisy_video, noisy_actions, state, video_t, action_t)])[0]
+
+    @torch.no_grad()
+    def predict_many(self, items: list[Prediction], static: bool = False, blocks=None) -> list[WamOutputs]:
+        """`predict` for several caches in one forward (continuous batching); each may be at a different chunk.
+        With several caches, or `static`, every row attends to its committed context padded to one length (the
+        caches' full context room when static: the same shapes at every chunk, for torch.compile and CUDA
+        graphs), then its own new tokens; a per-row mask hides the padding. `blocks`: a compiled run_blocks."""
+        f, a, tpf = items[0].cache.frames_per_chunk, items[0].cache.actions_per_chunk, items[0].cache.tokens_per_frame
+        layouts = []
+        for item in items:
+            cache = item.cache
+            if cache.layout is None:
+                raise RuntimeError("observe the first frame before predicting")
+            if cache.next_chunk >= cache.max_chunks:
+                raise ValueError(f"the cache holds {cache.max_chunks} chunks; reset it for a new context window")
+            layouts.append(TokenLayout.prediction(range(cache.next_chunk, cache.next_chunk + 1), f, tpf, a))
+        action_t = torch.cat([item.action_t for item in items]).reshape(-1, 1)
         x = torch.cat([
-            self.embed_video(noisy_video, 1 + c * f, cache.i2v_cond),
-            self.action_encoder(noisy_actions, action_t.expand(-1, a)),
-            self.state_encoder(state.unsqueeze(1)),
+            torch.cat([self.embed_video(item.noisy_video, layout.spans[0].frame_start, item.cache.i2v_cond)
+                       for item, layout in zip(items, layouts, strict=True)]),
+            self.action_encoder(torch.cat([item.noisy_actions for item in items]), action_t.expand(-1, a)),
+            self.state_encoder(torch.cat([item.state for item in items]).unsqueeze(1)),
         ], dim=1).float()
-        span_t = self._span_timesteps(layout, video_t.reshape(-1, 1), action_t, x.shape[0], x.device)
-        x, e = self._run_blocks(x, layout, cache.layout + layout, span_t, cache.grid, cache.cross_context, cache)
-        out = self._decode(x, e, layout, cache.grid, f)
-        return WamOutputs(video=out.video, actions=out.actions[:, 0])
+        layout = layouts[0]  # the chunks' prediction layouts differ only in their positions
+        video_t = torch.cat([item.video_t for item in items]).reshape(-1, 1)
+        span_t = self._span_timesteps(layout, video_t, action_t, x.shape[0], x.device)
+        caches = [item.cache for item in items]
+        if len(items) == 1 and not static:
+            cache = caches[0]
+            x, e = self._run_blocks(x, layout, cache.layout + layout, span_t, cache.grid, cache.cross_context, cache)
+        else:
+            e, modulation = self._time_modulation(layout, span_t)
+            x = (blocks or self.run_blocks)(x, modulation, *self._padded(caches, layouts, static, x.device))
+        out = self._decode(x, e, layout, caches[0].grid, f)
+        sizes = [item.state.shape[0] for item in items]
+        return [WamOutputs(video, actions[:, 0])
+                for video, actions in zip(out.video.split(sizes), out.actions.split(sizes), strict=True)]
+
+    def _padded(self, caches: list[KVCache], layouts: list[TokenLayout], static: bool, device: torch.device):
+        """Per-row RoPE tables, mask, cross-attention context and padded keys of the caches' rows (predict_many)."""
+        rows = [cache.layers[0].k.shape[0] for cache in caches]
+        room = caches[0].layers[0].k.shape[1] - layouts[0].length  # the most committed tokens a cache holds
+        context = room if static else max(cache.layout.length for cache in caches)
+        tables = [rope_tables(layout, caches[0].grid, self.arch.head_dim, self.arch.rope_theta, device)
+                  for layout in layouts]
+        rope = tuple(torch.cat([t[i].expand(r, -1, -1) for t, r in zip(tables, rows, strict=True)]) for i in (0, 1))
+        mask = PaddedMask(_padded_mask(tuple((c.layout, layout) for c, layout in zip(caches, layouts, strict=True)),
+                                       tuple(rows), context, device))
+
+        def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+        cross, layers = [], []
+        for i in range(len(self.blocks)):
+            blocks = [cache.cross_context[i] for cache in caches]
+            text = KV(stack([c.text.k for c in blocks]), stack([c.text.v for c in blocks]))
+            image = (KV(stack([c.image.k for c in blocks]), stack([c.image.v for c in blocks]))
+                     if blocks[0].image is not None else None)
+            cross.append(CrossContext(text, image))
+            layers.append(PaddedKV(stack([cache.layers[i].k[:, :context] for cache in caches]),
+                                   stack([cache.layers[i].v[:, :context] for cache in caches])))
+        return rope, mask, cross, layers

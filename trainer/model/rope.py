@@ -59,10 +59,11 @@ def rope_tables(layout: TokenLayout, grid: tuple[int, int], head_dim: int, theta
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved (real, imag) pairs of x (B, L, heads, head_dim) by per-token angles, in fp32."""
+    """Rotate interleaved (real, imag) pairs of x (B, L, heads, head_dim) by per-token angles (L, head_dim/2), or
+    per-row ones (B, L, head_dim/2), in fp32."""
     b, n, h, d = x.shape
     pairs = x.float().reshape(b, n, h, d // 2, 2)
     real, imag = pairs.unbind(-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
     return rotated.reshape(b, n, h, d).type_as(x)

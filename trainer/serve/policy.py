@@ -23,18 +23,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from wam.platform.config import guided, negative_prompt, resolve_preset, sampler_preset, validate_sampler
+from wam.platform.config import (
+    COMPILE_MODES,
+    guided,
+    negative_prompt,
+    resolve_preset,
+    sampler_preset,
+    validate_sampler,
+)
 from wam.platform.data_contract import gripper_problems
 from wam.platform.embodiment import EmbodimentProfile
 from wam.platform.errors import ConfigError
 from wam.trainer.data.stats import NormStats
 from wam.trainer.data.transforms import normalize, tile
 from wam.trainer.flow import static_dit_steps
-from wam.trainer.inference import Chunk, ChunkRollout
+from wam.trainer.inference import Chunk, ChunkRollout, Denoiser
 from wam.trainer.model.encoders import FrozenEncoders
 from wam.trainer.model.vae import StreamState, vae_config
 from wam.trainer.quantize.load import QuantizedPolicy, load_quantized
 from wam.trainer.serve.actions import ActionPostprocess
+from wam.trainer.serve.engine import DenoiseEngine
 from wam.trainer.serve.safety import SafetyReport, envelope_from_stats, require_finite, state_check
 
 log = logging.getLogger("wam.serve")
@@ -65,9 +73,10 @@ class PolicyRuntime:
     """What all sessions share: the model, the frozen encoders, the embodiment and the post-processing."""
 
     def __init__(self, policy: QuantizedPolicy, device: torch.device | str = "cpu", steps: int | None = None,
-                 embodiment: str | None = None, sampler: str | None = None):
+                 embodiment: str | None = None, sampler: str | None = None, max_batch: int | None = None,
+                 compile: str | None = None):
         """steps and sampler (a preset name) override the config's serving.steps and serving.sampler; at either
-        level the steps refine the preset."""
+        level the steps refine the preset. max_batch and compile override serving.max_batch / serving.compile."""
         self.policy, self.device = policy, torch.device(device)
         cfg = policy.config
         preset = resolve_preset(cfg)
@@ -116,6 +125,17 @@ class PolicyRuntime:
         self.envelope = envelope_from_stats(self.profile, state_q01, state_q99, action_q01, action_q99,
                                             None if step_q99 is None else np.asarray(step_q99), grippers,
                                             s.action_margin, s.step_margin)
+        self.max_batch = max_batch or s.max_batch
+        if not 1 <= self.max_batch <= s.max_sessions:
+            raise ConfigError(f"max_batch must be in [1, serving.max_sessions = {s.max_sessions}], got {self.max_batch}")
+        mode = compile or s.compile
+        self.compiled = mode == "on" or (mode == "auto" and self.device.type == "cuda")
+        self.engine = DenoiseEngine(Denoiser(policy.model, self.compiled), self.max_batch)
+        warm = None
+        if self.compiled:  # a blank frame's window: the engine compiles on it before it reports ready
+            warm = self.session()
+            warm._start_window(torch.zeros(1, 3, 1, *self.canvas, dtype=torch.uint8), "warm-up")
+        self.engine.start(None if warm is None else warm.rollout)
 
     def _embodiment(self, name: str | None) -> tuple[EmbodimentProfile, NormStats | None]:
         known = self.policy.embodiments
@@ -134,6 +154,7 @@ class PolicyRuntime:
         return {
             "policy": "wam", "preset": self.policy.config.model.preset, "step": self.policy.step,
             "compute_path": self.policy.compute_path, "denoising_steps": self.sampler.steps,
+            "engine": self.engine_description(),
             "sampler": self.sampler_description(),
             "embodiment": p.name, "cameras": list(p.cameras), "state_keys": list(p.state_keys),
             "state_dims": len(self.stats.state_q01) if self.stats else self.arch.state_dim,
@@ -146,6 +167,11 @@ class PolicyRuntime:
                        "max_action_step": None if self.envelope.max_step is None else self.envelope.max_step.tolist(),
                        "state_low": self.state_check.low.tolist(), "state_high": self.state_check.high.tolist()},
         }
+
+    def engine_description(self) -> dict:
+        cuda = self.device.type == "cuda"
+        return {"max_batch": self.max_batch, "compiled": self.compiled, "cuda_graphs": self.compiled and cuda,
+                "device": str(self.device)}
 
     def sampler_description(self) -> dict:
         s = self.sampler
@@ -161,10 +187,14 @@ class PolicyRuntime:
 
 
 def load_runtime(model: str, device: str = "auto", steps: int | None = None, embodiment: str | None = None,
-                 sampler: str | None = None) -> PolicyRuntime:
-    """The runtime of a quantized model folder on `device` (auto: the GPU if there is one)."""
+                 sampler: str | None = None, max_batch: int | None = None, compile: str | None = None,
+                 compute: str | None = None) -> PolicyRuntime:
+    """The runtime of a quantized model folder on `device` (auto: the GPU if there is one); compute names the
+    matmuls' path (default serving.compute; auto: by the device's compute capability)."""
+    if compile is not None and compile not in COMPILE_MODES:
+        raise ConfigError(f"--compile {compile!r} is not one of {', '.join(COMPILE_MODES)}")
     chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    return PolicyRuntime(load_quantized(model, chosen), chosen, steps, embodiment, sampler)
+    return PolicyRuntime(load_quantized(model, chosen, compute), chosen, steps, embodiment, sampler, max_batch, compile)
 
 
 class Session:
@@ -324,7 +354,8 @@ class Session:
                 "safety": self.returned[-1].safety.to_reply(),
                 "server_timing": {"encode_ms": (encoded - start) * 1000, "denoise_ms": (done - encoded) * 1000,
                                   "infer_ms": (done - start) * 1000, "denoising_steps": self.runtime.sampler.steps,
-                                  "dit_steps": chunk.dit_steps, "transformer_passes": chunk.forwards}}
+                                  "dit_steps": chunk.dit_steps, "transformer_passes": chunk.forwards,
+                                  "queue_ms": chunk.queue_s * 1000, "batch": chunk.batch}}
 
     def _act(self, anchor: np.ndarray) -> Chunk:
         runtime = self.runtime
@@ -332,7 +363,7 @@ class Session:
         state = torch.zeros(1, runtime.arch.state_dim, device=runtime.device)
         state[0, :len(normalised)] = torch.as_tensor(normalised, dtype=torch.float32)
         index = self.rollout.next_chunk
-        chunk = self.rollout.act(state, self.generator)
+        chunk = runtime.engine.run(self.rollout.start(state, self.generator))
         raw = chunk.actions[0].float().cpu()
         require_finite(raw.numpy())  # before smoothing spreads it
         if runtime.postprocess is None:

@@ -7,9 +7,11 @@ safety envelope refuses (non-finite actions) gets an error frame too, and its se
 server closes a new connection at once with code 1013 and the reason (openpi-client raises it on connect); a
 session idle for `serving.idle_timeout_s` is closed; a request larger than `serving.max_request_mb` closes its
 connection with code 1009 as soon as its size is known, before its bytes are buffered.
-One worker thread runs inference, so requests of all sessions queue for the device in arrival order;
-each reply reports its queue and compute time. Plain HTTP on the same port: /healthz (alive), /readyz
-(model loaded, a session slot free), /metrics (Prometheus).
+Each session's request runs in its own worker thread (encoding, the KV cache's prefill); the denoising of
+every session's chunk goes through the runtime's engine, which batches the sessions' steps into shared
+forwards, oldest first (wam.trainer.serve.engine). Each reply reports its queue and compute time and how many
+chunks were denoised together. Plain HTTP on the same port: /healthz (alive), /readyz (model loaded, the
+engine warmed up and able to serve, a session slot free), /metrics (Prometheus).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from wam.platform.errors import ConfigError
+from wam.trainer.serve.engine import EngineUnavailable
 from wam.trainer.serve.policy import PolicyRuntime, RequestError, Session
 from wam.trainer.serve.safety import UnsafeOutput
 
@@ -63,9 +66,16 @@ class _Metrics:
                               registry=self.registry)
         self.idle_closed = Counter("wam_policy_idle_sessions_closed", "Sessions closed for idleness",
                                    registry=self.registry)
+        self.batch = Histogram("wam_policy_batch_chunks", "Most chunks denoised in one forward with a request's chunk",
+                               registry=self.registry, buckets=(1, 2, 4, 8, 16, 32))
         meta = runtime.metadata()
         Gauge("wam_policy_info", "The served model", ["preset", "step", "compute_path"], registry=self.registry).labels(
             meta["preset"], str(meta["step"]), meta["compute_path"]).set(1)
+        engine = meta["engine"]
+        Gauge("wam_policy_engine_info", "How the server denoises", ["compute_path", "max_batch", "compiled",
+                                                                      "cuda_graphs", "device"],
+              registry=self.registry).labels(meta["compute_path"], str(engine["max_batch"]), str(engine["compiled"]),
+                                             str(engine["cuda_graphs"]), engine["device"]).set(1)
 
 
 class PolicyServer:
@@ -78,7 +88,8 @@ class PolicyServer:
         self.idle_timeout_s = idle_timeout_s or serving.idle_timeout_s
         self.metrics = _Metrics(runtime)
         self.active = 0
-        self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wam-infer")
+        # a thread per session: a request waits for the device in the engine, not behind other sessions' encoding
+        self._workers = ThreadPoolExecutor(max_workers=self.max_sessions, thread_name_prefix="wam-infer")
         self._packer = msgpack_numpy.Packer()
 
     # -- HTTP ------------------------------------------------------------------------------------------
@@ -88,9 +99,12 @@ class PolicyServer:
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
-            ready = self.active < self.max_sessions
-            return connection.respond(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
-                                      "ready\n" if ready else f"at capacity: {self.active} sessions\n")
+            engine = self.runtime.engine
+            problem = (f"not serving: {engine.failure}" if engine.failure
+                       else "warming up: compiling the denoising step" if not engine.ready.is_set()
+                       else f"at capacity: {self.active} sessions" if self.active >= self.max_sessions else "")
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE if problem else HTTPStatus.OK,
+                                      f"{problem or 'ready'}\n")
         if path == "/metrics":
             response = connection.respond(HTTPStatus.OK, generate_latest(self.metrics.registry).decode())
             response.headers["Content-Type"] = CONTENT_TYPE_LATEST
@@ -136,11 +150,14 @@ class PolicyServer:
                 obs = msgpack_numpy.unpackb(message)
             except Exception as err:  # noqa: BLE001 - whatever the bytes were, the answer is the same
                 raise RequestError(f"cannot decode the request as msgpack-numpy: {type(err).__name__}: {err}") from None
-            result = await asyncio.get_running_loop().run_in_executor(self._device, self._infer, session, obs, received)
+            result = await asyncio.get_running_loop().run_in_executor(self._workers, self._infer, session, obs, received)
             return self._packer.pack(result)
         except RequestError as err:
             self.metrics.errors.labels("bad_request").inc()
             return f"bad request: {err}"
+        except EngineUnavailable as err:
+            self.metrics.errors.labels("unavailable").inc()
+            return f"server unavailable: {err}"
         except UnsafeOutput as err:
             session.reset()
             self.metrics.errors.labels("unsafe_output").inc()
@@ -156,13 +173,17 @@ class PolicyServer:
         started = time.perf_counter()
         result = session.infer(obs)
         finished = time.perf_counter()
+        queued = started - received  # for a worker thread, then (in the engine) for a place in a batch
         if "server_timing" in result:
-            result["server_timing"]["queue_ms"] = (started - received) * 1000
-            self.metrics.passes.inc(result["server_timing"]["transformer_passes"])
+            timing = result["server_timing"]
+            queued += timing["queue_ms"] / 1000
+            timing["queue_ms"] = queued * 1000
+            self.metrics.passes.inc(timing["transformer_passes"])
+            self.metrics.batch.observe(timing["batch"])
         if result.get("safety", {}).get("clipped"):
             self.metrics.clipped_chunks.inc()
             self.metrics.clipped_values.inc(result["safety"]["clipped_values"])
-        self.metrics.queue.observe(started - received)
+        self.metrics.queue.observe(queued)
         self.metrics.latency.observe(finished - received)
         self.metrics.requests.inc()
         return result

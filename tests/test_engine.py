@@ -1,0 +1,183 @@
+"""The serving engine: one forward over KV caches at different chunks, continuous batching (each session's chunk
+equal to serving it alone, oldest first, a finished chunk's place taken at the next step), the compiled step
+equal to the eager one through a real server, and what the server reports about it."""
+
+import re
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+from prometheus_client import generate_latest
+
+from wam.platform.config import SamplerSection, load_config, resolve_preset
+from wam.platform.errors import ConfigError
+from wam.trainer.inference import ChunkRollout, Denoiser
+from wam.trainer.model import WamInputs
+from wam.trainer.model.model import Prediction
+from wam.trainer.quantize.load import choose_path, compute_path, load_quantized
+from wam.trainer.quantize.quantizer import quantize_checkpoint
+from wam.trainer.serve.engine import DenoiseEngine
+from wam.trainer.serve.policy import PolicyRuntime, load_runtime
+from wam.trainer.serve.server import PolicyServer, serve_in_background
+
+from conftest import randomized_model, wait_for, write_checkpoint
+
+GUIDED = SamplerSection(solver="unipc", steps=4, guidance=3.0, dit_cache="static", dit_passes=3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    preset = resolve_preset(load_config(None, []))
+    return randomized_model(preset.arch, preset.sample, seed=3), preset
+
+
+def rollout(model, sampler: SamplerSection, seed: int, observed: int, batch: int = 1, device: str = "cpu"):
+    """A rollout with the first frame and `observed` chunks in its cache, and a state to act on."""
+    net, preset = model
+    s = preset.sample
+    x = WamInputs.random(preset.arch, s, batch=batch, seed=seed, device=device)
+    r = ChunkRollout(net, sampler, max_chunks=s.num_chunks, frames_per_chunk=s.frames_per_chunk,
+                     actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width),
+                     negative_text=torch.randn_like(x.text[:1]))
+    r.reset(x.video[:, :, :1], x.text, x.image, x.i2v_cond)
+    f = s.frames_per_chunk
+    for c in range(observed):
+        r.observe(x.video[:, :, 1 + c * f:1 + (c + 1) * f])
+    return r, x.state[:, 0]
+
+
+def generator(seed: int, device: str = "cpu") -> torch.Generator:
+    return torch.Generator(device).manual_seed(seed)
+
+
+def close(a, b, tol=1e-4) -> bool:
+    return (a - b).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_one_forward_over_caches_at_different_chunks_equals_each_alone(model, static):
+    net, preset = model
+    items = []
+    for seed, (observed, batch) in enumerate([(0, 1), (2, 2), (3, 1), (1, 1)]):
+        r, _ = rollout(model, SamplerSection(), seed, observed, batch)
+        x = WamInputs.random(preset.arch, preset.sample, batch=batch, seed=10 + seed)
+        f = preset.sample.frames_per_chunk
+        items.append(Prediction(r.cache, x.noisy_video[:, :, :f], x.noisy_actions[:, 0], x.state[:, 0],
+                                x.video_t[:, 0], x.action_t[:, 0]))
+    together = net.predict_many(items, static=static)
+    for item, out in zip(items, together, strict=True):
+        alone = net.predict(*item)
+        assert out.video.shape == alone.video.shape and close(out.video, alone.video)
+        assert close(out.actions, alone.actions)
+    assert not close(together[0].actions, together[3].actions)  # the rows are not all the same
+
+
+def test_the_engine_batches_sessions_oldest_first_and_each_chunk_equals_serving_it_alone(model):
+    sessions = [rollout(model, GUIDED, seed, observed) for seed, observed in enumerate([0, 3, 1, 2, 1])]
+    alone = [r.act(state, generator(i)) for i, (r, state) in enumerate(sessions)]
+    engine = DenoiseEngine(Denoiser(model[0]), max_batch=3)
+    jobs = [r.start(state, generator(i)) for i, (r, state) in enumerate(sessions)]
+    futures = [engine.submit(job) for job in jobs]  # all waiting before the engine runs: the order is known
+    engine.start()
+    chunks = [f.result(timeout=300) for f in futures]
+    for chunk, ref in zip(chunks, alone, strict=True):
+        assert close(chunk.actions, ref.actions) and close(chunk.video, ref.video)
+        assert chunk.dit_steps == ref.dit_steps == 3 and chunk.forwards == ref.forwards
+    # the three oldest denoised together, the two others after them, together
+    assert [c.batch for c in chunks] == [3, 3, 3, 2, 2]
+    waited = [c.queue_s for c in chunks]
+    assert min(waited[3:]) > max(waited[:3])  # the two youngest waited for the oldest three's chunk
+    assert engine.forwards == 3 * 2 and engine.chunk_steps == 3 * 3 + 3 * 2  # 3 DiT passes per chunk
+
+
+def test_a_finished_chunk_is_replaced_at_the_next_step_not_after_the_batch(model):
+    """Continuous batching: with room for two, a short job's place goes to a waiting one while a long one runs."""
+    long, short = SamplerSection(steps=6), SamplerSection(steps=2)
+    (a, sa), (b, sb), (c, sc) = (rollout(model, sampler, seed, 1) for seed, sampler in enumerate([long, short, short]))
+    engine = DenoiseEngine(Denoiser(model[0]), max_batch=2)
+    done = []
+    futures = [engine.submit(r.start(state, generator(0))) for r, state in ((a, sa), (b, sb), (c, sc))]
+    for name, f in zip("abc", futures, strict=True):
+        f.add_done_callback(lambda _, name=name: done.append(name))
+    engine.start()
+    results = [f.result(timeout=300) for f in futures]
+    assert done == ["b", "c", "a"]  # c joined a at a's third step and finished before it
+    assert results[2].batch == 2 and engine.forwards == 6
+    assert close(results[2].actions, c.act(sc, generator(0)).actions)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engine")
+    cfg = load_config(None, ["name=engine", "data.source=synthetic", f"output_dir={folder}/runs"])
+    preset = resolve_preset(cfg)
+    checkpoint = write_checkpoint(folder / "checkpoints", cfg, randomized_model(preset.arch, preset.sample, seed=5))
+    return quantize_checkpoint(checkpoint).out
+
+
+def synthetic_robot(runtime, seed: int, chunks: int = 3) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    meta = runtime.metadata()
+    state = lambda: rng.uniform(-1, 1, meta["state_dims"]).astype(np.float32)  # noqa: E731
+    frames = lambda n: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)  # noqa: E731
+    first = {"observation.image": frames(1)[0], "observation.state": state(), "prompt": "push the block"}
+    return [first, *({"observation.image": frames(meta["frames_per_chunk"]), "observation.state": state(),
+                      "prompt": "push the block"} for _ in range(chunks - 1))]
+
+
+def test_a_compiled_server_is_ready_only_after_its_warm_up_reports_its_engine_and_equals_eager(quantized):
+    # guided (two rows a chunk) at DreamZero's sampler, compiled for one and two chunks; warms up in its thread
+    runtime = PolicyRuntime(load_quantized(quantized), sampler="dreamzero", compile="on", max_batch=2)
+    server = PolicyServer(runtime)
+    seen = []
+    with serve_in_background(server) as port:
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz") as r:
+                    seen.append((r.status, runtime.engine.ready.is_set(), r.read().decode()))
+            except urllib.error.HTTPError as err:
+                seen.append((err.code, runtime.engine.ready.is_set(), err.read().decode()))
+            return seen[-1][0] == 200
+
+        wait_for(ready, timeout=300)
+        assert all(ok or (status, text) == (503, "warming up: compiling the denoising step\n")
+                   for status, ok, text in seen) and seen[-1][1]
+        client = WebsocketClientPolicy(f"ws://127.0.0.1:{port}")
+        meta = client.get_server_metadata()
+        assert meta["engine"] == {"max_batch": 2, "compiled": True, "cuda_graphs": False, "device": "cpu"}
+        observations = synthetic_robot(runtime, seed=1)
+        replies = [client.infer(obs) for obs in observations]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
+            metrics = r.read().decode()
+    assert ('wam_policy_engine_info{compiled="True",compute_path="fp32-dequantized",cuda_graphs="False",'
+            'device="cpu",max_batch="2"} 1.0') in metrics
+    assert re.search(r'wam_policy_batch_chunks_bucket\{le="1.0"\} 3.0', metrics)
+    eager = PolicyRuntime(load_quantized(quantized), sampler="dreamzero", compile="off")
+    assert eager.metadata()["engine"]["compiled"] is False
+    session = eager.session()
+    for reply, obs in zip(replies, observations, strict=True):
+        assert reply["server_timing"]["batch"] == 1
+        np.testing.assert_allclose(reply["actions"], session.infer(obs)["actions"], atol=1e-4)
+
+
+def test_the_compute_path_follows_the_chip_and_a_path_the_chip_lacks_is_refused(quantized):
+    everything = {"nvfp4", "fp8"}
+    assert choose_path((10, 0), everything) == "nvfp4"  # Blackwell
+    assert choose_path((10, 0), {"fp8"}) == "fp8"  # a torchao without NVFP4
+    assert choose_path((9, 0), everything) == "fp8"  # Hopper
+    assert choose_path((9, 0), set()) == "bf16-dequantized"  # no torchao
+    assert choose_path((8, 0), everything) == "bf16-dequantized"  # Ampere: no FP8 tensor cores
+    assert choose_path(None, everything) == compute_path(torch.device("cpu")) == "fp32-dequantized"
+    for path, need in (("fp8", r"8\.9 \(Hopper or Ada\)"), ("nvfp4", r"10\.0 \(Blackwell\)")):
+        with pytest.raises(ConfigError, match=rf"--compute = {path} needs a CUDA GPU of compute capability >= {need}; "
+                                              "cpu has none; use auto"):
+            load_runtime(quantized, "cpu", compute=path)
+    with pytest.raises(ConfigError, match="--compute = 'fp2' is not one of auto, nvfp4, fp8"):
+        load_runtime(quantized, "cpu", compute="fp2")
+    runtime = load_runtime(quantized, "cpu", compute="bf16-dequantized", max_batch=1)  # named: runs on the CPU too
+    assert runtime.metadata()["compute_path"] == "bf16-dequantized"
+    assert runtime.policy.model.blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    assert 'compute_path="bf16-dequantized"' in generate_latest(PolicyServer(runtime).metrics.registry).decode()

@@ -1,0 +1,65 @@
+"""GPU-only checks of the serving engine (marked `gpu`; they run wherever CUDA exists): the compiled step captured
+in CUDA graphs equal to eager, batched sessions equal to each alone on the GPU, and FP8 matmuls on Hopper."""
+
+import pytest
+import torch
+from test_engine import GUIDED, generator, rollout
+
+from wam.platform.config import load_config, resolve_preset
+from wam.platform.errors import ConfigError
+from wam.trainer.inference import Denoiser
+from wam.trainer.quantize.load import compute_path, load_quantized
+from wam.trainer.quantize.quantizer import quantize_checkpoint
+from wam.trainer.serve.engine import DenoiseEngine
+
+from conftest import randomized_model, write_checkpoint
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpu-engine")
+    cfg = load_config(None, ["name=gpu-engine", "data.source=synthetic", f"output_dir={folder}/runs"])
+    preset = resolve_preset(cfg)
+    checkpoint = write_checkpoint(folder / "checkpoints", cfg, randomized_model(preset.arch, preset.sample, seed=5))
+    return quantize_checkpoint(checkpoint).out, preset
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_cuda_graphs_and_batching_on_the_gpu_equal_eager_alone(quantized):
+    folder, preset = quantized
+    model = load_quantized(folder, "cuda", "bf16-dequantized").model
+    sessions = [rollout((model, preset), GUIDED, seed, observed, device="cuda") for seed, observed in
+                enumerate([0, 3, 1])]
+    alone = [r.act(state, generator(i, "cuda")) for i, (r, state) in enumerate(sessions)]
+    engine = DenoiseEngine(Denoiser(model, compiled=True), max_batch=3)  # reduce-overhead: CUDA graphs
+    warm = rollout((model, preset), GUIDED, 9, 1, device="cuda")[0]
+    engine.start(warm)
+    assert engine.ready.wait(600) and engine.failure is None
+    futures = [engine.submit(r.start(state, generator(i, "cuda"))) for i, (r, state) in enumerate(sessions)]
+    for future, ref in zip(futures, alone, strict=True):
+        chunk = future.result(timeout=300)
+        assert relative(chunk.actions, ref.actions) < 3e-2 and relative(chunk.video, ref.video) < 3e-2
+
+
+def test_fp8_matmuls_are_chosen_on_hopper_and_close_to_bf16(quantized):
+    folder, preset = quantized
+    capability = torch.cuda.get_device_capability()
+    if capability < (8, 9):  # no FP8 tensor cores: refused by name
+        with pytest.raises(ConfigError, match="needs a CUDA GPU of compute capability >= 8.9"):
+            load_quantized(folder, "cuda", "fp8")
+        return
+    if capability < (10, 0):
+        assert compute_path(torch.device("cuda")) == "fp8"
+    fp8 = load_quantized(folder, "cuda", "fp8")
+    assert fp8.compute_path == "fp8" and "Float8" in type(fp8.model.blocks[0].ffn[0].weight).__name__
+    bf16 = load_quantized(folder, "cuda", "bf16-dequantized").model
+    outs = []
+    for model in (fp8.model, bf16):
+        r, state = rollout((model, preset), GUIDED, 1, 2, device="cuda")
+        outs.append(r.act(state, generator(0, "cuda")))
+    assert relative(outs[0].actions, outs[1].actions) < 0.1 and relative(outs[0].video, outs[1].video) < 0.1

@@ -1,0 +1,131 @@
+"""Continuous batching: one thread denoises the chunks of every session in flight, a step at a time, together.
+
+A session's request becomes a ChunkJob (its noise, solvers and DiT step cache). The engine's thread takes up to
+`max_batch` jobs, oldest first, and runs each denoising step of all of them as one forward (predict_many:
+sessions at different chunks, their KV caches padded to one length, a mask per row). A job that arrives joins
+at the next step; a finished one leaves at once and the oldest waiting job takes its place, so no session waits
+for a whole batch to drain. Compiled, the forward runs under torch.compile at static shapes (CUDA graphs on
+CUDA), warmed up for every batch size it will see before the engine reports ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from wam.trainer.inference import Chunk, ChunkJob, ChunkRollout, Denoiser
+
+log = logging.getLogger("wam.serve")
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot denoise (its warm-up or its guidance peer failed); the message says why."""
+
+
+@dataclass
+class _Entry:
+    job: ChunkJob
+    submitted: float
+    future: Future = field(default_factory=Future)
+
+
+class DenoiseEngine:
+    def __init__(self, denoiser: Denoiser, max_batch: int):
+        self.denoiser, self.max_batch = denoiser, max_batch
+        self.ready = threading.Event()
+        self.failure: str | None = None  # why the engine cannot serve, once it cannot
+        self.forwards = 0  # batched forwards run, and the chunks they served (their mean batch)
+        self.chunk_steps = 0
+        self._waiting: deque[_Entry] = deque()
+        self._wake = threading.Condition()
+
+    def start(self, warmup: ChunkRollout | None = None) -> None:
+        """Start the engine's thread; with `warmup` (a rollout with a first frame) it first runs one step at every
+        batch size up to max_batch (compiling each) and only then sets `ready`."""
+        threading.Thread(target=self._loop, args=(warmup,), daemon=True, name="wam-engine").start()
+
+    def fail(self, reason: str) -> None:
+        """Stop serving: waiting and later chunks fail with `reason`."""
+        with self._wake:
+            self.failure = reason
+            waiting, self._waiting = list(self._waiting), deque()
+        for entry in waiting:
+            entry.future.set_exception(EngineUnavailable(reason))
+
+    def submit(self, job: ChunkJob) -> Future:
+        """Queue `job`; its future resolves to its Chunk once denoised together with the other sessions' jobs."""
+        entry = _Entry(job, time.perf_counter())
+        with self._wake:
+            if self.failure:
+                raise EngineUnavailable(self.failure)
+            self._waiting.append(entry)
+            self._wake.notify()
+        return entry.future
+
+    def run(self, job: ChunkJob) -> Chunk:
+        """Denoise `job` (blocks the calling session)."""
+        return self.submit(job).result()
+
+    def _warm(self, rollout: ChunkRollout) -> None:
+        """One forward at each row count the denoiser will see: compiling happens here, not for the first robot."""
+        device = rollout.model.patch_embedding.weight.device
+        passes = rollout.start(torch.zeros(1, rollout.model.arch.state_dim, device=device)).passes
+        started = time.perf_counter()
+        for chunks in sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)}):
+            self.denoiser(passes * chunks)
+        log.info("engine warmed up for batches of up to %d chunks in %.1f s", self.max_batch,
+                 time.perf_counter() - started)
+
+    def _loop(self, warmup: ChunkRollout | None) -> None:
+        try:
+            if warmup is not None:
+                self._warm(warmup)
+        except Exception as err:  # noqa: BLE001 - the server reports it unready with this reason
+            log.exception("engine warm-up failed")
+            self.fail(f"the engine's warm-up failed: {type(err).__name__}: {err}")
+            return
+        self.ready.set()
+        active: list[_Entry] = []
+        while True:
+            with self._wake:
+                while not active and not self._waiting and not self.failure:
+                    self._wake.wait()
+                if self.failure:
+                    reason = self.failure
+                    break
+                while len(active) < self.max_batch and self._waiting:  # oldest first
+                    entry = self._waiting.popleft()
+                    entry.job.queue_s = time.perf_counter() - entry.submitted
+                    active.append(entry)
+            active = self._step(active)
+        for entry in active:
+            entry.future.set_exception(EngineUnavailable(reason))
+
+    def _step(self, active: list[_Entry]) -> list[_Entry]:
+        """One denoising step of every active job in one forward; returns the jobs still denoising."""
+        try:
+            outputs = self.denoiser([item for entry in active for item in entry.job.passes])
+        except Exception as err:  # noqa: BLE001 - the sessions of this batch get the error, the engine goes on
+            for entry in active:
+                entry.future.set_exception(err)
+            return []
+        self.forwards += bool(outputs)
+        self.chunk_steps += len(active) if outputs else 0
+        remaining, start = [], 0
+        for entry in active:
+            job, count = entry.job, len(entry.job.passes)
+            job.batch = max(job.batch, len(active))
+            job.advance(outputs[start:start + count])
+            start += count
+            if job.done:
+                entry.future.set_result(job.chunk())
+            else:
+                remaining.append(entry)
+        return remaining
+
