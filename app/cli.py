@@ -284,6 +284,8 @@ def sim_record(
     width: int = typer.Option(128),
     max_steps: int | None = typer.Option(None, help="step limit per episode (default: the task's, 500)"),
     keep_failed: bool = typer.Option(False, help="keep failed episodes (success=false) instead of dropping them"),
+    after_success: int = typer.Option(0, help="control steps recorded after the first success (the expert holds "
+                                              "the goal; episodes then last at least one chunk)"),
 ) -> None:
     """Run the suite's scripted experts (seeded, positions randomised) and write their episodes as a LeRobot
     dataset: cameras, state, actions, an instruction per task, per-episode success (`metaworld` profile)."""
@@ -292,7 +294,7 @@ def sim_record(
     options = RecordOptions(tasks=[t.strip() for t in tasks.split(",") if t.strip()], episodes=episodes, suite=suite,
                             seed=seed, action_noise=action_noise,
                             cameras=[c.strip() for c in cameras.split(",") if c.strip()], height=height, width=width,
-                            max_steps=max_steps, keep_failed=keep_failed)
+                            max_steps=max_steps, keep_failed=keep_failed, after_success=after_success)
     with user_errors():
         summaries = record(out, options)
     table = Table(title=f"{out} (LeRobot v3.0, {suite})", box=box.SIMPLE)
@@ -396,8 +398,10 @@ def demo(
 
 @app.command("eval")
 def evaluate(
-    checkpoint: str = typer.Argument(..., help="a complete checkpoint folder (step-N), a checkpoints folder (its "
-                                               "newest complete one), or a .safetensors file from `wam export`"),
+    checkpoint: str = typer.Argument(..., metavar="MODEL",
+                                     help="a complete checkpoint folder (step-N), a checkpoints folder (its newest "
+                                          "complete one), or a .safetensors file from `wam export`; with --sim also "
+                                          "a quantized folder or a running server (ws://host:port)"),
     data: str | None = typer.Option(None, help="held-out LeRobot dataset (path or URI); a model trained on "
                                                "procedural latents is evaluated on held-out procedural episodes"),
     profile: str | None = typer.Option(None, help="embodiment profile of --data (default: the training data's)"),
@@ -415,9 +419,35 @@ def evaluate(
     sweep: bool = typer.Option(False, help="also compare samplers on the same windows and noise: Euler and UniPC at "
                                            "4/8/16 steps, without and with guidance, without and with the DiT cache"),
     sweep_guidance: float = typer.Option(5.0, help="the guidance scale of --sweep (DreamZero serves 5.0)"),
+    sim: str | None = typer.Option(None, help="closed loop in simulation instead: metaworld (MODEL served by "
+                                              "`wam serve`, robots in worker processes)"),
+    tasks: str | None = typer.Option(None, help="--sim: comma-separated tasks, e.g. reach-v3,push-v3"),
+    episodes: int = typer.Option(10, help="--sim: seeded episodes per task"),
+    workers: int = typer.Option(2, help="--sim: environment processes (one server session each)"),
+    asynchronous: bool = typer.Option(False, "--async", help="--sim: compute chunk k+1 while chunk k executes"),
+    max_steps: int | None = typer.Option(None, help="--sim: control steps per episode (default: the task's, 500)"),
+    videos: int = typer.Option(1, help="--sim: episodes per task written as MP4 (cameras next to the predicted "
+                                       "video)"),
+    references: bool = typer.Option(True, "--references/--no-references",
+                                    help="--sim: also run the scripted experts and the untrained policy on the "
+                                         "same seeds"),
+    height: int = typer.Option(128, help="--sim: rendered view height (render as the demonstrations were recorded)"),
+    width: int = typer.Option(128, help="--sim: rendered view width"),
 ) -> None:
     """Open-loop evaluation on held-out episodes: each chunk predicted from the real context, actions compared
-    with the recorded ones in robot units (MSE, L1 per dim), video latents with the real ones."""
+    with the recorded ones in robot units (MSE, L1 per dim), video latents with the real ones. With --sim: the
+    policy acts in simulation (success rate, task progress, episode length, latency; videos)."""
+    if sim is not None:
+        from wam.trainer.sim.closed_loop import SimOptions
+
+        if data is not None or sweep:
+            fail("--sim evaluates in simulation: it takes no --data or --sweep", 2)
+        options = SimOptions(tasks=[t.strip() for t in (tasks or "").split(",") if t.strip()], episodes=episodes,
+                             suite=sim, seed=seed, asynchronous=asynchronous, workers=workers, max_steps=max_steps,
+                             height=height, width=width, videos=videos)
+        simulate(checkpoint, options, out=out, references=references, device=device, tracking_uri=tracking_uri,
+                 log_mlflow=mlflow, as_json=as_json)
+        return
     from wam.trainer.eval.evaluate import run_eval  # needs the trainer extra
 
     with user_errors():
@@ -447,6 +477,49 @@ def evaluate(
                               f"{row['video_mse']:.4f}", f"{row['denoise_ms']:.0f}")
             console.print(table)
         console.print(f"report: {result.out / 'report.json'}  plot: {result.out / 'actions.png'}")
+    if result.mlflow_run_id:
+        err_console.print(f"logged to MLflow run {result.mlflow_run_id} at {result.tracking_uri}")
+    else:
+        err_console.print(f"[yellow]not logged to MLflow:[/] {escape(result.tracking_note)}")
+
+
+def simulate(model: str, options, *, out: Path | None, references: bool, device: str, tracking_uri: str | None,
+             log_mlflow: bool, as_json: bool) -> None:
+    """`wam eval --sim`: run, with progress, and show the report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from wam.trainer.sim.evaluation import run_sim_eval
+
+    rows = 3 if references else 1
+    with user_errors():
+        options.check()
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err_console,
+                      transient=True) as bar:
+            task = bar.add_task("episodes", total=rows * len(options.tasks) * options.episodes)
+
+            def advance(row: str, episode) -> None:
+                bar.update(task, advance=1, description=f"{row} {episode.task}")
+
+            result = run_sim_eval(model, options, out=out, references=references, device=device,
+                                  tracking_uri=tracking_uri, log_mlflow=log_mlflow, progress=advance)
+    r = result.report
+    if as_json:
+        console.print_json(json.dumps(r))
+    else:
+        table = Table("policy", "task", "success", "progress", "length", "chunk p50 ms", "chunk p99 ms", "errors",
+                      box=box.SIMPLE_HEAD, title=f"{escape(r['model'])} step {r['step']}: {r['episodes_per_task']} "
+                                                 f"episodes per task, {r['execution']} execution, seed {r['seed']}")
+        for row, summary in r["rows"].items():
+            for task, st in [*summary["tasks"].items(), ("all", summary["overall"])]:
+                table.add_row(row, task, f"{st['success_rate']:.0%}", f"{st['progress']:.2f}",
+                              f"{st['episode_length']:.0f}", *(f"{st[k]:.0f}" if st[k] is not None else "-"
+                                                               for k in ("chunk_ms_p50", "chunk_ms_p99")),
+                              str(st["errors"]), style="bold" if task == "all" else None)
+        console.print(table)
+        for row, note in r["notes"].items():
+            console.print(f"[yellow]no {row} row:[/] {escape(note)}")
+        console.print(f"report: {result.out / 'report.json'}" + (f"  videos: {result.out / 'videos'}"
+                                                                   if r["videos"] else ""))
     if result.mlflow_run_id:
         err_console.print(f"logged to MLflow run {result.mlflow_run_id} at {result.tracking_uri}")
     else:

@@ -4,12 +4,7 @@ it with the same `wam serve` command a serving pod runs, and optionally let a re
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import typer
 from rich import box
@@ -20,7 +15,7 @@ from wam.app import local_training
 from wam.app.console import console, err_console, fail
 from wam.platform.checkpoints import list_checkpoints, quantized_uri
 from wam.platform.config import WamConfig
-from wam.platform.launch import quantize_command, serve_command
+from wam.platform.launch import local_command, quantize_command, serve_command, wait_ready
 
 
 def run_pipeline(cfg: WamConfig, *, every: bool, serve: bool, port: int, client_dataset: str | None,
@@ -34,9 +29,12 @@ def run_pipeline(cfg: WamConfig, *, every: bool, serve: bool, port: int, client_
     model = quantized_uri(cfg.checkpoint_uri, complete[-1][0])
     if not serve:
         return
-    server = subprocess.Popen(_local(serve_command(model, port, host="127.0.0.1")))
+    server = subprocess.Popen(local_command(serve_command(model, port, host="127.0.0.1")))
     try:
-        _wait_ready(port, server)
+        try:
+            wait_ready(port, server, timeout=300)
+        except RuntimeError as err:
+            fail(str(err), 1)
         if client_dataset is None:
             console.print(f"serving {escape(model)} on ws://127.0.0.1:{port}; Ctrl-C stops")
             server.wait()
@@ -71,29 +69,9 @@ def show_replay(cfg: WamConfig, uri: str, dataset: str, windows: int, asynchrono
     console.print(table)
 
 
-def _local(command: list[str]) -> list[str]:
-    """The launch contract's `wam ...` command, run with this installation's `wam`."""
-    return [shutil.which("wam") or str(Path(sys.executable).parent / "wam"), *command[1:]]
-
-
 def _stage(command: list[str], what: str) -> None:
     console.print(f"[bold]{what}[/]: {escape(' '.join(command))}")
-    if subprocess.run(_local(command)).returncode != 0:
+    if subprocess.run(local_command(command)).returncode != 0:
         err_console.print(f"[bold red]{what} failed[/]")
         raise typer.Exit(1)
 
-
-def _wait_ready(port: int, server: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            err_console.print(f"[bold red]the policy server exited[/] (code {server.returncode})")
-            raise typer.Exit(1)
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    err_console.print(f"[bold red]the policy server was not ready within {timeout:.0f} s[/]")
-    raise typer.Exit(1)

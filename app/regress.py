@@ -203,14 +203,30 @@ def train_in_cluster(suite: Suite, spec: TrainJobSpec, name: str, namespace: str
 
 
 def evaluate(suite: Suite, trained: Trained, tracking_uri: str, out: Path) -> None:
-    """`wam eval` on the final checkpoint, logged on the training run (needs the trainer extra)."""
-    from wam.trainer.eval.evaluate import run_eval
-
+    """`wam eval` (and `wam eval --sim`) on the final checkpoint, logged on the training run (needs the trainer
+    extra)."""
     e = suite.eval
-    result = run_eval(trained.checkpoint, dataset=e.dataset, profile=e.profile, windows=e.windows, steps=e.steps,
-                      seed=e.seed, out=out, tracking_uri=tracking_uri, run_id=trained.run_id)
-    if result.mlflow_run_id is None:
-        raise UserError(f"the evaluation could not be logged: {result.tracking_note}")
+    results = []
+    if e.open_loop:
+        from wam.trainer.eval.evaluate import run_eval
+
+        results.append(run_eval(trained.checkpoint, dataset=e.dataset, profile=e.profile, windows=e.windows,
+                                steps=e.steps, seed=e.seed, out=out, tracking_uri=tracking_uri,
+                                run_id=trained.run_id))
+    if e.sim is not None:
+        from wam.trainer.sim.closed_loop import SimOptions
+        from wam.trainer.sim.evaluation import run_sim_eval
+
+        s = e.sim
+        options = SimOptions(tasks=list(s.tasks), episodes=s.episodes, suite=s.suite, seed=s.seed,
+                             asynchronous=s.asynchronous, workers=s.workers, max_steps=s.max_steps, height=s.size,
+                             width=s.size)
+        console.print(f"closed loop in {s.suite}: {', '.join(s.tasks)}, {s.episodes} episodes each")
+        results.append(run_sim_eval(trained.checkpoint, options, out=out / "sim", references=s.references,
+                                    tracking_uri=tracking_uri, run_id=trained.run_id))
+    for result in results:
+        if result.mlflow_run_id is None:
+            raise UserError(f"the evaluation could not be logged: {result.tracking_note}")
 
 
 def finish(suite: Suite, trained: Trained, tracking_uri: str, baseline_run_id: str | None, update_baseline: bool,

@@ -8,6 +8,13 @@ serving Deployment all build their commands here, so a laptop run and a pod cann
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 TRAIN_MODULE = "wam.trainer.titan.train"
 # torchtitan's arguments: the config function `from_yaml` of wam.trainer.titan reads $WAM_CONFIG.
 CONFIG_ARGS = ("--module", "wam.trainer.titan", "--config", "from_yaml")
@@ -40,3 +47,24 @@ def quantize_command(checkpoint: str, out: str) -> list[str]:
 
 def serve_command(model: str, port: int = SERVING_PORT, host: str = "0.0.0.0") -> list[str]:
     return ["wam", "serve", model, "--host", host, "--port", str(port)]
+
+
+def local_command(command: list[str]) -> list[str]:
+    """A `wam ...` command of the contract, run with this installation's `wam`."""
+    return [shutil.which("wam") or str(Path(sys.executable).parent / "wam"), *command[1:]]
+
+
+def wait_ready(port: int, server: subprocess.Popen, timeout: float = 600.0) -> None:
+    """Wait for a local policy server's /readyz (its model loaded); RuntimeError when it exits first or the
+    timeout passes (loading a large model on a busy machine takes minutes: the timeout is generous)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the policy server exited (code {server.returncode})")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the policy server was not ready within {timeout:.0f} s")

@@ -28,6 +28,7 @@ class ChunkResult:
     server_timing: dict  # infer_ms, queue_ms, encode_ms, denoise_ms
     budget_ms: float  # how long the robot takes to execute one chunk
     new_window: bool
+    predicted_video: np.ndarray | None = None  # (frames, H, W, 3) uint8, when the request asked for it
 
     @property
     def met_deadline(self) -> bool:
@@ -47,7 +48,7 @@ class PolicyClient:
         start = time.perf_counter()
         reply = self.policy.infer(obs)
         return ChunkResult(reply["actions"], (time.perf_counter() - start) * 1000, reply["server_timing"],
-                           self.budget_ms, reply["new_window"])
+                           self.budget_ms, reply["new_window"], reply.get("predicted_video"))
 
     def submit(self, obs: Observation) -> Future[ChunkResult]:
         return self._pool.submit(self.infer, obs)

@@ -47,7 +47,27 @@ class MetricRule:
 
 
 @dataclass
+class SimSpec:
+    suite: str = api_field("Simulation suite.", default="metaworld", enum=("metaworld",))
+    tasks: list[str] = api_field("Tasks, e.g. reach-v3.", default_factory=list, max_items=50)
+    episodes: int = api_field("Seeded episodes per task.", default=10, minimum=1, maximum=10000)
+    seed: int = api_field("Episode seed: the same seed replays the same positions.", default=0)
+    max_steps: int | None = api_field("Control steps per episode (default: the task's limit, 500).", default=None,
+                                      minimum=1)
+    workers: int = api_field("Environment processes, one server session each.", default=2, minimum=1, maximum=64)
+    asynchronous: bool = api_field("Compute chunk k+1 while chunk k executes.", default=False)
+    size: int = api_field("Rendered view height and width (as the demonstrations were recorded).", default=128,
+                          minimum=16, maximum=1024)
+    references: bool = api_field("Also run the scripted experts and the untrained policy (sim/<suite>/expert/..., "
+                                 "sim/<suite>/untrained/...).", default=False)
+
+
+@dataclass
 class EvalSpec:
+    open_loop: bool = api_field("Evaluate open loop on held-out episodes (`wam eval`; metrics eval/*).", default=True)
+    sim: SimSpec | None = api_field("Also evaluate closed loop in simulation (`wam eval --sim`, the checkpoint "
+                                    "quantized and served); metrics sim/<suite>/success_rate, .../progress, "
+                                    ".../<task>/success_rate, ...", default=None)
     dataset: str | None = api_field("Held-out LeRobot dataset (path or URI); models trained on procedural latents "
                                     "are evaluated on held-out procedural episodes without one.", default=None)
     profile: str | None = api_field("Embodiment profile of the dataset (default: the training data's).", default=None)
@@ -95,8 +115,12 @@ def load_suite(path: Path) -> Suite:
     names = [m.name for m in suite.metrics]
     if len(set(names)) != len(names):
         raise ConfigError(f"suite {path}: metric names repeat: {names}")
-    if suite.eval is None and any(m.key.startswith("eval/") for m in suite.metrics):
-        raise ConfigError(f"suite {path}: eval/* metrics need an `eval` section")
+    if (suite.eval is None or not suite.eval.open_loop) and any(m.key.startswith("eval/") for m in suite.metrics):
+        raise ConfigError(f"suite {path}: eval/* metrics need an `eval` section with openLoop: true")
+    if suite.eval is not None and suite.eval.sim is not None and not suite.eval.sim.tasks:
+        raise ConfigError(f"suite {path}: eval.sim.tasks is empty; name the tasks to evaluate, e.g. [reach-v3]")
+    if (suite.eval is None or suite.eval.sim is None) and any(m.key.startswith("sim/") for m in suite.metrics):
+        raise ConfigError(f"suite {path}: sim/* metrics need an `eval.sim` section (suite, tasks, episodes)")
     return suite
 
 

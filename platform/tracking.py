@@ -216,9 +216,9 @@ def find_job_run(client, experiment: str, job: str) -> str | None:
 
 
 def log_evaluation(uri: str, experiment: str, job: str, step: int, metrics: dict[str, float], artifacts: Path,
-                   run_id: str | None = None) -> str:
+                   run_id: str | None = None, artifact_dir: str = "eval") -> str:
     """Record an evaluation of a job's checkpoint: metrics at the checkpoint's step and the files of the folder
-    `artifacts` under eval/step-N, on the job's run (`run_id`, else found by its job tag), else on a new run
+    `artifacts` under <artifact_dir>/step-N, on the job's run (`run_id`, else found by its job tag), else on a new run
     tagged `wam.eval_of=<job>`. Returns the run id. Raises when the server cannot be reached."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -234,7 +234,7 @@ def log_evaluation(uri: str, experiment: str, job: str, step: int, metrics: dict
     entries = [Metric(k, float(v), stamp, step) for k, v in sorted(metrics.items())]
     for i in range(0, len(entries), _MAX_METRICS_PER_CALL):
         client.log_batch(run_id, metrics=entries[i:i + _MAX_METRICS_PER_CALL])
-    client.log_artifacts(run_id, str(artifacts), f"eval/step-{step}")
+    client.log_artifacts(run_id, str(artifacts), f"{artifact_dir}/step-{step}")
     return run_id
 
 

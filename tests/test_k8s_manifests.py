@@ -371,6 +371,23 @@ def test_chart_settings_load_as_operator_settings(tmp_path):
     trainjob.training_config(job, settings.platform())
 
 
+def test_chart_nightly_suite_can_include_closed_loop_simulation(tmp_path):
+    sim = ("--set-json", 'nightly.suite.eval={"windows": 16, "sim": {"tasks": ["reach-v3"], "episodes": 20, "size": 64}}',
+           "--set-json", 'nightly.suite.metrics=[{"name": "reach_success", "key": "sim/metaworld/success_rate", '
+                         '"better": "higher", "relative": false, "tolerance": 0.15}]')
+    docs = render_chart(*CHART_VARIANTS["nightly-external-mlflow"], *sim)
+    nightly = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-nightly"))
+    (tmp_path / "suite.yaml").write_text(nightly["data"]["suite.yaml"])
+    loaded = suite.load_suite(tmp_path / "suite.yaml")  # what `wam regress` in the CronJob reads
+    assert loaded.eval.open_loop and (loaded.eval.sim.tasks, loaded.eval.sim.episodes) == (["reach-v3"], 20)
+    assert loaded.metrics[0].key == "sim/metaworld/success_rate"
+    bad = subprocess.run([str(HELM), "template", "wam", str(CHART), "--kube-version", KUBE_VERSION,
+                          *CHART_VARIANTS["nightly-external-mlflow"], "--set-json",
+                          'nightly.suite.eval={"sim": {"tasks": ["reach-v3"], "episodes": 0}}'],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "/nightly/suite/eval/sim/episodes" in bad.stderr
+
+
 def test_nightly_cronjob_runs_the_regression_suite():
     docs = render_chart(*CHART_VARIANTS["nightly-external-mlflow"], "--set", "nightly.updateBaseline=true")
     cron = next(d for d in docs if d["kind"] == "CronJob")

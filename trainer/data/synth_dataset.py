@@ -145,7 +145,7 @@ def read_frame_index(view: np.ndarray) -> int:
     return sum(1 << b for b, on in enumerate(bits) if on)
 
 
-def _encode(frames: np.ndarray, path: Path, codec: str, fps: int = FPS) -> None:
+def encode_video(frames: np.ndarray, path: Path, codec: str, fps: int = FPS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1: errors only
     name, options = CODECS[codec]
@@ -241,7 +241,7 @@ def _write_v21(root: Path, episodes: list[Episode], task_ids: dict[str, int], op
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(_frame_table(episode, i, first, options.video_only, spec.fps), path)
             for camera in spec.cameras:
-                _encode(episode.frames[camera], root / video_path.format(episode_chunk=0, video_key=camera,
+                encode_video(episode.frames[camera], root / video_path.format(episode_chunk=0, video_key=camera,
                                                                          episode_index=i), options.codec, spec.fps)
             meta.write(json.dumps({"episode_index": i, "tasks": list(dict.fromkeys(episode.tasks)),
                                    "length": len(episode.state), **episode.meta}) + "\n")
@@ -283,7 +283,7 @@ def _write_v3(root: Path, episodes: list[Episode], task_ids: dict[str, int], opt
         pq.write_table(pa.concat_tables(tables), path)
         for camera in spec.cameras:
             frames = np.concatenate([e.frames[camera] for e in group])
-            _encode(frames, root / video_path.format(video_key=camera, chunk_index=0, file_index=file_index),
+            encode_video(frames, root / video_path.format(video_key=camera, chunk_index=0, file_index=file_index),
                     options.codec, spec.fps)
     (root / "meta/episodes/chunk-000").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), root / "meta/episodes/chunk-000/file-000.parquet")

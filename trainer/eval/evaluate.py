@@ -21,10 +21,9 @@ import torch
 from wam.platform.accounting import count_params
 from wam.platform.config import SamplerSection, WamConfig, negative_prompt, resolve_preset
 from wam.platform.errors import ConfigError
-from wam.platform.tracking import log_evaluation
 from wam.trainer.checkpoint_reader import open_for_eval
 from wam.trainer.eval.heldout import held_out
-from wam.trainer.eval.reporting import mlflow_metrics, plot_actions, training_run
+from wam.trainer.eval.reporting import log_to_training_run, mlflow_metrics, plot_actions, training_run
 from wam.trainer.eval.rollouts import config_sampler, roll_out_variants, summarize
 from wam.trainer.model.encoders import FrozenEncoders
 
@@ -94,7 +93,7 @@ def run_eval(checkpoint: str, *, dataset: str | None = None, profile: str | None
                                  heldout, indices, seed)
     rollouts = variants["model"]
     summary = summarize(rollouts)
-    known_uri, known_run, run_dir = training_run(stored)
+    run_dir = training_run(stored)[2]
     out = out or ((run_dir / "eval" if run_dir else Path("eval") / cfg.name) / f"step-{stored.step}")
     report = {
         "checkpoint": stored.uri, "step": stored.step, "preset": cfg.model.preset, "run": cfg.name,
@@ -115,17 +114,6 @@ def run_eval(checkpoint: str, *, dataset: str | None = None, profile: str | None
     plot_actions(rollouts, heldout.dim_names, heldout.units, out / "actions.png", plot_episodes)
     metrics = mlflow_metrics(summary, heldout.dim_names)
     result = EvalReport(report, out, metrics)
-    uri = tracking_uri or known_uri
-    if not log_mlflow:
-        result.tracking_note = "MLflow logging off (--no-mlflow)"
-    elif uri is None:
-        result.tracking_note = ("no MLflow store known for this checkpoint (no run.json beside its checkpoints, no "
-                                "tracking.uri, no MLFLOW_TRACKING_URI): pass --tracking-uri to log the evaluation")
-    else:
-        try:
-            result.mlflow_run_id = log_evaluation(uri, cfg.tracking.experiment, cfg.name, stored.step, metrics, out,
-                                                  run_id or (known_run if uri == known_uri else None))
-            result.tracking_uri = uri
-        except Exception as err:  # noqa: BLE001 - the report on disk stands; the caller says what was not logged
-            result.tracking_note = f"MLflow at {uri} did not take the evaluation ({type(err).__name__}: {err})"
+    result.mlflow_run_id, result.tracking_uri, result.tracking_note = log_to_training_run(
+        stored, stored.step, metrics, out, tracking_uri=tracking_uri, enabled=log_mlflow, run_id=run_id)
     return result

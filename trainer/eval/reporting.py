@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from wam.platform.checkpoints import run_dir_of, series_of, step_of
+from wam.platform.config import WamConfig
 from wam.platform.storage import is_remote
+from wam.platform.tracking import log_evaluation
 from wam.trainer.checkpoint_reader import StoredModel
 from wam.trainer.eval.rollouts import Rollouts
 
@@ -75,3 +77,24 @@ def training_run(stored: StoredModel) -> tuple[str | None, str | None, Path | No
         if Path(info.get("run_dir", "")) == run_dir:
             return info.get("tracking_uri"), info.get("mlflow_run_id"), run_dir
     return stored.config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"), None, None
+
+
+def log_to_training_run(stored: StoredModel, step: int, metrics: dict[str, float], out: Path, *,
+                        tracking_uri: str | None, enabled: bool, run_id: str | None = None,
+                        artifact_dir: str = "eval") -> tuple[str | None, str | None, str]:
+    """Log an evaluation's metrics and the files of `out` to the run that trained `stored` (or `run_id`, or a new
+    evaluation run). Returns (run id, tracking URI, why nothing was logged): the report on disk stands either way."""
+    cfg: WamConfig = stored.config
+    known_uri, known_run, _ = training_run(stored)
+    uri = tracking_uri or known_uri
+    if not enabled:
+        return None, None, "MLflow logging off (--no-mlflow)"
+    if uri is None:
+        return None, None, ("no MLflow store known for this checkpoint (no run.json beside its checkpoints, no "
+                            "tracking.uri, no MLFLOW_TRACKING_URI): pass --tracking-uri to log the evaluation")
+    try:
+        logged = log_evaluation(uri, cfg.tracking.experiment, cfg.name, step, metrics, out,
+                                run_id or (known_run if uri == known_uri else None), artifact_dir)
+    except Exception as err:  # noqa: BLE001 - the caller says what was not logged
+        return None, None, f"MLflow at {uri} did not take the evaluation ({type(err).__name__}: {err})"
+    return logged, uri, ""

@@ -213,10 +213,11 @@ def _already_quantized(out: str, source: str, step: int) -> QuantizationReport |
 
 
 def quantize_checkpoint(checkpoint: str, out: str | None = None, keep: list[str] | None = None,
-                        shard_mb: int | None = None) -> QuantizationReport:
+                        shard_mb: int | None = None, track: bool = True) -> QuantizationReport:
     """Quantize the complete checkpoint at `checkpoint` (a step folder, or a checkpoint series: its newest
     complete one) into `out` (default: the handoff path beside the series). Refuses unfinished or
-    corrupted checkpoints; an intact result of an earlier run is reused."""
+    corrupted checkpoints; an intact result of an earlier run is reused. `track`: record it on the training run
+    and register it in MLflow (not for a reference model nobody trained)."""
     start = time.perf_counter()
     _release_large_buffers_to_the_os()
     stored = open_checkpoint(checkpoint)
@@ -276,7 +277,8 @@ def quantize_checkpoint(checkpoint: str, out: str | None = None, keep: list[str]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_manifest(out, manifest.step, manifest.config, {"source": uri, **report.summary()}, format=FORMAT)  # last
-    _track(cfg, report)
+    if track:
+        _track(cfg, report)
     return report
 
 

@@ -8,6 +8,10 @@ frames asks for one chunk ahead (asynchronous execution): the chunk being execut
 predicted video until its real frames arrive on the next call. A full context window restarts from the
 newest real frame.
 
+A request with `"return_video": true` also gets the chunk's predicted video, decoded by the VAE from the newest
+known latent frame on: (frames_per_chunk, H, W, 3) uint8, the cameras tiled as the model sees them (what a
+person compares with the real frames; decoding costs time, so only on request).
+
 Observations use the training profile's LeRobot feature names: each camera an (H, W, 3) or (T, H, W, 3)
 uint8 array, each state key a float vector in robot units, and "prompt". Actions come back in robot
 units: un-normalised, relative dims made absolute, smoothed, grippers optionally binarised.
@@ -48,6 +52,7 @@ from wam.trainer.serve.safety import SafetyReport, envelope_from_stats, require_
 log = logging.getLogger("wam.serve")
 PROMPT_KEY = "prompt"
 RESET_KEY = "reset"
+VIDEO_KEY = "return_video"
 MAX_FRAME_SIDE = 4096
 # A model trained on procedural latents has no robot: one camera, a state vector, normalised actions.
 SYNTHETIC_PROFILE = EmbodimentProfile(name="synthetic", cameras=("observation.image",), layout="single",
@@ -211,6 +216,7 @@ class Session:
         self.returned: list[_Returned] = []
         self.stream = StreamState()
         self.newest_frame: torch.Tensor | None = None  # (1, 3, 1, H, W) uint8
+        self.newest_latent: torch.Tensor | None = None  # (1, z, 1, h, w): where a decoded prediction starts from
         self.chunks_served = 0
 
     def reset(self) -> None:
@@ -287,7 +293,7 @@ class Session:
         window = 1 + runtime.sample.num_chunks * runtime.sample.frames_per_chunk  # latent frames of the I2V channels
         first = encoders.encode_clip(frame, stream=self.stream, i2v_frames=window)
         self.rollout.reset(first.latents, self.text, first.image, first.i2v)
-        self.returned, self.newest_frame = [], frame
+        self.returned, self.newest_frame, self.newest_latent = [], frame, first.latents[:, :, -1:]
 
     def _observe(self, frames: torch.Tensor) -> None:
         if not self.returned:
@@ -300,7 +306,7 @@ class Session:
         encoders = self.runtime.encoders
         latents = encoders.vae.encode_stream(encoders.unit_range(frames), self.stream)
         self.rollout.observe(latents, chunk=self.returned.pop(0).index)
-        self.newest_frame = frames[:, :, -1:]
+        self.newest_frame, self.newest_latent = frames[:, :, -1:], latents[:, :, -1:]
 
     def _anchor(self, state: np.ndarray) -> np.ndarray:
         """The state the next chunk starts from: the robot's, or (one chunk ahead) where the chunk still being
@@ -324,6 +330,9 @@ class Session:
         prompt = obs.get(PROMPT_KEY)
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError(f"{PROMPT_KEY!r} must be a non-empty string")
+        return_video = obs.get(VIDEO_KEY, False)
+        if not isinstance(return_video, bool):
+            raise RequestError(f"{VIDEO_KEY!r} must be true or false, got {return_video!r}"[:200])
         state = self._state(obs)
         frames = self._frames(obs)
         start = time.perf_counter()
@@ -349,13 +358,22 @@ class Session:
         chunk = self._act(self._anchor(state))
         done = time.perf_counter()
         self.chunks_served += 1
-        return {"actions": self.returned[-1].actions, "chunk": self.chunks_served - 1,
+        if len(self.returned) > 1:  # a chunk predicted ahead continues from the prediction before it
+            self.newest_latent = self.returned[-2].video[:, :, -1:]
+        reply = {"predicted_video": self._decoded(chunk.video)} if return_video else {}
+        return reply | {"actions": self.returned[-1].actions, "chunk": self.chunks_served - 1,
                 "window_chunk": self.returned[-1].index, "new_window": new_window,
                 "safety": self.returned[-1].safety.to_reply(),
                 "server_timing": {"encode_ms": (encoded - start) * 1000, "denoise_ms": (done - encoded) * 1000,
                                   "infer_ms": (done - start) * 1000, "denoising_steps": self.runtime.sampler.steps,
                                   "dit_steps": chunk.dit_steps, "transformer_passes": chunk.forwards,
                                   "queue_ms": chunk.queue_s * 1000, "batch": chunk.batch}}
+
+    def _decoded(self, video: torch.Tensor) -> np.ndarray:
+        """Predicted latents (1, z, F, h, w) -> (4F, H, W, 3) uint8 frames: decoded after the newest known latent
+        frame (the causal decoder needs what came before; its own frame is dropped)."""
+        pixels = self.runtime.encoders.vae.decode(torch.cat([self.newest_latent, video.float()], dim=2))[0, :, 1:]
+        return ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
     def _act(self, anchor: np.ndarray) -> Chunk:
         runtime = self.runtime

@@ -104,6 +104,11 @@ def check_tasks(tasks: list[str]) -> None:
         raise UserError(f"unknown Meta-World task(s) {', '.join(unknown)}; available: {', '.join(known)}")
 
 
+def episode_seed(*keys: int) -> int:
+    """The reset seed of one episode, drawn from its keys (e.g. the run's seed, the task's number, the episode)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
 def check_cameras(cameras: list[str]) -> None:
     unknown = [c for c in cameras if c not in CAMERAS]
     if unknown:
@@ -154,10 +159,17 @@ class MetaWorldTask:
         with _library_warnings_silenced():
             return np.asarray(self.expert.get_action(obs.astype(np.float64)), dtype=np.float32)
 
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, bool]:
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, bool, float]:
+        """Execute one action: the observation after it, success, and the task's distance to its goal."""
         with _library_warnings_silenced():
             obs, _, _, _, info = self.env.step(np.asarray(action, dtype=np.float64))
-        return obs.astype(np.float32), bool(info["success"])
+        return obs.astype(np.float32), bool(info["success"]), float(info["obj_to_target"])
+
+    def distance(self, obs: np.ndarray) -> float:
+        """The task's distance to its goal (the hand's for reaching, the object's otherwise) in metres."""
+        with _library_warnings_silenced():
+            _, info = self.env.evaluate_state(obs.astype(np.float64), np.zeros(4))
+        return float(info["obj_to_target"])
 
     def render(self) -> dict[str, np.ndarray]:
         views = {}

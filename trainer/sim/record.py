@@ -3,7 +3,8 @@ project's own writer (wam.trainer.data.synth_dataset.write_dataset).
 
 Each task's episodes are seeded from (seed, task, attempt): the reset draws object and goal positions,
 the expert acts, optional Gaussian noise (std `action_noise`, clipped to [-1, 1]) perturbs every executed
-action, and the episode ends at the first successful step or at the task's step limit. Failed episodes are
+action, and the episode ends `after_success` steps after its first successful one (the expert holds the goal
+meanwhile, so a policy learns to stay there) or at the task's step limit. Failed episodes are
 dropped and another attempt is made (up to 3x the requested number), or kept with success=false
 (`keep_failed`). Each frame holds the cameras' views rendered before the action, the state (the 39-D
 observation) and the executed 4-D action; each episode its task's instruction and `success`.
@@ -35,6 +36,7 @@ class RecordOptions:
     height: int = 128
     width: int = 128
     max_steps: int | None = None  # default: the task's own limit (500)
+    after_success: int = 0  # steps recorded after the first success
     keep_failed: bool = False
     codec: str = "h264"
 
@@ -59,6 +61,8 @@ def check(options: RecordOptions) -> None:
         raise UserError(f"--episodes must be at least 1, got {options.episodes}")
     if options.max_steps is not None and options.max_steps < 1:
         raise UserError(f"--max-steps must be at least 1, got {options.max_steps}")
+    if options.after_success < 0:
+        raise UserError(f"--after-success is a number of steps, got {options.after_success}")
     if options.action_noise < 0:
         raise UserError(f"--action-noise is a standard deviation, got {options.action_noise}")
     if options.height % 2 or options.width % 2 or min(options.height, options.width) < 16:
@@ -67,10 +71,6 @@ def check(options: RecordOptions) -> None:
         raise UserError("name at least one camera (--cameras)")
     mw.check_cameras(options.cameras)
     mw.check_tasks(options.tasks)
-
-
-def _episode_seed(seed: int, task_number: int, attempt: int) -> int:
-    return int(np.random.SeedSequence([seed, task_number, attempt]).generate_state(1)[0])
 
 
 def record(out: str | Path, options: RecordOptions, progress=None) -> list[TaskSummary]:
@@ -90,8 +90,8 @@ def record(out: str | Path, options: RecordOptions, progress=None) -> list[TaskS
         try:
             limit = min(options.max_steps or env.max_steps, env.max_steps)
             while summary.kept < options.episodes and summary.attempts < 3 * options.episodes:
-                seed = _episode_seed(options.seed, task_number, summary.attempts)
-                episode, success = _rollout(env, seed, limit, options.action_noise, task_ids[text], text)
+                seed = mw.episode_seed(options.seed, task_number, summary.attempts)
+                episode, success = _rollout(env, seed, limit, options, task_ids[text], text)
                 summary.attempts += 1
                 summary.successes += success
                 if success or options.keep_failed:
@@ -113,13 +113,14 @@ def record(out: str | Path, options: RecordOptions, progress=None) -> list[TaskS
     return summaries
 
 
-def _rollout(env: mw.MetaWorldTask, seed: int, limit: int, noise: float, task_index: int,
+def _rollout(env: mw.MetaWorldTask, seed: int, limit: int, options: RecordOptions, task_index: int,
              text: str) -> tuple[Episode, bool]:
     rng = np.random.default_rng(seed)
     obs = env.reset(seed)
     views: dict[str, list[np.ndarray]] = {c: [] for c in env.cameras}
-    states, actions, success = [], [], False
-    for _ in range(limit):
+    states, actions, success, noise = [], [], False, options.action_noise
+    succeeded_at = None
+    for step in range(limit):
         for camera, view in env.render().items():
             views[camera].append(view)
         action = np.clip(env.expert_action(obs), -1.0, 1.0)  # what the env executes
@@ -127,8 +128,10 @@ def _rollout(env: mw.MetaWorldTask, seed: int, limit: int, noise: float, task_in
             action = np.clip(action + rng.normal(0.0, noise, action.shape), -1.0, 1.0).astype(np.float32)
         states.append(obs)
         actions.append(action)
-        obs, success = env.step(action)
-        if success:
+        obs, succeeded, _ = env.step(action)
+        if succeeded and succeeded_at is None:
+            succeeded_at, success = step, True
+        if succeeded_at is not None and step - succeeded_at >= options.after_success:
             break
     n = len(states)
     frames = {f"observation.images.{c}": np.stack(v) for c, v in views.items()}
