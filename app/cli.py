@@ -199,19 +199,22 @@ def serve(
     compute: str | None = typer.Option(None, help="the matmuls: auto (nvfp4 on Blackwell, fp8 on Hopper, else "
                                                   "dequantized) | nvfp4 | fp8 | bf16-dequantized | fp32-dequantized "
                                                   "(default: serving.compute)"),
+    devices: int | None = typer.Option(None, min=1, max=2, help="2: guidance in parallel, the unconditional pass on "
+                                                                "a second process and GPU (default: serving.devices)"),
 ) -> None:
     """Serve a quantized policy over openpi's websocket protocol (health: /healthz /readyz, metrics: /metrics)."""
     from wam.trainer.serve.policy import load_runtime
     from wam.trainer.serve.server import serve_forever
 
     with user_errors():
-        runtime = load_runtime(model, device, steps, embodiment, sampler, max_batch, compile, compute)
+        runtime = load_runtime(model, device, steps, embodiment, sampler, max_batch, compile, compute, devices)
         meta = runtime.metadata()
         s, e = meta["sampler"], meta["engine"]
         console.print(f"policy {meta['preset']} step {meta['step']} ({meta['compute_path']}, {s['solver']} "
                       f"{meta['denoising_steps']} steps, guidance {s['guidance']:g}, DiT cache {s['dit_cache']}, "
                       f"embodiment {meta['embodiment']}) on ws://{host}:{port}")
-        console.print(f"engine: {e['device']}, up to {e['max_batch']} sessions' chunks per forward, "
+        console.print(f"engine: {e['device']}" + (" + a guidance peer (2 devices)" if e["devices"] == 2 else "")
+                      + f", up to {e['max_batch']} sessions' chunks per forward, "
                       + ("compiled with CUDA graphs" if e["cuda_graphs"] else "compiled" if e["compiled"] else "eager")
                       + (" (warming up before /readyz)" if e["compiled"] else ""))
         serve_forever(runtime, host, port)

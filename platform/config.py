@@ -149,6 +149,7 @@ class ServingSection:
     max_batch: int = 8  # chunks of different sessions in one forward (continuous batching); 1 = one at a time
     compile: str = "auto"  # auto (on CUDA) | on | off: the step under torch.compile (CUDA graphs on CUDA), warmed up
     compute: str = "auto"  # matmuls: auto (by compute capability) | nvfp4 | fp8 | bf16-dequantized | fp32-dequantized
+    devices: int = 1  # 2: guidance in parallel, the unconditional pass on a second process and device (GPU 1)
 
 
 @dataclass
@@ -330,6 +331,9 @@ def _validate_handoff(cfg: WamConfig) -> None:
         raise ConfigError(f"serving.max_batch must be in [1, serving.max_sessions = {s.max_sessions}] (chunks of "
                           f"different sessions denoised in one forward), got {s.max_batch}")
     _choice(s.compile, COMPILE_MODES, "serving.compile")
+    if s.devices not in (1, 2):
+        raise ConfigError(f"serving.devices must be 1, or 2 for guidance in parallel (the unconditional pass on a "
+                          f"second device), got {s.devices}")
     _choice(s.compute, COMPUTE_PATHS, "serving.compute")
 
 

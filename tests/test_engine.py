@@ -2,6 +2,7 @@
 equal to serving it alone, oldest first, a finished chunk's place taken at the next step), the compiled step
 equal to the eager one through a real server, and what the server reports about it."""
 
+import dataclasses
 import re
 import urllib.error
 import urllib.request
@@ -41,7 +42,7 @@ def rollout(model, sampler: SamplerSection, seed: int, observed: int, batch: int
     x = WamInputs.random(preset.arch, s, batch=batch, seed=seed, device=device)
     r = ChunkRollout(net, sampler, max_chunks=s.num_chunks, frames_per_chunk=s.frames_per_chunk,
                      actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width),
-                     negative_text=torch.randn_like(x.text[:1]))
+                     negative_text=WamInputs.random(preset.arch, s, seed=100 + seed, device=device).text[:1])
     r.reset(x.video[:, :, :1], x.text, x.image, x.i2v_cond)
     f = s.frames_per_chunk
     for c in range(observed):
@@ -147,13 +148,13 @@ def test_a_compiled_server_is_ready_only_after_its_warm_up_reports_its_engine_an
                    for status, ok, text in seen) and seen[-1][1]
         client = WebsocketClientPolicy(f"ws://127.0.0.1:{port}")
         meta = client.get_server_metadata()
-        assert meta["engine"] == {"max_batch": 2, "compiled": True, "cuda_graphs": False, "device": "cpu"}
+        assert meta["engine"] == {"max_batch": 2, "compiled": True, "cuda_graphs": False, "device": "cpu", "devices": 1}
         observations = synthetic_robot(runtime, seed=1)
         replies = [client.infer(obs) for obs in observations]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
             metrics = r.read().decode()
     assert ('wam_policy_engine_info{compiled="True",compute_path="fp32-dequantized",cuda_graphs="False",'
-            'device="cpu",max_batch="2"} 1.0') in metrics
+            'device="cpu",devices="1",max_batch="2"} 1.0') in metrics
     assert re.search(r'wam_policy_batch_chunks_bucket\{le="1.0"\} 3.0', metrics)
     eager = PolicyRuntime(load_quantized(quantized), sampler="dreamzero", compile="off")
     assert eager.metadata()["engine"]["compiled"] is False
@@ -181,3 +182,34 @@ def test_the_compute_path_follows_the_chip_and_a_path_the_chip_lacks_is_refused(
     assert runtime.metadata()["compute_path"] == "bf16-dequantized"
     assert runtime.policy.model.blocks[0].ffn[0].weight.dtype == torch.bfloat16
     assert 'compute_path="bf16-dequantized"' in generate_latest(PolicyServer(runtime).metrics.registry).decode()
+
+
+def test_guidance_on_a_peer_process_equals_sequential_guidance_and_a_dead_peer_makes_the_server_unready(quantized):
+    """devices 2 on the CPU: rank 1 a second process (gloo), the unconditional caches and passes there."""
+    runtime = PolicyRuntime(load_quantized(quantized), sampler="dreamzero", devices=2)
+    meta = runtime.metadata()
+    assert meta["engine"]["devices"] == 2 and meta["sampler"]["guidance_passes"] == "parallel"
+    sequential = PolicyRuntime(load_quantized(quantized), sampler="dreamzero")
+    sequential.sampler = dataclasses.replace(sequential.sampler, guidance_batch=False)
+    alone = sequential.session()
+    observations = synthetic_robot(runtime, seed=2)
+    with serve_in_background(PolicyServer(runtime)) as port:
+        client = WebsocketClientPolicy(f"ws://127.0.0.1:{port}")
+        for obs in observations:
+            reply = client.infer(obs)
+            assert reply["server_timing"]["transformer_passes"] == 16  # 8 DiT steps, two passes each
+            np.testing.assert_allclose(reply["actions"], alone.infer(obs)["actions"], atol=1e-4)
+        runtime.peer.process.kill()
+
+        def unready() -> str | None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz")
+            except urllib.error.HTTPError as err:
+                return err.read().decode()
+            return None
+
+        reason = wait_for(unready, timeout=60)
+        assert re.fullmatch(r"not serving: the guidance peer \(rank 1, pid \d+\) exited with code -9; classifier-free "
+                            r"guidance cannot run; restart the server\n", reason)
+        with pytest.raises(RuntimeError, match="server unavailable: the guidance peer"):
+            client.infer(observations[1])

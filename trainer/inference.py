@@ -20,6 +20,7 @@ import torch
 
 from wam.platform.config import SamplerSection, guided
 from wam.trainer.flow import SCHEDULES, SOLVERS, DitStepCache, guide
+from wam.trainer.guidance_peer import GuidancePeer, RemoteCache
 from wam.trainer.model.kv_cache import KVCache
 from wam.trainer.model.model import Prediction, WamModel, WamOutputs
 
@@ -48,6 +49,19 @@ class Denoiser:
             self.blocks = torch.compile(model.run_blocks, dynamic=False, mode="reduce-overhead" if cuda else None)
 
     def __call__(self, items: list[Prediction]) -> list[WamOutputs]:
+        """The outputs of `items` in order; those on a guidance peer's caches run there, at the same time."""
+        remote = [i for i, item in enumerate(items) if isinstance(item.cache, RemoteCache)]
+        if not remote:
+            return self._local(items)
+        peer = items[remote[0]].cache.peer
+        answer = peer.predict([items[i] for i in remote])
+        try:
+            local = iter(self._local([item for item in items if not isinstance(item.cache, RemoteCache)]))
+        finally:
+            remote_outputs = iter(answer())  # always: the peer's answer must be taken before the next command
+        return [next(remote_outputs) if isinstance(item.cache, RemoteCache) else next(local) for item in items]
+
+    def _local(self, items: list[Prediction]) -> list[WamOutputs]:
         if not items:  # a step the DiT cache skips
             return []
         if not self.compiled:
@@ -122,9 +136,10 @@ class ChunkJob:
 class ChunkRollout:
     def __init__(self, model: WamModel, sampler: SamplerSection, *, max_chunks: int, frames_per_chunk: int,
                  actions_per_chunk: int, latent_hw: tuple[int, int], negative_text: torch.Tensor | None = None,
-                 denoiser: Denoiser | None = None):
+                 denoiser: Denoiser | None = None, peer: GuidancePeer | None = None):
         """negative_text: (1, text_len, text_dim) features of the unconditional prompt, needed when the
-        sampler guides. denoiser: how `act` runs the transformer (default: eagerly)."""
+        sampler guides. denoiser: how `act` runs the transformer (default: eagerly). peer: guidance in parallel,
+        the unconditional branch's cache and pass on the peer (wam.trainer.guidance_peer)."""
         if guided(sampler) and negative_text is None:
             raise ValueError("classifier-free guidance needs the negative prompt's text features")
         self.model = model
@@ -138,6 +153,7 @@ class ChunkRollout:
         self.video_schedule = schedule(sampler.steps, sampler.shift, sampler.video_final_sigma)
         self.action_schedule = schedule(sampler.steps, sampler.shift)
         self.negative_text = negative_text if guided(sampler) else None
+        self.peer = peer if self.negative_text is not None else None
         # batched guidance: one cache of 2B rows (conditional rows first); sequential: [conditional, unconditional]
         self.caches: list[KVCache] = []
 
@@ -163,7 +179,7 @@ class ChunkRollout:
         return self.next_chunk >= self.max_chunks
 
     def _batched(self) -> bool:
-        return self.negative_text is not None and self.sampler.guidance_batch
+        return self.negative_text is not None and self.sampler.guidance_batch and self.peer is None
 
     def _rows(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """x for every row of a cache: twice over in batched guidance."""
@@ -179,10 +195,17 @@ class ChunkRollout:
             negative = self.negative_text.to(text.device, text.dtype).expand(batch, -1, -1)
             texts = [torch.cat([text, negative])] if self._batched() else [text, negative]
         rows = texts[0].shape[0]
+        shape = {"max_chunks": self.max_chunks, "frames_per_chunk": self.frames_per_chunk,
+                 "actions_per_chunk": self.actions_per_chunk, "latent_hw": self.latent_hw}
         if len(self.caches) != len(texts) or self.caches[0].layers[0].k.shape[0] != rows:
-            self.caches = [self.model.new_cache(rows, self.max_chunks, self.frames_per_chunk, self.actions_per_chunk,
-                                                self.latent_hw, first_latent.device) for _ in texts]
+            self.caches = [self.model.new_cache(rows, device=first_latent.device, **shape)]
+            if len(texts) > 1:  # sequential guidance's second cache, or the peer's
+                self.caches.append(self.peer.cache(rows) if self.peer is not None
+                                   else self.model.new_cache(rows, device=first_latent.device, **shape))
         for cache, branch_text in zip(self.caches, texts, strict=True):
+            if isinstance(cache, RemoteCache):
+                cache.reset(shape, branch_text, image, i2v_cond, first_latent)
+                continue
             self.model.set_conditioning(cache, branch_text, self._rows(image), self._rows(i2v_cond))
             self.model.observe(cache, self._rows(first_latent))
 
@@ -199,8 +222,8 @@ class ChunkRollout:
     def act(self, state: torch.Tensor, generator: torch.Generator | None = None) -> Chunk:
         """Denoise the next chunk from noise given the robot state (B, state_dim)."""
         job = self.start(state, generator)
-        while not job.done:  # sequential guidance: a forward per branch; batched: both branches' rows in one
-            sequential = len(job.passes) > 1
+        while not job.done:  # sequential guidance: a forward per branch; batched: both branches' rows in one;
+            sequential = len(job.passes) > 1 and self.peer is None  # parallel: each branch on its own device
             job.advance([self.denoiser([item])[0] for item in job.passes] if sequential else self.denoiser(job.passes))
         return job.chunk()
 
@@ -212,4 +235,7 @@ class ChunkRollout:
         if self.cache is None or chunk >= self.max_chunks:
             raise RuntimeError("nothing to observe: act on a chunk first")
         for cache in self.caches:
-            self.model.observe(cache, self._rows(latents), chunk=chunk)
+            if isinstance(cache, RemoteCache):
+                cache.observe(latents, chunk)
+            else:
+                self.model.observe(cache, self._rows(latents), chunk=chunk)

@@ -38,6 +38,7 @@ class QuantizedPolicy:
     compute_path: str  # one of PATHS
     embodiments: dict[str, dict]  # profile name -> {"profile", "stats", "dataset"}
     source: str  # the checkpoint it was quantized from
+    uri: str  # the quantized folder it was loaded from (a guidance peer loads it too)
 
 
 def choose_path(capability: tuple[int, int] | None, kernels: set[str]) -> str:
@@ -126,4 +127,4 @@ def load_quantized(uri: str, device: torch.device | str = "cpu", path: str | Non
         quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
                   filter_fn=lambda _, fqn: fqn in layers)
     model.eval().requires_grad_(False)
-    return QuantizedPolicy(model, stored.config, stored.step, path, policy["embodiments"], policy["source"])
+    return QuantizedPolicy(model, stored.config, stored.step, path, policy["embodiments"], policy["source"], uri)

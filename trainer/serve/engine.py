@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from wam.trainer.guidance_peer import PeerLost
 from wam.trainer.inference import Chunk, ChunkJob, ChunkRollout, Denoiser
 
 log = logging.getLogger("wam.serve")
 
 
 class EngineUnavailable(RuntimeError):
-    """The engine cannot denoise (its warm-up or its guidance peer failed); the message says why."""
+    """The engine cannot denoise (its warm-up failed, or its guidance peer is gone); the message says why."""
 
 
 @dataclass
@@ -114,6 +115,8 @@ class DenoiseEngine:
         except Exception as err:  # noqa: BLE001 - the sessions of this batch get the error, the engine goes on
             for entry in active:
                 entry.future.set_exception(err)
+            if isinstance(err, PeerLost):  # ... unless guidance cannot run any more
+                self.fail(str(err))
             return []
         self.forwards += bool(outputs)
         self.chunk_steps += len(active) if outputs else 0

@@ -41,6 +41,7 @@ from wam.platform.errors import ConfigError
 from wam.trainer.data.stats import NormStats
 from wam.trainer.data.transforms import normalize, tile
 from wam.trainer.flow import static_dit_steps
+from wam.trainer.guidance_peer import GuidancePeer
 from wam.trainer.inference import Chunk, ChunkRollout, Denoiser
 from wam.trainer.model.encoders import FrozenEncoders
 from wam.trainer.model.vae import StreamState, vae_config
@@ -79,9 +80,10 @@ class PolicyRuntime:
 
     def __init__(self, policy: QuantizedPolicy, device: torch.device | str = "cpu", steps: int | None = None,
                  embodiment: str | None = None, sampler: str | None = None, max_batch: int | None = None,
-                 compile: str | None = None):
+                 compile: str | None = None, devices: int | None = None):
         """steps and sampler (a preset name) override the config's serving.steps and serving.sampler; at either
-        level the steps refine the preset. max_batch and compile override serving.max_batch / serving.compile."""
+        level the steps refine the preset. max_batch, compile and devices override serving.max_batch,
+        serving.compile and serving.devices."""
         self.policy, self.device = policy, torch.device(device)
         cfg = policy.config
         preset = resolve_preset(cfg)
@@ -136,6 +138,10 @@ class PolicyRuntime:
         mode = compile or s.compile
         self.compiled = mode == "on" or (mode == "auto" and self.device.type == "cuda")
         self.engine = DenoiseEngine(Denoiser(policy.model, self.compiled), self.max_batch)
+        self.devices, self.peer = devices or s.devices, None
+        if self.devices == 2:
+            self.peer = self._guidance_peer()
+            self.peer.on_lost(self.engine.fail)
         warm = None
         if self.compiled:  # a blank frame's window: the engine compiles on it before it reports ready
             warm = self.session()
@@ -173,10 +179,27 @@ class PolicyRuntime:
                        "state_low": self.state_check.low.tolist(), "state_high": self.state_check.high.tolist()},
         }
 
+    def _guidance_peer(self) -> GuidancePeer:
+        """Rank 1 for guidance in parallel: the next GPU, or a second process on the CPU."""
+        if self.negative_text is None:
+            raise ConfigError("devices 2 runs the conditional and unconditional passes of classifier-free guidance on "
+                              "two devices, but the served sampler does not guide (guidance 1): serve a guided sampler "
+                              "(e.g. --sampler dreamzero) or use 1 device")
+        if self.device.type == "cuda":
+            index = self.device.index or 0
+            if torch.cuda.device_count() < index + 2:
+                raise ConfigError(f"devices 2 needs GPUs {index} and {index + 1}; this machine has "
+                                  f"{torch.cuda.device_count()}")
+            peer_device = torch.device("cuda", index + 1)
+        else:
+            peer_device = torch.device("cpu")
+        log.info("starting the guidance peer (unconditional pass) on %s", peer_device)
+        return GuidancePeer.spawn(self.policy.uri, self.device, peer_device, self.policy.compute_path, self.compiled)
+
     def engine_description(self) -> dict:
         cuda = self.device.type == "cuda"
         return {"max_batch": self.max_batch, "compiled": self.compiled, "cuda_graphs": self.compiled and cuda,
-                "device": str(self.device)}
+                "device": str(self.device), "devices": self.devices}
 
     def sampler_description(self) -> dict:
         s = self.sampler
@@ -184,8 +207,8 @@ class PolicyRuntime:
                      else s.dit_cache if s.dit_cache == "dynamic" else list(range(s.steps)))
         return {"preset": self.sampler_preset, "solver": s.solver, "steps": s.steps, "shift": s.shift,
                 "guidance": s.guidance, "action_guidance": s.action_guidance,
-                "guidance_passes": "none" if self.negative_text is None else "batched" if s.guidance_batch
-                else "sequential", "dit_cache": s.dit_cache, "dit_steps": dit_steps, "note": self.guidance_note}
+                "guidance_passes": "none" if self.negative_text is None else "parallel" if self.peer is not None
+                else "batched" if s.guidance_batch else "sequential", "dit_cache": s.dit_cache, "dit_steps": dit_steps, "note": self.guidance_note}
 
     def session(self) -> Session:
         return Session(self)
@@ -193,13 +216,14 @@ class PolicyRuntime:
 
 def load_runtime(model: str, device: str = "auto", steps: int | None = None, embodiment: str | None = None,
                  sampler: str | None = None, max_batch: int | None = None, compile: str | None = None,
-                 compute: str | None = None) -> PolicyRuntime:
+                 compute: str | None = None, devices: int | None = None) -> PolicyRuntime:
     """The runtime of a quantized model folder on `device` (auto: the GPU if there is one); compute names the
     matmuls' path (default serving.compute; auto: by the device's compute capability)."""
     if compile is not None and compile not in COMPILE_MODES:
         raise ConfigError(f"--compile {compile!r} is not one of {', '.join(COMPILE_MODES)}")
     chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    return PolicyRuntime(load_quantized(model, chosen, compute), chosen, steps, embodiment, sampler, max_batch, compile)
+    return PolicyRuntime(load_quantized(model, chosen, compute), chosen, steps, embodiment, sampler, max_batch, compile,
+                         devices)
 
 
 class Session:
@@ -209,7 +233,7 @@ class Session:
         self.rollout = ChunkRollout(runtime.policy.model, runtime.sampler, max_chunks=s.num_chunks,
                                     frames_per_chunk=s.frames_per_chunk, actions_per_chunk=s.actions_per_chunk,
                                     latent_hw=(s.latent_height, s.latent_width),
-                                    negative_text=runtime.negative_text)
+                                    negative_text=runtime.negative_text, peer=runtime.peer)
         self.generator = torch.Generator(runtime.device).manual_seed(runtime.policy.config.seed)
         self.prompt: str | None = None
         self.text: torch.Tensor | None = None  # umT5 features of the prompt

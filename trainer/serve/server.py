@@ -40,6 +40,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from wam.platform.errors import ConfigError
+from wam.trainer.guidance_peer import PeerLost
 from wam.trainer.serve.engine import EngineUnavailable
 from wam.trainer.serve.policy import PolicyRuntime, RequestError, Session
 from wam.trainer.serve.safety import UnsafeOutput
@@ -73,9 +74,9 @@ class _Metrics:
             meta["preset"], str(meta["step"]), meta["compute_path"]).set(1)
         engine = meta["engine"]
         Gauge("wam_policy_engine_info", "How the server denoises", ["compute_path", "max_batch", "compiled",
-                                                                      "cuda_graphs", "device"],
+                                                                      "cuda_graphs", "device", "devices"],
               registry=self.registry).labels(meta["compute_path"], str(engine["max_batch"]), str(engine["compiled"]),
-                                             str(engine["cuda_graphs"]), engine["device"]).set(1)
+                                             str(engine["cuda_graphs"]), engine["device"], str(engine["devices"])).set(1)
 
 
 class PolicyServer:
@@ -155,7 +156,7 @@ class PolicyServer:
         except RequestError as err:
             self.metrics.errors.labels("bad_request").inc()
             return f"bad request: {err}"
-        except EngineUnavailable as err:
+        except (EngineUnavailable, PeerLost) as err:
             self.metrics.errors.labels("unavailable").inc()
             return f"server unavailable: {err}"
         except UnsafeOutput as err:
