@@ -12,18 +12,28 @@
    vs when websockets buffers up to 4x the limit and the size is checked after reading (the obvious
    alternative, and what this server did before), each server in a fresh process.
 
+4. With --ablation (issue 20), in one run: DreamZero's speed-ups built up as the paper measures them (baseline
+   UniPC 16 steps, guidance sequential, eager, no DiT cache -> + guidance batched (and on two processes/devices)
+   -> + DiT cache -> + compile (CUDA graphs on CUDA) -> + quantized compute -> + Flash 1 step), per-chunk p50/p99,
+   speed-up over the baseline and the action deviation from the baseline's actions on held-out windows; and
+   1, 4 and 8 concurrent closed-loop sessions through the engine, batched vs one at a time. CPU: the tiny preset
+   and a model of 512-wide blocks; with CUDA: blocks of the 14B width (bf16).
+
     python benchmarks/serve.py [--quick] [--json out.json]
+    python benchmarks/serve.py --ablation [--threads 1] [--model Q --data HELD_OUT] [--flash-model Q] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -248,7 +258,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few repeats, a small quantization model (smoke)")
     parser.add_argument("--layers", type=int, default=2, help="14B-width blocks in the GPU latency model")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--ablation", action="store_true", help="DreamZero's speed-ups built up, each with its action "
+                        "deviation, and 1/4/8 concurrent sessions batched vs one at a time (issue 20)")
+    parser.add_argument("--model", help="--ablation: a quantized tiny model (default: random weights)")
+    parser.add_argument("--data", help="--ablation: the held-out LeRobot dataset of --model")
+    parser.add_argument("--flash-model", help="--ablation: a quantized Flash-trained model, its own table")
+    parser.add_argument("--windows", type=int, default=4, help="--ablation: held-out windows")
+    parser.add_argument("--repeats", type=int, default=3, help="--ablation: passes over the windows (tiny)")
+    parser.add_argument("--rounds", type=int, default=2, help="--ablation: context windows per concurrent robot")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (a shared machine: 1 keeps ratios stable)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.ablation:
+        results = run_ablation(args)
+        print(json.dumps(results, indent=1, default=str))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=str))
+        return
     repeats = 5 if args.quick else 30
     results = {"cpu_tiny": chunk_latency(["sample.actions_per_chunk=24"], "cpu", torch.float32, repeats),
                "cpu_tiny_samplers": sampler_latency(["sample.actions_per_chunk=24"], "cpu", torch.float32, repeats),
@@ -264,6 +291,199 @@ def main() -> None:
         print(name, json.dumps(rows, indent=1, default=str))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
+
+
+
+# -- the ablation (issue 20): DreamZero's speed-ups built up, each with its quality cost ------------------
+
+BASELINE = SamplerSection(solver="unipc", steps=16, guidance=5.0, negative_prompt="", guidance_batch=False)
+# (row, sampler changes, compiled, quantized matmuls); each row adds to the one before it
+ABLATION = [
+    ("baseline: UniPC 16, guidance sequential, eager, no DiT cache", {}, False, False),
+    ("+ guidance batched", {"guidance_batch": True}, False, False),
+    ("+ DiT cache (8 of 16 steps)", {"dit_cache": "static", "dit_passes": 8}, False, False),
+    ("+ compile (CUDA graphs on CUDA)", {}, True, False),
+    ("+ quantized compute (fp8 Hopper, nvfp4 Blackwell)", {}, True, True),
+    ("+ Flash: 1 step", {"steps": 1, "dit_cache": "none"}, True, True),
+]
+
+
+def _synced(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _chunks(rollout: ChunkRollout, windows: list, device: torch.device, repeats: int) -> tuple[list[float], list]:
+    """Every chunk of every window from its real context (the real latents written after each): per-chunk
+    milliseconds (after one warm-up chunk: compiling is not timed) and the first pass's normalised actions."""
+    f = rollout.frames_per_chunk
+    ms, actions = [], []
+    for repeat in range(-1, repeats):
+        for i, w in enumerate(windows if repeat >= 0 else windows[:1]):
+            rollout.reset(w.latents[:, :, :1], w.text, w.image, w.i2v)
+            generator = torch.Generator(device).manual_seed(i)  # the same noise in every row
+            for c in range(rollout.max_chunks if repeat >= 0 else 1):
+                _synced(device)
+                start = time.perf_counter()
+                chunk = rollout.act(w.state[c][None].to(device), generator)
+                _synced(device)
+                if repeat >= 0:
+                    ms.append((time.perf_counter() - start) * 1000)
+                if repeat == 0:
+                    actions.append(chunk.actions[0, :, w.dims].float().cpu())
+                rollout.observe(w.latents[:, :, 1 + c * f:1 + (c + 1) * f])
+    return ms, actions
+
+
+def ablation(model_uri: str, device: str, windows: int, repeats: int, data: str | None) -> dict:
+    """Per-chunk p50/p99 of each ABLATION row (and guidance on two processes/devices), speed-up over the baseline,
+    and the mean action deviation from the baseline's actions as a share of the actions' q01-q99 range (2 in
+    the normalised units, which map q01..q99 to -1..1)."""
+    from wam.trainer.eval.heldout import held_out
+    from wam.trainer.eval.rollouts import new_rollout
+    from wam.trainer.guidance_peer import GuidancePeer
+    from wam.trainer.inference import Denoiser
+    from wam.trainer.model.encoders import FrozenEncoders
+    from wam.trainer.quantize.load import compute_path, load_quantized
+
+    dev = torch.device(device)
+    dequantized = "fp32-dequantized" if dev.type == "cpu" else "bf16-dequantized"
+    policies = {dequantized: load_quantized(model_uri, dev, dequantized)}
+    cfg = policies[dequantized].config
+    heldout = held_out(cfg, data, None, windows, FrozenEncoders.of_config(cfg, dev))
+    chosen = [heldout.window(i) for i in heldout.select(windows)]
+    for w in chosen:
+        for name in ("latents", "text", "image", "i2v"):
+            if getattr(w, name) is not None:
+                setattr(w, name, getattr(w, name).to(dev))
+    rows, sampler, base_actions = {}, BASELINE, None
+    variants = [(name, changes, compiled, quantized, None) for name, changes, compiled, quantized in ABLATION]
+    two = dev.type == "cpu" or torch.cuda.device_count() >= 2
+    if two:  # beside the stack: guidance on two processes (CPU) or GPUs, DreamZero's CFG parallelism
+        variants.insert(2, ("guidance parallel (2 processes/devices), in place of batched", {}, False, False,
+                            torch.device("cpu") if dev.type == "cpu" else torch.device("cuda", 1)))
+    quantized_path = compute_path(dev)  # the rows from "+ quantized compute" on; the CPU has none
+    for name, changes, compiled, quantized, peer_device in variants:
+        path = quantized_path if quantized else dequantized
+        if quantized and not changes and path == dequantized:
+            rows[name] = {"skipped": f"no quantized matmuls on {device}: the rows below keep {path} weights"}
+            continue
+        if path not in policies:
+            policies[path] = load_quantized(model_uri, dev, path)
+        row_sampler = dataclasses.replace(sampler, **changes)
+        model = policies[path].model
+        rollout = new_rollout(model, cfg, row_sampler, heldout)
+        rollout.denoiser = Denoiser(model, compiled)
+        if peer_device is not None:
+            rollout.peer = GuidancePeer.spawn(model_uri, dev, peer_device, path, compiled)
+        ms, actions = _chunks(rollout, chosen, dev, repeats)
+        if peer_device is None:
+            sampler = row_sampler
+        base_actions = base_actions or actions
+        deviation = statistics.fmean((a - b).abs().mean().item() for a, b in zip(actions, base_actions, strict=True))
+        rows[name] = {"p50_ms": statistics.median(ms), "p99_ms": percentile(ms, 0.99), "chunks_timed": len(ms),
+                      "compute_path": path, "action_deviation_of_range": deviation / 2}
+        rows[name]["speedup_p50"] = next(iter(rows.values()))["p50_ms"] / rows[name]["p50_ms"]
+    rows["setup"] = {"device": device, "windows": len(chosen), "chunks_per_window": sampler_chunks(cfg),
+                     "flash_trained": cfg.flow.schedule == "flash", "held_out": data or "procedural episodes"}
+    return rows
+
+
+def sampler_chunks(cfg) -> int:
+    return resolve_preset(cfg).sample.num_chunks
+
+
+@torch.no_grad()
+def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: int, data: str | None) -> dict:
+    """Closed-loop robots (denoise a chunk, write its real frames, again) through one DenoiseEngine: chunks per
+    second and per-chunk p50/p99 (the engine's wait included) with every session's steps batched (max_batch =
+    sessions) vs one chunk at a time (max_batch 1), at the full non-Flash stack, eager."""
+    from wam.trainer.eval.heldout import held_out
+    from wam.trainer.eval.rollouts import new_rollout
+    from wam.trainer.inference import Denoiser
+    from wam.trainer.model.encoders import FrozenEncoders
+    from wam.trainer.quantize.load import load_quantized
+    from wam.trainer.serve.engine import DenoiseEngine
+
+    dev = torch.device(device)
+    policy = load_quantized(model_uri, dev, "fp32-dequantized" if dev.type == "cpu" else "bf16-dequantized")
+    cfg = policy.config
+    heldout = held_out(cfg, data, None, max(sessions), FrozenEncoders.of_config(cfg, dev))
+    windows = [heldout.window(i) for i in heldout.select(max(sessions))]
+    sampler = dataclasses.replace(BASELINE, guidance_batch=True, dit_cache="static", dit_passes=8)
+    rows = {}
+    for n in sessions:
+        for mode, max_batch in (("batched", n), ("one_at_a_time", 1)):
+            engine = DenoiseEngine(Denoiser(policy.model), max_batch)
+            engine.start()
+            latencies: list[float] = []
+
+            def robot(i: int, engine=engine, latencies=latencies) -> None:
+                w = windows[i % len(windows)]
+                rollout = new_rollout(policy.model, cfg, sampler, heldout)
+                generator = torch.Generator(dev).manual_seed(i)
+                f = rollout.frames_per_chunk
+                for step in range(rounds * rollout.max_chunks + i % rollout.max_chunks):  # sessions out of phase
+                    c = step % rollout.max_chunks
+                    if c == 0:
+                        rollout.reset(w.latents[:, :, :1].to(dev), w.text.to(dev), _to(w.image, dev), _to(w.i2v, dev))
+                    start = time.perf_counter()
+                    engine.run(rollout.start(w.state[c][None].to(dev), generator))
+                    _synced(dev)
+                    if step >= i % rollout.max_chunks:  # the out-of-phase lead-in is not counted
+                        latencies.append((time.perf_counter() - start) * 1000)
+                    rollout.observe(w.latents[:, :, 1 + c * f:1 + (c + 1) * f].to(dev))
+
+            threads = [threading.Thread(target=robot, args=(i,)) for i in range(n)]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - start
+            rows[f"{n}_sessions_{mode}"] = {"chunks_per_s": len(latencies) / wall, "p50_ms": statistics.median(latencies),
+                                            "p99_ms": percentile(latencies, 0.99), "chunks": len(latencies)}
+        batched, alone = rows[f"{n}_sessions_batched"], rows[f"{n}_sessions_one_at_a_time"]
+        rows[f"{n}_sessions_throughput_ratio"] = batched["chunks_per_s"] / alone["chunks_per_s"]
+        rows[f"{n}_sessions_p99_over_lone_session"] = batched["p99_ms"] / rows["1_sessions_batched"]["p99_ms"]
+    return rows
+
+
+def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if x is None else x.to(device)
+
+
+def random_model(folder: Path, overrides: list[str]) -> str:
+    """A quantized folder of a randomly initialised model (procedural data) of `overrides`."""
+    cfg = load_config(None, ["name=ablation", "data.source=synthetic", f"output_dir={folder}/runs", *overrides])
+    preset = resolve_preset(cfg)
+    checkpoint = write_checkpoint(folder / "checkpoints", cfg, randomized_model(preset.arch, preset.sample))
+    return quantize_checkpoint(checkpoint).out
+
+
+# a few blocks of width 512 (head 128, as the 14B's) at the 14B's token layout scaled down: 96 tokens per frame
+WIDE = ["model.dim=512", "model.num_heads=4", "model.ffn_dim=1536", "model.num_layers=3", "sample.latent_height=16",
+        "sample.latent_width=24", "sample.actions_per_chunk=24"]
+
+
+def run_ablation(args) -> dict:
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        models = {"cpu_tiny": (args.model or random_model(Path(tmp) / "tiny", []), args.data),
+                  "cpu_wide": (random_model(Path(tmp) / "wide", WIDE), None)}
+        for name, (uri, data) in models.items():
+            repeats = args.repeats if name == "cpu_tiny" else 1
+            results[name] = ablation(uri, "cpu", args.windows, repeats, data)
+            results[f"{name}_concurrency"] = concurrency(uri, "cpu", (1, 4, 8), args.rounds, data)
+        if args.flash_model:
+            results["cpu_tiny_flash"] = ablation(args.flash_model, "cpu", args.windows, args.repeats, args.data)
+        if torch.cuda.is_available():
+            uri = random_model(Path(tmp) / "gpu", ["model.preset=dreamzero-14b", f"model.num_layers={args.layers}"])
+            results["cuda_14b_width"] = ablation(uri, "cuda", args.windows, args.repeats, None)
+            results["cuda_14b_width_concurrency"] = concurrency(uri, "cuda", (1, 4, 8), args.rounds, None)
+            results["device"] = torch.cuda.get_device_name()
+    return results
 
 
 if __name__ == "__main__":

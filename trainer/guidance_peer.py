@@ -179,7 +179,10 @@ def run_peer(model: str, device: str, compute: str | None, compiled: bool, host:
         return None
 
     while True:
-        message = _recv(group, comm, 0, never)
+        try:
+            message = _recv(group, comm, 0, never)
+        except PeerLost:  # rank 0 ended
+            return
         for key in message["release"]:
             caches.pop(key, None)
         op = message["op"]
