@@ -15,6 +15,9 @@ and the others still run.
              Triton and the flex backend: step time, tokens/s, MFU, peak memory next to the estimate
   serve      per-chunk denoising latency at the 14B block width, KV cache vs recomputing, 1 and 4 steps; and
              DreamZero's sampler built up (UniPC 16 steps, guidance batched or as two passes, the DiT cache)
+  engine     the fast engine's ablation at the 14B block width, bf16 (benchmarks/serve.py --ablation: guidance
+             batched / on two GPUs, DiT cache, compile + CUDA graphs, FP8 or NVFP4, Flash 1 step) and 1/4/8
+             concurrent sessions batched vs one at a time
 What a section needs and this machine lacks (no CUDA device, an older Triton, torchtitan's Trainer on an
 older torch) is found before anything runs and reported as skipped, with the reason.
 
@@ -57,6 +60,7 @@ SECTIONS = {s.name: s for s in (
     Section("attention", 150, ("triton", "flex"), "Triton vs flex vs SDPA at the 14B head layout"),
     Section("train", 150, ("triton", "flex", "titan-parallel"), "training step at the 14B block width"),
     Section("serve", 60, (), "chunk latency at the 14B block width, KV cache vs recompute"),
+    Section("engine", 240, (), "the fast engine's ablation and concurrency at the 14B block width"),
 )}
 CPU_LIMIT_S = 600  # the dry run on a 2-core machine; Triton's interpreter is slow
 TARGETS = (  # (section, what, path into its result, minimum); from the platform's performance goals
@@ -72,6 +76,8 @@ TARGETS = (  # (section, what, path into its result, minimum); from the platform
     ("train", "MFU % of 989 TFLOP/s, 14B width, flex", ("flex", "mfu_pct"), 45.0),
     ("serve", "KV cache vs recompute at 4 chunks, 1 step (speed-up)", ("1_steps", "speedup_p50"), 5.0),
     ("serve", "KV cache vs recompute at 4 chunks, 4 steps (speed-up)", ("4_steps", "speedup_p50"), 5.0),
+    ("engine", "8 sessions batched vs one at a time (throughput ratio)",
+     ("concurrency", "8_sessions_throughput_ratio"), 4.0),
 )
 
 
@@ -249,8 +255,23 @@ def section_serve(cpu: bool, partial) -> dict:
     return {**chunk_latency(*run), "samplers": sampler_latency(*run)}
 
 
+def section_engine(cpu: bool, partial) -> dict:
+    import tempfile
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from serve import ablation, concurrency, random_model
+
+    device = "cpu" if cpu else "cuda"
+    with tempfile.TemporaryDirectory() as tmp:  # 2 blocks of the 14B width (random weights: speed only)
+        model = random_model(Path(tmp), [] if cpu else ["model.preset=dreamzero-14b", "model.num_layers=2"])
+        results = {"ablation": ablation(model, device, 2, 1, None)}
+        partial(results)
+        results["concurrency"] = concurrency(model, device, (1, 4, 8), 1, None)
+    return results
+
+
 RUNNERS = {"env": section_env, "pytest": section_pytest, "attention": section_attention, "train": section_train,
-           "serve": section_serve}
+           "serve": section_serve, "engine": section_engine}
 
 
 class SectionFailed(Exception):
