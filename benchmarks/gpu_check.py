@@ -1,4 +1,5 @@
-"""Every GPU claim of the platform, measured by one command (about 8 minutes on one H100/H200).
+"""Every GPU claim of the platform, measured by one command (about 8 minutes on one H100/H200, up to 4 more with
+the engine section).
 
     python benchmarks/gpu_check.py OUT                  # on a GPU machine (`make gpu-bundle` prepares one
                                                         # that lacks this project's dependencies)

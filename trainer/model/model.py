@@ -99,7 +99,7 @@ def _attention_mask(queries: TokenLayout, keys: TokenLayout) -> AttentionMask:
     return AttentionMask(queries, keys)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=8)  # one of 8 guided 14B chunks is ~230 MB
 def _padded_mask(pairs: tuple[tuple[TokenLayout, TokenLayout], ...], rows: tuple[int, ...], context: int,
                  device: torch.device) -> torch.Tensor:
     """(B, 1, Lq, context + Lq) bool: each (committed layout, prediction layout) pair's mask with its committed
