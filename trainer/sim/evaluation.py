@@ -92,11 +92,14 @@ class LocalServer:
 
 @contextmanager
 def served(folder: str, log: Path, device: str = "auto") -> Iterator[LocalServer]:
-    """`wam serve folder` in its own process on a free loopback port (its output in `log`) until the block ends."""
+    """`wam serve folder` in its own process on a free loopback port (its output in `log`) until the block ends.
+    It denoises one chunk per forward (`--max-batch 1`): batching the workers' chunks together would change the
+    float rounding with their timing, and an evaluation must replay exactly for its seed."""
     port = _free_port()
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as output:
-        server = subprocess.Popen([*local_command(serve_command(folder, port, host="127.0.0.1")), "--device", device],
+        server = subprocess.Popen([*local_command(serve_command(folder, port, host="127.0.0.1")), "--device", device,
+                                   "--max-batch", "1"],
                                   stdout=output, stderr=subprocess.STDOUT)
         try:
             try:
