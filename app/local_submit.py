@@ -29,17 +29,12 @@ import yaml
 
 from wam.operators.status import true_condition
 from wam.platform.errors import ConfigError
+from wam.platform.launch import free_port
 
 NAMESPACE = "default"
 BUCKET = "wam-checkpoints"
 STORE_SECRET = "object-store"
 DOCKERFILES = Path(__file__).resolve().parents[1] / "dockerfiles"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_prerequisites() -> None:
@@ -107,7 +102,7 @@ class LocalPlatform:
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-        port = _free_port()
+        port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         self._stack.callback(server.stop)
@@ -119,7 +114,7 @@ class LocalPlatform:
 
     def _mlflow(self) -> str:
         """An MLflow server whose runs outlive the command (`mlflow ui --backend-store-uri` on the same db)."""
-        port = _free_port()
+        port = free_port()
         server = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
              "--backend-store-uri", f"sqlite:///{self.workdir.resolve() / 'mlflow.db'}",

@@ -31,6 +31,7 @@ import yaml
 from wam.platform.accelerators import detect
 from wam.platform.accounting import GIB, count_flops, estimate_memory
 from wam.platform.config import FlowSection, load_config, resolve_preset
+from wam.platform.launch import free_port
 from wam.trainer.data.batch import collate_latents
 from wam.trainer.data.latent_episodes import SyntheticLatents
 from wam.trainer.flow import LossWeighting, StepRandomness, flow_loss, noise_batch
@@ -117,7 +118,7 @@ def parallelized_step(overrides: list[str], attention: str, *, device: str, step
     torch._dynamo.reset()  # graphs of an earlier model in this process would be reused as dynamic ones
     if not dist.is_initialized():  # a 1-rank group: FSDP2 needs one, as in a single-GPU Trainer run
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
     dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, world_size=1,
                         spmd_backend="partial_dtensor")
@@ -163,14 +164,6 @@ def parallelized_step(overrides: list[str], attention: str, *, device: str, step
         result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
                       estimate_gib=(estimate.total - estimate.frozen_encoders) / GIB)
     return result
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

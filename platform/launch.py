@@ -9,6 +9,7 @@ serving Deployment all build their commands here, so a laptop run and a pod cann
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -52,6 +53,13 @@ def serve_command(model: str, port: int = SERVING_PORT, host: str = "0.0.0.0") -
 def local_command(command: list[str]) -> list[str]:
     """A `wam ...` command of the contract, run with this installation's `wam`."""
     return [shutil.which("wam") or str(Path(sys.executable).parent / "wam"), *command[1:]]
+
+
+def free_port() -> int:
+    """A loopback TCP port free at the moment of asking (a local server, a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_ready(port: int, server: subprocess.Popen, timeout: float = 600.0) -> None:

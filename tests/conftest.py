@@ -272,6 +272,17 @@ def write_checkpoint(folder, cfg, model, step=5):
     return path
 
 
+def quantized_synthetic_model(folder, name: str, seed: int = 5):
+    """A random tiny model of procedural latents, checkpointed and quantized: (quantized folder, preset)."""
+    from wam.platform.config import load_config, resolve_preset
+    from wam.trainer.quantize.quantizer import quantize_checkpoint
+
+    cfg = load_config(None, [f"name={name}", "data.source=synthetic", f"output_dir={folder}/runs"])
+    preset = resolve_preset(cfg)
+    checkpoint = write_checkpoint(folder / "checkpoints", cfg, randomized_model(preset.arch, preset.sample, seed=seed))
+    return quantize_checkpoint(checkpoint).out, preset
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on loopback (sqlite store, served artifacts); yields its URI."""

@@ -19,12 +19,11 @@ from wam.trainer.inference import ChunkRollout, Denoiser
 from wam.trainer.model import WamInputs
 from wam.trainer.model.model import Prediction
 from wam.trainer.quantize.load import choose_path, compute_path, load_quantized
-from wam.trainer.quantize.quantizer import quantize_checkpoint
 from wam.trainer.serve.engine import DenoiseEngine
 from wam.trainer.serve.policy import PolicyRuntime, load_runtime
 from wam.trainer.serve.server import PolicyServer, serve_in_background
 
-from conftest import randomized_model, wait_for, write_checkpoint
+from conftest import quantized_synthetic_model, randomized_model, wait_for
 
 GUIDED = SamplerSection(solver="unipc", steps=4, guidance=3.0, dit_cache="static", dit_passes=3)
 
@@ -112,11 +111,7 @@ def test_a_finished_chunk_is_replaced_at_the_next_step_not_after_the_batch(model
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("engine")
-    cfg = load_config(None, ["name=engine", "data.source=synthetic", f"output_dir={folder}/runs"])
-    preset = resolve_preset(cfg)
-    checkpoint = write_checkpoint(folder / "checkpoints", cfg, randomized_model(preset.arch, preset.sample, seed=5))
-    return quantize_checkpoint(checkpoint).out
+    return quantized_synthetic_model(tmp_path_factory.mktemp("engine"), "engine")[0]
 
 
 def synthetic_robot(runtime, seed: int, chunks: int = 3) -> list[dict]:

@@ -5,25 +5,19 @@ import pytest
 import torch
 from test_engine import GUIDED, generator, rollout
 
-from wam.platform.config import load_config, resolve_preset
 from wam.platform.errors import ConfigError
 from wam.trainer.inference import Denoiser
 from wam.trainer.quantize.load import compute_path, load_quantized
-from wam.trainer.quantize.quantizer import quantize_checkpoint
 from wam.trainer.serve.engine import DenoiseEngine
 
-from conftest import randomized_model, write_checkpoint
+from conftest import quantized_synthetic_model
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gpu-engine")
-    cfg = load_config(None, ["name=gpu-engine", "data.source=synthetic", f"output_dir={folder}/runs"])
-    preset = resolve_preset(cfg)
-    checkpoint = write_checkpoint(folder / "checkpoints", cfg, randomized_model(preset.arch, preset.sample, seed=5))
-    return quantize_checkpoint(checkpoint).out, preset
+    return quantized_synthetic_model(tmp_path_factory.mktemp("gpu-engine"), "gpu-engine")
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

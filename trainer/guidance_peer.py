@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import pickle
-import socket
 import threading
 import weakref
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from wam.platform.launch import free_port
 from wam.trainer.model.model import Prediction, WamOutputs
 
 CONNECT_TIMEOUT = timedelta(seconds=300)
@@ -99,9 +99,7 @@ class GuidancePeer:
     def spawn(cls, model: str, device: torch.device, peer_device: torch.device, compute: str | None,
               compiled: bool) -> GuidancePeer:
         """Start rank 1 on `peer_device` with its own copy of the quantized `model`; returns once it is loaded."""
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         context = multiprocessing.get_context("spawn")
         loaded = context.Event()
         process = context.Process(target=run_peer, name="wam-guidance-peer", daemon=True,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import socket
 import subprocess
 import time
 import warnings
@@ -28,7 +27,7 @@ import numpy as np
 from wam.platform.checkpoints import step_dir, step_of, write_manifest
 from wam.platform.config import WamConfig, resolve_preset
 from wam.platform.errors import UserError
-from wam.platform.launch import local_command, serve_command, wait_ready
+from wam.platform.launch import free_port, local_command, serve_command, wait_ready
 from wam.platform.storage import filesystem, join
 from wam.trainer.checkpoint_reader import StoredModel, open_checkpoint, open_quantized
 from wam.trainer.data.synth_dataset import encode_video
@@ -78,12 +77,6 @@ def _target(model: str) -> _Target:
     return _Target(folder=quantize_checkpoint(stored.uri, out).out, stored=stored)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class LocalServer:
     uri: str  # ws://127.0.0.1:<port>
@@ -95,7 +88,7 @@ def served(folder: str, log: Path, device: str = "auto") -> Iterator[LocalServer
     """`wam serve folder` in its own process on a free loopback port (its output in `log`) until the block ends.
     It denoises one chunk per forward (`--max-batch 1`): batching the workers' chunks together would change the
     float rounding with their timing, and an evaluation must replay exactly for its seed."""
-    port = _free_port()
+    port = free_port()
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as output:
         server = subprocess.Popen([*local_command(serve_command(folder, port, host="127.0.0.1")), "--device", device,
