@@ -179,6 +179,8 @@ class DataSection:
     bad_samples: str = "error"  # error: stop naming the episode and file | skip: drop, count, warn
     crop_scale: float = 1.0  # random crop keeping this share of each view's side (augmentation); 1 = none
     epoch_samples: int | None = None  # lerobot: samples per epoch (default: one per window of the data)
+    packing: bool = False  # windows of min_chunks..K chunks, packed into one sequence per micro-batch: no padding
+    min_chunks: int = 1  # packing: the fewest chunks a window may hold (episode ends, short episodes)
     episodes: int = 64  # synthetic: distinct episodes per epoch
     video_only_fraction: float = 0.0  # synthetic: share of episodes without actions (video loss only)
     delay_s: float = 0.0  # seconds slept before each batch: a deliberately slow data path (regression checks)
@@ -346,6 +348,9 @@ def _validate_data(cfg: WamConfig) -> None:
                           "data.crop_scale in [0.1, 1]")
     if d.delay_s < 0:
         raise ConfigError(f"data.delay_s must be >= 0, got {d.delay_s}")
+    chunks = resolve_preset(cfg).sample.num_chunks
+    if d.packing and not 1 <= d.min_chunks <= chunks:
+        raise ConfigError(f"data.min_chunks must be 1..{chunks} (sample.num_chunks), got {d.min_chunks}")
     if d.source != "lerobot":
         return
     if not d.datasets:

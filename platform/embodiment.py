@@ -30,6 +30,9 @@ class EmbodimentProfile:
     action_low: tuple[float, ...] = ()  # joint / command limits
     action_high: tuple[float, ...] = ()
     max_action_step: tuple[float, ...] = ()  # largest change between consecutive actions (velocity limit)
+    # Idle stretches left out of sampling: at least half a chunk of frames in which no action dim (state dim for
+    # video-only data) changes by more than this per recording step, in the column's units. None: keep all.
+    idle_threshold: float | None = None
 
     @property
     def has_actions(self) -> bool:
@@ -55,6 +58,9 @@ class EmbodimentProfile:
                                                                 zip(self.action_low, self.action_high, strict=False)):
             raise ConfigError(f"profile {self.name}: action_low and action_high must list the same number of dims, "
                               f"each low below its high; got {list(self.action_low)} and {list(self.action_high)}")
+        if self.idle_threshold is not None and self.idle_threshold < 0:
+            raise ConfigError(f"profile {self.name}: idle_threshold must be >= 0 (or null to keep idle frames), got "
+                              f"{self.idle_threshold}")
         if any(step <= 0 for step in self.max_action_step):
             raise ConfigError(f"profile {self.name}: max_action_step must be positive, got {list(self.max_action_step)}")
 
@@ -105,6 +111,7 @@ class ProfileSection:
     action_low: list[float] = field(default_factory=list)
     action_high: list[float] = field(default_factory=list)
     max_action_step: list[float] = field(default_factory=list)
+    idle_threshold: float | None = None
 
 
 def resolve_profile(name: str, declared: dict[str, ProfileSection]) -> EmbodimentProfile:
@@ -114,7 +121,7 @@ def resolve_profile(name: str, declared: dict[str, ProfileSection]) -> Embodimen
                                  action_keys=tuple(d.action_keys), relative_dims=tuple(d.relative_dims),
                                  action_horizon=d.action_horizon, video_stride=d.video_stride, prompt=d.prompt,
                                  action_low=tuple(d.action_low), action_high=tuple(d.action_high),
-                                 max_action_step=tuple(d.max_action_step))
+                                 max_action_step=tuple(d.max_action_step), idle_threshold=d.idle_threshold)
     if name in BUILTIN_PROFILES:
         return BUILTIN_PROFILES[name]
     raise ConfigError(f"unknown embodiment profile {name!r}; built in: {', '.join(BUILTIN_PROFILES)}; or declare it "
