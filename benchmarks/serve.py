@@ -398,7 +398,8 @@ def sampler_chunks(cfg) -> int:
 def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: int, data: str | None) -> dict:
     """Closed-loop robots (denoise a chunk, write its real frames, again) through one DenoiseEngine: chunks per
     second and per-chunk p50/p99 (the engine's wait included) with every session's steps batched (max_batch =
-    sessions) vs one chunk at a time (max_batch 1), at the full non-Flash stack, eager."""
+    sessions) vs one chunk at a time (max_batch 1), at the full non-Flash stack, eager; and the forward's own
+    ceiling for batching n sessions on this device (forward_ceiling)."""
     from wam.trainer.eval.heldout import held_out
     from wam.trainer.eval.rollouts import new_rollout
     from wam.trainer.inference import Denoiser
@@ -414,6 +415,7 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
     sampler = dataclasses.replace(BASELINE, guidance_batch=True, dit_cache="static", dit_passes=8)
     rows = {}
     for n in sessions:
+        rows[f"{n}_sessions_forward_ceiling"] = forward_ceiling(policy.model, cfg, sampler, heldout, windows, n, dev)
         for mode, max_batch in (("batched", n), ("one_at_a_time", 1)):
             engine = DenoiseEngine(Denoiser(policy.model), max_batch)
             engine.start()
@@ -448,6 +450,34 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
         rows[f"{n}_sessions_throughput_ratio"] = batched["chunks_per_s"] / alone["chunks_per_s"]
         rows[f"{n}_sessions_p99_over_lone_session"] = batched["p99_ms"] / rows["1_sessions_batched"]["p99_ms"]
     return rows
+
+
+@torch.no_grad()
+def forward_ceiling(model, cfg, sampler: SamplerSection, heldout, windows: list, n: int, device: torch.device,
+                    repeats: int = 20) -> float:
+    """The most batching `n` sessions can give on this device: n x one session's denoising forward over one
+    forward of all n sessions' rows (each at its first chunk). Near 1 when the forward is compute-bound, near n
+    when it is bound by per-forward overhead (launches, Python); the engine's throughput ratio stays below it."""
+    from wam.trainer.eval.rollouts import new_rollout
+    from wam.trainer.inference import Denoiser
+
+    jobs = []
+    for i in range(n):
+        w = windows[i % len(windows)]
+        rollout = new_rollout(model, cfg, sampler, heldout)
+        rollout.reset(w.latents[:, :, :1].to(device), w.text.to(device), _to(w.image, device), _to(w.i2v, device))
+        jobs.append(rollout.start(w.state[0][None].to(device), torch.Generator(device).manual_seed(i)))
+    denoiser, one, every = Denoiser(model), jobs[0].passes, [p for job in jobs for p in job.passes]
+    times: dict[int, list[float]] = {1: [], n: []}
+    for repeat in range(-1, repeats):  # alternated, so a busy machine slows both alike; the first is a warm-up
+        for count, passes in ((1, one), (n, every)):
+            _synced(device)
+            start = time.perf_counter()
+            denoiser(passes)
+            _synced(device)
+            if repeat >= 0:
+                times[count].append(time.perf_counter() - start)
+    return n * statistics.median(times[1]) / statistics.median(times[n])
 
 
 def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

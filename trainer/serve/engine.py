@@ -126,6 +126,8 @@ class DenoiseEngine:
             job.batch = max(job.batch, len(active))
             job.advance(outputs[start:start + count])
             start += count
+            while job.passes == [] and not job.done:  # steps the DiT cache skips need no forward: take them now,
+                job.advance([])  # so sessions out of phase still meet in every forward (and a chunk ends sooner)
             if job.done:
                 entry.future.set_result(job.chunk())
             else:
