@@ -13,7 +13,9 @@ Schedules (per chunk):
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -266,6 +268,7 @@ class FlowUniPC:
         self.x0: list[torch.Tensor] = []  # the last two clean-sample estimates, newest last
         self.start: torch.Tensor | None = None  # the sample the last predictor started from
         self.order = 0  # the last predictor's order
+        self._scalars = _unipc_scalars(self.sigmas.numpy().tobytes())
 
     def step(self, i: int, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         x0 = sample - self.sigmas[i] * velocity
@@ -276,32 +279,56 @@ class FlowUniPC:
         self.start = sample
         return self._predict(i)
 
+    def _memo(self, key: tuple, compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        if key not in self._scalars:
+            self._scalars[key] = compute()
+        return self._scalars[key]
+
     def _base(self, s: int, t: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first-order update from level s to t, and B(h) (its step size in x0 units)."""
-        b_h = torch.expm1(self.lambdas[s] - self.lambdas[t])
-        return self.sigmas[t] / self.sigmas[s] * x - self.alphas[t] * b_h * self.x0[-1], b_h
+        def scalars() -> tuple[torch.Tensor, ...]:
+            b_h = torch.expm1(self.lambdas[s] - self.lambdas[t])
+            return self.sigmas[t] / self.sigmas[s], self.alphas[t] * b_h, b_h
+
+        ratio, alpha_b_h, b_h = self._memo(("base", s, t), scalars)
+        return ratio * x - alpha_b_h * self.x0[-1], b_h
 
     def _predict(self, i: int) -> torch.Tensor:
         x, b_h = self._base(i, i + 1, self.start)
         if self.order == 1:
             return x
-        rk = (self.lambdas[i - 1] - self.lambdas[i]) / (self.lambdas[i + 1] - self.lambdas[i])
-        return x - self.alphas[i + 1] * b_h * 0.5 * (self.x0[-2] - self.x0[-1]) / rk
+        coefficient, rk = self._memo(("predict", i), lambda: (
+            self.alphas[i + 1] * b_h * 0.5, (self.lambdas[i - 1] - self.lambdas[i]) / (self.lambdas[i + 1] - self.lambdas[i])))
+        return x - coefficient * (self.x0[-2] - self.x0[-1]) / rk
 
     def _correct(self, i: int, x0: torch.Tensor) -> torch.Tensor:
         """UniC: redo the last predictor (from level i-1 to i) with the new estimate x0 at level i."""
         x, b_h = self._base(i - 1, i, self.start)
         d_t = x0 - self.x0[-1]
         if self.order == 1:
-            return x - self.alphas[i] * b_h * 0.5 * d_t
-        hh = self.lambdas[i - 1] - self.lambdas[i]  # -h
-        rk = (self.lambdas[i - 2] - self.lambdas[i - 1]) / -hh
-        # UniC-2: [[1, 1], [rk, 1]] rho = b, b_k = k! x phi_{k+1}(x) / B(h) at x = -h (phi_k: e^x's remainders)
-        phi_2 = torch.expm1(hh) / hh - 1
-        b = torch.stack([phi_2 / b_h, 2 * (phi_2 / hh - 0.5) / b_h])
-        rho = torch.linalg.solve(torch.stack([torch.ones(2), torch.stack([rk, torch.ones(())])]), b)
+            (coefficient,) = self._memo(("correct-1", i), lambda: (self.alphas[i] * b_h * 0.5,))
+            return x - coefficient * d_t
+
+        def scalars() -> tuple[torch.Tensor, ...]:
+            hh = self.lambdas[i - 1] - self.lambdas[i]  # -h
+            rk = (self.lambdas[i - 2] - self.lambdas[i - 1]) / -hh
+            # UniC-2: [[1, 1], [rk, 1]] rho = b, b_k = k! x phi_{k+1}(x) / B(h) at x = -h (phi_k: e^x's remainders)
+            phi_2 = torch.expm1(hh) / hh - 1
+            b = torch.stack([phi_2 / b_h, 2 * (phi_2 / hh - 0.5) / b_h])
+            rho = torch.linalg.solve(torch.stack([torch.ones(2), torch.stack([rk, torch.ones(())])]), b)
+            return self.alphas[i] * b_h, rho[0], rho[1], rk
+
+        alpha_b_h, rho_1, rho_t, rk = self._memo(("correct-2", i), scalars)
         d_1 = (self.x0[-2] - self.x0[-1]) / rk
-        return x - self.alphas[i] * b_h * (rho[0] * d_1 + rho[1] * d_t)
+        return x - alpha_b_h * (rho_1 * d_1 + rho_t * d_t)
+
+
+@functools.lru_cache(maxsize=64)
+def _unipc_scalars(schedule: bytes) -> dict[tuple, tuple[torch.Tensor, ...]]:
+    """FlowUniPC's scalar coefficients, per sigma schedule (its float32 bytes): they depend on the sigmas and the
+    step only, so every chunk of every session on one sampler shares them (computing them per chunk was most of a
+    served step's solver time). Kept as the same float32 scalars, so the steps are bit-identical."""
+    return {}
 
 
 SCHEDULES = {"euler": euler_schedule, "unipc": unipc_schedule}
