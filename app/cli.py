@@ -72,6 +72,8 @@ def model_info(
         "preset": preset,
         "arch": dataclasses.asdict(arch),
         "sample": dataclasses.asdict(sample),
+        "vae": {"name": arch.vae, **dataclasses.asdict(arch.vae_layout)},
+        "canvas": list(sample.canvas(arch)),
         "params": {**dataclasses.asdict(params), "total": params.total},
         "tokens_per_sample": layout.length,
         "flops_per_sample": {"forward": flops.forward, "training": flops.training, "linear": flops.linear,
@@ -93,7 +95,10 @@ def model_info(
         table.add_row(f"  {label}", human(count))
     table.add_row("sample", f"{sample.num_chunks} chunks of {sample.frames_per_chunk} latent frames + "
                   f"{sample.actions_per_chunk} actions")
-    table.add_row("  latent frame", f"{sample.latent_height}x{sample.latent_width}")
+    vae, (height, width) = arch.vae_layout, sample.canvas(arch)
+    table.add_row("  latent frame", f"{sample.latent_height}x{sample.latent_width} ({height}x{width} px canvas)")
+    table.add_row("VAE", f"{arch.vae}: {vae.latent_channels} channels, {vae.spatial_stride}x space, "
+                  f"{vae.temporal_stride}x time (first frame alone)")
     table.add_row("tokens per sample", f"{layout.length:,}")
     table.add_row("FLOPs per sample (fwd+bwd)", human(flops.training, "FLOP"))
     table.add_row("  attention density", f"{flops.self_attention / flops.self_attention_dense:.1%} of dense pairs")

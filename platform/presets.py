@@ -13,13 +13,30 @@ from wam.platform.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class VaeLayout:
+    """How a frozen VAE maps pixels to latents (its network lives in wam.trainer.model.vae, checked against this)."""
+
+    latent_channels: int
+    spatial_stride: int
+    temporal_stride: int = 4  # 1 + 4k frames -> 1 + k latent frames: the first frame is encoded alone
+
+
+VAE_LAYOUTS = {
+    "wan2.1": VaeLayout(latent_channels=16, spatial_stride=8),
+    "wan2.2": VaeLayout(latent_channels=48, spatial_stride=16),  # Wan2.2-TI2V-5B
+    "tiny": VaeLayout(latent_channels=4, spatial_stride=8),
+    "tiny-wan2.2": VaeLayout(latent_channels=8, spatial_stride=16),
+}
+
+
+@dataclass(frozen=True)
 class SampleShape:
     """Shape of one training sample in latent space (DreamZero: 4 chunks of 2 latent frames + 24 actions)."""
 
     num_chunks: int = 4
     frames_per_chunk: int = 2  # latent frames; 8 raw frames at 5 fps with the 4x temporal VAE
     actions_per_chunk: int = 24  # 24 at 15 Hz (DROID), 48 at 30 Hz (AgiBot)
-    latent_height: int = 44  # 352 px canvas / 8
+    latent_height: int = 44  # 352 px canvas / 8 (Wan2.1 VAE)
     latent_width: int = 80  # 640 px canvas / 8
 
     def validate(self, arch: WamArch) -> None:
@@ -27,11 +44,17 @@ class SampleShape:
             if getattr(self, name) < 1:
                 raise ConfigError(f"sample.{name} must be >= 1, got {getattr(self, name)}")
         _, ph, pw = arch.patch
+        s = arch.vae_layout.spatial_stride
         if self.latent_height % ph or self.latent_width % pw:
             raise ConfigError(
                 f"sample latent size {self.latent_height}x{self.latent_width} is not divisible by the patch "
-                f"size {ph}x{pw}: choose a canvas whose size is a multiple of {8 * ph}x{8 * pw} pixels"
+                f"size {ph}x{pw}: choose a canvas whose size is a multiple of {s * ph}x{s * pw} pixels"
             )
+
+    def canvas(self, arch: WamArch) -> tuple[int, int]:
+        """Height and width in pixels of the frames that encode to this latent size."""
+        s = arch.vae_layout.spatial_stride
+        return self.latent_height * s, self.latent_width * s
 
     def tokens_per_frame(self, arch: WamArch) -> int:
         _, ph, pw = arch.patch
@@ -85,6 +108,10 @@ class WamArch:
     def has_image_branch(self) -> bool:
         return self.image_tokens > 0
 
+    @property
+    def vae_layout(self) -> VaeLayout:
+        return VAE_LAYOUTS[self.vae]
+
     def validate(self) -> None:
         positive = ("dim", "num_layers", "num_heads", "ffn_dim", "freq_dim", "text_dim", "text_len",
                     "latent_channels", "action_dim", "state_dim", "head_hidden")
@@ -111,6 +138,11 @@ class WamArch:
             raise ConfigError(f"model.image_tokens must be >= 0 (0 = text-only cross-attention), got {self.image_tokens}")
         if len(self.patch) != 3 or min(self.patch) < 1:
             raise ConfigError(f"model.patch must be three positive ints (t, h, w), got {self.patch}")
+        if self.vae not in VAE_LAYOUTS:
+            raise ConfigError(f"model.vae {self.vae!r} is not a known VAE; choose one of: {', '.join(VAE_LAYOUTS)}")
+        if self.latent_channels != self.vae_layout.latent_channels:
+            raise ConfigError(f"model.latent_channels ({self.latent_channels}) differs from the {self.vae} VAE's "
+                              f"{self.vae_layout.latent_channels} latent channels; change one of them")
 
 
 @dataclass(frozen=True)
@@ -136,6 +168,17 @@ PRESETS: dict[str, Preset] = {
                                latent_height=8, latent_width=8),
         ),
         Preset(
+            name="tiny-5b",
+            description="CPU tests and demos: every code path of dreamzero-5b (Wan2.2 VAE layout, 16x spatial)",
+            arch=WamArch(
+                dim=64, num_layers=2, num_heads=4, ffn_dim=128, freq_dim=32, text_dim=32, text_len=32,
+                latent_channels=8, i2v_concat=False, image_tokens=5, image_dim=32, head_hidden=32,
+                vae="tiny-wan2.2", text_encoder="tiny", image_encoder="tiny",
+            ),
+            sample=SampleShape(num_chunks=4, frames_per_chunk=2, actions_per_chunk=8,
+                               latent_height=4, latent_width=4),
+        ),
+        Preset(
             name="wan2.1-1.3b",
             description="Wan2.1 T2V-1.3B backbone (text-only cross-attention, no I2V channels)",
             arch=WamArch(dim=1536, num_layers=30, num_heads=12, ffn_dim=8960, i2v_concat=False,
@@ -146,7 +189,7 @@ PRESETS: dict[str, Preset] = {
             description="DreamZero on Wan2.2-TI2V-5B (z=48 VAE, 16x spatial; CLIP branch initialised fresh)",
             arch=WamArch(dim=3072, num_layers=30, num_heads=24, ffn_dim=14336, latent_channels=48,
                          i2v_concat=False, vae="wan2.2"),
-            sample=SampleShape(latent_height=10, latent_width=20),
+            sample=SampleShape(latent_height=22, latent_width=40),  # the 14B's 352x640 canvas, 16x compressed
         ),
         Preset(
             name="dreamzero-14b",

@@ -5,7 +5,7 @@ from conftest import run_benchmark
 
 def test_model_benchmark_smoke(tmp_path):
     data = run_benchmark("model.py", tmp_path, "--quick", "--steps", "2")
-    assert set(data["flops"]) == {"tiny", "wan2.1-1.3b", "dreamzero-5b", "dreamzero-14b"}
+    assert set(data["flops"]) == {"tiny", "tiny-5b", "wan2.1-1.3b", "dreamzero-5b", "dreamzero-14b"}
     assert all(row["cached_s"] > 0 for row in data["chunk_inference"]["tiny"])
 
 

@@ -1,15 +1,21 @@
-"""Frozen encoders: the streaming VAE, CLIP tokens, umT5 loading (HF folder, Wan .pth, fsspec), I2V channels."""
+"""Frozen encoders: the streaming VAEs (Wan2.1, Wan2.2), CLIP tokens, umT5 loading (HF folder, Wan .pth, fsspec),
+I2V channels."""
+
+import json
+import re
+from pathlib import Path
 
 import fsspec
 import pytest
 import torch
+from diffusers import AutoencoderKLWan
 from safetensors.torch import save_file
 from transformers import UMT5EncoderModel
 
 from wam.platform.accounting import FROZEN_ENCODER_PARAMS
 from wam.platform.config import EncodersSection
 from wam.platform.errors import CheckpointError, ConfigError
-from wam.platform.presets import get_preset
+from wam.platform.presets import PRESETS, VAE_LAYOUTS, get_preset
 from wam.trainer.model.clip import CLIP_CONFIGS, ClipImageEncoder
 from wam.trainer.model.encoders import FrozenEncoders
 from wam.trainer.model.text_encoder import ByteTokenizer, load_text_encoder, umt5_config
@@ -61,10 +67,98 @@ def test_vae_rejects_bad_clips(vae):
         vae.encode(clip_video(size=30))
 
 
+@pytest.fixture(scope="module")
+def vae22():
+    """The Wan2.2 architecture at tiny width, every weight random (no zero-initialised layer hides an error)."""
+    torch.manual_seed(0)
+    model = WanVAE(VAE_CONFIGS["tiny-wan2.2"]).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def test_wan22_vae_shapes_z48_16x_space_4x_time_first_frame_alone(vae22):
+    video = clip_video(frames=9, size=16)
+    with torch.no_grad():
+        whole = vae22.encode(video, frames_per_call=8)
+        wan_chunks = vae22.encode(video)
+        changed = video.clone()
+        changed[:, :, 1:] = clip_video(frames=9, size=16, seed=3)[:, :, 1:]
+        first_only = vae22.encode(changed)
+        pixels = vae22.decode(whole)
+    assert whole.shape == (1, 8, 3, 1, 1) and pixels.shape == video.shape
+    torch.testing.assert_close(wan_chunks, whole, atol=1e-5, rtol=1e-5)
+    assert torch.equal(first_only[:, :, :1], whole[:, :, :1]) and not torch.allclose(first_only[:, :, 1:], whole[:, :, 1:])
+    with torch.device("meta"):
+        real = WanVAE(VAE_CONFIGS["wan2.2"])
+    assert (real.cfg.z_dim, real.cfg.temporal_stride, real.cfg.spatial_stride) == (48, 4, 16)
+    assert real.latent_mean.shape == real.latent_std.shape == (1, 48, 1, 1, 1)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        vae22.encode(clip_video(size=40))
+
+
+def test_wan22_vae_has_the_names_and_shapes_of_wan22_vae_pth():
+    """Every key and shape of Wan2.2's own VAE (Wan2_2_VAE's configuration), listed once from Wan2.2's source."""
+    golden = json.loads((Path(__file__).parent / "golden" / "wan2.2_vae_keys.json").read_text())
+    with torch.device("meta"):
+        ours = {k: list(v.shape) for k, v in WanVAE(VAE_CONFIGS["wan2.2"]).state_dict().items()}
+    assert set(ours) == set(golden), set(ours) ^ set(golden)
+    assert {k: v for k, v in ours.items() if golden[k] != v} == {}
+
+
+# Wan's VAE names -> diffusers' (as diffusers converts Wan2.2_VAE.pth): stage layers split into resnets and
+# the resampler; residual blocks' Sequential indices become names.
+_DIFFUSERS_VAE = [(r"^conv1\.", "quant_conv."), (r"^conv2\.", "post_quant_conv."), (r"\.conv1\.", ".conv_in."),
+                  (r"\.head\.0\.", ".norm_out."), (r"\.head\.2\.", ".conv_out."),
+                  (r"\.middle\.0\.", ".mid_block.resnets.0."), (r"\.middle\.1\.", ".mid_block.attentions.0."),
+                  (r"\.middle\.2\.", ".mid_block.resnets.1."), (r"\.residual\.0\.", ".norm1."),
+                  (r"\.residual\.2\.", ".conv1."), (r"\.residual\.3\.", ".norm2."), (r"\.residual\.6\.", ".conv2."),
+                  (r"\.shortcut\.", ".conv_shortcut.")]
+
+
+def _diffusers_vae_name(key: str, cfg) -> str:
+    stage = re.match(r"(encoder|decoder)\.(?:down|up)samples\.(\d+)\.(?:down|up)samples\.(\d+)\.(.*)", key)
+    if stage:
+        part, i, j, rest = stage.groups()
+        blocks = "down_blocks" if part == "encoder" else "up_blocks"
+        resnets = cfg.num_res_blocks + (part == "decoder")
+        where = f"resnets.{j}" if int(j) < resnets else ("downsampler" if part == "encoder" else "upsampler")
+        key = f"{part}.{blocks}.{i}.{where}.{rest}"
+    for pattern, name in _DIFFUSERS_VAE:
+        key = re.sub(pattern, name, key)
+    return key
+
+
+def test_wan22_vae_equals_diffusers_autoencoder_kl_wan(vae22):
+    cfg = vae22.cfg
+    reference = AutoencoderKLWan(base_dim=cfg.dim, decoder_base_dim=cfg.decoder_dim, z_dim=cfg.z_dim, is_residual=True,
+                                 in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16).eval()
+    reference.load_state_dict({_diffusers_vae_name(k, cfg): v for k, v in vae22.state_dict().items()}, strict=True)
+    video = torch.rand(1, 3, 9, 16, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        latents = vae22.encode(video)
+        expected = (reference.encode(video).latent_dist.mean - vae22.latent_mean) / vae22.latent_std
+        pixels = vae22.decode(latents)
+        expected_pixels = reference.decode(latents * vae22.latent_std + vae22.latent_mean).sample.clamp(-1, 1)
+    assert latents.shape == (1, 8, 3, 1, 2) and latents.abs().mean() > 0.1
+    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pixels, expected_pixels, atol=1e-5, rtol=1e-5)
+
+
+def test_vae_layouts_of_presets_match_the_networks():
+    for name, layout in VAE_LAYOUTS.items():
+        cfg = vae_config(name)
+        assert (cfg.z_dim, cfg.spatial_stride, cfg.temporal_stride) == (
+            layout.latent_channels, layout.spatial_stride, layout.temporal_stride), name
+    assert {p.arch.vae for p in PRESETS.values()} <= set(VAE_LAYOUTS)
+
+
 def test_frozen_encoder_parameter_counts_match_the_accounting_table():
     with torch.device("meta"):
         counts = {
             "wan2.1": WanVAE(VAE_CONFIGS["wan2.1"]),
+            "wan2.2": WanVAE(VAE_CONFIGS["wan2.2"]),
             "clip-vit-h-14": ClipImageEncoder(CLIP_CONFIGS["clip-vit-h-14"]).visual,
             "umt5-xxl": UMT5EncoderModel(umt5_config("umt5-xxl")),
         }
@@ -171,11 +265,10 @@ def test_text_encoder_loads_wan_t5_pth(tmp_path):
         load_text_encoder("tiny", 16, str(tmp_path / "bad.pth"))
 
 
-def test_real_presets_refuse_to_run_on_random_encoders():
+@pytest.mark.parametrize("preset", ["dreamzero-14b", "dreamzero-5b"])
+def test_real_presets_refuse_to_run_on_random_encoders(preset):
     with pytest.raises(ConfigError, match="needs (its published )?weights"):
-        FrozenEncoders.build(get_preset("dreamzero-14b").arch, EncodersSection())
-    with pytest.raises(ConfigError, match="Wan2.2"):
-        vae_config(get_preset("dreamzero-5b").arch.vae)
+        FrozenEncoders.build(get_preset(preset).arch, EncodersSection())
 
 
 def test_i2v_condition_marks_the_first_latent_frame_and_encodes_first_frame_plus_black(tiny):

@@ -205,3 +205,24 @@ def test_activation_checkpointing_and_compile_keep_the_numerics(tmp_path, monkey
     assert any((tmp_path / "inductor").rglob("*.py")), "torch.compile generated no kernels"
     for name in ("selective-ac", "compiled-full-ac"):
         assert losses[name] == pytest.approx(losses["plain"], rel=1e-5), name
+
+
+def test_the_dreamzero_5b_layout_trains_from_pixels(tmp_path):
+    """tiny-5b (dreamzero-5b scaled down: the Wan2.2 VAE's architecture, 16x spatial, its z channels straight
+    into the DiT, no I2V channels) trains from a LeRobot dataset's frames through `wam train` / torchtitan."""
+    from wam.trainer.checkpoint_reader import open_checkpoint
+    from wam.trainer.data.synth_dataset import SynthOptions, synthesize
+
+    dataset = synthesize(tmp_path / "data", SynthOptions(episodes=2, seed=5))
+    config = write_run_config(tmp_path, "tiny5b", model={"preset": "tiny-5b"},
+                              sample={"num_chunks": 2, "actions_per_chunk": 24},
+                              data={"source": "lerobot", "datasets": [{"uri": str(dataset), "profile": "droid"}]},
+                              training={"steps": 2, "processes": 1}, checkpoint={"interval": 2, "keep": 0})
+    result = wam_cli("train", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = progress(load_config(config).run_dir)
+    assert sorted(records) == [1, 2] and all(r["video_loss"] > 0 for r in records.values())
+    stored = open_checkpoint(load_config(config).checkpoint_uri)
+    weights = stored.read(["patch_embedding.weight", "head.head.weight"])
+    assert weights["patch_embedding.weight"].shape == (64, 8, 1, 2, 2)  # 8 = the tiny Wan2.2 VAE's z channels
+    assert weights["head.head.weight"].abs().sum() > 0  # zero at initialisation: the video loss reached it

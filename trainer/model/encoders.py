@@ -25,7 +25,7 @@ def _random_or_load(build, name: str, path: str | None, seed: int, prefix: str =
                     part: str = "") -> torch.nn.Module:
     """The module with its published weights (checkpoint keys under `prefix` into submodule `part`), or
     (tiny only) PyTorch's default init from `seed`."""
-    if path is None and name != "tiny":
+    if path is None and not name.startswith("tiny"):
         raise ConfigError(f"the {name} encoder needs its published weights: set its path")
     torch.manual_seed(seed)
     module = build()
