@@ -41,6 +41,24 @@ def test_model_info_table_and_config_overrides(tmp_path):
     assert f"{count_params(get_preset('tiny', num_layers=4).arch).total:,}" in result.output
 
 
+def test_model_info_gives_each_backbone_its_vae_latent_layout_on_the_same_canvas(tmp_path):
+    layouts = {}
+    for name in ("dreamzero-5b", "dreamzero-14b"):
+        result = runner.invoke(app, ["model", "info", name, "--json"])
+        assert result.exit_code == 0, result.output
+        info = json.loads(result.output)
+        layouts[name] = (info["vae"]["name"], info["vae"]["latent_channels"], info["vae"]["spatial_stride"],
+                         info["vae"]["temporal_stride"], info["sample"]["latent_height"], info["sample"]["latent_width"],
+                         info["canvas"])
+    assert layouts == {"dreamzero-5b": ("wan2.2", 48, 16, 4, 22, 40, [352, 640]),
+                       "dreamzero-14b": ("wan2.1", 16, 8, 4, 44, 80, [352, 640])}
+    assert "wan2.2: 48 channels, 16x space" in text(runner.invoke(app, ["model", "info", "dreamzero-5b"]))
+    cfg = tmp_path / "odd.yaml"
+    cfg.write_text("sample:\n  latent_height: 21\n")
+    result = runner.invoke(app, ["model", "info", "dreamzero-5b", "--config", str(cfg)])
+    assert result.exit_code == 2 and "multiple of 32x32 pixels" in text(result)
+
+
 def test_unknown_preset_is_a_one_line_error():
     result = runner.invoke(app, ["model", "info", "gpt-5"])
     assert result.exit_code == 2
