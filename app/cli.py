@@ -375,18 +375,32 @@ def data_stats(
     bad_samples: str | None = typer.Option(None, help="error | skip: an episode with NaN/inf state or actions stops "
                                                       "it, or is left out (default: the config's data.bad_samples)"),
 ) -> None:
-    """Compute the q01/q99 normalisation statistics (state, relative actions) of a dataset for a profile."""
+    """Compute the q01/q99 normalisation statistics (state, relative actions) of a dataset for a profile, and
+    report what sampling keeps: frames in idle stretches (the profile's idle_threshold), windows by chunks."""
     from wam.platform.embodiment import resolve_profile
     from wam.trainer.data.lerobot import LeRobotDataset
-    from wam.trainer.data.stats import compute_stats, save_stats
+    from wam.trainer.data.stats import compute_stats, sampling_summary, save_stats
 
     with user_errors():
-        data = load_config(config, [f"data.bad_samples={bad_samples}"] if bad_samples else []).data
-        chosen = resolve_profile(profile, data.profiles)
-        stats = compute_stats(LeRobotDataset(uri), chosen, data.bad_samples)
+        cfg = load_config(config, [f"data.bad_samples={bad_samples}"] if bad_samples else [])
+        chosen = resolve_profile(profile, cfg.data.profiles)
+        dataset = LeRobotDataset(uri)
+        stats = compute_stats(dataset, chosen, cfg.data.bad_samples)
         path = save_stats(uri, chosen, stats)
+        chunks = resolve_preset(cfg).sample.num_chunks
+        summary = sampling_summary(dataset, chosen, chunks)
     console.print(f"state q01..q99 over {len(stats.state_q01)} dims, actions over {len(stats.action_q01)} dims "
                   f"(relative dims {list(chosen.relative_dims)}); saved to {path}")
+    if chosen.idle_threshold is None:
+        console.print(f"idle stretches: kept (profile {chosen.name} sets no idle_threshold)")
+    else:
+        console.print(f"idle stretches: {summary.idle_frames} of {summary.frames} frames "
+                      f"({100 * summary.idle_frames / max(summary.frames, 1):.1f}%) left out of sampling (profile "
+                      f"{chosen.name}: idle_threshold {chosen.idle_threshold:g}, stretches of >= "
+                      f"{chosen.action_horizon // 2} still frames)")
+    mix = "  ".join(f"{k}: {summary.windows[k]} (of {summary.windows_unfiltered[k]})" for k in summary.windows)
+    console.print(f"windows by chunks, kept (of all) at every half chunk: {mix}; without data.packing only the "
+                  f"{chunks}-chunk ones are sampled")
 
 
 @app.command()

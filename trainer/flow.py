@@ -92,18 +92,20 @@ class NoisedBatch:
 
 def noise_batch(video: torch.Tensor, actions: torch.Tensor, state: torch.Tensor, text: torch.Tensor,
                 cfg: FlowSection, randomness: StepRandomness, image: torch.Tensor | None = None,
-                i2v_cond: torch.Tensor | None = None) -> NoisedBatch:
+                i2v_cond: torch.Tensor | None = None, windows: tuple[int, ...] | None = None) -> NoisedBatch:
     """Draw per-chunk noise levels and noise, and noise the chunks' video frames and actions.
 
     video (B, z, 1 + K*F, h, w) clean latents (frame 0 stays clean context); actions (B, K, A, action_dim).
+    Packed windows (`windows`: chunks of each, see WamInputs): every window's first frame stays clean.
     """
     b, k = actions.shape[:2]
-    frames = video.shape[2] - 1
+    firsts = len(windows) if windows is not None else 1
+    frames = video.shape[2] - firsts
     t_video, t_action = sample_noise_levels(cfg, b, k, randomness.numpy)
     sigma_v = shift_sigma(t_video, cfg.shift).to(video.device)
     sigma_a = shift_sigma(t_action, cfg.shift).to(video.device)
     generator = randomness.torch(video.device)
-    clean = video[:, :, 1:]
+    clean = video[:, :, _chunk_frames(windows, frames // k)] if windows is not None else video[:, :, 1:]
     noise_v = torch.randn(clean.shape, generator=generator, device=video.device)
     noise_a = torch.randn(actions.shape, generator=generator, device=video.device)
     sigma_frames = sigma_v.repeat_interleave(frames // k, dim=1)[:, None, :, None, None]  # (B, 1, K*F, 1, 1)
@@ -111,9 +113,17 @@ def noise_batch(video: torch.Tensor, actions: torch.Tensor, state: torch.Tensor,
         video=video, noisy_video=(1 - sigma_frames) * clean + sigma_frames * noise_v,
         noisy_actions=add_noise(actions, noise_a, sigma_a), state=state,
         video_t=sigma_v * NUM_TRAIN_TIMESTEPS, action_t=sigma_a * NUM_TRAIN_TIMESTEPS,
-        text=text, image=image, i2v_cond=i2v_cond,
+        text=text, image=image, i2v_cond=i2v_cond, windows=windows,
     )
     return NoisedBatch(inputs, noise_v - clean, noise_a - actions, sigma_v, sigma_a)
+
+
+def _chunk_frames(windows: tuple[int, ...], frames_per_chunk: int) -> torch.Tensor:
+    """Indices of the chunk frames (all but each window's first frame) along a packed video's frame axis."""
+    firsts = torch.tensor([0, *windows[:-1]]).cumsum(0) * frames_per_chunk + torch.arange(len(windows))
+    keep = torch.ones(len(windows) + sum(windows) * frames_per_chunk, dtype=torch.bool)
+    keep[firsts] = False
+    return keep.nonzero().squeeze(1)
 
 
 def add_noise(x: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -179,8 +189,9 @@ def flow_loss(pred_video: torch.Tensor, pred_actions: torch.Tensor, target_video
 
     pred/target_video (B, z, K*F, h, w); pred/target_actions (B, K, A, action_dim); sigma_* (B, K);
     action_dim_mask (B, action_dim) marks real (not padded) action dims; has_actions (B,) is False for
-    video-only episodes, which then train the video loss only. Video error is averaged per latent frame,
-    action error over the real dims of each action; both are weighted by their chunk's timestep weight.
+    video-only episodes, which then train the video loss only (packed windows give both per chunk: (B, K,
+    action_dim) and (B, K)). Video error is averaged per latent frame, action error over the real dims of each
+    action; both are weighted by their chunk's timestep weight. Every frame and action counted is a real one.
     """
     b, _, frames, _, _ = pred_video.shape
     chunks = sigma_video.shape[1]
@@ -189,12 +200,14 @@ def flow_loss(pred_video: torch.Tensor, pred_actions: torch.Tensor, target_video
     video_sum = (per_frame * frame_weight).sum()
     video_count = torch.tensor(float(b * frames), device=pred_video.device)
 
-    dims = action_dim_mask.float()[:, None, None, :]  # (B, 1, 1, action_dim)
+    dims = action_dim_mask.float()
+    dims = dims[:, None, None, :] if dims.ndim == 2 else dims[:, :, None, :]  # (B, 1 or K, 1, action_dim)
     sq = (pred_actions.float() - target_actions.float()).square()
     per_action = (sq * dims).sum(-1) / dims.sum(-1).clamp(min=1)  # (B, K, A)
-    active = has_actions.float()[:, None, None] * weighting(sigma_action)[:, :, None]
-    action_sum = (per_action * active).sum()
-    action_count = has_actions.float().sum() * per_action.shape[1] * per_action.shape[2]
+    has = has_actions.float()
+    has = (has[:, None] if has.ndim == 1 else has).expand(b, chunks)  # (B, K)
+    action_sum = (per_action * (has * weighting(sigma_action))[:, :, None]).sum()
+    action_count = has.sum() * per_action.shape[2]
     return FlowLoss(video_sum, video_count, action_sum, action_count, video_weight, action_weight)
 
 

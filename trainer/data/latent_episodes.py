@@ -42,14 +42,21 @@ class Sample:
 class SyntheticLatents:
     """Episode i -> one training sample of the given geometry."""
 
-    def __init__(self, arch: WamArch, sample: SampleShape, episodes: int, seed: int, video_only_fraction: float = 0.0):
-        self.arch, self.shape = arch, sample
+    def __init__(self, arch: WamArch, sample: SampleShape, episodes: int, seed: int, video_only_fraction: float = 0.0,
+                 min_chunks: int | None = None):
+        """`min_chunks`: episode i is a window of min_chunks..K chunks (packing), drawn from (seed, i); None: K."""
+        self.arch, self.shape, self.min_chunks = arch, sample, min_chunks
         self.episodes, self.seed, self.video_only_fraction = episodes, seed, video_only_fraction
         rng = np.random.default_rng([seed, 2**31 - 1])
         self.image_projection = rng.standard_normal((arch.latent_channels, arch.image_dim)) / np.sqrt(arch.latent_channels)
 
     def __len__(self) -> int:
         return self.episodes
+
+    def chunks(self, episode: int) -> int:
+        if self.min_chunks is None:
+            return self.shape.num_chunks
+        return int(np.random.default_rng([self.seed, episode, 1]).integers(self.min_chunks, self.shape.num_chunks + 1))
 
     def __getitem__(self, episode: int) -> Sample:
         a, s = self.arch, self.shape
@@ -89,6 +96,8 @@ class SyntheticLatents:
         state[:, :2] = position[chunk_starts] * 2 - 1
         state[:, 2] = gripper[chunk_starts] * 2 - 1
         first = video[:, 0]
+        k = self.chunks(episode)  # the episode's first k chunks: a shorter window of the same motion
+        video, actions, state = video[:, :1 + k * f], actions[:k], state[:k]
         return Sample(
             video=torch.as_tensor(video, dtype=torch.float32),
             actions=torch.as_tensor(actions if has_actions else np.zeros_like(actions), dtype=torch.float32),

@@ -4,13 +4,18 @@ Sample order is a function of (seed, epoch) alone: every epoch is a fresh permut
 rank r of W takes every W-th entry. The loader's state (epoch, position of the next sample the trainer
 will get) is checkpointed under a rank-unique key, so a resumed run continues with exactly the next
 samples, whatever the decoding workers had prefetched.
+
+With data.packing, windows of 1..K chunks are taken in the same order and packed into one sequence per
+micro-batch while they fit in batch_size K-chunk windows' tokens; which windows share a sequence follows
+from the order alone, so resuming repeats the packing too.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -65,6 +70,18 @@ class EpochOrder:
         self.epoch, self.position = state["epoch"], state["position"]
 
 
+def packed_batches(order: EpochOrder, tokens: Callable[[int], int], budget: int) -> Iterator[list[int]]:
+    """Source indices in order, as many per batch as fit in `budget` tokens (`tokens(index)` each)."""
+    batch, used = [], 0
+    while True:
+        index = order.take(1)[0]
+        if batch and used + tokens(index) > budget:
+            yield batch
+            batch, used = [], 0
+        batch.append(index)
+        used += tokens(index)
+
+
 class WamDataLoader(BaseDataLoader):
     """Batches of training samples for this data-parallel rank, as (inputs, labels) for torchtitan.
 
@@ -81,44 +98,59 @@ class WamDataLoader(BaseDataLoader):
 
     def __init__(self, config: Config, *, dp_world_size: int, dp_rank: int, local_batch_size: int, **_: Any):
         d = config.data
+        min_chunks = d.min_chunks if d.packing else None
         if d.source == "synthetic":
-            self.source = SyntheticLatents(config.arch, config.sample, d.episodes, config.seed, d.video_only_fraction)
-            self.collate, self.workers = collate_latents, 0
+            self.source = SyntheticLatents(config.arch, config.sample, d.episodes, config.seed, d.video_only_fraction,
+                                           min_chunks)
+            self.collate, self.workers = functools.partial(collate_latents, pack=d.packing), 0
         elif d.source == "lerobot":
             self.source = RobotSource(d.datasets, d.profiles, config.arch, config.sample, config.seed, d.decoder,
-                                      d.bad_samples, d.crop_scale, d.epoch_samples)
-            self.collate, self.workers = collate_robot, d.workers
+                                      d.bad_samples, d.crop_scale, d.epoch_samples, min_chunks)
+            self.collate, self.workers = functools.partial(collate_robot, pack=d.packing), d.workers
         else:
             raise ValueError(f"unknown data source {d.source!r}")
         self.order = EpochOrder(len(self.source), config.seed, dp_rank, dp_world_size)
-        self.rank, self.batch_size, self.delay_s = dp_rank, local_batch_size, d.delay_s
+        self.rank, self.batch_size, self.delay_s, self.packing = dp_rank, local_batch_size, d.delay_s, d.packing
         s = config.sample
-        self.tokens_per_sample = TokenLayout.teacher_forcing(
-            s.num_chunks, s.frames_per_chunk, s.tokens_per_frame(config.arch), s.actions_per_chunk).length
+        self.window_tokens = [TokenLayout.teacher_forcing(k, s.frames_per_chunk, s.tokens_per_frame(config.arch),
+                                                          s.actions_per_chunk).length for k in range(s.num_chunks + 1)]
+
+    def _tokens(self, index: int) -> int:
+        return self.window_tokens[self.source.chunks(index)]
+
+    def _index_batches(self, order: EpochOrder) -> Iterator[list[int]]:
+        if self.packing:
+            return packed_batches(order, self._tokens, self.batch_size * self.window_tokens[-1])
+        return order.batches(self.batch_size)
 
     def _batches(self) -> Iterator[dict]:
         """Collated batches in order, from the current position (workers prefetch from a copy of the order)."""
         ahead = copy.deepcopy(self.order)
         if self.workers == 0:
-            for indices in ahead.batches(self.batch_size):
+            for indices in self._index_batches(ahead):
                 yield self.collate([self.source[i] for i in indices])
         else:
-            loader = DataLoader(self.source, batch_sampler=ahead.batches(self.batch_size), num_workers=self.workers,
+            loader = DataLoader(self.source, batch_sampler=self._index_batches(ahead), num_workers=self.workers,
                                 collate_fn=self.collate, prefetch_factor=2)
             yield from loader
 
     def __iter__(self) -> Iterator[tuple[dict, torch.Tensor]]:
         skipped = 0
         for batch in self._batches():
-            self.order.take(self.batch_size)  # the trainer now has these samples
-            skipped += batch.pop("skipped", 0)
+            bad = batch.pop("skipped", 0)
+            windows = batch.get("windows", ())
+            self.order.take(len(windows) + bad if self.packing else self.batch_size)  # the trainer now has these
+            skipped += bad
             if "video" not in batch and "pixels" not in batch:
                 continue  # every sample of the batch was bad and skipped
             batch["skipped"] = skipped
             skipped = 0
             if self.delay_s:
                 time.sleep(self.delay_s)
-            yield batch, torch.zeros(len(batch["prompt"]), self.tokens_per_sample, dtype=torch.int8)
+            # one label per real token: torchtitan counts them for tokens/s
+            shape = ((1, sum(self.window_tokens[k] for k in windows)) if self.packing
+                     else (len(batch["prompt"]), self.window_tokens[-1]))
+            yield batch, torch.zeros(shape, dtype=torch.int8)
 
     def state_dict(self) -> dict[str, Any]:
         return {f"rank{self.rank}": self.order.state_dict()}

@@ -21,9 +21,15 @@ from wam.platform.embodiment import resolve_profile
 from wam.platform.presets import SampleShape, WamArch
 from wam.trainer.data.decode import FrameDecoder, make_decoder
 from wam.trainer.data.lerobot import TIMESTAMP_TOLERANCE_S, DataError, LeRobotDataset
-from wam.trainer.data.stats import NormStats, concat_columns, load_or_compute_stats
+from wam.trainer.data.stats import (
+    NormStats,
+    concat_columns,
+    episode_idle,
+    idle_columns,
+    load_or_compute_stats,
+)
 from wam.trainer.data.transforms import crop, normalize, pad, relative_actions, tile
-from wam.trainer.data.windows import Window, action_steps, chunk_starts, video_frames, window_starts
+from wam.trainer.data.windows import Window, action_steps, chunk_starts, plan_windows, video_frames
 from wam.trainer.model.vae import vae_config
 
 log = logging.getLogger("wam.data")
@@ -41,7 +47,7 @@ class WindowData:
 
 @dataclass
 class RobotSample:
-    pixels: torch.Tensor  # (3, T, H, W) uint8 canvas of all views, T = 1 + 4*F*K
+    pixels: torch.Tensor  # (3, T, H, W) uint8 canvas of all views, T = 1 + 4*F*K (K: the window's chunks)
     actions: torch.Tensor  # (K, A, action_dim) normalised, padded
     action_dims: torch.Tensor  # (action_dim,) bool: real dims
     has_actions: bool
@@ -52,8 +58,9 @@ class RobotSample:
 class RobotSource:
     def __init__(self, entries: list[DatasetEntry], profiles: dict[str, ProfileSection], arch: WamArch,
                  sample: SampleShape, seed: int, decoder: str = "auto", bad_samples: str = "error",
-                 crop_scale: float = 1.0, epoch_samples: int | None = None):
-        self.arch, self.shape, self.seed = arch, sample, seed
+                 crop_scale: float = 1.0, epoch_samples: int | None = None, min_chunks: int | None = None):
+        """`min_chunks`: windows of min_chunks..K chunks (packing); None: exactly K."""
+        self.arch, self.shape, self.seed, self.min_chunks = arch, sample, seed, min_chunks
         self.decoder_name, self.bad_samples, self.crop_scale = decoder, bad_samples, crop_scale
         self.datasets = [LeRobotDataset(e.uri) for e in entries]
         self.profiles = [resolve_profile(e.profile, profiles) for e in entries]
@@ -83,7 +90,8 @@ class RobotSource:
 
     def _plan(self, d: int) -> list[Window]:
         dataset, profile, k = self.datasets[d], self.profiles[d], self.shape.num_chunks
-        windows = []
+        least = k if self.min_chunks is None else self.min_chunks
+        windows, idle_count = [], 0
         for e, episode in enumerate(dataset.episodes):
             if episode.length < profile.action_horizon + 1:
                 problem = DataError(f"{dataset.describe(episode)} has {episode.length} frames, fewer than one chunk "
@@ -91,12 +99,20 @@ class RobotSource:
                 self._bad(problem)
                 self.skipped_episodes += 1
                 continue
-            task_index = dataset.frames(episode, ())["task_index"]
+            frames = dataset.frames(episode, idle_columns(profile))
+            idle = episode_idle(frames, profile)
+            idle_count += int(idle.sum()) if idle is not None else 0
             step = profile.action_horizon // 2  # windows every half chunk
-            windows += [Window(d, e, s) for s in window_starts(task_index, k, profile.action_horizon, step)]
+            windows += [Window(d, e, s, c) for s, c in plan_windows(frames["task_index"], k, profile.action_horizon,
+                                                                    step, least, idle)]
         if not windows:
-            raise DataError(f"dataset {dataset.uri} has no window of {k} chunks ({k * profile.action_horizon + 1} "
-                            "frames) inside one instruction segment; use fewer sample.num_chunks")
+            raise DataError(f"dataset {dataset.uri} has no window of {least} chunks ({least * profile.action_horizon + 1}"
+                            " frames) inside one instruction segment" + (" outside idle stretches" if
+                                                                         profile.idle_threshold is not None else "")
+                            + "; use fewer sample.num_chunks" + (", or data.packing" if self.min_chunks is None else ""))
+        if profile.idle_threshold is not None:
+            log.info("%s: %d frames in idle stretches left out of sampling (%s idle_threshold %g)", dataset.uri,
+                     idle_count, profile.name, profile.idle_threshold)
         return windows
 
     def _mix(self, per_dataset: list[list[Window]], weights: list[float], total: int | None) -> list[Window]:
@@ -121,6 +137,9 @@ class RobotSource:
     def __len__(self) -> int:
         return len(self.windows)
 
+    def chunks(self, index: int) -> int:
+        return self.windows[index].chunks
+
     @property
     def decoder(self) -> FrameDecoder:
         if self._decoder is None:  # made in the process that decodes (data-loader workers)
@@ -130,7 +149,7 @@ class RobotSource:
     def load(self, window: Window) -> WindowData:
         dataset, profile = self.datasets[window.dataset], self.profiles[window.dataset]
         episode = dataset.episodes[window.episode]
-        k, horizon = self.shape.num_chunks, profile.action_horizon
+        k, horizon = window.chunks, profile.action_horizon
         frames = dataset.frames(episode, profile.state_keys + profile.action_keys)
         where = f"{dataset.describe(episode)} ({episode.data_path})"
         used = np.concatenate([video_frames(window.start, k, self.shape.frames_per_chunk, profile.video_stride),
@@ -167,7 +186,7 @@ class RobotSource:
         views = [crop(torch.from_numpy(data.views[c]).permute(0, 3, 1, 2), self.crop_scale, rng) for c in profile.cameras]
         pixels = tile(views, profile.layout, self.canvas).permute(1, 0, 2, 3)
         state, _ = pad(normalize(data.state, state_q01, state_q99), self.arch.state_dim)
-        k, horizon = self.shape.num_chunks, profile.action_horizon
+        k, horizon = window.chunks, profile.action_horizon
         if data.actions is None:
             actions, dims = np.zeros((k * horizon, self.arch.action_dim), np.float32), np.zeros(self.arch.action_dim, bool)
         else:

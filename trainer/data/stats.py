@@ -1,4 +1,5 @@
-"""q01/q99 normalisation statistics of a dataset as a profile sees it (`wam data stats`).
+"""q01/q99 normalisation statistics of a dataset as a profile sees it, and what sampling keeps of it: idle
+stretches and the windows' numbers of chunks (`wam data stats`).
 
 Relative actions depend on the chunk they belong to, so their statistics cannot come from the dataset's
 own meta/stats.json: they are computed over chunks laid from every instruction segment's start, for the
@@ -20,7 +21,7 @@ from wam.platform.embodiment import EmbodimentProfile
 from wam.platform.storage import default_cache_dir, is_remote, local_path
 from wam.trainer.data.lerobot import DataError, LeRobotDataset
 from wam.trainer.data.transforms import relative_actions
-from wam.trainer.data.windows import instruction_segments
+from wam.trainer.data.windows import idle_frames, instruction_segments, plan_windows
 
 log = logging.getLogger("wam.data")
 MAX_ROWS = 2_000_000  # quantiles from an even subsample beyond this
@@ -87,6 +88,48 @@ def compute_stats(dataset: LeRobotDataset, profile: EmbodimentProfile, bad_sampl
     action_q01, action_q99 = _quantiles(actions)
     step_q99 = _quantiles(steps)[1] if steps else None
     return NormStats(state_q01, state_q99, action_q01, action_q99, step_q99)
+
+
+def idle_columns(profile: EmbodimentProfile) -> tuple[str, ...]:
+    """The columns whose stillness marks idle frames: the actions, or the state of video-only data."""
+    if profile.idle_threshold is None:
+        return ()
+    return profile.action_keys or profile.state_keys
+
+
+def episode_idle(frames: dict[str, np.ndarray], profile: EmbodimentProfile) -> np.ndarray | None:
+    """(frames,) bool: the episode's idle stretches (at least half a chunk still); None without a threshold."""
+    if profile.idle_threshold is None:
+        return None
+    return idle_frames(concat_columns(frames, idle_columns(profile)), profile.idle_threshold,
+                       profile.action_horizon // 2)
+
+
+@dataclass
+class SamplingSummary:
+    """What window sampling keeps of a dataset: frames in idle stretches, and windows by number of chunks
+    (1..K, as packing samples them; K alone without packing) with and without the idle filter."""
+
+    frames: int
+    idle_frames: int
+    windows: dict[int, int]
+    windows_unfiltered: dict[int, int]
+
+
+def sampling_summary(dataset: LeRobotDataset, profile: EmbodimentProfile, chunks: int) -> SamplingSummary:
+    frames = idle = 0
+    kept: dict[int, int] = dict.fromkeys(range(1, chunks + 1), 0)
+    unfiltered = dict(kept)
+    for episode in dataset.episodes:
+        rows = dataset.frames(episode, idle_columns(profile))
+        still = episode_idle(rows, profile)
+        frames += episode.length
+        idle += int(still.sum()) if still is not None else 0
+        for counts, mask in ((kept, still), (unfiltered, None)):
+            for _, k in plan_windows(rows["task_index"], chunks, profile.action_horizon, profile.action_horizon // 2,
+                                     1, mask):
+                counts[k] += 1
+    return SamplingSummary(frames, idle, kept, unfiltered)
 
 
 def _non_finite(values: np.ndarray, keys: tuple[str, ...]) -> str:

@@ -26,29 +26,13 @@ from wam.platform.layout import Span, TokenKind, TokenLayout
 from wam.trainer.kernels.dispatch import launch_backward, launch_forward
 from wam.trainer.kernels.schedule import KernelConfigs, Schedule, build_schedule
 from wam.trainer.kernels.tuning import INTERPRETER, architecture, tuned_configs
-from wam.trainer.model.mask import AttentionMask
+from wam.trainer.model.mask import AttentionMask, RaggedMask
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-class RaggedMask:
-    """Masks of several samples packed one after another along the token axis (a ragged batch: samples with
-    different numbers of chunks). The packed q, k, v have batch size 1; no token attends across samples."""
-
-    def __init__(self, masks: Sequence[AttentionMask]):
-        if not masks:
-            raise ValueError("a ragged batch needs at least one sample")
-        self.masks = tuple(masks)
-        self._cache: dict[tuple, object] = {}
-
-    def cached(self, key: tuple, build):
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
-
-
-def _masks(mask: AttentionMask | RaggedMask) -> tuple[AttentionMask, ...]:
-    return mask.masks if isinstance(mask, RaggedMask) else (mask,)
+def _masks(mask: AttentionMask) -> tuple[AttentionMask, ...]:
+    return mask.masks  # a RaggedMask's windows, or the mask alone
 
 
 def span_tables(mask: AttentionMask | RaggedMask) -> tuple[Tensor, Tensor]:

@@ -154,10 +154,12 @@ class SelfAttention(_Attention):
 
 
 class CrossContext(NamedTuple):
-    """Cross-attention keys/values of one block: text tokens, and CLIP image tokens for I2V models."""
+    """Cross-attention keys/values of one block: text tokens, and CLIP image tokens for I2V models. `windows`:
+    the token counts of windows packed along the tokens (batch 1), window i attending to row i's keys."""
 
     text: KV
     image: KV | None
+    windows: tuple[int, ...] | None = None
 
 
 class CrossAttention(_Attention):
@@ -176,7 +178,8 @@ class CrossAttention(_Attention):
             self.k_img, self.v_img = config.k_img.build(), config.v_img.build()
             self.norm_k_img = config.norm_k_img.build()
 
-    def context(self, text: torch.Tensor, image: torch.Tensor | None) -> CrossContext:
+    def context(self, text: torch.Tensor, image: torch.Tensor | None,
+                windows: tuple[int, ...] | None = None) -> CrossContext:
         """Project the (embedded) conditioning tokens once; reusable for every query of a session."""
         text_kv = KV(self._heads(self.norm_k(self.k(text))), self._heads(self.v(text)))
         image_kv = None
@@ -184,16 +187,23 @@ class CrossAttention(_Attention):
             if image is None:
                 raise ValueError("this model has an image (CLIP) branch: pass image tokens")
             image_kv = KV(self._heads(self.norm_k_img(self.k_img(image))), self._heads(self.v_img(image)))
-        return CrossContext(text_kv, image_kv)
+        return CrossContext(text_kv, image_kv, windows)
 
     @staticmethod
-    def _attend(q: torch.Tensor, kv: KV) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), kv.k.transpose(1, 2), kv.v.transpose(1, 2))
+    def _attend(q: torch.Tensor, kv: KV, windows: tuple[int, ...] | None) -> torch.Tensor:
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+        if windows is None:
+            out = attend(q, kv.k, kv.v)
+        else:  # packed windows: each attends to its own prompt
+            out = torch.cat([attend(part, kv.k[i:i + 1], kv.v[i:i + 1])
+                             for i, part in enumerate(q.split(windows, dim=1))], dim=2)
         return out.transpose(1, 2).flatten(2)
 
     def forward(self, x: torch.Tensor, context: CrossContext) -> torch.Tensor:
         q = self._heads(self.norm_q(self.q(x)))
-        out = self._attend(q, context.text)
+        out = self._attend(q, context.text, context.windows)
         if context.image is not None:
-            out = out + self._attend(q, context.image)
+            out = out + self._attend(q, context.image, context.windows)
         return self.o(out)

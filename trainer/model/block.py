@@ -18,10 +18,12 @@ from wam.trainer.model.mask import AttentionMask
 
 
 class Conditioning(NamedTuple):
-    """Embedded cross-attention tokens shared by all blocks: text (B, text_len, dim), image (B, n, dim)."""
+    """Embedded cross-attention tokens shared by all blocks: text (B, text_len, dim), image (B, n, dim). For
+    windows packed along the tokens (batch 1), one row per window and `windows` their token counts."""
 
     text: torch.Tensor
     image: torch.Tensor | None
+    windows: tuple[int, ...] | None = None
 
 
 class TokenModulation(NamedTuple):
@@ -55,7 +57,7 @@ class WanBlock(Module):
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
 
     def cross_context(self, conditioning: Conditioning) -> CrossContext:
-        return self.cross_attn.context(conditioning.text, conditioning.image)
+        return self.cross_attn.context(conditioning.text, conditioning.image, conditioning.windows)
 
     def forward(self, x: torch.Tensor, modulation: TokenModulation, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: AttentionMask, context: Conditioning | CrossContext,

@@ -1,5 +1,8 @@
 """The block-causal mask of a (query layout, key layout) pair in the three forms attention kernels consume.
 
+`RaggedMask` packs several windows one after another along the token axis (a ragged batch, batch size 1):
+each keeps its own mask and no token attends across windows.
+
 All three come from `wam.platform.layout.attends`, the single definition of the mask:
   - `dense()`: a (Lq, Lk) boolean matrix for SDPA (CPU training, references);
   - `block_mask()`: a flex_attention BlockMask built from the block layout, with `attends` as mask_mod;
@@ -9,6 +12,7 @@ All three come from `wam.platform.layout.attends`, the single definition of the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -59,6 +63,19 @@ def _span_block_overlap(layout: TokenLayout, block: int) -> torch.Tensor:
     return (span_start[None, :] < ends[:, None]) & (span_end[None, :] > starts[:, None])
 
 
+def _packed_metadata(layouts: tuple[TokenLayout, ...], device: torch.device,
+                     pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (kind, chunk, window) of layouts packed in order, padded with kind -1 to a multiple of `pad_to`."""
+    kinds, chunks = (torch.cat(t) for t in zip(*(token_metadata(layout, torch.device("cpu")) for layout in layouts),
+                                               strict=True))
+    windows = torch.repeat_interleave(torch.arange(len(layouts), dtype=torch.int32),
+                                      torch.tensor([layout.length for layout in layouts]))
+    pad = -len(kinds) % pad_to
+    kinds = torch.cat([kinds, torch.full((pad,), _PAD_KIND, dtype=torch.int32)])
+    chunks, windows = (torch.cat([t, torch.zeros(pad, dtype=torch.int32)]) for t in (chunks, windows))
+    return kinds.to(device), chunks.to(device), windows.to(device)
+
+
 class AttentionMask:
     """Mask of `queries` attending to `keys` (keys = queries for a full training sequence)."""
 
@@ -66,6 +83,20 @@ class AttentionMask:
         self.queries = queries
         self.keys = keys if keys is not None else queries
         self._cache: dict[tuple, object] = {}
+
+    @property
+    def masks(self) -> tuple[AttentionMask, ...]:
+        """The windows packed along the tokens, each with its own mask: this one alone."""
+        return (self,)
+
+    def _metadata(self, device: torch.device, pad_to: int = 1) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """((kind, chunk, window) of the queries, the same of the keys): per-token int32 tensors."""
+        return tuple(_packed_metadata(tuple(getattr(m, side) for m in self.masks), device, pad_to)
+                     for side in ("queries", "keys"))
+
+    def _span_allowed(self) -> torch.Tensor:
+        """(query spans, key spans) bool: `attends` per span pair, False between different windows."""
+        return torch.block_diag(*(torch.tensor(m.queries.span_allowed(m.keys)) for m in self.masks))
 
     def cached(self, key: tuple, build):
         """`build()` once per key: every form of this mask (and the kernels' schedules) is made once."""
@@ -75,15 +106,14 @@ class AttentionMask:
 
     def dense(self, device: torch.device | str = "cpu") -> torch.Tensor:
         def build() -> torch.Tensor:
-            qk, qc = token_metadata(self.queries, torch.device(device))
-            kk, kc = token_metadata(self.keys, torch.device(device))
-            return attends(qk[:, None], qc[:, None], kk[None, :], kc[None, :])
+            (qk, qc, qw), (kk, kc, kw) = self._metadata(torch.device(device))
+            return attends(qk[:, None], qc[:, None], kk[None, :], kc[None, :]) & (qw[:, None] == kw[None, :])
 
         return self.cached(("dense", str(device)), build)
 
     def block_layout(self, block_q: int = 128, block_k: int = 128) -> BlockLayout:
         def build() -> BlockLayout:
-            allowed = torch.tensor(self.queries.span_allowed(self.keys), dtype=torch.float32)
+            allowed = self._span_allowed().float()
             q_overlap = _span_block_overlap(self.queries, block_q).float()
             k_overlap = _span_block_overlap(self.keys, block_k).float()
             any_allowed = (q_overlap @ allowed @ k_overlap.T) > 0
@@ -96,11 +126,10 @@ class AttentionMask:
         def build() -> BlockMask:
             dev = torch.device(device)
             tiles = self.block_layout(block_size, block_size)
-            qk, qc = token_metadata(self.queries, dev, pad_to=block_size)
-            kk, kc = token_metadata(self.keys, dev, pad_to=block_size)
+            (qk, qc, qw), (kk, kc, kw) = self._metadata(dev, pad_to=block_size)
 
             def mask_mod(b, h, q_idx, kv_idx):
-                return attends(qk[q_idx], qc[q_idx], kk[kv_idx], kc[kv_idx])
+                return attends(qk[q_idx], qc[q_idx], kk[kv_idx], kc[kv_idx]) & (qw[q_idx] == kw[kv_idx])
 
             def as_indices(tiles_bool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 counts = tiles_bool.sum(-1, dtype=torch.int32)
@@ -113,6 +142,24 @@ class AttentionMask:
                                             mask_mod=mask_mod, seq_lengths=(self.queries.length, self.keys.length))
 
         return self.cached(("flex", str(device), block_size), build)
+
+
+class RaggedMask(AttentionMask):
+    """Windows packed one after another along the token axis (a ragged batch: windows with different numbers
+    of chunks, batch size 1). Each keeps its own mask; no token attends across windows."""
+
+    def __init__(self, masks: Sequence[AttentionMask]):
+        if not masks:
+            raise ValueError("a ragged batch needs at least one window")
+        self._masks = tuple(masks)
+        queries, keys = masks[0].queries, masks[0].keys
+        for mask in self._masks[1:]:
+            queries, keys = queries + mask.queries, keys + mask.keys
+        super().__init__(queries, keys)
+
+    @property
+    def masks(self) -> tuple[AttentionMask, ...]:
+        return self._masks
 
 
 class PaddedMask(NamedTuple):

@@ -29,7 +29,7 @@ from wam.trainer.model.block import Conditioning, TokenModulation, WanBlock
 from wam.trainer.model.heads import ActionEncoder, ImageProjection, OutputHead, ReluMLP
 from wam.trainer.model.kv_cache import KV, KVCache, LayerCache, PaddedKV
 from wam.trainer.model.layers import Conv3d, sinusoidal_embedding
-from wam.trainer.model.mask import AttentionMask, PaddedMask
+from wam.trainer.model.mask import AttentionMask, PaddedMask, RaggedMask
 from wam.trainer.model.rope import rope_tables
 
 _CLEAN_KINDS = (TokenKind.FIRST, TokenKind.CLEAN)
@@ -37,7 +37,12 @@ _CLEAN_KINDS = (TokenKind.FIRST, TokenKind.CLEAN)
 
 @dataclass
 class WamInputs:
-    """One teacher-forcing batch in latent space: K chunks of F latent frames and A actions."""
+    """One teacher-forcing batch in latent space: K chunks of F latent frames and A actions.
+
+    Packed (`windows` set): windows of 1..K chunks one after another along the token axis, batch 1, no
+    padding. The chunk and frame axes then hold every window's chunks in order (K = sum(windows); `video` and
+    `i2v_cond` each window's first frame and then its chunks' frames), and `text` / `image` one row per window.
+    """
 
     video: torch.Tensor  # (B, z, 1 + K*F, h, w) clean latents: first frame + K chunks
     noisy_video: torch.Tensor  # (B, z, K*F, h, w)
@@ -48,6 +53,7 @@ class WamInputs:
     text: torch.Tensor  # (B, text_len, text_dim) umT5 features
     image: torch.Tensor | None = None  # (B, image_tokens, image_dim) CLIP features (I2V models)
     i2v_cond: torch.Tensor | None = None  # (B, 4 + z, 1 + K*F, h, w) mask + first-frame latent (Wan2.1-I2V)
+    windows: tuple[int, ...] | None = None  # packed: the chunks of each window
 
     @classmethod
     def random(cls, arch: WamArch, sample: SampleShape, batch: int = 1, seed: int = 0,
@@ -97,6 +103,11 @@ def _init_full_then_shard(param: torch.Tensor, init, seed: int) -> None:
 @lru_cache(maxsize=8)  # a cached dense mask of a 14B sample is ~180 MB
 def _attention_mask(queries: TokenLayout, keys: TokenLayout) -> AttentionMask:
     return AttentionMask(queries, keys)
+
+
+@lru_cache(maxsize=8)
+def _ragged_mask(layouts: tuple[TokenLayout, ...]) -> RaggedMask:
+    return RaggedMask([_attention_mask(layout, layout) for layout in layouts])
 
 
 @lru_cache(maxsize=8)  # one of 8 guided 14B chunks is ~230 MB
@@ -244,12 +255,13 @@ class WamModel(BaseModel):
 
     def _run_blocks(self, x: torch.Tensor, layout: TokenLayout, keys: TokenLayout, span_t: torch.Tensor,
                     grid: tuple[int, int], context: Conditioning | list,
-                    cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, L, dim) tokens of `layout`, attending to `keys` (the cache's context + layout). Returns the
-        final hidden states and the per-span time embedding (B, spans, dim) for the output head."""
+                    cache: KVCache | None, mask: AttentionMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, L, dim) tokens of `layout`, attending to `keys` (the cache's context + layout) under `mask`
+        (default: theirs). Returns the final hidden states and the per-span time embedding (B, spans, dim) for
+        the output head."""
         e, modulation = self._time_modulation(layout, span_t)
         rope = rope_tables(layout, grid, self.arch.head_dim, self.arch.rope_theta, x.device)
-        mask = _attention_mask(layout, keys)
+        mask = mask if mask is not None else _attention_mask(layout, keys)
         self._prepare_mask(mask, x.device)
         layers = cache.layers if cache is not None else [None] * len(self.blocks)
         return self.run_blocks(x, modulation, rope, mask, context, layers), e
@@ -282,6 +294,8 @@ class WamModel(BaseModel):
     # -- training -------------------------------------------------------------------------------------
 
     def forward(self, batch: WamInputs) -> WamOutputs:
+        if batch.windows is not None:
+            return self._forward_packed(batch)
         b, k, a = batch.noisy_actions.shape[:3]
         frames = batch.noisy_video.shape[2]
         if frames % k:
@@ -291,17 +305,65 @@ class WamModel(BaseModel):
             raise ValueError(f"video must hold the first frame + {frames} chunk frames, got {batch.video.shape[2]}")
         grid = self._grid(batch.video)
         layout = TokenLayout.teacher_forcing(k, f, grid[0] * grid[1], a)
-        clean_frames = 1 + (k - 1) * f  # the last chunk's clean copy is never attended to
-        x = torch.cat([
-            self.embed_video(batch.video[:, :, :clean_frames], 0, batch.i2v_cond),
-            self.embed_video(batch.noisy_video, 1, batch.i2v_cond),
-            self.action_encoder(batch.noisy_actions.flatten(1, 2), batch.action_t.repeat_interleave(a, dim=1)),
-            self.state_encoder(batch.state),
-        ], dim=1).float()
+        x = self._teacher_forcing_tokens(batch.video, batch.noisy_video, batch.noisy_actions, batch.state,
+                                         batch.action_t, batch.i2v_cond, f)
         span_t = self._span_timesteps(layout, batch.video_t, batch.action_t, b, x.device)
         context = self.conditioning(batch.text, batch.image)
         x, e = self._run_blocks(x, layout, layout, span_t, grid, context, cache=None)
         return self._decode(x, e, layout, grid, frames)
+
+    def _teacher_forcing_tokens(self, video: torch.Tensor, noisy_video: torch.Tensor, noisy_actions: torch.Tensor,
+                                state: torch.Tensor, action_t: torch.Tensor, i2v_cond: torch.Tensor | None,
+                                f: int) -> torch.Tensor:
+        """(B, L, dim) fp32 tokens of one teacher-forcing window of K = state.shape[1] chunks."""
+        k, a = noisy_actions.shape[1:3]
+        clean_frames = 1 + (k - 1) * f  # the last chunk's clean copy is never attended to
+        return torch.cat([
+            self.embed_video(video[:, :, :clean_frames], 0, i2v_cond),
+            self.embed_video(noisy_video, 1, i2v_cond),
+            self.action_encoder(noisy_actions.flatten(1, 2), action_t.repeat_interleave(a, dim=1)),
+            self.state_encoder(state),
+        ], dim=1).float()
+
+    def _forward_packed(self, batch: WamInputs) -> WamOutputs:
+        """Windows packed along the tokens: each with its own block-causal mask (none attends across windows),
+        RoPE positions from 0 and prompt, in one sequence; per window exactly what it would get alone."""
+        windows, total = batch.windows, sum(batch.windows)
+        if batch.noisy_actions.shape[0] != 1 or batch.noisy_actions.shape[1] != total:
+            raise ValueError(f"packed windows of {list(windows)} chunks need actions (1, {total}, A, dims), got "
+                             f"{tuple(batch.noisy_actions.shape)}")
+        f = batch.noisy_video.shape[2] // total
+        if batch.noisy_video.shape[2] != total * f or batch.video.shape[2] != len(windows) + total * f:
+            raise ValueError(f"packed windows of {list(windows)} chunks: video must hold each window's first frame "
+                             f"+ its chunks' frames; got {batch.video.shape[2]} and {batch.noisy_video.shape[2]} "
+                             "noisy frames")
+        grid, a = self._grid(batch.video), batch.noisy_actions.shape[2]
+        layouts, tokens, span_t = [], [], []
+        frame = chunk = 0
+        for k in windows:
+            video_part = slice(frame, frame + 1 + k * f)
+            chunks, noisy = slice(chunk, chunk + k), slice(chunk * f, (chunk + k) * f)
+            i2v = batch.i2v_cond[:, :, video_part] if batch.i2v_cond is not None else None
+            layouts.append(TokenLayout.teacher_forcing(k, f, grid[0] * grid[1], a))
+            tokens.append(self._teacher_forcing_tokens(
+                batch.video[:, :, video_part], batch.noisy_video[:, :, noisy], batch.noisy_actions[:, chunks],
+                batch.state[:, chunks], batch.action_t[:, chunks], i2v, f))
+            span_t.append(self._span_timesteps(layouts[-1], batch.video_t[:, chunks], batch.action_t[:, chunks], 1,
+                                               tokens[-1].device))
+            frame, chunk = video_part.stop, chunks.stop
+        packed = sum(layouts[1:], layouts[0])
+        lengths = tuple(layout.length for layout in layouts)
+        context = self.conditioning(batch.text, batch.image)._replace(windows=lengths)
+        x, e = self._run_blocks(torch.cat(tokens, dim=1), packed, packed, torch.cat(span_t, dim=1), grid, context,
+                                cache=None, mask=_ragged_mask(tuple(layouts)))
+        outs, span = [], 0
+        for layout, x_window in zip(layouts, x.split(lengths, dim=1), strict=True):
+            spans = len(layout.spans)
+            outs.append(self._decode(x_window, e[:, span:span + spans], layout, grid, layout.count(TokenKind.NOISY)
+                                     // (grid[0] * grid[1])))
+            span += spans
+        return WamOutputs(video=torch.cat([o.video for o in outs], dim=2),
+                          actions=torch.cat([o.actions for o in outs], dim=1))
 
     # -- plain Wan2.1 ---------------------------------------------------------------------------------
 

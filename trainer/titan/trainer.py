@@ -219,25 +219,39 @@ class WamTrainer(Trainer):
             self.prompt_features.popitem(last=False)
         return batch
 
+    def _encode_pixels(self, pixels: torch.Tensor, windows: tuple[int, ...] | None):
+        """(latents, CLIP image tokens, I2V channels) of robot video; packed windows are encoded one by one
+        (the VAE encodes each window's first frame alone) and packed again along the frame axis."""
+        if windows is None:
+            clip = self.encoders.encode_clip(pixels)
+            return clip.latents, clip.image, clip.i2v
+        per_chunk = (pixels.shape[2] - len(windows)) // sum(windows)
+        clips = [self.encoders.encode_clip(part) for part in pixels.split([1 + per_chunk * k for k in windows], dim=2)]
+        image = torch.cat([c.image for c in clips]) if clips[0].image is not None else None
+        i2v = torch.cat([c.i2v for c in clips], dim=2) if clips[0].i2v is not None else None
+        return torch.cat([c.latents for c in clips], dim=2), image, i2v
+
     def forward_backward_step(self, *, input_dict: dict, labels: torch.Tensor,
                               global_valid_tokens: torch.Tensor) -> torch.Tensor:
         step, index = self.microbatch
         self.microbatch = (self.step, index + 1 if step == self.step else 0)
         randomness = StepRandomness(self.wam.seed, self.step, self.dp_rank, self.microbatch[1])
         flow = self.wam.flow
+        windows = input_dict.get("windows")  # packed windows (data.packing): their chunks
         if "pixels" in input_dict:  # robot video: the frozen VAE / CLIP encode it here
-            clip = self.encoders.encode_clip(input_dict["pixels"])
-            video, image, i2v = clip.latents, clip.image, clip.i2v
+            video, image, i2v = self._encode_pixels(input_dict["pixels"], windows)
         else:
             video, image, i2v = input_dict["video"], input_dict.get("image"), input_dict.get("i2v_cond")
         text = self._encode_prompts(drop_prompts(input_dict["prompt"], flow, randomness))
-        batch = noise_batch(video, input_dict["actions"], input_dict["state"], text, flow, randomness, image, i2v)
+        batch = noise_batch(video, input_dict["actions"], input_dict["state"], text, flow, randomness, image, i2v,
+                            windows)
         with self.train_context():
             out = self.model_parts[0](batch.inputs)
             parts = flow_loss(out.video, out.actions, batch.target_video, batch.target_actions, batch.sigma_video,
                               batch.sigma_action, input_dict["action_dims"], input_dict["has_actions"],
                               self.weighting, flow.video_loss_weight, flow.action_loss_weight)
-            # Normalise by the counts over all data-parallel ranks: FSDP sums gradients across ranks.
+            # Normalise by the counts over all data-parallel ranks: FSDP sums gradients across ranks. The counts are
+            # real latent frames and actions only (packed ranks hold different numbers of them).
             totals = torch.stack([parts.video_sum.detach(), parts.video_count, parts.action_sum.detach(),
                                   parts.action_count, torch.tensor(float(input_dict.get("skipped", 0)),
                                                                    device=self.device)]).float()
