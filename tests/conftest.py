@@ -157,8 +157,10 @@ def step_losses(run_dir) -> dict[int, float]:
 
 # The run the SIGKILL tests interrupt (torchrun in test_training, Ray in test_ray_launcher): both compare
 # with the same uninterrupted torchrun run of it.
-# Prompt dropout on: its draws, like the noise, must repeat exactly in a resumed run.
-INTERRUPTED_RUN = {"training": {"steps": 16}, "checkpoint": {"interval": 4, "keep": 0}, "flow": {"prompt_dropout": 0.5}}
+# Prompt dropout on: its draws, like the noise, must repeat exactly in a resumed run. Packed windows of 1..K
+# chunks: which windows share a sequence, and the per-real-token loss over ranks, must repeat too.
+INTERRUPTED_RUN = {"training": {"steps": 16}, "checkpoint": {"interval": 4, "keep": 0}, "flow": {"prompt_dropout": 0.5},
+                   "data": {"packing": True}}
 
 
 @pytest.fixture(scope="session")
