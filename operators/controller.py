@@ -36,6 +36,7 @@ class Controller:
         """Reconcile the TrainJob as it is now (read again under its lock, so a stale event cannot act on an
         old status twice); its phase, or None when it is gone."""
         with self._locks[(namespace, name)], metrics.RECONCILE_SECONDS.time():
+            cpu = time.thread_time()
             try:
                 obj = self.kube.get(kube.TRAINJOB, namespace, name)
                 if obj is None or obj["metadata"].get("deletionTimestamp"):
@@ -47,6 +48,8 @@ class Controller:
             except Exception:
                 metrics.RECONCILES.labels(result="error").inc()
                 raise
+            finally:
+                metrics.RECONCILE_CPU_SECONDS.observe(time.thread_time() - cpu)
             metrics.RECONCILES.labels(result="ok").inc()
             metrics.observe_phase(namespace, name, phase)
             return phase

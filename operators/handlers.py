@@ -58,9 +58,11 @@ def registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         def child_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             memo.controller.reconcile(body.metadata.namespace, body.metadata.labels[builders.JOB_LABEL])
 
-    # Progress and checkpoints are polled: the training job reports to MLflow and storage, not to us.
+    # Progress and checkpoints are polled: the training job reports to MLflow and storage, not to us. The
+    # first tick waits one interval: a new TrainJob's own event already reconciled it.
     @kopf.timer(trainjob.GROUP, trainjob.VERSION, trainjob.PLURAL, registry=reg,
-                interval=settings.progress_interval_seconds, idle=None,
+                interval=settings.progress_interval_seconds, initial_delay=settings.progress_interval_seconds,
+                idle=None,
                 when=lambda status, **_: status.get("phase") not in TERMINAL_PHASES)
     def progress_tick(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo.controller.reconcile(body.metadata.namespace, body.metadata.name)

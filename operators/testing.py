@@ -10,11 +10,15 @@ controller runs in it: a test plays JobSet, Job, Deployment and Kueue controller
 runs real pods with wam.operators.local_cluster).
 Label selectors are filtered on the server for equality terms only. Not emulated: admission and CRD
 schema validation, optimistic concurrency (resourceVersion never changes), field managers, scheduling.
+Requests are counted by action and resource (`EmulatedCluster.api_calls`), and forgotten once served: kmock
+keeps every request for assertions and matches each new one against all of them, which made a request's
+cost grow with the number served before it (most of the CPU of a 100-TrainJob burst went there).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import ipaddress
 import itertools
@@ -60,8 +64,28 @@ class _Emulator(kmock.KubernetesEmulator):
         self._versions = itertools.count(1)
         self.created_at: dict[tuple[str, str, str], float] = {}  # (plural, namespace, name) -> perf_counter()
         self.pod_logs: dict[tuple[str, str, str], str] = {}  # (namespace, pod, container) -> what it printed
+        self.calls: collections.Counter[tuple[str, str]] = collections.Counter()  # (action, plural[/sub]) -> n
+        self.calls_lock = threading.Lock()  # read from the test's thread
 
     async def _handle(self, request):
+        if request.resource is not None and request.resource.plural:  # not a discovery request
+            resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+            with self.calls_lock:
+                self.calls[(request.action.value.lower() if request.action else str(request.method), resource)] += 1
+        try:
+            return await self._serve(request)
+        finally:
+            self._forget(request)
+
+    def _forget(self, request) -> None:
+        """Drop a served request from kmock's history (the root's and its reaction's), by identity."""
+        for history in (self._requests, *(payload._requests for payload in self._payloads)):
+            for i, seen in enumerate(history):
+                if seen is request:
+                    del history[i]
+                    break
+
+    async def _serve(self, request):
         if request.resource is not None and request.resource.plural == "pods" and request.subresource == "log":
             return self._serve_log(request)
         deleted_uid = None
@@ -203,10 +227,12 @@ class EmulatedCluster:
             self._ready.set()
             await self._stop.wait()
 
-    def start_operator(self, settings: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """The real operator (`python -m wam.operators`) against this server, its output appended to `log`."""
+    def start_operator(self, settings: Path, log: Path, env: dict[str, str] | None = None,
+                       metrics_port: int = 0) -> subprocess.Popen:
+        """The real operator (`python -m wam.operators`) against this server, its output appended to `log`
+        (`metrics_port`: where it serves Prometheus metrics; 0: nowhere)."""
         return subprocess.Popen(
-            [sys.executable, "-m", "wam.operators", "--settings", str(settings), "--metrics-port", "0",
+            [sys.executable, "-m", "wam.operators", "--settings", str(settings), "--metrics-port", str(metrics_port),
              "--health-port", "0", "--log-format", "plain"],
             env={**os.environ, **(env or {}), "KUBECONFIG": str(self.kubeconfig)}, stdout=log.open("a"),
             stderr=subprocess.STDOUT)
@@ -224,6 +250,12 @@ class EmulatedCluster:
     def created_at(self, kind: kube.Kind, namespace: str, name: str) -> float | None:
         """When the server received the object's creation (time.perf_counter() of this process)."""
         return self.emulator.created_at.get((kind.plural, namespace, name))
+
+    def api_calls(self) -> dict[tuple[str, str], int]:
+        """Requests served so far by (action, resource): ('create', 'jobsets'), ('update', 'trainjobs/status')…
+        (kmock's actions: list, watch, fetch, create, update = patch, delete)."""
+        with self.emulator.calls_lock:
+            return dict(self.emulator.calls)
 
     def objects(self, kind: kube.Kind, namespace: str = "default") -> dict[str, dict]:
         """Live objects of a kind by name (read over HTTP, as any client would)."""

@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -430,9 +431,20 @@ def check_memory(cfg: WamConfig, gib_per_process: float, where: str) -> None:
         "or a smaller preset")
 
 
+_per_thread = threading.local()
+
+
+def _schema() -> DictConfig:
+    """The schema as an omegaconf node, built once per thread (~12 ms); never modified: merges copy it. Not
+    shared between threads: omegaconf detaches a node's children while it copies them."""
+    if not hasattr(_per_thread, "schema"):
+        _per_thread.schema = OmegaConf.structured(WamConfig)
+    return _per_thread.schema
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> WamConfig:
     """Schema defaults <- YAML file <- `key=value` overrides, validated. Raises ConfigError on bad input."""
-    schema = OmegaConf.structured(WamConfig)
+    schema = _schema()
     layers: list[Any] = [schema]
     source = "overrides"
     try:
@@ -497,7 +509,7 @@ def _read_yaml(path: Path) -> DictConfig:
 
 def config_from_dict(data: dict, source: str = "recorded config") -> WamConfig:
     """A config held as a plain dict (a checkpoint manifest, an MLflow run, a TrainJob), validated."""
-    schema = OmegaConf.structured(WamConfig)
+    schema = _schema()
     _check_shapes(schema, [data], source)
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(schema, data))
@@ -531,5 +543,6 @@ def _first_line(err: Exception) -> str:
 
 
 def to_yaml(cfg: WamConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    # The same text as through OmegaConf.structured(cfg), in half the time (no type analysis of the tree).
+    return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg)))
 

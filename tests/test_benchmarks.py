@@ -20,9 +20,18 @@ def test_data_benchmark_smoke(tmp_path):
     assert all(row["samples_per_s"] > 0 for rows in data["results"].values() for row in rows.values())
 
 
+def test_vae_benchmark_smoke(tmp_path):
+    data = run_benchmark("vae.py", tmp_path, "--smoke", "--repeats", "1")
+    assert data["vaes"]["wan2.2"]["latents"] == [1, 8, 2, 2, 2] and data["vaes"]["wan2.1"]["latents"] == [1, 4, 2, 4, 4]
+    assert data["ratios_wan22_over_wan21"]["dit_tokens_per_latent_frame"] == 0.25
+
+
 def test_operator_benchmark_smoke(tmp_path):
     data = run_benchmark("operator_latency.py", tmp_path, "--jobs", "3", "--baseline", "1")
     assert data["3_concurrent"]["n"] == 3 and data["one_at_a_time"]["p50_ms"] > 0
+    per_job = data["per_new_trainjob"]  # counted at the emulated API server and from the operator's metrics
+    assert per_job["api_requests_by_kind"]["create jobsets"] == 1 and per_job["reconciles"] >= 1
+    assert data["cpu_ms_per_reconcile"] > 0
 
 
 def test_serve_benchmark_smoke(tmp_path):
