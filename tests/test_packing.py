@@ -10,8 +10,9 @@ import yaml
 from typer.testing import CliRunner
 
 from wam.app.cli import app
-from wam.platform.config import DataSection, DatasetEntry, FlowSection
+from wam.platform.config import DataSection, DatasetEntry, FlowSection, load_config
 from wam.platform.embodiment import ProfileSection, resolve_profile
+from wam.platform.errors import ConfigError
 from wam.platform.layout import TokenLayout
 from wam.platform.presets import SampleShape
 from wam.trainer.data.batch import collate_latents, collate_robot
@@ -113,7 +114,7 @@ def test_packed_loader_fills_sequences_without_padding_and_resumes_exactly(tiny)
                                           s.actions_per_chunk).length for k in range(s.num_chunks + 1)]
     first = _loader(tiny, rank=1)
     it = iter(first)
-    seen = [next(it) for _ in range(5)]  # 24 windows over 2 ranks: into the second epoch
+    seen = [next(it) for _ in range(3)]  # a packing group holds 16 windows, more than an epoch of this rank
     for batch, labels in seen:
         used = sum(tokens[k] for k in batch["windows"])
         assert labels.shape == (1, used) and used <= 2 * tokens[-1]  # one label per real token, within budget
@@ -121,7 +122,8 @@ def test_packed_loader_fills_sequences_without_padding_and_resumes_exactly(tiny)
     assert len({k for batch, _ in seen for k in batch["windows"]}) > 1
     assert max(len(batch["windows"]) for batch, _ in seen) > 2  # short windows share a sequence
     state = first.state_dict()
-    expected = [next(it)[0] for _ in range(3)]
+    assert state["rank1"]["packed"] > 0  # resumed inside a packing group
+    expected = [next(it)[0] for _ in range(8)]  # and on into the next group
     resumed = _loader(tiny, rank=1)
     resumed.load_state_dict(state)
     it2 = iter(resumed)
@@ -192,3 +194,10 @@ def test_robot_windows_pack_and_leave_idle_stretches_out(robot_dataset, tiny, tm
     text = " ".join(result.output.split())
     assert "48 of 480 frames (10.0%) left out of sampling" in text
     assert f"3: {summary.windows[3]} (of {summary.windows_unfiltered[3]})" in text
+
+
+def test_bad_packing_settings_are_named_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"data.min_chunks must be 1..4 \(sample.num_chunks\), got 5"):
+        load_config(None, ["data.packing=true", "data.min_chunks=5"])
+    with pytest.raises(ConfigError, match="idle_threshold must be >= 0"):
+        resolve_profile("still", {"still": dataclasses.replace(IDLE_PROFILE, idle_threshold=-1.0)}).validate(8)

@@ -5,9 +5,10 @@ rank r of W takes every W-th entry. The loader's state (epoch, position of the n
 will get) is checkpointed under a rank-unique key, so a resumed run continues with exactly the next
 samples, whatever the decoding workers had prefetched.
 
-With data.packing, windows of 1..K chunks are taken in the same order and packed into one sequence per
-micro-batch while they fit in batch_size K-chunk windows' tokens; which windows share a sequence follows
-from the order alone, so resuming repeats the packing too.
+With data.packing, windows of 1..K chunks are taken in the same order, PACK_GROUP micro-batches' worth at a
+time, and packed first-fit decreasing into sequences of at most batch_size K-chunk windows' tokens. The
+packing is a function of the order alone; the state adds how many sequences of the current group the trainer
+had, so resuming repeats the packing too.
 """
 
 from __future__ import annotations
@@ -70,16 +71,24 @@ class EpochOrder:
         self.epoch, self.position = state["epoch"], state["position"]
 
 
-def packed_batches(order: EpochOrder, tokens: Callable[[int], int], budget: int) -> Iterator[list[int]]:
-    """Source indices in order, as many per batch as fit in `budget` tokens (`tokens(index)` each)."""
-    batch, used = [], 0
-    while True:
-        index = order.take(1)[0]
-        if batch and used + tokens(index) > budget:
-            yield batch
-            batch, used = [], 0
-        batch.append(index)
-        used += tokens(index)
+PACK_GROUP = 8  # packing looks this many micro-batches of windows ahead
+
+
+def pack(indices: list[int], tokens: Callable[[int], int], budget: int) -> list[list[int]]:
+    """First-fit decreasing: `indices` in as few bins of at most `budget` tokens as it finds (`tokens(index)`
+    each), deterministic for the same input."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(indices, key=lambda i: -tokens(i)):  # stable: ties keep the order
+        size = tokens(index)
+        fit = next((b for b, free in enumerate(room) if size <= free), None)
+        if fit is None:
+            bins.append([])
+            room.append(budget)
+            fit = len(bins) - 1
+        bins[fit].append(index)
+        room[fit] -= size
+    return bins
 
 
 class WamDataLoader(BaseDataLoader):
@@ -111,6 +120,7 @@ class WamDataLoader(BaseDataLoader):
             raise ValueError(f"unknown data source {d.source!r}")
         self.order = EpochOrder(len(self.source), config.seed, dp_rank, dp_world_size)
         self.rank, self.batch_size, self.delay_s, self.packing = dp_rank, local_batch_size, d.delay_s, d.packing
+        self.packed = 0  # sequences of the current packing group the trainer has had
         s = config.sample
         self.window_tokens = [TokenLayout.teacher_forcing(k, s.frames_per_chunk, s.tokens_per_frame(config.arch),
                                                           s.actions_per_chunk).length for k in range(s.num_chunks + 1)]
@@ -118,29 +128,36 @@ class WamDataLoader(BaseDataLoader):
     def _tokens(self, index: int) -> int:
         return self.window_tokens[self.source.chunks(index)]
 
-    def _index_batches(self, order: EpochOrder) -> Iterator[list[int]]:
-        if self.packing:
-            return packed_batches(order, self._tokens, self.batch_size * self.window_tokens[-1])
-        return order.batches(self.batch_size)
+    def _plan(self, order: EpochOrder) -> Iterator[tuple[list[int], int]]:
+        """(source indices, order entries used up once the trainer has them) of each batch from the order's
+        position, after the `packed` sequences of the current group the trainer already had."""
+        if not self.packing:
+            for indices in order.batches(self.batch_size):
+                yield indices, self.batch_size
+            return
+        group, budget, skip = PACK_GROUP * self.batch_size, self.batch_size * self.window_tokens[-1], self.packed
+        while True:
+            bins = pack(order.take(group), self._tokens, budget)
+            for b, indices in enumerate(bins[skip:], start=skip):
+                yield indices, group if b == len(bins) - 1 else 0
+            skip = 0
 
     def _batches(self) -> Iterator[dict]:
         """Collated batches in order, from the current position (workers prefetch from a copy of the order)."""
-        ahead = copy.deepcopy(self.order)
+        indices = (batch for batch, _ in self._plan(copy.deepcopy(self.order)))
         if self.workers == 0:
-            for indices in self._index_batches(ahead):
-                yield self.collate([self.source[i] for i in indices])
+            for batch in indices:
+                yield self.collate([self.source[i] for i in batch])
         else:
-            loader = DataLoader(self.source, batch_sampler=self._index_batches(ahead), num_workers=self.workers,
-                                collate_fn=self.collate, prefetch_factor=2)
-            yield from loader
+            yield from DataLoader(self.source, batch_sampler=indices, num_workers=self.workers,
+                                  collate_fn=self.collate, prefetch_factor=2)
 
     def __iter__(self) -> Iterator[tuple[dict, torch.Tensor]]:
         skipped = 0
-        for batch in self._batches():
-            bad = batch.pop("skipped", 0)
-            windows = batch.get("windows", ())
-            self.order.take(len(windows) + bad if self.packing else self.batch_size)  # the trainer now has these
-            skipped += bad
+        for batch, (_, used) in zip(self._batches(), self._plan(copy.deepcopy(self.order)), strict=False):
+            self.order.take(used)  # the trainer now has these samples
+            self.packed = 0 if used else self.packed + 1
+            skipped += batch.pop("skipped", 0)
             if "video" not in batch and "pixels" not in batch:
                 continue  # every sample of the batch was bad and skipped
             batch["skipped"] = skipped
@@ -148,12 +165,12 @@ class WamDataLoader(BaseDataLoader):
             if self.delay_s:
                 time.sleep(self.delay_s)
             # one label per real token: torchtitan counts them for tokens/s
-            shape = ((1, sum(self.window_tokens[k] for k in windows)) if self.packing
+            shape = ((1, sum(self.window_tokens[k] for k in batch["windows"])) if self.packing
                      else (len(batch["prompt"]), self.window_tokens[-1]))
             yield batch, torch.zeros(shape, dtype=torch.int8)
 
     def state_dict(self) -> dict[str, Any]:
-        return {f"rank{self.rank}": self.order.state_dict()}
+        return {f"rank{self.rank}": {**self.order.state_dict(), "packed": self.packed}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         key = f"rank{self.rank}"
@@ -161,3 +178,4 @@ class WamDataLoader(BaseDataLoader):
             raise ValueError(f"the checkpoint has no data-loader state for data-parallel rank {self.rank}; "
                              "resume with the same number of processes")
         self.order.load_state_dict(state_dict[key])
+        self.packed = state_dict[key].get("packed", 0)
