@@ -12,14 +12,25 @@ class Accelerator:
     memory_gib: float
     devices_per_node: int
     cpu_arch: str  # amd64 | arm64
+    # Roofline of `wam plan` (bytes/s, one direction, per device): HBM, NVLink within the NVLink domain, and the
+    # scale-out network (InfiniBand) between domains.
+    hbm_bytes_per_s: float = 0.0
+    nvlink_bytes_per_s: float = 0.0
+    network_bytes_per_s: float = 0.0
+    nvlink_domain: int = 8  # GPUs one NVLink fabric connects (a node; GB200 NVL72: the whole rack)
 
 
 ACCELERATORS = {
     a.name: a
     for a in (
-        Accelerator("h100", 989e12, 80, 8, "amd64"),
-        Accelerator("h200", 989e12, 141, 8, "amd64"),
-        Accelerator("gb200", 2.5e15, 186, 4, "arm64"),
+        # NVIDIA H100 SXM datasheet: 3.35 TB/s HBM3, NVLink 4 900 GB/s (both directions); one 400 Gb/s
+        # ConnectX-7 InfiniBand port per GPU (DGX H100).
+        Accelerator("h100", 989e12, 80, 8, "amd64", 3.35e12, 450e9, 50e9, 8),
+        # H200 SXM datasheet: 4.8 TB/s HBM3e; NVLink and networking as H100 (HGX H200).
+        Accelerator("h200", 989e12, 141, 8, "amd64", 4.8e12, 450e9, 50e9, 8),
+        # GB200 NVL72 datasheet: 8 TB/s HBM3e per GPU, NVLink 5 1.8 TB/s (both directions) across all 72 GPUs of
+        # the rack; 800 Gb/s ConnectX-8 per GPU between racks.
+        Accelerator("gb200", 2.5e15, 186, 4, "arm64", 8e12, 900e9, 100e9, 72),
     )
 }
 

@@ -1,0 +1,90 @@
+"""`wam plan`: trace a config's training step at N GPUs (wam.trainer.titan.plan, cached per config and rank
+count) and show what it means on an accelerator: memory per rank by category, the collectives of a step,
+roofline step time and MFU, the fewest GPUs that fit, and DreamZero's recipe on 8, 64 and 512 GPUs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rich import box
+from rich.table import Table
+
+from wam.app.console import console, human
+from wam.platform.accelerators import ACCELERATORS
+from wam.platform.config import WamConfig, resolve_preset
+from wam.platform.errors import ConfigError
+from wam.platform.plan import (
+    GIB,
+    HEADROOM,
+    TracedStep,
+    cache_key,
+    cached,
+    fewest_gpus,
+    recipe_time,
+    step_time,
+    store,
+)
+
+RECIPE_GPUS = (8, 64, 512)
+
+
+def traced_step(cfg: WamConfig, gpus: int, *, fresh: bool = False) -> TracedStep:
+    """The cached trace of this config (traced at any rank count), else a new one at `gpus` ranks (minutes for a
+    14B model)."""
+    if gpus % cfg.training.dp_replicate:
+        raise ConfigError(f"--gpus {gpus} is not a multiple of training.dp_replicate ({cfg.training.dp_replicate})")
+    key = cache_key(resolve_preset(cfg), cfg.training, cfg.data.source)
+    step = None if fresh else cached(key)
+    if step is None:
+        from wam.trainer.titan.plan import trace
+
+        with console.status(f"tracing one training step at {gpus} ranks (fake tensors, fake process group)"):
+            step = trace(cfg, gpus)
+        store(key, step)
+    return step
+
+
+def plan(cfg: WamConfig, accelerator: str, gpus: int, *, fresh: bool = False) -> dict:
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"--accelerator {accelerator!r} is not known; choose one of {', '.join(ACCELERATORS)}")
+    acc = ACCELERATORS[accelerator]
+    step = traced_step(cfg, gpus, fresh=fresh)
+    memory = step.memory_at(gpus)
+    total = sum(memory.values())
+    t = step_time(step, acc, gpus)
+    return {
+        "accelerator": accelerator, "gpus": gpus, "traced_at_gpus": step.world_size, "traced_in_s": step.trace_seconds,
+        "micro_batch": step.micro_batch, "activation_checkpointing": step.activation_checkpointing,
+        "memory_gib_per_gpu": {k: v / GIB for k, v in memory.items()} | {"total": total / GIB},
+        "fits": total <= HEADROOM * acc.memory_gib * GIB, "device_gib": acc.memory_gib,
+        "fewest_gpus": fewest_gpus(step, acc),
+        "collectives": [{**dataclasses.asdict(c), "group": gpus if c.group == step.world_size else c.group}
+                        for c in step.collectives],
+        "step": {"compute_s": t.compute_s, "communication_s": t.communication_s, "step_s": t.step_s,
+                 "mfu": t.mfu, "bound": t.bound},
+        "recipe": [dataclasses.asdict(recipe_time(step, acc, n)) for n in RECIPE_GPUS],
+    }
+
+
+def show(result: dict) -> None:
+    r = result
+    table = Table(title=f"{r['gpus']} x {r['accelerator']}: micro-batch {r['micro_batch']}, activation "
+                  f"checkpointing {r['activation_checkpointing']} (traced in {r['traced_in_s']:.0f} s)",
+                  show_header=False, box=box.SIMPLE)
+    table.add_column(no_wrap=True)
+    table.add_column()
+    for key, value in r["memory_gib_per_gpu"].items():
+        table.add_row(f"memory per GPU: {key.replace('_', ' ')}", f"{value:.2f} GiB")
+    table.add_row("fits", f"{'yes' if r['fits'] else 'NO'} ({HEADROOM:.0%} of {r['device_gib']:g} GiB usable)")
+    table.add_row("fewest GPUs that fit", str(r["fewest_gpus"] or "none"))
+    for c in r["collectives"]:
+        table.add_row(f"collective {c['name']}", f"{c['count']} x {human(c['bytes'], 'B')} over {c['group']} ranks")
+    s = r["step"]
+    table.add_row("step time (roofline)", f"{s['step_s']:.2f} s ({s['bound']}-bound: compute {s['compute_s']:.2f} s, "
+                  f"communication {s['communication_s']:.2f} s), MFU {s['mfu']:.0%}")
+    for rec in r["recipe"]:
+        table.add_row(f"recipe on {rec['gpus']} GPUs", f"{rec['days']:.1f} days, {rec['gpu_hours']:,.0f} GPU-hours "
+                      f"({rec['grad_accumulation']} micro-batches/step on {rec['busy_gpus']} busy GPUs, "
+                      f"{rec['step_s']:.1f} s/step, {rec['memory_gib']:.1f} GiB/GPU, "
+                      f"{'fits' if rec['fits'] else 'does NOT fit'})")
+    console.print(table)

@@ -1,0 +1,75 @@
+"""`wam plan`: the traced step against the same step run for real, and what the plan derives from it."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import wam_cli, write_run_config
+from wam.platform.accelerators import ACCELERATORS
+from wam.platform.config import load_config
+from wam.platform.plan import Collective, TracedStep, fewest_gpus, recipe_time, step_time
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    return write_run_config(tmp_path_factory.mktemp("plan"), "plan", training={"batch_size": 2})
+
+
+def test_traced_memory_matches_a_real_run(tiny_config, tmp_path):
+    """The trace (fake tensors, fake process group) and the real step (gloo, 1 and 2 processes) agree on peak tensor
+    memory within 10%, and on the collectives."""
+    from wam.trainer.titan.plan import trace
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    real = {n: subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                                 "-m", "wam.trainer.titan.plan", str(tiny_config),
+                                 str(tmp_path / f"real{n}.json")], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+            for n in (1, 2)}
+    cfg = load_config(tiny_config)
+    traced = {n: trace(cfg, n) for n in (1, 2)}
+    for n, proc in real.items():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+        measured = TracedStep.from_json((tmp_path / f"real{n}.json").read_text())
+        error = traced[n].peak_bytes / measured.peak_bytes - 1
+        print(f"{n} process(es): traced {traced[n].peak_bytes} B, measured {measured.peak_bytes} B, error {error:+.2%}")
+        assert abs(error) < 0.10
+        assert traced[n].collectives == measured.collectives
+        assert traced[n].traced and not measured.traced
+    # FSDP over 2 ranks halves the sharded states of 1.
+    assert traced[2].memory["optimizer_state"] == pytest.approx(traced[1].memory["optimizer_state"] / 2, rel=0.02)
+
+
+def _step(**changes) -> TracedStep:
+    gib = 1024**3
+    base = TracedStep(world_size=8, micro_batch=1, grad_accumulation=1, dp_replicate=1, activation_checkpointing="full",
+                      memory={"parameters": 8 * gib, "gradients": 8 * gib, "optimizer_state": 16 * gib,
+                              "gathered_parameters": gib, "activations": 10 * gib, "temporaries": gib},
+                      peak_bytes=44 * gib, ops=[[10**15, 10**9, 100]],
+                      collectives=[Collective("allgather_base", 10**9, 8, 80)],
+                      model_flops_per_sample=10**17, samples_per_step=8, trace_seconds=1.0)
+    return dataclasses.replace(base, **changes)
+
+
+def test_plan_scales_sharded_states_and_crosses_the_nvlink_domain():
+    step = _step()
+    assert step.total_at(16) == pytest.approx(step.total_at(8) - 16 * 1024**3)  # 32 GiB of states, half as many
+    h100, gb200 = ACCELERATORS["h100"], ACCELERATORS["gb200"]
+    inside, outside = step_time(step, h100, 8), step_time(step, h100, 16)  # one node; two nodes over InfiniBand
+    assert outside.communication_s > 8 * inside.communication_s
+    assert step_time(step, gb200, 64).communication_s < outside.communication_s  # NVL72: 64 GPUs on NVLink
+    assert step_time(step, h100).compute_s == pytest.approx(100 * 10**15 / h100.peak_bf16_flops)
+    assert fewest_gpus(step, h100) == min(n for n in range(1, 100) if step.total_at(n) <= 0.9 * 80 * 1024**3)
+    at_512 = recipe_time(step, h100, 512)
+    assert at_512.busy_gpus == 128 and at_512.grad_accumulation == 1  # batch 128: one sample per busy GPU
+    assert recipe_time(step, h100, 8).grad_accumulation == 16
+
+
+def test_plan_refuses_an_unknown_accelerator(tiny_config):
+    result = wam_cli("plan", tiny_config, "--accelerator", "a100", "--gpus", "8")
+    assert result.returncode == 2
+    assert "--accelerator 'a100' is not known; choose one of h100, h200, gb200" in result.stderr

@@ -1,0 +1,262 @@
+"""Trace one real training step of a config at N ranks without the GPUs (`wam plan`), or measure it for real.
+
+The step is the trainer's own: the model from the torchtitan config `trainer_config` builds, `parallelize_wam`
+(FSDP2/HSDP, activation checkpointing), the optimizer torchtitan builds, `WamTrainer.forward_backward_step`
+(noise, flow loss, backward), torchtitan's gradient clipping and the optimizer step. Traced, every tensor is a
+fake tensor and the process group is torch's fake one of N ranks (this process is rank 0), so a 14B model at
+512 ranks needs no memory; measured (`fake=False`), the same step runs on real tensors in a real process group.
+Either way torch's FSDPMemTracker records the peak per category, a dispatch recorder the collectives and, per
+operator, FLOPs and bytes moved (the roofline's inputs). Two steps run; the second, with optimizer states, is
+the one reported, as torchtitan's own memory estimation does.
+
+Where the trace differs from a GPU run: attention runs as SDPA with the dense mask whatever model.attention says
+(flex_attention has no backward on CPU tensors, and torch's memory tracker does not pass its higher-order op), so
+each block also holds its (tokens x tokens) mask and SDPA's temporaries: more than the block-sparse kernels hold,
+never less; attention FLOPs are the mask's share of SDPA's, as the block-sparse kernels compute. Blocks run
+eagerly (compile is not traced), and zeros in the shape of cached prompt features stand in for the text encoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from contextlib import ExitStack, nullcontext
+
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry
+
+from wam.platform.accounting import FROZEN_ENCODER_PARAMS, count_flops
+from wam.platform.config import WamConfig, resolve_preset
+from wam.platform.plan import CATEGORIES, Collective, TracedStep
+from wam.trainer.titan import compat  # noqa: F401  (torch shims, before torchtitan)
+
+if not torch.cuda.is_available():
+    from wam.trainer.titan import cpu  # noqa: F401
+
+from torchtitan.distributed import ParallelDims  # noqa: E402
+from torchtitan.distributed import utils as dist_utils  # noqa: E402
+
+from wam.trainer.flow import LossWeighting  # noqa: E402
+from wam.trainer.titan.config_registry import trainer_config  # noqa: E402
+from wam.trainer.titan.trainer import WamTrainer  # noqa: E402
+
+# FSDPMemTracker's categories -> the plan's.
+_CATEGORY = {"Sharded Param": "parameters", "Unsharded Param": "gathered_parameters", "Buffer": "parameters",
+             "Sharded Grad": "gradients", "Unsharded Grad": "gradients", "Activation": "activations",
+             "Temp": "temporaries", "All Gather": "gathered_parameters", "Reduce Scatter": "gradients",
+             "OptState": "optimizer_state", "Inputs": "activations"}
+_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+         torch.ops.aten._scaled_dot_product_efficient_attention, torch.ops.aten._scaled_dot_product_efficient_attention_backward,
+         torch.ops.aten._scaled_dot_product_flash_attention, torch.ops.aten._scaled_dot_product_flash_attention_backward}
+
+
+class _LayoutConstants(TorchDispatchMode):
+    """Index tensors the model derives from its token layout (which token is in which span, the mask's
+    metadata) are computed for real, as small CPU tensors: their sizes depend on their values
+    (repeat_interleave, nonzero), which fake tensors do not have. Everything touching model data stays fake."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self._constant(func, args, kwargs):
+            with unset_fake_temporarily():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _constant(func, args, kwargs) -> bool:
+        tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        device = kwargs.get("device")
+        if (any(isinstance(t, FakeTensor) for t in tensors) or func.namespace in ("c10d", "_c10d_functional")
+                or (device is not None and torch.device(device).type != "cpu")
+                or any(t.device.type != "cpu" for t in tensors)):
+            return False
+        if tensors:
+            return all(not t.is_floating_point() for t in tensors) or sum(t.numel() for t in tensors) < 1 << 16
+        if not any(a.name == "device" for a in func._schema.arguments):
+            return False
+        with unset_fake_temporarily():
+            out = func(*args, **{**kwargs, "device": "meta"})
+        return isinstance(out, torch.Tensor) and not out.is_floating_point() and out.numel() < 1 << 26
+
+
+_NOT_COLLECTIVES = ("barrier", "monitored_barrier_", "wait_tensor")
+
+
+def _group_size(args) -> int:
+    """Ranks of a collective's group: a ProcessGroup object (c10d ops) or a group name (functional ones)."""
+    for arg in tree_leaves(args):
+        if isinstance(arg, torch.ScriptObject):
+            return dist.ProcessGroup.unbox(arg).size()
+        if isinstance(arg, str):
+            return _resolve_process_group(arg).size()
+    return dist.get_world_size()
+
+
+class _StepRecorder(TorchDispatchMode):
+    """Per operator FLOPs (torch's FLOP formulas) and bytes read + written, and every collective with its bytes."""
+
+    def __init__(self, attention_density: float):
+        super().__init__()
+        self.attention_density = attention_density
+        self.ops: Counter[tuple[int, int]] = Counter()  # (flops, bytes) -> count
+        self.collectives: Counter[tuple[str, int, int]] = Counter()  # (name, bytes, group size) -> count
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.namespace in ("c10d", "_c10d_functional") and func._opname not in _NOT_COLLECTIVES:
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            self.collectives[(func._opname.strip("_"), max(t.nbytes for t in tensors), _group_size(args))] += 1
+            return out
+        flops = 0
+        if func.overloadpacket in flop_registry:
+            flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
+            if func.overloadpacket in _SDPA:
+                flops = int(flops * self.attention_density)  # the block-sparse GPU kernels skip masked tiles
+        moved = sum(t.nbytes for t in tree_leaves((args, kwargs, out))
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta")
+        self.ops[(flops, moved)] += 1
+        return out
+
+
+def plan_config(cfg: WamConfig, gpus: int) -> WamConfig:
+    """The config as a GPU job of `gpus` ranks would run it (bf16 parameters; attention as traced)."""
+    t = dataclasses.replace(cfg.training, processes=gpus, nodes=1,
+                            precision="bfloat16" if cfg.training.precision == "auto" else cfg.training.precision)
+    return dataclasses.replace(cfg, training=t, model=dataclasses.replace(cfg.model, attention="sdpa"))
+
+
+def run_step(cfg: WamConfig, *, fake: bool, steps: int = 2) -> TracedStep:
+    """The training step of `cfg` on this rank of the initialised process group: traced on fake tensors, or run."""
+    config = trainer_config(cfg)
+    config.compile.enable = False
+    world = dist.get_world_size()
+    parallel_dims = ParallelDims.from_config(config.parallelism, world)
+    parallel_dims.build_mesh()
+    preset = resolve_preset(cfg)
+    flops = count_flops(preset.arch, preset.sample)
+    loader = config.dataloader.build(dp_world_size=parallel_dims.get_optional_mesh("batch").size()
+                                     if parallel_dims.get_optional_mesh("batch") is not None else 1,
+                                     dp_rank=dist.get_rank(), tokenizer=None, seq_len=config.training.seq_len,
+                                     local_batch_size=config.training.local_batch_size)
+    input_dict, labels = next(iter(loader))
+    weighting = LossWeighting(cfg.flow.loss_weighting, cfg.flow.shift)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    if mode is not None:
+        input_dict = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in input_dict.items()}
+        labels = mode.from_tensor(labels)
+    started = time.monotonic()
+    with mode if mode is not None else nullcontext():
+        spec = config.model_spec
+        spec.model.update_from_config(config=config)
+        with torch.device("meta"):
+            model = spec.model.build()
+        model = spec.parallelize_fn(model, parallel_dims=parallel_dims, training=config.training,
+                                    parallelism=config.parallelism, compile_config=config.compile,
+                                    ac_config=config.activation_checkpoint, dump_folder=str(cfg.run_dir))
+        model.to_empty(device="cpu")
+        if not fake:
+            with torch.no_grad():
+                model.init_weights(buffer_device=None)
+        model.train()
+        optimizers = config.optimizer.build(model_parts=[model])
+        trainer = _step_owner(cfg, config, parallel_dims, model, weighting, preset.arch)
+        tracker = FSDPMemTracker(mod=model, optm=optimizers.optimizers[0])
+        tracker.track_inputs((input_dict,))
+        recorder = _StepRecorder(flops.self_attention / flops.self_attention_dense)
+        for step in range(1, steps + 1):
+            with ExitStack() as stack:
+                stack.enter_context(tracker)
+                if step == steps:
+                    stack.enter_context(recorder)
+                if fake:
+                    stack.enter_context(_LayoutConstants())
+                optimizers.zero_grad()
+                trainer.step = step
+                for _ in range(trainer.gradient_accumulation_steps):
+                    trainer.forward_backward_step(input_dict=input_dict, labels=labels,
+                                                  global_valid_tokens=torch.tensor(1))
+                dist_utils.clip_grad_norm_(list(model.parameters()), config.training.max_norm, foreach=True)
+                optimizers.step()
+                if step < steps:
+                    tracker.reset_mod_stats()
+        peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    memory = dict.fromkeys(CATEGORIES, 0)
+    for key, value in peak.items():
+        if key != "Total":
+            memory[_CATEGORY[key.value]] += value
+    return TracedStep(
+        world_size=world, micro_batch=config.training.local_batch_size,
+        grad_accumulation=trainer.gradient_accumulation_steps, dp_replicate=cfg.training.dp_replicate,
+        activation_checkpointing=cfg.training.activation_checkpointing, memory=memory,
+        peak_bytes=int(peak["Total"]), ops=[[f, b, n] for (f, b), n in sorted(recorder.ops.items())],
+        collectives=[Collective(name, size, group, count) for (name, size, group), count
+                     in sorted(recorder.collectives.items())],
+        model_flops_per_sample=flops.training, samples_per_step=config.training.local_batch_size
+        * trainer.gradient_accumulation_steps * world, trace_seconds=round(time.monotonic() - started, 1),
+        traced=fake, frozen_encoder_bytes=_frozen_encoder_bytes(cfg))
+
+
+def _frozen_encoder_bytes(cfg: WamConfig) -> int:
+    """bf16 weights of the frozen encoders a rank holds: the text encoder, and for robot video the VAE and CLIP."""
+    arch = resolve_preset(cfg).arch
+    names = [arch.text_encoder] + ([arch.vae, arch.image_encoder] if cfg.data.source == "lerobot" else [])
+    return 2 * sum(FROZEN_ENCODER_PARAMS.get(name, 0) for name in names)
+
+
+def _step_owner(cfg, config, parallel_dims, model, weighting, arch) -> WamTrainer:
+    """The state `WamTrainer.forward_backward_step` reads, without the rest of a trainer (checkpointer, metrics,
+    MLflow, data workers). Prompt features come as from the trainer's cache (the text encoder is frozen and its
+    outputs are cached across steps); their size is the encoder's output."""
+    trainer = WamTrainer.__new__(WamTrainer)
+    trainer.config, trainer.wam, trainer.device = config, cfg, torch.device("cpu")
+    trainer.model_parts, trainer.weighting, trainer.parallel_dims = [model], weighting, parallel_dims
+    trainer.step, trainer.microbatch, trainer.ntokens_seen = 0, (0, 0), 0
+    batch_mesh, loss_mesh = parallel_dims.get_optional_mesh("batch"), parallel_dims.get_optional_mesh("loss")
+    trainer.dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
+    trainer.loss_group = loss_mesh.get_group() if loss_mesh is not None else None
+    trainer.gradient_accumulation_steps = cfg.training.grad_accumulation
+    trainer.window = torch.zeros(5)
+    trainer.train_context = dist_utils.get_spmd_context(parallel_dims=parallel_dims)
+    trainer._encode_prompts = lambda prompts: torch.zeros(len(prompts), arch.text_len, arch.text_dim)
+    return trainer
+
+
+def trace(cfg: WamConfig, gpus: int) -> TracedStep:
+    """The step of `cfg` on `gpus` ranks, traced in this process as rank 0 of a fake process group."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    cfg = plan_config(cfg, gpus)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
+    try:
+        return run_step(cfg, fake=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(cfg: WamConfig) -> TracedStep:
+    """The same step on real tensors in this torchrun job's process group (gloo on CPUs)."""
+    dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    try:
+        return run_step(plan_config(cfg, dist.get_world_size()), fake=False)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node N -m wam.trainer.titan.plan CONFIG OUT.json [key=value ...]
+    import sys
+    from pathlib import Path
+
+    from wam.platform.config import load_config
+
+    measured = measure(load_config(sys.argv[1], sys.argv[3:]))
+    if dist.is_available() and int(__import__("os").environ.get("RANK", "0")) == 0:
+        Path(sys.argv[2]).write_text(measured.to_json())
