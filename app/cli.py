@@ -110,6 +110,27 @@ def model_info(
     console.print(table)
 
 
+@app.command("plan")
+def plan_command(
+    config: Path = typer.Argument(..., help="the run's YAML config (model, sample, training sections are traced)"),
+    accelerator: str = typer.Option(..., help="h100 | h200 | gb200"),
+    gpus: int = typer.Option(..., min=1, help="ranks to trace (FSDP over all of them; HSDP with training.dp_replicate)"),
+    overrides: list[str] = typer.Option([], "--set", help="config override key=value (repeatable)"),
+    fresh: bool = typer.Option(False, help="trace again even if this config and rank count were traced before"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Trace one real training step at N GPUs without them: memory per GPU, collectives, step time, MFU, fit,
+    fewest GPUs, and DreamZero's recipe (batch 128, 100K steps) on 8, 64 and 512 GPUs."""
+    from wam.app import plan
+
+    with user_errors():
+        result = plan.plan(load_config(config, overrides), accelerator, gpus, fresh=fresh)
+    if as_json:
+        console.print_json(json.dumps(result))
+    else:
+        plan.show(result)
+
+
 @model_app.command("import")
 def model_import(
     checkpoint: str = typer.Argument(..., help="Wan2.1 / DreamZero DiT: .safetensors, sharded index, .pth, a folder, "
