@@ -19,6 +19,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from wam.platform import plan
 from wam.platform.accounting import GIB, estimate_memory, min_gpus
 from wam.platform.checkpoints import run_series
 from wam.platform.embodiment import ProfileSection, resolve_profile
@@ -406,29 +407,42 @@ def resolve_preset(cfg: WamConfig) -> Preset:
 
 
 def check_memory(cfg: WamConfig, gib_per_process: float, where: str) -> None:
-    """Refuse a run whose estimated memory per training process exceeds `gib_per_process` (`where` says
-    what that memory is, for the message)."""
+    """Refuse a run whose memory per training process exceeds `gib_per_process` (`where` says what that memory
+    is, for the message): by the traced step of this config (`wam plan`, shipped or cached), else by the static
+    estimate, and say how many processes would fit."""
     preset = resolve_preset(cfg)
-    t = cfg.training
-    kwargs = dict(batch_per_gpu=t.batch_size, activation_checkpointing=t.activation_checkpointing != "none")
-    need = estimate_memory(preset.arch, preset.sample, cfg.world_size, **kwargs)
-    if need.total / GIB <= gib_per_process:
-        return
-    fewest = min_gpus(preset.arch, preset.sample, gib_per_process, headroom=1.0, **kwargs)
-    with_ac = min_gpus(preset.arch, preset.sample, gib_per_process, headroom=1.0,
-                       **{**kwargs, "activation_checkpointing": True})
+    traced = plan.cached(plan.cache_key(preset, cfg.training, cfg.data.source))
+    if traced is not None:
+        need = traced.memory_at(cfg.world_size)
+        total = sum(need.values())
+        if total / GIB <= gib_per_process:
+            return
+        fewest = plan.fewest_ranks(traced, gib_per_process * GIB)
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / GIB:.1f}" for k, v in need.items() if v >= 0.05 * GIB)
+        source = "by its traced training step"
+    else:
+        t = cfg.training
+        kwargs = dict(batch_per_gpu=t.batch_size, activation_checkpointing=t.activation_checkpointing != "none")
+        estimate = estimate_memory(preset.arch, preset.sample, cfg.world_size, **kwargs)
+        total = estimate.total
+        if total / GIB <= gib_per_process:
+            return
+        fewest = min_gpus(preset.arch, preset.sample, gib_per_process, headroom=1.0, **kwargs)
+        with_ac = min_gpus(preset.arch, preset.sample, gib_per_process, headroom=1.0,
+                           **{**kwargs, "activation_checkpointing": True})
+        parts = (f"sharded states {estimate.sharded_states / GIB:.1f}, encoders {estimate.frozen_encoders / GIB:.1f}, "
+                 f"activations {estimate.activations / GIB:.1f}")
+        source = "by the static estimate (no traced plan of this config: `wam plan` traces one)"
     if fewest:
-        hint = f"at least {fewest} processes of this size would fit"
-    elif with_ac and t.activation_checkpointing == "none":
-        hint = f"with training.activation_checkpointing=full at least {with_ac} processes of this size would fit"
+        hint = f"it needs at least {fewest} GPUs (processes) of this size"
+    elif traced is None and with_ac and t.activation_checkpointing == "none":
+        hint = f"with training.activation_checkpointing=full it needs at least {with_ac} GPUs (processes) of this size"
     else:
         hint = "no number of processes of this size fits (activations or frozen encoders alone do not)"
     raise ConfigError(
-        f"preset {preset.name} needs ~{need.total / GIB:.1f} GiB per process with {cfg.world_size} process(es) "
-        f"(sharded states {need.sharded_states / GIB:.1f}, encoders {need.frozen_encoders / GIB:.1f}, "
-        f"activations {need.activations / GIB:.1f}) but each process has {gib_per_process:.1f} GiB ({where}); "
-        f"{hint}. Use more processes or nodes, training.activation_checkpointing=full, a smaller batch, "
-        "or a smaller preset")
+        f"preset {preset.name} needs ~{total / GIB:.1f} GiB per process with {cfg.world_size} process(es) {source} "
+        f"({parts} GiB) but each process has {gib_per_process:.1f} GiB ({where}); {hint}. Use more processes or "
+        "nodes, training.activation_checkpointing=full, a smaller batch, or a smaller preset")
 
 
 _per_thread = threading.local()

@@ -380,5 +380,5 @@ def training_config(job: TrainJob, platform: Platform) -> WamConfig:
     except OmegaConfBaseException as err:
         raise ConfigError(f"spec.config: {str(err).splitlines()[0]}") from None
     cfg = config_from_dict(merged, source="spec.config")
-    check_memory(cfg, accelerator.memory_gib, f"one {accelerator.name} GPU, by the model's memory estimate")
+    check_memory(cfg, accelerator.memory_gib, f"one {accelerator.name} GPU")
     return cfg

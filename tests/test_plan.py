@@ -73,3 +73,23 @@ def test_plan_refuses_an_unknown_accelerator(tiny_config):
     result = wam_cli("plan", tiny_config, "--accelerator", "a100", "--gpus", "8")
     assert result.returncode == 2
     assert "--accelerator 'a100' is not known; choose one of h100, h200, gb200" in result.stderr
+
+
+def test_admission_uses_the_traced_plan_and_names_the_gpus_needed(tmp_path, monkeypatch):
+    """check_memory (`wam train`, the operator's validate) reads the traced step of the config when one is cached,
+    and says how many GPUs it needs; without one it falls back to the static estimate and says so."""
+    from wam.platform import plan
+    from wam.platform.config import check_memory, resolve_preset
+    from wam.platform.errors import ConfigError
+
+    monkeypatch.setenv("WAM_PLAN_CACHE", str(tmp_path))
+    cfg = load_config(None, ["model.preset=dreamzero-14b", "training.processes=8", "training.batch_size=1",
+                             "training.activation_checkpointing=full"])
+    with pytest.raises(ConfigError, match="by the static estimate"):
+        check_memory(cfg, 1.0, "one test GPU")
+    step = _step()
+    plan.store(plan.cache_key(resolve_preset(cfg), cfg.training, cfg.data.source), step)
+    check_memory(cfg, step.total_at(8) / 1024**3 + 0.1, "one test GPU")  # fits
+    needed = plan.fewest_ranks(step, 40 * 1024**3)
+    with pytest.raises(ConfigError, match=rf"by its traced training step .* it needs at least {needed} GPUs"):
+        check_memory(cfg, 40.0, "one test GPU")
