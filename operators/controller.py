@@ -29,6 +29,7 @@ class Controller:
         self.kube, self.settings, self.platform = client, settings, settings.platform()
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._read_at: dict[tuple[str, str], float] = {}
+        self.progress = progress.ProgressReader(settings.mlflow.tracking_uri, settings.progress_interval_seconds)
         # The training config of a job is validated and rendered (~20 ms) once per spec generation.
         self._configs: dict[tuple[str, str], tuple[str, int, WamConfig]] = {}
 
@@ -42,7 +43,8 @@ class Controller:
                 if obj is None or obj["metadata"].get("deletionTimestamp"):
                     metrics.forget(namespace, name)
                     self._read_at.pop((namespace, name), None)
-                    self._configs.pop((namespace, name), None)
+                    if (cached := self._configs.pop((namespace, name), None)) is not None:
+                        self.progress.forget(cached[2].checkpoint.uri)
                     return None
                 phase = self._reconcile(obj)
             except Exception:
@@ -114,25 +116,24 @@ class Controller:
             seen.service = self.kube.get(kube.SERVICE, ns, name)
         finishing = running and state in ("completed", "failed")
         if finishing or (running and self._due(job)):
-            self._read_reports(job, seen)
+            self._read_reports(job, seen, final=finishing)
         return seen
 
     def _due(self, job: TrainJob) -> bool:
         last = self._read_at.get((job.namespace, job.name), 0.0)
         return time.monotonic() - last >= self.settings.progress_interval_seconds
 
-    def _read_reports(self, job: TrainJob, seen: Observed) -> None:
-        """Progress from the MLflow run and the newest complete checkpoint; an unreachable store leaves the
-        status as it was (and is logged), it never fails the reconciliation."""
+    def _read_reports(self, job: TrainJob, seen: Observed, final: bool) -> None:
+        """Progress from the MLflow run (`final`: the job's own numbers, else the batch of its experiment's
+        running runs) and the newest complete checkpoint; an unreachable store leaves the status as it was
+        (and is logged), it never fails the reconciliation."""
         self._read_at[(job.namespace, job.name)] = time.monotonic()
-        if self.settings.mlflow.tracking_uri:
-            try:
-                seen.report = progress.read_mlflow(self.settings.mlflow.tracking_uri, job.spec.tracking.experiment,
-                                                   job.run_name)
-            except Exception as err:  # noqa: BLE001 - tracking is advisory
-                log.warning("TrainJob %s/%s: MLflow unreadable: %s", job.namespace, job.name, err)
         try:
-            seen.checkpoint = progress.read_checkpoint(trainjob.checkpoint_uri(job, self.platform))
+            seen.report = self.progress.report(job.spec.tracking.experiment, job.run_name, final)
+        except Exception as err:  # noqa: BLE001 - tracking is advisory
+            log.warning("TrainJob %s/%s: MLflow unreadable: %s", job.namespace, job.name, err)
+        try:
+            seen.checkpoint = self.progress.checkpoint(trainjob.checkpoint_uri(job, self.platform))
         except Exception as err:  # noqa: BLE001 - storage hiccups must not stop reconciling
             log.warning("TrainJob %s/%s: checkpoints unreadable: %s", job.namespace, job.name, err)
 

@@ -27,11 +27,16 @@ def test_vae_benchmark_smoke(tmp_path):
 
 
 def test_operator_benchmark_smoke(tmp_path):
-    data = run_benchmark("operator_latency.py", tmp_path, "--jobs", "3", "--baseline", "1")
+    data = run_benchmark("operator_latency.py", tmp_path, "--jobs", "3", "--baseline", "1", "--running", "2",
+                         "--interval", "0.5", "--ticks", "2")
     assert data["3_concurrent"]["n"] == 3 and data["one_at_a_time"]["p50_ms"] > 0
     per_job = data["per_new_trainjob"]  # counted at the emulated API server and from the operator's metrics
     assert per_job["api_requests_by_kind"]["create jobsets"] == 1 and per_job["reconciles"] >= 1
     assert data["cpu_ms_per_reconcile"] > 0
+    polled = data["progress_polling"]  # counted in the MLflow server's and the S3 server's request logs
+    assert polled["mlflow_requests_per_tick"]["each_job_by_itself"] == 4  # get-by-name + search, per job
+    assert polled["object_store_requests_per_tick"]["batched"] < polled["object_store_requests_per_tick"][
+        "each_job_by_itself"]
 
 
 def test_serve_benchmark_smoke(tmp_path):

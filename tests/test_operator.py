@@ -14,13 +14,13 @@ import fsspec
 import pytest
 import yaml
 
-from wam.operators import kube
+from wam.operators import kube, progress
 from wam.operators.rayjob import RayJobChild
 from wam.operators.reconcile import Observed, plan
 from wam.operators.settings import OperatorSettings
 from wam.operators.testing import EmulatedCluster
 from wam.platform import checkpoints, trainjob
-from wam.platform.tracking import Tracker
+from wam.platform.tracking import JOB_TAG, Tracker
 
 from conftest import wait_for
 
@@ -435,3 +435,54 @@ def test_plan_completes_a_rayjob_and_never_touches_kueues_suspend():
     rj["status"] = rayjob_status("Complete", "SUCCEEDED")
     done = _ray_plan(job, cfg, rj, settings, 2)
     assert done.status.phase == "Succeeded" and not done.patch and not done.create
+
+
+# -- progress polling, batched ------------------------------------------------------------------------------
+
+
+def test_progress_reader_answers_every_running_job_from_one_search_per_interval(mlflow_server):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.create_experiment("progress-batch")
+    runs = {}
+    for job in ("ns.a", "ns.b", "ns.done"):
+        runs[job] = client.create_run(exp, run_name=job, tags={JOB_TAG: job}).info.run_id
+        client.log_batch(runs[job], metrics=[Metric("loss", 0.5, 1, 10)])
+    client.set_terminated(runs["ns.done"], "FINISHED")
+    reader = progress.ProgressReader(mlflow_server, interval=3600)
+    assert reader.report("progress-batch", "ns.a").step == 10
+    client.log_batch(runs["ns.a"], metrics=[Metric("loss", 0.25, 2, 20)])
+    client.log_batch(runs["ns.b"], metrics=[Metric("loss", 0.25, 2, 30)])
+    assert reader.report("progress-batch", "ns.b").step == 10, "answered from the snapshot taken for ns.a"
+    assert reader.report("progress-batch", "ns.done") is None, "only running runs are polled"
+    final = reader.report("progress-batch", "ns.done", final=True)
+    assert final.run_id == runs["ns.done"] and final.loss == 0.5
+    assert reader.report("progress-batch", "ns.a", final=True).step == 20
+    assert reader.report("no-such-experiment", "ns.a") is None
+
+
+def test_progress_reader_takes_the_newest_readable_checkpoint_from_one_listing(tmp_path):
+    folder = str(tmp_path / "job")
+
+    def save(step: int, manifest: bool = True) -> str:
+        path = checkpoints.step_dir(folder, step)
+        os.makedirs(path)
+        Path(path, "__0_0.distcp").write_bytes(b"weights")
+        if manifest:
+            checkpoints.write_manifest(path, step, {}, {}, threads=1)
+        return path
+
+    reader = progress.ProgressReader(None, interval=30)
+    assert reader.checkpoint(folder) is None  # nothing written yet
+    save(5)
+    Path(save(7), checkpoints.MANIFEST_NAME).write_text("{truncated")  # corrupt: passed over
+    save(9, manifest=False)  # still being written
+    quantized = tmp_path / "job" / "nvfp4" / "step-12"  # a quantized model is not a training checkpoint
+    quantized.mkdir(parents=True)
+    (quantized / "model.safetensors").write_bytes(b"fp4")
+    checkpoints.write_manifest(str(quantized), 12, {}, {}, threads=1)
+    assert reader.checkpoint(folder).step == 5
+    newest = save(11)
+    assert (found := reader.checkpoint(folder)).step == 11 and found.uri == newest and found.time
