@@ -19,8 +19,9 @@ from rich.table import Table
 from wam.app import local_training
 from wam.app.console import Options, console, err_console, fail, human, user_errors
 from wam.app.pipeline import run_pipeline, show_replay
+from wam.platform import plan
 from wam.platform.accounting import GIB, count_flops, count_params, estimate_memory, min_gpus, training_layout
-from wam.platform.config import load_config, resolve_preset
+from wam.platform.config import ACTIVATION_CHECKPOINTING, load_config, resolve_preset
 from wam.platform.presets import PRESETS
 
 app = typer.Typer(help="WAM Platform: train, quantize and serve DreamZero-style World Action Models.",
@@ -68,6 +69,13 @@ def model_info(
     memory = {ac: estimate_memory(arch, sample, gpus, batch_per_gpu=batch_per_gpu, activation_checkpointing=ac)
               for ac in (True, False)}
     fewest = min_gpus(arch, sample, gpu_memory, batch_per_gpu=batch_per_gpu)
+    # Traced steps of this model at this micro-batch (`wam plan`, shipped or cached) replace the static estimate.
+    traced = {ac: plan.with_encoders(step, arch, cfg.data.source) for ac in ACTIVATION_CHECKPOINTING
+              if (step := plan.cached(plan.cache_key(resolved, dataclasses.replace(
+                  cfg.training, batch_size=batch_per_gpu, activation_checkpointing=ac)))) is not None}
+    if traced:
+        fewest = min(filter(None, (plan.fewest_ranks(step, plan.HEADROOM * gpu_memory * GIB)
+                                   for step in traced.values())), default=None)
     info = {
         "preset": preset,
         "arch": dataclasses.asdict(arch),
@@ -81,7 +89,8 @@ def model_info(
                              "attention_density": flops.self_attention / flops.self_attention_dense},
         "memory_gib_per_gpu": {"gpus": gpus, "with_activation_checkpointing": memory[True].total / GIB,
                                "without_activation_checkpointing": memory[False].total / GIB},
-        "min_gpus": {"gpu_memory_gib": gpu_memory, "count": fewest},
+        "traced_memory_gib_per_gpu": {ac: step.total_at(gpus) / GIB for ac, step in traced.items()},
+        "min_gpus": {"gpu_memory_gib": gpu_memory, "count": fewest, "by": "traced step" if traced else "static estimate"},
     }
     if as_json:
         console.print_json(json.dumps(info))
@@ -102,11 +111,16 @@ def model_info(
     table.add_row("tokens per sample", f"{layout.length:,}")
     table.add_row("FLOPs per sample (fwd+bwd)", human(flops.training, "FLOP"))
     table.add_row("  attention density", f"{flops.self_attention / flops.self_attention_dense:.1%} of dense pairs")
+    for ac, step in traced.items():
+        parts = " / ".join(f"{v / GIB:.1f}" for v in step.memory_at(gpus).values())
+        table.add_row(f"memory per GPU, {gpus} GPUs, AC {ac} (traced)", f"{step.total_at(gpus) / GIB:.1f} GiB")
+        table.add_row(f"  {' / '.join(k.replace('_', ' ') for k in step.memory_at(gpus))}", f"{parts} GiB")
     for ac, est in memory.items():
-        table.add_row(f"memory per GPU, {gpus} GPUs, AC {'on' if ac else 'off'}", f"{est.total / GIB:.1f} GiB")
+        table.add_row(f"memory per GPU, {gpus} GPUs, AC {'on' if ac else 'off'} (static estimate)",
+                      f"{est.total / GIB:.1f} GiB")
         table.add_row("  states / encoders / activations", f"{est.sharded_states / GIB:.1f} / "
                       f"{est.frozen_encoders / GIB:.1f} / {est.activations / GIB:.1f} GiB")
-    table.add_row(f"fewest {gpu_memory:g} GiB GPUs (AC on)", str(fewest) if fewest else "does not fit")
+    table.add_row(f"fewest {gpu_memory:g} GiB GPUs ({info['min_gpus']['by']})", str(fewest) if fewest else "does not fit")
     console.print(table)
 
 

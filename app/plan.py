@@ -23,6 +23,7 @@ from wam.platform.plan import (
     recipe_time,
     step_time,
     store,
+    with_encoders,
 )
 
 RECIPE_GPUS = (8, 64, 512)
@@ -33,7 +34,8 @@ def traced_step(cfg: WamConfig, gpus: int, *, fresh: bool = False) -> TracedStep
     14B model)."""
     if gpus % cfg.training.dp_replicate:
         raise ConfigError(f"--gpus {gpus} is not a multiple of training.dp_replicate ({cfg.training.dp_replicate})")
-    key = cache_key(resolve_preset(cfg), cfg.training, cfg.data.source)
+    preset = resolve_preset(cfg)
+    key = cache_key(preset, cfg.training)
     step = None if fresh else cached(key)
     if step is None:
         from wam.trainer.titan.plan import trace
@@ -41,7 +43,7 @@ def traced_step(cfg: WamConfig, gpus: int, *, fresh: bool = False) -> TracedStep
         with console.status(f"tracing one training step at {gpus} ranks (fake tensors, fake process group)"):
             step = trace(cfg, gpus)
         store(key, step)
-    return step
+    return with_encoders(step, preset.arch, cfg.data.source)
 
 
 def plan(cfg: WamConfig, accelerator: str, gpus: int, *, fresh: bool = False) -> dict:

@@ -411,8 +411,9 @@ def check_memory(cfg: WamConfig, gib_per_process: float, where: str) -> None:
     is, for the message): by the traced step of this config (`wam plan`, shipped or cached), else by the static
     estimate, and say how many processes would fit."""
     preset = resolve_preset(cfg)
-    traced = plan.cached(plan.cache_key(preset, cfg.training, cfg.data.source))
+    traced = plan.cached(plan.cache_key(preset, cfg.training))
     if traced is not None:
+        traced = plan.with_encoders(traced, preset.arch, cfg.data.source)
         need = traced.memory_at(cfg.world_size)
         total = sum(need.values())
         if total / GIB <= gib_per_process:

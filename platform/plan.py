@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wam.platform.accelerators import Accelerator
-from wam.platform.presets import Preset
+from wam.platform.accounting import FROZEN_ENCODER_PARAMS
+from wam.platform.presets import Preset, WamArch
 
 GIB = 1024**3
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "gathered_parameters", "activations", "temporaries")
@@ -153,19 +154,25 @@ def recipe_time(step: TracedStep, acc: Accelerator, gpus: int, recipe: Recipe = 
                       memory <= HEADROOM * acc.memory_gib * GIB, memory / GIB)
 
 
-def cache_key(preset: Preset, training, data_source: str) -> str:
-    """What changes a traced step: the resolved model and sample, the training settings that shape memory
-    (micro-batch, accumulation, activation checkpointing, precision, HSDP replicas) and the data source (which
-    encoders a rank holds). Not the rank count (memory at any count follows from one trace) nor the accelerator
-    (the trace is in bytes and FLOPs; the roofline applies the accelerator)."""
+def cache_key(preset: Preset, training) -> str:
+    """What changes a traced step: the resolved model and sample and the training settings that shape memory
+    (micro-batch, accumulation, activation checkpointing, precision, HSDP replicas). Not the rank count (memory
+    at any count follows from one trace), the accelerator (the trace is in bytes and FLOPs; the roofline applies
+    the accelerator) nor the data source (the trace runs on latents; `with_encoders` adds what a source needs)."""
     t = training
     key = {"arch": dataclasses.asdict(preset.arch), "sample": dataclasses.asdict(preset.sample),
-           "training": [t.batch_size, t.grad_accumulation, t.activation_checkpointing, t.precision, t.dp_replicate],
-           "source": data_source}
+           "training": [t.batch_size, t.grad_accumulation, t.activation_checkpointing, t.precision, t.dp_replicate]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 SHIPPED = Path(__file__).parent / "plans"  # traces of the shipped configs (`make generate`), for the operator image
+
+
+def with_encoders(step: TracedStep, arch: WamArch, data_source: str) -> TracedStep:
+    """The step with the frozen encoders a rank holds in bf16: the text encoder, and for robot video (which the
+    step encodes) the VAE and CLIP."""
+    names = [arch.text_encoder] + ([arch.vae, arch.image_encoder] if data_source == "lerobot" else [])
+    return dataclasses.replace(step, frozen_encoder_bytes=2 * sum(FROZEN_ENCODER_PARAMS.get(n, 0) for n in names))
 
 
 def user_cache() -> Path:

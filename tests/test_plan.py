@@ -1,6 +1,7 @@
 """`wam plan`: the traced step against the same step run for real, and what the plan derives from it."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -88,8 +89,17 @@ def test_admission_uses_the_traced_plan_and_names_the_gpus_needed(tmp_path, monk
     with pytest.raises(ConfigError, match="by the static estimate"):
         check_memory(cfg, 1.0, "one test GPU")
     step = _step()
-    plan.store(plan.cache_key(resolve_preset(cfg), cfg.training, cfg.data.source), step)
-    check_memory(cfg, step.total_at(8) / 1024**3 + 0.1, "one test GPU")  # fits
-    needed = plan.fewest_ranks(step, 40 * 1024**3)
+    plan.store(plan.cache_key(resolve_preset(cfg), cfg.training), step)
+    with_text_encoder = plan.with_encoders(step, resolve_preset(cfg).arch, cfg.data.source)
+    assert with_text_encoder.frozen_encoder_bytes == 2 * 5_680_910_336  # umT5-XXL in bf16 (latents: no VAE, CLIP)
+    check_memory(cfg, with_text_encoder.total_at(8) / 1024**3 + 0.1, "one test GPU")  # fits
+    needed = plan.fewest_ranks(plan.with_encoders(step, resolve_preset(cfg).arch, cfg.data.source), 40 * 1024**3)
     with pytest.raises(ConfigError, match=rf"by its traced training step .* it needs at least {needed} GPUs"):
         check_memory(cfg, 40.0, "one test GPU")
+    # `wam model info` shows the traced step next to the static estimate, and the fewest GPUs by it.
+    info = wam_cli("model", "info", "dreamzero-14b", "--gpus", "8", "--json", env={"WAM_PLAN_CACHE": str(tmp_path)})
+    assert info.returncode == 0, info.stderr
+    reported = json.loads(info.stdout)
+    assert reported["traced_memory_gib_per_gpu"] == {"full": pytest.approx(with_text_encoder.total_at(8) / 1024**3)}
+    assert reported["min_gpus"] == {"gpu_memory_gib": 80.0, "by": "traced step",
+                                    "count": plan.fewest_ranks(with_text_encoder, 0.9 * 80 * 1024**3)}

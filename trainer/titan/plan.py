@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
-from wam.platform.accounting import FROZEN_ENCODER_PARAMS, count_flops
+from wam.platform.accounting import count_flops
 from wam.platform.config import WamConfig, resolve_preset
 from wam.platform.plan import CATEGORIES, Collective, TracedStep
 from wam.trainer.titan import compat  # noqa: F401  (torch shims, before torchtitan)
@@ -128,10 +128,12 @@ class _StepRecorder(TorchDispatchMode):
 
 
 def plan_config(cfg: WamConfig, gpus: int) -> WamConfig:
-    """The config as a GPU job of `gpus` ranks would run it (bf16 parameters; attention as traced)."""
+    """The config as a GPU job of `gpus` ranks would run it (bf16 parameters), on latents (robot video's encoders
+    are added by the plan: wam.platform.plan.with_encoders) and with attention as traced."""
     t = dataclasses.replace(cfg.training, processes=gpus, nodes=1,
                             precision="bfloat16" if cfg.training.precision == "auto" else cfg.training.precision)
-    return dataclasses.replace(cfg, training=t, model=dataclasses.replace(cfg.model, attention="sdpa"))
+    return dataclasses.replace(cfg, training=t, model=dataclasses.replace(cfg.model, attention="sdpa"),
+                               data=dataclasses.replace(cfg.data, source="synthetic", datasets=[]))
 
 
 def run_step(cfg: WamConfig, *, fake: bool, steps: int = 2) -> TracedStep:
@@ -202,14 +204,7 @@ def run_step(cfg: WamConfig, *, fake: bool, steps: int = 2) -> TracedStep:
                      in sorted(recorder.collectives.items())],
         model_flops_per_sample=flops.training, samples_per_step=config.training.local_batch_size
         * trainer.gradient_accumulation_steps * world, trace_seconds=round(time.monotonic() - started, 1),
-        traced=fake, frozen_encoder_bytes=_frozen_encoder_bytes(cfg))
-
-
-def _frozen_encoder_bytes(cfg: WamConfig) -> int:
-    """bf16 weights of the frozen encoders a rank holds: the text encoder, and for robot video the VAE and CLIP."""
-    arch = resolve_preset(cfg).arch
-    names = [arch.text_encoder] + ([arch.vae, arch.image_encoder] if cfg.data.source == "lerobot" else [])
-    return 2 * sum(FROZEN_ENCODER_PARAMS.get(name, 0) for name in names)
+        traced=fake)
 
 
 def _step_owner(cfg, config, parallel_dims, model, weighting, arch) -> WamTrainer:
