@@ -3,11 +3,13 @@
 Wan2.1 (z = 16) compresses 8x in space. Wan2.2 (z = 48, Wan2.2-TI2V-5B) compresses 16x: it folds 2x2 pixel
 patches into 12 input channels first, decodes with a wider decoder, and gives every stage a parameter-free
 shortcut that moves space (and time) into channels, averaging on the way down and repeating on the way up.
-Parameter names match the public `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth`. Every temporal operation is causal, so the network is
-written as a stream: each call takes the next frames and a `StreamState` that carries the few frames of
-history each causal convolution needs. Encoding a clip in one call, or as Wan does (first frame alone,
-then groups of 4 frames), or frame group by frame group as a robot observes them, gives the same latents;
-the chunked form bounds memory. Latents are normalised per channel with the VAE's mean and std.
+Parameter names match the public `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth`.
+
+Every temporal operation is causal, so the network is written as a stream: each call takes the next frames
+and a `StreamState` that carries the few frames of history each causal convolution needs. Encoding a clip in
+one call, or as Wan does (first frame alone, then groups of 4 frames), or frame group by frame group as a
+robot observes them, gives the same latents; the chunked form bounds memory. Latents are normalised per
+channel with the VAE's mean and std.
 """
 
 from __future__ import annotations
