@@ -16,7 +16,7 @@ server logged per progress interval ("tick"), next to what reading each job by i
 operator did before: get-by-name + a search per job, and a listing per checkpoint folder plus one request per
 step folder and per manifest), both counted at the same servers in the same run.
 
-    python benchmarks/operator_latency.py [--jobs 100] [--baseline 10] [--running 100] [--json out.json]
+    python benchmarks/operator_latency.py [--jobs 100] [--baseline 10] [--workers 16] [--running 100] [--json F]
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def summary(latencies: list[float]) -> dict:
 
 def latency(args: argparse.Namespace, tmp: Path) -> dict:
     settings = tmp / "settings.yaml"
-    settings.write_text(yaml.safe_dump({"checkpointBase": f"{tmp}/checkpoints", "progressIntervalSeconds": 60}))
+    settings.write_text(yaml.safe_dump({"checkpointBase": f"{tmp}/checkpoints", "progressIntervalSeconds": 60,
+                                        "workers": args.workers}))
     port = free_port()
     with EmulatedCluster() as cluster:
         operator = cluster.start_operator(settings, tmp / "operator.log", metrics_port=port)
@@ -143,7 +144,7 @@ def latency(args: argparse.Namespace, tmp: Path) -> dict:
     per_job = {f"{action} {resource}": round(n / args.jobs, 2) for (action, resource), n in sorted(calls.items()) if n}
     reconciles = ops["reconciles"] - ops_before["reconciles"]
     return {
-        "one_at_a_time": summary(single), f"{args.jobs}_concurrent": concurrent,
+        "workers": args.workers, "one_at_a_time": summary(single), f"{args.jobs}_concurrent": concurrent,
         "p50_ratio_concurrent_vs_single": round(concurrent["p50_ms"] / statistics.median(single) / 1000, 2),
         "p99_ratio_concurrent_vs_single": round(concurrent["p99_ms"] / percentile(single, 99) / 1000, 2),
         "per_new_trainjob": {
@@ -280,6 +281,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--baseline", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=16, help="the operator's settings.workers")
     parser.add_argument("--running", type=int, default=100, help="running jobs whose progress is polled (0: skip)")
     parser.add_argument("--interval", type=float, default=3.0, help="progressIntervalSeconds while polling")
     parser.add_argument("--ticks", type=int, default=5, help="intervals counted")

@@ -347,11 +347,11 @@ def training_config(job: TrainJob, platform: Platform) -> WamConfig:
     """The config the job's pods run: the spec's overrides plus the fields the spec owns, validated; and
     checked against the accelerator's memory. ConfigError says what to change."""
     spec = job.spec
-    overrides = spec.config
     if spec.handoff.serving.replicas and spec.handoff.quantize == "never":
         raise ConfigError("spec.handoff: serving needs a quantized model: set handoff.quantize to every or final")
+    overrides = OmegaConf.create(spec.config)  # once: building it is most of this function's own time
     for key, owner in OWNED_CONFIG_KEYS.items():
-        if OmegaConf.select(OmegaConf.create(overrides), key, default=None) is not None:
+        if OmegaConf.select(overrides, key, default=None) is not None:
             raise ConfigError(f"spec.config.{key} is set by the platform; use {owner} instead")
     accelerator = platform.accelerators.get(spec.resources.accelerator)
     if accelerator is None:
@@ -361,7 +361,7 @@ def training_config(job: TrainJob, platform: Platform) -> WamConfig:
     if per_node > accelerator.devices_per_node:
         raise ConfigError(f"spec.resources.gpusPerNode: a {accelerator.name} node has {accelerator.devices_per_node} "
                           f"GPUs, the job asks for {per_node}")
-    if not spec.datasets and OmegaConf.select(OmegaConf.create(overrides), "data.source") != "synthetic":
+    if not spec.datasets and OmegaConf.select(overrides, "data.source") != "synthetic":
         raise ConfigError("spec.datasets is empty: list LeRobot datasets ([{uri: s3://..., profile: droid}]), or "
                           "set spec.config.data.source: synthetic for a smoke test on procedural data")
     owned = {
@@ -376,7 +376,7 @@ def training_config(job: TrainJob, platform: Platform) -> WamConfig:
     if spec.datasets:
         owned["data"] = {"source": "lerobot", "datasets": [dataclasses.asdict(d) for d in spec.datasets]}
     try:
-        merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(overrides), owned))
+        merged = OmegaConf.to_container(OmegaConf.merge(overrides, owned))
     except OmegaConfBaseException as err:
         raise ConfigError(f"spec.config: {str(err).splitlines()[0]}") from None
     cfg = config_from_dict(merged, source="spec.config")
