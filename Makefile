@@ -11,7 +11,7 @@ STAMP := $(VENV)/.setup-stamp
 SYSTEM_PACKAGES := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8 \
 	bubblewrap libegl-mesa0
 
-.PHONY: setup test test-fast demo lint bench gpu-bundle gpu-dryrun generate clean
+.PHONY: setup test test-fast demo lint bench gpu-bundle gpu-dryrun generate plans clean
 
 setup: $(STAMP) $(BIN)/helm
 
@@ -74,6 +74,12 @@ lint: setup
 generate: setup
 	$(BIN)/python -m wam.platform.crd > helm/wam-platform/crds/trainjobs.wam.dev.yaml
 	$(BIN)/python -m wam.operators.chart > helm/wam-platform/values.schema.json
+
+# Traced training steps shipped with the package (platform/plans/): what the operator's admission check and
+# `wam model info` read where no `wam plan` ran (the operator image has no torch). Minutes per 14B trace.
+plans: setup
+	WAM_PLAN_CACHE=platform/plans $(BIN)/wam plan configs/dreamzero-14b.yaml --accelerator h100 --gpus 64 --fresh \
+		--set training.activation_checkpointing=full --set training.batch_size=1
 
 bench: setup
 	$(BIN)/python benchmarks/model.py

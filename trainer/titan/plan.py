@@ -121,8 +121,8 @@ class _StepRecorder(TorchDispatchMode):
             flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
             if func.overloadpacket in _SDPA:
                 flops = int(flops * self.attention_density)  # the block-sparse GPU kernels skip masked tiles
-        moved = sum(t.nbytes for t in tree_leaves((args, kwargs, out))
-                    if isinstance(t, torch.Tensor) and t.device.type != "meta")
+        moved = 0 if func.is_view else sum(t.nbytes for t in tree_leaves((args, kwargs, out))  # views move nothing
+                                           if isinstance(t, torch.Tensor) and t.device.type != "meta")
         self.ops[(flops, moved)] += 1
         return out
 
