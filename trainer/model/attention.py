@@ -17,7 +17,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from torchtitan.models.common.linear import Linear
 from torchtitan.protocols.module import Module
 
-from wam.trainer.model.kv_cache import KV, LayerCache, PaddedKV
+from wam.trainer.model.kv_cache import KV, LayerCache, PaddedKV, SessionRows
 from wam.trainer.model.layers import FP32RMSNorm
 from wam.trainer.model.mask import AttentionMask, PaddedMask
 from wam.trainer.model.rope import apply_rope
@@ -139,13 +139,19 @@ class SelfAttention(_Attention):
         super().__init__(config)
         self.kernel = config.kernel.build()
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
-                cache: LayerCache | PaddedKV | None = None) -> torch.Tensor:
-        """x (B, L, dim) attends under `mask` to its own keys, after the cache's committed keys if given."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask | None,
+                cache: LayerCache | PaddedKV | SessionRows | None = None) -> torch.Tensor:
+        """x (B, L, dim) attends under `mask` to its own keys, after the cache's committed keys if given (with
+        SessionRows: each session's rows to its own cache, under its own mask)."""
         q, k, v = self._heads(self.norm_q(self.q(x))), self._heads(self.norm_k(self.k(x))), self._heads(self.v(x))
         if cache is None and getattr(self.kernel, "fuses_rope", False):
             return self.o(self.kernel(q, k, v, mask, rope=rope).flatten(2))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if isinstance(cache, SessionRows):
+            outs = [self.kernel(q_s, *layer.extend(k_s, v_s), mask_s) for q_s, k_s, v_s, layer, mask_s in zip(
+                q.split(cache.sizes), k.split(cache.sizes), v.split(cache.sizes), cache.layers, cache.masks,
+                strict=True)]
+            return self.o((outs[0] if len(outs) == 1 else torch.cat(outs)).flatten(2))
         if cache is not None:
             k, v = cache.extend(k, v)
         # a padded serving batch has a per-row dense mask, which only SDPA reads
@@ -160,6 +166,13 @@ class CrossContext(NamedTuple):
     text: KV
     image: KV | None
     windows: tuple[int, ...] | None = None
+
+
+class SessionContexts(NamedTuple):
+    """One block's cross-attention context of each session in an eager batched forward (predict_many)."""
+
+    sizes: tuple[int, ...]  # each session's rows, in order
+    contexts: tuple[CrossContext, ...]
 
 
 class CrossAttention(_Attention):
@@ -201,9 +214,16 @@ class CrossAttention(_Attention):
                              for i, part in enumerate(q.split(windows, dim=1))], dim=2)
         return out.transpose(1, 2).flatten(2)
 
-    def forward(self, x: torch.Tensor, context: CrossContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: CrossContext | SessionContexts) -> torch.Tensor:
         q = self._heads(self.norm_q(self.q(x)))
+        if isinstance(context, SessionContexts):  # each session's rows to its own prompt
+            outs = [self._attend_context(q_s, c) for q_s, c in zip(q.split(context.sizes), context.contexts,
+                                                                   strict=True)]
+            return self.o(outs[0] if len(outs) == 1 else torch.cat(outs))
+        return self.o(self._attend_context(q, context))
+
+    def _attend_context(self, q: torch.Tensor, context: CrossContext) -> torch.Tensor:
         out = self._attend(q, context.text, context.windows)
         if context.image is not None:
             out = out + self._attend(q, context.image, context.windows)
-        return self.o(out)
+        return out

@@ -54,6 +54,16 @@ class PaddedKV(NamedTuple):
         return KV(torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1))
 
 
+class SessionRows(NamedTuple):
+    """One block's view of several sessions' rows in one eager forward (predict_many): the linear layers run on
+    every row at once, attention per session over its own cache (extended in place, no copy) under its own mask
+    (`masks`, an AttentionMask each) -- the work of serving each alone, with no key padded or copied."""
+
+    sizes: tuple[int, ...]  # each session's rows, in order
+    layers: tuple[LayerCache, ...]
+    masks: tuple
+
+
 @dataclass
 class KVCache:
     """Per-session inference state: block caches, cross-attention K/V and I2V conditioning."""

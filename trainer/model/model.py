@@ -24,10 +24,10 @@ from torchtitan.protocols.module import Module, ModuleList, Sequential
 from wam.platform.accounting import count_flops
 from wam.platform.layout import TokenKind, TokenLayout
 from wam.platform.presets import SampleShape, WamArch
-from wam.trainer.model.attention import CrossContext
+from wam.trainer.model.attention import CrossContext, SessionContexts
 from wam.trainer.model.block import Conditioning, TokenModulation, WanBlock
 from wam.trainer.model.heads import ActionEncoder, ImageProjection, OutputHead, ReluMLP
-from wam.trainer.model.kv_cache import KV, KVCache, LayerCache, PaddedKV
+from wam.trainer.model.kv_cache import KV, KVCache, LayerCache, PaddedKV, SessionRows
 from wam.trainer.model.layers import Conv3d, sinusoidal_embedding
 from wam.trainer.model.mask import AttentionMask, PaddedMask, RaggedMask
 from wam.trainer.model.rope import rope_tables
@@ -267,8 +267,8 @@ class WamModel(BaseModel):
         return self.run_blocks(x, modulation, rope, mask, context, layers), e
 
     def run_blocks(self, x: torch.Tensor, modulation: TokenModulation, rope: tuple[torch.Tensor, torch.Tensor],
-                   mask: AttentionMask | PaddedMask, context: Conditioning | list,
-                   layers: list[LayerCache | PaddedKV | None]) -> torch.Tensor:
+                   mask: AttentionMask | PaddedMask | None, context: Conditioning | list,
+                   layers: list[LayerCache | PaddedKV | SessionRows | None]) -> torch.Tensor:
         """Every block over x (B, L, dim); the serving engine compiles this (static shapes with PaddedKV)."""
         for i, block in enumerate(self.blocks):
             x = block(x, modulation, rope, mask, context[i] if isinstance(context, list) else context, layers[i])
@@ -453,9 +453,10 @@ class WamModel(BaseModel):
     @torch.no_grad()
     def predict_many(self, items: list[Prediction], static: bool = False, blocks=None) -> list[WamOutputs]:
         """`predict` for several caches in one forward (continuous batching); each may be at a different chunk.
-        With several caches, or `static`, every row attends to its committed context padded to one length (the
-        caches' full context room when static: the same shapes at every chunk, for torch.compile and CUDA
-        graphs), then its own new tokens; a per-row mask hides the padding. `blocks`: a compiled run_blocks."""
+        Eagerly, the linear layers run on every row at once and attention per cache, over its own keys (nothing
+        padded or copied). With `static`, every row attends to its committed context padded to the caches' full
+        context room (the same shapes at every chunk, for torch.compile and CUDA graphs), then its own new tokens,
+        under a per-row mask that hides the padding. `blocks`: a compiled run_blocks."""
         f, a, tpf = items[0].cache.frames_per_chunk, items[0].cache.actions_per_chunk, items[0].cache.tokens_per_frame
         layouts = []
         for item in items:
@@ -476,25 +477,46 @@ class WamModel(BaseModel):
         video_t = torch.cat([item.video_t for item in items]).reshape(-1, 1)
         span_t = self._span_timesteps(layout, video_t, action_t, x.shape[0], x.device)
         caches = [item.cache for item in items]
-        if len(items) == 1 and not static:
-            cache = caches[0]
-            x, e = self._run_blocks(x, layout, cache.layout + layout, span_t, cache.grid, cache.cross_context, cache)
+        e, modulation = self._time_modulation(layout, span_t)
+        if static:
+            x = (blocks or self.run_blocks)(x, modulation, *self._padded(caches, layouts, x.device))
         else:
-            e, modulation = self._time_modulation(layout, span_t)
-            x = (blocks or self.run_blocks)(x, modulation, *self._padded(caches, layouts, static, x.device))
+            x = self.run_blocks(x, modulation, *self._sessions(caches, layouts, x.device))
         out = self._decode(x, e, layout, caches[0].grid, f)
         sizes = [item.state.shape[0] for item in items]
         return [WamOutputs(video, actions[:, 0])
                 for video, actions in zip(out.video.split(sizes), out.actions.split(sizes), strict=True)]
 
-    def _padded(self, caches: list[KVCache], layouts: list[TokenLayout], static: bool, device: torch.device):
-        """Per-row RoPE tables, mask, cross-attention context and padded keys of the caches' rows (predict_many)."""
-        rows = [cache.layers[0].k.shape[0] for cache in caches]
-        room = caches[0].layers[0].k.shape[1] - layouts[0].length  # the most committed tokens a cache holds
-        context = room if static else max(cache.layout.length for cache in caches)
+    def _sessions(self, caches: list[KVCache], layouts: list[TokenLayout], device: torch.device):
+        """Per-row RoPE tables, and per block each session's own cache, mask and cross-attention context
+        (predict_many, eager): no key is padded or copied, attention does what serving each alone does."""
+        sizes = tuple(cache.layers[0].k.shape[0] for cache in caches)
+        rope = self._row_rope(caches, layouts, sizes, device)
+        masks = tuple(_attention_mask(layout, cache.layout + layout) for cache, layout in zip(caches, layouts,
+                                                                                             strict=True))
+        for mask in masks:
+            self._prepare_mask(mask, device)
+        context = [SessionContexts(sizes, tuple(cache.cross_context[i] for cache in caches))
+                   for i in range(len(self.blocks))]
+        layers = [SessionRows(sizes, tuple(cache.layers[i] for cache in caches), masks)
+                  for i in range(len(self.blocks))]
+        return rope, None, context, layers
+
+    def _row_rope(self, caches: list[KVCache], layouts: list[TokenLayout], sizes: tuple[int, ...],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (B, L, head_dim/2): every row's RoPE angles at its session's chunk."""
+        if len(layouts) == 1:
+            return rope_tables(layouts[0], caches[0].grid, self.arch.head_dim, self.arch.rope_theta, device)
         tables = [rope_tables(layout, caches[0].grid, self.arch.head_dim, self.arch.rope_theta, device)
                   for layout in layouts]
-        rope = tuple(torch.cat([t[i].expand(r, -1, -1) for t, r in zip(tables, rows, strict=True)]) for i in (0, 1))
+        return tuple(torch.cat([t[i].expand(r, -1, -1) for t, r in zip(tables, sizes, strict=True)]) for i in (0, 1))
+
+    def _padded(self, caches: list[KVCache], layouts: list[TokenLayout], device: torch.device):
+        """Per-row RoPE tables, mask, cross-attention context and keys of the caches' rows, every row's committed
+        keys padded to the caches' full context room: the same shapes at every chunk (predict_many, static)."""
+        rows = tuple(cache.layers[0].k.shape[0] for cache in caches)
+        context = caches[0].layers[0].k.shape[1] - layouts[0].length  # the most committed tokens a cache holds
+        rope = self._row_rope(caches, layouts, rows, device)
         mask = PaddedMask(_padded_mask(tuple((c.layout, layout) for c, layout in zip(caches, layouts, strict=True)),
                                        tuple(rows), context, device))
 
