@@ -24,7 +24,10 @@ from wam.platform.accounting import FROZEN_ENCODER_PARAMS
 from wam.platform.presets import Preset, WamArch
 
 GIB = 1024**3
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "gathered_parameters", "activations", "temporaries")
+# Sharded (scale as 1/ranks): parameters, gradients, optimizer state. Per rank: the blocks' gathered parameters
+# and unsharded gradients (with FSDP's all-gather and reduce-scatter buffers), activations, temporaries.
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "gathered_parameters", "gradient_buffers", "activations",
+              "temporaries")
 SHARDED = ("parameters", "gradients", "optimizer_state")
 HEADROOM = 0.9  # of device memory usable by tensors (the allocator's fragmentation, CUDA context, NCCL buffers)
 

@@ -49,7 +49,8 @@ def _step(**changes) -> TracedStep:
     gib = 1024**3
     base = TracedStep(world_size=8, micro_batch=1, grad_accumulation=1, dp_replicate=1, activation_checkpointing="full",
                       memory={"parameters": 8 * gib, "gradients": 8 * gib, "optimizer_state": 16 * gib,
-                              "gathered_parameters": gib, "activations": 10 * gib, "temporaries": gib},
+                              "gathered_parameters": gib, "gradient_buffers": gib, "activations": 10 * gib,
+                              "temporaries": gib},
                       peak_bytes=44 * gib, ops=[[10**15, 10**9, 100]],
                       collectives=[Collective("allgather_base", 10**9, 8, 80)],
                       model_flops_per_sample=10**17, samples_per_step=8, trace_seconds=1.0)
@@ -84,8 +85,8 @@ def test_admission_uses_the_traced_plan_and_names_the_gpus_needed(tmp_path, monk
     from wam.platform.errors import ConfigError
 
     monkeypatch.setenv("WAM_PLAN_CACHE", str(tmp_path))
-    cfg = load_config(None, ["model.preset=dreamzero-14b", "training.processes=8", "training.batch_size=1",
-                             "training.activation_checkpointing=full"])
+    cfg = load_config(None, ["model.preset=dreamzero-14b", "training.processes=8", "training.batch_size=3",
+                             "training.activation_checkpointing=full"])  # a setting no shipped plan covers
     with pytest.raises(ConfigError, match="by the static estimate"):
         check_memory(cfg, 1.0, "one test GPU")
     step = _step()
@@ -97,7 +98,8 @@ def test_admission_uses_the_traced_plan_and_names_the_gpus_needed(tmp_path, monk
     with pytest.raises(ConfigError, match=rf"by its traced training step .* it needs at least {needed} GPUs"):
         check_memory(cfg, 40.0, "one test GPU")
     # `wam model info` shows the traced step next to the static estimate, and the fewest GPUs by it.
-    info = wam_cli("model", "info", "dreamzero-14b", "--gpus", "8", "--json", env={"WAM_PLAN_CACHE": str(tmp_path)})
+    info = wam_cli("model", "info", "dreamzero-14b", "--gpus", "8", "--batch-per-gpu", "3", "--json",
+                   env={"WAM_PLAN_CACHE": str(tmp_path)})
     assert info.returncode == 0, info.stderr
     reported = json.loads(info.stdout)
     assert reported["traced_memory_gib_per_gpu"] == {"full": pytest.approx(with_text_encoder.total_at(8) / 1024**3)}

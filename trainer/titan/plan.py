@@ -49,8 +49,8 @@ from wam.trainer.titan.trainer import WamTrainer  # noqa: E402
 
 # FSDPMemTracker's categories -> the plan's.
 _CATEGORY = {"Sharded Param": "parameters", "Unsharded Param": "gathered_parameters", "Buffer": "parameters",
-             "Sharded Grad": "gradients", "Unsharded Grad": "gradients", "Activation": "activations",
-             "Temp": "temporaries", "All Gather": "gathered_parameters", "Reduce Scatter": "gradients",
+             "Sharded Grad": "gradients", "Unsharded Grad": "gradient_buffers", "Activation": "activations",
+             "Temp": "temporaries", "All Gather": "gathered_parameters", "Reduce Scatter": "gradient_buffers",
              "OptState": "optimizer_state", "Inputs": "activations"}
 _SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
          torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
