@@ -20,6 +20,7 @@ from wam.platform.plan import (
     cache_key,
     cached,
     fewest_gpus,
+    largest_micro_batch,
     recipe_time,
     step_time,
     store,
@@ -60,6 +61,7 @@ def plan(cfg: WamConfig, accelerator: str, gpus: int, *, fresh: bool = False) ->
         "memory_gib_per_gpu": {k: v / GIB for k, v in memory.items()} | {"total": total / GIB},
         "fits": total <= HEADROOM * acc.memory_gib * GIB, "device_gib": acc.memory_gib,
         "fewest_gpus": fewest_gpus(step, acc),
+        "largest_micro_batch": largest_micro_batch(step, acc, gpus),
         "collectives": [{**dataclasses.asdict(c), "group": gpus if c.group == step.world_size else c.group}
                         for c in step.collectives],
         "step": {"compute_s": t.compute_s, "communication_s": t.communication_s, "step_s": t.step_s,
@@ -71,7 +73,8 @@ def plan(cfg: WamConfig, accelerator: str, gpus: int, *, fresh: bool = False) ->
 def show(result: dict) -> None:
     r = result
     table = Table(title=f"{r['gpus']} x {r['accelerator']}: micro-batch {r['micro_batch']}, activation "
-                  f"checkpointing {r['activation_checkpointing']} (traced in {r['traced_in_s']:.0f} s)",
+                  f"checkpointing {r['activation_checkpointing']} (traced at {r['traced_at_gpus']} ranks in "
+                  f"{r['traced_in_s']:.0f} s)",
                   show_header=False, box=box.SIMPLE)
     table.add_column(no_wrap=True)
     table.add_column()
@@ -79,6 +82,8 @@ def show(result: dict) -> None:
         table.add_row(f"memory per GPU: {key.replace('_', ' ')}", f"{value:.2f} GiB")
     table.add_row("fits", f"{'yes' if r['fits'] else 'NO'} ({HEADROOM:.0%} of {r['device_gib']:g} GiB usable)")
     table.add_row("fewest GPUs that fit", str(r["fewest_gpus"] or "none"))
+    table.add_row("largest micro-batch that fits", f"{r['largest_micro_batch']} (derived: activations and temporaries "
+                  "x micro-batch; `--set training.batch_size=N` traces it)")
     for c in r["collectives"]:
         table.add_row(f"collective {c['name']}", f"{c['count']} x {human(c['bytes'], 'B')} over {c['group']} ranks")
     s = r["step"]

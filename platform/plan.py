@@ -132,6 +132,15 @@ def fewest_ranks(step: TracedStep, budget: float, limit: int = 4096) -> int | No
                 None)
 
 
+def largest_micro_batch(step: TracedStep, acc: Accelerator, ranks: int) -> int:
+    """The largest micro-batch whose memory fits at `ranks` ranks, derived (not traced): activations and
+    temporaries grow with the micro-batch in proportion, the rest does not. 0: not even one sample fits."""
+    memory = step.memory_at(ranks)
+    per_sample = (memory["activations"] + memory["temporaries"]) / step.micro_batch
+    fixed = sum(memory.values()) - per_sample * step.micro_batch
+    return max(int((HEADROOM * acc.memory_gib * GIB - fixed) // per_sample), 0)
+
+
 @dataclass(frozen=True)
 class RecipeTime:
     gpus: int

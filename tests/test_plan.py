@@ -105,3 +105,12 @@ def test_admission_uses_the_traced_plan_and_names_the_gpus_needed(tmp_path, monk
     assert reported["traced_memory_gib_per_gpu"] == {"full": pytest.approx(with_text_encoder.total_at(8) / 1024**3)}
     assert reported["min_gpus"] == {"gpu_memory_gib": 80.0, "by": "traced step",
                                     "count": plan.fewest_ranks(with_text_encoder, 0.9 * 80 * 1024**3)}
+
+
+def test_largest_micro_batch_grows_activations_only():
+    from wam.platform.plan import largest_micro_batch
+
+    step, h200 = _step(), ACCELERATORS["h200"]
+    b = largest_micro_batch(step, h200, 8)
+    fixed = step.total_at(8) - 11 * 1024**3  # all but activations + temporaries (11 GiB per sample)
+    assert fixed + b * 11 * 1024**3 <= 0.9 * 141 * 1024**3 < fixed + (b + 1) * 11 * 1024**3
