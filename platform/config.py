@@ -420,7 +420,7 @@ def check_memory(cfg: WamConfig, gib_per_process: float, where: str) -> None:
             return
         fewest = plan.fewest_ranks(traced, gib_per_process * GIB)
         parts = ", ".join(f"{k.replace('_', ' ')} {v / GIB:.1f}" for k, v in need.items() if v >= 0.05 * GIB)
-        source = "by its traced training step"
+        source = "by the memory of its traced training step"
     else:
         t = cfg.training
         kwargs = dict(batch_per_gpu=t.batch_size, activation_checkpointing=t.activation_checkpointing != "none")
@@ -433,7 +433,7 @@ def check_memory(cfg: WamConfig, gib_per_process: float, where: str) -> None:
                            **{**kwargs, "activation_checkpointing": True})
         parts = (f"sharded states {estimate.sharded_states / GIB:.1f}, encoders {estimate.frozen_encoders / GIB:.1f}, "
                  f"activations {estimate.activations / GIB:.1f}")
-        source = "by the static estimate (no traced plan of this config: `wam plan` traces one)"
+        source = "by the static memory estimate (no traced plan of this config: `wam plan` traces one)"
     if fewest:
         hint = f"it needs at least {fewest} GPUs (processes) of this size"
     elif traced is None and with_ac and t.activation_checkpointing == "none":

@@ -87,7 +87,7 @@ def test_admission_uses_the_traced_plan_and_names_the_gpus_needed(tmp_path, monk
     monkeypatch.setenv("WAM_PLAN_CACHE", str(tmp_path))
     cfg = load_config(None, ["model.preset=dreamzero-14b", "training.processes=8", "training.batch_size=3",
                              "training.activation_checkpointing=full"])  # a setting no shipped plan covers
-    with pytest.raises(ConfigError, match="by the static estimate"):
+    with pytest.raises(ConfigError, match="by the static memory estimate"):
         check_memory(cfg, 1.0, "one test GPU")
     step = _step()
     plan.store(plan.cache_key(resolve_preset(cfg), cfg.training), step)
@@ -95,7 +95,7 @@ def test_admission_uses_the_traced_plan_and_names_the_gpus_needed(tmp_path, monk
     assert with_text_encoder.frozen_encoder_bytes == 2 * 5_680_910_336  # umT5-XXL in bf16 (latents: no VAE, CLIP)
     check_memory(cfg, with_text_encoder.total_at(8) / 1024**3 + 0.1, "one test GPU")  # fits
     needed = plan.fewest_ranks(plan.with_encoders(step, resolve_preset(cfg).arch, cfg.data.source), 40 * 1024**3)
-    with pytest.raises(ConfigError, match=rf"by its traced training step .* it needs at least {needed} GPUs"):
+    with pytest.raises(ConfigError, match=rf"by the memory of its traced training step .* it needs at least {needed} GPUs"):
         check_memory(cfg, 40.0, "one test GPU")
     # `wam model info` shows the traced step next to the static estimate, and the fewest GPUs by it.
     info = wam_cli("model", "info", "dreamzero-14b", "--gpus", "8", "--batch-per-gpu", "3", "--json",
