@@ -57,8 +57,8 @@ class TracedStep:
     activation_checkpointing: str
     memory: dict[str, int]  # bytes per category at the peak of the step
     peak_bytes: int
-    ops: list[list[int]]  # [flops, bytes moved, count] per distinct operator
-    collectives: list[Collective]
+    ops: list[list[int]]  # [flops, bytes moved, count] per distinct operator of one micro-batch and the optimizer step
+    collectives: list[Collective]  # of one micro-batch and the optimizer step
     model_flops_per_sample: int  # fwd + bwd model FLOPs (the MFU numerator; recomputation not counted)
     samples_per_step: int
     trace_seconds: float

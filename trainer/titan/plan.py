@@ -139,15 +139,16 @@ def plan_config(cfg: WamConfig, gpus: int) -> WamConfig:
 def run_step(cfg: WamConfig, *, fake: bool, steps: int = 2) -> TracedStep:
     """The training step of `cfg` on this rank of the initialised process group: traced on fake tensors, or run."""
     config = trainer_config(cfg)
-    config.compile.enable = False
+    config.compile.enable = False  # traced eagerly (see the module docstring)
     world = dist.get_world_size()
     parallel_dims = ParallelDims.from_config(config.parallelism, world)
     parallel_dims.build_mesh()
     preset = resolve_preset(cfg)
     flops = count_flops(preset.arch, preset.sample)
-    loader = config.dataloader.build(dp_world_size=parallel_dims.get_optional_mesh("batch").size()
-                                     if parallel_dims.get_optional_mesh("batch") is not None else 1,
-                                     dp_rank=dist.get_rank(), tokenizer=None, seq_len=config.training.seq_len,
+    batch_mesh = parallel_dims.get_optional_mesh("batch")
+    loader = config.dataloader.build(dp_world_size=batch_mesh.size() if batch_mesh is not None else 1,
+                                     dp_rank=batch_mesh.get_local_rank() if batch_mesh is not None else 0,
+                                     tokenizer=None, seq_len=config.training.seq_len,
                                      local_batch_size=config.training.local_batch_size)
     input_dict, labels = next(iter(loader))
     weighting = LossWeighting(cfg.flow.loss_weighting, cfg.flow.shift)
@@ -183,9 +184,8 @@ def run_step(cfg: WamConfig, *, fake: bool, steps: int = 2) -> TracedStep:
                     stack.enter_context(_LayoutConstants())
                 optimizers.zero_grad()
                 trainer.step = step
-                for _ in range(trainer.gradient_accumulation_steps):
-                    trainer.forward_backward_step(input_dict=input_dict, labels=labels,
-                                                  global_valid_tokens=torch.tensor(1))
+                # One micro-batch: the plan multiplies its time by the accumulation (memory does not grow with it).
+                trainer.forward_backward_step(input_dict=input_dict, labels=labels, global_valid_tokens=torch.tensor(1))
                 dist_utils.clip_grad_norm_(list(model.parameters()), config.training.max_norm, foreach=True)
                 optimizers.step()
                 if step < steps:
