@@ -39,7 +39,7 @@ def tiny(workdir: Path) -> dict:
                         "-m", "wam.trainer.titan.plan", str(config), str(out), *overrides], check=True,
                        capture_output=True)
         measured = TracedStep.from_json(out.read_text()).peak_bytes
-        traced = trace(cfg, n).peak_bytes
+        traced = trace(cfg, n, attention="sdpa").peak_bytes  # the kernel the real CPU run uses
         estimate = estimate_memory(preset.arch, preset.sample, n, batch_per_gpu=2, activation_checkpointing=False)
         static = estimate.total - estimate.frozen_encoders  # the measured step holds no encoders either
         rows[n] = {"measured_bytes": measured, "traced_bytes": traced, "static_bytes": static,

@@ -9,11 +9,12 @@ Either way torch's FSDPMemTracker records the peak per category, a dispatch reco
 operator, FLOPs and bytes moved (the roofline's inputs). Two steps run; the second, with optimizer states, is
 the one reported, as torchtitan's own memory estimation does.
 
-Where the trace differs from a GPU run: attention runs as SDPA with the dense mask whatever model.attention says
-(flex_attention has no backward on CPU tensors, and torch's memory tracker does not pass its higher-order op), so
-each block also holds its (tokens x tokens) mask and SDPA's temporaries: more than the block-sparse kernels hold,
-never less; attention FLOPs are the mask's share of SDPA's, as the block-sparse kernels compute. Blocks run
-eagerly (compile is not traced), and zeros in the shape of cached prompt features stand in for the text encoder.
+Where the trace differs from a GPU run: attention is the platform's block-sparse kernel op (model.attention=
+triton) whatever the config says: its fake implementation gives the fused kernel's outputs (the attention output
+and its log-sum-exp), which is also all flex_attention keeps, and no kernel runs (flex itself has no backward on
+CPU tensors, and torch's memory tracker does not pass its higher-order op); its FLOPs are SDPA's on the tiles the
+mask allows. Blocks run eagerly (compile is not traced), and zeros in the shape of cached prompt features stand
+in for the text encoder.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from wam.platform.accounting import count_flops
 from wam.platform.config import WamConfig, resolve_preset
@@ -44,6 +45,7 @@ from torchtitan.distributed import ParallelDims  # noqa: E402
 from torchtitan.distributed import utils as dist_utils  # noqa: E402
 
 from wam.trainer.flow import LossWeighting  # noqa: E402
+from wam.trainer.kernels import op as _attention_ops  # noqa: E402, F401  (registers the block-sparse attention ops)
 from wam.trainer.titan.config_registry import trainer_config  # noqa: E402
 from wam.trainer.titan.trainer import WamTrainer  # noqa: E402
 
@@ -52,10 +54,14 @@ _CATEGORY = {"Sharded Param": "parameters", "Unsharded Param": "gathered_paramet
              "Sharded Grad": "gradients", "Unsharded Grad": "gradient_buffers", "Activation": "activations",
              "Temp": "temporaries", "All Gather": "gathered_parameters", "Reduce Scatter": "gradient_buffers",
              "OptState": "optimizer_state", "Inputs": "activations"}
-_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
-         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
-         torch.ops.aten._scaled_dot_product_efficient_attention, torch.ops.aten._scaled_dot_product_efficient_attention_backward,
-         torch.ops.aten._scaled_dot_product_flash_attention, torch.ops.aten._scaled_dot_product_flash_attention_backward}
+# The block-sparse attention op's FLOPs: SDPA's (torch's formulas, shapes (batch, heads, tokens, head dim)) on the
+# tiles the mask allows.
+_ATTENTION_FLOPS = {
+    torch.ops.wam.block_sparse_attention: lambda q, k, v, *_: sdpa_flop_count(*(t.transpose(1, 2).shape
+                                                                                for t in (q, k, v))),
+    torch.ops.wam.block_sparse_attention_backward: lambda grad, _, q, k, v, *__: sdpa_backward_flop_count(
+        *(t.transpose(1, 2).shape for t in (grad, q, k, v))),
+}
 
 
 class _LayoutConstants(TorchDispatchMode):
@@ -119,20 +125,20 @@ class _StepRecorder(TorchDispatchMode):
         flops = 0
         if func.overloadpacket in flop_registry:
             flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
-            if func.overloadpacket in _SDPA:
-                flops = int(flops * self.attention_density)  # the block-sparse GPU kernels skip masked tiles
+        elif func.overloadpacket in _ATTENTION_FLOPS:
+            flops = int(_ATTENTION_FLOPS[func.overloadpacket](*args) * self.attention_density)
         moved = 0 if func.is_view else sum(t.nbytes for t in tree_leaves((args, kwargs, out))  # views move nothing
                                            if isinstance(t, torch.Tensor) and t.device.type != "meta")
         self.ops[(flops, moved)] += 1
         return out
 
 
-def plan_config(cfg: WamConfig, gpus: int) -> WamConfig:
+def plan_config(cfg: WamConfig, gpus: int, attention: str) -> WamConfig:
     """The config as a GPU job of `gpus` ranks would run it (bf16 parameters), on latents (robot video's encoders
-    are added by the plan: wam.platform.plan.with_encoders) and with attention as traced."""
+    are added by the plan: wam.platform.plan.with_encoders), with this attention kernel."""
     t = dataclasses.replace(cfg.training, processes=gpus, nodes=1,
                             precision="bfloat16" if cfg.training.precision == "auto" else cfg.training.precision)
-    return dataclasses.replace(cfg, training=t, model=dataclasses.replace(cfg.model, attention="sdpa"),
+    return dataclasses.replace(cfg, training=t, model=dataclasses.replace(cfg.model, attention=attention),
                                data=dataclasses.replace(cfg.data, source="synthetic", datasets=[]))
 
 
@@ -225,11 +231,12 @@ def _step_owner(cfg, config, parallel_dims, model, weighting, arch) -> WamTraine
     return trainer
 
 
-def trace(cfg: WamConfig, gpus: int) -> TracedStep:
-    """The step of `cfg` on `gpus` ranks, traced in this process as rank 0 of a fake process group."""
+def trace(cfg: WamConfig, gpus: int, attention: str = "triton") -> TracedStep:
+    """The step of `cfg` on `gpus` ranks, traced in this process as rank 0 of a fake process group (`attention`:
+    sdpa to compare with a real CPU run, which cannot run the block-sparse kernels)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    cfg = plan_config(cfg, gpus)
+    cfg = plan_config(cfg, gpus, attention)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
     try:
         return run_step(cfg, fake=True)
@@ -238,10 +245,10 @@ def trace(cfg: WamConfig, gpus: int) -> TracedStep:
 
 
 def measure(cfg: WamConfig) -> TracedStep:
-    """The same step on real tensors in this torchrun job's process group (gloo on CPUs)."""
+    """The same step on real tensors in this torchrun job's process group (gloo on CPUs; SDPA attention)."""
     dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
     try:
-        return run_step(plan_config(cfg, dist.get_world_size()), fake=False)
+        return run_step(plan_config(cfg, dist.get_world_size(), "sdpa"), fake=False)
     finally:
         dist.destroy_process_group()
 
