@@ -1,7 +1,9 @@
-"""Training step time: torchtitan's Trainer (1 and 2 processes, FSDP2) against a plain eager loop.
+"""Training step time: torchtitan's Trainer (1 and 2 processes, FSDP2) against a plain eager loop; packed windows
+against windows padded to K chunks.
 
     python benchmarks/train_step.py            # tiny preset on CPU; on a GPU also MFU at the 14B block width
     python benchmarks/train_step.py --quick
+    python benchmarks/train_step.py --packing  # only packed vs padded (useful tokens/s)
 
 The eager loop runs the same model, batches, loss and optimizer in one process with no parallelism; the
 ratios say what torchtitan + FSDP cost (or gain) per step and per sample. torchtitan step times are
@@ -12,11 +14,22 @@ the Trainer's own parallelize function (per-block compile, selective activation 
 bf16 compute), the flow loss and a fused AdamW step, per attention backend; MFU from the platform's FLOP
 accounting (wam.platform.accounting) and peak memory next to `wam model info`'s estimate for the same blocks.
 benchmarks/gpu_check.py runs it too.
+
+`packing_comparison` trains the same model on the same windows of 1..K chunks two ways: padded (every window
+costs a K-chunk sequence, batch_size per step, as padding to K would) and packed (data.packing: windows share one
+sequence of batch_size K-windows' tokens). Useful tokens/s counts only the windows' real tokens, per second of one thread's CPU time on a CPU (wall time on a
+shared machine is mostly the other processes' load), of wall time on a GPU. The windows'
+lengths come from the sampler itself (a window every half chunk, as many chunks as fit, up to K) run over
+episodes as long as DROID's: 76k trajectories in 350 hours at 15 Hz (Khazatsky et al. 2024, arXiv 2403.12945),
+a mean of 16.6 s = 249 frames; their spread is not published, so lengths are drawn log-normal around that mean
+(sigma 0.5, an assumption). The ideal ratio for that mix, from the platform's FLOP accounting, is printed next to
+the measured one (and the 14B sample shape's, for scale).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -25,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -32,14 +46,23 @@ from wam.platform.accelerators import detect
 from wam.platform.accounting import GIB, count_flops, estimate_memory
 from wam.platform.config import FlowSection, load_config, resolve_preset
 from wam.platform.launch import free_port
+from wam.platform.layout import TokenLayout
+from wam.platform.presets import get_preset
 from wam.trainer.data.batch import collate_latents
 from wam.trainer.data.latent_episodes import SyntheticLatents
+from wam.trainer.data.loader import PACK_GROUP, pack
+from wam.trainer.data.windows import plan_windows
 from wam.trainer.flow import LossWeighting, StepRandomness, flow_loss, noise_batch
 from wam.trainer.model import build_model, model_config
 from wam.trainer.model.text_encoder import load_text_encoder
 
 WIDTH_14B = ["model.preset=dreamzero-14b", "model.num_layers=4"]  # 4 blocks of dim 5120, the full 14B sample
 WARMUP = 25  # torchtitan's first steps (allocator, FSDP buffers, first async work) are slow
+# Packed vs padded: a model big enough that compute, not Python, sets the step time on a CPU (1,060 tokens per
+# 4-chunk window: 64 per latent frame, 24 actions per chunk as DROID's)
+PACKING_MODEL = ["model.dim=256", "model.num_layers=4", "model.num_heads=4", "model.ffn_dim=1024",
+                 "sample.latent_height=16", "sample.latent_width=16", "sample.actions_per_chunk=24"]
+DROID_MEAN_FRAMES, DROID_HZ_HORIZON = 249, 24  # mean episode length at 15 Hz; actions per chunk at 15 Hz
 
 
 def titan_step_times(workdir: Path, name: str, steps: int, warmup: int, processes: int, **sections) -> list[dict]:
@@ -166,15 +189,127 @@ def parallelized_step(overrides: list[str], attention: str, *, device: str, step
     return result
 
 
+def window_mix(chunks: int, windows: int, mean_frames: int = DROID_MEAN_FRAMES, seed: int = 0, sigma: float = 0.5,
+               episodes: int = 5000) -> list[int]:
+    """Chunks of `windows` windows in the proportions data.packing samples them from DROID-length episodes (module
+    doc), in a shuffled order as the loader reads them."""
+    rng = np.random.default_rng(seed)
+    lengths = np.maximum(DROID_HZ_HORIZON + 1, rng.lognormal(np.log(mean_frames) - sigma**2 / 2, sigma,
+                                                             episodes).astype(int))
+    counts = np.zeros(chunks + 1)
+    for frames in lengths:
+        for _, k in plan_windows(np.zeros(frames, int), chunks, DROID_HZ_HORIZON, DROID_HZ_HORIZON // 2, 1):
+            counts[k] += 1
+    quota = counts[1:] / counts.sum() * windows
+    whole = np.floor(quota).astype(int)
+    whole[np.argsort(whole - quota)[:windows - whole.sum()]] += 1  # largest remainders
+    mix = [k for k, n in enumerate(whole, start=1) for _ in range(n)]
+    return [mix[i] for i in rng.permutation(windows)]
+
+
+def _ideal_gain(arch, sample, mix: list[int]) -> float:
+    """FLOPs of a K-chunk window over the mean FLOPs of the mix's windows: packing's ceiling."""
+    flops = {k: count_flops(arch, dataclasses.replace(sample, num_chunks=k)).training for k in set(mix)}
+    return count_flops(arch, sample).training / statistics.mean(flops[k] for k in mix)
+
+
+def packing_comparison(overrides: list[str], windows: int, rounds: int, batch_size: int = 2,
+                       device: str = "cpu", mean_frames: int = DROID_MEAN_FRAMES) -> dict:
+    """Useful (real) tokens/s of the same windows trained padded to K chunks and packed (module doc)."""
+    cfg = load_config(None, overrides)
+    preset = resolve_preset(cfg)
+    arch, sample = preset.arch, preset.sample
+    f, k_max = sample.frames_per_chunk, sample.num_chunks
+    tokens = [TokenLayout.teacher_forcing(k, f, sample.tokens_per_frame(arch), sample.actions_per_chunk).length
+              for k in range(k_max + 1)]
+    mix = window_mix(k_max, windows, mean_frames)
+    world = SyntheticLatents(arch, sample, episodes=windows, seed=0)
+    full = [world[i] for i in range(windows)]  # K chunks: what a padded window costs
+    short = [dataclasses.replace(s, video=s.video[:, :1 + k * f], actions=s.actions[:k], state=s.state[:k],
+                                 i2v_cond=s.i2v_cond[:, :1 + k * f] if s.i2v_cond is not None else None)
+             for s, k in zip(full, mix, strict=True)]
+    padded = [collate_latents(full[i:i + batch_size]) for i in range(0, windows, batch_size)]
+    group = PACK_GROUP * batch_size  # as the loader packs them
+    packed = [collate_latents([short[i] for i in indices], pack=True) for start in range(0, windows, group)
+              for indices in pack(list(range(start, min(start + group, windows))), lambda i: tokens[mix[i]],
+                                  batch_size * tokens[-1])]
+    model = build_model(model_config(arch, sample), device=device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=device == "cpu", fused=device == "cuda")
+    weighting, flow = LossWeighting("bell", 5.0), FlowSection()
+    text = torch.randn(1, arch.text_len, arch.text_dim, device=device)  # the frozen encoder's cost is left out
+
+    def epoch(batches: list[dict]) -> float:
+        start = time.perf_counter() if device == "cuda" else time.process_time()
+        for step, batch in enumerate(batches):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            prompts = text.expand(len(batch["prompt"]), -1, -1)
+            noised = noise_batch(batch["video"], batch["actions"], batch["state"], prompts, flow,
+                                 StepRandomness(0, step, 0), batch.get("image"), batch.get("i2v_cond"),
+                                 batch.get("windows"))
+            out = model(noised.inputs)
+            loss = flow_loss(out.video, out.actions, noised.target_video, noised.target_actions, noised.sigma_video,
+                             noised.sigma_action, batch["action_dims"], batch["has_actions"], weighting).total()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            return time.perf_counter() - start
+        return time.process_time() - start
+
+    threads = torch.get_num_threads()
+    if device == "cpu":  # one thread's CPU time: the work itself, whatever else the machine runs
+        torch.set_num_threads(1)
+    epoch(padded[:2] + packed[:2])  # warm-up: allocator, first calls
+    useful = sum(tokens[k] for k in mix)
+    times: dict[str, list[float]] = {"padded": [], "packed": []}
+    for r in range(rounds):  # alternate, so both see the same conditions
+        for name in (("padded", "packed") if r % 2 == 0 else ("packed", "padded")):
+            times[name].append(epoch(padded if name == "padded" else packed))
+    torch.set_num_threads(threads)
+    rates = {name: useful / statistics.median(t) for name, t in times.items()}
+    counts = {k: mix.count(k) for k in range(1, k_max + 1)}
+    big = get_preset("dreamzero-14b")
+    return {"episode_mean_frames": mean_frames, "windows": windows, "mix": counts, "clock": "CUDA wall time" if device == "cuda" else "CPU time, 1 thread", "batch_size": batch_size, "tokens_per_window": tokens[1:],
+            "padded_steps": len(padded), "packed_steps": len(packed), "padded_token_share": useful / (windows * tokens[-1]),
+            "useful_tokens_per_s": rates, "speedup": rates["packed"] / rates["padded"],
+            "ideal_speedup": _ideal_gain(arch, sample, mix),
+            "ideal_speedup_14b": _ideal_gain(big.arch, dataclasses.replace(big.sample, num_chunks=k_max), mix),
+            "rounds": times}
+
+
+def print_packing(row: dict) -> None:
+    mix = ", ".join(f"{k}: {n}" for k, n in row["mix"].items())
+    print(f"packed vs padded to K chunks: {row['windows']} windows from episodes of {row['episode_mean_frames']} frames "
+          f"on average (chunks: count {mix}), batch {row['batch_size']}; "
+          f"real tokens are {100 * row['padded_token_share']:.0f}% of the padded sequences; {row['clock']}")
+    for name, rate in row["useful_tokens_per_s"].items():
+        steps = row[f"{name}_steps"]
+        print(f"  {name:<7} {steps:>3} steps  {rate:>10,.0f} useful tokens/s")
+    print(f"  packed / padded: {row['speedup']:.2f}x (ideal for this mix from FLOPs: {row['ideal_speedup']:.2f}x; "
+          f"at the 14B sample shape {row['ideal_speedup_14b']:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="5 warm-up and 5 timed steps (a smoke run)")
+    parser.add_argument("--packing", action="store_true", help="only packed vs padded windows (useful tokens/s)")
+    parser.add_argument("--episode-frames", type=int, default=DROID_MEAN_FRAMES,
+                        help="mean episode length at 15 Hz that the window mix is drawn from (default: DROID's)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     warmup, timed = (5, 5) if args.quick else (WARMUP, 50)
     steps = warmup + timed
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                      "torch_threads_eager": torch.get_num_threads()}
+    results["packing"] = (packing_comparison([], 16, 1, device=device, mean_frames=args.episode_frames) if args.quick
+                          else packing_comparison(PACKING_MODEL, 24, 3, device=device, mean_frames=args.episode_frames))
+    print_packing(results["packing"])
+    if args.packing:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         eager = eager_step_time(steps, warmup)

@@ -34,12 +34,22 @@ class SDPAKernel(Module):
         super().__init__()
 
     def prepare(self, mask: AttentionMask, device: torch.device) -> None:
-        mask.dense(device)
+        for window in mask.masks:
+            window.dense(device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: AttentionMask | PaddedMask) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask.dense(q.device))
+        if isinstance(mask, PaddedMask) or len(mask.masks) == 1:
+            return self._attend(q, k, v, mask.dense(q.device))
+        # packed windows: each over its own keys, so the cost is the sum of their squares, not the whole's square
+        q_parts = q.split([m.queries.length for m in mask.masks], dim=1)
+        k_parts, v_parts = (t.split([m.keys.length for m in mask.masks], dim=1) for t in (k, v))
+        return torch.cat([self._attend(*qkv, m.dense(q.device))
+                          for *qkv, m in zip(q_parts, k_parts, v_parts, mask.masks, strict=True)], dim=1)
+
+    @staticmethod
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return out.transpose(1, 2)
 
 

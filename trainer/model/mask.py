@@ -146,7 +146,8 @@ class AttentionMask:
 
 class RaggedMask(AttentionMask):
     """Windows packed one after another along the token axis (a ragged batch: windows with different numbers
-    of chunks, batch size 1). Each keeps its own mask; no token attends across windows."""
+    of chunks, batch size 1). Each keeps its own mask; no token attends across windows. `dense()` is the whole
+    block-diagonal matrix; SDPA attends window by window with the windows' own dense masks instead."""
 
     def __init__(self, masks: Sequence[AttentionMask]):
         if not masks:
