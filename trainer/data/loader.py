@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -142,19 +143,21 @@ class WamDataLoader(BaseDataLoader):
                 yield indices, group if b == len(bins) - 1 else 0
             skip = 0
 
-    def _batches(self) -> Iterator[dict]:
-        """Collated batches in order, from the current position (workers prefetch from a copy of the order)."""
-        indices = (batch for batch, _ in self._plan(copy.deepcopy(self.order)))
+    def _batches(self) -> Iterator[tuple[dict, int]]:
+        """Collated batches in order from the current position, each with the order entries it uses up (one plan,
+        from a copy of the order: the workers prefetch ahead of what the trainer has had)."""
+        for_workers, for_trainer = itertools.tee(self._plan(copy.deepcopy(self.order)))
+        indices = (batch for batch, _ in for_workers)
         if self.workers == 0:
-            for batch in indices:
-                yield self.collate([self.source[i] for i in batch])
+            collated = (self.collate([self.source[i] for i in batch]) for batch in indices)
         else:
-            yield from DataLoader(self.source, batch_sampler=indices, num_workers=self.workers,
+            collated = DataLoader(self.source, batch_sampler=indices, num_workers=self.workers,
                                   collate_fn=self.collate, prefetch_factor=2)
+        yield from zip(collated, (used for _, used in for_trainer), strict=True)
 
     def __iter__(self) -> Iterator[tuple[dict, torch.Tensor]]:
         skipped = 0
-        for batch, (_, used) in zip(self._batches(), self._plan(copy.deepcopy(self.order)), strict=False):
+        for batch, used in self._batches():
             self.order.take(used)  # the trainer now has these samples
             self.packed = 0 if used else self.packed + 1
             skipped += batch.pop("skipped", 0)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from wam.platform.layout import TokenLayout
+from wam.trainer.model.mask import AttentionMask
 
 
 class KV(NamedTuple):
@@ -61,7 +62,7 @@ class SessionRows(NamedTuple):
 
     sizes: tuple[int, ...]  # each session's rows, in order
     layers: tuple[LayerCache, ...]
-    masks: tuple
+    masks: tuple[AttentionMask, ...]
 
 
 @dataclass

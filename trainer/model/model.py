@@ -504,7 +504,8 @@ class WamModel(BaseModel):
 
     def _row_rope(self, caches: list[KVCache], layouts: list[TokenLayout], sizes: tuple[int, ...],
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (B, L, head_dim/2): every row's RoPE angles at its session's chunk."""
+        """(cos, sin): every row's RoPE angles at its session's chunk, each (B, L, head_dim/2); (L, head_dim/2)
+        for one session (its rows share them)."""
         if len(layouts) == 1:
             return rope_tables(layouts[0], caches[0].grid, self.arch.head_dim, self.arch.rope_theta, device)
         tables = [rope_tables(layout, caches[0].grid, self.arch.head_dim, self.arch.rope_theta, device)
