@@ -22,6 +22,7 @@ def tiny_config(tmp_path_factory):
 def test_traced_memory_matches_a_real_run(tiny_config, tmp_path):
     """The trace (fake tensors, fake process group) and the real step (gloo, 1 and 2 processes) agree on peak tensor
     memory within 10%, and on the collectives."""
+    import wam.trainer.model.model  # noqa: F401  (torchtitan loaded before the CPU shim, as in a busy test worker)
     from wam.trainer.titan.plan import trace
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -7,6 +7,8 @@ device is "cpu" (gloo, no set_device), the memory monitor reports zeros, and the
 FSDP's gradient reduction, which gloo cannot do as PREMUL_SUM, is forced to SUM in parallelize.py.
 """
 
+import sys
+
 import torch
 import torch._utils
 
@@ -14,6 +16,14 @@ if torch.cuda.is_available():
     raise RuntimeError("wam.trainer.titan.cpu is for machines without an accelerator")
 
 torch._utils._get_available_device_type = lambda: "cpu"
+# torchtitan resolves the device once, when torchtitan.tools.utils is first imported, and its modules copy it
+# (`from torchtitan.tools.utils import device_type`). Where torchtitan came first (the model imports its
+# protocols), the copies already loaded are corrected too.
+for _module in [m for name, m in sys.modules.items() if name.startswith("torchtitan.")]:
+    if getattr(_module, "device_type", None) == "cuda":
+        _module.device_type = "cpu"
+    if getattr(_module, "device_module", None) is torch.cuda:
+        _module.device_module = torch.cpu
 
 import torchtitan.components.metrics as _metrics  # noqa: E402  (after the device type is fixed)
 import torchtitan.distributed.utils as _dist_utils  # noqa: E402
