@@ -58,6 +58,7 @@ def plan(cfg: WamConfig, accelerator: str, gpus: int, *, fresh: bool = False) ->
     return {
         "accelerator": accelerator, "gpus": gpus, "traced_at_gpus": step.world_size, "traced_in_s": step.trace_seconds,
         "micro_batch": step.micro_batch, "activation_checkpointing": step.activation_checkpointing,
+        "compile_traced": False if cfg.training.compile else None,  # dynamo does not run under the memory tracker
         "memory_gib_per_gpu": {k: v / GIB for k, v in memory.items()} | {"total": total / GIB},
         "fits": total <= HEADROOM * acc.memory_gib * GIB, "device_gib": acc.memory_gib,
         "fewest_gpus": fewest_gpus(step, acc),
@@ -80,6 +81,10 @@ def show(result: dict) -> None:
     table.add_column()
     for key, value in r["memory_gib_per_gpu"].items():
         table.add_row(f"memory per GPU: {key.replace('_', ' ')}", f"{value:.2f} GiB")
+    if r["compile_traced"] is False:
+        table.add_row("training.compile", "not traced: the blocks are traced eagerly (torch.compile does not run "
+                      "under torch's memory tracker); compiled blocks save less for backward, so the activations "
+                      "above are an upper bound (docs/limits.md)")
     table.add_row("fits", f"{'yes' if r['fits'] else 'NO'} ({HEADROOM:.0%} of {r['device_gib']:g} GiB usable)")
     table.add_row("fewest GPUs that fit", str(r["fewest_gpus"] or "none"))
     table.add_row("largest micro-batch that fits", f"{r['largest_micro_batch']} (derived: activations and temporaries "

@@ -7,6 +7,10 @@ Tiny: the traced peak tensor memory per rank (fake tensors, fake process group) 
 against the same step measured on real tensors (torchrun, gloo; torch's FSDPMemTracker on the real run), as
 relative errors. 14B: the wall time of `wam plan configs/dreamzero-14b.yaml --accelerator h100 --gpus 64` (a
 fresh trace, activation checkpointing full, micro-batch 1) and what it reports next to the static estimate.
+Compile, which `wam plan` cannot trace (dynamo does not run under torch's memory tracker): the bytes autograd saves
+for backward in one tiny training step with eager blocks against blocks compiled as `training.compile` compiles
+them (inductor, whose partitioner chooses what is saved), no activation checkpointing: how far above a compiled
+run the eager trace's activations are.
 """
 
 from __future__ import annotations
@@ -47,6 +51,39 @@ def tiny(workdir: Path) -> dict:
     return rows
 
 
+def saved_for_backward(compiled: bool) -> int:
+    """Bytes of the distinct storages autograd saves in one tiny forward + backward (second step: compiled warm)."""
+    import torch
+
+    from wam.platform.presets import get_preset
+    from wam.trainer.model import WamInputs, build_model, model_config
+
+    tiny = get_preset("tiny")
+    model = build_model(model_config(tiny.arch, tiny.sample), seed=0).train()
+    if compiled:
+        for block in model.blocks:
+            block.compile(backend="inductor")  # as parallelize_wam does for training.compile
+    inputs = WamInputs.random(tiny.arch, tiny.sample, batch=2)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    for _ in range(2):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(inputs)
+            loss = out.video.square().mean() + out.actions.square().mean()
+        loss.backward()
+    return sum(saved.values())
+
+
+def compile_effect() -> dict:
+    eager, compiled = saved_for_backward(False), saved_for_backward(True)
+    return {"eager_bytes": eager, "compiled_bytes": compiled, "eager_over_compiled": eager / compiled - 1}
+
+
 def dreamzero_14b(workdir: Path) -> dict:
     wam = Path(sys.executable).parent / "wam"
     started = time.monotonic()
@@ -71,6 +108,10 @@ def main() -> None:
         for n, row in results["tiny"].items():
             print(f"tiny, {n} process(es): measured {row['measured_bytes'] / 2**20:.2f} MiB; traced "
                   f"{row['traced_error']:+.2%}, static estimate {row['static_error']:+.2%}")
+        results["compile"] = compile_effect()
+        c = results["compile"]
+        print(f"tiny, saved for backward: eager blocks {c['eager_bytes'] / 2**20:.2f} MiB, compiled "
+              f"{c['compiled_bytes'] / 2**20:.2f} MiB: eager {c['eager_over_compiled']:+.1%}")
         if not args.skip_14b:
             results["dreamzero-14b"] = dreamzero_14b(workdir)
             plan = results["dreamzero-14b"]["plan"]
