@@ -1,6 +1,7 @@
 import dataclasses
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from wam.platform.presets import get_preset
 # is first imported (tests/test_kernels.py).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Traced plans (`wam plan`) that admission checks read: the tests' own, never a user's ~/.cache, and none of a
+# test's left behind for the next run.
+os.environ["WAM_PLAN_CACHE"] = tempfile.mkdtemp(prefix="wam-test-plans-")
 
 REPO = Path(__file__).resolve().parents[1]
 

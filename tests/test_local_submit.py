@@ -31,7 +31,10 @@ def test_a_trainjob_runs_locally_to_a_served_policy_and_stops_on_ctrl_c(tmp_path
     proc = subprocess.Popen([str(Path(sys.executable).parent / "wam"), "submit", "--local", str(manifest),
                              "--workdir", str(tmp_path / "work"), "--serving-port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-                            env={**os.environ, "COLUMNS": "200"})
+                            env={**os.environ, "COLUMNS": "200"},
+                            # Ctrl-C reaches it as from a terminal, also where the runner ignores SIGINT (a background
+                            # job inherits SIG_IGN)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()

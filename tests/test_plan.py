@@ -117,19 +117,18 @@ def test_largest_micro_batch_grows_activations_only():
     assert fixed + b * 11 * 1024**3 <= 0.9 * 141 * 1024**3 < fixed + (b + 1) * 11 * 1024**3
 
 
-def test_plan_says_compile_is_not_traced(tiny_config, tmp_path):
+def test_plan_says_compile_is_not_traced(tiny_config, tmp_path, monkeypatch):
     """A config that compiles its blocks gets an eager trace (dynamo does not run under torch's memory tracker),
     and `wam plan` says so rather than presenting it as the compiled program's memory."""
     from wam.platform import plan
     from wam.platform.config import resolve_preset
 
+    monkeypatch.setenv("WAM_PLAN_CACHE", str(tmp_path))
     cfg = load_config(tiny_config)
     plan.store(plan.cache_key(resolve_preset(cfg), cfg.training), _step(world_size=1))  # skips the trace
-    env = {"WAM_PLAN_CACHE": str(tmp_path)}
-    compiled = wam_cli("plan", tiny_config, "--accelerator", "h100", "--gpus", "8", "--set", "training.compile=true",
-                       env=env)
+    compiled = wam_cli("plan", tiny_config, "--accelerator", "h100", "--gpus", "8", "--set", "training.compile=true")
     assert compiled.returncode == 0, compiled.stderr
     assert "training.compile" in compiled.stdout and "not traced" in " ".join(compiled.stdout.split())
-    eager = wam_cli("plan", tiny_config, "--accelerator", "h100", "--gpus", "8", "--json", env=env)
+    eager = wam_cli("plan", tiny_config, "--accelerator", "h100", "--gpus", "8", "--json")
     assert eager.returncode == 0, eager.stderr
     assert json.loads(eager.stdout)["compile_traced"] is None
