@@ -20,6 +20,7 @@ in for the text encoder.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from collections import Counter
 from contextlib import ExitStack, nullcontext
@@ -236,10 +237,10 @@ def trace(cfg: WamConfig, gpus: int, attention: str = "triton") -> TracedStep:
     sdpa to compare with a real CPU run, which cannot run the block-sparse kernels)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    cfg = plan_config(cfg, gpus, attention)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
     try:
-        return run_step(cfg, fake=True)
+        with tempfile.TemporaryDirectory(prefix="wam-plan-") as scratch:  # the trainer's run folder: nothing to keep
+            return run_step(dataclasses.replace(plan_config(cfg, gpus, attention), output_dir=scratch), fake=True)
     finally:
         dist.destroy_process_group()
 
