@@ -16,6 +16,9 @@ and the others still run.
              Triton and the flex backend: step time, tokens/s, MFU, peak memory next to the estimate
   serve      per-chunk denoising latency at the 14B block width, KV cache vs recomputing, 1 and 4 steps; and
              DreamZero's sampler built up (UniPC 16 steps, guidance batched or as two passes, the DiT cache)
+  plan       `wam plan`'s traced peak memory per rank against the same step run for real at the 14B block width
+             (2 blocks, activation checkpointing full, Triton attention on both sides): torch's memory tracker and
+             torch.cuda.max_memory_allocated
   engine     the fast engine's ablation at the 14B block width, bf16 (benchmarks/serve.py --ablation: guidance
              batched / on two GPUs, DiT cache, compile + CUDA graphs, FP8 or NVFP4, Flash 1 step) and 1/4/8
              concurrent sessions batched vs one at a time
@@ -61,6 +64,7 @@ SECTIONS = {s.name: s for s in (
     Section("attention", 150, ("triton", "flex"), "Triton vs flex vs SDPA at the 14B head layout"),
     Section("train", 150, ("triton", "flex", "titan-parallel"), "training step at the 14B block width"),
     Section("serve", 60, (), "chunk latency at the 14B block width, KV cache vs recompute"),
+    Section("plan", 90, ("triton", "titan-parallel"), "wam plan's traced memory vs the allocator's peak"),
     Section("engine", 240, (), "the fast engine's ablation and concurrency at the 14B block width"),
 )}
 CPU_LIMIT_S = 600  # the dry run on a 2-core machine; Triton's interpreter is slow
@@ -77,6 +81,7 @@ TARGETS = (  # (section, what, path into its result, minimum); from the platform
     ("train", "MFU % of 989 TFLOP/s, 14B width, flex", ("flex", "mfu_pct"), 45.0),
     ("serve", "KV cache vs recompute at 4 chunks, 1 step (speed-up)", ("1_steps", "speedup_p50"), 5.0),
     ("serve", "KV cache vs recompute at 4 chunks, 4 steps (speed-up)", ("4_steps", "speedup_p50"), 5.0),
+    ("plan", "traced peak memory vs torch.cuda.max_memory_allocated (1 - |error|)", ("device_accuracy",), 0.9),
     ("engine", "8 sessions batched vs one at a time (throughput ratio)",
      ("concurrency", "8_sessions_throughput_ratio"), 4.0),
 )
@@ -256,6 +261,35 @@ def section_serve(cpu: bool, partial) -> dict:
     return {**chunk_latency(*run), "samplers": sampler_latency(*run)}
 
 
+def section_plan(cpu: bool, partial) -> dict:
+    """The traced step (fake tensors, fake process group of 1) and the same step run for real (a process group of
+    1: NCCL on the GPU, gloo in the dry run, which compares with SDPA as tests/test_plan.py does)."""
+    import torch
+
+    from wam.platform.config import load_config
+    from wam.trainer.titan.plan import measure, trace
+    from wam.platform.launch import free_port
+
+    overrides = (["training.batch_size=2"] if cpu else
+                 ["model.preset=dreamzero-14b", "model.num_layers=2", "training.batch_size=1"])
+    attention = "sdpa" if cpu else "triton"
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(REPO / "configs" / "tiny.yaml",
+                          [*overrides, "training.activation_checkpointing=full", f"output_dir={tmp}"])
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1")
+        measured = measure(cfg, attention)
+        traced = trace(cfg, 1, attention)
+    result = {"attention": attention, "traced_bytes": traced.peak_bytes, "tracker_bytes": measured.peak_bytes,
+              "traced_vs_tracker_error": traced.peak_bytes / measured.peak_bytes - 1,
+              "traced_memory": traced.memory, "tracker_memory": measured.memory, "trace_s": traced.trace_seconds}
+    if torch.cuda.is_available():
+        device_peak = measured.extra["device_peak_bytes"]
+        error = traced.peak_bytes / device_peak - 1
+        result.update(device_peak_bytes=device_peak, traced_vs_device_error=error, device_accuracy=1 - abs(error))
+    return result
+
+
 def section_engine(cpu: bool, partial) -> dict:
     import tempfile
 
@@ -272,7 +306,7 @@ def section_engine(cpu: bool, partial) -> dict:
 
 
 RUNNERS = {"env": section_env, "pytest": section_pytest, "attention": section_attention, "train": section_train,
-           "serve": section_serve, "engine": section_engine}
+           "serve": section_serve, "plan": section_plan, "engine": section_engine}
 
 
 class SectionFailed(Exception):
@@ -432,6 +466,14 @@ def _details(sections: dict) -> list[str]:
             lines.append(f"| {name} | {r['layers']} x {r['dim']} | {r['tokens']} | {r['step_s']:.3f} | "
                          f"{r['tokens_per_s']:,.0f} | {r.get('mfu_pct', float('nan')):.1f} | "
                          f"{r.get('peak_allocated_gib', float('nan')):.1f} | {r.get('estimate_gib', float('nan')):.1f} |")
+    plan = sections.get("plan", {}).get("result", {})
+    if plan:
+        mib = 2**20
+        lines += ["", f"`wam plan`'s trace against the same step run ({plan['attention']} attention): traced "
+                  f"{plan['traced_bytes'] / mib:,.1f} MiB; memory tracker {plan['tracker_bytes'] / mib:,.1f} MiB "
+                  f"({plan['traced_vs_tracker_error']:+.1%})" + (
+                      f"; torch.cuda.max_memory_allocated {plan['device_peak_bytes'] / mib:,.1f} MiB "
+                      f"({plan['traced_vs_device_error']:+.1%})" if "device_peak_bytes" in plan else "")]
     serve = sections.get("serve", {}).get("result", {})
     if serve:
         lines += ["", "Per-chunk denoising latency (last chunk of the context):", "",

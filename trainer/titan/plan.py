@@ -20,6 +20,7 @@ in for the text encoder.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from collections import Counter
@@ -82,8 +83,8 @@ class _LayoutConstants(TorchDispatchMode):
         tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
         device = kwargs.get("device")
         if (any(isinstance(t, FakeTensor) for t in tensors) or func.namespace in ("c10d", "_c10d_functional")
-                or (device is not None and torch.device(device).type != "cpu")
-                or any(t.device.type != "cpu" for t in tensors)):
+                or (device is not None and torch.device(device).type not in _REAL_DEVICES)
+                or any(t.device.type not in _REAL_DEVICES for t in tensors)):
             return False
         if tensors:
             return all(not t.is_floating_point() for t in tensors) or sum(t.numel() for t in tensors) < 1 << 16
@@ -95,6 +96,8 @@ class _LayoutConstants(TorchDispatchMode):
 
 
 _NOT_COLLECTIVES = ("barrier", "monitored_barrier_", "wait_tensor")
+# The devices layout constants can be computed on for real: the CPU, and the GPU where one exists.
+_REAL_DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
 
 def _group_size(args) -> int:
@@ -143,8 +146,14 @@ def plan_config(cfg: WamConfig, gpus: int, attention: str) -> WamConfig:
                                data=dataclasses.replace(cfg.data, source="synthetic", datasets=[]))
 
 
+def _device() -> torch.device:
+    """Where torchtitan puts the model: this rank's GPU, else the CPU (fake tensors live there too)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def run_step(cfg: WamConfig, *, fake: bool, steps: int = 2) -> TracedStep:
     """The training step of `cfg` on this rank of the initialised process group: traced on fake tensors, or run."""
+    device = _device()
     config = trainer_config(cfg)
     config.compile.enable = False  # traced eagerly (see the module docstring)
     world = dist.get_world_size()
@@ -158,6 +167,8 @@ def run_step(cfg: WamConfig, *, fake: bool, steps: int = 2) -> TracedStep:
                                      tokenizer=None, seq_len=config.training.seq_len,
                                      local_batch_size=config.training.local_batch_size)
     input_dict, labels = next(iter(loader))
+    input_dict = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in input_dict.items()}
+    labels = labels.to(device)
     weighting = LossWeighting(cfg.flow.loss_weighting, cfg.flow.shift)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     if mode is not None:
@@ -172,13 +183,13 @@ def run_step(cfg: WamConfig, *, fake: bool, steps: int = 2) -> TracedStep:
         model = spec.parallelize_fn(model, parallel_dims=parallel_dims, training=config.training,
                                     parallelism=config.parallelism, compile_config=config.compile,
                                     ac_config=config.activation_checkpoint, dump_folder=str(cfg.run_dir))
-        model.to_empty(device="cpu")
+        model.to_empty(device=device)
         if not fake:
             with torch.no_grad():
                 model.init_weights(buffer_device=None)
         model.train()
         optimizers = config.optimizer.build(model_parts=[model])
-        trainer = _step_owner(cfg, config, parallel_dims, model, weighting, preset.arch)
+        trainer = _step_owner(cfg, config, parallel_dims, model, weighting, preset.arch, device)
         tracker = FSDPMemTracker(mod=model, optm=optimizers.optimizers[0])
         tracker.track_inputs((input_dict,))
         recorder = _StepRecorder(flops.self_attention / flops.self_attention_dense)
@@ -214,21 +225,21 @@ def run_step(cfg: WamConfig, *, fake: bool, steps: int = 2) -> TracedStep:
         traced=fake)
 
 
-def _step_owner(cfg, config, parallel_dims, model, weighting, arch) -> WamTrainer:
+def _step_owner(cfg, config, parallel_dims, model, weighting, arch, device: torch.device) -> WamTrainer:
     """The state `WamTrainer.forward_backward_step` reads, without the rest of a trainer (checkpointer, metrics,
     MLflow, data workers). Prompt features come as from the trainer's cache (the text encoder is frozen and its
     outputs are cached across steps); their size is the encoder's output."""
     trainer = WamTrainer.__new__(WamTrainer)
-    trainer.config, trainer.wam, trainer.device = config, cfg, torch.device("cpu")
+    trainer.config, trainer.wam, trainer.device = config, cfg, device
     trainer.model_parts, trainer.weighting, trainer.parallel_dims = [model], weighting, parallel_dims
     trainer.step, trainer.microbatch, trainer.ntokens_seen = 0, (0, 0), 0
     batch_mesh, loss_mesh = parallel_dims.get_optional_mesh("batch"), parallel_dims.get_optional_mesh("loss")
     trainer.dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
     trainer.loss_group = loss_mesh.get_group() if loss_mesh is not None else None
     trainer.gradient_accumulation_steps = cfg.training.grad_accumulation
-    trainer.window = torch.zeros(5)
+    trainer.window = torch.zeros(5, device=device)
     trainer.train_context = dist_utils.get_spmd_context(parallel_dims=parallel_dims)
-    trainer._encode_prompts = lambda prompts: torch.zeros(len(prompts), arch.text_len, arch.text_dim)
+    trainer._encode_prompts = lambda prompts: torch.zeros(len(prompts), arch.text_len, arch.text_dim, device=device)
     return trainer
 
 
@@ -245,13 +256,21 @@ def trace(cfg: WamConfig, gpus: int, attention: str = "triton") -> TracedStep:
         dist.destroy_process_group()
 
 
-def measure(cfg: WamConfig) -> TracedStep:
-    """The same step on real tensors in this torchrun job's process group (gloo on CPUs; SDPA attention)."""
-    dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+def measure(cfg: WamConfig, attention: str = "sdpa") -> TracedStep:
+    """The same step on real tensors in this torchrun job's process group (gloo on CPUs, SDPA attention; NCCL on
+    GPUs, which also report the allocator's peak, torch.cuda.max_memory_allocated, as extra["device_peak_bytes"])."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.reset_peak_memory_stats()
+    dist.init_process_group("nccl" if cuda else "gloo")
     try:
-        return run_step(plan_config(cfg, dist.get_world_size(), "sdpa"), fake=False)
+        step = run_step(plan_config(cfg, dist.get_world_size(), attention), fake=False)
     finally:
         dist.destroy_process_group()
+    if cuda:
+        step.extra["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return step
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node N -m wam.trainer.titan.plan CONFIG OUT.json [key=value ...]
@@ -261,5 +280,5 @@ if __name__ == "__main__":  # torchrun --nproc_per_node N -m wam.trainer.titan.p
     from wam.platform.config import load_config
 
     measured = measure(load_config(sys.argv[1], sys.argv[3:]))
-    if dist.is_available() and int(__import__("os").environ.get("RANK", "0")) == 0:
+    if dist.is_available() and int(os.environ.get("RANK", "0")) == 0:
         Path(sys.argv[2]).write_text(measured.to_json())
