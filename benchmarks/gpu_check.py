@@ -18,7 +18,7 @@ and the others still run.
              DreamZero's sampler built up (UniPC 16 steps, guidance batched or as two passes, the DiT cache)
   plan       `wam plan`'s traced peak memory per rank against the same step run for real at the 14B block width
              (2 blocks, activation checkpointing full, Triton attention on both sides): torch's memory tracker and
-             torch.cuda.max_memory_allocated
+             torch.cuda.max_memory_allocated (the step is the trainer's: torchtitan's Trainer, torch >= 2.12)
   engine     the fast engine's ablation at the 14B block width, bf16 (benchmarks/serve.py --ablation: guidance
              batched / on two GPUs, DiT cache, compile + CUDA graphs, FP8 or NVFP4, Flash 1 step) and 1/4/8
              concurrent sessions batched vs one at a time
@@ -64,7 +64,7 @@ SECTIONS = {s.name: s for s in (
     Section("attention", 150, ("triton", "flex"), "Triton vs flex vs SDPA at the 14B head layout"),
     Section("train", 150, ("triton", "flex", "titan-parallel"), "training step at the 14B block width"),
     Section("serve", 60, (), "chunk latency at the 14B block width, KV cache vs recompute"),
-    Section("plan", 90, ("triton", "titan-parallel"), "wam plan's traced memory vs the allocator's peak"),
+    Section("plan", 90, ("triton", "titan-trainer"), "wam plan's traced memory vs the allocator's peak"),
     Section("engine", 240, (), "the fast engine's ablation and concurrency at the 14B block width"),
 )}
 CPU_LIMIT_S = 600  # the dry run on a 2-core machine; Triton's interpreter is slow
@@ -267,8 +267,8 @@ def section_plan(cpu: bool, partial) -> dict:
     import torch
 
     from wam.platform.config import load_config
-    from wam.trainer.titan.plan import measure, trace
     from wam.platform.launch import free_port
+    from wam.trainer.titan.plan import measure, trace
 
     overrides = (["training.batch_size=2"] if cpu else
                  ["model.preset=dreamzero-14b", "model.num_layers=2", "training.batch_size=1"])

@@ -31,7 +31,7 @@ PINNED = ["torch==2.11.0", "triton==3.6.0"]  # what the GPU machine runs
 # image's versions where they were read (a newer one may need a dependency the image lacks).
 COMMON = ["pyarrow", "safetensors==0.8.0", "transformers==5.17.0", "huggingface-hub==1.33.0", "tokenizers==0.23.2", "einops", "pytest", "pytest-timeout", "rich", "typer", "pyyaml", "fsspec",
           "packaging", "tensorboard", "attrs", "typing-extensions", "jinja2", "filelock", "psutil", "pillow",
-          "hypothesis", "tqdm", "requests",
+          "hypothesis", "tqdm", "requests", "scipy",  # scipy: the served actions' smoothing
           # Triton 3.6's interpreter calls int() on one-element arrays, which NumPy 2.4 refuses. Only the dry run
           # interprets kernels (the GPU machine, on NumPy 2.5, compiles them), so here NumPy stays below 2.4.
           "numpy<2.4"]

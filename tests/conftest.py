@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from wam.platform.config import SamplerSection
 from wam.platform.presets import get_preset
 
 # Without a GPU the Triton attention kernels run in Triton's interpreter, which must be chosen before Triton
@@ -46,6 +47,33 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny():
     return get_preset("tiny")
+
+
+# A session of the serving engine's tests (tests/test_engine.py, and on CUDA tests/test_gpu_engine.py, which must not
+# import the server's dependencies: the GPU machine lacks them): guided UniPC with the DiT cache.
+GUIDED_SAMPLER = SamplerSection(solver="unipc", steps=4, guidance=3.0, dit_cache="static", dit_passes=3)
+
+
+def session_rollout(model, sampler: SamplerSection, seed: int, observed: int, batch: int = 1, device: str = "cpu"):
+    """A rollout with the first frame and `observed` chunks in its cache, and a state to act on."""
+    from wam.trainer.inference import ChunkRollout
+    from wam.trainer.model import WamInputs
+
+    net, preset = model
+    s = preset.sample
+    x = WamInputs.random(preset.arch, s, batch=batch, seed=seed, device=device)
+    r = ChunkRollout(net, sampler, max_chunks=s.num_chunks, frames_per_chunk=s.frames_per_chunk,
+                     actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width),
+                     negative_text=WamInputs.random(preset.arch, s, seed=100 + seed, device=device).text[:1])
+    r.reset(x.video[:, :, :1], x.text, x.image, x.i2v_cond)
+    f = s.frames_per_chunk
+    for c in range(observed):
+        r.observe(x.video[:, :, 1 + c * f:1 + (c + 1) * f])
+    return r, x.state[:, 0]
+
+
+def seeded_generator(seed: int, device: str = "cpu") -> torch.Generator:
+    return torch.Generator(device).manual_seed(seed)
 
 
 def random_inputs(arch, sample, batch=2, seed=0):

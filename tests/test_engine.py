@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 
 from wam.platform.config import SamplerSection, load_config, resolve_preset
 from wam.platform.errors import ConfigError
-from wam.trainer.inference import ChunkRollout, Denoiser
+from wam.trainer.inference import Denoiser
 from wam.trainer.model import WamInputs
 from wam.trainer.model.model import Prediction
 from wam.trainer.quantize.load import choose_path, compute_path, load_quantized
@@ -23,34 +23,20 @@ from wam.trainer.serve.engine import DenoiseEngine
 from wam.trainer.serve.policy import PolicyRuntime, load_runtime
 from wam.trainer.serve.server import PolicyServer, serve_in_background
 
-from conftest import quantized_synthetic_model, randomized_model, wait_for
-
-GUIDED = SamplerSection(solver="unipc", steps=4, guidance=3.0, dit_cache="static", dit_passes=3)
+from conftest import (
+    GUIDED_SAMPLER,
+    quantized_synthetic_model,
+    randomized_model,
+    seeded_generator,
+    session_rollout,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
 def model():
     preset = resolve_preset(load_config(None, []))
     return randomized_model(preset.arch, preset.sample, seed=3), preset
-
-
-def rollout(model, sampler: SamplerSection, seed: int, observed: int, batch: int = 1, device: str = "cpu"):
-    """A rollout with the first frame and `observed` chunks in its cache, and a state to act on."""
-    net, preset = model
-    s = preset.sample
-    x = WamInputs.random(preset.arch, s, batch=batch, seed=seed, device=device)
-    r = ChunkRollout(net, sampler, max_chunks=s.num_chunks, frames_per_chunk=s.frames_per_chunk,
-                     actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width),
-                     negative_text=WamInputs.random(preset.arch, s, seed=100 + seed, device=device).text[:1])
-    r.reset(x.video[:, :, :1], x.text, x.image, x.i2v_cond)
-    f = s.frames_per_chunk
-    for c in range(observed):
-        r.observe(x.video[:, :, 1 + c * f:1 + (c + 1) * f])
-    return r, x.state[:, 0]
-
-
-def generator(seed: int, device: str = "cpu") -> torch.Generator:
-    return torch.Generator(device).manual_seed(seed)
 
 
 def close(a, b, tol=1e-4) -> bool:
@@ -62,7 +48,7 @@ def test_one_forward_over_caches_at_different_chunks_equals_each_alone(model, st
     net, preset = model
     items = []
     for seed, (observed, batch) in enumerate([(0, 1), (2, 2), (3, 1), (1, 1)]):
-        r, _ = rollout(model, SamplerSection(), seed, observed, batch)
+        r, _ = session_rollout(model, SamplerSection(), seed, observed, batch)
         x = WamInputs.random(preset.arch, preset.sample, batch=batch, seed=10 + seed)
         f = preset.sample.frames_per_chunk
         items.append(Prediction(r.cache, x.noisy_video[:, :, :f], x.noisy_actions[:, 0], x.state[:, 0],
@@ -76,10 +62,10 @@ def test_one_forward_over_caches_at_different_chunks_equals_each_alone(model, st
 
 
 def test_the_engine_batches_sessions_oldest_first_and_each_chunk_equals_serving_it_alone(model):
-    sessions = [rollout(model, GUIDED, seed, observed) for seed, observed in enumerate([0, 3, 1, 2, 1])]
-    alone = [r.act(state, generator(i)) for i, (r, state) in enumerate(sessions)]
+    sessions = [session_rollout(model, GUIDED_SAMPLER, seed, observed) for seed, observed in enumerate([0, 3, 1, 2, 1])]
+    alone = [r.act(state, seeded_generator(i)) for i, (r, state) in enumerate(sessions)]
     engine = DenoiseEngine(Denoiser(model[0]), max_batch=3)
-    jobs = [r.start(state, generator(i)) for i, (r, state) in enumerate(sessions)]
+    jobs = [r.start(state, seeded_generator(i)) for i, (r, state) in enumerate(sessions)]
     futures = [engine.submit(job) for job in jobs]  # all waiting before the engine runs: the order is known
     engine.start()
     chunks = [f.result(timeout=300) for f in futures]
@@ -96,17 +82,17 @@ def test_the_engine_batches_sessions_oldest_first_and_each_chunk_equals_serving_
 def test_a_finished_chunk_is_replaced_at_the_next_step_not_after_the_batch(model):
     """Continuous batching: with room for two, a short job's place goes to a waiting one while a long one runs."""
     long, short = SamplerSection(steps=6), SamplerSection(steps=2)
-    (a, sa), (b, sb), (c, sc) = (rollout(model, sampler, seed, 1) for seed, sampler in enumerate([long, short, short]))
+    (a, sa), (b, sb), (c, sc) = (session_rollout(model, sampler, seed, 1) for seed, sampler in enumerate([long, short, short]))
     engine = DenoiseEngine(Denoiser(model[0]), max_batch=2)
     done = []
-    futures = [engine.submit(r.start(state, generator(0))) for r, state in ((a, sa), (b, sb), (c, sc))]
+    futures = [engine.submit(r.start(state, seeded_generator(0))) for r, state in ((a, sa), (b, sb), (c, sc))]
     for name, f in zip("abc", futures, strict=True):
         f.add_done_callback(lambda _, name=name: done.append(name))
     engine.start()
     results = [f.result(timeout=300) for f in futures]
     assert done == ["b", "c", "a"]  # c joined a at a's third step and finished before it
     assert results[2].batch == 2 and engine.forwards == 6
-    assert close(results[2].actions, c.act(sc, generator(0)).actions)
+    assert close(results[2].actions, c.act(sc, seeded_generator(0)).actions)
 
 
 @pytest.fixture(scope="module")

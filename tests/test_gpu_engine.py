@@ -3,14 +3,13 @@ in CUDA graphs equal to eager, batched sessions equal to each alone on the GPU, 
 
 import pytest
 import torch
-from test_engine import GUIDED, generator, rollout
 
 from wam.platform.errors import ConfigError
 from wam.trainer.inference import Denoiser
 from wam.trainer.quantize.load import compute_path, load_quantized
 from wam.trainer.serve.engine import DenoiseEngine
 
-from conftest import quantized_synthetic_model
+from conftest import GUIDED_SAMPLER, quantized_synthetic_model, seeded_generator, session_rollout
 
 pytestmark = pytest.mark.gpu
 
@@ -27,14 +26,14 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_cuda_graphs_and_batching_on_the_gpu_equal_eager_alone(quantized):
     folder, preset = quantized
     model = load_quantized(folder, "cuda", "bf16-dequantized").model
-    sessions = [rollout((model, preset), GUIDED, seed, observed, device="cuda") for seed, observed in
+    sessions = [session_rollout((model, preset), GUIDED_SAMPLER, seed, observed, device="cuda") for seed, observed in
                 enumerate([0, 3, 1])]
-    alone = [r.act(state, generator(i, "cuda")) for i, (r, state) in enumerate(sessions)]
+    alone = [r.act(state, seeded_generator(i, "cuda")) for i, (r, state) in enumerate(sessions)]
     engine = DenoiseEngine(Denoiser(model, compiled=True), max_batch=3)  # reduce-overhead: CUDA graphs
-    warm = rollout((model, preset), GUIDED, 9, 1, device="cuda")[0]
+    warm = session_rollout((model, preset), GUIDED_SAMPLER, 9, 1, device="cuda")[0]
     engine.start(warm)
     assert engine.ready.wait(600) and engine.failure is None
-    futures = [engine.submit(r.start(state, generator(i, "cuda"))) for i, (r, state) in enumerate(sessions)]
+    futures = [engine.submit(r.start(state, seeded_generator(i, "cuda"))) for i, (r, state) in enumerate(sessions)]
     for future, ref in zip(futures, alone, strict=True):
         chunk = future.result(timeout=300)
         assert relative(chunk.actions, ref.actions) < 3e-2 and relative(chunk.video, ref.video) < 3e-2
@@ -54,6 +53,6 @@ def test_fp8_matmuls_are_chosen_on_hopper_and_close_to_bf16(quantized):
     bf16 = load_quantized(folder, "cuda", "bf16-dequantized").model
     outs = []
     for model in (fp8.model, bf16):
-        r, state = rollout((model, preset), GUIDED, 1, 2, device="cuda")
-        outs.append(r.act(state, generator(0, "cuda")))
+        r, state = session_rollout((model, preset), GUIDED_SAMPLER, 1, 2, device="cuda")
+        outs.append(r.act(state, seeded_generator(0, "cuda")))
     assert relative(outs[0].actions, outs[1].actions) < 0.1 and relative(outs[0].video, outs[1].video) < 0.1
