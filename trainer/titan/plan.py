@@ -13,8 +13,9 @@ Where the trace differs from a GPU run: attention is the platform's block-sparse
 triton) whatever the config says: its fake implementation gives the fused kernel's outputs (the attention output
 and its log-sum-exp), which is also all flex_attention keeps, and no kernel runs (flex itself has no backward on
 CPU tensors, and torch's memory tracker does not pass its higher-order op); its FLOPs are SDPA's on the tiles the
-mask allows. Blocks run eagerly (compile is not traced), and zeros in the shape of cached prompt features stand
-in for the text encoder.
+mask allows. Blocks run eagerly (dynamo does not run under the memory tracker, a dispatch mode), and zeros in
+the shape of cached prompt features stand in for the text encoder. On a GPU machine the model, its inputs and
+the layout constants are on the GPU; measured there, the allocator's peak is reported too.
 """
 
 from __future__ import annotations
