@@ -23,9 +23,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # What the GPU checks import beyond the target's own software (the model's modules are torchtitan Modules;
-# configs are omegaconf; torchtitan's data loader is torchdata's). `make gpu-dryrun` fails on an import if this list
-# misses one.
-BUNDLED = ("torchtitan", "spmd_types", "tyro", "docstring_parser", "typeguard", "omegaconf", "torchdata")
+# configs are omegaconf; torchtitan's data loader is torchdata's, and its Trainer imports Hugging Face datasets).
+# `make gpu-dryrun` fails on an import if this list misses one.
+BUNDLED = ("torchtitan", "spmd_types", "tyro", "docstring_parser", "typeguard", "omegaconf", "torchdata", "datasets",
+           "dill", "multiprocess")
 LIMIT_MIB = 64  # what may travel with one command
 SITE = "/tmp/wam-site"
 

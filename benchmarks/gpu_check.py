@@ -1,5 +1,5 @@
-"""Every GPU claim of the platform, measured by one command (about 8 minutes on one H100/H200, up to 4 more with
-the engine section).
+"""Every GPU claim of the platform, measured by one command (about 8 minutes on one H100/H200, up to 6 more with
+the engine, trainer and plan sections; those run last, so the default budget may leave them for a rerun with --only).
 
     python benchmarks/gpu_check.py OUT                  # on a GPU machine (`make gpu-bundle` prepares one
                                                         # that lacks this project's dependencies)
@@ -16,6 +16,8 @@ and the others still run.
              Triton and the flex backend: step time, tokens/s, MFU, peak memory next to the estimate
   serve      per-chunk denoising latency at the 14B block width, KV cache vs recomputing, 1 and 4 steps; and
              DreamZero's sampler built up (UniPC 16 steps, guidance batched or as two passes, the DiT cache)
+  trainer    `wam train`'s own process: torchtitan's Trainer under torchrun on one GPU (NCCL, bf16, FSDP2, the
+             Triton attention kernels, a DCP checkpoint): the tiny preset, 20 steps; losses, tokens/s, memory
   plan       `wam plan`'s traced peak memory per rank against the same step run for real at the 14B block width
              (2 blocks, activation checkpointing full, Triton attention on both sides): torch's memory tracker and
              torch.cuda.max_memory_allocated (the step is the trainer's: torchtitan's Trainer, torch >= 2.12)
@@ -64,8 +66,9 @@ SECTIONS = {s.name: s for s in (
     Section("attention", 150, ("triton", "flex"), "Triton vs flex vs SDPA at the 14B head layout"),
     Section("train", 150, ("triton", "flex", "titan-parallel"), "training step at the 14B block width"),
     Section("serve", 60, (), "chunk latency at the 14B block width, KV cache vs recompute"),
-    Section("plan", 90, ("triton", "titan-trainer"), "wam plan's traced memory vs the allocator's peak"),
     Section("engine", 240, (), "the fast engine's ablation and concurrency at the 14B block width"),
+    Section("trainer", 120, ("titan-trainer",), "torchtitan's Trainer end to end on one GPU (wam train's process)"),
+    Section("plan", 90, ("triton", "titan-trainer"), "wam plan's traced memory vs the allocator's peak"),
 )}
 CPU_LIMIT_S = 600  # the dry run on a 2-core machine; Triton's interpreter is slow
 TARGETS = (  # (section, what, path into its result, minimum); from the platform's performance goals
@@ -117,7 +120,7 @@ def capabilities(cpu: bool) -> dict[str, str | None]:
     except ImportError as err:
         found["flex"] = f"this torch has no flex_attention ({err})"
     for name, module in (("titan-parallel", "torchtitan.distributed.parallel_dims"),
-                         ("titan-trainer", "torchtitan.trainer")):
+                         ("titan-trainer", "wam.trainer.titan.trainer")):
         found[name] = _imports(module)
     return found
 
@@ -261,6 +264,35 @@ def section_serve(cpu: bool, partial) -> dict:
     return {**chunk_latency(*run), "samplers": sampler_latency(*run)}
 
 
+def section_trainer(cpu: bool, partial) -> dict:
+    """The training process `wam train` starts (wam.trainer.titan.train under torchrun, one process), on a config
+    file as `wam train` writes it; the CLI itself is not used (the GPU machine's typer may differ)."""
+    steps = 3 if cpu else 20
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.yaml"
+        config.write_text(json.dumps({  # YAML is a superset of JSON
+            "model": {"preset": "tiny", "attention": "sdpa" if cpu else "triton"},
+            "training": {"steps": steps, "log_every": 1}, "checkpoint": {"interval": steps}, "output_dir": tmp}))
+        started = time.monotonic()
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                              "-m", "wam.trainer.titan.train", "--module", "wam.trainer.titan", "--config", "from_yaml"],
+                             env={**os.environ, "WAM_CONFIG": str(config)}, cwd=tmp, capture_output=True, text=True)
+        wall = time.monotonic() - started
+        print(run.stdout[-4000:], run.stderr[-4000:], sep="\n")
+        run_dir = Path(tmp) / "wam-run"
+        records = [json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines()
+                   ] if (run_dir / "progress.jsonl").exists() else []
+        manifests = sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("checkpoints/step-*/*.json"))
+        result = {"exit_code": run.returncode, "wall_s": wall, "steps": len(records),
+                  "losses": [r["loss"] for r in records], "checkpoint_files": manifests,
+                  "tokens_per_s_last": records[-1]["tokens_per_s"] if records else None,
+                  "memory": {k: v for k, v in (records[-1] if records else {}).items() if "memory" in k}}
+    if run.returncode != 0 or len(records) != steps:
+        raise SectionFailed(f"the training process exited with {run.returncode} after {len(records)} of {steps} "
+                            "steps", result)
+    return result
+
+
 def section_plan(cpu: bool, partial) -> dict:
     """The traced step (fake tensors, fake process group of 1) and the same step run for real (a process group of
     1: NCCL on the GPU, gloo in the dry run, which compares with SDPA as tests/test_plan.py does)."""
@@ -306,7 +338,7 @@ def section_engine(cpu: bool, partial) -> dict:
 
 
 RUNNERS = {"env": section_env, "pytest": section_pytest, "attention": section_attention, "train": section_train,
-           "serve": section_serve, "plan": section_plan, "engine": section_engine}
+           "serve": section_serve, "trainer": section_trainer, "plan": section_plan, "engine": section_engine}
 
 
 class SectionFailed(Exception):
@@ -466,6 +498,12 @@ def _details(sections: dict) -> list[str]:
             lines.append(f"| {name} | {r['layers']} x {r['dim']} | {r['tokens']} | {r['step_s']:.3f} | "
                          f"{r['tokens_per_s']:,.0f} | {r.get('mfu_pct', float('nan')):.1f} | "
                          f"{r.get('peak_allocated_gib', float('nan')):.1f} | {r.get('estimate_gib', float('nan')):.1f} |")
+    trainer = sections.get("trainer", {}).get("result", {})
+    if trainer.get("losses"):
+        lines += ["", f"torchtitan's Trainer (`wam train`'s process), tiny preset: {trainer['steps']} steps in "
+                  f"{trainer['wall_s']:.0f} s, loss {trainer['losses'][0]:.3f} -> {trainer['losses'][-1]:.3f}, "
+                  f"{trainer['tokens_per_s_last']:,.0f} tokens/s at the last step, checkpoint "
+                  f"{', '.join(trainer['checkpoint_files']) or 'none'}; {trainer['memory'] or ''}"]
     plan = sections.get("plan", {}).get("result", {})
     if plan:
         mib = 2**20

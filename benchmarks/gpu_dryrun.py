@@ -32,6 +32,7 @@ PINNED = ["torch==2.11.0", "triton==3.6.0"]  # what the GPU machine runs
 COMMON = ["pyarrow", "safetensors==0.8.0", "transformers==5.17.0", "huggingface-hub==1.33.0", "tokenizers==0.23.2", "einops", "pytest", "pytest-timeout", "rich", "typer", "pyyaml", "fsspec",
           "packaging", "tensorboard", "attrs", "typing-extensions", "jinja2", "filelock", "psutil", "pillow",
           "hypothesis", "tqdm", "requests", "scipy",  # scipy: the served actions' smoothing
+          "pandas", "xxhash",  # Hugging Face datasets (torchtitan's Trainer imports it)
           # Triton 3.6's interpreter calls int() on one-element arrays, which NumPy 2.4 refuses. Only the dry run
           # interprets kernels (the GPU machine, on NumPy 2.5, compiles them), so here NumPy stays below 2.4.
           "numpy<2.4"]
@@ -99,8 +100,9 @@ def main() -> None:
     if not list(bundle.glob("*.whl")):
         raise SystemExit(f"no bundle in {bundle}: run `make gpu-bundle` first")
     with tempfile.TemporaryDirectory() as site:  # as on the GPU machine: no index, no dependencies, a target
+        # (picked as for the GPU machine's Python 3.12: one bundled wheel, multiprocess, is per Python release)
         _pip(python, "install", "--no-index", "--no-deps", "--no-compile", "--upgrade", "--target", site,
-             *map(str, sorted(bundle.glob("*.whl"))))
+             "--python-version", "3.12", "--only-binary=:all:", *map(str, sorted(bundle.glob("*.whl"))))
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
         env.update(PYTHONPATH=site, PYTHONUNBUFFERED="1", PATH=f"{python.parent}:{env.get('PATH', '')}")
         run = subprocess.run([str(python), str(REPO / "benchmarks" / "gpu_check.py"), str(out), "--cpu"], cwd=REPO,

@@ -39,7 +39,6 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 from wam.platform.accounting import count_flops
 from wam.platform.config import WamConfig, resolve_preset
 from wam.platform.plan import CATEGORIES, Collective, TracedStep
-from wam.trainer.titan import compat  # noqa: F401  (torch shims, before torchtitan)
 
 if not torch.cuda.is_available():
     from wam.trainer.titan import cpu  # noqa: F401

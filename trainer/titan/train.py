@@ -15,7 +15,6 @@ import torch
 
 from wam.platform import termination
 from wam.platform.errors import UserError
-from wam.trainer.titan import compat  # noqa: F401  (torch shims, before torchtitan)
 
 if not torch.cuda.is_available():
     from wam.trainer.titan import cpu  # noqa: F401
