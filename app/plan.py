@@ -71,6 +71,18 @@ def plan(cfg: WamConfig, accelerator: str, gpus: int, *, fresh: bool = False) ->
     }
 
 
+def _what_to_try(r: dict) -> str:
+    """The next setting to trace when a plan does not fit (each is a `--set` away)."""
+    tries = []
+    if r["activation_checkpointing"] != "full":
+        tries.append("--set training.activation_checkpointing=full")
+    if r["micro_batch"] > 1:
+        tries.append("a smaller training.batch_size")
+    if r["fewest_gpus"]:
+        tries.append(f"--gpus {r['fewest_gpus']}")
+    return "try " + ", or ".join(tries) if tries else "no setting traced here fits this accelerator"
+
+
 def show(result: dict) -> None:
     r = result
     table = Table(title=f"{r['gpus']} x {r['accelerator']}: micro-batch {r['micro_batch']}, activation "
@@ -85,7 +97,8 @@ def show(result: dict) -> None:
         table.add_row("training.compile", "not traced: the blocks are traced eagerly (torch.compile does not run "
                       "under torch's memory tracker); compiled blocks save less for backward, so the activations "
                       "above are an upper bound (docs/limits.md)")
-    table.add_row("fits", f"{'yes' if r['fits'] else 'NO'} ({HEADROOM:.0%} of {r['device_gib']:g} GiB usable)")
+    table.add_row("fits", f"{'yes' if r['fits'] else 'NO'} ({HEADROOM:.0%} of {r['device_gib']:g} GiB usable)"
+                  + ("" if r["fits"] else f"; {_what_to_try(r)}"))
     table.add_row("fewest GPUs that fit", str(r["fewest_gpus"] or "none"))
     table.add_row("largest micro-batch that fits", f"{r['largest_micro_batch']} (derived: activations and temporaries "
                   "x micro-batch; `--set training.batch_size=N` traces it)")

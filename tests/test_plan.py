@@ -117,18 +117,23 @@ def test_largest_micro_batch_grows_activations_only():
     assert fixed + b * 11 * 1024**3 <= 0.9 * 141 * 1024**3 < fixed + (b + 1) * 11 * 1024**3
 
 
-def test_plan_says_compile_is_not_traced(tiny_config, tmp_path, monkeypatch):
+def test_plan_says_compile_is_not_traced_and_what_to_try(tiny_config, tmp_path, monkeypatch):
     """A config that compiles its blocks gets an eager trace (dynamo does not run under torch's memory tracker),
-    and `wam plan` says so rather than presenting it as the compiled program's memory."""
+    and `wam plan` says so rather than presenting it as the compiled program's memory; a plan that does not fit
+    says which setting to trace next."""
     from wam.platform import plan
     from wam.platform.config import resolve_preset
 
     monkeypatch.setenv("WAM_PLAN_CACHE", str(tmp_path))
     cfg = load_config(tiny_config)
-    plan.store(plan.cache_key(resolve_preset(cfg), cfg.training), _step(world_size=1))  # skips the trace
+    too_big = _step(world_size=1, activation_checkpointing="none")
+    too_big.memory["activations"] = 100 * 1024**3  # per rank whatever the rank count
+    plan.store(plan.cache_key(resolve_preset(cfg), cfg.training), too_big)  # skips the trace
     compiled = wam_cli("plan", tiny_config, "--accelerator", "h100", "--gpus", "8", "--set", "training.compile=true")
     assert compiled.returncode == 0, compiled.stderr
-    assert "training.compile" in compiled.stdout and "not traced" in " ".join(compiled.stdout.split())
+    shown = " ".join(compiled.stdout.split())
+    assert "training.compile" in shown and "not traced" in shown
+    assert "fits NO (" in shown and "try --set training.activation_checkpointing=full" in shown
     eager = wam_cli("plan", tiny_config, "--accelerator", "h100", "--gpus", "8", "--json")
     assert eager.returncode == 0, eager.stderr
     assert json.loads(eager.stdout)["compile_traced"] is None
