@@ -20,7 +20,7 @@ and the others still run.
              Triton attention kernels, a DCP checkpoint): the tiny preset, 20 steps; losses, tokens/s, memory
   plan       `wam plan`'s traced peak memory per rank against the same step run for real at the 14B block width
              (2 blocks, activation checkpointing full, Triton attention on both sides): torch's memory tracker and
-             torch.cuda.max_memory_allocated (the step is the trainer's: torchtitan's Trainer, torch >= 2.12)
+             torch.cuda.max_memory_allocated
   engine     the fast engine's ablation at the 14B block width, bf16 (benchmarks/serve.py --ablation: guidance
              batched / on two GPUs, DiT cache, compile + CUDA graphs, FP8 or NVFP4, Flash 1 step) and 1/4/8
              concurrent sessions batched vs one at a time
