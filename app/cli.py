@@ -22,6 +22,7 @@ from wam.app.pipeline import run_pipeline, show_replay
 from wam.platform import plan
 from wam.platform.accounting import GIB, count_flops, count_params, estimate_memory, min_gpus, training_layout
 from wam.platform.config import ACTIVATION_CHECKPOINTING, load_config, resolve_preset
+from wam.platform.errors import ConfigError
 from wam.platform.presets import PRESETS
 
 app = typer.Typer(help="WAM Platform: train, quantize and serve DreamZero-style World Action Models.",
@@ -128,19 +129,32 @@ def model_info(
 def plan_command(
     config: Path = typer.Argument(..., help="the run's YAML config (model, sample, training sections are traced)"),
     accelerator: str = typer.Option(..., help="h100 | h200 | gb200"),
-    gpus: int = typer.Option(..., min=1, help="ranks to trace (FSDP over all of them; HSDP with training.dp_replicate)"),
+    gpus: int | None = typer.Option(None, min=1, help="ranks to trace (FSDP over all of them; HSDP with "
+                                    "training.dp_replicate); required unless --serve"),
+    serve: bool = typer.Option(False, "--serve", help="plan serving on one device instead: chunk latency at best for "
+                               "1..max_batch robots, what batching them gains, how many sessions fit"),
     overrides: list[str] = typer.Option([], "--set", help="config override key=value (repeatable)"),
     fresh: bool = typer.Option(False, help="trace again even if this config and rank count were traced before"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Trace one real training step at N GPUs without them: memory per GPU, collectives, step time, MFU, fit,
-    fewest GPUs, and DreamZero's recipe (batch 128, 100K steps) on 8, 64 and 512 GPUs."""
+    fewest GPUs, and DreamZero's recipe (batch 128, 100K steps) on 8, 64 and 512 GPUs. With --serve: the serving
+    roofline of the config's served sampler on one device."""
     from wam.app import plan
 
     with user_errors():
-        result = plan.plan(load_config(config, overrides), accelerator, gpus, fresh=fresh)
+        cfg = load_config(config, overrides)
+        if serve:
+            result = plan.serving_plan(cfg, accelerator)
+        elif gpus is None:
+            raise ConfigError("--gpus is required to plan training (the ranks to trace), e.g. --gpus 64; "
+                              "or --serve to plan serving on one device")
+        else:
+            result = plan.plan(cfg, accelerator, gpus, fresh=fresh)
     if as_json:
         console.print_json(json.dumps(result))
+    elif serve:
+        plan.show_serving(result)
     else:
         plan.show(result)
 

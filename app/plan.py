@@ -1,6 +1,9 @@
 """`wam plan`: trace a config's training step at N GPUs (wam.trainer.titan.plan, cached per config and rank
 count) and show what it means on an accelerator: memory per rank by category, the collectives of a step,
-roofline step time and MFU, the fewest GPUs that fit, and DreamZero's recipe on 8, 64 and 512 GPUs."""
+roofline step time and MFU, the fewest GPUs that fit, and DreamZero's recipe on 8, 64 and 512 GPUs.
+`wam plan --serve`: the serving roofline of the config's served sampler on one device
+(wam.platform.serving_roofline): chunk latency at best for 1..max_batch robots, what batching them can gain,
+and how many sessions' KV caches fit."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from rich.table import Table
 
 from wam.app.console import console, human
 from wam.platform.accelerators import ACCELERATORS
-from wam.platform.config import WamConfig, resolve_preset
+from wam.platform.config import WamConfig, guided, resolve_preset, served_sampler
 from wam.platform.errors import ConfigError
 from wam.platform.plan import (
     GIB,
@@ -26,8 +29,16 @@ from wam.platform.plan import (
     store,
     with_encoders,
 )
+from wam.platform.serving_roofline import (
+    ServingLoad,
+    chunk_time,
+    encoder_bytes,
+    kv_cache_bytes,
+    weight_bytes,
+)
 
 RECIPE_GPUS = (8, 64, 512)
+SERVING_SESSIONS = (1, 4, 8)  # robots served together in the table (and serving.max_batch)
 
 
 def traced_step(cfg: WamConfig, gpus: int, *, fresh: bool = False) -> TracedStep:
@@ -69,6 +80,73 @@ def plan(cfg: WamConfig, accelerator: str, gpus: int, *, fresh: bool = False) ->
                  "mfu": t.mfu, "bound": t.bound},
         "recipe": [dataclasses.asdict(recipe_time(step, acc, n)) for n in RECIPE_GPUS],
     }
+
+
+def serving_plan(cfg: WamConfig, accelerator: str) -> dict:
+    from wam.trainer.flow import transformer_passes
+
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"--accelerator {accelerator!r} is not known; choose one of {', '.join(ACCELERATORS)}")
+    acc = ACCELERATORS[accelerator]
+    preset = resolve_preset(cfg)
+    arch, sample = preset.arch, preset.sample
+    sampler = served_sampler(cfg)
+    load = ServingLoad(transformer_passes(sampler), 2 if guided(sampler) else 1)
+    compute = acc.serving_compute if cfg.serving.compute == "auto" else cfg.serving.compute
+    if compute == "fp32-dequantized":
+        raise ConfigError("serving.compute = fp32-dequantized is the CPU's path; plan a GPU's with auto, nvfp4, fp8 or "
+                          "bf16-dequantized")
+    fixed = weight_bytes(arch, compute) + encoder_bytes(arch)
+    per_session = kv_cache_bytes(arch, sample, load.rows)
+    paths = [compute] + ([] if compute == "bf16-dequantized" else ["bf16-dequantized"])
+    sessions = sorted({*SERVING_SESSIONS, cfg.serving.max_batch})
+    rows = []
+    for path in paths:
+        times = {n: chunk_time(arch, sample, acc, load, n, path) for n in sessions}
+        rows += [{"compute": path, "sessions": n, "chunk_s": t.seconds, "chunks_per_s": t.chunks_per_s,
+                  "batching_gain": t.chunks_per_s / times[1].chunks_per_s, "latency_over_lone": t.seconds / times[1].seconds,
+                  "bound": t.bound} for n, t in times.items()]
+    return {
+        "accelerator": accelerator, "compute": compute, "chunks_per_window": sample.num_chunks,
+        "sampler": {"solver": sampler.solver, "steps": sampler.steps, "dit_cache": sampler.dit_cache,
+                    "transformer_passes": load.passes, "rows_per_session": load.rows},
+        "max_batch": cfg.serving.max_batch,
+        "memory_gib": {"weights": weight_bytes(arch, compute) / GIB, "frozen_encoders": encoder_bytes(arch) / GIB,
+                       "kv_cache_per_session": per_session / GIB},
+        "sessions_that_fit": max(0, int((HEADROOM * acc.memory_gib * GIB - fixed) // per_session)),
+        "device_gib": acc.memory_gib,
+        "rows": rows,
+    }
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.3g} s" if t >= 1 else f"{t * 1e3:.3g} ms" if t >= 1e-3 else f"{t * 1e6:.3g} µs"
+
+
+def show_serving(result: dict) -> None:
+    r, s = result, result["sampler"]
+    console.print(f"serving on one {r['accelerator']} ({r['compute']} matmuls): {s['solver']} {s['steps']} steps, "
+                  f"{s['transformer_passes']} transformer passes x {s['rows_per_session']} rows per chunk "
+                  f"(DiT cache {s['dit_cache']}), chunks averaged over a {r['chunks_per_window']}-chunk context window")
+    m = r["memory_gib"]
+    console.print(f"memory: weights {m['weights']:.1f} GiB, frozen encoders {m['frozen_encoders']:.1f} GiB, KV cache "
+                  f"{m['kv_cache_per_session']:.2f} GiB per session: {r['sessions_that_fit']} sessions fit "
+                  f"({HEADROOM:.0%} of {r['device_gib']:g} GiB)"
+                  + ("" if r["sessions_that_fit"] >= r["max_batch"] else
+                     f"; serving.max_batch {r['max_batch']} does NOT fit"))
+    console.print("the least time per chunk: FLOPs at peak, bytes at HBM bandwidth")
+    table = Table(box=box.SIMPLE)
+    for column in ("compute", "robots", "chunk", "chunks/s", "gain", "latency", "bound"):
+        table.add_column(column, justify="left" if column in ("compute", "bound") else "right", no_wrap=True)
+    for row in r["rows"]:
+        table.add_row(row["compute"], str(row["sessions"]), _seconds(row["chunk_s"]),
+                      f"{row['chunks_per_s']:.3g}" if row["chunks_per_s"] < 1e3 else human(row["chunks_per_s"]), f"{row['batching_gain']:.2f}x", f"{row['latency_over_lone']:.2f}x",
+                      row["bound"])
+    console.print(table)
+    console.print("robots: chunks denoised together; chunk: the time per chunk; gain: their throughput over serving "
+                  "them one at a time; latency: per chunk, over a lone robot's")
+    console.print("a bound, not a prediction: launches, Python and imperfect kernels only add time "
+                  "(benchmarks/serve.py measures what runs)")
 
 
 def _what_to_try(r: dict) -> str:

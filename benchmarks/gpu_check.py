@@ -512,6 +512,26 @@ def _details(sections: dict) -> list[str]:
                   f"({plan['traced_vs_tracker_error']:+.1%})" + (
                       f"; torch.cuda.max_memory_allocated {plan['device_peak_bytes'] / mib:,.1f} MiB "
                       f"({plan['traced_vs_device_error']:+.1%})" if "device_peak_bytes" in plan else "")]
+    engine = sections.get("engine", {}).get("result", {})
+    if engine.get("ablation"):
+        lines += ["", "The fast engine's ablation (roofline: `wam plan --serve`'s least time per chunk for the same "
+                  "blocks and sampler on this GPU; of roofline: that bound over the measured p50):", "",
+                  "| step | p50 / p99 ms | speed-up | roofline ms | of roofline |", "|---|---|---|---|---|"]
+        for name, r in engine["ablation"].items():
+            if "p50_ms" in r:
+                bound = r.get("roofline_ms")
+                lines.append(f"| {name} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {r['speedup_p50']:.2f}x | "
+                             + (f"{bound:.1f} | {bound / r['p50_ms']:.0%} |" if bound else "— | — |"))
+    rows = engine.get("concurrency", {})
+    if rows:
+        lines += ["", "Concurrent sessions, batched over one at a time:", "",
+                  "| sessions | throughput | roofline's | p99 over a lone session's |", "|---|---|---|---|"]
+        for n in (1, 4, 8):
+            if f"{n}_sessions_throughput_ratio" in rows:
+                bound = rows.get(f"{n}_sessions_roofline_gain")
+                lines.append(f"| {n} | {rows[f'{n}_sessions_throughput_ratio']:.2f}x | "
+                             f"{'—' if bound is None else f'{bound:.2f}x'} | "
+                             f"{rows[f'{n}_sessions_p99_over_lone_session']:.2f}x |")
     serve = sections.get("serve", {}).get("result", {})
     if serve:
         lines += ["", "Per-chunk denoising latency (last chunk of the context):", "",

@@ -40,7 +40,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from wam.platform.config import SamplerSection, load_config, resolve_preset  # noqa: E402
+from wam.platform.accelerators import detect  # noqa: E402
+from wam.platform.config import SamplerSection, guided, load_config, resolve_preset  # noqa: E402
+from wam.platform.serving_roofline import WEIGHT_BYTES, ServingLoad, chunk_time  # noqa: E402
+from wam.trainer.flow import transformer_passes  # noqa: E402
 from wam.trainer.inference import ChunkRollout  # noqa: E402
 from wam.trainer.model import WamInputs  # noqa: E402
 from wam.trainer.quantize.quantizer import quantize_checkpoint  # noqa: E402
@@ -383,7 +386,8 @@ def ablation(model_uri: str, device: str, windows: int, repeats: int, data: str 
         base_actions = base_actions or actions
         deviation = statistics.fmean((a - b).abs().mean().item() for a, b in zip(actions, base_actions, strict=True))
         rows[name] = {"p50_ms": statistics.median(ms), "p99_ms": percentile(ms, 0.99), "chunks_timed": len(ms),
-                      "compute_path": path, "action_deviation_of_range": deviation / 2}
+                      "compute_path": path, "action_deviation_of_range": deviation / 2,
+                      "roofline_ms": roofline_ms(cfg, row_sampler, path, dev)}
         rows[name]["speedup_p50"] = next(iter(rows.values()))["p50_ms"] / rows[name]["p50_ms"]
     rows["setup"] = {"device": device, "windows": len(chosen), "chunks_per_window": sampler_chunks(cfg),
                      "flash_trained": cfg.flow.schedule == "flash", "held_out": data or "procedural episodes"}
@@ -449,6 +453,9 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
         batched, alone = rows[f"{n}_sessions_batched"], rows[f"{n}_sessions_one_at_a_time"]
         rows[f"{n}_sessions_throughput_ratio"] = batched["chunks_per_s"] / alone["chunks_per_s"]
         rows[f"{n}_sessions_p99_over_lone_session"] = batched["p99_ms"] / rows["1_sessions_batched"]["p99_ms"]
+        path = "bf16-dequantized" if dev.type == "cuda" else "fp32-dequantized"
+        if (bound := roofline_ms(cfg, sampler, path, dev, n)) is not None:  # what batching n can gain at best here
+            rows[f"{n}_sessions_roofline_gain"] = n * roofline_ms(cfg, sampler, path, dev) / bound
     return rows
 
 
@@ -478,6 +485,17 @@ def forward_ceiling(model, cfg, sampler: SamplerSection, heldout, windows: list,
             if repeat >= 0:
                 times[count].append(time.perf_counter() - start)
     return n * statistics.median(times[1]) / statistics.median(times[n])
+
+
+def roofline_ms(cfg, sampler: SamplerSection, path: str, device: torch.device, sessions: int = 1) -> float | None:
+    """The least time per chunk the serving roofline allows on this GPU (wam.platform.serving_roofline, as
+    `wam plan --serve`), for what the row runs; None off a known GPU. Measured over it: how far from the bound."""
+    acc = detect(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    if acc is None or path not in WEIGHT_BYTES:
+        return None
+    preset = resolve_preset(cfg)
+    load = ServingLoad(transformer_passes(sampler), 2 if guided(sampler) else 1)
+    return chunk_time(preset.arch, preset.sample, acc, load, sessions, path).seconds * 1000
 
 
 def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -18,19 +18,29 @@ class Accelerator:
     nvlink_bytes_per_s: float = 0.0
     network_bytes_per_s: float = 0.0
     nvlink_domain: int = 8  # GPUs one NVLink fabric connects (a node; GB200 NVL72: the whole rack)
+    # Dense low-precision tensor-core peaks (0: none): the serving roofline's quantized matmuls.
+    peak_fp8_flops: float = 0.0
+    peak_fp4_flops: float = 0.0
+
+    @property
+    def serving_compute(self) -> str:
+        """The matmul path a server chooses on this chip (serving.compute: auto): NVFP4 on Blackwell, FP8 on
+        Hopper."""
+        return "nvfp4" if self.peak_fp4_flops else "fp8" if self.peak_fp8_flops else "bf16-dequantized"
 
 
 ACCELERATORS = {
     a.name: a
     for a in (
         # NVIDIA H100 SXM datasheet: 3.35 TB/s HBM3, NVLink 4 900 GB/s (both directions); one 400 Gb/s
-        # ConnectX-7 InfiniBand port per GPU (DGX H100).
-        Accelerator("h100", 989e12, 80, 8, "amd64", 3.35e12, 450e9, 50e9, 8),
-        # H200 SXM datasheet: 4.8 TB/s HBM3e; NVLink and networking as H100 (HGX H200).
-        Accelerator("h200", 989e12, 141, 8, "amd64", 4.8e12, 450e9, 50e9, 8),
+        # ConnectX-7 InfiniBand port per GPU (DGX H100); FP8 1,979 TFLOP/s dense.
+        Accelerator("h100", 989e12, 80, 8, "amd64", 3.35e12, 450e9, 50e9, 8, peak_fp8_flops=1979e12),
+        # H200 SXM datasheet: 4.8 TB/s HBM3e; NVLink, networking and tensor cores as H100 (HGX H200).
+        Accelerator("h200", 989e12, 141, 8, "amd64", 4.8e12, 450e9, 50e9, 8, peak_fp8_flops=1979e12),
         # GB200 NVL72 datasheet: 8 TB/s HBM3e per GPU, NVLink 5 1.8 TB/s (both directions) across all 72 GPUs of
-        # the rack; 800 Gb/s ConnectX-8 per GPU between racks.
-        Accelerator("gb200", 2.5e15, 186, 4, "arm64", 8e12, 900e9, 100e9, 72),
+        # the rack; 800 Gb/s ConnectX-8 per GPU between racks; FP8 5 and FP4 10 PFLOP/s dense per GPU.
+        Accelerator("gb200", 2.5e15, 186, 4, "arm64", 8e12, 900e9, 100e9, 72, peak_fp8_flops=5e15,
+                    peak_fp4_flops=10e15),
     )
 }
 

@@ -97,21 +97,30 @@ class FlopCount:
 
 
 def count_flops(a: WamArch, s: SampleShape) -> FlopCount:
-    layout = training_layout(a, s)
-    d, n = a.dim, layout.length
-    n_video = layout.count(TokenKind.FIRST, TokenKind.CLEAN, TokenKind.NOISY)
-    n_noisy = layout.count(TokenKind.NOISY)
-    n_action = layout.count(TokenKind.ACTION)
-    n_state = layout.count(TokenKind.STATE)
+    return layout_flops(a, training_layout(a, s))
+
+
+def layout_flops(a: WamArch, queries: TokenLayout, keys: TokenLayout | None = None, *,
+                 conditioning: bool = True) -> FlopCount:
+    """Forward FLOPs of the tokens of `queries` attending to `keys` (default: themselves). Training embeds the
+    prompt (and image) and computes every block's cross-attention keys/values in the forward (`conditioning`);
+    serving does that once per session and reads the context's self-attention keys from its KV cache."""
+    keys = keys or queries
+    d, n = a.dim, queries.length
+    n_video = queries.count(TokenKind.FIRST, TokenKind.CLEAN, TokenKind.NOISY)
+    n_noisy = queries.count(TokenKind.NOISY)
+    n_action = queries.count(TokenKind.ACTION)
+    n_state = queries.count(TokenKind.STATE)
     n_context = a.text_len + a.image_tokens
 
     linear = n_video * a.in_dim * math.prod(a.patch) * d  # patch embedding
-    linear += a.text_len * (a.text_dim * d + d * d)
-    if a.has_image_branch:
-        linear += a.image_tokens * (a.image_dim * a.image_dim + a.image_dim * d)
-    linear += len(layout.spans) * (a.freq_dim * d + d * d + 6 * d * d)  # time MLP runs once per span
+    linear += len(queries.spans) * (a.freq_dim * d + d * d + 6 * d * d)  # time MLP runs once per span
     per_block = n * (4 * d * d + 2 * d * d + 2 * d * a.ffn_dim)  # self q,k,v,o; cross q,o; ffn
-    per_block += n_context * 2 * d * d  # cross-attention k,v of the text (+ image) tokens
+    if conditioning:
+        linear += a.text_len * (a.text_dim * d + d * d)
+        if a.has_image_branch:
+            linear += a.image_tokens * (a.image_dim * a.image_dim + a.image_dim * d)
+        per_block += n_context * 2 * d * d  # cross-attention k,v of the text (+ image) tokens
     linear += a.num_layers * per_block
     linear += n_noisy * d * math.prod(a.patch) * a.out_dim
     linear += n_state * (a.state_dim * a.head_hidden + a.head_hidden * d)
@@ -121,11 +130,34 @@ def count_flops(a: WamArch, s: SampleShape) -> FlopCount:
     attn = a.num_layers * 4 * d  # QK^T + AV, per attended pair
     return FlopCount(
         linear=linear,
-        self_attention=attn * layout.allowed_pairs(),
-        self_attention_dense=attn * n * n,
+        self_attention=attn * queries.allowed_pairs(keys),
+        self_attention_dense=attn * n * keys.length,
         cross_attention=attn * n * n_context,
         tokens=n,
     )
+
+
+def context_layout(a: WamArch, s: SampleShape, chunks: int) -> TokenLayout:
+    """A serving KV cache's committed tokens before chunk `chunks` is predicted: the first frame and the observed
+    chunks 0..chunks-1."""
+    tpf = s.tokens_per_frame(a)
+    layout = TokenLayout.first_frame(tpf, s.actions_per_chunk)
+    for c in range(chunks):
+        layout = layout + TokenLayout.clean_chunk(c, s.frames_per_chunk, tpf, s.actions_per_chunk)
+    return layout
+
+
+def prediction_flops(a: WamArch, s: SampleShape, chunk: int) -> FlopCount:
+    """One denoising forward of chunk `chunk` for one cache row (WamModel.predict)."""
+    queries = TokenLayout.prediction(range(chunk, chunk + 1), s.frames_per_chunk, s.tokens_per_frame(a),
+                                     s.actions_per_chunk)
+    return layout_flops(a, queries, context_layout(a, s, chunk) + queries, conditioning=False)
+
+
+def observation_flops(a: WamArch, s: SampleShape, chunk: int) -> FlopCount:
+    """Writing chunk `chunk`'s observed frames into one cache row (WamModel.observe)."""
+    queries = TokenLayout.clean_chunk(chunk, s.frames_per_chunk, s.tokens_per_frame(a), s.actions_per_chunk)
+    return layout_flops(a, queries, context_layout(a, s, chunk) + queries, conditioning=False)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,17 @@ def sampler_preset(sampler: SamplerSection, name: str, key: str = "serving.sampl
     return dataclasses.replace(sampler, **SAMPLER_PRESETS[name])
 
 
+def served_sampler(cfg: WamConfig, preset: str | None = None, steps: int | None = None) -> SamplerSection:
+    """The sampler a server runs: `preset` (else serving.sampler) in place of the sampler section, with `steps`
+    (else serving.steps, unless a preset was named here) refining it; validated against the flow it trained."""
+    name = preset or cfg.serving.sampler
+    key = "--sampler" if preset else "serving.sampler"
+    served = sampler_preset(cfg.sampler, name, key) if name else cfg.sampler
+    served = dataclasses.replace(served, steps=steps or (None if preset else cfg.serving.steps) or served.steps)
+    validate_sampler(served, cfg.flow, key if name else "sampler")
+    return served
+
+
 # Modules kept in bf16 by NVFP4 quantization (fnmatch patterns on module names): the patch embedding, norms,
 # time/text embeddings, the WAM's action/state heads and the output head. Biases and 1D parameters always are.
 DEFAULT_KEEP_BF16 = ("patch_embedding", "text_embedding.*", "time_embedding.*", "time_projection.*", "*norm*",

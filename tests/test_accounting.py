@@ -65,3 +65,28 @@ def test_memory_estimate_behaves():
     assert min_gpus(arch, sample, 4) is None  # the frozen encoders alone exceed 4 GiB
     tiny = get_preset("tiny")
     assert min_gpus(tiny.arch, tiny.sample, 1) == 1
+
+
+def test_serving_flops_match_torch_flop_counter_at_every_chunk(tiny):
+    """predict and observe over a growing KV cache: what the serving roofline counts is what the model computes."""
+    from wam.platform.accounting import observation_flops, prediction_flops
+
+    a, s = tiny.arch, tiny.sample
+    model, x, f = randomized_model(a, s), random_inputs(a, s, batch=1), s.frames_per_chunk
+    cache = model.new_cache(1, s.num_chunks, f, s.actions_per_chunk, (s.latent_height, s.latent_width))
+    model.set_conditioning(cache, x.text, x.image, x.i2v_cond)
+    model.observe(cache, x.video[:, :, :1])
+
+    def counted(fn) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            fn()
+        return counter.get_total_flops()
+
+    t = torch.full((1,), 500.0)
+    for c in range(s.num_chunks):
+        predicted = counted(lambda c=c: model.predict(cache, x.noisy_video[:, :, c * f:(c + 1) * f],
+                                                      x.noisy_actions[:, c], x.state[:, c], t, t))
+        observed = counted(lambda c=c: model.observe(cache, x.video[:, :, 1 + c * f:1 + (c + 1) * f], c))
+        for measured, flops in ((predicted, prediction_flops(a, s, c)), (observed, observation_flops(a, s, c))):
+            assert measured == flops.linear + flops.self_attention_dense + flops.cross_attention

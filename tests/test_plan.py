@@ -78,6 +78,12 @@ def test_plan_refuses_an_unknown_accelerator(tiny_config):
     assert "--accelerator 'a100' is not known; choose one of h100, h200, gb200" in result.stderr
 
 
+def test_plan_asks_for_gpus_to_plan_training(tiny_config):
+    result = wam_cli("plan", tiny_config, "--accelerator", "h100")
+    assert result.returncode == 2
+    assert "--gpus is required to plan training" in result.stderr
+
+
 def test_admission_uses_the_traced_plan_and_names_the_gpus_needed(tmp_path, monkeypatch):
     """check_memory (`wam train`, the operator's validate) reads the traced step of the config when one is cached,
     and says how many GPUs it needs; without one it falls back to the static estimate and says so."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wam.platform.config import FlowSection
+from wam.platform.config import FlowSection, SamplerSection
 from wam.trainer.model.model import WamInputs
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -369,6 +369,14 @@ def static_dit_steps(steps: int, passes: int, explicit: list[int] | tuple[int, .
     if steps == 16 and passes in DREAMZERO_DIT_STEPS:
         return DREAMZERO_DIT_STEPS[passes]
     return tuple(int(s) for s in np.linspace(0, steps - 1, passes).round())
+
+
+def transformer_passes(sampler: SamplerSection) -> int:
+    """Transformer forwards a chunk takes per branch: every step, or the static DiT step cache's; the dynamic
+    cache decides as it goes (at most every step)."""
+    if sampler.dit_cache == "static":
+        return len(static_dit_steps(sampler.steps, sampler.dit_passes, sampler.dit_steps))
+    return sampler.steps
 
 
 class DitStepCache:

@@ -19,7 +19,6 @@ units: un-normalised, relative dims made absolute, smoothed, grippers optionally
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -32,8 +31,7 @@ from wam.platform.config import (
     guided,
     negative_prompt,
     resolve_preset,
-    sampler_preset,
-    validate_sampler,
+    served_sampler,
 )
 from wam.platform.data_contract import gripper_problems
 from wam.platform.embodiment import EmbodimentProfile
@@ -89,11 +87,7 @@ class PolicyRuntime:
         preset = resolve_preset(cfg)
         self.arch, self.sample = preset.arch, preset.sample
         self.sampler_preset = sampler or cfg.serving.sampler
-        key = "--sampler" if sampler else "serving.sampler"
-        served = sampler_preset(cfg.sampler, self.sampler_preset, key) if self.sampler_preset else cfg.sampler
-        self.sampler = dataclasses.replace(served, steps=steps or (None if sampler else cfg.serving.steps)
-                                           or served.steps)
-        validate_sampler(self.sampler, cfg.flow, key if self.sampler_preset else "sampler")
+        self.sampler = served_sampler(cfg, sampler, steps)
         self.encoders = FrozenEncoders.of_config(cfg, self.device)
         self.negative_text = None  # the unconditional prompt's features: encoded once, shared by all sessions
         self.guidance_note = ""

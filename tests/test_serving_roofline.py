@@ -1,0 +1,69 @@
+"""The serving roofline (`wam plan --serve`): its arithmetic, its memory against the caches the model allocates."""
+
+import dataclasses
+import json
+
+import pytest
+
+from tests.conftest import random_inputs, randomized_model, wam_cli
+from wam.platform.accelerators import ACCELERATORS
+from wam.platform.presets import get_preset
+from wam.platform.serving_roofline import KV_BYTES, ServingLoad, batching_gain, chunk_time, kv_cache_bytes
+
+DREAMZERO = ServingLoad(passes=8, rows=2)  # 8 of 16 UniPC steps run the transformer, guidance: 2 rows
+
+
+def test_a_compute_bound_forward_gains_nothing_from_batching():
+    """At the 14B width one session's forward already keeps the tensor cores busy: 8 robots batched take 8 times
+    as long per chunk, the throughput of serving them one at a time."""
+    p, h200 = get_preset("dreamzero-14b"), ACCELERATORS["h200"]
+    one, eight = (chunk_time(p.arch, p.sample, h200, DREAMZERO, n) for n in (1, 8))
+    assert one.bound == eight.bound == "compute"
+    assert eight.seconds == pytest.approx(8 * one.seconds, rel=0.01)
+    assert batching_gain(p.arch, p.sample, h200, DREAMZERO, 8) == pytest.approx(1, abs=0.01)
+    # FP8 matmuls at twice the bf16 peak: less than twice as fast (attention stays bf16)
+    bf16 = chunk_time(p.arch, p.sample, h200, DREAMZERO, 1, "bf16-dequantized")
+    assert 1.5 < bf16.seconds / one.seconds < 2
+
+
+def test_a_memory_bound_forward_shares_the_weights_read():
+    p, h100 = get_preset("tiny"), ACCELERATORS["h100"]
+    one = chunk_time(p.arch, p.sample, h100, DREAMZERO, 1)
+    assert one.bound == "memory"
+    gains = [batching_gain(p.arch, p.sample, h100, DREAMZERO, n) for n in (2, 4, 8)]
+    assert 1 < gains[0] < gains[1] < gains[2] < 8
+    slower = dataclasses.replace(h100, hbm_bytes_per_s=h100.hbm_bytes_per_s / 2)
+    assert chunk_time(p.arch, p.sample, slower, DREAMZERO, 1).memory_s == pytest.approx(2 * one.memory_s)
+
+
+def test_no_quantized_path_on_a_chip_without_it():
+    p = get_preset("tiny")
+    with pytest.raises(ValueError, match="h100 has no nvfp4 matmuls; use fp8"):
+        chunk_time(p.arch, p.sample, ACCELERATORS["h100"], DREAMZERO, 1, "nvfp4")
+
+
+def test_kv_cache_bytes_are_what_the_model_allocates(tiny):
+    a, s = tiny.arch, tiny.sample
+    model, x = randomized_model(a, s), random_inputs(a, s, batch=2)
+    cache = model.new_cache(2, s.num_chunks, s.frames_per_chunk, s.actions_per_chunk, (s.latent_height, s.latent_width))
+    model.set_conditioning(cache, x.text, x.image, x.i2v_cond)
+    tensors = [t for layer in cache.layers for t in (layer.k, layer.v)]
+    tensors += [t for context in cache.cross_context for kv in (context.text, context.image) if kv is not None
+                for t in kv]
+    assert kv_cache_bytes(a, s, rows=2) == KV_BYTES * sum(t.numel() for t in tensors)
+
+
+def test_wam_plan_serve_reports_latency_batching_and_sessions_that_fit():
+    result = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h200", "--serve", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["compute"] == "fp8" and plan["sampler"]["transformer_passes"] == 8
+    assert plan["sampler"]["rows_per_session"] == 2  # DreamZero's sampler guides
+    memory, h200 = plan["memory_gib"], ACCELERATORS["h200"]
+    room = 0.9 * h200.memory_gib - memory["weights"] - memory["frozen_encoders"]
+    assert plan["sessions_that_fit"] == int(room // memory["kv_cache_per_session"]) < plan["max_batch"]
+    eight = next(r for r in plan["rows"] if r["compute"] == "fp8" and r["sessions"] == 8)
+    assert eight["batching_gain"] == pytest.approx(1, abs=0.01)
+    shown = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h200", "--serve")
+    assert "serving.max_batch 8 does NOT fit" in " ".join(shown.stdout.split())
+
