@@ -268,7 +268,8 @@ def serve(
                       f"{meta['denoising_steps']} steps, guidance {s['guidance']:g}, DiT cache {s['dit_cache']}, "
                       f"embodiment {meta['embodiment']}) on ws://{host}:{port}")
         console.print(f"engine: {e['device']}" + (" + a guidance peer (2 devices)" if e["devices"] == 2 else "")
-                      + f", up to {e['max_batch']} sessions' chunks per forward, "
+                      + f", up to {e['max_sessions']} sessions ({e['session_memory_gib']:.2g} GiB of KV cache each), "
+                      + f"{e['max_batch']} sessions' chunks per forward, "
                       + ("compiled with CUDA graphs" if e["cuda_graphs"] else "compiled" if e["compiled"] else "eager")
                       + (" (warming up before /readyz)" if e["compiled"] else ""))
         serve_forever(runtime, host, port)

@@ -155,7 +155,9 @@ class ServingSection:
     action_margin: float = 0.25  # actions stay within the training range widened by this many spans per side
     step_margin: float = 1.0  # a step may change an action by the data's 99th-percentile step x (1 + this)
     state_margin: float = 1.0  # a state beyond the training range widened by this many spans is refused
-    max_sessions: int = 16  # concurrent robot connections per server
+    max_sessions: int = 16  # concurrent robot connections per server (fewer where their KV caches do not fit)
+    session_memory_gib: float | None = None  # for the sessions' KV caches; default on a GPU: 90% of what is free
+    # once the model is loaded (the CPU: not counted); a robot beyond what fits is refused as at capacity
     max_request_mb: float = 64.0  # larger requests are refused while being read
     idle_timeout_s: float = 300.0  # a session that sends nothing for this long is closed (its slot freed)
     # The engine (wam.trainer.serve.engine): every session's chunk is denoised step by step in a shared forward.
@@ -334,6 +336,9 @@ def _validate_handoff(cfg: WamConfig) -> None:
     if s.smoothing_window and (s.smoothing_window % 2 == 0 or not 0 <= s.smoothing_order < s.smoothing_window):
         raise ConfigError(f"serving.smoothing_window must be odd (or 0 for none) and greater than serving.smoothing_order; "
                           f"got {s.smoothing_window} and {s.smoothing_order}")
+    if s.session_memory_gib is not None and s.session_memory_gib <= 0:
+        raise ConfigError(f"serving.session_memory_gib must be > 0 (GiB for the sessions' KV caches), got "
+                          f"{s.session_memory_gib}; leave it unset for 90% of the GPU's free memory")
     if s.max_sessions < 1 or s.max_request_mb <= 0 or s.idle_timeout_s <= 0:
         raise ConfigError("serving.max_sessions must be >= 1, serving.max_request_mb and serving.idle_timeout_s > 0; "
                           f"got {s.max_sessions}, {s.max_request_mb}, {s.idle_timeout_s}")

@@ -74,12 +74,12 @@ def encoder_bytes(a: WamArch) -> float:
     return 2 * sum(FROZEN_ENCODER_PARAMS.get(name, 0) for name in (a.vae, a.image_encoder, a.text_encoder))
 
 
-def kv_cache_bytes(a: WamArch, s: SampleShape, rows: int) -> float:
+def kv_cache_bytes(a: WamArch, s: SampleShape, rows: int, element_bytes: int = KV_BYTES) -> int:
     """One session's KV cache (WamModel.new_cache: a context window of K chunks and room for one prediction, its
     prompt's cross-attention keys and values), for `rows` rows."""
     prediction = s.frames_per_chunk * s.tokens_per_frame(a) + s.actions_per_chunk + 1
     tokens = context_layout(a, s, s.num_chunks).length + prediction + a.text_len + a.image_tokens
-    return rows * a.num_layers * 2 * a.dim * KV_BYTES * tokens
+    return rows * a.num_layers * 2 * a.dim * element_bytes * tokens
 
 
 def _matmul_peak(acc: Accelerator, compute: str) -> float:

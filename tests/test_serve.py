@@ -339,6 +339,33 @@ def test_a_full_server_refuses_clearly_and_idle_sessions_are_reclaimed(served):
         assert metric(port, "wam_policy_idle_sessions_closed_total") == 1
 
 
+def test_sessions_are_admitted_as_far_as_their_kv_caches_fit(served):
+    """A robot beyond what the device holds is refused as at capacity, not run out of memory among the others."""
+    policy = load_quantized(served["quantized"])
+    unbounded = PolicyRuntime(policy)  # the CPU's memory is not counted unless serving.session_memory_gib says so
+    assert unbounded.max_sessions == policy.config.serving.max_sessions
+    session = unbounded.session()
+    session.infer(robot_observations(unbounded, seed=14)[0])  # a real session allocates what was budgeted for it
+    held = [t for cache in session.rollout.caches for layer in cache.layers for t in (layer.k, layer.v)]
+    held += [t for cache in session.rollout.caches for context in cache.cross_context
+             for kv in (context.text, context.image) if kv is not None for t in kv]
+    assert unbounded.session_bytes == sum(t.numel() * t.element_size() for t in held)
+
+    policy.config.serving.session_memory_gib = 2.5 * unbounded.session_bytes / 2**30
+    runtime = PolicyRuntime(policy)
+    assert runtime.max_sessions == 2 and runtime.max_batch == 2
+    with serve_in_background(PolicyServer(runtime)) as port:
+        uri = f"ws://127.0.0.1:{port}"
+        robots = [WebsocketClientPolicy(uri) for _ in range(2)]
+        with pytest.raises(ConnectionClosedError, match="1013 .*server at capacity: 2 sessions; retry later"):
+            WebsocketClientPolicy(uri)
+        assert robots[1].get_server_metadata()["engine"]["max_sessions"] == 2
+        assert metric(port, "wam_policy_max_sessions") == 2
+    policy.config.serving.session_memory_gib = 0.5 * unbounded.session_bytes / 2**30
+    with pytest.raises(ConfigError, match=r"one session's KV cache \(.* GiB\) does not fit serving.session_memory_gib"):
+        PolicyRuntime(policy)
+
+
 def test_a_served_embodiment_is_checked_against_what_the_model_was_trained_on(served):
     policy = load_quantized(served["quantized"])
     policy.config.serving.gripper_dims = [42]

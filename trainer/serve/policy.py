@@ -26,8 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from wam.platform.accounting import GIB
 from wam.platform.config import (
     COMPILE_MODES,
+    ServingSection,
     guided,
     negative_prompt,
     resolve_preset,
@@ -36,6 +38,7 @@ from wam.platform.config import (
 from wam.platform.data_contract import gripper_problems
 from wam.platform.embodiment import EmbodimentProfile
 from wam.platform.errors import ConfigError
+from wam.platform.serving_roofline import kv_cache_bytes
 from wam.trainer.data.stats import NormStats
 from wam.trainer.data.transforms import normalize, tile
 from wam.trainer.flow import static_dit_steps
@@ -131,8 +134,10 @@ class PolicyRuntime:
             raise ConfigError(f"max_batch must be in [1, serving.max_sessions = {s.max_sessions}], got {self.max_batch}")
         mode = compile or s.compile
         self.compiled = mode == "on" or (mode == "auto" and self.device.type == "cuda")
-        self.engine = DenoiseEngine(Denoiser(policy.model, self.compiled), self.max_batch)
         self.devices, self.peer = devices or s.devices, None
+        self.session_bytes, self.max_sessions = self._session_capacity(s)
+        self.max_batch = min(self.max_batch, self.max_sessions)
+        self.engine = DenoiseEngine(Denoiser(policy.model, self.compiled), self.max_batch)
         if self.devices == 2:
             self.peer = self._guidance_peer()
             self.peer.on_lost(self.engine.fail)
@@ -141,6 +146,32 @@ class PolicyRuntime:
             warm = self.session()
             warm._start_window(torch.zeros(1, 3, 1, *self.canvas, dtype=torch.uint8), "warm-up")
         self.engine.start(None if warm is None else warm.rollout)
+
+    def _session_capacity(self, s: ServingSection) -> tuple[int, int]:
+        """(bytes one session's KV caches take on this device, the sessions admitted): serving.max_sessions, fewer
+        where their caches do not fit serving.session_memory_gib (default on a GPU: 90% of what is free now that the
+        model is loaded; the CPU's memory is not counted unless it is set). Checked here, so that a robot beyond it is
+        refused as at capacity instead of running the device out of memory in the middle of other robots' chunks."""
+        rows = 2 if self.negative_text is not None and self.devices == 1 else 1  # the peer holds the other branch
+        per_session = kv_cache_bytes(self.arch, self.sample, rows, self.policy.model.dtype.itemsize)
+        if self.compiled and self.max_batch > 1:
+            per_session *= 2  # a batched compiled step copies every row's context into one padded tensor
+        if s.session_memory_gib is not None:
+            budget, where = s.session_memory_gib * GIB, f"serving.session_memory_gib = {s.session_memory_gib:g}"
+        elif self.device.type == "cuda":
+            budget = 0.9 * torch.cuda.mem_get_info(self.device)[0]
+            where = f"90% of the {budget / 0.9 / GIB:.1f} GiB free on {self.device}"
+        else:
+            return per_session, s.max_sessions
+        fits = int(budget // per_session)
+        if fits < 1:
+            raise ConfigError(f"one session's KV cache ({per_session / GIB:.2f} GiB) does not fit {where}; serve on a "
+                              "device with more memory, with fewer chunks per window (sample.num_chunks) or without "
+                              "guidance, or raise serving.session_memory_gib")
+        if fits < s.max_sessions:
+            log.warning("serving %d sessions, not serving.max_sessions = %d: a session's KV cache takes %.2f GiB and "
+                        "%d fit %s", fits, s.max_sessions, per_session / GIB, fits, where)
+        return per_session, min(fits, s.max_sessions)
 
     def _embodiment(self, name: str | None) -> tuple[EmbodimentProfile, NormStats | None]:
         known = self.policy.embodiments
@@ -193,7 +224,8 @@ class PolicyRuntime:
     def engine_description(self) -> dict:
         cuda = self.device.type == "cuda"
         return {"max_batch": self.max_batch, "compiled": self.compiled, "cuda_graphs": self.compiled and cuda,
-                "device": str(self.device), "devices": self.devices}
+                "device": str(self.device), "devices": self.devices, "max_sessions": self.max_sessions,
+                "session_memory_gib": self.session_bytes / GIB}
 
     def sampler_description(self) -> dict:
         s = self.sampler

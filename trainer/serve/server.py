@@ -67,6 +67,10 @@ class _Metrics:
                               registry=self.registry)
         self.idle_closed = Counter("wam_policy_idle_sessions_closed", "Sessions closed for idleness",
                                    registry=self.registry)
+        self.max_sessions = Gauge("wam_policy_max_sessions", "Sessions admitted at once: serving.max_sessions, fewer "
+                                  "where their KV caches do not fit", registry=self.registry)
+        Gauge("wam_policy_session_memory_bytes", "Device memory one session's KV caches take",
+              registry=self.registry).set(runtime.session_bytes)
         self.batch = Histogram("wam_policy_batch_chunks", "Most chunks denoised in one forward with a request's chunk",
                                registry=self.registry, buckets=(1, 2, 4, 8, 16, 32))
         meta = runtime.metadata()
@@ -84,10 +88,11 @@ class PolicyServer:
                  idle_timeout_s: float | None = None):
         serving = runtime.policy.config.serving
         self.runtime = runtime
-        self.max_sessions = max_sessions or serving.max_sessions
+        self.max_sessions = max_sessions or runtime.max_sessions  # serving.max_sessions, or what fits the device
         self.max_request_bytes = int((max_request_mb or serving.max_request_mb) * 1e6)
         self.idle_timeout_s = idle_timeout_s or serving.idle_timeout_s
         self.metrics = _Metrics(runtime)
+        self.metrics.max_sessions.set(self.max_sessions)
         self.active = 0
         # a thread per session: a request waits for the device in the engine, not behind other sessions' encoding
         self._workers = ThreadPoolExecutor(max_workers=self.max_sessions, thread_name_prefix="wam-infer")
