@@ -89,6 +89,7 @@ CONFIG_FILES = {
     "negative gripper dim": ("serving: {gripper_dims: [-1]}\n", r"serving.gripper_dims are action dim indices"),
     "negative margin": ("serving: {action_margin: -1}\n", r"serving.action_margin must be in \[0, 100\]"),
     "idle timeout zero": ("serving: {idle_timeout_s: 0}\n", r"serving.idle_timeout_s > 0"),
+    "no session memory": ("serving: {session_memory_gib: 0}\n", r"serving.session_memory_gib must be > 0"),
     "batch above sessions": ("serving: {max_batch: 32}\n", r"serving.max_batch must be in \[1, serving.max_sessions = 16\]"),
     "unknown compile mode": ("serving: {compile: maybe}\n", r"serving.compile = 'maybe' is not one of auto, on, off"),
     "unknown compute path": ("serving: {compute: fp2}\n", r"serving.compute = 'fp2' is not one of auto, nvfp4, fp8"),
