@@ -33,7 +33,7 @@ from wam.platform.serving_roofline import (
     ServingLoad,
     chunk_time,
     encoder_bytes,
-    kv_cache_bytes,
+    session_bytes,
     weight_bytes,
 )
 
@@ -97,7 +97,8 @@ def serving_plan(cfg: WamConfig, accelerator: str) -> dict:
         raise ConfigError("serving.compute = fp32-dequantized is the CPU's path; plan a GPU's with auto, nvfp4, fp8 or "
                           "bf16-dequantized")
     fixed = weight_bytes(arch, compute) + encoder_bytes(arch)
-    per_session = kv_cache_bytes(arch, sample, load.rows)
+    compiled = cfg.serving.compile != "off" and cfg.serving.max_batch > 1  # as wam serve decides on a GPU
+    per_session = session_bytes(arch, sample, load.rows, compiled_batches=compiled)
     paths = [compute] + ([] if compute == "bf16-dequantized" else ["bf16-dequantized"])
     sessions = sorted({*SERVING_SESSIONS, cfg.serving.max_batch})
     rows = []
@@ -112,7 +113,8 @@ def serving_plan(cfg: WamConfig, accelerator: str) -> dict:
                     "transformer_passes": load.passes, "rows_per_session": load.rows},
         "max_batch": cfg.serving.max_batch,
         "memory_gib": {"weights": weight_bytes(arch, compute) / GIB, "frozen_encoders": encoder_bytes(arch) / GIB,
-                       "kv_cache_per_session": per_session / GIB},
+                       "per_session": per_session / GIB},
+        "compiled_batches": compiled,
         "sessions_that_fit": max(0, int((HEADROOM * acc.memory_gib * GIB - fixed) // per_session)),
         "device_gib": acc.memory_gib,
         "rows": rows,
@@ -129,9 +131,11 @@ def show_serving(result: dict) -> None:
                   f"{s['transformer_passes']} transformer passes x {s['rows_per_session']} rows per chunk "
                   f"(DiT cache {s['dit_cache']}), chunks averaged over a {r['chunks_per_window']}-chunk context window")
     m = r["memory_gib"]
-    console.print(f"memory: weights {m['weights']:.1f} GiB, frozen encoders {m['frozen_encoders']:.1f} GiB, KV cache "
-                  f"{m['kv_cache_per_session']:.2f} GiB per session: {r['sessions_that_fit']} sessions fit "
-                  f"({HEADROOM:.0%} of {r['device_gib']:g} GiB)"
+    console.print(f"memory: weights {m['weights']:.1f} GiB, frozen encoders {m['frozen_encoders']:.1f} GiB, "
+                  f"{m['per_session']:.2f} GiB per session (its KV cache"
+                  + (", twice: the compiled engine's batched steps copy it padded; serving.compile off halves it"
+                     if r["compiled_batches"] else "")
+                  + f"): {r['sessions_that_fit']} sessions fit ({HEADROOM:.0%} of {r['device_gib']:g} GiB)"
                   + ("" if r["sessions_that_fit"] >= r["max_batch"] else
                      f"; serving.max_batch {r['max_batch']} does NOT fit"))
     console.print("the least time per chunk: FLOPs at peak, bytes at HBM bandwidth")

@@ -516,22 +516,25 @@ def _details(sections: dict) -> list[str]:
     if engine.get("ablation"):
         lines += ["", "The fast engine's ablation (roofline: `wam plan --serve`'s least time per chunk for the same "
                   "blocks and sampler on this GPU; of roofline: that bound over the measured p50):", "",
-                  "| step | p50 / p99 ms | speed-up | roofline ms | of roofline |", "|---|---|---|---|---|"]
+                  "| step | p50 / p99 ms | speed-up | roofline ms | of roofline | peak GiB |", "|---|---|---|---|---|---|"]
         for name, r in engine["ablation"].items():
             if "p50_ms" in r:
-                bound = r.get("roofline_ms")
+                bound, peak = r.get("roofline_ms"), r.get("peak_gib")
                 lines.append(f"| {name} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {r['speedup_p50']:.2f}x | "
-                             + (f"{bound:.1f} | {bound / r['p50_ms']:.0%} |" if bound else "— | — |"))
+                             + (f"{bound:.1f} | {bound / r['p50_ms']:.0%} |" if bound else "— | — |")
+                             + (f" {peak:.2f} |" if peak is not None else " — |"))
     rows = engine.get("concurrency", {})
     if rows:
         lines += ["", "Concurrent sessions, batched over one at a time:", "",
-                  "| sessions | throughput | roofline's | p99 over a lone session's |", "|---|---|---|---|"]
+                  "| sessions | throughput | roofline's | p99 over a lone session's | peak GiB batched |",
+                  "|---|---|---|---|---|"]
         for n in (1, 4, 8):
             if f"{n}_sessions_throughput_ratio" in rows:
-                bound = rows.get(f"{n}_sessions_roofline_gain")
+                bound, peak = rows.get(f"{n}_sessions_roofline_gain"), rows[f"{n}_sessions_batched"].get("peak_gib")
                 lines.append(f"| {n} | {rows[f'{n}_sessions_throughput_ratio']:.2f}x | "
                              f"{'—' if bound is None else f'{bound:.2f}x'} | "
-                             f"{rows[f'{n}_sessions_p99_over_lone_session']:.2f}x |")
+                             f"{rows[f'{n}_sessions_p99_over_lone_session']:.2f}x | "
+                             f"{'—' if peak is None else f'{peak:.2f}'} |")
     serve = sections.get("serve", {}).get("result", {})
     if serve:
         lines += ["", "Per-chunk denoising latency (last chunk of the context):", "",

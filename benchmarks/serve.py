@@ -85,8 +85,7 @@ class LastChunk:
     def rollout(self, sampler: SamplerSection) -> ChunkRollout:
         s, x = self.sample, self.inputs
         k, f = s.num_chunks, s.frames_per_chunk
-        rollout = ChunkRollout(self.model, sampler, max_chunks=k, frames_per_chunk=f,
-                               actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width),
+        rollout = ChunkRollout(self.model, sampler, s,
                                negative_text=torch.zeros_like(x.text[:1]))  # a negative prompt's features
         rollout.reset(x.video[:, :, :1], x.text, x.image, x.i2v_cond)
         for c in range(k - 1):
@@ -380,6 +379,8 @@ def ablation(model_uri: str, device: str, windows: int, repeats: int, data: str 
         rollout.denoiser = Denoiser(model, compiled)
         if peer_device is not None:
             rollout.peer = GuidancePeer.spawn(model_uri, dev, peer_device, path, compiled)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         ms, actions = _chunks(rollout, chosen, dev, repeats)
         if peer_device is None:
             sampler = row_sampler
@@ -387,7 +388,7 @@ def ablation(model_uri: str, device: str, windows: int, repeats: int, data: str 
         deviation = statistics.fmean((a - b).abs().mean().item() for a, b in zip(actions, base_actions, strict=True))
         rows[name] = {"p50_ms": statistics.median(ms), "p99_ms": percentile(ms, 0.99), "chunks_timed": len(ms),
                       "compute_path": path, "action_deviation_of_range": deviation / 2,
-                      "roofline_ms": roofline_ms(cfg, row_sampler, path, dev)}
+                      "roofline_ms": roofline_ms(cfg, row_sampler, path, dev), "peak_gib": _peak_gib(dev)}
         rows[name]["speedup_p50"] = next(iter(rows.values()))["p50_ms"] / rows[name]["p50_ms"]
     rows["setup"] = {"device": device, "windows": len(chosen), "chunks_per_window": sampler_chunks(cfg),
                      "flash_trained": cfg.flow.schedule == "flash", "held_out": data or "procedural episodes"}
@@ -442,6 +443,8 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
                     rollout.observe(w.latents[:, :, 1 + c * f:1 + (c + 1) * f].to(dev))
 
             threads = [threading.Thread(target=robot, args=(i,)) for i in range(n)]
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
             start = time.perf_counter()
             for t in threads:
                 t.start()
@@ -449,7 +452,8 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
                 t.join()
             wall = time.perf_counter() - start
             rows[f"{n}_sessions_{mode}"] = {"chunks_per_s": len(latencies) / wall, "p50_ms": statistics.median(latencies),
-                                            "p99_ms": percentile(latencies, 0.99), "chunks": len(latencies)}
+                                            "p99_ms": percentile(latencies, 0.99), "chunks": len(latencies),
+                                            "peak_gib": _peak_gib(dev)}
         batched, alone = rows[f"{n}_sessions_batched"], rows[f"{n}_sessions_one_at_a_time"]
         rows[f"{n}_sessions_throughput_ratio"] = batched["chunks_per_s"] / alone["chunks_per_s"]
         rows[f"{n}_sessions_p99_over_lone_session"] = batched["p99_ms"] / rows["1_sessions_batched"]["p99_ms"]
@@ -496,6 +500,11 @@ def roofline_ms(cfg, sampler: SamplerSection, path: str, device: torch.device, s
     preset = resolve_preset(cfg)
     load = ServingLoad(transformer_passes(sampler), 2 if guided(sampler) else 1)
     return chunk_time(preset.arch, preset.sample, acc, load, sessions, path).seconds * 1000
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    """The device memory the row's tensors peaked at (model, caches, CUDA graph pools), on CUDA."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

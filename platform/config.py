@@ -166,6 +166,10 @@ class ServingSection:
     compute: str = "auto"  # matmuls: auto (by compute capability) | nvfp4 | fp8 | bf16-dequantized | fp32-dequantized
     devices: int = 1  # 2: guidance in parallel, the unconditional pass on a second process and device (GPU 1)
 
+    def __post_init__(self) -> None:
+        # YAML reads a bare on/off as a boolean, which the string field receives as "True"/"False"
+        self.compile = {"True": "on", "False": "off"}.get(self.compile, self.compile)
+
 
 @dataclass
 class EncodersSection:

@@ -82,6 +82,13 @@ def kv_cache_bytes(a: WamArch, s: SampleShape, rows: int, element_bytes: int = K
     return rows * a.num_layers * 2 * a.dim * element_bytes * tokens
 
 
+def session_bytes(a: WamArch, s: SampleShape, rows: int, element_bytes: int = KV_BYTES, *,
+                  compiled_batches: bool = False) -> int:
+    """What one session holds on the serving device: its KV caches, twice over where the compiled engine batches
+    sessions (each batched step copies every row's context into one tensor padded to the full context room)."""
+    return kv_cache_bytes(a, s, rows, element_bytes) * (2 if compiled_batches else 1)
+
+
 def _matmul_peak(acc: Accelerator, compute: str) -> float:
     peak = {"nvfp4": acc.peak_fp4_flops, "fp8": acc.peak_fp8_flops, "bf16-dequantized": acc.peak_bf16_flops}[compute]
     if not peak:

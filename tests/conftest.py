@@ -62,8 +62,7 @@ def session_rollout(model, sampler: SamplerSection, seed: int, observed: int, ba
     net, preset = model
     s = preset.sample
     x = WamInputs.random(preset.arch, s, batch=batch, seed=seed, device=device)
-    r = ChunkRollout(net, sampler, max_chunks=s.num_chunks, frames_per_chunk=s.frames_per_chunk,
-                     actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width),
+    r = ChunkRollout(net, sampler, s,
                      negative_text=WamInputs.random(preset.arch, s, seed=100 + seed, device=device).text[:1])
     r.reset(x.video[:, :, :1], x.text, x.image, x.i2v_cond)
     f = s.frames_per_chunk

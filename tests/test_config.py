@@ -23,6 +23,14 @@ def test_yaml_and_overrides_layer_in_order(tmp_path):
     assert (preset.arch.num_layers, preset.sample.num_chunks, cfg.flow.schedule) == (4, 2, "flash")
 
 
+def test_serving_compile_off_means_off_in_yaml_and_overrides(tmp_path):
+    """YAML reads a bare off as false; the setting still means "off" (not the refused string "False")."""
+    path = tmp_path / "c.yaml"
+    path.write_text("serving: {compile: off}\n")
+    assert load_config(path).serving.compile == "off"
+    assert load_config(None, ["serving.compile=on"]).serving.compile == "on"
+
+
 def test_unknown_key_names_the_key_and_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  preset: tiny\n  nmu_layers: 3\n")

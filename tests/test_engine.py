@@ -129,7 +129,8 @@ def test_a_compiled_server_is_ready_only_after_its_warm_up_reports_its_engine_an
                    for status, ok, text in seen) and seen[-1][1]
         client = WebsocketClientPolicy(f"ws://127.0.0.1:{port}")
         meta = client.get_server_metadata()
-        assert meta["engine"] == {"max_batch": 2, "compiled": True, "cuda_graphs": False, "device": "cpu", "devices": 1}
+        assert meta["engine"] == {"max_batch": 2, "compiled": True, "cuda_graphs": False, "device": "cpu", "devices": 1,
+                                  "max_sessions": 16, "session_memory_gib": runtime.session_bytes / 2**30}
         observations = synthetic_robot(runtime, seed=1)
         replies = [client.infer(obs) for obs in observations]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:

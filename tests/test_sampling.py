@@ -80,10 +80,7 @@ def model(tiny):
 
 
 def rollout(model, tiny, sampler: SamplerSection, negative: torch.Tensor | None = None) -> ChunkRollout:
-    s = tiny.sample
-    return ChunkRollout(model, sampler, max_chunks=s.num_chunks, frames_per_chunk=s.frames_per_chunk,
-                        actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width),
-                        negative_text=negative)
+    return ChunkRollout(model, sampler, tiny.sample, negative_text=negative)
 
 
 def context(tiny, batch=2, seed=0):

@@ -80,8 +80,7 @@ def _check_cache_equals_full_forward(console: Console, model: WamModel, preset, 
     k, f = s.num_chunks, s.frames_per_chunk
     inputs = WamInputs.random(preset.arch, s, batch=1, seed=seed)
     full = model(inputs)
-    rollout = ChunkRollout(model, SamplerSection(), max_chunks=k, frames_per_chunk=f,
-                           actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width))
+    rollout = ChunkRollout(model, SamplerSection(), s)
     rollout.reset(inputs.video[:, :, :1], inputs.text, inputs.image, inputs.i2v_cond)
     worst = 0.0
     for c in range(k):

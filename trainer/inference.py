@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from wam.platform.config import SamplerSection, guided
+from wam.platform.presets import SampleShape
 from wam.trainer.flow import SCHEDULES, SOLVERS, DitStepCache, guide
 from wam.trainer.guidance_peer import GuidancePeer, RemoteCache
 from wam.trainer.model.kv_cache import KVCache
@@ -134,10 +135,11 @@ class ChunkJob:
 
 
 class ChunkRollout:
-    def __init__(self, model: WamModel, sampler: SamplerSection, *, max_chunks: int, frames_per_chunk: int,
-                 actions_per_chunk: int, latent_hw: tuple[int, int], negative_text: torch.Tensor | None = None,
-                 denoiser: Denoiser | None = None, peer: GuidancePeer | None = None):
-        """negative_text: (1, text_len, text_dim) features of the unconditional prompt, needed when the
+    def __init__(self, model: WamModel, sampler: SamplerSection, sample: SampleShape, *,
+                 negative_text: torch.Tensor | None = None, denoiser: Denoiser | None = None,
+                 peer: GuidancePeer | None = None):
+        """sample: the trained sample shape (a context window of its chunks, their frames and actions, the latent
+        canvas). negative_text: (1, text_len, text_dim) features of the unconditional prompt, needed when the
         sampler guides. denoiser: how `act` runs the transformer (default: eagerly). peer: guidance in parallel,
         the unconditional branch's cache and pass on the peer (wam.trainer.guidance_peer)."""
         if guided(sampler) and negative_text is None:
@@ -145,10 +147,10 @@ class ChunkRollout:
         self.model = model
         self.sampler = sampler
         self.denoiser = denoiser or Denoiser(model)
-        self.frames_per_chunk = frames_per_chunk
-        self.actions_per_chunk = actions_per_chunk
-        self.latent_hw = latent_hw
-        self.max_chunks = max_chunks
+        self.frames_per_chunk = sample.frames_per_chunk
+        self.actions_per_chunk = sample.actions_per_chunk
+        self.latent_hw = (sample.latent_height, sample.latent_width)
+        self.max_chunks = sample.num_chunks
         schedule = SCHEDULES[sampler.solver]
         self.video_schedule = schedule(sampler.steps, sampler.shift, sampler.video_final_sigma)
         self.action_schedule = schedule(sampler.steps, sampler.shift)

@@ -53,8 +53,7 @@ def new_rollout(model: WamModel, cfg: WamConfig, sampler: SamplerSection, heldou
     s = resolve_preset(cfg).sample
     validate_sampler(sampler, cfg.flow)
     negative = negative_prompt(sampler, cfg.flow) if guided(sampler) else None
-    return ChunkRollout(model, sampler, max_chunks=s.num_chunks, frames_per_chunk=s.frames_per_chunk,
-                        actions_per_chunk=s.actions_per_chunk, latent_hw=(s.latent_height, s.latent_width),
+    return ChunkRollout(model, sampler, s,
                         negative_text=None if negative is None else heldout.encoders.text([negative]).float())
 
 

@@ -38,7 +38,7 @@ from wam.platform.config import (
 from wam.platform.data_contract import gripper_problems
 from wam.platform.embodiment import EmbodimentProfile
 from wam.platform.errors import ConfigError
-from wam.platform.serving_roofline import kv_cache_bytes
+from wam.platform.serving_roofline import session_bytes
 from wam.trainer.data.stats import NormStats
 from wam.trainer.data.transforms import normalize, tile
 from wam.trainer.flow import static_dit_steps
@@ -153,9 +153,8 @@ class PolicyRuntime:
         model is loaded; the CPU's memory is not counted unless it is set). Checked here, so that a robot beyond it is
         refused as at capacity instead of running the device out of memory in the middle of other robots' chunks."""
         rows = 2 if self.negative_text is not None and self.devices == 1 else 1  # the peer holds the other branch
-        per_session = kv_cache_bytes(self.arch, self.sample, rows, self.policy.model.dtype.itemsize)
-        if self.compiled and self.max_batch > 1:
-            per_session *= 2  # a batched compiled step copies every row's context into one padded tensor
+        per_session = session_bytes(self.arch, self.sample, rows, self.policy.model.dtype.itemsize,
+                                    compiled_batches=self.compiled and self.max_batch > 1)
         if s.session_memory_gib is not None:
             budget, where = s.session_memory_gib * GIB, f"serving.session_memory_gib = {s.session_memory_gib:g}"
         elif self.device.type == "cuda":
@@ -255,10 +254,7 @@ def load_runtime(model: str, device: str = "auto", steps: int | None = None, emb
 class Session:
     def __init__(self, runtime: PolicyRuntime):
         self.runtime = runtime
-        s = runtime.sample
-        self.rollout = ChunkRollout(runtime.policy.model, runtime.sampler, max_chunks=s.num_chunks,
-                                    frames_per_chunk=s.frames_per_chunk, actions_per_chunk=s.actions_per_chunk,
-                                    latent_hw=(s.latent_height, s.latent_width),
+        self.rollout = ChunkRollout(runtime.policy.model, runtime.sampler, runtime.sample,
                                     negative_text=runtime.negative_text, peer=runtime.peer)
         self.generator = torch.Generator(runtime.device).manual_seed(runtime.policy.config.seed)
         self.prompt: str | None = None
