@@ -133,6 +133,8 @@ def plan_command(
                                     "training.dp_replicate); required unless --serve"),
     serve: bool = typer.Option(False, "--serve", help="plan serving on one device instead: chunk latency at best for "
                                "1..max_batch robots, what batching them gains, how many sessions fit"),
+    control_hz: float = typer.Option(15.0, min=0.1, help="--serve: the robots' control rate (a chunk of "
+                                     "actions_per_chunk actions runs at it; default DROID's 15 Hz)"),
     overrides: list[str] = typer.Option([], "--set", help="config override key=value (repeatable)"),
     fresh: bool = typer.Option(False, help="trace again even if this config and rank count were traced before"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
@@ -145,7 +147,7 @@ def plan_command(
     with user_errors():
         cfg = load_config(config, overrides)
         if serve:
-            result = plan.serving_plan(cfg, accelerator)
+            result = plan.serving_plan(cfg, accelerator, control_hz)
         elif gpus is None:
             raise ConfigError("--gpus is required to plan training (the ranks to trace), e.g. --gpus 64; "
                               "or --serve to plan serving on one device")

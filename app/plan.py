@@ -82,7 +82,7 @@ def plan(cfg: WamConfig, accelerator: str, gpus: int, *, fresh: bool = False) ->
     }
 
 
-def serving_plan(cfg: WamConfig, accelerator: str) -> dict:
+def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float = 15.0) -> dict:
     from wam.trainer.flow import transformer_passes
 
     if accelerator not in ACCELERATORS:
@@ -99,6 +99,7 @@ def serving_plan(cfg: WamConfig, accelerator: str) -> dict:
     fixed = weight_bytes(arch, compute) + encoder_bytes(arch)
     compiled = cfg.serving.compile != "off" and cfg.serving.max_batch > 1  # as wam serve decides on a GPU
     per_session = session_bytes(arch, sample, load.rows, compiled_batches=compiled)
+    fits = max(0, int((HEADROOM * acc.memory_gib * GIB - fixed) // per_session))
     paths = [compute] + ([] if compute == "bf16-dequantized" else ["bf16-dequantized"])
     sessions = sorted({*SERVING_SESSIONS, cfg.serving.max_batch})
     rows = []
@@ -107,15 +108,25 @@ def serving_plan(cfg: WamConfig, accelerator: str) -> dict:
         rows += [{"compute": path, "sessions": n, "chunk_s": t.seconds, "chunks_per_s": t.chunks_per_s,
                   "batching_gain": t.chunks_per_s / times[1].chunks_per_s, "latency_over_lone": t.seconds / times[1].seconds,
                   "bound": t.bound} for n, t in times.items()]
+    # With asynchronous execution a robot asks for its next chunk as it starts this one: the chunk must be denoised
+    # before this one's actions run out. The most robots one device keeps fed so, batched, at the chip's path:
+    period = sample.actions_per_chunk / control_hz
+    limits = {"serving.max_batch": cfg.serving.max_batch, "memory": fits,
+              "latency": next((n - 1 for n in range(1, cfg.serving.max_sessions + 2)
+                               if chunk_time(arch, sample, acc, load, n, compute).seconds > period),
+                              cfg.serving.max_sessions + 1)}
+    fed_by = min(limits, key=limits.get)
     return {
         "accelerator": accelerator, "compute": compute, "chunks_per_window": sample.num_chunks,
+        "control_hz": control_hz, "chunk_period_s": period, "robots_kept_fed": limits[fed_by],
+        "robots_kept_fed_limited_by": fed_by,
         "sampler": {"solver": sampler.solver, "steps": sampler.steps, "dit_cache": sampler.dit_cache,
                     "transformer_passes": load.passes, "rows_per_session": load.rows},
         "max_batch": cfg.serving.max_batch,
         "memory_gib": {"weights": weight_bytes(arch, compute) / GIB, "frozen_encoders": encoder_bytes(arch) / GIB,
                        "per_session": per_session / GIB},
         "compiled_batches": compiled,
-        "sessions_that_fit": max(0, int((HEADROOM * acc.memory_gib * GIB - fixed) // per_session)),
+        "sessions_that_fit": fits,
         "device_gib": acc.memory_gib,
         "rows": rows,
     }
@@ -147,6 +158,9 @@ def show_serving(result: dict) -> None:
                       f"{row['chunks_per_s']:.3g}" if row["chunks_per_s"] < 1e3 else human(row["chunks_per_s"]), f"{row['batching_gain']:.2f}x", f"{row['latency_over_lone']:.2f}x",
                       row["bound"])
     console.print(table)
+    console.print(f"at {r['control_hz']:g} Hz a robot runs a chunk in {r['chunk_period_s']:.2f} s: one "
+                  f"{r['accelerator']} keeps at most {r['robots_kept_fed']} robot(s) fed ({r['compute']}; the next chunk "
+                  f"denoised while this one runs), limited by {r['robots_kept_fed_limited_by']}")
     console.print("robots: chunks denoised together; chunk: the time per chunk; gain: their throughput over serving "
                   "them one at a time; latency: per chunk, over a lone robot's")
     console.print("a bound, not a prediction: launches, Python and imperfect kernels only add time "

@@ -66,6 +66,11 @@ def test_wam_plan_serve_reports_latency_batching_and_sessions_that_fit():
     eager = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h200", "--serve", "--json",
                     "--set", "serving.compile=off")
     assert json.loads(eager.stdout)["sessions_that_fit"] == int(room // (memory["per_session"] / 2))
+    # at DROID's 15 Hz a 24-action chunk runs 1.6 s: as many robots as are denoised together within it
+    p, period = get_preset("dreamzero-14b"), plan["chunk_period_s"]
+    fed, fp8 = plan["robots_kept_fed"], (lambda n: chunk_time(p.arch, p.sample, h200, DREAMZERO, n).seconds)
+    assert period == pytest.approx(1.6) and plan["robots_kept_fed_limited_by"] == "latency"
+    assert fp8(fed) <= period < fp8(fed + 1)
     eight = next(r for r in plan["rows"] if r["compute"] == "fp8" and r["sessions"] == 8)
     assert eight["batching_gain"] == pytest.approx(1, abs=0.01)
     shown = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h200", "--serve")
