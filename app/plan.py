@@ -105,8 +105,9 @@ def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float = 15.0) -> 
     rows = []
     for path in paths:
         times = {n: chunk_time(arch, sample, acc, load, n, path) for n in sessions}
+        one = times[1]
         rows += [{"compute": path, "sessions": n, "chunk_s": t.seconds, "chunks_per_s": t.chunks_per_s,
-                  "batching_gain": t.chunks_per_s / times[1].chunks_per_s, "latency_over_lone": t.seconds / times[1].seconds,
+                  "batching_gain": t.chunks_per_s / one.chunks_per_s, "latency_over_lone": t.seconds / one.seconds,
                   "bound": t.bound} for n, t in times.items()]
     # With asynchronous execution a robot asks for its next chunk as it starts this one: the chunk must be denoised
     # before this one's actions run out. The most robots one device keeps fed so, batched, at the chip's path:
@@ -154,13 +155,14 @@ def show_serving(result: dict) -> None:
     for column in ("compute", "robots", "chunk", "chunks/s", "gain", "latency", "bound"):
         table.add_column(column, justify="left" if column in ("compute", "bound") else "right", no_wrap=True)
     for row in r["rows"]:
+        rate = row["chunks_per_s"]
         table.add_row(row["compute"], str(row["sessions"]), _seconds(row["chunk_s"]),
-                      f"{row['chunks_per_s']:.3g}" if row["chunks_per_s"] < 1e3 else human(row["chunks_per_s"]), f"{row['batching_gain']:.2f}x", f"{row['latency_over_lone']:.2f}x",
-                      row["bound"])
+                      f"{rate:.3g}" if rate < 1e3 else human(rate), f"{row['batching_gain']:.2f}x",
+                      f"{row['latency_over_lone']:.2f}x", row["bound"])
     console.print(table)
     console.print(f"at {r['control_hz']:g} Hz a robot runs a chunk in {r['chunk_period_s']:.2f} s: one "
-                  f"{r['accelerator']} keeps at most {r['robots_kept_fed']} robot(s) fed ({r['compute']}; the next chunk "
-                  f"denoised while this one runs), limited by {r['robots_kept_fed_limited_by']}")
+                  f"{r['accelerator']} keeps at most {r['robots_kept_fed']} robot(s) fed ({r['compute']}; the next "
+                  f"chunk denoised while this one runs), limited by {r['robots_kept_fed_limited_by']}")
     console.print("robots: chunks denoised together; chunk: the time per chunk; gain: their throughput over serving "
                   "them one at a time; latency: per chunk, over a lone robot's")
     console.print("a bound, not a prediction: launches, Python and imperfect kernels only add time "

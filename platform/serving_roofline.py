@@ -124,9 +124,3 @@ def chunk_time(a: WamArch, s: SampleShape, acc: Accelerator, load: ServingLoad, 
         totals.append(total)
     return ChunkTime(sessions, statistics.fmean(totals), compute_s, memory_s)
 
-
-def batching_gain(a: WamArch, s: SampleShape, acc: Accelerator, load: ServingLoad, sessions: int,
-                  compute: str | None = None) -> float:
-    """Throughput of `sessions` sessions batched over serving them one chunk at a time, at best."""
-    one = chunk_time(a, s, acc, load, 1, compute)
-    return chunk_time(a, s, acc, load, sessions, compute).chunks_per_s / one.chunks_per_s

@@ -8,9 +8,15 @@ import pytest
 from tests.conftest import random_inputs, randomized_model, wam_cli
 from wam.platform.accelerators import ACCELERATORS
 from wam.platform.presets import get_preset
-from wam.platform.serving_roofline import KV_BYTES, ServingLoad, batching_gain, chunk_time, kv_cache_bytes
+from wam.platform.serving_roofline import KV_BYTES, ServingLoad, chunk_time, kv_cache_bytes
 
 DREAMZERO = ServingLoad(passes=8, rows=2)  # 8 of 16 UniPC steps run the transformer, guidance: 2 rows
+
+
+def batching_gain(preset, acc, sessions: int) -> float:
+    """Throughput of `sessions` robots batched over serving them one chunk at a time, at best."""
+    one, many = (chunk_time(preset.arch, preset.sample, acc, DREAMZERO, n) for n in (1, sessions))
+    return many.chunks_per_s / one.chunks_per_s
 
 
 def test_a_compute_bound_forward_gains_nothing_from_batching():
@@ -20,7 +26,7 @@ def test_a_compute_bound_forward_gains_nothing_from_batching():
     one, eight = (chunk_time(p.arch, p.sample, h200, DREAMZERO, n) for n in (1, 8))
     assert one.bound == eight.bound == "compute"
     assert eight.seconds == pytest.approx(8 * one.seconds, rel=0.01)
-    assert batching_gain(p.arch, p.sample, h200, DREAMZERO, 8) == pytest.approx(1, abs=0.01)
+    assert batching_gain(p, h200, 8) == pytest.approx(1, abs=0.01)
     # FP8 matmuls at twice the bf16 peak: less than twice as fast (attention stays bf16)
     bf16 = chunk_time(p.arch, p.sample, h200, DREAMZERO, 1, "bf16-dequantized")
     assert 1.5 < bf16.seconds / one.seconds < 2
@@ -30,7 +36,7 @@ def test_a_memory_bound_forward_shares_the_weights_read():
     p, h100 = get_preset("tiny"), ACCELERATORS["h100"]
     one = chunk_time(p.arch, p.sample, h100, DREAMZERO, 1)
     assert one.bound == "memory"
-    gains = [batching_gain(p.arch, p.sample, h100, DREAMZERO, n) for n in (2, 4, 8)]
+    gains = [batching_gain(p, h100, n) for n in (2, 4, 8)]
     assert 1 < gains[0] < gains[1] < gains[2] < 8
     slower = dataclasses.replace(h100, hbm_bytes_per_s=h100.hbm_bytes_per_s / 2)
     assert chunk_time(p.arch, p.sample, slower, DREAMZERO, 1).memory_s == pytest.approx(2 * one.memory_s)
