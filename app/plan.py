@@ -91,11 +91,16 @@ def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float = 15.0) -> 
     preset = resolve_preset(cfg)
     arch, sample = preset.arch, preset.sample
     sampler = served_sampler(cfg)
-    load = ServingLoad(transformer_passes(sampler), 2 if guided(sampler) else 1)
+    # guidance in parallel (serving.devices 2): each of the two devices runs one branch's row
+    rows = 2 if guided(sampler) and cfg.serving.devices == 1 else 1
+    load = ServingLoad(transformer_passes(sampler), rows)
     compute = acc.serving_compute if cfg.serving.compute == "auto" else cfg.serving.compute
     if compute == "fp32-dequantized":
         raise ConfigError("serving.compute = fp32-dequantized is the CPU's path; plan a GPU's with auto, nvfp4, fp8 or "
                           "bf16-dequantized")
+    if compute in ("nvfp4", "fp8") and not (acc.peak_fp4_flops if compute == "nvfp4" else acc.peak_fp8_flops):
+        raise ConfigError(f"serving.compute = {compute}: {accelerator} has no {compute} matmuls; use auto "
+                          f"({acc.serving_compute} there) or bf16-dequantized")
     fixed = weight_bytes(arch, compute) + encoder_bytes(arch)
     compiled = cfg.serving.compile != "off" and cfg.serving.max_batch > 1  # as wam serve decides on a GPU
     per_session = session_bytes(arch, sample, load.rows, compiled_batches=compiled)
@@ -119,6 +124,7 @@ def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float = 15.0) -> 
     fed_by = min(limits, key=limits.get)
     return {
         "accelerator": accelerator, "compute": compute, "chunks_per_window": sample.num_chunks,
+        "devices": cfg.serving.devices,
         "control_hz": control_hz, "chunk_period_s": period, "robots_kept_fed": limits[fed_by],
         "robots_kept_fed_limited_by": fed_by,
         "sampler": {"solver": sampler.solver, "steps": sampler.steps, "dit_cache": sampler.dit_cache,
@@ -139,9 +145,11 @@ def _seconds(t: float) -> str:
 
 def show_serving(result: dict) -> None:
     r, s = result, result["sampler"]
-    console.print(f"serving on one {r['accelerator']} ({r['compute']} matmuls): {s['solver']} {s['steps']} steps, "
+    devices = f"one {r['accelerator']}" if r["devices"] == 1 else f"two {r['accelerator']}s"
+    console.print(f"serving on {devices} ({r['compute']} matmuls): {s['solver']} {s['steps']} steps, "
                   f"{s['transformer_passes']} transformer passes x {s['rows_per_session']} rows per chunk "
-                  f"(DiT cache {s['dit_cache']}), chunks averaged over a {r['chunks_per_window']}-chunk context window")
+                  f"(DiT cache {s['dit_cache']})" + (", guidance in parallel: per device of 2" if r["devices"] == 2 else "")
+                  + f", chunks averaged over a {r['chunks_per_window']}-chunk context window")
     m = r["memory_gib"]
     console.print(f"memory: weights {m['weights']:.1f} GiB, frozen encoders {m['frozen_encoders']:.1f} GiB, "
                   f"{m['per_session']:.2f} GiB per session (its KV cache"
@@ -160,8 +168,8 @@ def show_serving(result: dict) -> None:
                       f"{rate:.3g}" if rate < 1e3 else human(rate), f"{row['batching_gain']:.2f}x",
                       f"{row['latency_over_lone']:.2f}x", row["bound"])
     console.print(table)
-    console.print(f"at {r['control_hz']:g} Hz a robot runs a chunk in {r['chunk_period_s']:.2f} s: one "
-                  f"{r['accelerator']} keeps at most {r['robots_kept_fed']} robot(s) fed ({r['compute']}; the next "
+    console.print(f"at {r['control_hz']:g} Hz a robot runs a chunk in {r['chunk_period_s']:.2f} s: "
+                  f"{devices} keep{'s' if r['devices'] == 1 else ''} at most {r['robots_kept_fed']} robot(s) fed ({r['compute']}; the next "
                   f"chunk denoised while this one runs), limited by {r['robots_kept_fed_limited_by']}")
     console.print("robots: chunks denoised together; chunk: the time per chunk; gain: their throughput over serving "
                   "them one at a time; latency: per chunk, over a lone robot's")

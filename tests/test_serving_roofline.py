@@ -82,3 +82,14 @@ def test_wam_plan_serve_reports_latency_batching_and_sessions_that_fit():
     shown = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h200", "--serve")
     assert "serving.max_batch 8 does NOT fit" in " ".join(shown.stdout.split())
 
+
+
+def test_wam_plan_serve_plans_parallel_guidance_per_device_and_refuses_a_path_the_chip_lacks():
+    two = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h200", "--serve", "--json",
+                  "--set", "serving.devices=2")
+    assert two.returncode == 0, two.stderr
+    assert json.loads(two.stdout)["sampler"]["rows_per_session"] == 1  # each device runs one branch
+    fp4 = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h100", "--serve",
+                  "--set", "serving.compute=nvfp4")
+    assert fp4.returncode == 2
+    assert "serving.compute = nvfp4: h100 has no nvfp4 matmuls; use auto (fp8 there)" in fp4.stderr
