@@ -168,6 +168,19 @@ def test_placement_h100_vs_gb200():
     assert js_gb200["spec"]["replicatedJobs"][0]["template"]["spec"]["parallelism"] == 8
 
 
+def test_a_policy_server_that_guides_on_two_gpus_gets_two():
+    """serving.devices 2 runs the unconditional pass on the pod's second GPU: the pod must have one."""
+    settings = OperatorSettings()
+
+    def policy_gpus(spec: dict) -> str:
+        deployment = handoff.serving_deployment(make_job(spec), 1000, "s3://ckpt/nvfp4/step-1000", settings)
+        return deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+
+    one = JOBS["h100"]
+    two = {**one, "config": {**one["config"], "serving": {**one["config"]["serving"], "devices": 2}}}
+    assert (policy_gpus(one), policy_gpus(two)) == ("1", "2")
+
+
 def test_rendezvous_env_and_owner_references():
     objs = children("gb200")
     js = next(o for o in objs if o["kind"] == "JobSet")
