@@ -33,7 +33,8 @@ from wam.platform.serving_roofline import (
     ServingLoad,
     chunk_time,
     encoder_bytes,
-    session_bytes,
+    kv_cache_bytes,
+    sessions_that_fit,
     weight_bytes,
 )
 
@@ -102,9 +103,10 @@ def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float = 15.0) -> 
         raise ConfigError(f"serving.compute = {compute}: {accelerator} has no {compute} matmuls; use auto "
                           f"({acc.serving_compute} there) or bf16-dequantized")
     fixed = weight_bytes(arch, compute) + encoder_bytes(arch)
-    compiled = cfg.serving.compile != "off" and cfg.serving.max_batch > 1  # as wam serve decides on a GPU
-    per_session = session_bytes(arch, sample, load.rows, compiled_batches=compiled)
-    fits = max(0, int((HEADROOM * acc.memory_gib * GIB - fixed) // per_session))
+    compiled = cfg.serving.compile != "off"  # as wam serve decides on a GPU: compiled, with CUDA graphs
+    per_session = kv_cache_bytes(arch, sample, load.rows)
+    fits = sessions_that_fit(HEADROOM * acc.memory_gib * GIB - fixed, per_session, max_batch=cfg.serving.max_batch,
+                             compiled=compiled, cuda_graphs=compiled)
     paths = [compute] + ([] if compute == "bf16-dequantized" else ["bf16-dequantized"])
     sessions = sorted({*SERVING_SESSIONS, cfg.serving.max_batch})
     rows = []
@@ -132,7 +134,7 @@ def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float = 15.0) -> 
         "max_batch": cfg.serving.max_batch,
         "memory_gib": {"weights": weight_bytes(arch, compute) / GIB, "frozen_encoders": encoder_bytes(arch) / GIB,
                        "per_session": per_session / GIB},
-        "compiled_batches": compiled,
+        "compiled": compiled,
         "sessions_that_fit": fits,
         "device_gib": acc.memory_gib,
         "rows": rows,
@@ -152,10 +154,10 @@ def show_serving(result: dict) -> None:
                   + f", chunks averaged over a {r['chunks_per_window']}-chunk context window")
     m = r["memory_gib"]
     console.print(f"memory: weights {m['weights']:.1f} GiB, frozen encoders {m['frozen_encoders']:.1f} GiB, "
-                  f"{m['per_session']:.2f} GiB per session (its KV cache"
-                  + (", twice: the compiled engine's batched steps copy it padded; serving.compile off halves it"
-                     if r["compiled_batches"] else "")
-                  + f"): {r['sessions_that_fit']} sessions fit ({HEADROOM:.0%} of {r['device_gib']:g} GiB)"
+                  f"KV cache {m['per_session']:.2f} GiB per session"
+                  + (" (compiled: a batch's caches are copied padded, and into the CUDA graphs' pool; "
+                     "serving.compile off saves both)" if r["compiled"] else "")
+                  + f": {r['sessions_that_fit']} sessions fit ({HEADROOM:.0%} of {r['device_gib']:g} GiB)"
                   + ("" if r["sessions_that_fit"] >= r["max_batch"] else
                      f"; serving.max_batch {r['max_batch']} does NOT fit"))
     console.print("the least time per chunk: FLOPs at peak, bytes at HBM bandwidth")

@@ -82,11 +82,18 @@ def kv_cache_bytes(a: WamArch, s: SampleShape, rows: int, element_bytes: int = K
     return rows * a.num_layers * 2 * a.dim * element_bytes * tokens
 
 
-def session_bytes(a: WamArch, s: SampleShape, rows: int, element_bytes: int = KV_BYTES, *,
-                  compiled_batches: bool = False) -> int:
-    """What one session holds on the serving device: its KV caches, twice over where the compiled engine batches
-    sessions (each batched step copies every row's context into one tensor padded to the full context room)."""
-    return kv_cache_bytes(a, s, rows, element_bytes) * (2 if compiled_batches else 1)
+def sessions_that_fit(budget: float, cache_bytes: int, *, max_batch: int, compiled: bool = False,
+                      cuda_graphs: bool = False, limit: int = 4096) -> int:
+    """The most sessions whose KV caches (`cache_bytes` each) fit `budget` bytes with the copies the compiled engine
+    makes of a batch's caches: a batch of two or more copies every row's context into one tensor padded to the full
+    context room, and CUDA graphs copy their inputs into a buffer of their own memory pool on every replay (torch's
+    CUDA graph trees do so for every input that is not a parameter)."""
+    def needed(sessions: int) -> int:
+        batch = min(sessions, max_batch)
+        copies = (compiled and batch > 1) + (compiled and cuda_graphs)
+        return (sessions + batch * copies) * cache_bytes
+
+    return next((n for n in range(limit) if needed(n + 1) > budget), limit)
 
 
 def _matmul_peak(acc: Accelerator, compute: str) -> float:

@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import random_inputs, randomized_model, wam_cli
 from wam.platform.accelerators import ACCELERATORS
 from wam.platform.presets import get_preset
-from wam.platform.serving_roofline import KV_BYTES, ServingLoad, chunk_time, kv_cache_bytes
+from wam.platform.serving_roofline import KV_BYTES, ServingLoad, chunk_time, kv_cache_bytes, sessions_that_fit
 
 DREAMZERO = ServingLoad(passes=8, rows=2)  # 8 of 16 UniPC steps run the transformer, guidance: 2 rows
 
@@ -48,6 +48,17 @@ def test_no_quantized_path_on_a_chip_without_it():
         chunk_time(p.arch, p.sample, ACCELERATORS["h100"], DREAMZERO, 1, "nvfp4")
 
 
+def test_sessions_that_fit_count_the_compiled_engines_copies():
+    cache = 10
+    assert sessions_that_fit(95, cache, max_batch=8) == 9  # eager: the caches alone
+    # compiled: a batch of two or more is copied padded; with CUDA graphs once more into their pool
+    assert sessions_that_fit(95, cache, max_batch=8, compiled=True) == 4  # 2 x 10 each
+    assert sessions_that_fit(95, cache, max_batch=8, compiled=True, cuda_graphs=True) == 3  # 3 x 10 each
+    assert sessions_that_fit(25, cache, max_batch=8, compiled=True, cuda_graphs=True) == 1  # alone: no padded copy
+    assert sessions_that_fit(95, cache, max_batch=2, compiled=True) == 7  # only a batch of 2 is copied: 7 + 2
+    assert sessions_that_fit(5, cache, max_batch=8) == 0
+
+
 def test_kv_cache_bytes_are_what_the_model_allocates(tiny):
     a, s = tiny.arch, tiny.sample
     model, x = randomized_model(a, s), random_inputs(a, s, batch=2)
@@ -67,15 +78,16 @@ def test_wam_plan_serve_reports_latency_batching_and_sessions_that_fit():
     assert plan["sampler"]["rows_per_session"] == 2  # DreamZero's sampler guides
     memory, h200 = plan["memory_gib"], ACCELERATORS["h200"]
     room = 0.9 * h200.memory_gib - memory["weights"] - memory["frozen_encoders"]
-    assert plan["compiled_batches"]  # serving.compile auto compiles on a GPU: a batched step copies the caches
-    assert plan["sessions_that_fit"] == int(room // memory["per_session"]) < plan["max_batch"]
-    eager = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h200", "--serve", "--json",
-                    "--set", "serving.compile=off")
-    assert json.loads(eager.stdout)["sessions_that_fit"] == int(room // (memory["per_session"] / 2))
+    # serving.compile auto compiles on a GPU: a batch's caches are copied padded and into the CUDA graphs' pool
+    assert plan["compiled"] and plan["sessions_that_fit"] == int(room // (3 * memory["per_session"])) == 2
+    result = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h200", "--serve", "--json",
+                     "--set", "serving.compile=off")
+    eager = json.loads(result.stdout)
+    assert eager["sessions_that_fit"] == int(room // memory["per_session"]) < plan["max_batch"]
     # at DROID's 15 Hz a 24-action chunk runs 1.6 s: as many robots as are denoised together within it
-    p, period = get_preset("dreamzero-14b"), plan["chunk_period_s"]
-    fed, fp8 = plan["robots_kept_fed"], (lambda n: chunk_time(p.arch, p.sample, h200, DREAMZERO, n).seconds)
-    assert period == pytest.approx(1.6) and plan["robots_kept_fed_limited_by"] == "latency"
+    p, period = get_preset("dreamzero-14b"), eager["chunk_period_s"]
+    fed, fp8 = eager["robots_kept_fed"], (lambda n: chunk_time(p.arch, p.sample, h200, DREAMZERO, n).seconds)
+    assert period == pytest.approx(1.6) and eager["robots_kept_fed_limited_by"] == "latency"
     assert fp8(fed) <= period < fp8(fed + 1)
     eight = next(r for r in plan["rows"] if r["compute"] == "fp8" and r["sessions"] == 8)
     assert eight["batching_gain"] == pytest.approx(1, abs=0.01)

@@ -38,7 +38,7 @@ from wam.platform.config import (
 from wam.platform.data_contract import gripper_problems
 from wam.platform.embodiment import EmbodimentProfile
 from wam.platform.errors import ConfigError
-from wam.platform.serving_roofline import session_bytes
+from wam.platform.serving_roofline import kv_cache_bytes, sessions_that_fit
 from wam.trainer.data.stats import NormStats
 from wam.trainer.data.transforms import normalize, tile
 from wam.trainer.flow import static_dit_steps
@@ -148,29 +148,32 @@ class PolicyRuntime:
         self.engine.start(None if warm is None else warm.rollout)
 
     def _session_capacity(self, s: ServingSection) -> tuple[int, int]:
-        """(bytes one session's KV caches take on this device, the sessions admitted): serving.max_sessions, fewer
-        where their caches do not fit serving.session_memory_gib (default on a GPU: 90% of what is free now that the
-        model is loaded; the CPU's memory is not counted unless it is set). Checked here, so that a robot beyond it is
-        refused as at capacity instead of running the device out of memory in the middle of other robots' chunks."""
+        """(bytes of one session's KV caches on this device, the sessions admitted): serving.max_sessions, fewer
+        where their caches and the compiled engine's copies of a batch's caches do not fit serving.session_memory_gib
+        (default on a GPU: 90% of what is free now that the model is loaded; the CPU's memory is not counted unless it
+        is set). Checked here, so that a robot beyond it is refused as at capacity instead of running the device out
+        of memory in the middle of other robots' chunks."""
         rows = 2 if self.negative_text is not None and self.devices == 1 else 1  # the peer holds the other branch
-        per_session = session_bytes(self.arch, self.sample, rows, self.policy.model.dtype.itemsize,
-                                    compiled_batches=self.compiled and self.max_batch > 1)
+        cache = kv_cache_bytes(self.arch, self.sample, rows, self.policy.model.dtype.itemsize)
         if s.session_memory_gib is not None:
             budget, where = s.session_memory_gib * GIB, f"serving.session_memory_gib = {s.session_memory_gib:g}"
         elif self.device.type == "cuda":
             budget = 0.9 * torch.cuda.mem_get_info(self.device)[0]
             where = f"90% of the {budget / 0.9 / GIB:.1f} GiB free on {self.device}"
         else:
-            return per_session, s.max_sessions
-        fits = int(budget // per_session)
+            return cache, s.max_sessions
+        fits = sessions_that_fit(budget, cache, max_batch=self.max_batch, compiled=self.compiled,
+                                 cuda_graphs=self.compiled and self.device.type == "cuda")
         if fits < 1:
-            raise ConfigError(f"one session's KV cache ({per_session / GIB:.2f} GiB) does not fit {where}; serve on a "
-                              "device with more memory, with fewer chunks per window (sample.num_chunks) or without "
-                              "guidance, or raise serving.session_memory_gib")
+            copies = " and the compiled engine's copy of it" if self.compiled else ""
+            raise ConfigError(f"one session's KV cache ({cache / GIB:.2f} GiB){copies} does not fit {where}; serve on "
+                              "a device with more memory, with fewer chunks per window (sample.num_chunks), without "
+                              "guidance or with serving.compile off, or raise serving.session_memory_gib")
         if fits < s.max_sessions:
-            log.warning("serving %d sessions, not serving.max_sessions = %d: a session's KV cache takes %.2f GiB and "
-                        "%d fit %s", fits, s.max_sessions, per_session / GIB, fits, where)
-        return per_session, min(fits, s.max_sessions)
+            log.warning("serving %d sessions, not serving.max_sessions = %d: a session's KV cache takes %.2f GiB "
+                        "(and the compiled engine copies a batch's caches) and %d fit %s", fits, s.max_sessions,
+                        cache / GIB, fits, where)
+        return cache, min(fits, s.max_sessions)
 
     def _embodiment(self, name: str | None) -> tuple[EmbodimentProfile, NormStats | None]:
         known = self.policy.embodiments
