@@ -14,7 +14,7 @@ from rich.table import Table
 
 from wam.app.console import console, human
 from wam.platform.accelerators import ACCELERATORS
-from wam.platform.config import WamConfig, guided, resolve_preset, served_sampler
+from wam.platform.config import WamConfig, resolve_preset, served_sampler
 from wam.platform.errors import ConfigError
 from wam.platform.plan import (
     GIB,
@@ -31,9 +31,11 @@ from wam.platform.plan import (
 )
 from wam.platform.serving_roofline import (
     ServingLoad,
+    check_compute,
     chunk_time,
     encoder_bytes,
     kv_cache_bytes,
+    rows_per_device,
     sessions_that_fit,
     weight_bytes,
 )
@@ -92,16 +94,9 @@ def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float = 15.0) -> 
     preset = resolve_preset(cfg)
     arch, sample = preset.arch, preset.sample
     sampler = served_sampler(cfg)
-    # guidance in parallel (serving.devices 2): each of the two devices runs one branch's row
-    rows = 2 if guided(sampler) and cfg.serving.devices == 1 else 1
-    load = ServingLoad(transformer_passes(sampler), rows)
+    load = ServingLoad(transformer_passes(sampler), rows_per_device(sampler, cfg.serving.devices))
     compute = acc.serving_compute if cfg.serving.compute == "auto" else cfg.serving.compute
-    if compute == "fp32-dequantized":
-        raise ConfigError("serving.compute = fp32-dequantized is the CPU's path; plan a GPU's with auto, nvfp4, fp8 or "
-                          "bf16-dequantized")
-    if compute in ("nvfp4", "fp8") and not (acc.peak_fp4_flops if compute == "nvfp4" else acc.peak_fp8_flops):
-        raise ConfigError(f"serving.compute = {compute}: {accelerator} has no {compute} matmuls; use auto "
-                          f"({acc.serving_compute} there) or bf16-dequantized")
+    check_compute(acc, compute)
     fixed = weight_bytes(arch, compute) + encoder_bytes(arch)
     compiled = cfg.serving.compile != "off"  # as wam serve decides on a GPU: compiled, with CUDA graphs
     per_session = kv_cache_bytes(arch, sample, load.rows)

@@ -41,8 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from wam.platform.accelerators import detect  # noqa: E402
-from wam.platform.config import SamplerSection, guided, load_config, resolve_preset  # noqa: E402
-from wam.platform.serving_roofline import WEIGHT_BYTES, ServingLoad, chunk_time  # noqa: E402
+from wam.platform.config import SamplerSection, load_config, resolve_preset  # noqa: E402
+from wam.platform.serving_roofline import WEIGHT_BYTES, ServingLoad, chunk_time, rows_per_device  # noqa: E402
 from wam.trainer.flow import transformer_passes  # noqa: E402
 from wam.trainer.inference import ChunkRollout  # noqa: E402
 from wam.trainer.model import WamInputs  # noqa: E402
@@ -498,7 +498,7 @@ def roofline_ms(cfg, sampler: SamplerSection, path: str, device: torch.device, s
     if acc is None or path not in WEIGHT_BYTES:
         return None
     preset = resolve_preset(cfg)
-    load = ServingLoad(transformer_passes(sampler), 2 if guided(sampler) else 1)
+    load = ServingLoad(transformer_passes(sampler), rows_per_device(sampler, devices=1))
     return chunk_time(preset.arch, preset.sample, acc, load, sessions, path).seconds * 1000
 
 

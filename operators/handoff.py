@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
-
 from wam.operators import placement
 from wam.operators.builders import (
     COMPONENT_LABEL,
@@ -18,7 +16,7 @@ from wam.operators.builders import (
 )
 from wam.operators.settings import OperatorSettings
 from wam.platform import termination
-from wam.platform.config import ServingSection
+from wam.platform.config import WamConfig
 from wam.platform.launch import quantize_command, serve_command
 from wam.platform.trainjob import TrainJob
 
@@ -73,24 +71,18 @@ def quantize_job(job: TrainJob, step: int, checkpoint: str, out: str, settings: 
                                   "spec": _pod_spec(job, settings, container, "Never")}}}
 
 
-def serving_gpus(job: TrainJob) -> int:
-    """GPUs of a policy server pod: the job's serving.devices (2: guidance in parallel, its unconditional pass on
-    a second GPU of the pod)."""
-    return int(OmegaConf.select(OmegaConf.create(job.spec.config), "serving.devices",
-                                default=ServingSection.devices))
-
-
 def _serving_selector(job: TrainJob) -> dict[str, str]:
     return {COMPONENT_LABEL: SERVING_COMPONENT, JOB_LABEL: job.name}
 
 
-def serving_deployment(job: TrainJob, step: int, model: str, settings: OperatorSettings) -> dict:
-    """The policy server of a quantized model; a newer model changes the pod template, which rolls it."""
+def serving_deployment(job: TrainJob, cfg: WamConfig, step: int, model: str, settings: OperatorSettings) -> dict:
+    """The policy server of a quantized model, with serving.devices GPUs (2: guidance in parallel, the
+    unconditional pass on the pod's second GPU); a newer model changes the pod template, which rolls it."""
     serving = job.spec.handoff.serving
     name = serving_name(job)
     meta = metadata(job, name, SERVING_COMPONENT)
     port = settings.serving.port
-    container = _container(job, settings, "policy", serve_command(model, port), serving_gpus(job),
+    container = _container(job, settings, "policy", serve_command(model, port), cfg.serving.devices,
                            {"cpu": settings.serving.cpu, "memory": settings.serving.memory})
     container["ports"] = [{"name": "policy", "containerPort": port}]
     container["readinessProbe"] = {"tcpSocket": {"port": port}, "periodSeconds": 5}

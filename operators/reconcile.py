@@ -98,7 +98,7 @@ def plan(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorSettin
     if st.phase not in TERMINAL_PHASES:
         _training(job, cfg, seen, settings, now, p)
     _report(job, cfg, seen, settings, now, p)
-    _handoff(job, seen, settings, now, p)
+    _handoff(job, cfg, seen, settings, now, p)
     return p
 
 
@@ -219,7 +219,7 @@ def _report(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorSet
         p.events.append(("Normal", "Checkpointed", f"complete checkpoint at step {ck.step}: {ck.uri}"))
 
 
-def _handoff(job: TrainJob, seen: Observed, settings: OperatorSettings, now: str, p: Plan) -> None:
+def _handoff(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorSettings, now: str, p: Plan) -> None:
     st, gen, mode = p.status, job.generation, job.spec.handoff.quantize
     folder = checkpoint_uri(job, settings.platform())
     for step, qjob in sorted(seen.quantize_jobs.items()):
@@ -246,7 +246,7 @@ def _handoff(job: TrainJob, seen: Observed, settings: OperatorSettings, now: str
         return
     if seen.service is None:
         p.create.append(handoff.serving_service(job, settings))
-    wanted_dep = handoff.serving_deployment(job, st.quantized.step, st.quantized.uri, settings)
+    wanted_dep = handoff.serving_deployment(job, cfg, st.quantized.step, st.quantized.uri, settings)
     serving_step = st.quantized.step
     if seen.deployment is None:
         p.create.append(wanted_dep)

@@ -29,11 +29,15 @@ from wam.platform.accounting import (
     observation_flops,
     prediction_flops,
 )
+from wam.platform.config import SamplerSection, guided
+from wam.platform.errors import ConfigError
 from wam.platform.presets import SampleShape, WamArch
 
 # Bytes per block weight of a serving compute path: NVFP4 is 4 bits plus an FP8 scale per 16 values.
 WEIGHT_BYTES = {"nvfp4": 0.5 + 1 / 16, "fp8": 1.0, "bf16-dequantized": 2.0}
 KV_BYTES = 2  # bf16 keys and values
+_PEAKS = {"nvfp4": lambda acc: acc.peak_fp4_flops, "fp8": lambda acc: acc.peak_fp8_flops,
+          "bf16-dequantized": lambda acc: acc.peak_bf16_flops}  # dense matmul peak of a compute path
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,22 @@ class ChunkTime:
     @property
     def bound(self) -> str:
         return "compute" if self.compute_s >= self.memory_s else "memory"
+
+
+def rows_per_device(sampler: SamplerSection, devices: int) -> int:
+    """Cache rows one session holds on a serving device: both guidance branches, or one of them when guidance runs
+    in parallel on two devices (serving.devices 2)."""
+    return 2 if guided(sampler) and devices == 1 else 1
+
+
+def check_compute(acc: Accelerator, compute: str) -> None:
+    """Refuse a serving compute path that `acc` has no matmuls for (the CPU's fp32 path included)."""
+    if compute not in WEIGHT_BYTES:
+        raise ConfigError(f"serving.compute = {compute} is the CPU's path; plan a GPU's with auto, nvfp4, fp8 or "
+                          "bf16-dequantized")
+    if not _PEAKS[compute](acc):
+        raise ConfigError(f"serving.compute = {compute}: {acc.name} has no {compute} matmuls; use auto "
+                          f"({acc.serving_compute} there) or bf16-dequantized")
 
 
 def weight_bytes(a: WamArch, compute: str) -> float:
@@ -97,7 +117,7 @@ def sessions_that_fit(budget: float, cache_bytes: int, *, max_batch: int, compil
 
 
 def _matmul_peak(acc: Accelerator, compute: str) -> float:
-    peak = {"nvfp4": acc.peak_fp4_flops, "fp8": acc.peak_fp8_flops, "bf16-dequantized": acc.peak_bf16_flops}[compute]
+    peak = _PEAKS[compute](acc)
     if not peak:
         raise ValueError(f"{acc.name} has no {compute} matmuls; use {acc.serving_compute}")
     return peak

@@ -64,7 +64,7 @@ def children(key: str, settings: OperatorSettings | None = None) -> list[dict]:
     if job.spec.handoff.quantize != "never":
         objs.append(handoff.quantize_job(job, 1000, "s3://ckpt/step-1000", "s3://ckpt/nvfp4/step-1000", settings))
     if job.spec.handoff.serving.replicas:
-        objs += [handoff.serving_deployment(job, 1000, "s3://ckpt/nvfp4/step-1000", settings),
+        objs += [handoff.serving_deployment(job, cfg, 1000, "s3://ckpt/nvfp4/step-1000", settings),
                  handoff.serving_service(job, settings)]
     return objs
 
@@ -173,7 +173,9 @@ def test_a_policy_server_that_guides_on_two_gpus_gets_two():
     settings = OperatorSettings()
 
     def policy_gpus(spec: dict) -> str:
-        deployment = handoff.serving_deployment(make_job(spec), 1000, "s3://ckpt/nvfp4/step-1000", settings)
+        job = make_job(spec)
+        cfg = trainjob.training_config(job, settings.platform())
+        deployment = handoff.serving_deployment(job, cfg, 1000, "s3://ckpt/nvfp4/step-1000", settings)
         return deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
 
     one = JOBS["h100"]

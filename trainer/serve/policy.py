@@ -38,7 +38,8 @@ from wam.platform.config import (
 from wam.platform.data_contract import gripper_problems
 from wam.platform.embodiment import EmbodimentProfile
 from wam.platform.errors import ConfigError
-from wam.platform.serving_roofline import kv_cache_bytes, sessions_that_fit
+from wam.platform.plan import HEADROOM
+from wam.platform.serving_roofline import kv_cache_bytes, rows_per_device, sessions_that_fit
 from wam.trainer.data.stats import NormStats
 from wam.trainer.data.transforms import normalize, tile
 from wam.trainer.flow import static_dit_steps
@@ -153,13 +154,13 @@ class PolicyRuntime:
         (default on a GPU: 90% of what is free now that the model is loaded; the CPU's memory is not counted unless it
         is set). Checked here, so that a robot beyond it is refused as at capacity instead of running the device out
         of memory in the middle of other robots' chunks."""
-        rows = 2 if self.negative_text is not None and self.devices == 1 else 1  # the peer holds the other branch
+        rows = rows_per_device(self.sampler, self.devices)
         cache = kv_cache_bytes(self.arch, self.sample, rows, self.policy.model.dtype.itemsize)
         if s.session_memory_gib is not None:
             budget, where = s.session_memory_gib * GIB, f"serving.session_memory_gib = {s.session_memory_gib:g}"
         elif self.device.type == "cuda":
-            budget = 0.9 * torch.cuda.mem_get_info(self.device)[0]
-            where = f"90% of the {budget / 0.9 / GIB:.1f} GiB free on {self.device}"
+            free = torch.cuda.mem_get_info(self.device)[0]
+            budget, where = HEADROOM * free, f"{HEADROOM:.0%} of the {free / GIB:.1f} GiB free on {self.device}"
         else:
             return cache, s.max_sessions
         fits = sessions_that_fit(budget, cache, max_batch=self.max_batch, compiled=self.compiled,
