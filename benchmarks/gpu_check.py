@@ -65,8 +65,8 @@ SECTIONS = {s.name: s for s in (
     Section("pytest", 120, ("triton",), "pytest -m gpu"),
     Section("attention", 150, ("triton", "flex"), "Triton vs flex vs SDPA at the 14B head layout"),
     Section("train", 150, ("triton", "flex", "titan-parallel"), "training step at the 14B block width"),
-    Section("serve", 60, (), "chunk latency at the 14B block width, KV cache vs recompute"),
-    Section("engine", 240, (), "the fast engine's ablation and concurrency at the 14B block width"),
+    Section("serve", 150, (), "chunk latency at the 14B block width, KV cache vs recompute"),
+    Section("engine", 330, (), "the fast engine's ablation and concurrency at the 14B block width"),
     Section("trainer", 120, ("titan-trainer",), "torchtitan's Trainer end to end on one GPU (wam train's process)"),
     Section("plan", 90, ("triton", "titan-trainer"), "wam plan's traced memory vs the allocator's peak"),
 )}
@@ -255,13 +255,14 @@ def section_serve(cpu: bool, partial) -> dict:
     import torch
 
     sys.path.insert(0, str(BENCHMARKS))
-    from serve import chunk_latency, sampler_latency
+    from serve import LastChunk, chunk_latency, sampler_latency
 
-    if cpu:
-        run = (["sample.actions_per_chunk=24"], "cpu", torch.float32, 3)
-    else:
-        run = (["model.preset=dreamzero-14b", "model.num_layers=2"], "cuda", torch.bfloat16, 20)
-    return {**chunk_latency(*run), "samplers": sampler_latency(*run)}
+    device, repeats = ("cpu", 3) if cpu else ("cuda", 20)
+    setup = (LastChunk(["sample.actions_per_chunk=24"], "cpu", torch.float32) if cpu else
+             LastChunk(["model.preset=dreamzero-14b", "model.num_layers=2"], "cuda", torch.bfloat16))
+    result = chunk_latency(setup, device, repeats)
+    partial(result)
+    return {**result, "samplers": sampler_latency(setup, device, repeats)}
 
 
 def section_trainer(cpu: bool, partial) -> dict:
@@ -331,7 +332,7 @@ def section_engine(cpu: bool, partial) -> dict:
     device = "cpu" if cpu else "cuda"
     with tempfile.TemporaryDirectory() as tmp:  # 2 blocks of the 14B width (random weights: speed only)
         model = random_model(Path(tmp), [] if cpu else ["model.preset=dreamzero-14b", "model.num_layers=2"])
-        results = {"ablation": ablation(model, device, 2, 1, None)}
+        results = {"ablation": ablation(model, device, 2, 1, None, on_row=lambda rows: partial({"ablation": rows}))}
         partial(results)
         results["concurrency"] = concurrency(model, device, (1, 4, 8), 1, None)
     return results

@@ -35,6 +35,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -94,8 +95,7 @@ class LastChunk:
 
 
 @torch.no_grad()
-def chunk_latency(overrides: list[str], device: str, dtype: torch.dtype, repeats: int) -> dict:
-    setup = LastChunk(overrides, device, dtype)
+def chunk_latency(setup: LastChunk, device: str, repeats: int) -> dict:
     rows = {}
     for steps in (1, 4):
         rollout = setup.rollout(SamplerSection(steps=steps))
@@ -108,6 +108,8 @@ def chunk_latency(overrides: list[str], device: str, dtype: torch.dtype, repeats
                    "recompute": timed(uncached, device, repeats)}
         timings["speedup_p50"] = timings["recompute"]["p50_ms"] / timings["kv_cache"]["p50_ms"]
         rows[f"{steps}_steps"] = timings
+        print(f"{steps} step(s): KV cache {timings['kv_cache']['p50_ms']:.1f} ms, recompute "
+              f"{timings['recompute']['p50_ms']:.1f} ms", file=sys.stderr, flush=True)
     return rows
 
 
@@ -121,14 +123,14 @@ SAMPLERS = {
 
 
 @torch.no_grad()
-def sampler_latency(overrides: list[str], device: str, dtype: torch.dtype, repeats: int) -> dict:
+def sampler_latency(setup: LastChunk, device: str, repeats: int) -> dict:
     """Per-chunk latency of each of SAMPLERS, and the transformer passes it ran."""
-    setup = LastChunk(overrides, device, dtype)
     rows = {}
     for name, sampler in SAMPLERS.items():
         rollout = setup.rollout(sampler)
         rows[name] = {**timed(lambda rollout=rollout: rollout.act(setup.state), device, repeats),
                       "transformer_passes": rollout.act(setup.state).forwards}
+        print(f"{name}: {rows[name]['p50_ms']:.1f} ms", file=sys.stderr, flush=True)
     return rows
 
 
@@ -279,15 +281,14 @@ def main() -> None:
             args.json.write_text(json.dumps(results, indent=1, default=str))
         return
     repeats = 5 if args.quick else 30
-    results = {"cpu_tiny": chunk_latency(["sample.actions_per_chunk=24"], "cpu", torch.float32, repeats),
-               "cpu_tiny_samplers": sampler_latency(["sample.actions_per_chunk=24"], "cpu", torch.float32, repeats),
+    tiny = LastChunk(["sample.actions_per_chunk=24"], "cpu", torch.float32)
+    results = {"cpu_tiny": chunk_latency(tiny, "cpu", repeats), "cpu_tiny_samplers": sampler_latency(tiny, "cpu", repeats),
                "quantization": quantization(2 if args.quick else 16),
                "oversized_burst": oversized_burst(2, 7, 4) if args.quick else oversized_burst(64, 250, 4)}
     if torch.cuda.is_available():
-        results["cuda_14b_width"] = chunk_latency(
-            ["model.preset=dreamzero-14b", f"model.num_layers={args.layers}"], "cuda", torch.bfloat16, repeats)
-        results["cuda_14b_width_samplers"] = sampler_latency(
-            ["model.preset=dreamzero-14b", f"model.num_layers={args.layers}"], "cuda", torch.bfloat16, repeats)
+        wide = LastChunk(["model.preset=dreamzero-14b", f"model.num_layers={args.layers}"], "cuda", torch.bfloat16)
+        results["cuda_14b_width"] = chunk_latency(wide, "cuda", repeats)
+        results["cuda_14b_width_samplers"] = sampler_latency(wide, "cuda", repeats)
         results["device"] = torch.cuda.get_device_name()
     for name, rows in results.items():
         print(name, json.dumps(rows, indent=1, default=str))
@@ -338,22 +339,19 @@ def _chunks(rollout: ChunkRollout, windows: list, device: torch.device, repeats:
     return ms, actions
 
 
-def ablation(model_uri: str, device: str, windows: int, repeats: int, data: str | None) -> dict:
+def ablation(model_uri: str, device: str, windows: int, repeats: int, data: str | None, on_row=None) -> dict:
     """Per-chunk p50/p99 of each ABLATION row (and guidance on two processes/devices), speed-up over the baseline,
     and the mean action deviation from the baseline's actions as a share of the actions' q01-q99 range (2 in
-    the normalised units, which map q01..q99 to -1..1)."""
+    the normalised units, which map q01..q99 to -1..1). A row that fails is reported as failed; `on_row(rows)`
+    is called after each row that ran."""
     from wam.trainer.eval.heldout import held_out
-    from wam.trainer.eval.rollouts import new_rollout
-    from wam.trainer.guidance_peer import GuidancePeer
-    from wam.trainer.inference import Denoiser
-    from wam.trainer.model.encoders import FrozenEncoders
     from wam.trainer.quantize.load import compute_path, load_quantized
 
     dev = torch.device(device)
     dequantized = "fp32-dequantized" if dev.type == "cpu" else "bf16-dequantized"
     policies = {dequantized: load_quantized(model_uri, dev, dequantized)}
     cfg = policies[dequantized].config
-    heldout = held_out(cfg, data, None, windows, FrozenEncoders.of_config(cfg, dev))
+    heldout = held_out(cfg, data, None, windows, frozen_encoders(cfg, dev))
     chosen = [heldout.window(i) for i in heldout.select(windows)]
     for w in chosen:
         for name in ("latents", "text", "image", "i2v"):
@@ -371,28 +369,50 @@ def ablation(model_uri: str, device: str, windows: int, repeats: int, data: str 
         if quantized and not changes and path == dequantized:
             rows[name] = {"skipped": f"no quantized matmuls on {device}: the rows below keep {path} weights"}
             continue
-        if path not in policies:
-            policies[path] = load_quantized(model_uri, dev, path)
         row_sampler = dataclasses.replace(sampler, **changes)
-        model = policies[path].model
-        rollout = new_rollout(model, cfg, row_sampler, heldout)
-        rollout.denoiser = Denoiser(model, compiled)
-        if peer_device is not None:
-            rollout.peer = GuidancePeer.spawn(model_uri, dev, peer_device, path, compiled)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        ms, actions = _chunks(rollout, chosen, dev, repeats)
         if peer_device is None:
             sampler = row_sampler
+        try:
+            if path not in policies:
+                policies[path] = load_quantized(model_uri, dev, path)
+            rows[name] = _ablation_row(policies[path].model, cfg, row_sampler, heldout, chosen, dev, repeats, path,
+                                       compiled, peer_device and (model_uri, peer_device))
+        except Exception as err:  # noqa: BLE001 - one row that fails on a new device is reported; the others run
+            traceback.print_exc()
+            rows[name] = {"failed": f"{type(err).__name__}: {err}"[:500]}
+            continue
+        actions = rows[name].pop("actions")
         base_actions = base_actions or actions
         deviation = statistics.fmean((a - b).abs().mean().item() for a, b in zip(actions, base_actions, strict=True))
-        rows[name] = {"p50_ms": statistics.median(ms), "p99_ms": percentile(ms, 0.99), "chunks_timed": len(ms),
-                      "compute_path": path, "action_deviation_of_range": deviation / 2,
-                      "roofline_ms": roofline_ms(cfg, row_sampler, path, dev), "peak_gib": _peak_gib(dev)}
-        rows[name]["speedup_p50"] = next(iter(rows.values()))["p50_ms"] / rows[name]["p50_ms"]
+        rows[name]["action_deviation_of_range"] = deviation / 2
+        baseline = next(iter(rows.values()))
+        if "p50_ms" in baseline:
+            rows[name]["speedup_p50"] = baseline["p50_ms"] / rows[name]["p50_ms"]
+        print(f"{name}: p50 {rows[name]['p50_ms']:.1f} ms ({path})", file=sys.stderr, flush=True)
+        if on_row is not None:
+            on_row(rows)
     rows["setup"] = {"device": device, "windows": len(chosen), "chunks_per_window": sampler_chunks(cfg),
                      "flash_trained": cfg.flow.schedule == "flash", "held_out": data or "procedural episodes"}
     return rows
+
+
+def _ablation_row(model, cfg, sampler: SamplerSection, heldout, windows: list, device: torch.device, repeats: int,
+                  path: str, compiled: bool, peer: tuple[str, torch.device] | None) -> dict:
+    """One ablation row: per-chunk p50/p99 and the first pass's actions (popped by the caller)."""
+    from wam.trainer.eval.rollouts import new_rollout
+    from wam.trainer.guidance_peer import GuidancePeer
+    from wam.trainer.inference import Denoiser
+
+    rollout = new_rollout(model, cfg, sampler, heldout)
+    rollout.denoiser = Denoiser(model, compiled)
+    if peer is not None:
+        rollout.peer = GuidancePeer.spawn(peer[0], device, peer[1], path, compiled)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ms, actions = _chunks(rollout, windows, device, repeats)
+    return {"p50_ms": statistics.median(ms), "p99_ms": percentile(ms, 0.99), "chunks_timed": len(ms),
+            "compute_path": path, "roofline_ms": roofline_ms(cfg, sampler, path, device), "peak_gib": _peak_gib(device),
+            "actions": actions}
 
 
 def sampler_chunks(cfg) -> int:
@@ -408,14 +428,13 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
     from wam.trainer.eval.heldout import held_out
     from wam.trainer.eval.rollouts import new_rollout
     from wam.trainer.inference import Denoiser
-    from wam.trainer.model.encoders import FrozenEncoders
     from wam.trainer.quantize.load import load_quantized
     from wam.trainer.serve.engine import DenoiseEngine
 
     dev = torch.device(device)
     policy = load_quantized(model_uri, dev, "fp32-dequantized" if dev.type == "cpu" else "bf16-dequantized")
     cfg = policy.config
-    heldout = held_out(cfg, data, None, max(sessions), FrozenEncoders.of_config(cfg, dev))
+    heldout = held_out(cfg, data, None, max(sessions), frozen_encoders(cfg, dev))
     windows = [heldout.window(i) for i in heldout.select(max(sessions))]
     sampler = dataclasses.replace(BASELINE, guidance_batch=True, dit_cache="static", dit_passes=8)
     rows = {}
@@ -456,6 +475,8 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
                                             "peak_gib": _peak_gib(dev)}
         batched, alone = rows[f"{n}_sessions_batched"], rows[f"{n}_sessions_one_at_a_time"]
         rows[f"{n}_sessions_throughput_ratio"] = batched["chunks_per_s"] / alone["chunks_per_s"]
+        print(f"{n} sessions: batched {batched['chunks_per_s']:.2f} chunks/s, one at a time "
+              f"{alone['chunks_per_s']:.2f}", file=sys.stderr, flush=True)
         rows[f"{n}_sessions_p99_over_lone_session"] = batched["p99_ms"] / rows["1_sessions_batched"]["p99_ms"]
         path = "bf16-dequantized" if dev.type == "cuda" else "fp32-dequantized"
         if (bound := roofline_ms(cfg, sampler, path, dev, n)) is not None:  # what batching n can gain at best here
@@ -509,6 +530,33 @@ def _peak_gib(device: torch.device) -> float | None:
 
 def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if x is None else x.to(device)
+
+
+def frozen_encoders(cfg, device: torch.device):
+    """The run's frozen encoders; for a random-weight model of a preset whose encoders exist only as published
+    checkpoints (Wan's VAE, umT5-XXL, CLIP-H), random ones (speed only): the preset's VAE and CLIP networks, and
+    one random umT5 layer of the preset's width in place of the text encoder, whose features the rollouts read."""
+    from transformers import UMT5EncoderModel
+
+    from wam.trainer.model.clip import ClipImageEncoder, clip_config
+    from wam.trainer.model.encoders import FrozenEncoders
+    from wam.trainer.model.text_encoder import ByteTokenizer, TextEncoder, umt5_config
+    from wam.trainer.model.vae import WanVAE, vae_config
+
+    arch = resolve_preset(cfg).arch
+    if cfg.encoders.text is not None or arch.text_encoder == "tiny":
+        return FrozenEncoders.of_config(cfg, device)
+    torch.manual_seed(cfg.seed)
+    layer = umt5_config("tiny")
+    layer.d_model, layer.num_layers = arch.text_dim, 1
+    encoders = FrozenEncoders(WanVAE(vae_config(arch.vae)),
+                              TextEncoder(UMT5EncoderModel(layer), ByteTokenizer(), arch.text_len),
+                              ClipImageEncoder(clip_config(arch.image_encoder)) if arch.has_image_branch else None,
+                              arch.i2v_concat)
+    for module in (encoders.vae, encoders.text, encoders.image):
+        if module is not None:
+            module.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    return encoders
 
 
 def random_model(folder: Path, overrides: list[str]) -> str:
