@@ -6,7 +6,7 @@ The target is a machine that brings its own Python 3.12, CUDA torch and Triton (
 einops, pytest, rich, typer, PyYAML, fsspec and other common packages) and has no network: only pure-Python
 wheels travel, installed with `pip install --no-index --no-deps --target`, none of this project's pins applied.
 The bundle is the project itself and the few pure-Python distributions the GPU checks import that such a
-machine lacks, at the versions this checkout is tested with. `make gpu-dryrun` proves it starts on torch
+machine lacks, at the versions this checkout is tested with, and torchao's x86-64 wheel (the FP8 serving path). `make gpu-dryrun` proves it starts on torch
 2.11 / Triton 3.6 before a GPU is borrowed.
 """
 
@@ -27,6 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 # `make gpu-dryrun` fails on an import if this list misses one.
 BUNDLED = ("torchtitan", "spmd_types", "tyro", "docstring_parser", "typeguard", "omegaconf", "torchdata", "datasets",
            "dill", "multiprocess")
+# Not pure Python, but one wheel for every CPython >= 3.10 (abi3) on x86-64 Linux, the GPU machine's: torchao, whose
+# float8 matmuls are the serving FP8 path on Hopper (without it the engine's FP8 row is skipped). Its compiled
+# extras are built for one torch release; the FP8 path does not use them.
+BINARY = ("torchao",)
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 LIMIT_MIB = 64  # what may travel with one command
 SITE = "/tmp/wam-site"
 
@@ -39,13 +44,21 @@ def run_command(bundle: Path) -> str:
 
 
 def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", *args], check=True,
-                   stdout=subprocess.DEVNULL)
+    run = subprocess.run([sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", *args],
+                         capture_output=True, text=True)  # pip's warnings about this machine's indexes are noise
+    if run.returncode:
+        raise subprocess.CalledProcessError(run.returncode, run.args, run.stdout, run.stderr)
 
 
 def _fetch(name: str, pinned: str, out: Path) -> None:
-    """A pure-Python wheel of name==pinned (built from the sdist where the index has no wheel)."""
+    """A pure-Python wheel of name==pinned (built from the sdist where the index has no wheel); for BINARY, the
+    GPU machine's platform wheel."""
     spec = f"{name}=={pinned}"
+    if name in BINARY:
+        platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
+        _pip("download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
+             *platforms, "-d", str(out), spec)
+        return
     try:
         _pip("download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "py",
              "-d", str(out), spec)
@@ -68,10 +81,10 @@ def build(out: Path) -> dict:
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:  # the project's wheel, built outside the checkout
         _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO), "--cache-dir", tmp)
-    for name in BUNDLED:
+    for name in BUNDLED + BINARY:
         _fetch(name, version(name), out)
     wheels = sorted(out.glob("*.whl"))
-    impure = [w.name for w in wheels if not w.name.endswith("-none-any.whl")]
+    impure = [w.name for w in wheels if not w.name.endswith("-none-any.whl") and not w.name.startswith(BINARY)]
     if impure:
         raise SystemExit(f"not pure-Python, cannot travel to another Python: {', '.join(impure)}")
     sizes = {w.name: w.stat().st_size for w in wheels}
