@@ -17,7 +17,8 @@ and the others still run.
   train      a training step at the 14B block width (benchmarks/train_step.py's parallelized_step), with the
              Triton and the flex backend: step time, tokens/s, MFU, peak memory next to the estimate
   serve      per-chunk denoising latency at the 14B block width, KV cache vs recomputing, 1 and 4 steps; and
-             DreamZero's sampler built up (UniPC 16 steps, guidance batched or as two passes, the DiT cache)
+             DreamZero's sampler built up (UniPC 16 steps, guidance batched or as two passes, the DiT cache);
+             one served chunk's attention unmasked but for its state row vs under the dense mask
   trainer    `wam train`'s own process: torchtitan's Trainer under torchrun on one GPU (NCCL, bf16, FSDP2, the
              Triton attention kernels, a DCP checkpoint): the tiny preset, 20 steps; losses, tokens/s, memory
   plan       `wam plan`'s traced peak memory per rank against the same step run for real at the 14B block width
@@ -257,14 +258,17 @@ def section_serve(cpu: bool, partial) -> dict:
     import torch
 
     sys.path.insert(0, str(BENCHMARKS))
-    from serve import LastChunk, chunk_latency, sampler_latency
+    from serve import LastChunk, chunk_latency, sampler_latency, served_attention
 
     device, repeats = ("cpu", 3) if cpu else ("cuda", 20)
     setup = (LastChunk(["sample.actions_per_chunk=24"], "cpu", torch.float32) if cpu else
              LastChunk(["model.preset=dreamzero-14b", "model.num_layers=2"], "cuda", torch.bfloat16))
     result = chunk_latency(setup, device, repeats)
     partial(result)
-    return {**result, "samplers": sampler_latency(setup, device, repeats)}
+    result["samplers"] = sampler_latency(setup, device, repeats)
+    partial(result)
+    return {**result, "served_attention": served_attention(device, torch.float32, 4, 3) if cpu else
+            served_attention(device, torch.bfloat16, 40, repeats)}
 
 
 def section_trainer(cpu: bool, partial) -> dict:
@@ -554,6 +558,11 @@ def _details(sections: dict) -> list[str]:
                       "| sampler | transformer passes | p50 / p99 ms |", "|---|---|---|"]
             lines += [f"| {name} | {r['transformer_passes']} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} |"
                       for name, r in serve["samplers"].items()]
+        if "served_attention" in serve:
+            a = serve["served_attention"]
+            lines += ["", f"One served chunk's self-attention ({a['queries']} queries, {a['keys']} keys, {a['heads']} "
+                      f"heads): unmasked but for the state row {a['sdpa_kernel']['p50_ms']:.2f} ms, under the dense "
+                      f"mask {a['dense_mask']['p50_ms']:.2f} ms ({a['speedup_p50']:.2f}x)"]
     return lines
 
 

@@ -4,7 +4,9 @@
    cache vs recomputing the whole sequence every denoising step, with 1 and 4 steps; and DreamZero's sampler
    built up (UniPC 16 steps, + guidance 5 batched or as two passes, + the DiT cache on 8 of the 16 steps).
    CPU: the tiny preset (fp32); with CUDA also a model of the 14B block width (dim 5120, 40 heads; --layers
-   of them, bf16).
+   of them, bf16). And one served chunk's self-attention at the 14B token layout (880 tokens per latent
+   frame, the last chunk of the window): SDPAKernel, which runs every query but the state token unmasked, vs
+   SDPA under the dense mask (CPU: 4 heads of 128, fp32; CUDA: 40 heads, bf16).
 2. Quantization: throughput (MB of float32 weights per second) and peak memory growth of the streaming
    quantizer vs loading the whole model first, on one checkpoint, each in a fresh process.
 3. A burst of oversized requests (several clients at once, each sending a message larger than
@@ -131,6 +133,35 @@ def sampler_latency(setup: LastChunk, device: str, repeats: int) -> dict:
         rows[name] = {**timed(lambda rollout=rollout: rollout.act(setup.state), device, repeats),
                       "transformer_passes": rollout.act(setup.state).forwards}
         print(f"{name}: {rows[name]['p50_ms']:.1f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+@torch.no_grad()
+def served_attention(device: str, dtype: torch.dtype, heads: int, repeats: int) -> dict:
+    """p50/p99 of one served chunk's self-attention at the 14B token layout, against its full context:
+    SDPAKernel (unmasked but for the state row) vs F.scaled_dot_product_attention under the dense mask."""
+    from wam.platform.layout import TokenLayout
+    from wam.trainer.model.attention import SDPAKernel
+    from wam.trainer.model.mask import AttentionMask
+
+    tokens_per_frame, frames, actions, chunk = 880, 2, 24, 3
+    context = TokenLayout.first_frame(tokens_per_frame, actions)
+    for c in range(chunk):
+        context = context + TokenLayout.clean_chunk(c, frames, tokens_per_frame, actions)
+    query = TokenLayout.prediction(range(chunk, chunk + 1), frames, tokens_per_frame, actions)
+    mask = AttentionMask(query, context + query)
+    g = torch.Generator(device).manual_seed(0)
+    q = torch.randn(1, query.length, heads, 128, generator=g, device=device, dtype=dtype)
+    k, v = (torch.randn(1, mask.keys.length, heads, 128, generator=g, device=device, dtype=dtype) for _ in range(2))
+    kernel, dense = SDPAKernel(SDPAKernel.Config()), mask.dense(device)
+    masked = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=dense)
+    rows = {"queries": query.length, "keys": mask.keys.length, "heads": heads,
+            "sdpa_kernel": timed(lambda: kernel(q, k, v, mask), device, repeats),
+            "dense_mask": timed(masked, device, repeats)}
+    rows["speedup_p50"] = rows["dense_mask"]["p50_ms"] / rows["sdpa_kernel"]["p50_ms"]
+    print(f"served chunk's attention: {rows['sdpa_kernel']['p50_ms']:.2f} ms, under the dense mask "
+          f"{rows['dense_mask']['p50_ms']:.2f} ms", file=sys.stderr, flush=True)
     return rows
 
 
@@ -283,12 +314,14 @@ def main() -> None:
     repeats = 5 if args.quick else 30
     tiny = LastChunk(["sample.actions_per_chunk=24"], "cpu", torch.float32)
     results = {"cpu_tiny": chunk_latency(tiny, "cpu", repeats), "cpu_tiny_samplers": sampler_latency(tiny, "cpu", repeats),
+               "cpu_served_attention": served_attention("cpu", torch.float32, 4, 3 if args.quick else 10),
                "quantization": quantization(2 if args.quick else 16),
                "oversized_burst": oversized_burst(2, 7, 4) if args.quick else oversized_burst(64, 250, 4)}
     if torch.cuda.is_available():
         wide = LastChunk(["model.preset=dreamzero-14b", f"model.num_layers={args.layers}"], "cuda", torch.bfloat16)
         results["cuda_14b_width"] = chunk_latency(wide, "cuda", repeats)
         results["cuda_14b_width_samplers"] = sampler_latency(wide, "cuda", repeats)
+        results["cuda_served_attention"] = served_attention("cuda", torch.bfloat16, 40, repeats)
         results["device"] = torch.cuda.get_device_name()
     for name, rows in results.items():
         print(name, json.dumps(rows, indent=1, default=str))

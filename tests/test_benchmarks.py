@@ -45,6 +45,8 @@ def test_serve_benchmark_smoke(tmp_path):
     assert all(row["kv_cache"]["p50_ms"] > 0 for row in data["cpu_tiny"].values())
     assert {name: row["transformer_passes"] for name, row in data["cpu_tiny_samplers"].items()} == {
         "unipc_16": 16, "guided_batched": 16, "guided_sequential": 32, "dreamzero": 8}
+    attention = data["cpu_served_attention"]  # the 14B layout's last chunk: every query but one unmasked
+    assert (attention["queries"], attention["keys"]) == (1785, 7945) and attention["speedup_p50"] > 0
     assert data["quantization"]["streaming"]["mb_per_s"] > 0
     burst = data["oversized_burst"]  # 4 clients x 7 MB over a 2 MB limit: refused unread, or buffered first
     assert burst["refused_from_header"]["refused"] == burst["buffered"]["refused"] == 4

@@ -149,3 +149,25 @@ def test_flex_mask_for_inference_shapes_matches_sdpa():
     k, v = (torch.randn(1, context.length + query.length, 2, 8, generator=g) for _ in range(2))
     torch.testing.assert_close(FlexKernel(FlexKernel.Config(block_size=32))(q, k, v, mask),
                                SDPAKernel(SDPAKernel.Config())(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_a_served_chunk_attends_without_a_mask_but_its_state_token_sees_only_itself():
+    """Every query of a served chunk but its state token sees every key, so SDPAKernel runs them unmasked (the
+    flash kernel on a GPU) and redoes only the state row under the mask: the same values and gradients as the
+    dense mask; the training sequence, where many rows see only some keys, keeps the dense mask."""
+    context = TokenLayout.first_frame(16, 24) + TokenLayout.clean_chunk(0, 2, 16, 24)
+    query = TokenLayout.prediction(range(1, 2), 2, 16, 24)
+    mask = AttentionMask(query, context + query)
+    state = query.slice(STATE)
+    assert mask.partial_queries().tolist() == list(range(state.start, state.stop))
+    assert len(AttentionMask(LAYOUT).partial_queries()) * 8 > LAYOUT.length
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, query.length, 2, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, context.length + query.length, 2, 8, generator=g, requires_grad=True) for _ in range(2))
+    ours = SDPAKernel(SDPAKernel.Config())(q, k, v, mask)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask.dense()).transpose(1, 2)
+    torch.testing.assert_close(ours, dense, atol=1e-6, rtol=1e-6)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad(dense.square().sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

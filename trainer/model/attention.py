@@ -40,16 +40,25 @@ class SDPAKernel(Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: AttentionMask | PaddedMask) -> torch.Tensor:
         if isinstance(mask, PaddedMask) or len(mask.masks) == 1:
-            return self._attend(q, k, v, mask.dense(q.device))
+            return self._attend(q, k, v, mask)
         # packed windows: each over its own keys, so the cost is the sum of their squares, not the whole's square
         q_parts = q.split([m.queries.length for m in mask.masks], dim=1)
         k_parts, v_parts = (t.split([m.keys.length for m in mask.masks], dim=1) for t in (k, v))
-        return torch.cat([self._attend(*qkv, m.dense(q.device))
+        return torch.cat([self._attend(*qkv, m)
                           for *qkv, m in zip(q_parts, k_parts, v_parts, mask.masks, strict=True)], dim=1)
 
     @staticmethod
-    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | PaddedMask) -> torch.Tensor:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, tokens, head_dim)
+        partial = None if isinstance(mask, PaddedMask) else mask.partial_queries(q.device)
+        if partial is None or 8 * len(partial) > q.shape[2]:  # many rows see only some keys (training)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q.device)).transpose(1, 2)
+        # Nearly every query sees every key (a served chunk): no mask, which lets SDPA take its fastest (flash)
+        # kernel, and the few rows that see less are redone under theirs.
+        out = F.scaled_dot_product_attention(q, k, v)
+        if len(partial):
+            rows = F.scaled_dot_product_attention(q[:, :, partial], k, v, attn_mask=mask.dense(q.device)[partial])
+            out = out.index_copy(2, partial, rows)  # not in place: autograd keeps SDPA's own output
         return out.transpose(1, 2)
 
 

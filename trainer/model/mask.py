@@ -111,6 +111,20 @@ class AttentionMask:
 
         return self.cached(("dense", str(device)), build)
 
+    def partial_queries(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(n,) int64: the query tokens that may not attend to every key. A served chunk's are its one state token
+        (it sees only itself); all the others see everything, so attention needs no mask for them."""
+        def build() -> torch.Tensor:
+            full = self._span_allowed().all(dim=1).tolist()  # per query span, of every packed window in order
+            rows, start = [torch.zeros(0, dtype=torch.long)], 0
+            for span, sees_all in zip((s for m in self.masks for s in m.queries.spans), full, strict=True):
+                if not sees_all:
+                    rows.append(torch.arange(start, start + span.length))
+                start += span.length
+            return torch.cat(rows).to(device)
+
+        return self.cached(("partial", str(device)), build)
+
     def block_layout(self, block_q: int = 128, block_k: int = 128) -> BlockLayout:
         def build() -> BlockLayout:
             allowed = self._span_allowed().float()
