@@ -4,6 +4,7 @@ against windows padded to K chunks.
     python benchmarks/train_step.py            # tiny preset on CPU; on a GPU also MFU at the 14B block width
     python benchmarks/train_step.py --quick
     python benchmarks/train_step.py --packing  # only packed vs padded (useful tokens/s)
+    python benchmarks/train_step.py --packing --dataset DATASET --profile metaworld   # the mix of real episodes
 
 The eager loop runs the same model, batches, loss and optimizer in one process with no parallelism; the
 ratios say what torchtitan + FSDP cost (or gain) per step and per sample. torchtitan step times are
@@ -22,7 +23,8 @@ shared machine is mostly the other processes' load), of wall time on a GPU. The 
 lengths come from the sampler itself (a window every half chunk, as many chunks as fit, up to K) run over
 episodes as long as DROID's: 76k trajectories in 350 hours at 15 Hz (Khazatsky et al. 2024, arXiv 2403.12945),
 a mean of 16.6 s = 249 frames; their spread is not published, so lengths are drawn log-normal around that mean
-(sigma 0.5, an assumption). The ideal ratio for that mix, from the platform's FLOP accounting, is printed next to
+(sigma 0.5, an assumption). With `--dataset URI [--profile NAME]` the mix is a LeRobot dataset's own: the windows
+the sampler plans over its real episodes, at the profile's chunk length (what `wam data stats` reports). The ideal ratio for that mix, from the platform's FLOP accounting, is printed next to
 the measured one (and the 14B sample shape's, for scale).
 """
 
@@ -189,18 +191,33 @@ def parallelized_step(overrides: list[str], attention: str, *, device: str, step
     return result
 
 
-def window_mix(chunks: int, windows: int, mean_frames: int = DROID_MEAN_FRAMES, seed: int = 0, sigma: float = 0.5,
-               episodes: int = 5000) -> list[int]:
-    """Chunks of `windows` windows in the proportions data.packing samples them from DROID-length episodes (module
-    doc), in a shuffled order as the loader reads them."""
+def droid_window_counts(chunks: int, mean_frames: int = DROID_MEAN_FRAMES, seed: int = 0, sigma: float = 0.5,
+                        episodes: int = 5000) -> dict[int, int]:
+    """Windows by chunks (1..`chunks`) that data.packing samples from DROID-length episodes (module doc)."""
     rng = np.random.default_rng(seed)
     lengths = np.maximum(DROID_HZ_HORIZON + 1, rng.lognormal(np.log(mean_frames) - sigma**2 / 2, sigma,
                                                              episodes).astype(int))
-    counts = np.zeros(chunks + 1)
+    counts = dict.fromkeys(range(1, chunks + 1), 0)
     for frames in lengths:
         for _, k in plan_windows(np.zeros(frames, int), chunks, DROID_HZ_HORIZON, DROID_HZ_HORIZON // 2, 1):
             counts[k] += 1
-    quota = counts[1:] / counts.sum() * windows
+    return counts
+
+
+def dataset_window_counts(uri: str, profile: str, chunks: int) -> dict[int, int]:
+    """Windows by chunks that data.packing samples from a LeRobot dataset's real episodes (`wam data stats`)."""
+    from wam.platform.embodiment import resolve_profile
+    from wam.trainer.data.lerobot import LeRobotDataset
+    from wam.trainer.data.stats import sampling_summary
+
+    return sampling_summary(LeRobotDataset(uri), resolve_profile(profile, {}), chunks).windows
+
+
+def window_mix(counts: dict[int, int], windows: int, seed: int = 0) -> list[int]:
+    """Chunks of `windows` windows in the proportions of `counts`, in a shuffled order as the loader reads them."""
+    rng = np.random.default_rng(seed)
+    share = np.array([counts.get(k, 0) for k in range(1, max(counts) + 1)], dtype=float)
+    quota = share / share.sum() * windows
     whole = np.floor(quota).astype(int)
     whole[np.argsort(whole - quota)[:windows - whole.sum()]] += 1  # largest remainders
     mix = [k for k, n in enumerate(whole, start=1) for _ in range(n)]
@@ -213,16 +230,18 @@ def _ideal_gain(arch, sample, mix: list[int]) -> float:
     return count_flops(arch, sample).training / statistics.mean(flops[k] for k in mix)
 
 
-def packing_comparison(overrides: list[str], windows: int, rounds: int, batch_size: int = 2,
-                       device: str = "cpu", mean_frames: int = DROID_MEAN_FRAMES) -> dict:
-    """Useful (real) tokens/s of the same windows trained padded to K chunks and packed (module doc)."""
+def packing_comparison(overrides: list[str], windows: int, rounds: int, batch_size: int = 2, device: str = "cpu",
+                       mean_frames: int = DROID_MEAN_FRAMES, dataset: tuple[str, str] | None = None) -> dict:
+    """Useful (real) tokens/s of the same windows trained padded to K chunks and packed (module doc), the windows'
+    lengths drawn from DROID-length episodes of `mean_frames`, or from `dataset` (uri, profile)."""
     cfg = load_config(None, overrides)
     preset = resolve_preset(cfg)
     arch, sample = preset.arch, preset.sample
     f, k_max = sample.frames_per_chunk, sample.num_chunks
     tokens = [TokenLayout.teacher_forcing(k, f, sample.tokens_per_frame(arch), sample.actions_per_chunk).length
               for k in range(k_max + 1)]
-    mix = window_mix(k_max, windows, mean_frames)
+    counts = (dataset_window_counts(*dataset, k_max) if dataset else droid_window_counts(k_max, mean_frames))
+    mix = window_mix(counts, windows)
     world = SyntheticLatents(arch, sample, episodes=windows, seed=0)
     full = [world[i] for i in range(windows)]  # K chunks: what a padded window costs
     short = [dataclasses.replace(s, video=s.video[:, :1 + k * f], actions=s.actions[:k], state=s.state[:k],
@@ -270,7 +289,9 @@ def packing_comparison(overrides: list[str], windows: int, rounds: int, batch_si
     rates = {name: useful / statistics.median(t) for name, t in times.items()}
     counts = {k: mix.count(k) for k in range(1, k_max + 1)}
     big = get_preset("dreamzero-14b")
-    return {"episode_mean_frames": mean_frames, "windows": windows, "mix": counts, "clock": "CUDA wall time" if device == "cuda" else "CPU time, 1 thread", "batch_size": batch_size, "tokens_per_window": tokens[1:],
+    source = (f"the episodes of {dataset[0]} (profile {dataset[1]})" if dataset else
+              f"DROID-length episodes of {mean_frames} frames on average")
+    return {"episodes": source, "windows": windows, "mix": counts, "clock": "CUDA wall time" if device == "cuda" else "CPU time, 1 thread", "batch_size": batch_size, "tokens_per_window": tokens[1:],
             "padded_steps": len(padded), "packed_steps": len(packed), "padded_token_share": useful / (windows * tokens[-1]),
             "useful_tokens_per_s": rates, "speedup": rates["packed"] / rates["padded"],
             "ideal_speedup": _ideal_gain(arch, sample, mix),
@@ -280,8 +301,8 @@ def packing_comparison(overrides: list[str], windows: int, rounds: int, batch_si
 
 def print_packing(row: dict) -> None:
     mix = ", ".join(f"{k}: {n}" for k, n in row["mix"].items())
-    print(f"packed vs padded to K chunks: {row['windows']} windows from episodes of {row['episode_mean_frames']} frames "
-          f"on average (chunks: count {mix}), batch {row['batch_size']}; "
+    print(f"packed vs padded to K chunks: {row['windows']} windows from {row['episodes']} (chunks: count {mix}), "
+          f"batch {row['batch_size']}; "
           f"real tokens are {100 * row['padded_token_share']:.0f}% of the padded sequences; {row['clock']}")
     for name, rate in row["useful_tokens_per_s"].items():
         steps = row[f"{name}_steps"]
@@ -296,6 +317,8 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true", help="only packed vs padded windows (useful tokens/s)")
     parser.add_argument("--episode-frames", type=int, default=DROID_MEAN_FRAMES,
                         help="mean episode length at 15 Hz that the window mix is drawn from (default: DROID's)")
+    parser.add_argument("--dataset", help="a LeRobot dataset whose real episodes the window mix is drawn from instead")
+    parser.add_argument("--profile", default="droid", help="--dataset's embodiment profile (its chunk length)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     warmup, timed = (5, 5) if args.quick else (WARMUP, 50)
@@ -303,8 +326,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                      "torch_threads_eager": torch.get_num_threads()}
-    results["packing"] = (packing_comparison([], 16, 1, device=device, mean_frames=args.episode_frames) if args.quick
-                          else packing_comparison(PACKING_MODEL, 24, 3, device=device, mean_frames=args.episode_frames))
+    mix = {"mean_frames": args.episode_frames, "dataset": (args.dataset, args.profile) if args.dataset else None}
+    results["packing"] = (packing_comparison([], 16, 1, device=device, **mix) if args.quick
+                          else packing_comparison(PACKING_MODEL, 24, 3, device=device, **mix))
     print_packing(results["packing"])
     if args.packing:
         if args.json:

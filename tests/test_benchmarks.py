@@ -14,6 +14,22 @@ def test_train_step_benchmark_smoke(tmp_path):
     assert data["eager_step_s"] > 0 and set(data["titan_step_s"]) == {"1", "2"}
 
 
+def test_packing_benchmark_draws_its_mix_from_a_datasets_real_episodes(tmp_path):
+    """`--dataset`: the window mix is the one the sampler plans over the dataset's episodes (`wam data stats`)."""
+    from wam.platform.embodiment import resolve_profile
+    from wam.trainer.data.lerobot import LeRobotDataset
+    from wam.trainer.data.stats import sampling_summary
+    from wam.trainer.data.synth_dataset import SynthOptions, synthesize
+
+    dataset = synthesize(tmp_path / "data", SynthOptions(episodes=4, seed=2))
+    data = run_benchmark("train_step.py", tmp_path, "--packing", "--quick", "--dataset", str(dataset))
+    planned = sampling_summary(LeRobotDataset(str(dataset)), resolve_profile("droid", {}), 4).windows
+    mix = {int(k): n for k, n in data["packing"]["mix"].items()}
+    assert str(dataset) in data["packing"]["episodes"] and sum(mix.values()) == 16
+    assert {k for k, n in mix.items() if n} <= {k for k, n in planned.items() if n}
+    assert data["packing"]["speedup"] > 0
+
+
 def test_data_benchmark_smoke(tmp_path):
     data = run_benchmark("data.py", tmp_path, "--smoke")
     assert set(data["results"]) == {"av1", "h264", "vp9"}
