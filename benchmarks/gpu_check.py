@@ -205,7 +205,7 @@ def section_pytest(cpu: bool, partial) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for i, args in enumerate(runs):
             report = Path(tmp) / f"junit-{i}.xml"
-            run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+            run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "--durations=15",
                                   "-W", "ignore::DeprecationWarning", f"--junitxml={report}", *args], cwd=REPO)
             codes.append(run.returncode)
             tests += _junit(report) if report.exists() else []
