@@ -159,8 +159,10 @@ def test_a_served_chunk_attends_without_a_mask_but_its_state_token_sees_only_its
     query = TokenLayout.prediction(range(1, 2), 2, 16, 24)
     mask = AttentionMask(query, context + query)
     state = query.slice(STATE)
-    assert mask.partial_queries().tolist() == list(range(state.start, state.stop))
-    assert len(AttentionMask(LAYOUT).partial_queries()) * 8 > LAYOUT.length
+    full, partial = mask.split_queries()
+    assert partial.tolist() == list(range(state.start, state.stop))
+    assert sorted(full.tolist() + partial.tolist()) == list(range(query.length))
+    assert len(AttentionMask(LAYOUT).split_queries()[1]) * 8 > LAYOUT.length
     g = torch.Generator().manual_seed(2)
     q = torch.randn(2, query.length, 2, 8, generator=g, requires_grad=True)
     k, v = (torch.randn(2, context.length + query.length, 2, 8, generator=g, requires_grad=True) for _ in range(2))

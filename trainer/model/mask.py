@@ -111,19 +111,19 @@ class AttentionMask:
 
         return self.cached(("dense", str(device)), build)
 
-    def partial_queries(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(n,) int64: the query tokens that may not attend to every key. A served chunk's are its one state token
-        (it sees only itself); all the others see everything, so attention needs no mask for them."""
-        def build() -> torch.Tensor:
+    def split_queries(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(full, partial) int64 query indices: the tokens that attend to every key, and those that may not. A
+        served chunk's partial ones are its one state token (it sees only itself): the others need no mask."""
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             full = self._span_allowed().all(dim=1).tolist()  # per query span, of every packed window in order
-            rows, start = [torch.zeros(0, dtype=torch.long)], 0
+            rows: tuple[list, list] = ([], [])
+            start = 0
             for span, sees_all in zip((s for m in self.masks for s in m.queries.spans), full, strict=True):
-                if not sees_all:
-                    rows.append(torch.arange(start, start + span.length))
+                rows[0 if sees_all else 1].extend(range(start, start + span.length))
                 start += span.length
-            return torch.cat(rows).to(device)
+            return tuple(torch.tensor(r, dtype=torch.long, device=device) for r in rows)
 
-        return self.cached(("partial", str(device)), build)
+        return self.cached(("split", str(device)), build)
 
     def block_layout(self, block_q: int = 128, block_k: int = 128) -> BlockLayout:
         def build() -> BlockLayout:
