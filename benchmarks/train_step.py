@@ -24,8 +24,9 @@ lengths come from the sampler itself (a window every half chunk, as many chunks 
 episodes as long as DROID's: 76k trajectories in 350 hours at 15 Hz (Khazatsky et al. 2024, arXiv 2403.12945),
 a mean of 16.6 s = 249 frames; their spread is not published, so lengths are drawn log-normal around that mean
 (sigma 0.5, an assumption). With `--dataset URI [--profile NAME]` the mix is a LeRobot dataset's own: the windows
-the sampler plans over its real episodes, at the profile's chunk length (what `wam data stats` reports). The ideal ratio for that mix, from the platform's FLOP accounting, is printed next to
-the measured one (and the 14B sample shape's, for scale).
+the sampler plans over its real episodes, at the profile's chunk length (what `wam data stats` reports). The ideal
+ratio for that mix, from the platform's FLOP accounting, is printed next to the measured one (and the 14B sample
+shape's, for scale).
 """
 
 from __future__ import annotations
@@ -240,8 +241,8 @@ def packing_comparison(overrides: list[str], windows: int, rounds: int, batch_si
     f, k_max = sample.frames_per_chunk, sample.num_chunks
     tokens = [TokenLayout.teacher_forcing(k, f, sample.tokens_per_frame(arch), sample.actions_per_chunk).length
               for k in range(k_max + 1)]
-    counts = (dataset_window_counts(*dataset, k_max) if dataset else droid_window_counts(k_max, mean_frames))
-    mix = window_mix(counts, windows)
+    planned = dataset_window_counts(*dataset, k_max) if dataset else droid_window_counts(k_max, mean_frames)
+    mix = window_mix(planned, windows)
     world = SyntheticLatents(arch, sample, episodes=windows, seed=0)
     full = [world[i] for i in range(windows)]  # K chunks: what a padded window costs
     short = [dataclasses.replace(s, video=s.video[:, :1 + k * f], actions=s.actions[:k], state=s.state[:k],
