@@ -1,6 +1,7 @@
 """Prove the GPU check starts on the GPU machine's own software before a GPU is borrowed (`make gpu-dryrun`).
 
-    python3 benchmarks/gpu_dryrun.py [OUT]        # default OUT: runs/gpu-dryrun
+    python3 benchmarks/gpu_dryrun.py [OUT [OPTION...]]    # default OUT: runs/gpu-dryrun; OPTIONs go to gpu_check
+                                                          # (e.g. --only env,engine), every section by default
 
 The GPU machine runs torch 2.11.0 and Triton 3.6.0 with a fixed set of common packages and no network; none
 of this project's pins apply there. This script builds a virtualenv outside the repository with exactly that
@@ -105,8 +106,8 @@ def main() -> None:
              "--python-version", "3.12", "--only-binary=:all:", *map(str, sorted(bundle.glob("*.whl"))))
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
         env.update(PYTHONPATH=site, PYTHONUNBUFFERED="1", PATH=f"{python.parent}:{env.get('PATH', '')}")
-        run = subprocess.run([str(python), str(REPO / "benchmarks" / "gpu_check.py"), str(out), "--cpu"], cwd=REPO,
-                             env=env)
+        run = subprocess.run([str(python), str(REPO / "benchmarks" / "gpu_check.py"), str(out), "--cpu",
+                              *sys.argv[2:]], cwd=REPO, env=env)
     sys.exit(run.returncode)
 
 

@@ -7,6 +7,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from wam.platform.layout import TokenKind, TokenLayout
 from wam.trainer.model.attention import FlexKernel, SDPAKernel
 from wam.trainer.model.mask import AttentionMask
+from wam.trainer.model.model import _padded_mask
 
 K, F, TPF, A = 4, 1, 2, 3
 LAYOUT = TokenLayout.teacher_forcing(K, F, TPF, A)
@@ -173,3 +174,18 @@ def test_a_served_chunk_attends_without_a_mask_but_its_state_token_sees_only_its
     grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
     for got, want in zip(grads, torch.autograd.grad(dense.square().sum(), (q, k, v)), strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_padded_batch_splits_its_queries_only_where_no_row_is_padded():
+    """The compiled engine's batch pads every row's committed keys to the longest: rows at one chunk position
+    need no padding and attend unmasked but for their state token; rows at different positions keep the mask."""
+    query = TokenLayout.prediction(range(1, 2), 2, 16, 24)
+    one_chunk = TokenLayout.first_frame(16, 24) + TokenLayout.clean_chunk(0, 2, 16, 24)
+    same = _padded_mask(((one_chunk, query), (one_chunk, query)), (2, 1), one_chunk.length, torch.device("cpu"))
+    state = query.slice(STATE)
+    assert same.rows.shape == (3, 1, query.length, one_chunk.length + query.length)
+    assert same.partial.tolist() == list(range(state.start, state.stop)) and len(same.full) == query.length - 1
+    earlier = TokenLayout.prediction(range(0, 1), 2, 16, 24)
+    mixed = _padded_mask(((one_chunk, query), (TokenLayout.first_frame(16, 24), earlier)), (1, 1), one_chunk.length,
+                         torch.device("cpu"))
+    assert len(mixed.full) == 0 and len(mixed.partial) == query.length

@@ -47,7 +47,7 @@ class Denoiser:
         self.blocks = None
         if compiled:
             cuda = model.patch_embedding.weight.device.type == "cuda"
-            self.blocks = torch.compile(model.run_blocks, dynamic=False, mode="reduce-overhead" if cuda else None)
+            self.blocks = torch.compile(model.run_blocks, mode="reduce-overhead" if cuda else None)
 
     def __call__(self, items: list[Prediction]) -> list[WamOutputs]:
         """The outputs of `items` in order; those on a guidance peer's caches run there, at the same time."""

@@ -50,8 +50,8 @@ class SDPAKernel(Module):
     @staticmethod
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | PaddedMask) -> torch.Tensor:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, tokens, head_dim)
-        full, partial = (None, None) if isinstance(mask, PaddedMask) else mask.split_queries(q.device)
-        if partial is None or 8 * len(partial) > q.shape[2]:  # many rows see only some keys (training)
+        full, partial = mask.split_queries(q.device)
+        if 8 * len(partial) > q.shape[2]:  # many rows see only some keys (training; a batch of padded rows)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q.device)).transpose(1, 2)
         # Nearly every query sees every key (a served chunk): those run with no mask, which lets SDPA take its
         # fastest (flash) kernel, and the few that see less run apart under their rows of the mask.
@@ -59,7 +59,7 @@ class SDPAKernel(Module):
         out = out.index_copy(2, full, F.scaled_dot_product_attention(q.index_select(2, full), k, v))
         if len(partial):
             rows = F.scaled_dot_product_attention(q.index_select(2, partial), k, v,
-                                                  attn_mask=mask.dense(q.device)[partial])
+                                                  attn_mask=mask.dense(q.device)[..., partial, :])
             out = out.index_copy(2, partial, rows)  # not in place: autograd keeps SDPA's own outputs
         return out.transpose(1, 2)
 

@@ -179,9 +179,20 @@ class RaggedMask(AttentionMask):
 
 class PaddedMask(NamedTuple):
     """A dense per-row mask (B, 1, Lq, Lk) of a padded batch (the serving engine's rows sit at different chunks,
-    their keys padded to one length); attention over it always runs SDPA."""
+    their keys padded to one length); attention over it always runs SDPA. `full`/`partial`: split_queries'
+    indices, made with the mask (outside a compiled forward)."""
 
     rows: torch.Tensor
+    full: torch.Tensor
+    partial: torch.Tensor
+
+    @classmethod
+    def of(cls, rows: torch.Tensor) -> PaddedMask:
+        sees_all = rows.all(dim=-1).all(dim=0).squeeze(0)  # (Lq,): the queries every row lets see every key
+        return cls(rows, sees_all.nonzero().squeeze(1), (~sees_all).nonzero().squeeze(1))
 
     def dense(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return self.rows
+
+    def split_queries(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        return self.full, self.partial

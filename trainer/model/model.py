@@ -112,7 +112,7 @@ def _ragged_mask(layouts: tuple[TokenLayout, ...]) -> RaggedMask:
 
 @lru_cache(maxsize=8)  # one of 8 guided 14B chunks is ~230 MB
 def _padded_mask(pairs: tuple[tuple[TokenLayout, TokenLayout], ...], rows: tuple[int, ...], context: int,
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device) -> PaddedMask:
     """(B, 1, Lq, context + Lq) bool: each (committed layout, prediction layout) pair's mask with its committed
     keys padded to `context`, repeated over the pair's rows (predict_many)."""
     masks = []
@@ -122,7 +122,7 @@ def _padded_mask(pairs: tuple[tuple[TokenLayout, TokenLayout], ...], rows: tuple
         padded[:, :committed.length] = dense[:, :committed.length]
         padded[:, context:] = dense[:, committed.length:]
         masks.append(padded.expand(r, 1, -1, -1))
-    return torch.cat(masks)
+    return PaddedMask.of(torch.cat(masks))
 
 
 class Prediction(NamedTuple):
@@ -454,9 +454,9 @@ class WamModel(BaseModel):
     def predict_many(self, items: list[Prediction], static: bool = False, blocks=None) -> list[WamOutputs]:
         """`predict` for several caches in one forward (continuous batching); each may be at a different chunk.
         Eagerly, the linear layers run on every row at once and attention per cache, over its own keys (nothing
-        padded or copied). With `static`, every row attends to its committed context padded to the caches' full
-        context room (the same shapes at every chunk, for torch.compile and CUDA graphs), then its own new tokens,
-        under a per-row mask that hides the padding. `blocks`: a compiled run_blocks."""
+        padded or copied). With `static`, every row attends to its committed context padded to the longest in the
+        batch (shapes that change only with the chunk position, for torch.compile and CUDA graphs), then its own
+        new tokens, under a per-row mask that hides the padding. `blocks`: a compiled run_blocks."""
         f, a, tpf = items[0].cache.frames_per_chunk, items[0].cache.actions_per_chunk, items[0].cache.tokens_per_frame
         layouts = []
         for item in items:
@@ -514,12 +514,13 @@ class WamModel(BaseModel):
 
     def _padded(self, caches: list[KVCache], layouts: list[TokenLayout], device: torch.device):
         """Per-row RoPE tables, mask, cross-attention context and keys of the caches' rows, every row's committed
-        keys padded to the caches' full context room: the same shapes at every chunk (predict_many, static)."""
+        keys padded to the most any of them holds (predict_many, static): the shapes change only with the chunk
+        position, and rows at one position need no padding, so attention runs as it does eagerly."""
         rows = tuple(cache.layers[0].k.shape[0] for cache in caches)
-        context = caches[0].layers[0].k.shape[1] - layouts[0].length  # the most committed tokens a cache holds
+        context = max(cache.layout.length for cache in caches)
         rope = self._row_rope(caches, layouts, rows, device)
-        mask = PaddedMask(_padded_mask(tuple((c.layout, layout) for c, layout in zip(caches, layouts, strict=True)),
-                                       tuple(rows), context, device))
+        mask = _padded_mask(tuple((c.layout, layout) for c, layout in zip(caches, layouts, strict=True)), tuple(rows),
+                            context, device)
 
         def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
             return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
@@ -533,4 +534,6 @@ class WamModel(BaseModel):
             cross.append(CrossContext(text, image))
             layers.append(PaddedKV(stack([cache.layers[i].k[:, :context] for cache in caches]),
                                    stack([cache.layers[i].v[:, :context] for cache in caches])))
+        for tensor, dim in ((mask.rows, 3), *((t, 1) for layer in layers for t in layer)):
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)  # one compiled graph for every chunk position
         return rope, mask, cross, layers

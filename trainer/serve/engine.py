@@ -74,14 +74,20 @@ class DenoiseEngine:
         return self.submit(job).result()
 
     def _warm(self, rollout: ChunkRollout) -> None:
-        """One forward at each row count the denoiser will see: compiling happens here, not for the first robot."""
+        """One forward at each row count and chunk position the denoiser will see (the rollout observes blank
+        chunks to reach each position): compiling happens here, not for the first robot."""
         device = rollout.model.patch_embedding.weight.device
-        passes = rollout.start(torch.zeros(1, rollout.model.arch.state_dim, device=device)).passes
+        state = torch.zeros(1, rollout.model.arch.state_dim, device=device)
         started = time.perf_counter()
-        for chunks in sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)}):
-            self.denoiser(passes * chunks)
-        log.info("engine warmed up for batches of up to %d chunks in %.1f s", self.max_batch,
-                 time.perf_counter() - started)
+        while True:
+            job = rollout.start(state)
+            for chunks in sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)}):
+                self.denoiser(job.passes * chunks)
+            if rollout.next_chunk + 1 >= rollout.max_chunks:
+                break
+            rollout.observe(torch.zeros_like(job.video[:1]))
+        log.info("engine warmed up for batches of up to %d chunks at %d chunk positions in %.1f s", self.max_batch,
+                 rollout.max_chunks, time.perf_counter() - started)
 
     def _loop(self, warmup: ChunkRollout | None) -> None:
         try:
