@@ -38,9 +38,9 @@ class Chunk:
 
 class Denoiser:
     """Runs one denoising step's transformer passes (of one chunk or of many) as one forward (predict_many):
-    eagerly, or with `compiled` the blocks under torch.compile at static shapes (every row's keys padded to the
-    cache's full context), which on CUDA also captures them in CUDA graphs (mode reduce-overhead). Compiled, the
-    rows are padded to a power of two, so a few graphs serve every batch."""
+    eagerly, or with `compiled` the blocks under torch.compile (every row's keys padded to the longest context
+    in the batch, the key length dynamic), which on CUDA also captures them in CUDA graphs (mode reduce-overhead:
+    one per shape). Compiled, the rows are padded to a power of two, so a few graphs serve every batch."""
 
     def __init__(self, model: WamModel, compiled: bool = False):
         self.model, self.compiled = model, compiled

@@ -4,8 +4,8 @@ A session's request becomes a ChunkJob (its noise, solvers and DiT step cache). 
 `max_batch` jobs, oldest first, and runs each denoising step of all of them as one forward (predict_many:
 sessions at different chunks, their KV caches padded to one length, a mask per row). A job that arrives joins
 at the next step; a finished one leaves at once and the oldest waiting job takes its place, so no session waits
-for a whole batch to drain. Compiled, the forward runs under torch.compile at static shapes (CUDA graphs on
-CUDA), warmed up for every batch size it will see before the engine reports ready.
+for a whole batch to drain. Compiled, the forward runs under torch.compile (CUDA graphs on CUDA), warmed up for
+every batch size and chunk position it will see before the engine reports ready.
 """
 
 from __future__ import annotations
