@@ -1,7 +1,8 @@
-"""Every GPU claim of the platform, measured by one command. Measured on one H200 (2026-12-04): env 5 s, plan 46 s,
-engine 148 s, serve 75 s; pytest ran past 200 s (flex_attention and the Triton kernels compile on first use);
-attention, train and trainer not yet run there. The whole check outgrows one 10-minute command: run it as two,
-`--only env,engine,serve,plan` then `--only pytest,attention,train,trainer`.
+"""Every GPU claim of the platform, measured by one command. Measured on one H200 (2026-12-04, two leases): env 5 s,
+plan 46 s, engine 148-274 s, serve 63-75 s; pytest passed 11 of its 15 tests in 255 s (flex_attention and the
+Triton kernels compile cold on first use) and needs its full limit; attention, train and trainer not yet run
+there. The whole check outgrows one 10-minute command: run it as two, `--only env,engine,serve,plan` then
+`--only pytest,trainer,attention,train`.
 
     python benchmarks/gpu_check.py OUT                  # on a GPU machine (`make gpu-bundle` prepares one
                                                         # that lacks this project's dependencies)
@@ -205,7 +206,8 @@ def section_pytest(cpu: bool, partial) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for i, args in enumerate(runs):
             report = Path(tmp) / f"junit-{i}.xml"
-            run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "--durations=15",
+            run = subprocess.run([sys.executable, "-m", "pytest", "-q" if cpu else "-v", "-p", "no:cacheprovider", "-rs",
+                                  "--durations=15",  # -v on a GPU: each test's name as it ends, kept if time runs out
                                   "-W", "ignore::DeprecationWarning", f"--junitxml={report}", *args], cwd=REPO)
             codes.append(run.returncode)
             tests += _junit(report) if report.exists() else []
