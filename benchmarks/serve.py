@@ -352,14 +352,15 @@ def _synced(device: torch.device) -> None:
 @torch.no_grad()
 def _chunks(rollout: ChunkRollout, windows: list, device: torch.device, repeats: int) -> tuple[list[float], list]:
     """Every chunk of every window from its real context (the real latents written after each): per-chunk
-    milliseconds (after one warm-up chunk: compiling is not timed) and the first pass's normalised actions."""
+    milliseconds (after one warm-up window: compiling, and recording a CUDA graph per chunk position, is not
+    timed) and the first pass's normalised actions."""
     f = rollout.frames_per_chunk
     ms, actions = [], []
     for repeat in range(-1, repeats):
         for i, w in enumerate(windows if repeat >= 0 else windows[:1]):
             rollout.reset(w.latents[:, :, :1], w.text, w.image, w.i2v)
             generator = torch.Generator(device).manual_seed(i)  # the same noise in every row
-            for c in range(rollout.max_chunks if repeat >= 0 else 1):
+            for c in range(rollout.max_chunks):
                 _synced(device)
                 start = time.perf_counter()
                 chunk = rollout.act(w.state[c][None].to(device), generator)
