@@ -27,7 +27,8 @@ and the others still run.
              torch.cuda.max_memory_allocated
   engine     the fast engine's ablation at the 14B block width, bf16 (benchmarks/serve.py --ablation: guidance
              batched / on two GPUs, DiT cache, compile + CUDA graphs, FP8 or NVFP4, Flash 1 step) and 1/4/8
-             concurrent sessions batched vs one at a time
+             concurrent sessions batched vs one at a time; on a GPU also for the tiny preset and 3 blocks of
+             width 512, whose forwards leave the GPU mostly idle
 What a section needs and this machine lacks (no CUDA device, an older Triton, torchtitan's Trainer on an
 older torch) is found before anything runs and reported as skipped, with the reason.
 
@@ -70,7 +71,7 @@ SECTIONS = {s.name: s for s in (
     Section("attention", 150, ("triton", "flex"), "Triton vs flex vs SDPA at the 14B head layout"),
     Section("train", 150, ("triton", "flex", "titan-parallel"), "training step at the 14B block width"),
     Section("serve", 150, (), "chunk latency at the 14B block width, KV cache vs recompute"),
-    Section("engine", 330, (), "the fast engine's ablation and concurrency at the 14B block width"),
+    Section("engine", 400, (), "the fast engine's ablation and concurrency at the 14B block width"),
     Section("trainer", 120, ("titan-trainer",), "torchtitan's Trainer end to end on one GPU (wam train's process)"),
     Section("plan", 90, ("triton", "titan-trainer"), "wam plan's traced memory vs the allocator's peak"),
 )}
@@ -91,6 +92,10 @@ TARGETS = (  # (section, what, path into its result, minimum); from the platform
     ("plan", "traced peak memory vs torch.cuda.max_memory_allocated (1 - |error|)", ("device_accuracy",), 0.9),
     ("engine", "8 sessions batched vs one at a time (throughput ratio)",
      ("concurrency", "8_sessions_throughput_ratio"), 4.0),
+    ("engine", "8 sessions batched vs one at a time, tiny preset (throughput ratio)",
+     ("concurrency_tiny", "8_sessions_throughput_ratio"), 4.0),
+    ("engine", "8 sessions batched vs one at a time, 512 wide (throughput ratio)",
+     ("concurrency_wide", "8_sessions_throughput_ratio"), 4.0),
 )
 
 
@@ -335,7 +340,7 @@ def section_engine(cpu: bool, partial) -> dict:
     import tempfile
 
     sys.path.insert(0, str(BENCHMARKS))
-    from serve import ablation, concurrency, random_model
+    from serve import WIDE, ablation, concurrency, random_model
 
     device = "cpu" if cpu else "cuda"
     with tempfile.TemporaryDirectory() as tmp:  # 2 blocks of the 14B width (random weights: speed only)
@@ -343,6 +348,11 @@ def section_engine(cpu: bool, partial) -> dict:
         results = {"ablation": ablation(model, device, 2, 1, None, on_row=lambda rows: partial({"ablation": rows}))}
         partial(results)
         results["concurrency"] = concurrency(model, device, (1, 4, 8), 1, None)
+        # where one robot's forward leaves the GPU mostly idle (small models), batching robots is what gains
+        for name, overrides in () if cpu else (("tiny", []), ("wide", WIDE)):
+            partial(results)
+            results[f"concurrency_{name}"] = concurrency(random_model(Path(tmp) / name, overrides), device, (1, 4, 8),
+                                                         1, None)
     return results
 
 
@@ -534,9 +544,12 @@ def _details(sections: dict) -> list[str]:
                 lines.append(f"| {name} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {r['speedup_p50']:.2f}x | "
                              + (f"{bound:.1f} | {bound / r['p50_ms']:.0%} |" if bound else "— | — |")
                              + (f" {peak:.2f} |" if peak is not None else " — |"))
-    rows = engine.get("concurrency", {})
-    if rows:
-        lines += ["", "Concurrent sessions, batched over one at a time:", "",
+    for key, model in (("concurrency", "the ablation's model"), ("concurrency_tiny", "the tiny preset"),
+                       ("concurrency_wide", "3 blocks of width 512")):
+        rows = engine.get(key, {})
+        if not rows:
+            continue
+        lines += ["", f"Concurrent sessions, batched over one at a time ({model}):", "",
                   "| sessions | throughput | roofline's | p99 over a lone session's | peak GiB batched |",
                   "|---|---|---|---|---|"]
         for n in (1, 4, 8):
