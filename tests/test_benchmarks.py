@@ -11,7 +11,7 @@ def test_model_benchmark_smoke(tmp_path):
 
 def test_train_step_benchmark_smoke(tmp_path):
     data = run_benchmark("train_step.py", tmp_path, "--quick")
-    assert data["eager_step_s"] > 0 and set(data["titan_step_s"]) == {"1", "2"}
+    assert data["eager_step_s"] > 0 and set(data["titan_step_s"]) == {"1"}  # --quick: 2 processes only in full runs
 
 
 def test_packing_benchmark_draws_its_mix_from_a_datasets_real_episodes(tmp_path):
