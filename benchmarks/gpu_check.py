@@ -19,7 +19,8 @@ and the others still run.
              Triton and the flex backend: step time, tokens/s, MFU, peak memory next to the estimate
   serve      per-chunk denoising latency at the 14B block width, KV cache vs recomputing, 1 and 4 steps; and
              DreamZero's sampler built up (UniPC 16 steps, guidance batched or as two passes, the DiT cache);
-             one served chunk's attention unmasked but for its state row vs under the dense mask
+             one served chunk's attention unmasked but for its state row vs under the dense mask; where a
+             chunk's time goes at DreamZero's sampler (the profiler's top kernels: matmul, attention, other)
   trainer    `wam train`'s own process: torchtitan's Trainer under torchrun on one GPU (NCCL, bf16, FSDP2, the
              Triton attention kernels, a DCP checkpoint): the tiny preset, 20 steps; losses, tokens/s, memory
   plan       `wam plan`'s traced peak memory per rank against the same step run for real at the 14B block width
@@ -265,7 +266,7 @@ def section_serve(cpu: bool, partial) -> dict:
     import torch
 
     sys.path.insert(0, str(BENCHMARKS))
-    from serve import LastChunk, chunk_latency, sampler_latency, served_attention
+    from serve import LastChunk, chunk_latency, chunk_profile, sampler_latency, served_attention
 
     device, repeats = ("cpu", 3) if cpu else ("cuda", 20)
     setup = (LastChunk(["sample.actions_per_chunk=24"], "cpu", torch.float32) if cpu else
@@ -273,6 +274,8 @@ def section_serve(cpu: bool, partial) -> dict:
     result = chunk_latency(setup, device, repeats)
     partial(result)
     result["samplers"] = sampler_latency(setup, device, repeats)
+    partial(result)
+    result["profile"] = chunk_profile(setup, device)
     partial(result)
     return {**result, "served_attention": served_attention(device, torch.float32, 4, 3) if cpu else
             served_attention(device, torch.bfloat16, 40, repeats)}
@@ -578,6 +581,14 @@ def _details(sections: dict) -> list[str]:
             lines += ["", f"One served chunk's self-attention ({a['queries']} queries, {a['keys']} keys, {a['heads']} "
                       f"heads): unmasked but for the state row {a['sdpa_kernel']['p50_ms']:.2f} ms, under the dense "
                       f"mask {a['dense_mask']['p50_ms']:.2f} ms ({a['speedup_p50']:.2f}x)"]
+        if "profile" in serve:
+            prof = serve["profile"]
+            shares = ", ".join(f"{kind} {share:.0%}" for kind, share in prof["shares"].items())
+            lines += ["", f"Where one chunk's time goes ({prof['sampler']} sampler, {prof['total_ms']:.1f} ms of "
+                      f"{prof['clock']} time: {shares}):", "", "| kernel | kind | ms | share | calls |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| `{r['op']}` | {r['kind']} | {r['self_ms']:.2f} | {r['share']:.1%} | {r['calls']} |"
+                      for r in prof["top"]]
     return lines
 
 

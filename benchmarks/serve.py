@@ -136,6 +136,42 @@ def sampler_latency(setup: LastChunk, device: str, repeats: int) -> dict:
     return rows
 
 
+# how operators (CPU) and kernels (CUDA: cuBLAS's gemm/xmma/nvjet, SDPA's flash and fmha) are told apart
+ATTENTION_NAMES = ("attention", "flash", "fmha")
+MATMUL_NAMES = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "gemm", "xmma", "nvjet",
+                "cutlass")
+
+
+def op_kind(name: str) -> str:
+    name = name.lower()
+    return ("attention" if any(n in name for n in ATTENTION_NAMES) else
+            "matmul" if any(n in name for n in MATMUL_NAMES) else "other")
+
+
+@torch.no_grad()
+def chunk_profile(setup: LastChunk, device: str, sampler: str = "dreamzero", top: int = 15) -> dict:
+    """Where one chunk's time goes (torch.profiler over `rollout.act` at SAMPLERS[sampler], after a warm-up chunk):
+    the kernels (on CPU: operators) with the most self time, and each kind's share of the total (op_kind)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rollout = setup.rollout(SAMPLERS[sampler])
+    rollout.act(setup.state)
+    cuda = device == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        rollout.act(setup.state)
+        if cuda:
+            torch.cuda.synchronize()
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
+    events = sorted((e for e in prof.key_averages() if self_us(e) > 0), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events)
+    shares = {kind: sum(self_us(e) for e in events if op_kind(e.key) == kind) / total
+              for kind in ("matmul", "attention", "other")}
+    rows = [{"op": e.key[:100], "kind": op_kind(e.key), "self_ms": self_us(e) / 1000, "share": self_us(e) / total,
+             "calls": e.count} for e in events[:top]]
+    return {"sampler": sampler, "clock": "device" if cuda else "host", "total_ms": total / 1000, "shares": shares,
+            "top": rows}
+
+
 @torch.no_grad()
 def served_attention(device: str, dtype: torch.dtype, heads: int, repeats: int) -> dict:
     """p50/p99 of one served chunk's self-attention at the 14B token layout, against its full context:

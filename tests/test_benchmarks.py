@@ -112,6 +112,38 @@ def test_gpu_check_isolates_sections_and_summarises(tmp_path):
     assert "===== env" in (out / "sections.log").read_text()
 
 
+def test_the_chunk_profile_says_where_a_served_chunks_time_goes():
+    """The GPU check's profile of one chunk (serve section): the top operators by self time, each sorted into
+    matmul / attention / other (on a GPU, cuBLAS's and SDPA's kernels by name), the shares summing to one, and
+    its table in the summary."""
+    import sys
+
+    import pytest
+    import torch
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_check import markdown
+    from serve import LastChunk, chunk_profile, op_kind
+
+    assert [op_kind(k) for k in ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "sm90_xmma_gemm_bf16bf16_bf16f32",
+                                 "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>",
+                                 "fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "aten::addmm",
+                                 "void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>")] == [
+        "matmul", "matmul", "attention", "attention", "matmul", "other"]
+    profile = chunk_profile(LastChunk([], "cpu", torch.float32), "cpu", top=5)
+    assert profile["clock"] == "host" and sum(profile["shares"].values()) == pytest.approx(1.0)
+    times = [r["self_ms"] for r in profile["top"]]
+    assert len(times) == 5 and times == sorted(times, reverse=True) and sum(times) <= profile["total_ms"]
+    assert {"matmul", "attention"} <= {r["kind"] for r in profile["top"]}  # the tiny model's chunk calls both
+    text = markdown({"date": "2026-12-04T00:00:00+00:00", "mode": "cpu dry run", "targets": [],
+                     "missing_capabilities": {}, "sections": {"serve": {"status": "passed", "seconds": 1,
+                                                                        "result": {"profile": profile}}}})
+    top = profile["top"][0]
+    assert f"| `{top['op']}` | {top['kind']} | {top['self_ms']:.2f} | {top['share']:.1%} |" in text
+
+
 def test_gpu_check_refuses_bad_arguments_before_running(tmp_path):
     import subprocess
     import sys
