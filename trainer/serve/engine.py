@@ -78,10 +78,11 @@ class DenoiseEngine:
         chunks to reach each position): compiling happens here, not for the first robot."""
         device = rollout.model.patch_embedding.weight.device
         state = torch.zeros(1, rollout.model.arch.state_dim, device=device)
+        batches = sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)})
         started = time.perf_counter()
         while True:
             job = rollout.start(state)
-            for chunks in sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)}):
+            for chunks in batches:
                 self.denoiser(job.passes * chunks)
             if rollout.next_chunk + 1 >= rollout.max_chunks:
                 break
