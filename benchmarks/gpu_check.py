@@ -2,12 +2,19 @@
 plan 46 s, engine 148-274 s, serve 63-75 s; pytest passed 11 of its 15 tests in 255 s (flex_attention and the
 Triton kernels compile cold on first use) and needs its full limit; attention, train and trainer not yet run
 there. The whole check outgrows one 10-minute command: run it as two, `--only env,engine,serve,plan` then
-`--only pytest,trainer,attention,train`.
+`--only pytest,trainer,attention,train`, both with `--compile-cache` on the same file (the first command copies
+its OUT/compile-cache.tar.gz there), so that the second starts warm.
 
     python benchmarks/gpu_check.py OUT                  # on a GPU machine (`make gpu-bundle` prepares one
                                                         # that lacks this project's dependencies)
     python benchmarks/gpu_check.py OUT --cpu            # the dry run: every section's CPU mode (`make gpu-dryrun`)
     python benchmarks/gpu_check.py OUT --only attention,train --limit train=300     # a rerun of some sections
+    python benchmarks/gpu_check.py OUT --compile-cache runs/gpu-cache/compile-cache.tar.gz   # start warm
+
+Compiling flex_attention, the Triton kernels and the compiled engine cold took most of the pytest section's
+time on the H200. `--compile-cache FILE` starts every section with inductor's and Triton's caches unpacked from
+FILE (the OUT/compile-cache.tar.gz a previous run on the same software wrote) and writes the caches, grown by
+this run, to OUT/compile-cache.tar.gz; carry it to the next lease.
 
 Sections, each in its own process under its own time limit: one that fails or runs out of time is reported,
 and the others still run.
@@ -48,6 +55,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -77,6 +85,7 @@ SECTIONS = {s.name: s for s in (
     Section("plan", 90, ("triton", "titan-trainer"), "wam plan's traced memory vs the allocator's peak"),
 )}
 CPU_LIMIT_S = 600  # the dry run on a 2-core machine; Triton's interpreter is slow
+CACHE_FILE, CACHE_MAX_BYTES = "compile-cache.tar.gz", 15 * 2**20  # what a device run may bring back: 16 MiB a file
 TARGETS = (  # (section, what, path into its result, minimum); from the platform's performance goals
     ("attention", "Triton fwd+bwd vs compiled flex (time ratio), 4 chunks",
      ("layouts", "4_chunks", "triton_vs_flex_speedup_forward_backward"), 1.0),
@@ -206,8 +215,8 @@ def section_pytest(cpu: bool, partial) -> dict:
                        if "pytest.mark.gpu" in p.read_text())
     if cpu:
         runs = [["-m", "not slow", "tests/test_kernels.py", *gpu_files], ["tests/test_kernels_compile.py"]]
-    else:
-        runs = [["-m", "gpu", *gpu_files]]
+    else:  # the modules with the fewest GPU tests first: a run cut short by its limit still reaches each module
+        runs = [["-m", "gpu", *sorted(gpu_files, key=lambda f: (REPO / f).read_text().count("def test_"))]]
     tests, codes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, args in enumerate(runs):
@@ -384,13 +393,16 @@ def child(name: str, result_file: Path, cpu: bool) -> int:
 
 # -- the orchestration ------------------------------------------------------------------------------------------
 
-def run_section(section: Section, limit_s: float, cpu: bool, log) -> dict:
-    """One section in its own process: passed, failed (with the end of its output) or timed out."""
+def run_section(section: Section, limit_s: float, cpu: bool, log, cache: Path | None = None) -> dict:
+    """One section in its own process: passed, failed (with the end of its output) or timed out. `cache`: the
+    folder of inductor's and Triton's caches that every section shares."""
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "result.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--section", section.name,
                    "--result", str(result_file), *(["--cpu"] if cpu else [])]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if cache is not None:
+            env.update(TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
         if cpu:
             env["TRITON_INTERPRET"] = "1"  # Triton's interpreter, chosen before Triton is imported
         log.write(f"\n===== {section.name} ({section.about}), limit {limit_s:.0f} s =====\n")
@@ -424,14 +436,45 @@ def run_section(section: Section, limit_s: float, cpu: bool, log) -> dict:
         return {"status": "failed", "seconds": seconds, "error": f"exit code {code}", "output_tail": tail}
 
 
-def run_all(out: Path, names: list[str], cpu: bool, budget_s: float, limits: dict[str, float]) -> dict:
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def restore_cache(archive: Path | None, folder: Path) -> dict:
+    """Unpack a previous run's compile caches (if `archive` exists) into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if archive is None or not archive.exists():
+        return {"restored_bytes": 0}
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    return {"restored_from": str(archive), "restored_bytes": _folder_bytes(folder)}
+
+
+def save_cache(folder: Path, out: Path) -> dict:
+    """The caches as OUT/compile-cache.tar.gz, when small enough to come back from a device machine."""
+    target = out / CACHE_FILE
+    with tarfile.open(target, "w:gz") as tar:
+        for part in sorted(folder.iterdir()):
+            tar.add(part, arcname=part.name)
+    size = target.stat().st_size
+    if size > CACHE_MAX_BYTES:
+        target.unlink()
+        return {"cache_bytes": _folder_bytes(folder), "saved": f"not saved: {size / 2**20:.1f} MiB compressed"}
+    return {"cache_bytes": _folder_bytes(folder), "saved": str(target), "saved_bytes": size}
+
+
+def run_all(out: Path, names: list[str], cpu: bool, budget_s: float, limits: dict[str, float],
+            compile_cache: Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     found = capabilities(cpu)
     summary: dict = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                      "mode": "cpu dry run" if cpu else "gpu", "budget_s": budget_s,
                      "missing_capabilities": {k: v for k, v in found.items() if v}, "sections": {}}
     deadline = time.monotonic() + budget_s
-    with open(out / "sections.log", "w") as log:
+    with open(out / "sections.log", "w") as log, tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache" if compile_cache else None
+        if cache:
+            summary["compile_cache"] = restore_cache(compile_cache, cache)
         for name in names:
             section = SECTIONS[name]
             reason = missing(section, found, cpu)
@@ -442,10 +485,12 @@ def run_all(out: Path, names: list[str], cpu: bool, budget_s: float, limits: dic
                 record = {"status": "skipped", "reason": f"the {budget_s:.0f} s budget was spent"}
             else:
                 limit = limits.get(name, CPU_LIMIT_S if cpu else section.limit_s)
-                record = run_section(section, min(limit, left), cpu, log)
+                record = run_section(section, min(limit, left), cpu, log, cache)
             summary["sections"][name] = record
             _print_status(name, record)
             (out / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=str))  # kept if stopped
+        if cache:
+            summary["compile_cache"] |= save_cache(cache, out)
     summary["targets"] = [] if cpu else evaluate_targets(summary["sections"])
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=str))
     (out / "gpu_check.md").write_text(markdown(summary))
@@ -484,6 +529,10 @@ def markdown(summary: dict) -> str:
         lines += [f"{device}; Python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('cuda_runtime')}), "
                   f"Triton {env.get('triton')}, torchtitan {env.get('torchtitan')}, bundle {env.get('bundle_commit')}; matmul ceiling "
                   f"{env['matmul']['tflops']:.3g} TFLOP/s ({env['matmul']['dtype']}, {env['matmul']['n']}^3)", ""]
+    if "compile_cache" in summary:
+        c = summary["compile_cache"]
+        lines += [f"Compile caches: {c['restored_bytes'] / 2**20:.1f} MiB restored, {c['cache_bytes'] / 2**20:.1f} MiB "
+                  f"after the run, {c['saved']}", ""]
     lines += ["| section | status | seconds | note |", "|---|---|---|---|"]
     for name, record in sections.items():
         note = (record.get("reason") or record.get("error") or "").replace("|", "/").replace("\n", " ")
@@ -610,6 +659,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=480, help="all sections together (default 480)")
     parser.add_argument("--limit", action="append", default=[], metavar="SECTION=SECONDS",
                         help="one section's time limit")
+    parser.add_argument("--compile-cache", type=Path, metavar="FILE",
+                        help="start from the compile caches in FILE (if it exists); write them to OUT/" + CACHE_FILE)
     parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # a section's own process
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -622,8 +673,11 @@ def main() -> None:
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     limits = _limits(parser, args.limit)
-    summary = run_all(args.out, names, args.cpu, args.budget_s if not args.cpu else 10**6, limits)
+    summary = run_all(args.out, names, args.cpu, args.budget_s if not args.cpu else 10**6, limits,
+                      args.compile_cache)
     print(f"summary: {args.out / 'gpu_check.md'}")
+    if "compile_cache" in summary:
+        print(f"compile cache: {summary['compile_cache']}")
     for row in summary["targets"]:
         print(f"  {row['target']}: {row['verdict']}")
     sys.exit(int(any(r["status"] in ("failed", "timed out") for r in summary["sections"].values())))

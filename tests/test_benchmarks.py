@@ -91,16 +91,24 @@ def test_no_benchmark_script_shadows_a_standard_module():
 
 def test_gpu_check_isolates_sections_and_summarises(tmp_path):
     """The GPU check's CPU mode: each section in its own process under its own limit; one that runs out of
-    time is reported and the next still runs; the summary names versions and statuses; exit code 1."""
+    time is reported and the next still runs; the summary names versions and statuses; exit code 1. The compile
+    caches a previous run wrote are restored for the sections and written back with the results."""
     import json
     import subprocess
     import sys
+    import tarfile
 
     from conftest import REPO
 
+    previous = tmp_path / "compile-cache.tar.gz"
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "kernel.cubin").write_bytes(b"\0" * 1000)
+    with tarfile.open(previous, "w:gz") as tar:
+        tar.add(tmp_path / "triton", arcname="triton")
     out = tmp_path / "check"
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), str(out), "--cpu",
-                          "--only", "serve,env", "--limit", "serve=0.5"], capture_output=True, text=True, timeout=600)
+                          "--only", "serve,env", "--limit", "serve=0.5", "--compile-cache", str(previous)],
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 1, run.stdout + run.stderr
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["sections"]["serve"]["status"] == "timed out"
@@ -110,6 +118,9 @@ def test_gpu_check_isolates_sections_and_summarises(tmp_path):
     markdown = (out / "gpu_check.md").read_text()
     assert "| serve | timed out |" in markdown and "| env | passed |" in markdown
     assert "===== env" in (out / "sections.log").read_text()
+    assert summary["compile_cache"]["restored_bytes"] == 1000 and "Compile caches: " in markdown
+    with tarfile.open(out / "compile-cache.tar.gz") as tar:
+        assert "triton/kernel.cubin" in tar.getnames()
 
 
 def test_the_chunk_profile_says_where_a_served_chunks_time_goes():
