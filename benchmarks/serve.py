@@ -490,11 +490,13 @@ def sampler_chunks(cfg) -> int:
 
 
 @torch.no_grad()
-def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: int, data: str | None) -> dict:
+def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: int, data: str | None,
+                compiled: bool = False) -> dict:
     """Closed-loop robots (denoise a chunk, write its real frames, again) through one DenoiseEngine: chunks per
     second and per-chunk p50/p99 (the engine's wait included) with every session's steps batched (max_batch =
-    sessions) vs one chunk at a time (max_batch 1), at the full non-Flash stack, eager; and the forward's own
-    ceiling for batching n sessions on this device (forward_ceiling)."""
+    sessions) vs one chunk at a time (max_batch 1), at the full non-Flash stack, eager or `compiled` (both engines
+    warmed up first, as `wam serve` does: CUDA graphs on CUDA); and the forward's own ceiling for batching n
+    sessions on this device (forward_ceiling)."""
     from wam.trainer.eval.heldout import held_out
     from wam.trainer.eval.rollouts import new_rollout
     from wam.trainer.inference import Denoiser
@@ -509,10 +511,13 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
     sampler = dataclasses.replace(BASELINE, guidance_batch=True, dit_cache="static", dit_passes=8)
     rows = {}
     for n in sessions:
-        rows[f"{n}_sessions_forward_ceiling"] = forward_ceiling(policy.model, cfg, sampler, heldout, windows, n, dev)
+        rows[f"{n}_sessions_forward_ceiling"] = forward_ceiling(policy.model, cfg, sampler, heldout, windows, n, dev,
+                                                                compiled)
         for mode, max_batch in (("batched", n), ("one_at_a_time", 1)):
-            engine = DenoiseEngine(Denoiser(policy.model), max_batch)
-            engine.start()
+            engine = DenoiseEngine(Denoiser(policy.model, compiled), max_batch)
+            engine.start(*(_started(new_rollout(policy.model, cfg, sampler, heldout), windows[0], dev)
+                           for _ in range(2 if compiled else 0)))
+            engine.ready.wait()
             latencies: list[float] = []
 
             def robot(i: int, engine=engine, latencies=latencies) -> None:
@@ -523,7 +528,7 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
                 for step in range(rounds * rollout.max_chunks + i % rollout.max_chunks):  # sessions out of phase
                     c = step % rollout.max_chunks
                     if c == 0:
-                        rollout.reset(w.latents[:, :, :1].to(dev), w.text.to(dev), _to(w.image, dev), _to(w.i2v, dev))
+                        _started(rollout, w, dev)
                     start = time.perf_counter()
                     engine.run(rollout.start(w.state[c][None].to(dev), generator))
                     _synced(dev)
@@ -556,7 +561,7 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
 
 @torch.no_grad()
 def forward_ceiling(model, cfg, sampler: SamplerSection, heldout, windows: list, n: int, device: torch.device,
-                    repeats: int = 20) -> float:
+                    compiled: bool = False, repeats: int = 20) -> float:
     """The most batching `n` sessions can give on this device: n x one session's denoising forward over one
     forward of all n sessions' rows (each at its first chunk). Near 1 when the forward is compute-bound, near n
     when it is bound by per-forward overhead (launches, Python); the engine's throughput ratio stays below it."""
@@ -566,10 +571,9 @@ def forward_ceiling(model, cfg, sampler: SamplerSection, heldout, windows: list,
     jobs = []
     for i in range(n):
         w = windows[i % len(windows)]
-        rollout = new_rollout(model, cfg, sampler, heldout)
-        rollout.reset(w.latents[:, :, :1].to(device), w.text.to(device), _to(w.image, device), _to(w.i2v, device))
+        rollout = _started(new_rollout(model, cfg, sampler, heldout), w, device)
         jobs.append(rollout.start(w.state[0][None].to(device), torch.Generator(device).manual_seed(i)))
-    denoiser, one, every = Denoiser(model), jobs[0].passes, [p for job in jobs for p in job.passes]
+    denoiser, one, every = Denoiser(model, compiled), jobs[0].passes, [p for job in jobs for p in job.passes]
     times: dict[int, list[float]] = {1: [], n: []}
     for repeat in range(-1, repeats):  # alternated, so a busy machine slows both alike; the first is a warm-up
         for count, passes in ((1, one), (n, every)):
@@ -596,6 +600,13 @@ def roofline_ms(cfg, sampler: SamplerSection, path: str, device: torch.device, s
 def _peak_gib(device: torch.device) -> float | None:
     """The device memory the row's tensors peaked at (model, caches, CUDA graph pools), on CUDA."""
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _started(rollout: ChunkRollout, window, device: torch.device) -> ChunkRollout:
+    """`rollout` at the start of a context window: the held-out window's first frame and prompt."""
+    w = window
+    rollout.reset(w.latents[:, :, :1].to(device), w.text.to(device), _to(w.image, device), _to(w.i2v, device))
+    return rollout
 
 
 def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

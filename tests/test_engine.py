@@ -12,6 +12,7 @@ import pytest
 import torch
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from prometheus_client import generate_latest
+from torch._dynamo.utils import counters
 
 from wam.platform.config import SamplerSection, load_config, resolve_preset
 from wam.platform.errors import ConfigError
@@ -133,9 +134,21 @@ def test_a_compiled_server_is_ready_only_after_its_warm_up_reports_its_engine_an
         assert meta["engine"] == {"max_batch": 2, "compiled": True, "cuda_graphs": False, "device": "cpu", "devices": 1,
                                   "max_sessions": 16, "session_memory_gib": runtime.session_bytes / 2**30}
         observations = synthetic_robot(runtime, seed=1)
+        compiled = counters["stats"]["unique_graphs"]
         replies = [client.infer(obs) for obs in observations]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
             metrics = r.read().decode()
+        # a session at its third chunk and one at its first, in one batch (keys padded, the dense mask)
+        ahead, behind = runtime.session(), runtime.session()
+        for obs in synthetic_robot(runtime, seed=2):
+            ahead.infer(obs)
+        behind.infer(synthetic_robot(runtime, seed=3, chunks=1)[0])
+        state = torch.zeros(1, runtime.policy.model.arch.state_dim)
+        jobs = [session.rollout.start(state) for session in (ahead, behind)]
+        for future in [runtime.engine.submit(job) for job in jobs]:  # the second joins at the first's next step
+            future.result()
+    assert [job.batch for job in jobs] == [2, 2] and jobs[0].rollout.next_chunk != jobs[1].rollout.next_chunk
+    assert counters["stats"]["unique_graphs"] == compiled  # every graph the robots needed was compiled in the warm-up
     assert ('wam_policy_engine_info{compiled="True",compute_path="fp32-dequantized",cuda_graphs="False",'
             'device="cpu",devices="1",max_batch="2"} 1.0') in metrics
     assert re.search(r'wam_policy_batch_chunks_bucket\{le="1.0"\} 3.0', metrics)

@@ -5,7 +5,8 @@ A session's request becomes a ChunkJob (its noise, solvers and DiT step cache). 
 sessions at different chunks, their KV caches padded to one length, a mask per row). A job that arrives joins
 at the next step; a finished one leaves at once and the oldest waiting job takes its place, so no session waits
 for a whole batch to drain. Compiled, the forward runs under torch.compile (CUDA graphs on CUDA), warmed up for
-every batch size and chunk position it will see before the engine reports ready.
+every batch size and chunk position it will see, sessions at one chunk and at different chunks, before the engine
+reports ready; the warm-up's sessions are then let go.
 """
 
 from __future__ import annotations
@@ -45,11 +46,15 @@ class DenoiseEngine:
         self.chunk_steps = 0
         self._waiting: deque[_Entry] = deque()
         self._wake = threading.Condition()
+        self._warmups: tuple[ChunkRollout | None, ChunkRollout | None] = (None, None)
 
-    def start(self, warmup: ChunkRollout | None = None) -> None:
+    def start(self, warmup: ChunkRollout | None = None, behind: ChunkRollout | None = None) -> None:
         """Start the engine's thread; with `warmup` (a rollout with a first frame) it first runs one step at every
-        batch size up to max_batch (compiling each) and only then sets `ready`."""
-        threading.Thread(target=self._loop, args=(warmup,), daemon=True, name="wam-engine").start()
+        batch size up to max_batch and chunk position (compiling each) and only then sets `ready`. `behind`: a
+        second such rollout, left at its first chunk, so that batches of sessions at different chunks (keys
+        padded, the dense mask: other compiled graphs) are compiled then too, not while robots wait."""
+        self._warmups = (warmup, behind)  # let go once warmed up, so their KV caches are freed
+        threading.Thread(target=self._loop, daemon=True, name="wam-engine").start()
 
     def fail(self, reason: str) -> None:
         """Stop serving: waiting and later chunks fail with `reason`."""
@@ -73,27 +78,34 @@ class DenoiseEngine:
         """Denoise `job` (blocks the calling session)."""
         return self.submit(job).result()
 
-    def _warm(self, rollout: ChunkRollout) -> None:
+    def _warm(self, rollout: ChunkRollout, behind: ChunkRollout | None) -> None:
         """One forward at each row count and chunk position the denoiser will see (the rollout observes blank
-        chunks to reach each position): compiling happens here, not for the first robot."""
+        chunks to reach each position), each also batched with a chunk of `behind` (at the first chunk):
+        compiling happens here, not for the first robot."""
         device = rollout.model.patch_embedding.weight.device
         state = torch.zeros(1, rollout.model.arch.state_dim, device=device)
         batches = sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)})
+        lagging = behind.start(state).passes if behind is not None else []
         started = time.perf_counter()
         while True:
             job = rollout.start(state)
             for chunks in batches:
                 self.denoiser(job.passes * chunks)
+                if lagging and chunks > 1 and rollout.next_chunk > 0:  # sessions at different chunks
+                    self.denoiser(lagging + job.passes * (chunks - 1))
             if rollout.next_chunk + 1 >= rollout.max_chunks:
                 break
             rollout.observe(torch.zeros_like(job.video[:1]))
-        log.info("engine warmed up for batches of up to %d chunks at %d chunk positions in %.1f s", self.max_batch,
-                 rollout.max_chunks, time.perf_counter() - started)
+        log.info("engine warmed up for batches of up to %d chunks at %d chunk positions%s in %.1f s", self.max_batch,
+                 rollout.max_chunks, " (sessions at one and at different chunks)" if lagging else "",
+                 time.perf_counter() - started)
 
-    def _loop(self, warmup: ChunkRollout | None) -> None:
+    def _loop(self) -> None:
+        (warmup, behind), self._warmups = self._warmups, (None, None)
         try:
             if warmup is not None:
-                self._warm(warmup)
+                self._warm(warmup, behind)
+            del warmup, behind
         except Exception as err:  # noqa: BLE001 - the server reports it unready with this reason
             log.exception("engine warm-up failed")
             self.fail(f"the engine's warm-up failed: {type(err).__name__}: {err}")

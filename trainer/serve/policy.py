@@ -142,11 +142,12 @@ class PolicyRuntime:
         if self.devices == 2:
             self.peer = self._guidance_peer()
             self.peer.on_lost(self.engine.fail)
-        warm = None
-        if self.compiled:  # a blank frame's window: the engine compiles on it before it reports ready
-            warm = self.session()
-            warm._start_window(torch.zeros(1, 3, 1, *self.canvas, dtype=torch.uint8), "warm-up")
-        self.engine.start(None if warm is None else warm.rollout)
+        warm = []
+        if self.compiled:  # blank frames' windows: the engine compiles on them before it reports ready
+            warm = [self.session() for _ in range(2 if self.max_batch > 1 else 1)]  # the second: sessions apart
+            for session in warm:
+                session._start_window(torch.zeros(1, 3, 1, *self.canvas, dtype=torch.uint8), "warm-up")
+        self.engine.start(*(session.rollout for session in warm))
 
     def _session_capacity(self, s: ServingSection) -> tuple[int, int]:
         """(bytes of one session's KV caches on this device, the sessions admitted): serving.max_sessions, fewer
