@@ -1,9 +1,10 @@
 """Every GPU claim of the platform, measured by one command. Measured on one H200 (2026-12-04, two leases): env 5 s,
 plan 46 s, engine 148-274 s, serve 63-75 s; pytest passed 11 of its 15 tests in 255 s (flex_attention and the
 Triton kernels compile cold on first use) and needs its full limit; attention, train and trainer not yet run
-there. The whole check outgrows one 10-minute command: run it as two, `--only env,engine,serve,plan` then
-`--only pytest,trainer,attention,train`, both with `--compile-cache` on the same file (the first command copies
-its OUT/compile-cache.tar.gz there), so that the second starts warm.
+there; the engine section now also runs the tiny and 512-wide models compiled (limit 480 s). The whole check
+outgrows one 10-minute command: run it as two, `--only env,engine,serve` then `--only pytest,plan,trainer,attention,
+train`, both with `--compile-cache` on the same file (the first command copies its OUT/compile-cache.tar.gz
+there), so that the second starts warm.
 
     python benchmarks/gpu_check.py OUT                  # on a GPU machine (`make gpu-bundle` prepares one
                                                         # that lacks this project's dependencies)
@@ -36,7 +37,7 @@ and the others still run.
   engine     the fast engine's ablation at the 14B block width, bf16 (benchmarks/serve.py --ablation: guidance
              batched / on two GPUs, DiT cache, compile + CUDA graphs, FP8 or NVFP4, Flash 1 step) and 1/4/8
              concurrent sessions batched vs one at a time; on a GPU also for the tiny preset and 3 blocks of
-             width 512, whose forwards leave the GPU mostly idle
+             width 512, whose forwards leave the GPU mostly idle, eager and compiled + CUDA graphs
 What a section needs and this machine lacks (no CUDA device, an older Triton, torchtitan's Trainer on an
 older torch) is found before anything runs and reported as skipped, with the reason.
 
@@ -80,7 +81,7 @@ SECTIONS = {s.name: s for s in (
     Section("attention", 150, ("triton", "flex"), "Triton vs flex vs SDPA at the 14B head layout"),
     Section("train", 150, ("triton", "flex", "titan-parallel"), "training step at the 14B block width"),
     Section("serve", 150, (), "chunk latency at the 14B block width, KV cache vs recompute"),
-    Section("engine", 400, (), "the fast engine's ablation and concurrency at the 14B block width"),
+    Section("engine", 480, (), "the fast engine's ablation and concurrency at the 14B block width"),
     Section("trainer", 120, ("titan-trainer",), "torchtitan's Trainer end to end on one GPU (wam train's process)"),
     Section("plan", 90, ("triton", "titan-trainer"), "wam plan's traced memory vs the allocator's peak"),
 )}
@@ -106,6 +107,10 @@ TARGETS = (  # (section, what, path into its result, minimum); from the platform
      ("concurrency_tiny", "8_sessions_throughput_ratio"), 4.0),
     ("engine", "8 sessions batched vs one at a time, 512 wide (throughput ratio)",
      ("concurrency_wide", "8_sessions_throughput_ratio"), 4.0),
+    ("engine", "8 sessions batched vs one at a time, tiny preset, compiled + CUDA graphs (throughput ratio)",
+     ("concurrency_tiny_compiled", "8_sessions_throughput_ratio"), 4.0),
+    ("engine", "8 sessions batched vs one at a time, 512 wide, compiled + CUDA graphs (throughput ratio)",
+     ("concurrency_wide_compiled", "8_sessions_throughput_ratio"), 4.0),
 )
 
 
@@ -360,11 +365,14 @@ def section_engine(cpu: bool, partial) -> dict:
         results = {"ablation": ablation(model, device, 2, 1, None, on_row=lambda rows: partial({"ablation": rows}))}
         partial(results)
         results["concurrency"] = concurrency(model, device, (1, 4, 8), 1, None)
-        # where one robot's forward leaves the GPU mostly idle (small models), batching robots is what gains
+        # where one robot's forward leaves the GPU mostly idle (small models), batching robots is what gains;
+        # eager, and compiled with CUDA graphs (which take the launches out of a lone robot's forward too)
         for name, overrides in () if cpu else (("tiny", []), ("wide", WIDE)):
-            partial(results)
-            results[f"concurrency_{name}"] = concurrency(random_model(Path(tmp) / name, overrides), device, (1, 4, 8),
-                                                         1, None)
+            small = random_model(Path(tmp) / name, overrides)
+            for compiled in (False, True):
+                partial(results)
+                results[f"concurrency_{name}{'_compiled' * compiled}"] = concurrency(small, device, (1, 4, 8), 1, None,
+                                                                                     compiled)
     return results
 
 
@@ -597,7 +605,9 @@ def _details(sections: dict) -> list[str]:
                              + (f"{bound:.1f} | {bound / r['p50_ms']:.0%} |" if bound else "— | — |")
                              + (f" {peak:.2f} |" if peak is not None else " — |"))
     for key, model in (("concurrency", "the ablation's model"), ("concurrency_tiny", "the tiny preset"),
-                       ("concurrency_wide", "3 blocks of width 512")):
+                       ("concurrency_tiny_compiled", "the tiny preset, compiled + CUDA graphs"),
+                       ("concurrency_wide", "3 blocks of width 512"),
+                       ("concurrency_wide_compiled", "3 blocks of width 512, compiled + CUDA graphs")):
         rows = engine.get(key, {})
         if not rows:
             continue
