@@ -18,11 +18,13 @@
    UniPC 16 steps, guidance sequential, eager, no DiT cache -> + guidance batched (and on two processes/devices)
    -> + DiT cache -> + compile (CUDA graphs on CUDA) -> + quantized compute -> + Flash 1 step), per-chunk p50/p99,
    speed-up over the baseline and the action deviation from the baseline's actions on held-out windows; and
-   1, 4 and 8 concurrent closed-loop sessions through the engine, batched vs one at a time. CPU: the tiny preset
-   and a model of 512-wide blocks; with CUDA: blocks of the 14B width (bf16).
+   1, 4 and 8 concurrent closed-loop sessions through the engine, batched vs one at a time, eager and compiled
+   (each engine warmed up first, as `wam serve` does). CPU: the tiny preset and a model of 512-wide blocks;
+   with CUDA: blocks of the 14B width (bf16).
 
     python benchmarks/serve.py [--quick] [--json out.json]
     python benchmarks/serve.py --ablation [--threads 1] [--model Q --data HELD_OUT] [--flash-model Q] [--json out.json]
+    python benchmarks/serve.py --concurrency [--threads 1]      # only the concurrent sessions, eager and compiled
 """
 
 from __future__ import annotations
@@ -337,12 +339,14 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4, help="--ablation: held-out windows")
     parser.add_argument("--repeats", type=int, default=3, help="--ablation: passes over the windows (tiny)")
     parser.add_argument("--rounds", type=int, default=2, help="--ablation: context windows per concurrent robot")
+    parser.add_argument("--concurrency", action="store_true", help="only the ablation's 1/4/8 concurrent sessions, "
+                        "eager and compiled, on the tiny preset (--model, or random weights)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (a shared machine: 1 keeps ratios stable)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.ablation:
-        results = run_ablation(args)
+    if args.ablation or args.concurrency:
+        results = run_concurrency(args) if args.concurrency else run_ablation(args)
         print(json.dumps(results, indent=1, default=str))
         if args.json:
             args.json.write_text(json.dumps(results, indent=1, default=str))
@@ -653,6 +657,14 @@ WIDE = ["model.dim=512", "model.num_heads=4", "model.ffn_dim=1536", "model.num_l
         "sample.latent_width=24", "sample.actions_per_chunk=24"]
 
 
+def run_concurrency(args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = args.model or random_model(Path(tmp) / "tiny", [])
+        return {f"cpu_tiny_concurrency{'_compiled' * compiled}": concurrency(uri, "cpu", (1, 4, 8), args.rounds,
+                                                                           args.data, compiled)
+                for compiled in (False, True)}
+
+
 def run_ablation(args) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -661,13 +673,17 @@ def run_ablation(args) -> dict:
         for name, (uri, data) in models.items():
             repeats = args.repeats if name == "cpu_tiny" else 1
             results[name] = ablation(uri, "cpu", args.windows, repeats, data)
-            results[f"{name}_concurrency"] = concurrency(uri, "cpu", (1, 4, 8), args.rounds, data)
+            for compiled in (False, True):
+                results[f"{name}_concurrency{'_compiled' * compiled}"] = concurrency(uri, "cpu", (1, 4, 8), args.rounds,
+                                                                                   data, compiled)
         if args.flash_model:
             results["cpu_tiny_flash"] = ablation(args.flash_model, "cpu", args.windows, args.repeats, args.data)
         if torch.cuda.is_available():
             uri = random_model(Path(tmp) / "gpu", ["model.preset=dreamzero-14b", f"model.num_layers={args.layers}"])
             results["cuda_14b_width"] = ablation(uri, "cuda", args.windows, args.repeats, None)
-            results["cuda_14b_width_concurrency"] = concurrency(uri, "cuda", (1, 4, 8), args.rounds, None)
+            for compiled in (False, True):
+                results[f"cuda_14b_width_concurrency{'_compiled' * compiled}"] = concurrency(
+                    uri, "cuda", (1, 4, 8), args.rounds, None, compiled)
             results["device"] = torch.cuda.get_device_name()
     return results
 
