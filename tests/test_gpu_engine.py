@@ -3,6 +3,7 @@ in CUDA graphs equal to eager, batched sessions equal to each alone on the GPU, 
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from wam.platform.errors import ConfigError
 from wam.trainer.inference import Denoiser
@@ -30,13 +31,15 @@ def test_cuda_graphs_and_batching_on_the_gpu_equal_eager_alone(quantized):
                 enumerate([0, 3, 1])]
     alone = [r.act(state, seeded_generator(i, "cuda")) for i, (r, state) in enumerate(sessions)]
     engine = DenoiseEngine(Denoiser(model, compiled=True), max_batch=3)  # reduce-overhead: CUDA graphs
-    warm = session_rollout((model, preset), GUIDED_SAMPLER, 9, 1, device="cuda")[0]
-    engine.start(warm)
+    warm, behind = (session_rollout((model, preset), GUIDED_SAMPLER, 9, 0, device="cuda")[0] for _ in range(2))
+    engine.start(warm, behind)  # as wam serve warms it: sessions at one chunk and at different chunks
     assert engine.ready.wait(600) and engine.failure is None
+    compiled = counters["stats"]["unique_graphs"]
     futures = [engine.submit(r.start(state, seeded_generator(i, "cuda"))) for i, (r, state) in enumerate(sessions)]
     for future, ref in zip(futures, alone, strict=True):
         chunk = future.result(timeout=300)
         assert relative(chunk.actions, ref.actions) < 3e-2 and relative(chunk.video, ref.video) < 3e-2
+    assert counters["stats"]["unique_graphs"] == compiled  # the sessions at different chunks were warmed up for
 
 
 def test_fp8_matmuls_are_chosen_on_hopper_and_close_to_bf16(quantized):
