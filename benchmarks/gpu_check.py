@@ -612,15 +612,18 @@ def _details(sections: dict) -> list[str]:
         if not rows:
             continue
         lines += ["", f"Concurrent sessions, batched over one at a time ({model}):", "",
-                  "| sessions | throughput | roofline's | p99 over a lone session's | peak GiB batched |",
-                  "|---|---|---|---|---|"]
+                  "| sessions | throughput | roofline's | p99 over a lone session's | peak GiB batched | engine host time "
+                  "batched: forwards / solver steps (share of wall) |", "|---|---|---|---|---|---|"]
         for n in (1, 4, 8):
             if f"{n}_sessions_throughput_ratio" in rows:
-                bound, peak = rows.get(f"{n}_sessions_roofline_gain"), rows[f"{n}_sessions_batched"].get("peak_gib")
+                batched = rows[f"{n}_sessions_batched"]
+                bound, peak = rows.get(f"{n}_sessions_roofline_gain"), batched.get("peak_gib")
                 lines.append(f"| {n} | {rows[f'{n}_sessions_throughput_ratio']:.2f}x | "
                              f"{'—' if bound is None else f'{bound:.2f}x'} | "
                              f"{rows[f'{n}_sessions_p99_over_lone_session']:.2f}x | "
-                             f"{'—' if peak is None else f'{peak:.2f}'} |")
+                             f"{'—' if peak is None else f'{peak:.2f}'} | "
+                             + (f"{batched['engine_forward_share']:.0%} / {batched['engine_solver_share']:.0%} |"
+                                if "engine_forward_share" in batched else "— |"))
     serve = sections.get("serve", {}).get("result", {})
     if serve:
         lines += ["", "Per-chunk denoising latency (last chunk of the context):", "",

@@ -551,7 +551,10 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
             wall = time.perf_counter() - start
             rows[f"{n}_sessions_{mode}"] = {"chunks_per_s": len(latencies) / wall, "p50_ms": statistics.median(latencies),
                                             "p99_ms": percentile(latencies, 0.99), "chunks": len(latencies),
-                                            "peak_gib": _peak_gib(dev)}
+                                            "peak_gib": _peak_gib(dev),
+                                            # the engine thread's host time (warm-up not included), shares of wall
+                                            "engine_forward_share": engine.forward_s / wall,
+                                            "engine_solver_share": engine.solver_s / wall}
         batched, alone = rows[f"{n}_sessions_batched"], rows[f"{n}_sessions_one_at_a_time"]
         rows[f"{n}_sessions_throughput_ratio"] = batched["chunks_per_s"] / alone["chunks_per_s"]
         print(f"{n} sessions: batched {batched['chunks_per_s']:.2f} chunks/s, one at a time "

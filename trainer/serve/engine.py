@@ -44,6 +44,9 @@ class DenoiseEngine:
         self.failure: str | None = None  # why the engine cannot serve, once it cannot
         self.forwards = 0  # batched forwards run, and the chunks they served (their mean batch)
         self.chunk_steps = 0
+        # the engine thread's own time in forwards and in the sessions' solver steps (host time: on a GPU it is
+        # launching, not the kernels; where launches bound a small model, it is where the time goes)
+        self.forward_s = self.solver_s = 0.0
         self._waiting: deque[_Entry] = deque()
         self._wake = threading.Condition()
         self._warmups: tuple[ChunkRollout | None, ChunkRollout | None] = (None, None)
@@ -129,6 +132,7 @@ class DenoiseEngine:
 
     def _step(self, active: list[_Entry]) -> list[_Entry]:
         """One denoising step of every active job in one forward; returns the jobs still denoising."""
+        started = time.perf_counter()
         try:
             outputs = self.denoiser([item for entry in active for item in entry.job.passes])
         except Exception as err:  # noqa: BLE001 - the sessions of this batch get the error, the engine goes on
@@ -139,6 +143,8 @@ class DenoiseEngine:
             return []
         self.forwards += bool(outputs)
         self.chunk_steps += len(active) if outputs else 0
+        solving = time.perf_counter()
+        self.forward_s += solving - started
         remaining, start = [], 0
         for entry in active:
             job, count = entry.job, len(entry.job.passes)
@@ -151,5 +157,6 @@ class DenoiseEngine:
                 entry.future.set_result(job.chunk())
             else:
                 remaining.append(entry)
+        self.solver_s += time.perf_counter() - solving
         return remaining
 
