@@ -357,12 +357,15 @@ def section_engine(cpu: bool, partial) -> dict:
     import tempfile
 
     sys.path.insert(0, str(BENCHMARKS))
-    from serve import WIDE, ablation, concurrency, random_model
+    from serve import WIDE, ablation, concurrency, random_model, solver_batching
 
     device = "cpu" if cpu else "cuda"
     with tempfile.TemporaryDirectory() as tmp:  # 2 blocks of the 14B width (random weights: speed only)
         model = random_model(Path(tmp), [] if cpu else ["model.preset=dreamzero-14b", "model.num_layers=2"])
         results = {"ablation": ablation(model, device, 2, 1, None, on_row=lambda rows: partial({"ablation": rows}))}
+        # 8 sessions' solver steps, batched vs one at a time (the engine batches them on CUDA)
+        results["solver_batching"] = {name: solver_batching(overrides, device) for name, overrides in (
+            ("tiny", []), ("14b", ["model.preset=dreamzero-14b", "model.num_layers=1"]))}
         partial(results)
         results["concurrency"] = concurrency(model, device, (1, 4, 8), 1, None)
         # where one robot's forward leaves the GPU mostly idle (small models), batching robots is what gains;
@@ -624,6 +627,10 @@ def _details(sections: dict) -> list[str]:
                              f"{'—' if peak is None else f'{peak:.2f}'} | "
                              + (f"{batched['engine_forward_share']:.0%} / {batched['engine_solver_share']:.0%} |"
                                 if "engine_forward_share" in batched else "— |"))
+    for name, r in engine.get("solver_batching", {}).items():
+        lines += ["", f"Solver steps of 8 sessions out of phase ({name} shapes), one engine step: batched "
+                  f"{r['batched']['p50_ms']:.3f} ms, one session at a time {r['one_at_a_time']['p50_ms']:.3f} ms "
+                  f"({r['speedup_p50']:.2f}x)"]
     serve = sections.get("serve", {}).get("result", {})
     if serve:
         lines += ["", "Per-chunk denoising latency (last chunk of the context):", "",

@@ -138,6 +138,50 @@ def sampler_latency(setup: LastChunk, device: str, repeats: int) -> dict:
     return rows
 
 
+@torch.no_grad()
+def solver_batching(overrides: list[str], device: str, sessions: int = 8, repeats: int = 50) -> dict:
+    """The serving engine's solver steps for `sessions` sessions out of phase (each at its own step of DreamZero's
+    16 UniPC steps, video and actions as a served chunk shapes them): batched (FlowUniPC.step_many) vs one
+    session at a time, p50/p99 ms per engine step (on CUDA the kernels' time included)."""
+    from wam.trainer.flow import FlowUniPC, unipc_schedule
+
+    preset = resolve_preset(load_config(None, overrides))
+    arch, s = preset.arch, preset.sample
+    shapes = ((1, arch.out_dim, s.frames_per_chunk, s.latent_height, s.latent_width),
+              (1, s.actions_per_chunk, arch.action_dim))
+    sigmas = unipc_schedule(16, 5.0).sigmas
+    steps = [2 + 13 * k // sessions for k in range(sessions)]  # spread over the steps a corrector runs at
+    rows = {}
+    for mode in ("batched", "one_at_a_time"):
+        def engine_step() -> None:
+            for shape in shapes:
+                solvers, samples = [], []
+                for i in steps:  # each solver with the history of a trajectory at step i
+                    solver = FlowUniPC(sigmas)
+                    solver.x0 = [torch.randn(shape, device=device) for _ in range(2)]
+                    solver.start, solver.order = torch.randn(shape, device=device), min(2, 16 - i + 1, i)
+                    solvers.append(solver)
+                    samples.append(torch.randn(shape, device=device))
+                velocities = [torch.randn(shape, device=device) for _ in steps]
+                _synced(torch.device(device))
+                start = time.perf_counter()
+                FlowUniPC.step_many(solvers, steps, velocities, samples, batched=mode == "batched")
+                _synced(torch.device(device))
+                engine_step.seconds += time.perf_counter() - start
+
+        times = []
+        for repeat in range(repeats + 2):
+            engine_step.seconds = 0.0
+            engine_step()
+            if repeat >= 2:
+                times.append(engine_step.seconds * 1000)
+        rows[mode] = {"p50_ms": statistics.median(times), "p99_ms": percentile(times, 0.99)}
+    rows["speedup_p50"] = rows["one_at_a_time"]["p50_ms"] / rows["batched"]["p50_ms"]
+    print(f"solver steps of {sessions} sessions: batched {rows['batched']['p50_ms']:.2f} ms, one at a time "
+          f"{rows['one_at_a_time']['p50_ms']:.2f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
 # how operators (CPU) and kernels (CUDA: cuBLAS's gemm/xmma/nvjet, SDPA's flash and fmha) are told apart
 ATTENTION_NAMES = ("attention", "flash", "fmha")
 MATMUL_NAMES = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "gemm", "xmma", "nvjet",
@@ -663,9 +707,12 @@ WIDE = ["model.dim=512", "model.num_heads=4", "model.ffn_dim=1536", "model.num_l
 def run_concurrency(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         uri = args.model or random_model(Path(tmp) / "tiny", [])
-        return {f"cpu_tiny_concurrency{'_compiled' * compiled}": concurrency(uri, "cpu", (1, 4, 8), args.rounds,
-                                                                           args.data, compiled)
-                for compiled in (False, True)}
+        return {"cpu_tiny_solver_batching": solver_batching([], "cpu"),
+                "cpu_14b_solver_batching": solver_batching(["model.preset=dreamzero-14b", "model.num_layers=1"], "cpu",
+                                                           repeats=10),
+                **{f"cpu_tiny_concurrency{'_compiled' * compiled}": concurrency(uri, "cpu", (1, 4, 8), args.rounds,
+                                                                             args.data, compiled)
+                   for compiled in (False, True)}}
 
 
 def run_ablation(args) -> dict:

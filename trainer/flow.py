@@ -265,6 +265,12 @@ class EulerSolver:
     def step(self, i: int, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         return euler_step(sample, velocity, self.sigmas[i].item(), self.sigmas[i + 1].item())
 
+    @staticmethod
+    def step_many(solvers: list[EulerSolver], steps: list[int], velocities: list[torch.Tensor],
+                  samples: list[torch.Tensor], batched: bool | None = None) -> list[torch.Tensor]:
+        """`step` of several trajectories (one fused op each already: nothing to gain from batching them)."""
+        return [s.step(i, v, x) for s, i, v, x in zip(solvers, steps, velocities, samples, strict=True)]
+
 
 class FlowUniPC:
     """UniPC multistep on flow-matching sigmas, as Wan2.1's FlowUniPCMultistepScheduler (DreamZero's sampler)
@@ -287,31 +293,107 @@ class FlowUniPC:
         x0 = sample - self.sigmas[i] * velocity
         if i > 0:
             sample = self._correct(i, x0)
+        self._taken(i, x0, sample)
+        return self._predict(i)
+
+    def _taken(self, i: int, x0: torch.Tensor, start: torch.Tensor) -> None:
         self.x0 = [*self.x0[-1:], x0]
         self.order = min(2, len(self.sigmas) - 1 - i, i + 1)
-        self.start = sample
-        return self._predict(i)
+        self.start = start
+
+    @staticmethod
+    def step_many(solvers: list[FlowUniPC], steps: list[int], velocities: list[torch.Tensor],
+                  samples: list[torch.Tensor], batched: bool | None = None) -> list[torch.Tensor]:
+        """`step` of several trajectories on one schedule, each at its own step with its own history (sessions
+        batched by the serving engine). `batched` (default: on CUDA) runs one set of elementwise ops over all
+        their rows instead of a set per trajectory, each row's coefficients gathered from the schedule's table:
+        on a GPU every op of a session's step is a kernel launch on a few hundred KB, so launches are what a step
+        costs; on a CPU batching saves Python's overhead but adds copies and broadcast operands, a loss at the
+        14B's shapes (`benchmarks/serve.py --concurrency`). Each row's arithmetic is `step`'s, in the same
+        order, so a float32 trajectory gets the same bits either way."""
+        first = solvers[0]
+        if batched is None:
+            batched = samples[0].is_cuda
+        if not batched or len(solvers) == 1 or any(s._scalars is not first._scalars for s in solvers[1:]):
+            return [s.step(i, v, x) for s, i, v, x in zip(solvers, steps, velocities, samples, strict=True)]
+        rows = [x.shape[0] for x in samples]
+        sample = torch.cat(samples)
+        velocity = torch.cat(velocities).to(sample.dtype)
+        index = torch.repeat_interleave(torch.tensor(steps), torch.tensor(rows)).to(sample.device)
+        table = first._table(sample.device)[index]  # (rows, columns)
+        c = dict(zip(_TABLE_COLUMNS, table.view(*table.shape, *[1] * (sample.dim() - 1)).unbind(1), strict=True))
+
+        def history(get) -> torch.Tensor:  # placeholders where a trajectory has none yet (branches not taken)
+            return torch.cat([get(s) if get(s) is not None else torch.zeros_like(x)
+                              for s, x in zip(solvers, samples, strict=True)])
+
+        start = history(lambda s: s.start)
+        p1, p2 = history(lambda s: s.x0[-1] if s.x0 else None), history(lambda s: s.x0[-2] if len(s.x0) > 1 else None)
+        x0 = sample - c["sigma"] * velocity
+        # _correct: the last predictor redone with x0 (order 1 or 2), on every step after the first
+        x = c["ratio_c"] * start - c["alpha_b_h_c"] * p1
+        d_t = x0 - p1
+        second = x - c["alpha_b_h_c"] * (c["rho_1"] * ((p2 - p1) / c["rk_c"]) + c["rho_t"] * d_t)
+        corrected = torch.where(c["second_c"] > 0, second, x - c["c1"] * d_t)
+        sample = torch.where(c["corrects"] > 0, corrected, sample)
+        # _predict from the corrected sample and the new x0 (order 1 or 2)
+        x = c["ratio_p"] * sample - c["alpha_b_h_p"] * x0
+        out = torch.where(c["second_p"] > 0, x - c["coef_p"] * (p1 - x0) / c["rk_p"], x)
+        for solver, i, x0_rows, start_rows in zip(solvers, steps, x0.split(rows), sample.split(rows), strict=True):
+            solver._taken(i, x0_rows, start_rows)
+        return list(out.split(rows))
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """(steps, len(_TABLE_COLUMNS)) float32 on `device`: each step's scalars (the very ones `step` uses) and
+        branches, for step_many; built once per schedule and device."""
+        def build() -> tuple[torch.Tensor]:
+            rows, last = [], len(self.sigmas) - 1
+            for i in range(last):
+                order, previous = min(2, last - i, i + 1), min(2, last - i + 1, i)
+                row = dict.fromkeys(_TABLE_COLUMNS, torch.ones(()))
+                row["sigma"], row["corrects"] = self.sigmas[i], torch.tensor(float(i > 0))
+                if i > 0:
+                    row["ratio_c"], row["alpha_b_h_c"], b_h = self._memo(("base", i - 1, i), self._base_scalars(i - 1, i))
+                    row["second_c"] = torch.tensor(float(previous == 2))
+                    if previous == 1:
+                        (row["c1"],) = self._memo(("correct-1", i), self._correct1_scalars(i, b_h))
+                    else:
+                        _, row["rho_1"], row["rho_t"], row["rk_c"] = self._memo(("correct-2", i),
+                                                                                self._correct2_scalars(i, b_h))
+                row["ratio_p"], row["alpha_b_h_p"], b_h = self._memo(("base", i, i + 1), self._base_scalars(i, i + 1))
+                row["second_p"] = torch.tensor(float(order == 2))
+                if order == 2:
+                    row["coef_p"], row["rk_p"] = self._memo(("predict", i), self._predict_scalars(i, b_h))
+                rows.append(torch.stack([row[k].float() for k in _TABLE_COLUMNS]))
+            return (torch.stack(rows).to(device),)
+
+        return self._memo(("table", str(device)), build)[0]
 
     def _memo(self, key: tuple, compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
         if key not in self._scalars:
             self._scalars[key] = compute()
         return self._scalars[key]
 
-    def _base(self, s: int, t: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first-order update from level s to t, and B(h) (its step size in x0 units)."""
+    def _base_scalars(self, s: int, t: int) -> Callable[[], tuple[torch.Tensor, ...]]:
         def scalars() -> tuple[torch.Tensor, ...]:
             b_h = torch.expm1(self.lambdas[s] - self.lambdas[t])
             return self.sigmas[t] / self.sigmas[s], self.alphas[t] * b_h, b_h
+        return scalars
 
-        ratio, alpha_b_h, b_h = self._memo(("base", s, t), scalars)
+    def _base(self, s: int, t: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first-order update from level s to t, and B(h) (its step size in x0 units)."""
+        ratio, alpha_b_h, b_h = self._memo(("base", s, t), self._base_scalars(s, t))
         return ratio * x - alpha_b_h * self.x0[-1], b_h
+
+    def _predict_scalars(self, i: int, b_h: torch.Tensor) -> Callable[[], tuple[torch.Tensor, ...]]:
+        return lambda: (self.alphas[i + 1] * b_h * 0.5,
+                        (self.lambdas[i - 1] - self.lambdas[i]) / (self.lambdas[i + 1] - self.lambdas[i]))
 
     def _predict(self, i: int) -> torch.Tensor:
         x, b_h = self._base(i, i + 1, self.start)
         if self.order == 1:
             return x
-        coefficient, rk = self._memo(("predict", i), lambda: (
-            self.alphas[i + 1] * b_h * 0.5, (self.lambdas[i - 1] - self.lambdas[i]) / (self.lambdas[i + 1] - self.lambdas[i])))
+        coefficient, rk = self._memo(("predict", i), self._predict_scalars(i, b_h))
         return x - coefficient * (self.x0[-2] - self.x0[-1]) / rk
 
     def _correct(self, i: int, x0: torch.Tensor) -> torch.Tensor:
@@ -319,9 +401,17 @@ class FlowUniPC:
         x, b_h = self._base(i - 1, i, self.start)
         d_t = x0 - self.x0[-1]
         if self.order == 1:
-            (coefficient,) = self._memo(("correct-1", i), lambda: (self.alphas[i] * b_h * 0.5,))
+            (coefficient,) = self._memo(("correct-1", i), self._correct1_scalars(i, b_h))
             return x - coefficient * d_t
 
+        alpha_b_h, rho_1, rho_t, rk = self._memo(("correct-2", i), self._correct2_scalars(i, b_h))
+        d_1 = (self.x0[-2] - self.x0[-1]) / rk
+        return x - alpha_b_h * (rho_1 * d_1 + rho_t * d_t)
+
+    def _correct1_scalars(self, i: int, b_h: torch.Tensor) -> Callable[[], tuple[torch.Tensor, ...]]:
+        return lambda: (self.alphas[i] * b_h * 0.5,)
+
+    def _correct2_scalars(self, i: int, b_h: torch.Tensor) -> Callable[[], tuple[torch.Tensor, ...]]:
         def scalars() -> tuple[torch.Tensor, ...]:
             hh = self.lambdas[i - 1] - self.lambdas[i]  # -h
             rk = (self.lambdas[i - 2] - self.lambdas[i - 1]) / -hh
@@ -330,10 +420,13 @@ class FlowUniPC:
             b = torch.stack([phi_2 / b_h, 2 * (phi_2 / hh - 0.5) / b_h])
             rho = torch.linalg.solve(torch.stack([torch.ones(2), torch.stack([rk, torch.ones(())])]), b)
             return self.alphas[i] * b_h, rho[0], rho[1], rk
+        return scalars
 
-        alpha_b_h, rho_1, rho_t, rk = self._memo(("correct-2", i), scalars)
-        d_1 = (self.x0[-2] - self.x0[-1]) / rk
-        return x - alpha_b_h * (rho_1 * d_1 + rho_t * d_t)
+
+# FlowUniPC.step_many's table: per step, its sigma, whether it corrects, the correction's scalars and order, the
+# prediction's scalars and order (1 where a scalar's branch is not taken)
+_TABLE_COLUMNS = ("sigma", "corrects", "ratio_c", "alpha_b_h_c", "second_c", "c1", "rho_1", "rho_t", "rk_c",
+                  "ratio_p", "alpha_b_h_p", "second_p", "coef_p", "rk_p")
 
 
 @functools.lru_cache(maxsize=64)

@@ -112,6 +112,10 @@ class ChunkJob:
 
     def advance(self, outputs: list[WamOutputs]) -> None:
         """Take the step with the outputs of `passes` (in order)."""
+        advance_jobs([self], [outputs])
+
+    def _take(self, outputs: list[WamOutputs]) -> None:
+        """This step's velocities: the outputs of `passes` (guided), or the last ones where the DiT cache skips."""
         if self.passes:
             if len(outputs) == 1 and self.rollout._batched():
                 outputs = [WamOutputs(v, a) for v, a in zip(outputs[0].video.chunk(2), outputs[0].actions.chunk(2),
@@ -124,14 +128,26 @@ class ChunkJob:
                                    guide(outputs[0].actions, outputs[1].actions, s.action_guidance))
             self.step_cache.computed(self.velocities[0])
             self.dit_steps += 1
-        self.video = self.video_solver.step(self.step, self.velocities[0], self.video)
-        self.actions = self.action_solver.step(self.step, self.velocities[1], self.actions)
-        self.step += 1
-        self.passes = self._passes()
 
     def chunk(self) -> Chunk:
         return Chunk(self.video, self.actions, self.dit_steps, self.dit_steps * len(self.rollout.caches), self.queue_s,
                      self.batch)
+
+
+def advance_jobs(jobs: list[ChunkJob], outputs: list[list[WamOutputs]]) -> None:
+    """One step of every job, each with the outputs of its passes; their solvers' steps through step_many (on
+    CUDA one set of elementwise ops for all of them, not one per session; each job's arithmetic as alone)."""
+    for job, job_outputs in zip(jobs, outputs, strict=True):
+        job._take(job_outputs)
+    for solver, state, velocity in (("video_solver", "video", 0), ("action_solver", "actions", 1)):
+        solvers = [getattr(job, solver) for job in jobs]
+        stepped = type(solvers[0]).step_many(solvers, [job.step for job in jobs],
+                                             [job.velocities[velocity] for job in jobs], [getattr(job, state) for job in jobs])
+        for job, value in zip(jobs, stepped, strict=True):
+            setattr(job, state, value)
+    for job in jobs:
+        job.step += 1
+        job.passes = job._passes()
 
 
 class ChunkRollout:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from wam.trainer.guidance_peer import PeerLost
-from wam.trainer.inference import Chunk, ChunkJob, ChunkRollout, Denoiser
+from wam.trainer.inference import Chunk, ChunkJob, ChunkRollout, Denoiser, advance_jobs
 
 log = logging.getLogger("wam.serve")
 
@@ -145,16 +145,20 @@ class DenoiseEngine:
         self.chunk_steps += len(active) if outputs else 0
         solving = time.perf_counter()
         self.forward_s += solving - started
-        remaining, start = [], 0
-        for entry in active:
-            job, count = entry.job, len(entry.job.passes)
+        jobs, per_job, start = [entry.job for entry in active], [], 0
+        for job in jobs:
             job.batch = max(job.batch, len(active))
-            job.advance(outputs[start:start + count])
-            start += count
-            while job.passes == [] and not job.done:  # steps the DiT cache skips need no forward: take them now,
-                job.advance([])  # so sessions out of phase still meet in every forward (and a chunk ends sooner)
-            if job.done:
-                entry.future.set_result(job.chunk())
+            per_job.append(outputs[start:start + len(job.passes)])
+            start += len(job.passes)
+        advance_jobs(jobs, per_job)  # every session's solver step in one go
+        # steps the DiT cache skips need no forward: take them now, so sessions out of phase still meet in every
+        # forward (and a chunk ends sooner)
+        while skipping := [job for job in jobs if job.passes == [] and not job.done]:
+            advance_jobs(skipping, [[] for _ in skipping])
+        remaining = []
+        for entry in active:
+            if entry.job.done:
+                entry.future.set_result(entry.job.chunk())
             else:
                 remaining.append(entry)
         self.solver_s += time.perf_counter() - solving
