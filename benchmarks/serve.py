@@ -151,31 +151,31 @@ def solver_batching(overrides: list[str], device: str, sessions: int = 8, repeat
               (1, s.actions_per_chunk, arch.action_dim))
     sigmas = unipc_schedule(16, 5.0).sigmas
     steps = [2 + 13 * k // sessions for k in range(sessions)]  # spread over the steps a corrector runs at
-    rows = {}
-    for mode in ("batched", "one_at_a_time"):
-        def engine_step() -> None:
-            for shape in shapes:
-                solvers, samples = [], []
-                for i in steps:  # each solver with the history of a trajectory at step i
-                    solver = FlowUniPC(sigmas)
-                    solver.x0 = [torch.randn(shape, device=device) for _ in range(2)]
-                    solver.start, solver.order = torch.randn(shape, device=device), min(2, 16 - i + 1, i)
-                    solvers.append(solver)
-                    samples.append(torch.randn(shape, device=device))
-                velocities = [torch.randn(shape, device=device) for _ in steps]
-                _synced(torch.device(device))
-                start = time.perf_counter()
-                FlowUniPC.step_many(solvers, steps, velocities, samples, batched=mode == "batched")
-                _synced(torch.device(device))
-                engine_step.seconds += time.perf_counter() - start
+    def engine_step(batched: bool) -> float:
+        """Milliseconds of one engine step's solver steps, every solver with a trajectory's history at its step."""
+        seconds = 0.0
+        for shape in shapes:
+            solvers = []
+            for i in steps:
+                solver = FlowUniPC(sigmas)
+                solver.x0 = [torch.randn(shape, device=device) for _ in range(2)]
+                solver.start, solver.order = torch.randn(shape, device=device), min(2, 16 - i + 1, i)
+                solvers.append(solver)
+            samples, velocities = ([torch.randn(shape, device=device) for _ in steps] for _ in range(2))
+            _synced(torch.device(device))
+            start = time.perf_counter()
+            FlowUniPC.step_many(solvers, steps, velocities, samples, batched=batched)
+            _synced(torch.device(device))
+            seconds += time.perf_counter() - start
+        return seconds * 1000
 
-        times = []
-        for repeat in range(repeats + 2):
-            engine_step.seconds = 0.0
-            engine_step()
+    times: dict[str, list[float]] = {"batched": [], "one_at_a_time": []}
+    for repeat in range(repeats + 2):  # alternated, so a busy machine slows both alike; two warm-ups
+        for mode in times:
+            ms = engine_step(mode == "batched")
             if repeat >= 2:
-                times.append(engine_step.seconds * 1000)
-        rows[mode] = {"p50_ms": statistics.median(times), "p99_ms": percentile(times, 0.99)}
+                times[mode].append(ms)
+    rows = {mode: {"p50_ms": statistics.median(t), "p99_ms": percentile(t, 0.99)} for mode, t in times.items()}
     rows["speedup_p50"] = rows["one_at_a_time"]["p50_ms"] / rows["batched"]["p50_ms"]
     print(f"solver steps of {sessions} sessions: batched {rows['batched']['p50_ms']:.2f} ms, one at a time "
           f"{rows['one_at_a_time']['p50_ms']:.2f} ms", file=sys.stderr, flush=True)
