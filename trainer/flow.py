@@ -324,8 +324,8 @@ class FlowUniPC:
         c = dict(zip(_TABLE_COLUMNS, table.view(*table.shape, *[1] * (sample.dim() - 1)).unbind(1), strict=True))
 
         def history(get) -> torch.Tensor:  # placeholders where a trajectory has none yet (branches not taken)
-            return torch.cat([get(s) if get(s) is not None else torch.zeros_like(x)
-                              for s, x in zip(solvers, samples, strict=True)])
+            parts = [get(s) for s in solvers]
+            return torch.cat([torch.zeros_like(x) if p is None else p for p, x in zip(parts, samples, strict=True)])
 
         start = history(lambda s: s.start)
         p1, p2 = history(lambda s: s.x0[-1] if s.x0 else None), history(lambda s: s.x0[-2] if len(s.x0) > 1 else None)
