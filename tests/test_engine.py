@@ -3,6 +3,7 @@ equal to serving it alone, oldest first, a finished chunk's place taken at the n
 equal to the eager one through a real server, and what the server reports about it."""
 
 import dataclasses
+import gc
 import re
 import urllib.error
 import urllib.request
@@ -18,6 +19,7 @@ from wam.platform.config import SamplerSection, load_config, resolve_preset
 from wam.platform.errors import ConfigError
 from wam.trainer.inference import Denoiser
 from wam.trainer.model import WamInputs
+from wam.trainer.model.kv_cache import KVCache
 from wam.trainer.model.model import Prediction
 from wam.trainer.quantize.load import choose_path, compute_path, load_quantized
 from wam.trainer.serve.engine import DenoiseEngine
@@ -102,6 +104,11 @@ def quantized(tmp_path_factory):
     return quantized_synthetic_model(tmp_path_factory.mktemp("engine"), "engine")[0]
 
 
+def kv_caches_alive() -> int:
+    gc.collect()
+    return sum(type(o) is KVCache for o in gc.get_objects())  # type(): no deprecated proxy is touched
+
+
 def synthetic_robot(runtime, seed: int, chunks: int = 3) -> list[dict]:
     rng = np.random.default_rng(seed)
     meta = runtime.metadata()
@@ -114,6 +121,7 @@ def synthetic_robot(runtime, seed: int, chunks: int = 3) -> list[dict]:
 
 def test_a_compiled_server_is_ready_only_after_its_warm_up_reports_its_engine_and_equals_eager(quantized):
     # guided (two rows a chunk) at DreamZero's sampler, compiled for one and two chunks; warms up in its thread
+    caches_before = kv_caches_alive()
     runtime = PolicyRuntime(load_quantized(quantized), sampler="dreamzero", compile="on", max_batch=2)
     server = PolicyServer(runtime)
     seen = []
@@ -129,6 +137,7 @@ def test_a_compiled_server_is_ready_only_after_its_warm_up_reports_its_engine_an
         wait_for(ready, timeout=300)
         assert all(ok or (status, text) == (503, "warming up: compiling the denoising step\n")
                    for status, ok, text in seen) and seen[-1][1]
+        assert kv_caches_alive() == caches_before  # the warm-up's sessions let go: their device memory is free
         client = WebsocketClientPolicy(f"ws://127.0.0.1:{port}")
         meta = client.get_server_metadata()
         assert meta["engine"] == {"max_batch": 2, "compiled": True, "cuda_graphs": False, "device": "cpu", "devices": 1,
