@@ -357,15 +357,14 @@ def section_engine(cpu: bool, partial) -> dict:
     import tempfile
 
     sys.path.insert(0, str(BENCHMARKS))
-    from serve import WIDE, ablation, concurrency, random_model, solver_batching
+    from serve import SOLVER_SHAPES, WIDE, ablation, concurrency, random_model, solver_batching
 
     device = "cpu" if cpu else "cuda"
     with tempfile.TemporaryDirectory() as tmp:  # 2 blocks of the 14B width (random weights: speed only)
         model = random_model(Path(tmp), [] if cpu else ["model.preset=dreamzero-14b", "model.num_layers=2"])
         results = {"ablation": ablation(model, device, 2, 1, None, on_row=lambda rows: partial({"ablation": rows}))}
         # 8 sessions' solver steps, batched vs one at a time (the engine batches them on CUDA)
-        results["solver_batching"] = {name: solver_batching(overrides, device) for name, overrides in (
-            ("tiny", []), ("14b", ["model.preset=dreamzero-14b", "model.num_layers=1"]))}
+        results["solver_batching"] = {name: solver_batching(overrides, device) for name, overrides in SOLVER_SHAPES}
         partial(results)
         results["concurrency"] = concurrency(model, device, (1, 4, 8), 1, None)
         # where one robot's forward leaves the GPU mostly idle (small models), batching robots is what gains;

@@ -653,9 +653,8 @@ def _peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def _started(rollout: ChunkRollout, window, device: torch.device) -> ChunkRollout:
-    """`rollout` at the start of a context window: the held-out window's first frame and prompt."""
-    w = window
+def _started(rollout: ChunkRollout, w, device: torch.device) -> ChunkRollout:
+    """`rollout` at the start of a context window: the held-out window `w`'s first frame and prompt."""
     rollout.reset(w.latents[:, :, :1].to(device), w.text.to(device), _to(w.image, device), _to(w.i2v, device))
     return rollout
 
@@ -704,15 +703,22 @@ WIDE = ["model.dim=512", "model.num_heads=4", "model.ffn_dim=1536", "model.num_l
         "sample.latent_width=24", "sample.actions_per_chunk=24"]
 
 
+# the shapes solver_batching is measured at: the tiny preset's and the 14B's (one block: only its shapes are read)
+SOLVER_SHAPES = (("tiny", []), ("14b", ["model.preset=dreamzero-14b", "model.num_layers=1"]))
+
+
+def both_engines(name: str, model_uri: str, device: str, rounds: int, data: str | None) -> dict:
+    """`concurrency` through the eager and the compiled engine: {name: eager rows, name_compiled: compiled rows}."""
+    return {f"{name}{'_compiled' * compiled}": concurrency(model_uri, device, (1, 4, 8), rounds, data, compiled)
+            for compiled in (False, True)}
+
+
 def run_concurrency(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         uri = args.model or random_model(Path(tmp) / "tiny", [])
-        return {"cpu_tiny_solver_batching": solver_batching([], "cpu"),
-                "cpu_14b_solver_batching": solver_batching(["model.preset=dreamzero-14b", "model.num_layers=1"], "cpu",
-                                                           repeats=10),
-                **{f"cpu_tiny_concurrency{'_compiled' * compiled}": concurrency(uri, "cpu", (1, 4, 8), args.rounds,
-                                                                             args.data, compiled)
-                   for compiled in (False, True)}}
+        return {**{f"cpu_{name}_solver_batching": solver_batching(overrides, "cpu", repeats=50 if name == "tiny" else 10)
+                   for name, overrides in SOLVER_SHAPES},
+                **both_engines("cpu_tiny_concurrency", uri, "cpu", args.rounds, args.data)}
 
 
 def run_ablation(args) -> dict:
@@ -723,17 +729,13 @@ def run_ablation(args) -> dict:
         for name, (uri, data) in models.items():
             repeats = args.repeats if name == "cpu_tiny" else 1
             results[name] = ablation(uri, "cpu", args.windows, repeats, data)
-            for compiled in (False, True):
-                results[f"{name}_concurrency{'_compiled' * compiled}"] = concurrency(uri, "cpu", (1, 4, 8), args.rounds,
-                                                                                   data, compiled)
+            results |= both_engines(f"{name}_concurrency", uri, "cpu", args.rounds, data)
         if args.flash_model:
             results["cpu_tiny_flash"] = ablation(args.flash_model, "cpu", args.windows, args.repeats, args.data)
         if torch.cuda.is_available():
             uri = random_model(Path(tmp) / "gpu", ["model.preset=dreamzero-14b", f"model.num_layers={args.layers}"])
             results["cuda_14b_width"] = ablation(uri, "cuda", args.windows, args.repeats, None)
-            for compiled in (False, True):
-                results[f"cuda_14b_width_concurrency{'_compiled' * compiled}"] = concurrency(
-                    uri, "cuda", (1, 4, 8), args.rounds, None, compiled)
+            results |= both_engines("cuda_14b_width_concurrency", uri, "cuda", args.rounds, None)
             results["device"] = torch.cuda.get_device_name()
     return results
 

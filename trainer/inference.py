@@ -139,13 +139,13 @@ def advance_jobs(jobs: list[ChunkJob], outputs: list[list[WamOutputs]]) -> None:
     CUDA one set of elementwise ops for all of them, not one per session; each job's arithmetic as alone)."""
     for job, job_outputs in zip(jobs, outputs, strict=True):
         job._take(job_outputs)
-    for solver, state, velocity in (("video_solver", "video", 0), ("action_solver", "actions", 1)):
-        solvers = [getattr(job, solver) for job in jobs]
-        stepped = type(solvers[0]).step_many(solvers, [job.step for job in jobs],
-                                             [job.velocities[velocity] for job in jobs], [getattr(job, state) for job in jobs])
-        for job, value in zip(jobs, stepped, strict=True):
-            setattr(job, state, value)
-    for job in jobs:
+    steps, step_many = [job.step for job in jobs], type(jobs[0].video_solver).step_many
+    videos = step_many([job.video_solver for job in jobs], steps, [job.velocities[0] for job in jobs],
+                       [job.video for job in jobs])
+    actions = step_many([job.action_solver for job in jobs], steps, [job.velocities[1] for job in jobs],
+                        [job.actions for job in jobs])
+    for job, video, action in zip(jobs, videos, actions, strict=True):
+        job.video, job.actions = video, action
         job.step += 1
         job.passes = job._passes()
 
