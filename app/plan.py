@@ -101,7 +101,7 @@ def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float = 15.0) -> 
     compiled = cfg.serving.compile != "off"  # as wam serve decides on a GPU: compiled, with CUDA graphs
     per_session = kv_cache_bytes(arch, sample, load.rows)
     fits = sessions_that_fit(HEADROOM * acc.memory_gib * GIB - fixed, per_session, max_batch=cfg.serving.max_batch,
-                             compiled=compiled, cuda_graphs=compiled)
+                             compiled=compiled, blocks=arch.num_layers)
     paths = [compute] + ([] if compute == "bf16-dequantized" else ["bf16-dequantized"])
     sessions = sorted({*SERVING_SESSIONS, cfg.serving.max_batch})
     rows = []
@@ -150,8 +150,8 @@ def show_serving(result: dict) -> None:
     m = r["memory_gib"]
     console.print(f"memory: weights {m['weights']:.1f} GiB, frozen encoders {m['frozen_encoders']:.1f} GiB, "
                   f"KV cache {m['per_session']:.2f} GiB per session"
-                  + (" (compiled: a batch's caches are copied padded, and into the CUDA graphs' pool; "
-                     "serving.compile off saves both)" if r["compiled"] else "")
+                  + (" (compiled: all in one pool, and a block's share of a batch gathered per forward)"
+                     if r["compiled"] else "")
                   + f": {r['sessions_that_fit']} sessions fit ({HEADROOM:.0%} of {r['device_gib']:g} GiB)"
                   + ("" if r["sessions_that_fit"] >= r["max_batch"] else
                      f"; serving.max_batch {r['max_batch']} does NOT fit"))

@@ -521,10 +521,10 @@ def _ablation_row(model, cfg, sampler: SamplerSection, heldout, windows: list, d
     from wam.trainer.guidance_peer import GuidancePeer
     from wam.trainer.inference import Denoiser
 
-    rollout = new_rollout(model, cfg, sampler, heldout)
-    rollout.denoiser = Denoiser(model, compiled)
+    rows = rows_per_device(sampler, 1 if peer is None else 2)
+    rollout = new_rollout(model, cfg, sampler, heldout, Denoiser(model, compiled, rows))
     if peer is not None:
-        rollout.peer = GuidancePeer.spawn(peer[0], device, peer[1], path, compiled)
+        rollout.peer = GuidancePeer.spawn(peer[0], device, peer[1], path, compiled, rows)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ms, actions = _chunks(rollout, windows, device, repeats)
@@ -562,15 +562,16 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
         rows[f"{n}_sessions_forward_ceiling"] = forward_ceiling(policy.model, cfg, sampler, heldout, windows, n, dev,
                                                                 compiled)
         for mode, max_batch in (("batched", n), ("one_at_a_time", 1)):
-            engine = DenoiseEngine(Denoiser(policy.model, compiled), max_batch)
-            engine.start(*(_started(new_rollout(policy.model, cfg, sampler, heldout), windows[0], dev)
+            denoiser = Denoiser(policy.model, compiled, n * rows_per_device(sampler, 1))
+            engine = DenoiseEngine(denoiser, max_batch)
+            engine.start(*(_started(new_rollout(policy.model, cfg, sampler, heldout, denoiser), windows[0], dev)
                            for _ in range(2 if compiled else 0)))
             engine.ready.wait()
             latencies: list[float] = []
 
             def robot(i: int, engine=engine, latencies=latencies) -> None:
                 w = windows[i % len(windows)]
-                rollout = new_rollout(policy.model, cfg, sampler, heldout)
+                rollout = new_rollout(policy.model, cfg, sampler, heldout, engine.denoiser)
                 generator = torch.Generator(dev).manual_seed(i)
                 f = rollout.frames_per_chunk
                 for step in range(rounds * rollout.max_chunks + i % rollout.max_chunks):  # sessions out of phase
@@ -619,12 +620,12 @@ def forward_ceiling(model, cfg, sampler: SamplerSection, heldout, windows: list,
     from wam.trainer.eval.rollouts import new_rollout
     from wam.trainer.inference import Denoiser
 
-    jobs = []
+    denoiser, jobs = Denoiser(model, compiled, n * rows_per_device(sampler, 1)), []
     for i in range(n):
         w = windows[i % len(windows)]
-        rollout = _started(new_rollout(model, cfg, sampler, heldout), w, device)
+        rollout = _started(new_rollout(model, cfg, sampler, heldout, denoiser), w, device)
         jobs.append(rollout.start(w.state[0][None].to(device), torch.Generator(device).manual_seed(i)))
-    denoiser, one, every = Denoiser(model, compiled), jobs[0].passes, [p for job in jobs for p in job.passes]
+    one, every = jobs[0].passes, [p for job in jobs for p in job.passes]
     times: dict[int, list[float]] = {1: [], n: []}
     for repeat in range(-1, repeats):  # alternated, so a busy machine slows both alike; the first is a warm-up
         for count, passes in ((1, one), (n, every)):

@@ -103,15 +103,14 @@ def kv_cache_bytes(a: WamArch, s: SampleShape, rows: int, element_bytes: int = K
 
 
 def sessions_that_fit(budget: float, cache_bytes: int, *, max_batch: int, compiled: bool = False,
-                      cuda_graphs: bool = False, limit: int = 4096) -> int:
-    """The most sessions whose KV caches (`cache_bytes` each) fit `budget` bytes with the copies the compiled engine
-    makes of a batch's caches: a batch of two or more copies every row's context into one tensor padded to the full
-    context room, and CUDA graphs copy their inputs into a buffer of their own memory pool on every replay (torch's
-    CUDA graph trees do so for every input that is not a parameter)."""
-    def needed(sessions: int) -> int:
-        batch = min(sessions, max_batch)
-        copies = (compiled and batch > 1) + (compiled and cuda_graphs)
-        return (sessions + batch * copies) * cache_bytes
+                      blocks: int = 1, limit: int = 4096) -> int:
+    """The most sessions whose KV caches (`cache_bytes` each, over `blocks` blocks) fit `budget` bytes. Compiled,
+    the engine keeps them as rows of one pool that its graphs read in place; each block's forward gathers the
+    batch's keys and values (and appends the new ones to a second copy) inside the graph, one block at a time:
+    twice a block's share of a batch's caches, which under CUDA graphs stays in their memory pool."""
+    def needed(sessions: int) -> float:
+        gathered = 2 * min(sessions, max_batch) * cache_bytes / blocks if compiled else 0
+        return sessions * cache_bytes + gathered
 
     return next((n for n in range(limit) if needed(n + 1) > budget), limit)
 

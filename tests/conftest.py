@@ -54,15 +54,17 @@ def tiny():
 GUIDED_SAMPLER = SamplerSection(solver="unipc", steps=4, guidance=3.0, dit_cache="static", dit_passes=3)
 
 
-def session_rollout(model, sampler: SamplerSection, seed: int, observed: int, batch: int = 1, device: str = "cpu"):
-    """A rollout with the first frame and `observed` chunks in its cache, and a state to act on."""
+def session_rollout(model, sampler: SamplerSection, seed: int, observed: int, batch: int = 1, device: str = "cpu",
+                    denoiser=None):
+    """A rollout with the first frame and `observed` chunks in its cache (a compiled `denoiser`'s: in its pool),
+    and a state to act on."""
     from wam.trainer.inference import ChunkRollout
     from wam.trainer.model import WamInputs
 
     net, preset = model
     s = preset.sample
     x = WamInputs.random(preset.arch, s, batch=batch, seed=seed, device=device)
-    r = ChunkRollout(net, sampler, s,
+    r = ChunkRollout(net, sampler, s, denoiser=denoiser,
                      negative_text=WamInputs.random(preset.arch, s, seed=100 + seed, device=device).text[:1])
     r.reset(x.video[:, :, :1], x.text, x.image, x.i2v_cond)
     f = s.frames_per_chunk

@@ -5,6 +5,7 @@ equal to the eager one through a real server, and what the server reports about 
 import dataclasses
 import gc
 import re
+import threading
 import urllib.error
 import urllib.request
 
@@ -50,9 +51,10 @@ def close(a, b, tol=1e-4) -> bool:
 def test_one_forward_over_caches_at_different_chunks_equals_each_alone(model, static, positions):
     # static at one chunk position: nothing padded, so attention runs unmasked but for the state rows
     net, preset = model
+    pooled = Denoiser(net, compiled=True, cache_rows=5) if static else None  # a static batch reads a KVPool
     items = []
     for seed, (observed, batch) in enumerate(zip(positions, (1, 2, 1, 1), strict=True)):
-        r, _ = session_rollout(model, SamplerSection(), seed, observed, batch)
+        r, _ = session_rollout(model, SamplerSection(), seed, observed, batch, denoiser=pooled)
         x = WamInputs.random(preset.arch, preset.sample, batch=batch, seed=10 + seed)
         f = preset.sample.frames_per_chunk
         items.append(Prediction(r.cache, x.noisy_video[:, :, :f], x.noisy_actions[:, 0], x.state[:, 0],
@@ -63,6 +65,58 @@ def test_one_forward_over_caches_at_different_chunks_equals_each_alone(model, st
         assert out.video.shape == alone.video.shape and close(out.video, alone.video)
         assert close(out.actions, alone.actions)
     assert not close(together[0].actions, together[3].actions)  # the rows are not all the same
+
+
+def test_the_compiled_forward_reads_the_sessions_caches_in_place_from_their_pool(model):
+    """The graph's only inputs of keys and values are the pool's own tensors (static addresses: CUDA graphs copy no
+    cache); the batch's rows are gathered inside it, and its outputs are those of each session alone."""
+    net, preset = model
+    arch = preset.arch
+    denoiser = Denoiser(net, compiled=True, cache_rows=4)
+    graphs = []
+
+    def recording(graph, inputs):  # what dynamo hands the compiler: every tensor the compiled blocks read
+        graphs.append(inputs)
+        return graph.forward
+
+    denoiser.blocks = torch.compile(net.run_blocks, backend=recording)
+    sessions = [session_rollout(model, GUIDED_SAMPLER, seed, observed, denoiser=denoiser)
+                for seed, observed in enumerate([3, 1])]
+    jobs = [r.start(state, seeded_generator(i)) for i, (r, state) in enumerate(sessions)]
+    together = denoiser([p for job in jobs for p in job.passes])
+    pool = denoiser.pool
+    kv = [t for t in graphs[-1] if isinstance(t, torch.Tensor) and t.shape[-2:] == (arch.num_heads, arch.head_dim)]
+    assert sorted(t.data_ptr() for t in kv) == sorted(t.data_ptr() for t in (pool.k, pool.v, *pool.text, *pool.image))
+    assert all(t._dynamo_static_input_type for t in (pool.k, pool.v, *pool.text, *pool.image))
+    eager = Denoiser(net)
+    for job, out in zip(jobs, together, strict=True):
+        alone = eager(job.passes)[0]
+        assert close(out.video, alone.video) and close(out.actions, alone.actions)
+
+
+def test_a_pooled_cache_gives_its_rows_back_when_collected_and_a_full_pool_says_so(model):
+    net, preset = model
+    s = preset.sample
+    shape = {"max_chunks": s.num_chunks, "frames_per_chunk": s.frames_per_chunk,
+             "actions_per_chunk": s.actions_per_chunk, "latent_hw": (s.latent_height, s.latent_width)}
+    pool = net.new_pool(3, **shape)
+    first, second = net.new_cache(2, pool=pool, **shape), net.new_cache(1, pool=pool, **shape)
+    assert (first.pooled.start, second.pooled.start, pool.free_rows) == (0, 2, 0)
+    first.layers[1].k.fill_(1)  # a cache's tensors are its rows of the pool
+    assert pool.k[1, :2].eq(1).all() and pool.k[1, 2].eq(0).all()
+    with pytest.raises(RuntimeError, match="all 3 rows of the compiled engine's KV-cache pool are taken; no 1 free"
+                                           ".*serving.max_sessions"):
+        pool.take(1, wait_s=0.2)
+    del first
+    assert pool.free_rows == 2
+    third = net.new_cache(2, pool=pool, **shape)
+    assert third.pooled.start == 0 and pool.free_rows == 0
+    held = [second]
+    del second
+    threading.Timer(0.3, held.clear).start()  # a session closing while another waits for its rows
+    assert pool.take(1, wait_s=60) == 2
+    with pytest.raises(ValueError, match="the KV pool holds .* tokens a row, this cache needs"):
+        net.new_cache(1, pool=pool, **{**shape, "max_chunks": 1})
 
 
 def test_the_engine_batches_sessions_oldest_first_and_each_chunk_equals_serving_it_alone(model):
@@ -138,6 +192,7 @@ def test_a_compiled_server_is_ready_only_after_its_warm_up_reports_its_engine_an
         assert all(ok or (status, text) == (503, "warming up: compiling the denoising step\n")
                    for status, ok, text in seen) and seen[-1][1]
         assert kv_caches_alive() == caches_before  # the warm-up's sessions let go: their device memory is free
+        assert runtime.engine.denoiser.pool.free_rows == runtime.engine.denoiser.cache_rows  # ... their pool rows
         client = WebsocketClientPolicy(f"ws://127.0.0.1:{port}")
         meta = client.get_server_metadata()
         assert meta["engine"] == {"max_batch": 2, "compiled": True, "cuda_graphs": False, "device": "cpu", "devices": 1,

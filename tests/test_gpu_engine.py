@@ -27,11 +27,16 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_cuda_graphs_and_batching_on_the_gpu_equal_eager_alone(quantized):
     folder, preset = quantized
     model = load_quantized(folder, "cuda", "bf16-dequantized").model
-    sessions = [session_rollout((model, preset), GUIDED_SAMPLER, seed, observed, device="cuda") for seed, observed in
-                enumerate([0, 3, 1])]
-    alone = [r.act(state, seeded_generator(i, "cuda")) for i, (r, state) in enumerate(sessions)]
-    engine = DenoiseEngine(Denoiser(model, compiled=True), max_batch=3)  # reduce-overhead: CUDA graphs
-    warm, behind = (session_rollout((model, preset), GUIDED_SAMPLER, 9, 0, device="cuda")[0] for _ in range(2))
+    denoiser = Denoiser(model, compiled=True, cache_rows=2 * 5)  # reduce-overhead: CUDA graphs over the KV pool
+    sessions = [session_rollout((model, preset), GUIDED_SAMPLER, seed, observed, device="cuda", denoiser=denoiser)
+                for seed, observed in enumerate([0, 3, 1])]
+    eager, alone = Denoiser(model), []
+    for i, (r, state) in enumerate(sessions):
+        r.denoiser = eager  # each alone, eagerly (its caches stay rows of the pool)
+        alone.append(r.act(state, seeded_generator(i, "cuda")))
+    engine = DenoiseEngine(denoiser, max_batch=3)
+    warm, behind = (session_rollout((model, preset), GUIDED_SAMPLER, 9, 0, device="cuda", denoiser=denoiser)[0]
+                    for _ in range(2))
     engine.start(warm, behind)  # as wam serve warms it: sessions at one chunk and at different chunks
     assert engine.ready.wait(600) and engine.failure is None
     compiled = counters["stats"]["unique_graphs"]

@@ -48,14 +48,13 @@ def test_no_quantized_path_on_a_chip_without_it():
         chunk_time(p.arch, p.sample, ACCELERATORS["h100"], DREAMZERO, 1, "nvfp4")
 
 
-def test_sessions_that_fit_count_the_compiled_engines_copies():
+def test_sessions_that_fit_count_what_the_compiled_engine_gathers():
     cache = 10
     assert sessions_that_fit(95, cache, max_batch=8) == 9  # eager: the caches alone
-    # compiled: a batch of two or more is copied padded; with CUDA graphs once more into their pool
-    assert sessions_that_fit(95, cache, max_batch=8, compiled=True) == 4  # 2 x 10 each
-    assert sessions_that_fit(95, cache, max_batch=8, compiled=True, cuda_graphs=True) == 3  # 3 x 10 each
-    assert sessions_that_fit(25, cache, max_batch=8, compiled=True, cuda_graphs=True) == 1  # alone: no padded copy
-    assert sessions_that_fit(95, cache, max_batch=2, compiled=True) == 7  # only a batch of 2 is copied: 7 + 2
+    # compiled: the caches in one pool, and per forward one block's share of a batch's gathered twice (keys + new)
+    assert sessions_that_fit(95, cache, max_batch=8, compiled=True, blocks=5) == 6  # 60 + 2 x 6 x 2
+    assert sessions_that_fit(95, cache, max_batch=2, compiled=True, blocks=5) == 8  # 80 + 2 x 2 x 2
+    assert sessions_that_fit(95, cache, max_batch=8, compiled=True, blocks=1) == 3  # 30 + 2 x 3 x 10
     assert sessions_that_fit(5, cache, max_batch=8) == 0
 
 
@@ -78,8 +77,8 @@ def test_wam_plan_serve_reports_latency_batching_and_sessions_that_fit():
     assert plan["sampler"]["rows_per_session"] == 2  # DreamZero's sampler guides
     memory, h200 = plan["memory_gib"], ACCELERATORS["h200"]
     room = 0.9 * h200.memory_gib - memory["weights"] - memory["frozen_encoders"]
-    # serving.compile auto compiles on a GPU: a batch's caches are copied padded and into the CUDA graphs' pool
-    assert plan["compiled"] and plan["sessions_that_fit"] == int(room // (3 * memory["per_session"])) == 2
+    # serving.compile auto compiles on a GPU: the caches in one pool, a block's share of a batch gathered twice (40)
+    assert plan["compiled"] and plan["sessions_that_fit"] == int(room // (memory["per_session"] * (1 + 2 / 40))) == 5
     result = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h200", "--serve", "--json",
                      "--set", "serving.compile=off")
     eager = json.loads(result.stdout)

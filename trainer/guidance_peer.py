@@ -97,13 +97,15 @@ class GuidancePeer:
 
     @classmethod
     def spawn(cls, model: str, device: torch.device, peer_device: torch.device, compute: str | None,
-              compiled: bool) -> GuidancePeer:
-        """Start rank 1 on `peer_device` with its own copy of the quantized `model`; returns once it is loaded."""
+              compiled: bool, cache_rows: int | None = None) -> GuidancePeer:
+        """Start rank 1 on `peer_device` with its own copy of the quantized `model` (compiled: its caches in a pool
+        of `cache_rows` rows, as Denoiser's); returns once it is loaded."""
         port = free_port()
         context = multiprocessing.get_context("spawn")
         loaded = context.Event()
         process = context.Process(target=run_peer, name="wam-guidance-peer", daemon=True,
-                                  args=(model, str(peer_device), compute, compiled, "127.0.0.1", port, loaded))
+                                  args=(model, str(peer_device), compute, compiled, cache_rows, "127.0.0.1", port,
+                                        loaded))
         process.start()
         comm = device if device.type == "cuda" else torch.device("cpu")
         peer = cls(_group("127.0.0.1", port, 0, comm, PEER_TIMEOUT), process, device, comm)
@@ -158,8 +160,8 @@ class GuidancePeer:
         return outputs
 
 
-def run_peer(model: str, device: str, compute: str | None, compiled: bool, host: str, port: int,
-             loaded) -> None:
+def run_peer(model: str, device: str, compute: str | None, compiled: bool, cache_rows: int | None, host: str,
+             port: int, loaded) -> None:
     """Rank 1: load the model, then run rank 0's commands on the unconditional caches until it goes away (its
     transfers then fail and the process ends)."""
     from wam.trainer.inference import Denoiser
@@ -169,7 +171,7 @@ def run_peer(model: str, device: str, compute: str | None, compiled: bool, host:
     comm = dev if dev.type == "cuda" else torch.device("cpu")
     group = _group(host, port, 1, comm, IDLE)
     net = load_quantized(model, dev, compute).model  # an error ends the process: rank 0 reports its exit code
-    denoiser = Denoiser(net, compiled)
+    denoiser = Denoiser(net, compiled, cache_rows)
     caches = {}
     loaded.set()
 
@@ -188,7 +190,8 @@ def run_peer(model: str, device: str, compute: str | None, compiled: bool, host:
             s, rows = message["shape"], message["rows"]
             cache = caches.get(message["key"])
             if cache is None or cache.layers[0].k.shape[0] != rows:
-                cache = caches[message["key"]] = net.new_cache(rows, device=dev, **s)
+                caches.pop(message["key"], None)
+                cache = caches[message["key"]] = denoiser.new_cache(rows, dev, **s)
             net.set_conditioning(cache, message["text"].to(dev), *(None if message[k] is None else message[k].to(dev)
                                                                   for k in ("image", "i2v")))
             net.observe(cache, message["first"].to(dev))

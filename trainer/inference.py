@@ -14,6 +14,7 @@ nothing anywhere).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from wam.platform.config import SamplerSection, guided
 from wam.platform.presets import SampleShape
 from wam.trainer.flow import SCHEDULES, SOLVERS, DitStepCache, guide
 from wam.trainer.guidance_peer import GuidancePeer, RemoteCache
-from wam.trainer.model.kv_cache import KVCache
+from wam.trainer.model.kv_cache import KVCache, KVPool
 from wam.trainer.model.model import Prediction, WamModel, WamOutputs
 
 
@@ -40,14 +41,30 @@ class Denoiser:
     """Runs one denoising step's transformer passes (of one chunk or of many) as one forward (predict_many):
     eagerly, or with `compiled` the blocks under torch.compile (every row's keys padded to the longest context
     in the batch, the key length dynamic), which on CUDA also captures them in CUDA graphs (mode reduce-overhead:
-    one per shape). Compiled, the rows are padded to a power of two, so a few graphs serve every batch."""
+    one per shape). Compiled, the rows are padded to a power of two, so a few graphs serve every batch, and the
+    sessions' caches are rows of one KVPool of `cache_rows` rows (new_cache), which the graphs read in place."""
 
-    def __init__(self, model: WamModel, compiled: bool = False):
-        self.model, self.compiled = model, compiled
+    def __init__(self, model: WamModel, compiled: bool = False, cache_rows: int | None = None):
+        if compiled and not cache_rows:
+            raise ValueError("a compiled Denoiser keeps its sessions' caches in a pool: give its cache_rows (the "
+                             "sessions it serves at once x each one's rows)")
+        self.model, self.compiled, self.cache_rows = model, compiled, cache_rows
         self.blocks = None
+        self.pool: KVPool | None = None
+        self._pool_made = threading.Lock()
         if compiled:
             cuda = model.patch_embedding.weight.device.type == "cuda"
             self.blocks = torch.compile(model.run_blocks, mode="reduce-overhead" if cuda else None)
+
+    def new_cache(self, rows: int, device: torch.device, **shape) -> KVCache:
+        """A session's KV cache (`shape`: new_cache's): tensors of its own eagerly; compiled, rows of the pool
+        (made for cache_rows rows at the first cache)."""
+        if not self.compiled:
+            return self.model.new_cache(rows, device=device, **shape)
+        with self._pool_made:
+            if self.pool is None:
+                self.pool = self.model.new_pool(self.cache_rows, device=device, **shape)
+        return self.model.new_cache(rows, device=device, pool=self.pool, **shape)
 
     def __call__(self, items: list[Prediction]) -> list[WamOutputs]:
         """The outputs of `items` in order; those on a guidance peer's caches run there, at the same time."""
@@ -156,7 +173,8 @@ class ChunkRollout:
                  peer: GuidancePeer | None = None):
         """sample: the trained sample shape (a context window of its chunks, their frames and actions, the latent
         canvas). negative_text: (1, text_len, text_dim) features of the unconditional prompt, needed when the
-        sampler guides. denoiser: how `act` runs the transformer (default: eagerly). peer: guidance in parallel,
+        sampler guides. denoiser: how `act` runs the transformer and where the caches live (default: eagerly,
+        caches of their own; a DenoiseEngine's: its denoiser). peer: guidance in parallel,
         the unconditional branch's cache and pass on the peer (wam.trainer.guidance_peer)."""
         if guided(sampler) and negative_text is None:
             raise ValueError("classifier-free guidance needs the negative prompt's text features")
@@ -216,10 +234,11 @@ class ChunkRollout:
         shape = {"max_chunks": self.max_chunks, "frames_per_chunk": self.frames_per_chunk,
                  "actions_per_chunk": self.actions_per_chunk, "latent_hw": self.latent_hw}
         if len(self.caches) != len(texts) or self.caches[0].layers[0].k.shape[0] != rows:
-            self.caches = [self.model.new_cache(rows, device=first_latent.device, **shape)]
+            self.caches = []  # the old ones' pool rows given back first
+            self.caches = [self.denoiser.new_cache(rows, first_latent.device, **shape)]
             if len(texts) > 1:  # sequential guidance's second cache, or the peer's
                 self.caches.append(self.peer.cache(rows) if self.peer is not None
-                                   else self.model.new_cache(rows, device=first_latent.device, **shape))
+                                   else self.denoiser.new_cache(rows, first_latent.device, **shape))
         for cache, branch_text in zip(self.caches, texts, strict=True):
             if isinstance(cache, RemoteCache):
                 cache.reset(shape, branch_text, image, i2v_cond, first_latent)

@@ -23,7 +23,7 @@ from wam.platform.config import (
     validate_sampler,
 )
 from wam.trainer.eval.heldout import HeldOut, Window
-from wam.trainer.inference import ChunkRollout
+from wam.trainer.inference import ChunkRollout, Denoiser
 from wam.trainer.model import WamModel
 
 
@@ -47,13 +47,14 @@ def config_sampler(cfg: WamConfig, steps: int | None = None) -> SamplerSection:
     return cfg.sampler if steps is None else dataclasses.replace(cfg.sampler, steps=steps)
 
 
-def new_rollout(model: WamModel, cfg: WamConfig, sampler: SamplerSection, heldout: HeldOut) -> ChunkRollout:
-    """A rollout sampling with `sampler`; a guided one gets its negative prompt's features from the held-out
-    data's text encoder."""
+def new_rollout(model: WamModel, cfg: WamConfig, sampler: SamplerSection, heldout: HeldOut,
+                denoiser: Denoiser | None = None) -> ChunkRollout:
+    """A rollout sampling with `sampler` (through `denoiser`, default eager); a guided one gets its negative
+    prompt's features from the held-out data's text encoder."""
     s = resolve_preset(cfg).sample
     validate_sampler(sampler, cfg.flow)
     negative = negative_prompt(sampler, cfg.flow) if guided(sampler) else None
-    return ChunkRollout(model, sampler, s,
+    return ChunkRollout(model, sampler, s, denoiser=denoiser,
                         negative_text=None if negative is None else heldout.encoders.text([negative]).float())
 
 

@@ -17,7 +17,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from torchtitan.models.common.linear import Linear
 from torchtitan.protocols.module import Module
 
-from wam.trainer.model.kv_cache import KV, LayerCache, PaddedKV, SessionRows
+from wam.trainer.model.kv_cache import KV, LayerCache, PooledRows, SessionRows
 from wam.trainer.model.layers import FP32RMSNorm
 from wam.trainer.model.mask import AttentionMask, PaddedMask
 from wam.trainer.model.rope import apply_rope
@@ -161,7 +161,7 @@ class SelfAttention(_Attention):
         self.kernel = config.kernel.build()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask | None,
-                cache: LayerCache | PaddedKV | SessionRows | None = None) -> torch.Tensor:
+                cache: LayerCache | PooledRows | SessionRows | None = None) -> torch.Tensor:
         """x (B, L, dim) attends under `mask` to its own keys, after the cache's committed keys if given (with
         SessionRows: each session's rows to its own cache, under its own mask)."""
         q, k, v = self._heads(self.norm_q(self.q(x))), self._heads(self.norm_k(self.k(x))), self._heads(self.v(x))
@@ -194,6 +194,22 @@ class SessionContexts(NamedTuple):
 
     sizes: tuple[int, ...]  # each session's rows, in order
     contexts: tuple[CrossContext, ...]
+
+
+class PooledContext(NamedTuple):
+    """One block's cross-attention context of a batch of caches in a KVPool (predict_many, compiled): the pool's
+    prompt and image keys/values, gathered at each batch row's pool row inside the compiled graph (PooledRows)."""
+
+    text: KV  # KVPool.text: (blocks, pool rows, text_len, heads, head_dim)
+    image: KV | None
+    block: int
+    rows: torch.Tensor  # (B,) int64
+
+    def gather(self) -> CrossContext:
+        def rows(kv: KV) -> KV:
+            return KV(kv.k[self.block].index_select(0, self.rows), kv.v[self.block].index_select(0, self.rows))
+
+        return CrossContext(rows(self.text), None if self.image is None else rows(self.image))
 
 
 class CrossAttention(_Attention):
@@ -235,8 +251,10 @@ class CrossAttention(_Attention):
                              for i, part in enumerate(q.split(windows, dim=1))], dim=2)
         return out.transpose(1, 2).flatten(2)
 
-    def forward(self, x: torch.Tensor, context: CrossContext | SessionContexts) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: CrossContext | SessionContexts | PooledContext) -> torch.Tensor:
         q = self._heads(self.norm_q(self.q(x)))
+        if isinstance(context, PooledContext):
+            context = context.gather()
         if isinstance(context, SessionContexts):  # each session's rows to its own prompt
             outs = [self._attend_context(q_s, c) for q_s, c in zip(q.split(context.sizes), context.contexts,
                                                                    strict=True)]

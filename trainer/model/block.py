@@ -11,8 +11,14 @@ from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.nn_modules import GELU, Identity
 from torchtitan.protocols.module import Module, Sequential
 
-from wam.trainer.model.attention import CrossAttention, CrossContext, SelfAttention, SessionContexts
-from wam.trainer.model.kv_cache import LayerCache, PaddedKV, SessionRows
+from wam.trainer.model.attention import (
+    CrossAttention,
+    CrossContext,
+    PooledContext,
+    SelfAttention,
+    SessionContexts,
+)
+from wam.trainer.model.kv_cache import LayerCache, PooledRows, SessionRows
 from wam.trainer.model.layers import FP32LayerNorm
 from wam.trainer.model.mask import AttentionMask, PaddedMask
 
@@ -60,8 +66,9 @@ class WanBlock(Module):
         return self.cross_attn.context(conditioning.text, conditioning.image, conditioning.windows)
 
     def forward(self, x: torch.Tensor, modulation: TokenModulation, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: AttentionMask | PaddedMask | None, context: Conditioning | CrossContext | SessionContexts,
-                cache: LayerCache | PaddedKV | SessionRows | None = None) -> torch.Tensor:
+                mask: AttentionMask | PaddedMask | None,
+                context: Conditioning | CrossContext | SessionContexts | PooledContext,
+                cache: LayerCache | PooledRows | SessionRows | None = None) -> torch.Tensor:
         """x: (B, L, dim) fp32 residual stream. Sub-layers run in the weights' dtype; the residual and the
         modulation stay fp32, as in Wan. With a cache, self-attention also sees the cache's committed keys."""
         dtype = self.ffn[0].weight.dtype

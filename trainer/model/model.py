@@ -24,10 +24,10 @@ from torchtitan.protocols.module import Module, ModuleList, Sequential
 from wam.platform.accounting import count_flops
 from wam.platform.layout import TokenKind, TokenLayout
 from wam.platform.presets import SampleShape, WamArch
-from wam.trainer.model.attention import CrossContext, SessionContexts
+from wam.trainer.model.attention import CrossContext, PooledContext, SessionContexts
 from wam.trainer.model.block import Conditioning, TokenModulation, WanBlock
 from wam.trainer.model.heads import ActionEncoder, ImageProjection, OutputHead, ReluMLP
-from wam.trainer.model.kv_cache import KV, KVCache, LayerCache, PaddedKV, SessionRows
+from wam.trainer.model.kv_cache import KVCache, KVPool, LayerCache, PooledRows, PoolRows, SessionRows
 from wam.trainer.model.layers import Conv3d, sinusoidal_embedding
 from wam.trainer.model.mask import AttentionMask, PaddedMask, RaggedMask
 from wam.trainer.model.rope import rope_tables
@@ -268,8 +268,8 @@ class WamModel(BaseModel):
 
     def run_blocks(self, x: torch.Tensor, modulation: TokenModulation, rope: tuple[torch.Tensor, torch.Tensor],
                    mask: AttentionMask | PaddedMask | None, context: Conditioning | list,
-                   layers: list[LayerCache | PaddedKV | SessionRows | None]) -> torch.Tensor:
-        """Every block over x (B, L, dim); the serving engine compiles this (static shapes with PaddedKV)."""
+                   layers: list[LayerCache | PooledRows | SessionRows | None]) -> torch.Tensor:
+        """Every block over x (B, L, dim); the serving engine compiles this (over its KVPool: PooledRows)."""
         for i, block in enumerate(self.blocks):
             x = block(x, modulation, rope, mask, context[i] if isinstance(context, list) else context, layers[i])
         return x
@@ -392,17 +392,43 @@ class WamModel(BaseModel):
     # -- chunk-wise inference with a KV cache ---------------------------------------------------------
 
     @torch.no_grad()
-    def new_cache(self, batch: int, max_chunks: int, frames_per_chunk: int, actions_per_chunk: int,
-                  latent_hw: tuple[int, int], device: torch.device | None = None) -> KVCache:
+    def _cache_capacity(self, max_chunks: int, frames_per_chunk: int, actions_per_chunk: int,
+                        latent_hw: tuple[int, int]) -> tuple[tuple[int, int], int]:
+        """(patches per latent frame, tokens a cache holds: a context window and room for one prediction)."""
         _, ph, pw = self.arch.patch
         grid = (latent_hw[0] // ph, latent_hw[1] // pw)
         tokens_per_frame = grid[0] * grid[1]
         prediction = frames_per_chunk * tokens_per_frame + actions_per_chunk + 1
-        capacity = tokens_per_frame * (1 + max_chunks * frames_per_chunk) + prediction
-        device = device or self.patch_embedding.weight.device
-        layers = [LayerCache(batch, capacity, self.arch.num_heads, self.arch.head_dim, device, self.dtype)
-                  for _ in self.blocks]
-        return KVCache(layers, frames_per_chunk, actions_per_chunk, grid, max_chunks)
+        return grid, tokens_per_frame * (1 + max_chunks * frames_per_chunk) + prediction
+
+    def new_cache(self, batch: int, max_chunks: int, frames_per_chunk: int, actions_per_chunk: int,
+                  latent_hw: tuple[int, int], device: torch.device | None = None,
+                  pool: KVPool | None = None) -> KVCache:
+        """A session's cache of `batch` rows: tensors of its own, or rows of `pool` (given back when it is
+        collected)."""
+        grid, capacity = self._cache_capacity(max_chunks, frames_per_chunk, actions_per_chunk, latent_hw)
+        if pool is None:
+            device = device or self.patch_embedding.weight.device
+            shape = (batch, capacity, self.arch.num_heads, self.arch.head_dim)
+            layers = [LayerCache(torch.zeros(shape, device=device, dtype=self.dtype),
+                                 torch.zeros(shape, device=device, dtype=self.dtype)) for _ in self.blocks]
+            return KVCache(layers, frames_per_chunk, actions_per_chunk, grid, max_chunks)
+        if pool.capacity != capacity:
+            raise ValueError(f"the KV pool holds {pool.capacity} tokens a row, this cache needs {capacity}")
+        start = pool.take(batch)
+        cache = KVCache(pool.layer_caches(start, batch), frames_per_chunk, actions_per_chunk, grid, max_chunks,
+                        pooled=PoolRows(pool, start, batch))
+        pool.hand_out(cache)
+        return cache
+
+    def new_pool(self, rows: int, max_chunks: int, frames_per_chunk: int, actions_per_chunk: int,
+                 latent_hw: tuple[int, int], device: torch.device | None = None) -> KVPool:
+        """A KVPool of `rows` cache rows of this shape (a compiled engine's sessions' caches)."""
+        _, capacity = self._cache_capacity(max_chunks, frames_per_chunk, actions_per_chunk, latent_hw)
+        a = self.arch
+        return KVPool(rows, len(self.blocks), capacity, a.num_heads, a.head_dim, a.text_len,
+                      a.image_tokens if a.has_image_branch else None, device or self.patch_embedding.weight.device,
+                      self.dtype)
 
     @torch.no_grad()
     def set_conditioning(self, cache: KVCache, text: torch.Tensor, image: torch.Tensor | None = None,
@@ -411,6 +437,9 @@ class WamModel(BaseModel):
         an empty context."""
         conditioning = self.conditioning(text, image)
         cache.cross_context = [block.cross_context(conditioning) for block in self.blocks]
+        if (at := cache.pooled) is not None:  # kept in its rows of the pool, which a compiled forward reads
+            cache.cross_context = [CrossContext(*at.pool.keep(i, at, c.text, c.image))
+                                   for i, c in enumerate(cache.cross_context)]
         cache.i2v_cond = i2v_cond
         cache.truncate(None)
         cache.observed_chunks = 0
@@ -454,9 +483,10 @@ class WamModel(BaseModel):
     def predict_many(self, items: list[Prediction], static: bool = False, blocks=None) -> list[WamOutputs]:
         """`predict` for several caches in one forward (continuous batching); each may be at a different chunk.
         Eagerly, the linear layers run on every row at once and attention per cache, over its own keys (nothing
-        padded or copied). With `static`, every row attends to its committed context padded to the longest in the
-        batch (shapes that change only with the chunk position, for torch.compile and CUDA graphs), then its own
-        new tokens, under a per-row mask that hides the padding. `blocks`: a compiled run_blocks."""
+        padded or copied). With `static` (the caches rows of one KVPool, read in place), every row attends to its
+        committed context padded to the longest in the batch (shapes that change only with the chunk position, for
+        torch.compile and CUDA graphs), then its own new tokens, under a per-row mask that hides the padding.
+        `blocks`: a compiled run_blocks."""
         f, a, tpf = items[0].cache.frames_per_chunk, items[0].cache.actions_per_chunk, items[0].cache.tokens_per_frame
         layouts = []
         for item in items:
@@ -479,7 +509,7 @@ class WamModel(BaseModel):
         caches = [item.cache for item in items]
         e, modulation = self._time_modulation(layout, span_t)
         if static:
-            x = (blocks or self.run_blocks)(x, modulation, *self._padded(caches, layouts, x.device))
+            x = (blocks or self.run_blocks)(x, modulation, *self._pooled(caches, layouts, x.device))
         else:
             x = self.run_blocks(x, modulation, *self._sessions(caches, layouts, x.device))
         out = self._decode(x, e, layout, caches[0].grid, f)
@@ -512,28 +542,24 @@ class WamModel(BaseModel):
                   for layout in layouts]
         return tuple(torch.cat([t[i].expand(r, -1, -1) for t, r in zip(tables, sizes, strict=True)]) for i in (0, 1))
 
-    def _padded(self, caches: list[KVCache], layouts: list[TokenLayout], device: torch.device):
-        """Per-row RoPE tables, mask, cross-attention context and keys of the caches' rows, every row's committed
-        keys padded to the most any of them holds (predict_many, static): the shapes change only with the chunk
-        position, and rows at one position need no padding, so attention runs as it does eagerly."""
-        rows = tuple(cache.layers[0].k.shape[0] for cache in caches)
+    def _pooled(self, caches: list[KVCache], layouts: list[TokenLayout], device: torch.device):
+        """Per-row RoPE tables and mask, and per block the pool's own tensors with each row's pool row and the
+        positions to gather (predict_many, static): every row attends to its committed keys padded to the most
+        any of them holds, so the shapes change only with the chunk position, and nothing is copied outside the
+        compiled graph."""
+        if any(cache.pooled is None or cache.pooled.pool is not caches[0].pooled.pool for cache in caches):
+            raise ValueError("a static (compiled) batch reads its caches from one KVPool: make them with "
+                             "new_cache(pool=...) (Denoiser.new_cache)")
+        pool = caches[0].pooled.pool
+        rows = tuple(cache.pooled.rows for cache in caches)
         context = max(cache.layout.length for cache in caches)
         rope = self._row_rope(caches, layouts, rows, device)
-        mask = _padded_mask(tuple((c.layout, layout) for c, layout in zip(caches, layouts, strict=True)), tuple(rows),
+        mask = _padded_mask(tuple((c.layout, layout) for c, layout in zip(caches, layouts, strict=True)), rows,
                             context, device)
-
-        def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-
-        cross, layers = [], []
-        for i in range(len(self.blocks)):
-            blocks = [cache.cross_context[i] for cache in caches]
-            text = KV(stack([c.text.k for c in blocks]), stack([c.text.v for c in blocks]))
-            image = (KV(stack([c.image.k for c in blocks]), stack([c.image.v for c in blocks]))
-                     if blocks[0].image is not None else None)
-            cross.append(CrossContext(text, image))
-            layers.append(PaddedKV(stack([cache.layers[i].k[:, :context] for cache in caches]),
-                                   stack([cache.layers[i].v[:, :context] for cache in caches])))
-        for tensor, dim in ((mask.rows, 3), *((t, 1) for layer in layers for t in layer)):
+        at = torch.tensor([c.pooled.start + r for c in caches for r in range(c.pooled.rows)], device=device)
+        positions = torch.arange(context, device=device)
+        for tensor, dim in ((mask.rows, 3), (positions, 0)):
             torch._dynamo.maybe_mark_dynamic(tensor, dim)  # one compiled graph for every chunk position
+        cross = [PooledContext(pool.text, pool.image, i, at) for i in range(len(self.blocks))]
+        layers = [PooledRows(pool.k, pool.v, i, at, positions) for i in range(len(self.blocks))]
         return rope, mask, cross, layers

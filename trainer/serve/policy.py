@@ -138,7 +138,8 @@ class PolicyRuntime:
         self.devices, self.peer = devices or s.devices, None
         self.session_bytes, self.max_sessions = self._session_capacity(s)
         self.max_batch = min(self.max_batch, self.max_sessions)
-        self.engine = DenoiseEngine(Denoiser(policy.model, self.compiled), self.max_batch)
+        rows = rows_per_device(self.sampler, self.devices)
+        self.engine = DenoiseEngine(Denoiser(policy.model, self.compiled, self.max_sessions * rows), self.max_batch)
         if self.devices == 2:
             self.peer = self._guidance_peer()
             self.peer.on_lost(self.engine.fail)
@@ -151,8 +152,8 @@ class PolicyRuntime:
 
     def _session_capacity(self, s: ServingSection) -> tuple[int, int]:
         """(bytes of one session's KV caches on this device, the sessions admitted): serving.max_sessions, fewer
-        where their caches and the compiled engine's copies of a batch's caches do not fit serving.session_memory_gib
-        (default on a GPU: 90% of what is free now that the model is loaded; the CPU's memory is not counted unless it
+        where their caches (compiled: one pool for all of them, made at the first session, and the batch's share of a
+        block gathered in the forward) do not fit serving.session_memory_gib (default on a GPU: 90% of what is free now that the model is loaded; the CPU's memory is not counted unless it
         is set). Checked here, so that a robot beyond it is refused as at capacity instead of running the device out
         of memory in the middle of other robots' chunks."""
         rows = rows_per_device(self.sampler, self.devices)
@@ -165,16 +166,14 @@ class PolicyRuntime:
         else:
             return cache, s.max_sessions
         fits = sessions_that_fit(budget, cache, max_batch=self.max_batch, compiled=self.compiled,
-                                 cuda_graphs=self.compiled and self.device.type == "cuda")
+                                 blocks=self.arch.num_layers)
         if fits < 1:
-            copies = " and the compiled engine's copy of it" if self.compiled else ""
-            raise ConfigError(f"one session's KV cache ({cache / GIB:.2f} GiB){copies} does not fit {where}; serve on "
-                              "a device with more memory, with fewer chunks per window (sample.num_chunks), without "
-                              "guidance or with serving.compile off, or raise serving.session_memory_gib")
+            raise ConfigError(f"one session's KV cache ({cache / GIB:.2f} GiB) does not fit {where}; serve on "
+                              "a device with more memory, with fewer chunks per window (sample.num_chunks) or without "
+                              "guidance, or raise serving.session_memory_gib")
         if fits < s.max_sessions:
             log.warning("serving %d sessions, not serving.max_sessions = %d: a session's KV cache takes %.2f GiB "
-                        "(and the compiled engine copies a batch's caches) and %d fit %s", fits, s.max_sessions,
-                        cache / GIB, fits, where)
+                        "and %d fit %s", fits, s.max_sessions, cache / GIB, fits, where)
         return cache, min(fits, s.max_sessions)
 
     def _embodiment(self, name: str | None) -> tuple[EmbodimentProfile, NormStats | None]:
@@ -223,7 +222,8 @@ class PolicyRuntime:
         else:
             peer_device = torch.device("cpu")
         log.info("starting the guidance peer (unconditional pass) on %s", peer_device)
-        return GuidancePeer.spawn(self.policy.uri, self.device, peer_device, self.policy.compute_path, self.compiled)
+        return GuidancePeer.spawn(self.policy.uri, self.device, peer_device, self.policy.compute_path, self.compiled,
+                                 self.max_sessions * rows_per_device(self.sampler, self.devices))
 
     def engine_description(self) -> dict:
         cuda = self.device.type == "cuda"
@@ -260,7 +260,8 @@ class Session:
     def __init__(self, runtime: PolicyRuntime):
         self.runtime = runtime
         self.rollout = ChunkRollout(runtime.policy.model, runtime.sampler, runtime.sample,
-                                    negative_text=runtime.negative_text, peer=runtime.peer)
+                                    negative_text=runtime.negative_text, denoiser=runtime.engine.denoiser,
+                                    peer=runtime.peer)
         self.generator = torch.Generator(runtime.device).manual_seed(runtime.policy.config.seed)
         self.prompt: str | None = None
         self.text: torch.Tensor | None = None  # umT5 features of the prompt
