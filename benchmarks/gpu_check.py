@@ -375,6 +375,9 @@ def section_engine(cpu: bool, partial) -> dict:
                 partial(results)
                 results[f"concurrency_{name}{'_compiled' * compiled}"] = concurrency(small, device, (1, 4, 8), 1, None,
                                                                                      compiled)
+        if not cpu:  # last, being the longest to compile: the 14B width's memory through the compiled engine's pool
+            partial(results)
+            results["concurrency_compiled"] = concurrency(model, device, (1, 4, 8), 1, None, True)
     return results
 
 
@@ -609,13 +612,15 @@ def _details(sections: dict) -> list[str]:
     for key, model in (("concurrency", "the ablation's model"), ("concurrency_tiny", "the tiny preset"),
                        ("concurrency_tiny_compiled", "the tiny preset, compiled + CUDA graphs"),
                        ("concurrency_wide", "3 blocks of width 512"),
-                       ("concurrency_wide_compiled", "3 blocks of width 512, compiled + CUDA graphs")):
+                       ("concurrency_wide_compiled", "3 blocks of width 512, compiled + CUDA graphs"),
+                       ("concurrency_compiled", "the ablation's model, compiled + CUDA graphs")):
         rows = engine.get(key, {})
         if not rows:
             continue
         lines += ["", f"Concurrent sessions, batched over one at a time ({model}):", "",
-                  "| sessions | throughput | roofline's | p99 over a lone session's | peak GiB batched | engine host time "
-                  "batched: forwards / solver steps (share of wall) |", "|---|---|---|---|---|---|"]
+                  "| sessions | throughput | roofline's | p99 over a lone session's | peak GiB batched (weights + "
+                  "caches) | engine host time batched: forwards / solver steps (share of wall) |",
+                  "|---|---|---|---|---|---|"]
         for n in (1, 4, 8):
             if f"{n}_sessions_throughput_ratio" in rows:
                 batched = rows[f"{n}_sessions_batched"]
@@ -623,7 +628,8 @@ def _details(sections: dict) -> list[str]:
                 lines.append(f"| {n} | {rows[f'{n}_sessions_throughput_ratio']:.2f}x | "
                              f"{'—' if bound is None else f'{bound:.2f}x'} | "
                              f"{rows[f'{n}_sessions_p99_over_lone_session']:.2f}x | "
-                             f"{'—' if peak is None else f'{peak:.2f}'} | "
+                             + ("— | " if peak is None else f"{peak:.2f} ({batched['weights_gib']:.2f} + "
+                                f"{batched['caches_gib']:.2f}) | ")
                              + (f"{batched['engine_forward_share']:.0%} / {batched['engine_solver_share']:.0%} |"
                                 if "engine_forward_share" in batched else "— |"))
     for name, r in engine.get("solver_batching", {}).items():

@@ -47,7 +47,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from wam.platform.accelerators import detect  # noqa: E402
 from wam.platform.config import SamplerSection, load_config, resolve_preset  # noqa: E402
-from wam.platform.serving_roofline import WEIGHT_BYTES, ServingLoad, chunk_time, rows_per_device  # noqa: E402
+from wam.platform.serving_roofline import (  # noqa: E402
+    WEIGHT_BYTES,
+    ServingLoad,
+    chunk_time,
+    kv_cache_bytes,
+    rows_per_device,
+)
 from wam.trainer.flow import transformer_passes  # noqa: E402
 from wam.trainer.inference import ChunkRollout  # noqa: E402
 from wam.trainer.model import WamInputs  # noqa: E402
@@ -594,9 +600,14 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
             for t in threads:
                 t.join()
             wall = time.perf_counter() - start
+            preset = resolve_preset(cfg)
+            caches = n * kv_cache_bytes(preset.arch, preset.sample, rows_per_device(sampler, 1),
+                                        policy.model.dtype.itemsize)
             rows[f"{n}_sessions_{mode}"] = {"chunks_per_s": len(latencies) / wall, "p50_ms": statistics.median(latencies),
                                             "p99_ms": percentile(latencies, 0.99), "chunks": len(latencies),
-                                            "peak_gib": _peak_gib(dev),
+                                            # against what the admission counts: the weights and the sessions' caches
+                                            "peak_gib": _peak_gib(dev), "caches_gib": caches / 2**30,
+                                            "weights_gib": sum(t.nbytes for t in policy.model.parameters()) / 2**30,
                                             # the engine thread's host time (warm-up not included), shares of wall
                                             "engine_forward_share": engine.forward_s / wall,
                                             "engine_solver_share": engine.solver_s / wall}
