@@ -497,9 +497,12 @@ class WamModel(BaseModel):
                 raise ValueError(f"the cache holds {cache.max_chunks} chunks; reset it for a new context window")
             layouts.append(TokenLayout.prediction(range(cache.next_chunk, cache.next_chunk + 1), f, tpf, a))
         action_t = torch.cat([item.action_t for item in items]).reshape(-1, 1)
+        # every session's video in one patch embedding, each with the I2V channels of its own chunk's frames
+        conds = [(item.cache.i2v_cond, layout.spans[0].frame_start) for item, layout in zip(items, layouts, strict=True)]
+        cond = (torch.cat([c[:, :, start:start + f] for c, start in conds])
+                if self.arch.i2v_concat and all(c is not None for c, _ in conds) else None)
         x = torch.cat([
-            torch.cat([self.embed_video(item.noisy_video, layout.spans[0].frame_start, item.cache.i2v_cond)
-                       for item, layout in zip(items, layouts, strict=True)]),
+            self.embed_video(torch.cat([item.noisy_video for item in items]), 0, cond),
             self.action_encoder(torch.cat([item.noisy_actions for item in items]), action_t.expand(-1, a)),
             self.state_encoder(torch.cat([item.state for item in items]).unsqueeze(1)),
         ], dim=1).float()
