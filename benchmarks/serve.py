@@ -570,8 +570,9 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
         for mode, max_batch in (("batched", n), ("one_at_a_time", 1)):
             denoiser = Denoiser(policy.model, compiled, n * rows_per_device(sampler, 1))
             engine = DenoiseEngine(denoiser, max_batch)
+            warm = (2 if max_batch > 1 else 1) if compiled else 0  # as wam serve warms up (PolicyRuntime)
             engine.start(*(_started(new_rollout(policy.model, cfg, sampler, heldout, denoiser), windows[0], dev)
-                           for _ in range(2 if compiled else 0)))
+                           for _ in range(warm)))
             engine.ready.wait()
             latencies: list[float] = []
 

@@ -22,8 +22,10 @@ sequence of batch_size K-windows' tokens). Useful tokens/s counts only the windo
 shared machine is mostly the other processes' load), of wall time on a GPU. The windows'
 lengths come from the sampler itself (a window every half chunk, as many chunks as fit, up to K) run over
 episodes as long as DROID's: 76k trajectories in 350 hours at 15 Hz (Khazatsky et al. 2024, arXiv 2403.12945),
-a mean of 16.6 s = 249 frames; their spread is not published, so lengths are drawn log-normal around that mean
-(sigma 0.5, an assumption). With `--dataset URI [--profile NAME]` the mix is a LeRobot dataset's own: the windows
+a mean of 16.6 s = 249 frames, or with `--episodes bridge` as long as Bridge V2's (53,192 episodes, 1,999,410
+frames at 5 Hz in its LeRobot form: a mean of 7.5 s, the same 1.6 s chunks); their spread is not published, so
+lengths are drawn log-normal around that mean (sigma 0.5, an assumption; the ideal gain at sigma 0.25 and 1 is
+printed too). With `--dataset URI [--profile NAME]` the mix is a LeRobot dataset's own: the windows
 the sampler plans over its real episodes, at the profile's chunk length (what `wam data stats` reports). The ideal
 ratio for that mix, from the platform's FLOP accounting, is printed next to the measured one (and the 14B sample
 shape's, for scale).
@@ -66,6 +68,13 @@ WARMUP = 25  # torchtitan's first steps (allocator, FSDP buffers, first async wo
 PACKING_MODEL = ["model.dim=256", "model.num_layers=4", "model.num_heads=4", "model.ffn_dim=1024",
                  "sample.latent_height=16", "sample.latent_width=16", "sample.actions_per_chunk=24"]
 DROID_MEAN_FRAMES, DROID_HZ_HORIZON = 249, 24  # mean episode length at 15 Hz; actions per chunk at 15 Hz
+# Real datasets' mean episode lengths, in frames at 15 Hz (a chunk of 24 of them is 1.6 s, DreamZero's on DROID):
+EPISODES = {
+    "droid": ("DROID", DROID_MEAN_FRAMES),  # 76k successful trajectories in 350 h (Khazatsky et al. 2024): 16.6 s
+    # Bridge V2 in LeRobot form (jesbu1/bridge_v2_lerobot): 53,192 episodes, 1,999,410 frames at 5 Hz: 7.5 s
+    "bridge": ("Bridge V2", 113),
+}
+SPREADS = (0.25, 0.5, 1.0)  # log-normal sigmas: the ideal gain at each shows how little the unknown spread matters
 
 
 def titan_step_times(workdir: Path, name: str, steps: int, warmup: int, processes: int, **sections) -> list[dict]:
@@ -192,9 +201,10 @@ def parallelized_step(overrides: list[str], attention: str, *, device: str, step
     return result
 
 
-def droid_window_counts(chunks: int, mean_frames: int = DROID_MEAN_FRAMES, seed: int = 0, sigma: float = 0.5,
+def episode_window_counts(chunks: int, mean_frames: int = DROID_MEAN_FRAMES, seed: int = 0, sigma: float = 0.5,
                         episodes: int = 5000) -> dict[int, int]:
-    """Windows by chunks (1..`chunks`) that data.packing samples from DROID-length episodes (module doc)."""
+    """Windows by chunks (1..`chunks`) that data.packing samples from episodes of `mean_frames` at 15 Hz on average,
+    spread log-normal (module doc)."""
     rng = np.random.default_rng(seed)
     lengths = np.maximum(DROID_HZ_HORIZON + 1, rng.lognormal(np.log(mean_frames) - sigma**2 / 2, sigma,
                                                              episodes).astype(int))
@@ -232,16 +242,17 @@ def _ideal_gain(arch, sample, mix: list[int]) -> float:
 
 
 def packing_comparison(overrides: list[str], windows: int, rounds: int, batch_size: int = 2, device: str = "cpu",
-                       mean_frames: int = DROID_MEAN_FRAMES, dataset: tuple[str, str] | None = None) -> dict:
+                       episodes: tuple[str, int] = EPISODES["droid"], dataset: tuple[str, str] | None = None) -> dict:
     """Useful (real) tokens/s of the same windows trained padded to K chunks and packed (module doc), the windows'
-    lengths drawn from DROID-length episodes of `mean_frames`, or from `dataset` (uri, profile)."""
+    lengths drawn from `episodes` (a name, their mean frames at 15 Hz), or from `dataset` (uri, profile)."""
+    named, mean_frames = episodes
     cfg = load_config(None, overrides)
     preset = resolve_preset(cfg)
     arch, sample = preset.arch, preset.sample
     f, k_max = sample.frames_per_chunk, sample.num_chunks
     tokens = [TokenLayout.teacher_forcing(k, f, sample.tokens_per_frame(arch), sample.actions_per_chunk).length
               for k in range(k_max + 1)]
-    planned = dataset_window_counts(*dataset, k_max) if dataset else droid_window_counts(k_max, mean_frames)
+    planned = dataset_window_counts(*dataset, k_max) if dataset else episode_window_counts(k_max, mean_frames)
     mix = window_mix(planned, windows)
     world = SyntheticLatents(arch, sample, episodes=windows, seed=0)
     full = [world[i] for i in range(windows)]  # K chunks: what a padded window costs
@@ -291,8 +302,11 @@ def packing_comparison(overrides: list[str], windows: int, rounds: int, batch_si
     counts = {k: mix.count(k) for k in range(1, k_max + 1)}
     big = get_preset("dreamzero-14b")
     source = (f"the episodes of {dataset[0]} (profile {dataset[1]})" if dataset else
-              f"DROID-length episodes of {mean_frames} frames on average")
-    return {"episodes": source, "windows": windows, "mix": counts, "clock": "CUDA wall time" if device == "cuda" else "CPU time, 1 thread", "batch_size": batch_size, "tokens_per_window": tokens[1:],
+              f"{named}-length episodes of {mean_frames} frames on average")
+    spread = ({} if dataset else {sigma: _ideal_gain(arch, sample, window_mix(episode_window_counts(k_max, mean_frames,
+                                                                                               sigma=sigma), 2400))
+                                  for sigma in SPREADS})
+    return {"episodes": source, "windows": windows, "mix": counts, "ideal_speedup_by_sigma": spread, "clock": "CUDA wall time" if device == "cuda" else "CPU time, 1 thread", "batch_size": batch_size, "tokens_per_window": tokens[1:],
             "padded_steps": len(padded), "packed_steps": len(packed), "padded_token_share": useful / (windows * tokens[-1]),
             "useful_tokens_per_s": rates, "speedup": rates["packed"] / rates["padded"],
             "ideal_speedup": _ideal_gain(arch, sample, mix),
@@ -310,6 +324,9 @@ def print_packing(row: dict) -> None:
         print(f"  {name:<7} {steps:>3} steps  {rate:>10,.0f} useful tokens/s")
     print(f"  packed / padded: {row['speedup']:.2f}x (ideal for this mix from FLOPs: {row['ideal_speedup']:.2f}x; "
           f"at the 14B sample shape {row['ideal_speedup_14b']:.2f}x)")
+    if row["ideal_speedup_by_sigma"]:
+        print("  ideal for lengths of this mean spread log-normal with sigma "
+              + ", ".join(f"{sigma:g}: {gain:.2f}x" for sigma, gain in row["ideal_speedup_by_sigma"].items()))
 
 
 def main() -> None:
@@ -317,8 +334,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="5 warm-up and 5 timed steps, the Trainer in 1 process only (a smoke run)")
     parser.add_argument("--packing", action="store_true", help="only packed vs padded windows (useful tokens/s)")
-    parser.add_argument("--episode-frames", type=int, default=DROID_MEAN_FRAMES,
-                        help="mean episode length at 15 Hz that the window mix is drawn from (default: DROID's)")
+    parser.add_argument("--episodes", choices=sorted(EPISODES), default="droid",
+                        help="the real dataset whose mean episode length the window mix is drawn from")
+    parser.add_argument("--episode-frames", type=int,
+                        help="a mean episode length at 15 Hz instead (a sensitivity run)")
     parser.add_argument("--dataset", help="a LeRobot dataset whose real episodes the window mix is drawn from instead")
     parser.add_argument("--profile", default="droid", help="--dataset's embodiment profile (its chunk length)")
     parser.add_argument("--json", type=Path)
@@ -328,7 +347,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                      "torch_threads_eager": torch.get_num_threads()}
-    mix = {"mean_frames": args.episode_frames, "dataset": (args.dataset, args.profile) if args.dataset else None}
+    episodes = ("sensitivity", args.episode_frames) if args.episode_frames else EPISODES[args.episodes]
+    mix = {"episodes": episodes, "dataset": (args.dataset, args.profile) if args.dataset else None}
     results["packing"] = (packing_comparison([], 16, 1, device=device, **mix) if args.quick
                           else packing_comparison(PACKING_MODEL, 24, 3, device=device, **mix))
     print_packing(results["packing"])
