@@ -88,7 +88,8 @@ class PolicyServer:
                  idle_timeout_s: float | None = None):
         serving = runtime.policy.config.serving
         self.runtime = runtime
-        self.max_sessions = max_sessions or runtime.max_sessions  # serving.max_sessions, or what fits the device
+        # serving.max_sessions, or what fits the device (what the compiled engine's KV pool holds): never more
+        self.max_sessions = min(max_sessions or runtime.max_sessions, runtime.max_sessions)
         self.max_request_bytes = int((max_request_mb or serving.max_request_mb) * 1e6)
         self.idle_timeout_s = idle_timeout_s or serving.idle_timeout_s
         self.metrics = _Metrics(runtime)
