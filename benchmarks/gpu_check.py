@@ -618,15 +618,17 @@ def _details(sections: dict) -> list[str]:
         if not rows:
             continue
         lines += ["", f"Concurrent sessions, batched over one at a time ({model}):", "",
-                  "| sessions | throughput | roofline's | p99 over a lone session's | peak GiB batched (weights + "
-                  "caches) | engine host time batched: forwards / solver steps (share of wall) |",
-                  "|---|---|---|---|---|---|"]
+                  "| sessions | throughput | roofline's | forward's ceiling: one chunk / out of phase | p99 over a lone "
+                  "session's | peak GiB batched (weights + caches) | engine host time batched: forwards / solver steps "
+                  "(share of wall) |", "|---|---|---|---|---|---|---|"]
         for n in (1, 4, 8):
             if f"{n}_sessions_throughput_ratio" in rows:
                 batched = rows[f"{n}_sessions_batched"]
                 bound, peak = rows.get(f"{n}_sessions_roofline_gain"), batched.get("peak_gib")
                 lines.append(f"| {n} | {rows[f'{n}_sessions_throughput_ratio']:.2f}x | "
                              f"{'—' if bound is None else f'{bound:.2f}x'} | "
+                             + " / ".join(f"{rows[key]:.2f}x" if key in rows else "—" for key in (
+                                 f"{n}_sessions_forward_ceiling", f"{n}_sessions_forward_ceiling_mixed")) + " | "
                              f"{rows[f'{n}_sessions_p99_over_lone_session']:.2f}x | "
                              + ("— | " if peak is None else f"{peak:.2f} ({batched['weights_gib']:.2f} + "
                                 f"{batched['caches_gib']:.2f}) | ")

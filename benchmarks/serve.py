@@ -550,7 +550,7 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
     second and per-chunk p50/p99 (the engine's wait included) with every session's steps batched (max_batch =
     sessions) vs one chunk at a time (max_batch 1), at the full non-Flash stack, eager or `compiled` (both engines
     warmed up first, as `wam serve` does: CUDA graphs on CUDA); and the forward's own ceiling for batching n
-    sessions on this device (forward_ceiling)."""
+    sessions on this device, at one chunk and out of phase (forward_ceiling)."""
     from wam.trainer.eval.heldout import held_out
     from wam.trainer.eval.rollouts import new_rollout
     from wam.trainer.inference import Denoiser
@@ -565,8 +565,9 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
     sampler = dataclasses.replace(BASELINE, guidance_batch=True, dit_cache="static", dit_passes=8)
     rows = {}
     for n in sessions:
-        rows[f"{n}_sessions_forward_ceiling"] = forward_ceiling(policy.model, cfg, sampler, heldout, windows, n, dev,
-                                                                compiled)
+        for mixed in (False, True):  # sessions at one chunk, and out of phase as the robots below
+            rows[f"{n}_sessions_forward_ceiling{'_mixed' * mixed}"] = forward_ceiling(
+                policy.model, cfg, sampler, heldout, windows, n, dev, compiled, mixed)
         for mode, max_batch in (("batched", n), ("one_at_a_time", 1)):
             denoiser = Denoiser(policy.model, compiled, n * rows_per_device(sampler, 1))
             engine = DenoiseEngine(denoiser, max_batch)
@@ -625,10 +626,12 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
 
 @torch.no_grad()
 def forward_ceiling(model, cfg, sampler: SamplerSection, heldout, windows: list, n: int, device: torch.device,
-                    compiled: bool = False, repeats: int = 20) -> float:
-    """The most batching `n` sessions can give on this device: n x one session's denoising forward over one
-    forward of all n sessions' rows (each at its first chunk). Near 1 when the forward is compute-bound, near n
-    when it is bound by per-forward overhead (launches, Python); the engine's throughput ratio stays below it."""
+                    compiled: bool = False, mixed: bool = False, repeats: int = 20) -> float:
+    """The most batching `n` sessions can give on this device: each session's denoising forward alone, summed,
+    over one forward of all n sessions' rows. Each at its first chunk, or with `mixed` session i at chunk i mod K,
+    as robots out of phase meet in the engine (compiled: keys padded to the longest context, the dense mask). Near
+    1 when the forward is compute-bound, near n when it is bound by per-forward overhead (launches, Python); the
+    engine's throughput ratio stays below it."""
     from wam.trainer.eval.rollouts import new_rollout
     from wam.trainer.inference import Denoiser
 
@@ -636,18 +639,21 @@ def forward_ceiling(model, cfg, sampler: SamplerSection, heldout, windows: list,
     for i in range(n):
         w = windows[i % len(windows)]
         rollout = _started(new_rollout(model, cfg, sampler, heldout, denoiser), w, device)
-        jobs.append(rollout.start(w.state[0][None].to(device), torch.Generator(device).manual_seed(i)))
-    one, every = jobs[0].passes, [p for job in jobs for p in job.passes]
-    times: dict[int, list[float]] = {1: [], n: []}
+        chunk, f = i % rollout.max_chunks if mixed else 0, rollout.frames_per_chunk
+        for c in range(chunk):
+            rollout.observe(w.latents[:, :, 1 + c * f:1 + (c + 1) * f].to(device))
+        jobs.append(rollout.start(w.state[chunk][None].to(device), torch.Generator(device).manual_seed(i)))
+    forwards = [job.passes for job in jobs] + [[p for job in jobs for p in job.passes]]  # each alone, then all
+    times: list[list[float]] = [[] for _ in forwards]
     for repeat in range(-1, repeats):  # alternated, so a busy machine slows both alike; the first is a warm-up
-        for count, passes in ((1, one), (n, every)):
+        for passes, timed in zip(forwards, times, strict=True):
             _synced(device)
             start = time.perf_counter()
             denoiser(passes)
             _synced(device)
             if repeat >= 0:
-                times[count].append(time.perf_counter() - start)
-    return n * statistics.median(times[1]) / statistics.median(times[n])
+                timed.append(time.perf_counter() - start)
+    return sum(statistics.median(t) for t in times[:-1]) / statistics.median(times[-1])
 
 
 def roofline_ms(cfg, sampler: SamplerSection, path: str, device: torch.device, sessions: int = 1) -> float | None:
