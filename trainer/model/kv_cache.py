@@ -80,9 +80,10 @@ class KVPool:
         with self._freed:
             return self._taken.count(False)
 
-    def take(self, rows: int, wait_s: float = 120.0) -> int:
+    def take(self, rows: int, wait_s: float = 600.0) -> int:
         """The first of `rows` adjacent free rows, now taken. When none are free (the warm-up's sessions, or a
-        closed session not yet collected, still hold them) it waits up to `wait_s` for some to be released."""
+        closed session not yet collected, still hold them) it waits up to `wait_s` for some to be released: as long
+        as a compiled warm-up may take, which a robot's first chunk waits for anyway."""
         deadline = time.monotonic() + wait_s
         while True:
             with self._freed:
