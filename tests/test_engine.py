@@ -216,6 +216,8 @@ def test_a_compiled_server_is_ready_only_after_its_warm_up_reports_its_engine_an
     assert ('wam_policy_engine_info{compiled="True",compute_path="fp32-dequantized",cuda_graphs="False",'
             'device="cpu",devices="1",max_batch="2"} 1.0') in metrics
     assert re.search(r'wam_policy_batch_chunks_bucket\{le="1.0"\} 3.0', metrics)
+    # the robot's session (still connected when /metrics was read) holds its 2 rows of the 16 sessions' 32
+    assert "wam_policy_kv_pool_free_rows 30.0" in metrics
     eager = PolicyRuntime(load_quantized(quantized), sampler="dreamzero", compile="off")
     assert eager.metadata()["engine"]["compiled"] is False
     session = eager.session()

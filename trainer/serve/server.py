@@ -71,6 +71,9 @@ class _Metrics:
                                   "where their KV caches do not fit", registry=self.registry)
         Gauge("wam_policy_session_memory_bytes", "Device memory one session's KV caches take",
               registry=self.registry).set(runtime.session_bytes)
+        if (pool := runtime.engine.denoiser.pool) is not None:  # compiled: made by the warm-up's sessions
+            Gauge("wam_policy_kv_pool_free_rows", "Rows of the compiled engine's KV-cache pool no session holds",
+                  registry=self.registry).set_function(lambda: pool.free_rows)
         self.batch = Histogram("wam_policy_batch_chunks", "Most chunks denoised in one forward with a request's chunk",
                                registry=self.registry, buckets=(1, 2, 4, 8, 16, 32))
         meta = runtime.metadata()
