@@ -563,6 +563,9 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
     heldout = held_out(cfg, data, None, max(sessions), frozen_encoders(cfg, dev))
     windows = [heldout.window(i) for i in heldout.select(max(sessions))]
     sampler = dataclasses.replace(BASELINE, guidance_batch=True, dit_cache="static", dit_passes=8)
+    preset = resolve_preset(cfg)
+    session_gib = kv_cache_bytes(preset.arch, preset.sample, rows_per_device(sampler, 1), policy.model.dtype.itemsize) / 2**30
+    weights_gib = sum(t.nbytes for t in policy.model.parameters()) / 2**30
     rows = {}
     for n in sessions:
         for mixed in (False, True):  # sessions at one chunk, and out of phase as the robots below
@@ -602,14 +605,11 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
             for t in threads:
                 t.join()
             wall = time.perf_counter() - start
-            preset = resolve_preset(cfg)
-            caches = n * kv_cache_bytes(preset.arch, preset.sample, rows_per_device(sampler, 1),
-                                        policy.model.dtype.itemsize)
             rows[f"{n}_sessions_{mode}"] = {"chunks_per_s": len(latencies) / wall, "p50_ms": statistics.median(latencies),
                                             "p99_ms": percentile(latencies, 0.99), "chunks": len(latencies),
                                             # against what the admission counts: the weights and the sessions' caches
-                                            "peak_gib": _peak_gib(dev), "caches_gib": caches / 2**30,
-                                            "weights_gib": sum(t.nbytes for t in policy.model.parameters()) / 2**30,
+                                            "peak_gib": _peak_gib(dev), "caches_gib": n * session_gib,
+                                            "weights_gib": weights_gib,
                                             # the engine thread's host time (warm-up not included), shares of wall
                                             "engine_forward_share": engine.forward_s / wall,
                                             "engine_solver_share": engine.solver_s / wall}

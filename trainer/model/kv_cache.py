@@ -113,7 +113,7 @@ class KVPool:
         """Give `cache`'s rows back to the pool once nothing refers to it any more."""
         weakref.finalize(cache, self.release, cache.pooled.start, cache.pooled.rows)
 
-    def keep(self, block: int, at: PoolRows, text: KV, image: KV | None) -> tuple[KV, KV | None]:
+    def keep(self, block: int, at: PoolSlot, text: KV, image: KV | None) -> tuple[KV, KV | None]:
         """Write a block's cross-attention keys/values of a cache's prompt (and image) into its rows; their views."""
         def keep(pooled: KV, kv: KV) -> KV:
             k, v = pooled.k[block, at.start:at.start + at.rows], pooled.v[block, at.start:at.start + at.rows]
@@ -124,7 +124,7 @@ class KVPool:
         return keep(self.text, text), None if image is None else keep(self.image, image)
 
 
-class PoolRows(NamedTuple):
+class PoolSlot(NamedTuple):
     """Where a cache lives in a KVPool."""
 
     pool: KVPool
@@ -169,7 +169,7 @@ class KVCache:
     grid: tuple[int, int]  # patches per latent frame (h, w)
     max_chunks: int
     layout: TokenLayout | None = None  # committed tokens
-    pooled: PoolRows | None = None  # its rows of a compiled engine's KVPool
+    pooled: PoolSlot | None = None  # its rows of a compiled engine's KVPool
     cross_context: list | None = None  # per block CrossContext, set by WamModel.set_conditioning
     i2v_cond: torch.Tensor | None = None  # (B, 4 + z, 1 + max_chunks * frames_per_chunk, h, w)
     observed_chunks: int = field(default=0)

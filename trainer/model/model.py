@@ -27,7 +27,7 @@ from wam.platform.presets import SampleShape, WamArch
 from wam.trainer.model.attention import CrossContext, PooledContext, SessionContexts
 from wam.trainer.model.block import Conditioning, TokenModulation, WanBlock
 from wam.trainer.model.heads import ActionEncoder, ImageProjection, OutputHead, ReluMLP
-from wam.trainer.model.kv_cache import KVCache, KVPool, LayerCache, PooledRows, PoolRows, SessionRows
+from wam.trainer.model.kv_cache import KVCache, KVPool, LayerCache, PooledRows, PoolSlot, SessionRows
 from wam.trainer.model.layers import Conv3d, sinusoidal_embedding
 from wam.trainer.model.mask import AttentionMask, PaddedMask, RaggedMask
 from wam.trainer.model.rope import rope_tables
@@ -391,7 +391,6 @@ class WamModel(BaseModel):
 
     # -- chunk-wise inference with a KV cache ---------------------------------------------------------
 
-    @torch.no_grad()
     def _cache_capacity(self, max_chunks: int, frames_per_chunk: int, actions_per_chunk: int,
                         latent_hw: tuple[int, int]) -> tuple[tuple[int, int], int]:
         """(patches per latent frame, tokens a cache holds: a context window and room for one prediction)."""
@@ -401,6 +400,7 @@ class WamModel(BaseModel):
         prediction = frames_per_chunk * tokens_per_frame + actions_per_chunk + 1
         return grid, tokens_per_frame * (1 + max_chunks * frames_per_chunk) + prediction
 
+    @torch.no_grad()
     def new_cache(self, batch: int, max_chunks: int, frames_per_chunk: int, actions_per_chunk: int,
                   latent_hw: tuple[int, int], device: torch.device | None = None,
                   pool: KVPool | None = None) -> KVCache:
@@ -417,7 +417,7 @@ class WamModel(BaseModel):
             raise ValueError(f"the KV pool holds {pool.capacity} tokens a row, this cache needs {capacity}")
         start = pool.take(batch)
         cache = KVCache(pool.layer_caches(start, batch), frames_per_chunk, actions_per_chunk, grid, max_chunks,
-                        pooled=PoolRows(pool, start, batch))
+                        pooled=PoolSlot(pool, start, batch))
         pool.hand_out(cache)
         return cache
 
