@@ -388,7 +388,8 @@ def main() -> None:
     parser.add_argument("--flash-model", help="--ablation: a quantized Flash-trained model, its own table")
     parser.add_argument("--windows", type=int, default=4, help="--ablation: held-out windows")
     parser.add_argument("--repeats", type=int, default=3, help="--ablation: passes over the windows (tiny)")
-    parser.add_argument("--rounds", type=int, default=2, help="--ablation: context windows per concurrent robot")
+    parser.add_argument("--rounds", type=int, default=2, help="--ablation: how long the concurrent robots are "
+                        "timed, in context windows per robot (counted once all are running and out of phase)")
     parser.add_argument("--concurrency", action="store_true", help="only the ablation's 1/4/8 concurrent sessions, "
                         "eager and compiled, on the tiny preset (--model, or random weights)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (a shared machine: 1 keeps ratios stable)")
@@ -547,7 +548,8 @@ def sampler_chunks(cfg) -> int:
 def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: int, data: str | None,
                 compiled: bool = False) -> dict:
     """Closed-loop robots (denoise a chunk, write its real frames, again) through one DenoiseEngine: chunks per
-    second and per-chunk p50/p99 (the engine's wait included) with every session's steps batched (max_batch =
+    second and per-chunk p50/p99 (the engine's wait included) while all n are running (_SteadyWindow: `rounds`
+    context windows' chunks per robot), with every session's steps batched (max_batch =
     sessions) vs one chunk at a time (max_batch 1), at the full non-Flash stack, eager or `compiled` (both engines
     warmed up first, as `wam serve` does: CUDA graphs on CUDA); and the forward's own ceiling for batching n
     sessions on this device, at one chunk and out of phase (forward_ceiling)."""
@@ -578,41 +580,43 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
             engine.start(*(_started(new_rollout(policy.model, cfg, sampler, heldout, denoiser), windows[0], dev)
                            for _ in range(warm)))
             engine.ready.wait()
-            latencies: list[float] = []
+            steady = _SteadyWindow(n, n * rounds * preset.sample.num_chunks, engine)
 
-            def robot(i: int, engine=engine, latencies=latencies) -> None:
+            def robot(i: int, engine=engine, steady=steady) -> None:
                 w = windows[i % len(windows)]
                 rollout = new_rollout(policy.model, cfg, sampler, heldout, engine.denoiser)
                 generator = torch.Generator(dev).manual_seed(i)
                 f = rollout.frames_per_chunk
-                for step in range(rounds * rollout.max_chunks + i % rollout.max_chunks):  # sessions out of phase
+                step = 0
+                while not steady.over():
                     c = step % rollout.max_chunks
                     if c == 0:
                         _started(rollout, w, dev)
                     start = time.perf_counter()
                     engine.run(rollout.start(w.state[c][None].to(dev), generator))
                     _synced(dev)
-                    if step >= i % rollout.max_chunks:  # the out-of-phase lead-in is not counted
-                        latencies.append((time.perf_counter() - start) * 1000)
-                    rollout.observe(w.latents[:, :, 1 + c * f:1 + (c + 1) * f].to(dev))
+                    step += 1
+                    steady.served(i, start, time.perf_counter(), lead_in=step <= i % rollout.max_chunks)
+                    engine.observe(rollout.observations(w.latents[:, :, 1 + c * f:1 + (c + 1) * f].to(dev)))
 
             threads = [threading.Thread(target=robot, args=(i,)) for i in range(n)]
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            start = time.perf_counter()
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-            wall = time.perf_counter() - start
+            wall, latencies = steady.closed - steady.opened, steady.latencies_ms
             rows[f"{n}_sessions_{mode}"] = {"chunks_per_s": len(latencies) / wall, "p50_ms": statistics.median(latencies),
                                             "p99_ms": percentile(latencies, 0.99), "chunks": len(latencies),
                                             # against what the admission counts: the weights and the sessions' caches
                                             "peak_gib": _peak_gib(dev), "caches_gib": n * session_gib,
                                             "weights_gib": weights_gib,
-                                            # the engine thread's host time (warm-up not included), shares of wall
-                                            "engine_forward_share": engine.forward_s / wall,
-                                            "engine_solver_share": engine.solver_s / wall}
+                                            # the engine thread's host time in the window, shares of it
+                                            **{f"engine_{part}_share": steady.counted[f"{part}_s"] / wall
+                                               for part in ("forward", "solver", "observe")},
+                                            # sessions' chunks per forward (at most n)
+                                            "mean_batch": steady.counted["chunk_steps"] / steady.counted["forwards"]}
         batched, alone = rows[f"{n}_sessions_batched"], rows[f"{n}_sessions_one_at_a_time"]
         rows[f"{n}_sessions_throughput_ratio"] = batched["chunks_per_s"] / alone["chunks_per_s"]
         print(f"{n} sessions: batched {batched['chunks_per_s']:.2f} chunks/s, one at a time "
@@ -622,6 +626,45 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
         if (bound := roofline_ms(cfg, sampler, path, dev, n)) is not None:  # what batching n can gain at best here
             rows[f"{n}_sessions_roofline_gain"] = n * roofline_ms(cfg, sampler, path, dev) / bound
     return rows
+
+
+# a DenoiseEngine's counters: its thread's time in forwards, solver steps and observes; its forwards and the
+# sessions' chunk steps they ran
+_COUNTERS = ("forward_s", "solver_s", "observe_s", "forwards", "chunk_steps")
+
+
+class _SteadyWindow:
+    """The part of a concurrency run in which all its robots are running and past their out-of-phase lead-in: it
+    opens when the last robot's lead-in ends and closes when `chunks` more chunks are done; throughput and
+    latencies count the chunks done inside it. (The lead-in and the tail, when fewer robots are running, have
+    fewer sessions to batch: counting them understates what n concurrent sessions get.)"""
+
+    def __init__(self, robots: int, chunks: int, engine):
+        self.chunks, self._engine = chunks, engine
+        self.leading = set(range(robots))  # robots still in their lead-in
+        self.opened = self.closed = None
+        self.latencies_ms: list[float] = []
+        self.counted: dict[str, float] = {}  # the engine's counters (_COUNTERS) inside the window
+        self._lock = threading.Lock()
+
+    def served(self, robot: int, start: float, done: float, lead_in: bool) -> None:
+        """Robot `robot` was served a chunk from `start` to `done`."""
+        with self._lock:
+            if self.closed is not None:
+                return
+            if self.opened is not None:
+                self.latencies_ms.append((done - start) * 1000)
+                if len(self.latencies_ms) == self.chunks:
+                    self.closed = done
+                    self.counted = {name: getattr(self._engine, name) - then for name, then in self.counted.items()}
+                return
+            if not lead_in:
+                self.leading.discard(robot)
+            if not self.leading:
+                self.opened, self.counted = done, {name: getattr(self._engine, name) for name in _COUNTERS}
+
+    def over(self) -> bool:
+        return self.closed is not None
 
 
 @torch.no_grad()

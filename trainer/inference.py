@@ -24,7 +24,7 @@ from wam.platform.presets import SampleShape
 from wam.trainer.flow import SCHEDULES, SOLVERS, DitStepCache, guide
 from wam.trainer.guidance_peer import GuidancePeer, RemoteCache
 from wam.trainer.model.kv_cache import KVCache, KVPool
-from wam.trainer.model.model import Prediction, WamModel, WamOutputs
+from wam.trainer.model.model import Observation, Prediction, WamModel, WamOutputs
 
 
 @dataclass
@@ -268,11 +268,18 @@ class ChunkRollout:
     def observe(self, latents: torch.Tensor, chunk: int | None = None) -> None:
         """Write the latents (B, z, F, h, w) of a chunk acted on into the cache(s): by default the next one;
         an earlier `chunk` replaces what was written for it (and drops the chunks after it)."""
+        self.model.observe_many(self.observations(latents, chunk))
+
+    def observations(self, latents: torch.Tensor, chunk: int | None = None) -> list[Observation]:
+        """`observe`'s writes into this rollout's own caches, for a DenoiseEngine to batch with other sessions'
+        (observe_many); a guidance peer's cache is written here and now, on the peer."""
         chunk = self.next_chunk if chunk is None else chunk
         if self.cache is None or chunk >= self.max_chunks:
             raise RuntimeError("nothing to observe: act on a chunk first")
+        local = []
         for cache in self.caches:
             if isinstance(cache, RemoteCache):
                 cache.observe(latents, chunk)
             else:
-                self.model.observe(cache, self._rows(latents), chunk=chunk)
+                local.append(Observation(cache, self._rows(latents), chunk))
+        return local

@@ -136,6 +136,14 @@ class Prediction(NamedTuple):
     action_t: torch.Tensor  # (B,)
 
 
+class Observation(NamedTuple):
+    """`observe`'s inputs for one cache (observe_many)."""
+
+    cache: KVCache
+    latents: torch.Tensor  # (B, z, F, h, w) clean latents: a first frame (chunk None) or a chunk's frames
+    chunk: int | None
+
+
 @lru_cache(maxsize=32)
 def _span_of_token(layout: TokenLayout) -> torch.Tensor:
     lengths = torch.tensor([s.length for s in layout.spans])
@@ -228,6 +236,16 @@ class WamModel(BaseModel):
                 raise ValueError("this Wan2.1-I2V model needs i2v_cond (mask + first-frame latent channels)")
             latents = torch.cat([latents, i2v_cond[:, :, frame_start:frame_start + latents.shape[2]]], dim=1)
         return self.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2)
+
+    def _embed_sessions(self, latents: list[torch.Tensor], caches: list[KVCache],
+                        layouts: list[TokenLayout]) -> torch.Tensor:
+        """Every session's latents (B_i, z, f, h, w) in one patch embedding, each with the I2V channels of its own
+        frames (where its layout's first span starts) -> (sum B_i, f*h'*w', dim)."""
+        frames = latents[0].shape[2]
+        conds = [(cache.i2v_cond, layout.spans[0].frame_start) for cache, layout in zip(caches, layouts, strict=True)]
+        cond = (torch.cat([c[:, :, start:start + frames] for c, start in conds])
+                if self.arch.i2v_concat and all(c is not None for c, _ in conds) else None)
+        return self.embed_video(torch.cat(latents), 0, cond)
 
     def _span_timesteps(self, layout: TokenLayout, video_t: torch.Tensor | None,
                         action_t: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
@@ -448,11 +466,38 @@ class WamModel(BaseModel):
     def observe(self, cache: KVCache, latents: torch.Tensor, chunk: int | None = None) -> None:
         """Write clean latents into the cache: the first frame (chunk=None), or chunk `chunk`'s real observed
         frames at the positions its prediction occupied. Re-observing a chunk drops the chunks after it."""
+        self.observe_many([Observation(cache, latents, chunk)])
+
+    @torch.no_grad()
+    def observe_many(self, items: list[Observation]) -> None:
+        """`observe` for several caches (a serving engine's sessions), each at its own chunk: those writing as many
+        frames (a first frame, or a chunk) in one forward, whose linear layers run on every row at once and whose
+        attention runs per cache over its own keys (predict_many's eager path), each writing into its cache."""
+        if len({id(item.cache) for item in items}) < len(items):
+            raise ValueError("observe_many writes each cache once: a cache's next chunk attends to the one before")
+        plans = [(item, *self._observed_layout(item)) for item in items]  # all checked before any is written
+        for frames in sorted({item.latents.shape[2] for item in items}):
+            group = [plan for plan in plans if plan[0].latents.shape[2] == frames]
+            for item, _, keep in group:
+                item.cache.truncate(keep)
+            caches, layouts = [item.cache for item, _, _ in group], [layout for _, layout, _ in group]
+            x = self._embed_sessions([item.latents for item, _, _ in group], caches, layouts).float()
+            span_t = self._span_timesteps(layouts[0], None, None, x.shape[0], x.device)  # all clean: zeros
+            _, modulation = self._time_modulation(layouts[0], span_t)
+            self.run_blocks(x, modulation, *self._sessions(caches, layouts, x.device))
+            for item, layout, _ in group:
+                item.cache.commit(layout)
+                item.cache.observed_chunks = 0 if item.chunk is None else item.chunk + 1
+
+    @staticmethod
+    def _observed_layout(item: Observation) -> tuple[TokenLayout, TokenLayout | None]:
+        """The layout `item` writes and the committed layout it keeps (None: none, a first frame)."""
+        cache, chunk = item.cache, item.chunk
         if cache.cross_context is None:
             raise RuntimeError("call set_conditioning before observe")
         f, tpf, a = cache.frames_per_chunk, cache.tokens_per_frame, cache.actions_per_chunk
         if chunk is None:
-            layout, keep, frame_start = TokenLayout.first_frame(tpf, a), None, 0
+            layout, keep = TokenLayout.first_frame(tpf, a), None
         else:
             if cache.layout is None or not 0 <= chunk <= cache.observed_chunks:
                 raise ValueError(f"can observe chunk 0..{cache.observed_chunks} after the first frame, not {chunk}")
@@ -460,17 +505,10 @@ class WamModel(BaseModel):
                 raise ValueError(f"the cache holds {cache.max_chunks} chunks; reset it for a new context window")
             layout = TokenLayout.clean_chunk(chunk, f, tpf, a)
             keep = TokenLayout(cache.layout.spans[:1 + chunk], tpf, a)
-            frame_start = 1 + chunk * f
         expected = 1 if chunk is None else f
-        if latents.shape[2] != expected:
-            raise ValueError(f"expected {expected} latent frame(s), got {latents.shape[2]}")
-        cache.truncate(keep)
-        keys = layout if keep is None else keep + layout
-        x = self.embed_video(latents, frame_start, cache.i2v_cond).float()
-        span_t = self._span_timesteps(layout, None, None, x.shape[0], x.device)
-        self._run_blocks(x, layout, keys, span_t, cache.grid, cache.cross_context, cache)
-        cache.commit(layout)
-        cache.observed_chunks = 0 if chunk is None else chunk + 1
+        if item.latents.shape[2] != expected:
+            raise ValueError(f"expected {expected} latent frame(s), got {item.latents.shape[2]}")
+        return layout, keep
 
     @torch.no_grad()
     def predict(self, cache: KVCache, noisy_video: torch.Tensor, noisy_actions: torch.Tensor, state: torch.Tensor,
@@ -497,12 +535,8 @@ class WamModel(BaseModel):
                 raise ValueError(f"the cache holds {cache.max_chunks} chunks; reset it for a new context window")
             layouts.append(TokenLayout.prediction(range(cache.next_chunk, cache.next_chunk + 1), f, tpf, a))
         action_t = torch.cat([item.action_t for item in items]).reshape(-1, 1)
-        # every session's video in one patch embedding, each with the I2V channels of its own chunk's frames
-        conds = [(item.cache.i2v_cond, layout.spans[0].frame_start) for item, layout in zip(items, layouts, strict=True)]
-        cond = (torch.cat([c[:, :, start:start + f] for c, start in conds])
-                if self.arch.i2v_concat and all(c is not None for c, _ in conds) else None)
         x = torch.cat([
-            self.embed_video(torch.cat([item.noisy_video for item in items]), 0, cond),
+            self._embed_sessions([item.noisy_video for item in items], [item.cache for item in items], layouts),
             self.action_encoder(torch.cat([item.noisy_actions for item in items]), action_t.expand(-1, a)),
             self.state_encoder(torch.cat([item.state for item in items]).unsqueeze(1)),
         ], dim=1).float()
@@ -525,8 +559,8 @@ class WamModel(BaseModel):
         (predict_many, eager): no key is padded or copied, attention does what serving each alone does."""
         sizes = tuple(cache.layers[0].k.shape[0] for cache in caches)
         rope = self._row_rope(caches, layouts, sizes, device)
-        masks = tuple(_attention_mask(layout, cache.layout + layout) for cache, layout in zip(caches, layouts,
-                                                                                             strict=True))
+        masks = tuple(_attention_mask(layout, layout if cache.layout is None else cache.layout + layout)
+                      for cache, layout in zip(caches, layouts, strict=True))
         for mask in masks:
             self._prepare_mask(mask, device)
         context = [SessionContexts(sizes, tuple(cache.cross_context[i] for cache in caches))

@@ -1,6 +1,9 @@
 """Continuous batching: one thread denoises the chunks of every session in flight, a step at a time, together.
 
-A session's request becomes a ChunkJob (its noise, solvers and DiT step cache). The engine's thread takes up to
+A session's request becomes a ChunkJob (its noise, solvers and DiT step cache), after the frames its robot saw are
+written into its KV cache: those writes (observe) also run on the engine's thread, up to `max_batch` sessions' in
+one forward, before the next step (so robots' threads do not contend with the engine for the host, and a small
+model's prefill is not one forward per robot). The engine's thread takes up to
 `max_batch` jobs, oldest first, and runs each denoising step of all of them as one forward (predict_many:
 sessions at different chunks, their KV caches padded to one length, a mask per row). A job that arrives joins
 at the next step; a finished one leaves at once and the oldest waiting job takes its place, so no session waits
@@ -22,12 +25,19 @@ import torch
 
 from wam.trainer.guidance_peer import PeerLost
 from wam.trainer.inference import Chunk, ChunkJob, ChunkRollout, Denoiser, advance_jobs
+from wam.trainer.model.model import Observation
 
 log = logging.getLogger("wam.serve")
 
 
 class EngineUnavailable(RuntimeError):
     """The engine cannot denoise (its warm-up failed, or its guidance peer is gone); the message says why."""
+
+
+@dataclass
+class _Observing:
+    observations: list[Observation]
+    future: Future = field(default_factory=Future)
 
 
 @dataclass
@@ -44,10 +54,13 @@ class DenoiseEngine:
         self.failure: str | None = None  # why the engine cannot serve, once it cannot
         self.forwards = 0  # batched forwards run, and the chunks they served (their mean batch)
         self.chunk_steps = 0
+        self.observe_forwards = 0  # batched observes run
         # the engine thread's own time in forwards and in the sessions' solver steps (host time: on a GPU it is
         # launching, not the kernels; where launches bound a small model, it is where the time goes)
         self.forward_s = self.solver_s = 0.0
+        self.observe_s = 0.0  # ... and in the sessions' batched observes
         self._waiting: deque[_Entry] = deque()
+        self._observing: deque[_Observing] = deque()
         self._wake = threading.Condition()
         self._warmups: tuple[ChunkRollout | None, ChunkRollout | None] = (None, None)
 
@@ -63,7 +76,8 @@ class DenoiseEngine:
         """Stop serving: waiting and later chunks fail with `reason`."""
         with self._wake:
             self.failure = reason
-            waiting, self._waiting = list(self._waiting), deque()
+            waiting, self._waiting = [*self._waiting, *self._observing], deque()
+            self._observing = deque()
         for entry in waiting:
             entry.future.set_exception(EngineUnavailable(reason))
 
@@ -80,6 +94,19 @@ class DenoiseEngine:
     def run(self, job: ChunkJob) -> Chunk:
         """Denoise `job` (blocks the calling session)."""
         return self.submit(job).result()
+
+    def observe(self, observations: list[Observation]) -> None:
+        """Write a session's `observations` (ChunkRollout.observations) into its caches on the engine's thread,
+        batched with other sessions' (blocks the calling session until written)."""
+        if not observations:
+            return
+        entry = _Observing(observations)
+        with self._wake:
+            if self.failure:
+                raise EngineUnavailable(self.failure)
+            self._observing.append(entry)
+            self._wake.notify()
+        entry.future.result()
 
     def _warm(self, rollout: ChunkRollout, behind: ChunkRollout | None) -> None:
         """One forward at each row count and chunk position the denoiser will see (the rollout observes blank
@@ -117,18 +144,44 @@ class DenoiseEngine:
         active: list[_Entry] = []
         while True:
             with self._wake:
-                while not active and not self._waiting and not self.failure:
+                while not active and not self._waiting and not self._observing and not self.failure:
                     self._wake.wait()
                 if self.failure:
                     reason = self.failure
                     break
+                observing = [self._observing.popleft() for _ in range(min(self.max_batch, len(self._observing)))]
+            if observing:  # first: each lets a robot's next chunk join the batch
+                self._observe(observing)
+            with self._wake:
                 while len(active) < self.max_batch and self._waiting:  # oldest first
                     entry = self._waiting.popleft()
                     entry.job.queue_s = time.perf_counter() - entry.submitted
                     active.append(entry)
-            active = self._step(active)
+            if active:
+                active = self._step(active)
         for entry in active:
             entry.future.set_exception(EngineUnavailable(reason))
+
+    def _observe(self, batch: list[_Observing]) -> None:
+        started = time.perf_counter()
+        self._write(batch)
+        self.observe_s += time.perf_counter() - started
+
+    def _write(self, batch: list[_Observing]) -> None:
+        """Every session's observations in `batch` in one forward; if that fails, each session's alone, so that
+        only its own error reaches a session (nothing is written before every observation is checked)."""
+        try:
+            self.denoiser.model.observe_many([item for entry in batch for item in entry.observations])
+            self.observe_forwards += 1
+        except Exception as err:  # noqa: BLE001 - the sessions get the error, the engine goes on
+            if len(batch) == 1:
+                batch[0].future.set_exception(err)
+                return
+            for entry in batch:
+                self._write([entry])
+            return
+        for entry in batch:
+            entry.future.set_result(None)
 
     def _step(self, active: list[_Entry]) -> list[_Entry]:
         """One denoising step of every active job in one forward; returns the jobs still denoising."""

@@ -357,7 +357,7 @@ class Session:
                                "step), or none to predict one chunk ahead")
         encoders = self.runtime.encoders
         latents = encoders.vae.encode_stream(encoders.unit_range(frames), self.stream)
-        self.rollout.observe(latents, chunk=self.returned.pop(0).index)
+        self.runtime.engine.observe(self.rollout.observations(latents, chunk=self.returned.pop(0).index))
         self.newest_frame, self.newest_latent = frames[:, :, -1:], latents[:, :, -1:]
 
     def _anchor(self, state: np.ndarray) -> np.ndarray:
@@ -402,7 +402,7 @@ class Session:
                 raise RequestError(f"at most one chunk can be predicted ahead; send the frames of chunk "
                                    f"{self.returned[0].index} of this window first")
             for ahead in self.returned:  # its video stands in until its real frames arrive
-                self.rollout.observe(ahead.video, chunk=ahead.index)
+                self.runtime.engine.observe(self.rollout.observations(ahead.video, chunk=ahead.index))
             if self.rollout.context_full:
                 self._start_window(self.newest_frame, prompt)
                 new_window = True
