@@ -619,8 +619,8 @@ def _details(sections: dict) -> list[str]:
             continue
         lines += ["", f"Concurrent sessions, batched over one at a time ({model}):", "",
                   "| sessions | throughput | roofline's | forward's ceiling: one chunk / out of phase | p99 over a lone "
-                  "session's | peak GiB batched (weights + caches) | engine host time batched: forwards / solver steps "
-                  "(share of wall) |", "|---|---|---|---|---|---|---|"]
+                  "session's | peak GiB batched (weights + caches) | engine host time batched: forwards / solver steps / "
+                  "observes (share of wall) | mean batch |", "|---|---|---|---|---|---|---|---|"]
         for n in (1, 4, 8):
             if f"{n}_sessions_throughput_ratio" in rows:
                 batched = rows[f"{n}_sessions_batched"]
@@ -632,8 +632,9 @@ def _details(sections: dict) -> list[str]:
                              f"{rows[f'{n}_sessions_p99_over_lone_session']:.2f}x | "
                              + ("— | " if peak is None else f"{peak:.2f} ({batched['weights_gib']:.2f} + "
                                 f"{batched['caches_gib']:.2f}) | ")
-                             + (f"{batched['engine_forward_share']:.0%} / {batched['engine_solver_share']:.0%} |"
-                                if "engine_forward_share" in batched else "— |"))
+                             + " / ".join(f"{batched[key]:.0%}" if key in batched else "—" for key in (
+                                 "engine_forward_share", "engine_solver_share", "engine_observe_share"))
+                             + (f" | {batched['mean_batch']:.1f} |" if "mean_batch" in batched else " | — |"))
     for name, r in engine.get("solver_batching", {}).items():
         lines += ["", f"Solver steps of 8 sessions out of phase ({name} shapes), one engine step: batched "
                   f"{r['batched']['p50_ms']:.3f} ms, one session at a time {r['one_at_a_time']['p50_ms']:.3f} ms "
