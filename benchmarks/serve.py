@@ -547,12 +547,13 @@ def sampler_chunks(cfg) -> int:
 @torch.no_grad()
 def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: int, data: str | None,
                 compiled: bool = False) -> dict:
-    """Closed-loop robots (denoise a chunk, write its real frames, again) through one DenoiseEngine: chunks per
-    second and per-chunk p50/p99 (the engine's wait included) while all n are running (_SteadyWindow: `rounds`
-    context windows' chunks per robot), with every session's steps batched (max_batch =
-    sessions) vs one chunk at a time (max_batch 1), at the full non-Flash stack, eager or `compiled` (both engines
-    warmed up first, as `wam serve` does: CUDA graphs on CUDA); and the forward's own ceiling for batching n
-    sessions on this device, at one chunk and out of phase (forward_ceiling)."""
+    """Closed-loop robots (denoise a chunk; its real frames written with the next one's request, as `wam serve`'s
+    sessions do) through one DenoiseEngine: chunks per second and per-chunk p50/p99 (the engine's wait and the
+    frames' write included) while all n are running (_SteadyWindow: `rounds` context windows' chunks per robot),
+    with every session's steps batched (max_batch = sessions) vs one chunk at a time (max_batch 1), at the full
+    non-Flash stack, eager or `compiled` (both engines warmed up first, as `wam serve` does: CUDA graphs on CUDA);
+    and the forward's own ceiling for batching n sessions on this device, at one chunk and out of phase
+    (forward_ceiling)."""
     from wam.trainer.eval.heldout import held_out
     from wam.trainer.eval.rollouts import new_rollout
     from wam.trainer.inference import Denoiser
@@ -586,18 +587,18 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
                 w = windows[i % len(windows)]
                 rollout = new_rollout(policy.model, cfg, sampler, heldout, engine.denoiser)
                 generator = torch.Generator(dev).manual_seed(i)
-                f = rollout.frames_per_chunk
-                step = 0
+                f, step, frames = rollout.frames_per_chunk, 0, []
                 while not steady.over():
                     c = step % rollout.max_chunks
-                    if c == 0:
+                    if c == 0:  # a new window (the last chunk's frames go with the old one, as a server does)
                         _started(rollout, w, dev)
-                    start = time.perf_counter()
-                    engine.run(rollout.start(w.state[c][None].to(dev), generator))
+                        frames = []
+                    start = time.perf_counter()  # the last chunk's frames written, then this chunk: one request
+                    engine.act(frames, lambda c=c: rollout.start(w.state[c][None].to(dev), generator))
                     _synced(dev)
                     step += 1
                     steady.served(i, start, time.perf_counter(), lead_in=step <= i % rollout.max_chunks)
-                    engine.observe(rollout.observations(w.latents[:, :, 1 + c * f:1 + (c + 1) * f].to(dev)))
+                    frames = rollout.observations(w.latents[:, :, 1 + c * f:1 + (c + 1) * f].to(dev), c)
 
             threads = [threading.Thread(target=robot, args=(i,)) for i in range(n)]
             if dev.type == "cuda":

@@ -153,53 +153,57 @@ def test_a_finished_chunk_is_replaced_at_the_next_step_not_after_the_batch(model
     assert close(results[2].actions, c.act(sc, seeded_generator(0)).actions)
 
 
-def observed_by_a_new_engine(net, writes: list) -> tuple[DenoiseEngine, dict[int, Exception]]:
-    """Each of `writes` (a session's observations) through DenoiseEngine.observe from its own thread, all waiting
-    before the engine starts (so they are one batch); the engine, and the error each failed session got."""
-    engine, errors = DenoiseEngine(Denoiser(net), max_batch=4), {}
+def requests_to_a_new_engine(net, requests: list) -> tuple[DenoiseEngine, list]:
+    """Each of `requests` (a function of the engine: a session's request) from its own thread, all waiting before
+    the engine starts (so they are one batch); the engine, and what each returned or raised."""
+    engine, results = DenoiseEngine(Denoiser(net), max_batch=4), [None] * len(requests)
 
-    def observe(i: int) -> None:
+    def request(i: int) -> None:
         try:
-            engine.observe(writes[i])
+            results[i] = requests[i](engine)
         except Exception as err:  # noqa: BLE001 - the test reads it
-            errors[i] = err
+            results[i] = err
 
-    threads = [threading.Thread(target=observe, args=(i,)) for i in range(len(writes))]
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(len(requests))]
     for t in threads:
         t.start()
-    wait_for(lambda: len(engine._observing) == len(writes))
+    wait_for(lambda: len(engine._observing) == len(requests))
     engine.start()
     for t in threads:
         t.join()
-    return engine, errors
+    return engine, results
 
 
 def test_sessions_frames_are_written_in_one_forward_each_as_alone_and_a_bad_one_fails_alone(model):
     """The engine writes waiting sessions' observed frames (at different chunks) into their caches in one forward,
     each cache as observing alone writes it; a session whose frames are wrong gets its own error, and the others'
-    are written."""
+    are written; a chunk requested with its frames is denoised after them, as observing and acting alone."""
     net, preset = model
-    f, observed = preset.sample.frames_per_chunk, (0, 2, 1, 3)
+    f, observed = preset.sample.frames_per_chunk, (0, 2, 1, 1)
     frames, alone, together = [], [], []
     for seed, chunk in enumerate(observed):
         frames.append(WamInputs.random(preset.arch, preset.sample, seed=50 + seed).video[:, :, 1 + chunk * f:1 + (chunk + 1) * f])
         alone.append(session_rollout(model, GUIDED_SAMPLER, seed, chunk)[0])
         alone[-1].observe(frames[-1])
         together.append(session_rollout(model, GUIDED_SAMPLER, seed, chunk)[0])
-    engine, errors = observed_by_a_new_engine(net, [r.observations(frames[i]) for i, r in enumerate(together[:3])])
-    assert not errors and engine.observe_forwards == 1
+    engine, results = requests_to_a_new_engine(net, [lambda e, r=r, x=x: e.observe(r.observations(x))
+                                                     for r, x in zip(together[:2], frames, strict=False)])
+    assert results == [None, None] and engine.observe_forwards == 1
     wrong = session_rollout(model, GUIDED_SAMPLER, 9, 1)[0]
-    engine, errors = observed_by_a_new_engine(net, [wrong.observations(frames[0][:, :, :1]),
-                                                    together[3].observations(frames[3])])
-    assert list(errors) == [0] and "expected 2 latent frame(s), got 1" in str(errors[0])
-    assert wrong.next_chunk == 1 and engine.observe_forwards == 1  # the good one's, alone after the batch failed
+    state = torch.zeros(1, preset.arch.state_dim)
+    engine, results = requests_to_a_new_engine(net, [
+        lambda e: e.observe(wrong.observations(frames[0][:, :, :1])),
+        lambda e: e.observe(together[2].observations(frames[2])),
+        lambda e: e.act(together[3].observations(frames[3]), lambda: together[3].start(state, seeded_generator(0)))])
+    assert isinstance(results[0], ValueError) and "expected 2 latent frame(s), got 1" in str(results[0])
+    assert wrong.next_chunk == 1 and engine.observe_forwards == 2  # the good ones, each alone after the batch failed
     for ref, r in zip(alone, together, strict=True):
         length = ref.cache.layers[0].length
         assert r.next_chunk == ref.next_chunk and r.cache.layers[0].length == length
         for mine, theirs in zip(r.cache.layers, ref.cache.layers, strict=True):
             assert close(mine.k[:, :length], theirs.k[:, :length]) and close(mine.v[:, :length], theirs.v[:, :length])
-    state = torch.zeros(1, preset.arch.state_dim)
-    assert close(together[1].act(state, seeded_generator(0)).actions, alone[1].act(state, seeded_generator(0)).actions)
+    reference = alone[3].act(state, seeded_generator(0))
+    assert results[2].index == reference.index == 2 and close(results[2].actions, reference.actions)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ class Chunk:
     forwards: int = 0  # transformer forwards: one per such step, two with sequential guidance
     queue_s: float = 0.0  # served by a DenoiseEngine: how long it waited for a place in the batch
     batch: int = 1  # ... and the most chunks (of all sessions) denoised in one forward with it
+    index: int = 0  # the chunk of the context window it is
 
 
 class Denoiser:
@@ -95,7 +96,7 @@ class ChunkJob:
     (none when the DiT step cache reuses the last velocities); `advance` takes their outputs and takes the step."""
 
     def __init__(self, rollout: ChunkRollout, state: torch.Tensor, generator: torch.Generator | None):
-        self.rollout, self.state = rollout, state
+        self.rollout, self.state, self.index = rollout, state, rollout.next_chunk
         arch, s = rollout.model.arch, rollout.sampler
         batch, device = state.shape[0], state.device
         h, w = rollout.latent_hw
@@ -148,7 +149,7 @@ class ChunkJob:
 
     def chunk(self) -> Chunk:
         return Chunk(self.video, self.actions, self.dit_steps, self.dit_steps * len(self.rollout.caches), self.queue_s,
-                     self.batch)
+                     self.batch, self.index)
 
 
 def advance_jobs(jobs: list[ChunkJob], outputs: list[list[WamOutputs]]) -> None:

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -37,6 +38,8 @@ class EngineUnavailable(RuntimeError):
 @dataclass
 class _Observing:
     observations: list[Observation]
+    start: Callable[[], ChunkJob] | None = None  # the chunk to denoise once they are written
+    submitted: float = field(default_factory=time.perf_counter)
     future: Future = field(default_factory=Future)
 
 
@@ -98,15 +101,24 @@ class DenoiseEngine:
     def observe(self, observations: list[Observation]) -> None:
         """Write a session's `observations` (ChunkRollout.observations) into its caches on the engine's thread,
         batched with other sessions' (blocks the calling session until written)."""
+        if observations:
+            self._queue(_Observing(observations)).result()
+
+    def act(self, observations: list[Observation], start: Callable[[], ChunkJob]) -> Chunk:
+        """Write a session's `observations` (none: run `start()` at once) and then denoise the chunk `start()`
+        begins, made on the engine's thread once they are written: one request, so the chunk joins the step
+        right after the write (as two, the engine would run a step while the session hands in its chunk)."""
         if not observations:
-            return
-        entry = _Observing(observations)
+            return self.run(start())
+        return self._queue(_Observing(observations, start)).result()
+
+    def _queue(self, entry: _Observing) -> Future:
         with self._wake:
             if self.failure:
                 raise EngineUnavailable(self.failure)
             self._observing.append(entry)
             self._wake.notify()
-        entry.future.result()
+        return entry.future
 
     def _warm(self, rollout: ChunkRollout, behind: ChunkRollout | None) -> None:
         """One forward at each row count and chunk position the denoiser will see (the rollout observes blank
@@ -181,7 +193,18 @@ class DenoiseEngine:
                 self._write([entry])
             return
         for entry in batch:
-            entry.future.set_result(None)
+            if entry.start is None:
+                entry.future.set_result(None)
+                continue
+            try:
+                job = entry.start()
+            except Exception as err:  # noqa: BLE001 - the session gets the error
+                entry.future.set_exception(err)
+                continue
+            with self._wake:  # in the order of submission among the waiting chunks
+                at = next((i for i, waiting in enumerate(self._waiting) if waiting.submitted > entry.submitted),
+                          len(self._waiting))
+                self._waiting.insert(at, _Entry(job, entry.submitted, entry.future))
 
     def _step(self, active: list[_Entry]) -> list[_Entry]:
         """One denoising step of every active job in one forward; returns the jobs still denoising."""

@@ -347,7 +347,9 @@ class Session:
         self.rollout.reset(first.latents, self.text, first.image, first.i2v)
         self.returned, self.newest_frame, self.newest_latent = [], frame, first.latents[:, :, -1:]
 
-    def _observe(self, frames: torch.Tensor) -> None:
+    def _observe(self, frames: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The latents of the frames the robot saw while executing the oldest returned chunk, and that chunk's
+        index: what to write into the cache in place of its prediction."""
         if not self.returned:
             raise RequestError("no returned chunk is waiting for its frames; frames come after a chunk was executed")
         expected = self.runtime.pixel_frames_per_chunk
@@ -357,8 +359,8 @@ class Session:
                                "step), or none to predict one chunk ahead")
         encoders = self.runtime.encoders
         latents = encoders.vae.encode_stream(encoders.unit_range(frames), self.stream)
-        self.runtime.engine.observe(self.rollout.observations(latents, chunk=self.returned.pop(0).index))
         self.newest_frame, self.newest_latent = frames[:, :, -1:], latents[:, :, -1:]
+        return latents, self.returned.pop(0).index
 
     def _anchor(self, state: np.ndarray) -> np.ndarray:
         """The state the next chunk starts from: the robot's, or (one chunk ahead) where the chunk still being
@@ -389,25 +391,25 @@ class Session:
         frames = self._frames(obs)
         start = time.perf_counter()
         new_window = prompt != self.prompt
+        writes: list[tuple[torch.Tensor, int]] = []  # (latents, chunk) to write into the cache first, in order
         if new_window:
             if frames is None:
                 raise RequestError(f"the first call of a session or prompt needs the cameras {list(self.runtime.profile.cameras)}")
             self._start_window(frames[:, :, -1:], prompt)
         else:
             if frames is not None:
-                self._observe(frames)
+                writes.append(self._observe(frames))
             elif not self.returned:
                 raise RequestError("send the frames the robot saw while executing the last chunk")
             if len(self.returned) > 1:
                 raise RequestError(f"at most one chunk can be predicted ahead; send the frames of chunk "
                                    f"{self.returned[0].index} of this window first")
-            for ahead in self.returned:  # its video stands in until its real frames arrive
-                self.runtime.engine.observe(self.rollout.observations(ahead.video, chunk=ahead.index))
-            if self.rollout.context_full:
-                self._start_window(self.newest_frame, prompt)
-                new_window = True
+            writes += [(ahead.video, ahead.index) for ahead in self.returned]  # stands in until its frames come
+            if writes[-1][1] + 1 >= self.rollout.max_chunks:  # the window is full: a new one from the newest frame
+                self._start_window(self.newest_frame, prompt)  # (what was to be written goes with the old one)
+                new_window, writes = True, []
         encoded = time.perf_counter()
-        chunk = self._act(self._anchor(state))
+        chunk = self._act(self._anchor(state), writes)
         done = time.perf_counter()
         self.chunks_served += 1
         if len(self.returned) > 1:  # a chunk predicted ahead continues from the prediction before it
@@ -427,13 +429,17 @@ class Session:
         pixels = self.runtime.encoders.vae.decode(torch.cat([self.newest_latent, video.float()], dim=2))[0, :, 1:]
         return ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
-    def _act(self, anchor: np.ndarray) -> Chunk:
+    def _act(self, anchor: np.ndarray, writes: list[tuple[torch.Tensor, int]]) -> Chunk:
+        """Write `writes` into the cache, then denoise the next chunk from `anchor`, through the engine."""
         runtime = self.runtime
         normalised = anchor if runtime.state_range is None else normalize(anchor, *runtime.state_range)
         state = torch.zeros(1, runtime.arch.state_dim, device=runtime.device)
         state[0, :len(normalised)] = torch.as_tensor(normalised, dtype=torch.float32)
-        index = self.rollout.next_chunk
-        chunk = runtime.engine.run(self.rollout.start(state, self.generator))
+        observations = [self.rollout.observations(latents, chunk) for latents, chunk in writes]
+        for earlier in observations[:-1]:  # a chunk's frames before the prediction ahead of it
+            runtime.engine.observe(earlier)
+        chunk = runtime.engine.act(observations[-1] if observations else [],
+                                   lambda: self.rollout.start(state, self.generator))
         raw = chunk.actions[0].float().cpu()
         require_finite(raw.numpy())  # before smoothing spreads it
         if runtime.postprocess is None:
@@ -441,5 +447,5 @@ class Session:
         else:
             actions = runtime.postprocess(raw.numpy(), anchor)
         actions, report = runtime.envelope.apply(actions, anchor)  # raises UnsafeOutput on NaN / inf
-        self.returned.append(_Returned(index, chunk.video, actions, raw, report))
+        self.returned.append(_Returned(chunk.index, chunk.video, actions, raw, report))
         return chunk
