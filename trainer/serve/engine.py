@@ -86,13 +86,7 @@ class DenoiseEngine:
 
     def submit(self, job: ChunkJob) -> Future:
         """Queue `job`; its future resolves to its Chunk once denoised together with the other sessions' jobs."""
-        entry = _Entry(job, time.perf_counter())
-        with self._wake:
-            if self.failure:
-                raise EngineUnavailable(self.failure)
-            self._waiting.append(entry)
-            self._wake.notify()
-        return entry.future
+        return self._queue(self._waiting, _Entry(job, time.perf_counter()))
 
     def run(self, job: ChunkJob) -> Chunk:
         """Denoise `job` (blocks the calling session)."""
@@ -102,7 +96,7 @@ class DenoiseEngine:
         """Write a session's `observations` (ChunkRollout.observations) into its caches on the engine's thread,
         batched with other sessions' (blocks the calling session until written)."""
         if observations:
-            self._queue(_Observing(observations)).result()
+            self._queue(self._observing, _Observing(observations)).result()
 
     def act(self, observations: list[Observation], start: Callable[[], ChunkJob]) -> Chunk:
         """Write a session's `observations` (none: run `start()` at once) and then denoise the chunk `start()`
@@ -110,13 +104,14 @@ class DenoiseEngine:
         right after the write (as two, the engine would run a step while the session hands in its chunk)."""
         if not observations:
             return self.run(start())
-        return self._queue(_Observing(observations, start)).result()
+        return self._queue(self._observing, _Observing(observations, start)).result()
 
-    def _queue(self, entry: _Observing) -> Future:
+    def _queue(self, queue: deque, entry: _Entry | _Observing) -> Future:
+        """Put `entry` on `queue` (chunks or frames waiting for the engine) and wake the engine; its future."""
         with self._wake:
             if self.failure:
                 raise EngineUnavailable(self.failure)
-            self._observing.append(entry)
+            queue.append(entry)
             self._wake.notify()
         return entry.future
 
