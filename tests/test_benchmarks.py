@@ -147,7 +147,9 @@ def test_the_chunk_profile_says_where_a_served_chunks_time_goes():
     assert profile["clock"] == "host" and sum(profile["shares"].values()) == pytest.approx(1.0)
     times = [r["self_ms"] for r in profile["top"]]
     assert len(times) == 5 and times == sorted(times, reverse=True) and sum(times) <= profile["total_ms"]
-    assert {"matmul", "attention"} <= {r["kind"] for r in profile["top"]}  # the tiny model's chunk calls both
+    assert all(r["kind"] == op_kind(r["op"]) for r in profile["top"])
+    # the tiny model's chunk calls both (among all its operators: on a busy machine any few may top the list)
+    assert profile["shares"]["matmul"] > 0 and profile["shares"]["attention"] > 0
     text = markdown({"date": "2026-12-04T00:00:00+00:00", "mode": "cpu dry run", "targets": [],
                      "missing_capabilities": {}, "sections": {"serve": {"status": "passed", "seconds": 1,
                                                                         "result": {"profile": profile}}}})

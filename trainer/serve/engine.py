@@ -197,6 +197,9 @@ class DenoiseEngine:
                 entry.future.set_exception(err)
                 continue
             with self._wake:  # in the order of submission among the waiting chunks
+                if self.failure:  # failed while writing: nothing will take it from the queue
+                    entry.future.set_exception(EngineUnavailable(self.failure))
+                    continue
                 at = next((i for i, waiting in enumerate(self._waiting) if waiting.submitted > entry.submitted),
                           len(self._waiting))
                 self._waiting.insert(at, _Entry(job, entry.submitted, entry.future))
