@@ -271,18 +271,16 @@ class WamModel(BaseModel):
         e0 = self.time_projection(e.to(self.dtype)).float().unflatten(-1, (6, self.arch.dim))
         return e, TokenModulation(e0, _span_of_token(layout).to(span_t.device))
 
-    def _run_blocks(self, x: torch.Tensor, layout: TokenLayout, keys: TokenLayout, span_t: torch.Tensor,
-                    grid: tuple[int, int], context: Conditioning | list,
-                    cache: KVCache | None, mask: AttentionMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, L, dim) tokens of `layout`, attending to `keys` (the cache's context + layout) under `mask`
-        (default: theirs). Returns the final hidden states and the per-span time embedding (B, spans, dim) for
-        the output head."""
+    def _run_blocks(self, x: torch.Tensor, layout: TokenLayout, span_t: torch.Tensor, grid: tuple[int, int],
+                    context: Conditioning | list, mask: AttentionMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, L, dim) tokens of `layout`, attending to each other (no cache) under `mask` (default: the
+        layout's). Returns the final hidden states and the per-span time embedding (B, spans, dim) for the output
+        head."""
         e, modulation = self._time_modulation(layout, span_t)
         rope = rope_tables(layout, grid, self.arch.head_dim, self.arch.rope_theta, x.device)
-        mask = mask if mask is not None else _attention_mask(layout, keys)
+        mask = mask if mask is not None else _attention_mask(layout, layout)
         self._prepare_mask(mask, x.device)
-        layers = cache.layers if cache is not None else [None] * len(self.blocks)
-        return self.run_blocks(x, modulation, rope, mask, context, layers), e
+        return self.run_blocks(x, modulation, rope, mask, context, [None] * len(self.blocks)), e
 
     def run_blocks(self, x: torch.Tensor, modulation: TokenModulation, rope: tuple[torch.Tensor, torch.Tensor],
                    mask: AttentionMask | PaddedMask | None, context: Conditioning | list,
@@ -327,7 +325,7 @@ class WamModel(BaseModel):
                                          batch.action_t, batch.i2v_cond, f)
         span_t = self._span_timesteps(layout, batch.video_t, batch.action_t, b, x.device)
         context = self.conditioning(batch.text, batch.image)
-        x, e = self._run_blocks(x, layout, layout, span_t, grid, context, cache=None)
+        x, e = self._run_blocks(x, layout, span_t, grid, context)
         return self._decode(x, e, layout, grid, frames)
 
     def _teacher_forcing_tokens(self, video: torch.Tensor, noisy_video: torch.Tensor, noisy_actions: torch.Tensor,
@@ -372,8 +370,8 @@ class WamModel(BaseModel):
         packed = sum(layouts[1:], layouts[0])
         lengths = tuple(layout.length for layout in layouts)
         context = self.conditioning(batch.text, batch.image)._replace(windows=lengths)
-        x, e = self._run_blocks(torch.cat(tokens, dim=1), packed, packed, torch.cat(span_t, dim=1), grid, context,
-                                cache=None, mask=_ragged_mask(tuple(layouts)))
+        x, e = self._run_blocks(torch.cat(tokens, dim=1), packed, torch.cat(span_t, dim=1), grid, context,
+                                mask=_ragged_mask(tuple(layouts)))
         outs, span = [], 0
         for layout, x_window in zip(layouts, x.split(lengths, dim=1), strict=True):
             spans = len(layout.spans)
@@ -404,7 +402,7 @@ class WamModel(BaseModel):
         layout = TokenLayout.video_clip(frames, grid[0] * grid[1])
         x = self.embed_video(latents, 0, i2v_cond).float()  # (B, T*h'*w', dim)
         span_t = self._span_timesteps(layout, timestep.reshape(b, 1), None, b, x.device)  # (B, 1)
-        x, e = self._run_blocks(x, layout, layout, span_t, grid, self.conditioning(text, image), cache=None)
+        x, e = self._run_blocks(x, layout, span_t, grid, self.conditioning(text, image))
         return self._unpatchify(self.head(x, e), frames, grid)  # e (B, 1, dim): every token's time embedding
 
     # -- chunk-wise inference with a KV cache ---------------------------------------------------------
@@ -556,7 +554,7 @@ class WamModel(BaseModel):
 
     def _sessions(self, caches: list[KVCache], layouts: list[TokenLayout], device: torch.device):
         """Per-row RoPE tables, and per block each session's own cache, mask and cross-attention context
-        (predict_many, eager): no key is padded or copied, attention does what serving each alone does."""
+        (predict_many eager, observe_many): no key is padded or copied, attention does what serving each alone does."""
         sizes = tuple(cache.layers[0].k.shape[0] for cache in caches)
         rope = self._row_rope(caches, layouts, sizes, device)
         masks = tuple(_attention_mask(layout, layout if cache.layout is None else cache.layout + layout)

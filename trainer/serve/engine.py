@@ -158,7 +158,9 @@ class DenoiseEngine:
                     break
                 observing = [self._observing.popleft() for _ in range(min(self.max_batch, len(self._observing)))]
             if observing:  # first: each lets a robot's next chunk join the batch
-                self._observe(observing)
+                started = time.perf_counter()
+                self._write(observing)
+                self.observe_s += time.perf_counter() - started
             with self._wake:
                 while len(active) < self.max_batch and self._waiting:  # oldest first
                     entry = self._waiting.popleft()
@@ -168,11 +170,6 @@ class DenoiseEngine:
                 active = self._step(active)
         for entry in active:
             entry.future.set_exception(EngineUnavailable(reason))
-
-    def _observe(self, batch: list[_Observing]) -> None:
-        started = time.perf_counter()
-        self._write(batch)
-        self.observe_s += time.perf_counter() - started
 
     def _write(self, batch: list[_Observing]) -> None:
         """Every session's observations in `batch` in one forward; if that fails, each session's alone, so that
