@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from wam.operators import placement
 from wam.operators.builders import (
     COMPONENT_LABEL,
@@ -85,14 +87,23 @@ def serving_deployment(job: TrainJob, cfg: WamConfig, step: int, model: str, set
     container = _container(job, settings, "policy", serve_command(model, port), cfg.serving.devices,
                            {"cpu": settings.serving.cpu, "memory": settings.serving.memory})
     container["ports"] = [{"name": "policy", "containerPort": port}]
-    container["readinessProbe"] = {"tcpSocket": {"port": port}, "periodSeconds": 5}
+    # Ready only once /readyz says so: the model loaded, the engine compiled and warmed up, a session free, not
+    # draining (the port opens before the warm-up; a replica it routed robots to then would keep them waiting).
+    container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "policy"}, "periodSeconds": 5}
+    # Alive while /healthz answers, checked only once it has answered: loading a 14B model takes minutes.
+    health = {"httpGet": {"path": "/healthz", "port": "policy"}, "periodSeconds": 10, "timeoutSeconds": 5}
+    container["startupProbe"] = {**health, "failureThreshold": 180}
+    container["livenessProbe"] = {**health, "failureThreshold": 6}
     selector = _serving_selector(job)
     template_labels = {**meta["labels"], STEP_LABEL: str(step)}
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
             "spec": {"replicas": serving.replicas, "selector": {"matchLabels": selector},
                      "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
                      "template": {"metadata": {"labels": template_labels},
-                                  "spec": _pod_spec(job, settings, container, "Always")}}}
+                                  "spec": {**_pod_spec(job, settings, container, "Always"),
+                                           # SIGTERM drains the sessions (wam serve): time for that and the exit
+                                           "terminationGracePeriodSeconds": math.ceil(cfg.serving.drain_timeout_s)
+                                           + 15}}}}
 
 
 def serving_service(job: TrainJob, settings: OperatorSettings) -> dict:

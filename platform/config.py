@@ -160,6 +160,8 @@ class ServingSection:
     # once the model is loaded (the CPU: not counted); a robot beyond what fits is refused as at capacity
     max_request_mb: float = 64.0  # larger requests are refused while being read
     idle_timeout_s: float = 300.0  # a session that sends nothing for this long is closed (its slot freed)
+    drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight get to be answered before the server
+    # closes every session (1001, going away) and exits; the serving pod's grace period is this + 15 s
     # The engine (wam.trainer.serve.engine): every session's chunk is denoised step by step in a shared forward.
     max_batch: int = 8  # chunks of different sessions in one forward (continuous batching); 1 = one at a time
     compile: str = "auto"  # auto (on CUDA) | on | off: the step under torch.compile (CUDA graphs on CUDA), warmed up
@@ -343,9 +345,10 @@ def _validate_handoff(cfg: WamConfig) -> None:
     if s.session_memory_gib is not None and s.session_memory_gib <= 0:
         raise ConfigError(f"serving.session_memory_gib must be > 0 (GiB for the sessions' KV caches), got "
                           f"{s.session_memory_gib}; leave it unset for 90% of the GPU's free memory")
-    if s.max_sessions < 1 or s.max_request_mb <= 0 or s.idle_timeout_s <= 0:
-        raise ConfigError("serving.max_sessions must be >= 1, serving.max_request_mb and serving.idle_timeout_s > 0; "
-                          f"got {s.max_sessions}, {s.max_request_mb}, {s.idle_timeout_s}")
+    if s.max_sessions < 1 or s.max_request_mb <= 0 or s.idle_timeout_s <= 0 or s.drain_timeout_s <= 0:
+        raise ConfigError("serving.max_sessions must be >= 1, serving.max_request_mb, serving.idle_timeout_s and "
+                          f"serving.drain_timeout_s > 0; got {s.max_sessions}, {s.max_request_mb}, {s.idle_timeout_s}, "
+                          f"{s.drain_timeout_s}")
     for key in ("action_margin", "step_margin", "state_margin"):
         if not 0 <= getattr(s, key) <= 100:
             raise ConfigError(f"serving.{key} must be in [0, 100] (spans of the training range), got {getattr(s, key)}")

@@ -5,10 +5,16 @@ chunk k, chunk k+1 is already being computed (the request carries no frames; the
 k's predicted video until its real frames come with the following request). Each step records the round
 trip and the server's compute and queue time, and whether the next chunk was ready before the current one
 finished: the deadline a robot loop must meet.
+
+A server that shuts down (a model rollout, a scale-down) answers the request in flight and closes the session with
+code 1001 (going away); the client then reconnects to the same address (the Service: another replica, or the new
+one) for up to `reconnect_s` and sends the request again there, as the first of a new session and context window
+(a request without frames carries the newest frames this client sent).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +25,9 @@ if TYPE_CHECKING:  # wam.platform imports without numpy; the arrays come from op
     import numpy as np
 
 Observation = dict  # camera frames, state, prompt (see the server's metadata for the keys)
+GOING_AWAY = 1001  # the close code of a server that shuts down (RFC 6455)
+
+log = logging.getLogger("wam.client")
 
 
 @dataclass
@@ -29,6 +38,7 @@ class ChunkResult:
     budget_ms: float  # how long the robot takes to execute one chunk
     new_window: bool
     predicted_video: np.ndarray | None = None  # (frames, H, W, 3) uint8, when the request asked for it
+    reconnected: bool = False  # the server went away; a new session (and window) answered the request
 
     @property
     def met_deadline(self) -> bool:
@@ -36,19 +46,52 @@ class ChunkResult:
 
 
 class PolicyClient:
-    def __init__(self, uri: str, control_hz: float):
+    def __init__(self, uri: str, control_hz: float, reconnect_s: float = 120.0):
         from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
+        self.uri, self.reconnect_s = uri, reconnect_s
         self.policy = WebsocketClientPolicy(uri)
         self.metadata = self.policy.get_server_metadata()
         self.budget_ms = 1000 * self.metadata["actions_per_chunk"] / control_hz
+        self._frames: Observation = {}  # the cameras' frames of the newest request that had them
         self._pool = ThreadPoolExecutor(max_workers=1)
 
     def infer(self, obs: Observation) -> ChunkResult:
-        start = time.perf_counter()
-        reply = self.policy.infer(obs)
+        from websockets.exceptions import ConnectionClosed
+
+        start, reconnected = time.perf_counter(), False
+        cameras = self.metadata["cameras"]
+        if all(c in obs for c in cameras):
+            self._frames = {c: obs[c] for c in cameras}
+        try:
+            reply = self.policy.infer(obs)
+        except ConnectionClosed as err:
+            if err.rcvd is None or err.rcvd.code != GOING_AWAY:
+                raise
+            log.warning("the policy server went away (%s); reconnecting to %s", err.rcvd.reason, self.uri)
+            self._reconnect()
+            reply, reconnected = self.policy.infer({**self._frames, **obs}), True
         return ChunkResult(reply["actions"], (time.perf_counter() - start) * 1000, reply["server_timing"],
-                           self.budget_ms, reply["new_window"], reply.get("predicted_video"))
+                           self.budget_ms, reply["new_window"], reply.get("predicted_video"), reconnected)
+
+    def _reconnect(self) -> None:
+        """A new session at `uri`, trying until one serves (a refused or a draining server: again) or
+        reconnect_s has passed."""
+        from openpi_client.websocket_client_policy import WebsocketClientPolicy
+        from websockets.exceptions import ConnectionClosed
+
+        deadline = time.monotonic() + self.reconnect_s
+        while True:
+            try:
+                self.policy = WebsocketClientPolicy(self.uri)
+                return
+            except (OSError, ConnectionClosed) as err:
+                if isinstance(err, ConnectionClosed) and (err.rcvd is None or err.rcvd.code != GOING_AWAY):
+                    raise  # e.g. at capacity: what the caller must see
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"the policy server at {self.uri} went away and none took its place "
+                                          f"within {self.reconnect_s:g} s: {err}") from err
+            time.sleep(0.5)
 
     def submit(self, obs: Observation) -> Future[ChunkResult]:
         return self._pool.submit(self.infer, obs)

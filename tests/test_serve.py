@@ -4,9 +4,14 @@ against the uncached computation, action post-processing, and the whole local pi
 import asyncio
 import json
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +34,7 @@ from wam.trainer.serve import actions as post
 from wam.trainer.serve.policy import PolicyRuntime
 from wam.trainer.serve.server import PolicyServer, serve_in_background
 
-from conftest import randomized_model, wait_for, wam_cli, write_checkpoint, write_run_config
+from conftest import free_port, randomized_model, wait_for, wam_cli, write_checkpoint, write_run_config
 
 
 @pytest.fixture(scope="module")
@@ -337,6 +342,52 @@ def test_a_full_server_refuses_clearly_and_idle_sessions_are_reclaimed(served):
         with pytest.raises(ConnectionClosedOK, match="idle for 1 s"):
             quiet.infer(good)
         assert metric(port, "wam_policy_idle_sessions_closed_total") == 1
+
+
+def readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
+            return r.status, r.read().decode().strip()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode().strip()
+    except OSError:
+        return 0, "unreachable"
+
+
+def test_a_server_shutting_down_answers_the_request_in_flight_and_its_robot_reconnects(served, tmp_path):
+    """SIGTERM (Kubernetes replacing the pod): /readyz turns unready, a new connection and an idle session are
+    closed as going away, the request in flight is answered first and the process exits 0; the robot's next
+    request goes, as a new session, to the server that takes the address over."""
+    port, log = free_port(), tmp_path / "serve.log"
+    uri = f"ws://127.0.0.1:{port}"
+    with log.open("w") as out:  # 2000 steps: a chunk takes seconds, so it is surely in flight at the signal
+        process = subprocess.Popen([str(Path(sys.executable).parent / "wam"), "serve", served["quantized"], "--port",
+                                    str(port), "--device", "cpu", "--steps", "2000"], stdout=out, stderr=out)
+    try:
+        wait_for(lambda: readyz(port) == (200, "ready"), timeout=120)
+        first, later = robot_observations(served["runtime"], seed=21)
+        robot, idle = PolicyClient(uri, control_hz=15.0), WebsocketClientPolicy(uri)
+        in_flight = robot.submit(first)
+        wait_for(lambda: metric(port, "wam_policy_requests_in_flight") == 1, timeout=60)
+        process.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: readyz(port)[0] == 503 and readyz(port)[1], timeout=30).startswith("draining")
+        going_away = r"1001 \(going away\) server shutting down: reconnect"
+        with pytest.raises(ConnectionClosedOK, match=going_away):
+            WebsocketClientPolicy(uri)  # routed here before the endpoints caught up: closed at once
+        with pytest.raises(ConnectionClosedOK, match=going_away):
+            idle.infer(first)  # a session with nothing in flight was closed at once
+        answered = in_flight.result(timeout=300)
+        assert np.isfinite(answered.actions).all() and not answered.reconnected
+        assert process.wait(timeout=120) == 0, log.read_text()[-2000:]
+        assert "drained: every session answered and closed" in log.read_text()
+        # The replica that takes the address over: the robot's next request reconnects and starts a new window.
+        with serve_in_background(PolicyServer(served["runtime"]), port=port):
+            after = robot.infer(later)
+        assert after.reconnected and after.new_window and np.isfinite(after.actions).all()
+        robot.close()
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_sessions_are_admitted_as_far_as_their_kv_caches_fit(served):

@@ -7,11 +7,15 @@ safety envelope refuses (non-finite actions) gets an error frame too, and its se
 server closes a new connection at once with code 1013 and the reason (openpi-client raises it on connect); a
 session idle for `serving.idle_timeout_s` is closed; a request larger than `serving.max_request_mb` closes its
 connection with code 1009 as soon as its size is known, before its bytes are buffered.
+On SIGTERM (Kubernetes replacing or scaling down the pod) the server drains: /readyz turns unready, a new
+connection is closed at once, each session's request in flight is answered, and every session is then closed with
+code 1001 (going away) and a reason, so that its robot reconnects elsewhere (PolicyClient does so on its own); after
+`serving.drain_timeout_s` the rest are closed anyway, and the process exits 0.
 Each session's request runs in its own worker thread (encoding, the KV cache's prefill); the denoising of
 every session's chunk goes through the runtime's engine, which batches the sessions' steps into shared
 forwards, oldest first (wam.trainer.serve.engine). Each reply reports its queue and compute time and how many
 chunks were denoised together. Plain HTTP on the same port: /healthz (alive), /readyz (model loaded, the
-engine warmed up and able to serve, a session slot free), /metrics (Prometheus).
+engine warmed up and able to serve, a session slot free, not draining), /metrics (Prometheus).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +51,9 @@ from wam.trainer.serve.policy import PolicyRuntime, RequestError, Session
 from wam.trainer.serve.safety import UnsafeOutput
 
 log = logging.getLogger("wam.serve")
+# the close code and reason a draining server gives its sessions (RFC 6455 1001: the endpoint is going away)
+GOING_AWAY = 1001
+DRAINING = "server shutting down: reconnect (a new connection goes to a serving replica)"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -65,6 +73,10 @@ class _Metrics:
                                       registry=self.registry)
         self.passes = Counter("wam_policy_transformer_passes", "Transformer forwards run to denoise chunks",
                               registry=self.registry)
+        self.in_flight = Gauge("wam_policy_requests_in_flight", "Requests received and not yet answered",
+                               registry=self.registry)
+        self.drained = Counter("wam_policy_sessions_drained", "Sessions closed because the server shut down",
+                               ["how"], registry=self.registry)  # answered: after their last reply; cut: at the timeout
         self.idle_closed = Counter("wam_policy_idle_sessions_closed", "Sessions closed for idleness",
                                    registry=self.registry)
         self.max_sessions = Gauge("wam_policy_max_sessions", "Sessions admitted at once: serving.max_sessions, fewer "
@@ -88,13 +100,17 @@ class _Metrics:
 
 class PolicyServer:
     def __init__(self, runtime: PolicyRuntime, max_sessions: int | None = None, max_request_mb: float | None = None,
-                 idle_timeout_s: float | None = None):
+                 idle_timeout_s: float | None = None, drain_timeout_s: float | None = None):
         serving = runtime.policy.config.serving
         self.runtime = runtime
         # serving.max_sessions, or what fits the device (what the compiled engine's KV pool holds): never more
         self.max_sessions = min(max_sessions or runtime.max_sessions, runtime.max_sessions)
         self.max_request_bytes = int((max_request_mb or serving.max_request_mb) * 1e6)
         self.idle_timeout_s = idle_timeout_s or serving.idle_timeout_s
+        self.drain_timeout_s = drain_timeout_s or serving.drain_timeout_s
+        self.draining = False
+        self._sessions: dict[ServerConnection, bool] = {}  # every open session: whether a request is in flight
+        self._drained: asyncio.Event | None = None  # set, while draining, when the last session has closed
         self.metrics = _Metrics(runtime)
         self.metrics.max_sessions.set(self.max_sessions)
         self.active = 0
@@ -110,7 +126,8 @@ class PolicyServer:
             return connection.respond(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
             engine = self.runtime.engine
-            problem = (f"not serving: {engine.failure}" if engine.failure
+            problem = (f"draining: shutting down, {self.active} sessions finishing" if self.draining
+                       else f"not serving: {engine.failure}" if engine.failure
                        else "warming up: compiling the denoising step" if not engine.ready.is_set()
                        else f"at capacity: {self.active} sessions" if self.active >= self.max_sessions else "")
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE if problem else HTTPStatus.OK,
@@ -127,6 +144,9 @@ class PolicyServer:
     # -- websocket sessions ---------------------------------------------------------------------------
 
     async def _session(self, ws: ServerConnection) -> None:
+        if self.draining:  # routed here before the endpoints caught up with /readyz
+            await ws.close(GOING_AWAY, DRAINING)
+            return
         if self.active >= self.max_sessions:
             self.metrics.errors.labels("capacity").inc()
             # nothing is sent first: openpi-client expects its metadata, and raises this close reason instead
@@ -134,6 +154,7 @@ class PolicyServer:
             return
         self.active += 1
         self.metrics.sessions.inc()
+        self._sessions[ws] = False
         session = self.runtime.session()
         try:
             await ws.send(self._packer.pack(self.runtime.metadata()))
@@ -145,12 +166,25 @@ class PolicyServer:
                     await ws.close(1000, f"idle for {self.idle_timeout_s:g} s; session closed "
                                          "(serving.idle_timeout_s)")
                     return
-                await ws.send(await self._reply(session, message, time.perf_counter()))
+                self._sessions[ws] = True
+                self.metrics.in_flight.inc()
+                try:
+                    await ws.send(await self._reply(session, message, time.perf_counter()))
+                finally:
+                    self.metrics.in_flight.dec()
+                self._sessions[ws] = False
+                if self.draining:  # answered: now it may go
+                    self.metrics.drained.labels("answered").inc()
+                    await ws.close(GOING_AWAY, DRAINING)
+                    return
         except ConnectionClosed:
             pass
         finally:
+            del self._sessions[ws]
             self.active -= 1
             self.metrics.sessions.dec()
+            if self._drained is not None and not self._sessions:
+                self._drained.set()
 
     async def _reply(self, session: Session, message: bytes | str, received: float) -> bytes | str:
         try:
@@ -206,11 +240,46 @@ class PolicyServer:
         return await serve(self._session, host, port, compression=None, process_request=self._http,
                            max_size=self.max_request_bytes)
 
+    async def drain(self) -> int:
+        """Stop taking sessions and close every one (1001, going away) once its request in flight is answered;
+        after drain_timeout_s the rest are closed anyway. Returns how many were cut off so, mid-request."""
+        self.draining, self._drained = True, asyncio.Event()
+        idle = [ws for ws, busy in self._sessions.items() if not busy]
+        self.metrics.drained.labels("answered").inc(len(idle))
+        await asyncio.gather(*(ws.close(GOING_AWAY, DRAINING) for ws in idle))  # the others close after their reply
+        if self._sessions:
+            try:
+                await asyncio.wait_for(self._drained.wait(), self.drain_timeout_s)
+            except TimeoutError:
+                pass
+        cut = list(self._sessions)
+        self.metrics.drained.labels("cut").inc(len(cut))
+        await asyncio.gather(*(ws.close(GOING_AWAY, f"{DRAINING}; its request was not answered within "
+                                                    f"serving.drain_timeout_s = {self.drain_timeout_s:g} s")
+                               for ws in cut))
+        return len(cut)
+
     async def run(self, host: str, port: int) -> None:
+        """Serve until SIGTERM or SIGINT, then drain (a second signal ends the process at once)."""
         server = await self.start(host, port)
         log.info("serving %s on ws://%s:%d (%s)", self.runtime.metadata()["preset"], host, port,
                  self.runtime.policy.compute_path)
-        await server.serve_forever()
+        stop, loop = asyncio.Event(), asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        for sig in signals:  # back to the defaults: a second Ctrl-C interrupts the drain
+            loop.remove_signal_handler(sig)
+        log.info("shutting down: draining %d sessions (up to %g s: serving.drain_timeout_s)", self.active,
+                 self.drain_timeout_s)
+        cut = await self.drain()
+        server.close()
+        await server.wait_closed()
+        if cut:
+            log.warning("drained: %d sessions cut off mid-request at the timeout", cut)
+        else:
+            log.info("drained: every session answered and closed")
 
 
 def serve_forever(runtime: PolicyRuntime, host: str, port: int) -> None:
