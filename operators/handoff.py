@@ -20,11 +20,13 @@ from wam.operators.settings import OperatorSettings
 from wam.platform import termination
 from wam.platform.config import WamConfig
 from wam.platform.launch import quantize_command, serve_command
+from wam.platform.policy_client import API_KEY_ENV
 from wam.platform.trainjob import TrainJob
 
 STEP_LABEL = "wam.dev/step"
 QUANTIZE_COMPONENT = "quantize"
 SERVING_COMPONENT = "serving"
+API_KEY_SECRET_KEY = "api-key"  # the key of handoff.serving.apiKeySecret's Secret that holds the policy's API key
 
 
 def quantize_job_name(job: TrainJob, step: int) -> str:
@@ -87,6 +89,9 @@ def serving_deployment(job: TrainJob, cfg: WamConfig, step: int, model: str, set
     container = _container(job, settings, "policy", serve_command(model, port), cfg.serving.devices,
                            {"cpu": settings.serving.cpu, "memory": settings.serving.memory})
     container["ports"] = [{"name": "policy", "containerPort": port}]
+    if serving.api_key_secret:  # the server then refuses robots that do not send it
+        container["env"].append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
+            "name": serving.api_key_secret, "key": API_KEY_SECRET_KEY}}})
     # Ready only once /readyz says so: the model loaded, the engine compiled and warmed up, a session free, not
     # draining (the port opens before the warm-up; a replica it routed robots to then would keep them waiting).
     container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "policy"}, "periodSeconds": 5}

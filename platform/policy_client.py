@@ -15,6 +15,7 @@ one) for up to `reconnect_s` and sends the request again there, as the first of 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,9 @@ if TYPE_CHECKING:  # wam.platform imports without numpy; the arrays come from op
 
 Observation = dict  # camera frames, state, prompt (see the server's metadata for the keys)
 GOING_AWAY = 1001  # the close code of a server that shuts down (RFC 6455)
+# the policy's API key, where the server requires one: the server's and the client's environment variable; robots
+# send it as openpi-client's api_key does (the header `Authorization: Api-Key <key>`)
+API_KEY_ENV = "WAM_POLICY_API_KEY"
 
 log = logging.getLogger("wam.client")
 
@@ -46,11 +50,13 @@ class ChunkResult:
 
 
 class PolicyClient:
-    def __init__(self, uri: str, control_hz: float, reconnect_s: float = 120.0):
+    def __init__(self, uri: str, control_hz: float, reconnect_s: float = 120.0, api_key: str | None = None):
+        """api_key: the server's, where it requires one (default: $WAM_POLICY_API_KEY)."""
         from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
         self.uri, self.reconnect_s = uri, reconnect_s
-        self.policy = WebsocketClientPolicy(uri)
+        self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
+        self.policy = WebsocketClientPolicy(uri, api_key=self.api_key)
         self.metadata = self.policy.get_server_metadata()
         self.budget_ms = 1000 * self.metadata["actions_per_chunk"] / control_hz
         self._frames: Observation = {}  # the cameras' frames of the newest request that had them
@@ -83,7 +89,7 @@ class PolicyClient:
         deadline = time.monotonic() + self.reconnect_s
         while True:
             try:
-                self.policy = WebsocketClientPolicy(self.uri)
+                self.policy = WebsocketClientPolicy(self.uri, api_key=self.api_key)
                 return
             except (OSError, ConnectionClosed) as err:
                 if isinstance(err, ConnectionClosed) and (err.rcvd is None or err.rcvd.code != GOING_AWAY):

@@ -39,6 +39,7 @@ QUANTIZE_WHEN = ("every", "final", "never")
 RESTARTABLE_FAILURES = ("Disruption", "Error", "OOMKilled")
 FAILURE_REASONS = (*RESTARTABLE_FAILURES, "InvalidInput", "InvalidSpec", "DeadlineExceeded")
 _PROFILE_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"  # a DNS subdomain, as Secret names are
 
 
 def _immutable(what: str) -> tuple[tuple[str, str], ...]:
@@ -115,6 +116,10 @@ class ServingSpec:
     replicas: int = api_field("Policy-server replicas (0: no serving).", default=0, minimum=0, maximum=64)
     accelerator: str = api_field("Accelerator profile of the serving pods.", default="h100", pattern=_PROFILE_NAME,
                                  max_length=63)
+    api_key_secret: str | None = api_field(
+        "A Secret in the job's namespace whose key `api-key` robots must send to use the policy (openpi-client's "
+        "api_key); none: any connection that reaches the Service may.", default=None, pattern=_SECRET_NAME,
+        max_length=253, server_default=False)
 
 
 @dataclass

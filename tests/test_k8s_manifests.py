@@ -24,6 +24,7 @@ from wam.operators.reconcile import training_children
 from wam.operators.settings import OperatorSettings, load_settings
 from wam.platform import crd, suite, trainjob
 from wam.platform.launch import RAY_DRIVER_ENV, RAY_VERSION
+from wam.platform.policy_client import API_KEY_ENV
 
 from conftest import CHART, HELM, KUBE_VERSION, helm, render_chart
 
@@ -181,6 +182,23 @@ def test_a_policy_server_that_guides_on_two_gpus_gets_two():
     one = JOBS["h100"]
     two = {**one, "config": {**one["config"], "serving": {**one["config"]["serving"], "devices": 2}}}
     assert (policy_gpus(one), policy_gpus(two)) == ("1", "2")
+
+
+def test_a_policy_server_with_an_api_key_secret_gets_it_and_is_ready_only_on_readyz():
+    """The key reaches the server from the Secret, never from the spec; the pod is ready when /readyz says so (the
+    engine compiled and warmed up), not when the port opens, and has time to drain its sessions on SIGTERM."""
+    def deployment(key: str) -> dict:
+        return next(o for o in children(key) if o["kind"] == "Deployment")
+
+    keyed, open_ = deployment("gb200"), deployment("h100")
+    container = keyed["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[API_KEY_ENV] == {"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
+        "name": "wam-policy-api-key", "key": handoff.API_KEY_SECRET_KEY}}}
+    assert API_KEY_ENV not in {e["name"] for e in open_["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "policy"}
+    cfg = trainjob.training_config(make_job(JOBS["gb200"]), OperatorSettings().platform())
+    assert keyed["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > cfg.serving.drain_timeout_s
 
 
 def test_rendezvous_env_and_owner_references():

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openpi_client import msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
-from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
 
 from wam.platform.config import load_config, resolve_preset
 from wam.platform.errors import ConfigError
-from wam.platform.policy_client import PolicyClient, run_async
+from wam.platform.policy_client import API_KEY_ENV, PolicyClient, run_async
 from wam.trainer.data.transforms import normalize
 from wam.trainer.flow import euler_step
 from wam.trainer.model import WamInputs
@@ -388,6 +388,28 @@ def test_a_server_shutting_down_answers_the_request_in_flight_and_its_robot_reco
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_server_with_an_api_key_refuses_robots_without_it(served, monkeypatch):
+    """Only a robot that sends the key (openpi-client's api_key; PolicyClient's from $WAM_POLICY_API_KEY) opens a
+    session; the probes and metrics stay open, and the key never shows in what the server says."""
+    server = PolicyServer(served["runtime"], api_key="s3cret-key")
+    good = robot_observations(served["runtime"], seed=17)[0]
+    with serve_in_background(server) as port:
+        uri = f"ws://127.0.0.1:{port}"
+        for key in (None, "wrong-key"):
+            with pytest.raises(InvalidStatus, match="HTTP 401") as refused:
+                WebsocketClientPolicy(uri, api_key=key)
+            assert b"needs its API key" in refused.value.response.body and b"s3cret" not in refused.value.response.body
+        assert np.isfinite(WebsocketClientPolicy(uri, api_key="s3cret-key").infer(good)["actions"]).all()
+        monkeypatch.setenv(API_KEY_ENV, "s3cret-key")
+        robot = PolicyClient(uri, control_hz=15.0)
+        assert np.isfinite(robot.infer(good).actions).all()
+        robot.close()
+        assert readyz(port) == (200, "ready")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
+            text = r.read().decode()
+        assert 'wam_policy_errors_total{reason="unauthorized"} 2.0' in text and "s3cret" not in text
 
 
 def test_sessions_are_admitted_as_far_as_their_kv_caches_fit(served):

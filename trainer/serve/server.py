@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hmac
 import logging
+import os
 import signal
 import threading
 import time
@@ -45,14 +47,14 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from wam.platform.errors import ConfigError
+from wam.platform.policy_client import API_KEY_ENV, GOING_AWAY
 from wam.trainer.guidance_peer import PeerLost
 from wam.trainer.serve.engine import EngineUnavailable
 from wam.trainer.serve.policy import PolicyRuntime, RequestError, Session
 from wam.trainer.serve.safety import UnsafeOutput
 
 log = logging.getLogger("wam.serve")
-# the close code and reason a draining server gives its sessions (RFC 6455 1001: the endpoint is going away)
-GOING_AWAY = 1001
+# the reason a draining server gives its sessions as it closes them (GOING_AWAY)
 DRAINING = "server shutting down: reconnect (a new connection goes to a serving replica)"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 
@@ -100,7 +102,9 @@ class _Metrics:
 
 class PolicyServer:
     def __init__(self, runtime: PolicyRuntime, max_sessions: int | None = None, max_request_mb: float | None = None,
-                 idle_timeout_s: float | None = None, drain_timeout_s: float | None = None):
+                 idle_timeout_s: float | None = None, drain_timeout_s: float | None = None,
+                 api_key: str | None = None):
+        """api_key: robots must send it (openpi-client's api_key) to open a session; None: anyone may."""
         serving = runtime.policy.config.serving
         self.runtime = runtime
         # serving.max_sessions, or what fits the device (what the compiled engine's KV pool holds): never more
@@ -108,6 +112,7 @@ class PolicyServer:
         self.max_request_bytes = int((max_request_mb or serving.max_request_mb) * 1e6)
         self.idle_timeout_s = idle_timeout_s or serving.idle_timeout_s
         self.drain_timeout_s = drain_timeout_s or serving.drain_timeout_s
+        self._authorization = f"Api-Key {api_key}".encode() if api_key else None  # the header robots must send
         self.draining = False
         self._sessions: dict[ServerConnection, bool] = {}  # every open session: whether a request is in flight
         self._drained: asyncio.Event | None = None  # set, while draining, when the last session has closed
@@ -139,6 +144,12 @@ class PolicyServer:
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return connection.respond(HTTPStatus.NOT_FOUND, "not found: websocket policy at /, or /healthz /readyz "
                                                             "/metrics\n")
+        if self._authorization is not None and not hmac.compare_digest(
+                request.headers.get("Authorization", "").encode(), self._authorization):
+            self.metrics.errors.labels("unauthorized").inc()
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized: this policy server needs its API key, "
+                                      "sent as the header 'Authorization: Api-Key <key>' (openpi-client: "
+                                      f"WebsocketClientPolicy(uri, api_key=...); wam: ${API_KEY_ENV})\n")
         return None
 
     # -- websocket sessions ---------------------------------------------------------------------------
@@ -283,11 +294,16 @@ class PolicyServer:
 
 
 def serve_forever(runtime: PolicyRuntime, host: str, port: int) -> None:
-    """`wam serve`: log to the console and serve until interrupted."""
+    """`wam serve`: log to the console and serve until interrupted; robots must send $WAM_POLICY_API_KEY where it
+    is set."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # a line per connection and health probe otherwise
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("no API key: anyone who reaches %s:%d can drive this policy; set %s to require one", host, port,
+                    API_KEY_ENV)
     try:
-        asyncio.run(PolicyServer(runtime).run(host, port))
+        asyncio.run(PolicyServer(runtime, api_key=api_key).run(host, port))
     except KeyboardInterrupt:
         pass
     except OSError as err:
