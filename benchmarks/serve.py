@@ -25,6 +25,11 @@
     python benchmarks/serve.py [--quick] [--json out.json]
     python benchmarks/serve.py --ablation [--threads 1] [--model Q --data HELD_OUT] [--flash-model Q] [--json out.json]
     python benchmarks/serve.py --concurrency [--threads 1]      # only the concurrent sessions, eager and compiled
+    python benchmarks/serve.py --threads-choice [--json out.json]
+
+5. With --threads-choice: one robot through the engine on the CPU (eager; the tiny preset and the 512-wide
+   blocks) at 1 torch thread, at every core, and at the engine's own choice (serving.cpu_threads unset: the
+   faster of the two at a forward, measured at start): chunks per second and p50 per chunk.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -393,11 +399,14 @@ def main() -> None:
     parser.add_argument("--concurrency", action="store_true", help="only the ablation's 1/4/8 concurrent sessions, "
                         "eager and compiled, on the tiny preset (--model, or random weights)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (a shared machine: 1 keeps ratios stable)")
+    parser.add_argument("--threads-choice", action="store_true", help="only one robot through the CPU engine at 1 "
+                        "thread, every core, and the engine's choice")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.ablation or args.concurrency:
-        results = run_concurrency(args) if args.concurrency else run_ablation(args)
+    if args.ablation or args.concurrency or args.threads_choice:
+        results = (run_concurrency(args) if args.concurrency else threads_choice(args.rounds) if args.threads_choice
+                   else run_ablation(args))
         print(json.dumps(results, indent=1, default=str))
         if args.json:
             args.json.write_text(json.dumps(results, indent=1, default=str))
@@ -546,14 +555,15 @@ def sampler_chunks(cfg) -> int:
 
 @torch.no_grad()
 def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: int, data: str | None,
-                compiled: bool = False) -> dict:
+                compiled: bool = False, cpu_threads: int | None = 0) -> dict:
     """Closed-loop robots (denoise a chunk; its real frames written with the next one's request, as `wam serve`'s
     sessions do) through one DenoiseEngine: chunks per second and per-chunk p50/p99 (the engine's wait and the
     frames' write included) while all n are running (_SteadyWindow: `rounds` context windows' chunks per robot),
     with every session's steps batched (max_batch = sessions) vs one chunk at a time (max_batch 1), at the full
     non-Flash stack, eager or `compiled` (both engines warmed up first, as `wam serve` does: CUDA graphs on CUDA);
     and the forward's own ceiling for batching n sessions on this device, at one chunk and out of phase
-    (forward_ceiling)."""
+    (forward_ceiling). `cpu_threads`: the engine's (DenoiseEngine's; None: its own choice), by default this
+    process's torch threads."""
     from wam.trainer.eval.heldout import held_out
     from wam.trainer.eval.rollouts import new_rollout
     from wam.trainer.inference import Denoiser
@@ -576,8 +586,10 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
                 policy.model, cfg, sampler, heldout, windows, n, dev, compiled, mixed)
         for mode, max_batch in (("batched", n), ("one_at_a_time", 1)):
             denoiser = Denoiser(policy.model, compiled, n * rows_per_device(sampler, 1))
-            engine = DenoiseEngine(denoiser, max_batch)
-            warm = (2 if max_batch > 1 else 1) if compiled else 0  # as wam serve warms up (PolicyRuntime)
+            threads = torch.get_num_threads() if cpu_threads == 0 else cpu_threads
+            engine = DenoiseEngine(denoiser, max_batch, threads if dev.type == "cpu" else None)
+            # as wam serve warms up (PolicyRuntime): compiled, for its graphs; on the CPU, to choose its threads
+            warm = (2 if max_batch > 1 else 1) if compiled else int(dev.type == "cpu" and threads is None)
             engine.start(*(_started(new_rollout(policy.model, cfg, sampler, heldout, denoiser), windows[0], dev)
                            for _ in range(warm)))
             engine.ready.wait()
@@ -617,7 +629,9 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
                                             **{f"engine_{part}_share": steady.counted[f"{part}_s"] / wall
                                                for part in ("forward", "solver", "observe")},
                                             # sessions' chunks per forward (at most n)
-                                            "mean_batch": steady.counted["chunk_steps"] / steady.counted["forwards"]}
+                                            "mean_batch": steady.counted["chunk_steps"] / steady.counted["forwards"],
+                                            "cpu_threads": engine.cpu_threads,
+                                            "thread_timings_ms": engine.thread_timings_ms}
         batched, alone = rows[f"{n}_sessions_batched"], rows[f"{n}_sessions_one_at_a_time"]
         rows[f"{n}_sessions_throughput_ratio"] = batched["chunks_per_s"] / alone["chunks_per_s"]
         print(f"{n} sessions: batched {batched['chunks_per_s']:.2f} chunks/s, one at a time "
@@ -774,6 +788,23 @@ def both_engines(name: str, model_uri: str, device: str, rounds: int, data: str 
     """`concurrency` through the eager and the compiled engine: {name: eager rows, name_compiled: compiled rows}."""
     return {f"{name}{'_compiled' * compiled}": concurrency(model_uri, device, (1, 4, 8), rounds, data, compiled)
             for compiled in (False, True)}
+
+
+def threads_choice(rounds: int) -> dict:
+    """One robot through the eager CPU engine at 1 thread, at every core, and at the engine's choice, on the tiny
+    preset and the 512-wide blocks (random weights): {model: {setting: the 1-session batched row}}."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, overrides in (("tiny", []), ("wide", WIDE)):
+            uri = random_model(Path(tmp) / name, overrides)
+            results[f"cpu_{name}"] = {
+                setting: concurrency(uri, "cpu", (1,), rounds, None, cpu_threads=threads)["1_sessions_batched"]
+                for setting, threads in (("one_thread", 1), ("every_core", torch.get_num_threads()),
+                                         ("chosen", None))}
+            for setting, row in results[f"cpu_{name}"].items():
+                print(f"{name}: {setting} ({row['cpu_threads']} threads) {row['chunks_per_s']:.2f} chunks/s, "
+                      f"p50 {row['p50_ms']:.1f} ms", file=sys.stderr, flush=True)
+    return results
 
 
 def run_concurrency(args) -> dict:

@@ -167,6 +167,8 @@ class ServingSection:
     compile: str = "auto"  # auto (on CUDA) | on | off: the step under torch.compile (CUDA graphs on CUDA), warmed up
     compute: str = "auto"  # matmuls: auto (by compute capability) | nvfp4 | fp8 | bf16-dequantized | fp32-dequantized
     devices: int = 1  # 2: guidance in parallel, the unconditional pass on a second process and device (GPU 1)
+    cpu_threads: int | None = None  # an engine on the CPU: torch's threads; default: the faster of 1 and torch's own
+    # default (every core), measured at start (with several threads running torch's ops, a small model is fastest on 1)
 
     def __post_init__(self) -> None:
         # YAML reads a bare on/off as a boolean, which the string field receives as "True"/"False"
@@ -362,6 +364,8 @@ def _validate_handoff(cfg: WamConfig) -> None:
         raise ConfigError(f"serving.devices must be 1, or 2 for guidance in parallel (the unconditional pass on a "
                           f"second device), got {s.devices}")
     _choice(s.compute, COMPUTE_PATHS, "serving.compute")
+    if s.cpu_threads is not None and s.cpu_threads < 1:
+        raise ConfigError(f"serving.cpu_threads must be >= 1 (or unset: measured at start), got {s.cpu_threads}")
 
 
 def _validate_data(cfg: WamConfig) -> None:

@@ -249,7 +249,8 @@ def test_a_compiled_server_is_ready_only_after_its_warm_up_reports_its_engine_an
         client = WebsocketClientPolicy(f"ws://127.0.0.1:{port}")
         meta = client.get_server_metadata()
         assert meta["engine"] == {"max_batch": 2, "compiled": True, "cuda_graphs": False, "device": "cpu", "devices": 1,
-                                  "max_sessions": 16, "session_memory_gib": runtime.session_bytes / 2**30}
+                                  "max_sessions": 16, "session_memory_gib": runtime.session_bytes / 2**30,
+                                  "cpu_threads": runtime.engine.cpu_threads}
         observations = synthetic_robot(runtime, seed=1)
         compiled = counters["stats"]["unique_graphs"]
         replies = [client.infer(obs) for obs in observations]
@@ -277,6 +278,27 @@ def test_a_compiled_server_is_ready_only_after_its_warm_up_reports_its_engine_an
     for reply, obs in zip(replies, observations, strict=True):
         assert reply["server_timing"]["batch"] == 1
         np.testing.assert_allclose(reply["actions"], session.infer(obs)["actions"], atol=1e-4)
+
+
+def test_a_cpu_engine_runs_on_the_threads_it_measured_faster_or_on_those_set(quantized):
+    """With several threads running torch's ops (a server's), a small model's forward can be several times slower
+    on 2 threads than on 1: the engine times its forward at 1 thread and at torch's default in its own thread, keeps
+    the faster before it reports ready, and the sessions' threads started later run on it too."""
+    runtime = PolicyRuntime(load_quantized(quantized))
+    wait_for(runtime.engine.ready.is_set, timeout=120)
+    timings, chosen = runtime.engine.thread_timings_ms, runtime.engine.cpu_threads
+    assert set(timings) == {1, torch.get_num_threads()} and chosen == min(timings, key=timings.get)
+    assert runtime.metadata()["engine"]["cpu_threads"] == chosen
+    later: list[int] = []  # a session's worker thread, started after the engine chose
+    worker = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    worker.start()
+    worker.join()
+    assert later == [chosen]
+    policy = load_quantized(quantized)
+    policy.config.serving.cpu_threads = 1  # set: nothing measured
+    fixed = PolicyRuntime(policy)
+    wait_for(fixed.engine.ready.is_set, timeout=120)
+    assert fixed.engine.cpu_threads == 1 and fixed.engine.thread_timings_ms == {}
 
 
 def test_the_compute_path_follows_the_chip_and_a_path_the_chip_lacks_is_refused(quantized):

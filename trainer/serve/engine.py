@@ -51,8 +51,13 @@ class _Entry:
 
 
 class DenoiseEngine:
-    def __init__(self, denoiser: Denoiser, max_batch: int):
-        self.denoiser, self.max_batch = denoiser, max_batch
+    def __init__(self, denoiser: Denoiser, max_batch: int, cpu_threads: int | None = None):
+        """cpu_threads (an engine on the CPU): torch's intra-op threads; None: measured in the engine's thread before
+        it reports ready, at the warm-up rollout's forward (the faster of one thread and torch's default: every core,
+        or OMP_NUM_THREADS)."""
+        self.denoiser, self.max_batch, self.cpu_threads = denoiser, max_batch, cpu_threads
+        self._default_threads = torch.get_num_threads()
+        self.thread_timings_ms: dict[int, float] = {}  # a forward's time at each thread count tried (measured)
         self.ready = threading.Event()
         self.failure: str | None = None  # why the engine cannot serve, once it cannot
         self.forwards = 0  # batched forwards run, and the chunks they served (their mean batch)
@@ -68,10 +73,11 @@ class DenoiseEngine:
         self._warmups: tuple[ChunkRollout | None, ChunkRollout | None] = (None, None)
 
     def start(self, warmup: ChunkRollout | None = None, behind: ChunkRollout | None = None) -> None:
-        """Start the engine's thread; with `warmup` (a rollout with a first frame) it first runs one step at every
-        batch size up to max_batch and chunk position (compiling each) and only then sets `ready`. `behind`: a
-        second such rollout, left at its first chunk, so that batches of sessions at different chunks (keys
-        padded, the dense mask: other compiled graphs) are compiled then too, not while robots wait."""
+        """Start the engine's thread; with `warmup` (a rollout with a first frame) it first chooses its CPU threads
+        (on the CPU) and, compiled, runs one step at every batch size up to max_batch and chunk position (compiling
+        each), and only then sets `ready`. `behind`: a second such rollout, left at its first chunk, so that batches
+        of sessions at different chunks (keys padded, the dense mask: other compiled graphs) are compiled then too,
+        not while robots wait."""
         self._warmups = (warmup, behind)  # let go once warmed up, so their KV caches are freed
         threading.Thread(target=self._loop, daemon=True, name="wam-engine").start()
 
@@ -137,10 +143,34 @@ class DenoiseEngine:
                  rollout.max_chunks, " (sessions at one and at different chunks)" if lagging else "",
                  time.perf_counter() - started)
 
+    def _choose_threads(self, rollout: ChunkRollout | None, repeats: int = 5) -> None:
+        """Set torch's intra-op threads for this thread and those the sessions start later: cpu_threads, or the
+        faster at `rollout`'s forward (eager: compiled code keeps the count it is compiled with) of one thread and
+        torch's default. Where several threads run torch's ops, as a server's do, OpenMP stops its idle workers from
+        spinning and each small op waits for them to wake: a small model's forward in the engine's thread can take
+        several times as long with 2 threads as with 1 (benchmarks/serve.py --threads-choice)."""
+        if self.cpu_threads is None and rollout is not None:
+            job, eager = rollout.start(torch.zeros(1, rollout.model.arch.state_dim)), Denoiser(rollout.model)
+            for threads in sorted({1, self._default_threads}):
+                torch.set_num_threads(threads)
+                times = []
+                for _ in range(repeats + 1):  # the first warms up
+                    started = time.perf_counter()
+                    eager(job.passes)  # a guidance peer's passes too
+                    times.append(time.perf_counter() - started)
+                self.thread_timings_ms[threads] = 1000 * sorted(times[1:])[repeats // 2]
+            self.cpu_threads = min(self.thread_timings_ms, key=self.thread_timings_ms.get)
+            log.info("the engine runs on %d CPU thread(s): a forward takes %s", self.cpu_threads, ", ".join(
+                f"{ms:.1f} ms at {n}" for n, ms in self.thread_timings_ms.items()))
+        if self.cpu_threads is not None:
+            torch.set_num_threads(self.cpu_threads)
+
     def _loop(self) -> None:
         (warmup, behind), self._warmups = self._warmups, (None, None)
         try:
-            if warmup is not None:
+            if self.denoiser.model.patch_embedding.weight.device.type == "cpu":
+                self._choose_threads(warmup)
+            if warmup is not None and self.denoiser.compiled:
                 self._warm(warmup, behind)
             del warmup, behind
         except Exception as err:  # noqa: BLE001 - the server reports it unready with this reason

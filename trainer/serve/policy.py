@@ -139,15 +139,17 @@ class PolicyRuntime:
         self.session_bytes, self.max_sessions = self._session_capacity(s)
         self.max_batch = min(self.max_batch, self.max_sessions)
         rows = rows_per_device(self.sampler, self.devices)
-        self.engine = DenoiseEngine(Denoiser(policy.model, self.compiled, self.max_sessions * rows), self.max_batch)
+        self.engine = DenoiseEngine(Denoiser(policy.model, self.compiled, self.max_sessions * rows), self.max_batch,
+                                    s.cpu_threads)
         if self.devices == 2:
             self.peer = self._guidance_peer()
             self.peer.on_lost(self.engine.fail)
-        warm = []
-        if self.compiled:  # blank frames' windows: the engine compiles on them before it reports ready
-            warm = [self.session() for _ in range(2 if self.max_batch > 1 else 1)]  # the second: sessions apart
-            for session in warm:
-                session._start_window(torch.zeros(1, 3, 1, *self.canvas, dtype=torch.uint8), "warm-up")
+        # blank frames' windows: the engine compiles on them before it reports ready (the second: sessions at
+        # different chunks), and on the CPU chooses its threads on the first
+        warm = [self.session() for _ in range((2 if self.max_batch > 1 else 1) if self.compiled else
+                                              int(self.device.type == "cpu"))]
+        for session in warm:
+            session._start_window(torch.zeros(1, 3, 1, *self.canvas, dtype=torch.uint8), "warm-up")
         self.engine.start(*(session.rollout for session in warm))
 
     def _session_capacity(self, s: ServingSection) -> tuple[int, int]:
@@ -229,7 +231,7 @@ class PolicyRuntime:
         cuda = self.device.type == "cuda"
         return {"max_batch": self.max_batch, "compiled": self.compiled, "cuda_graphs": self.compiled and cuda,
                 "device": str(self.device), "devices": self.devices, "max_sessions": self.max_sessions,
-                "session_memory_gib": self.session_bytes / GIB}
+                "session_memory_gib": self.session_bytes / GIB, "cpu_threads": self.engine.cpu_threads}
 
     def sampler_description(self) -> dict:
         s = self.sampler
