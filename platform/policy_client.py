@@ -63,22 +63,29 @@ class PolicyClient:
         self._pool = ThreadPoolExecutor(max_workers=1)
 
     def infer(self, obs: Observation) -> ChunkResult:
-        from websockets.exceptions import ConnectionClosed
-
-        start, reconnected = time.perf_counter(), False
+        start = time.perf_counter()
         cameras = self.metadata["cameras"]
         if all(c in obs for c in cameras):
             self._frames = {c: obs[c] for c in cameras}
-        try:
-            reply = self.policy.infer(obs)
-        except ConnectionClosed as err:
-            if err.rcvd is None or err.rcvd.code != GOING_AWAY:
-                raise
-            log.warning("the policy server went away (%s); reconnecting to %s", err.rcvd.reason, self.uri)
-            self._reconnect()
-            reply, reconnected = self.policy.infer({**self._frames, **obs}), True
+        reply = self._call(lambda: self.policy.infer(obs))
+        reconnected = reply is None
+        if reconnected:  # on a new session, a request without frames carries the newest this client sent
+            reply = self.policy.infer({**self._frames, **obs})
         return ChunkResult(reply["actions"], (time.perf_counter() - start) * 1000, reply["server_timing"],
                            self.budget_ms, reply["new_window"], reply.get("predicted_video"), reconnected)
+
+    def _call(self, request: Callable[[], dict]) -> dict | None:
+        """`request()`'s reply; None where the server went away instead (then connected anew)."""
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            return request()
+        except ConnectionClosed as err:
+            if not _going_away(err):
+                raise
+            log.warning("the policy server went away (%s); reconnecting to %s", err.rcvd.reason, self.uri)
+        self._reconnect()
+        return None
 
     def _reconnect(self) -> None:
         """A new session at `uri`, trying until one serves (a refused or a draining server: again) or
@@ -92,7 +99,7 @@ class PolicyClient:
                 self.policy = WebsocketClientPolicy(self.uri, api_key=self.api_key)
                 return
             except (OSError, ConnectionClosed) as err:
-                if isinstance(err, ConnectionClosed) and (err.rcvd is None or err.rcvd.code != GOING_AWAY):
+                if isinstance(err, ConnectionClosed) and not _going_away(err):
                     raise  # e.g. at capacity: what the caller must see
                 if time.monotonic() > deadline:
                     raise ConnectionError(f"the policy server at {self.uri} went away and none took its place "
@@ -103,12 +110,18 @@ class PolicyClient:
         return self._pool.submit(self.infer, obs)
 
     def reset(self) -> None:
-        """Drop the session's context on the server (openpi-client's own reset is local only)."""
-        self.policy.infer({"reset": True})
+        """Drop the session's context on the server (openpi-client's own reset is local only); a server gone away
+        is connected anew, which starts afresh."""
+        self._call(lambda: self.policy.infer({"reset": True}))
 
     def close(self) -> None:
         self._pool.shutdown()
         self.policy._ws.close()
+
+
+def _going_away(err) -> bool:
+    """Whether a websockets ConnectionClosed is the server's close as it shuts down."""
+    return err.rcvd is not None and err.rcvd.code == GOING_AWAY
 
 
 def without_frames(obs: Observation, cameras: list[str]) -> Observation:

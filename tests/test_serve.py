@@ -366,7 +366,8 @@ def test_a_server_shutting_down_answers_the_request_in_flight_and_its_robot_reco
     try:
         wait_for(lambda: readyz(port) == (200, "ready"), timeout=120)
         first, later = robot_observations(served["runtime"], seed=21)
-        robot, idle = PolicyClient(uri, control_hz=15.0), WebsocketClientPolicy(uri)
+        robot, resetting, idle = PolicyClient(uri, control_hz=15.0), PolicyClient(uri, control_hz=15.0), \
+            WebsocketClientPolicy(uri)
         in_flight = robot.submit(first)
         wait_for(lambda: metric(port, "wam_policy_requests_in_flight") == 1, timeout=60)
         process.send_signal(signal.SIGTERM)
@@ -383,8 +384,12 @@ def test_a_server_shutting_down_answers_the_request_in_flight_and_its_robot_reco
         # The replica that takes the address over: the robot's next request reconnects and starts a new window.
         with serve_in_background(PolicyServer(served["runtime"]), port=port):
             after = robot.infer(later)
+            resetting.reset()  # its session was closed while idle: a reset connects anew
+            fresh = resetting.infer(first)
         assert after.reconnected and after.new_window and np.isfinite(after.actions).all()
+        assert not fresh.reconnected and fresh.new_window
         robot.close()
+        resetting.close()
     finally:
         process.kill()
         process.wait()
