@@ -258,7 +258,8 @@ def serve(
     devices: int | None = typer.Option(None, min=1, max=2, help="2: guidance in parallel, the unconditional pass on "
                                                                 "a second process and GPU (default: serving.devices)"),
 ) -> None:
-    """Serve a quantized policy over openpi's websocket protocol (health: /healthz /readyz, metrics: /metrics)."""
+    """Serve a quantized policy over openpi's websocket protocol (health: /healthz /readyz, metrics: /metrics).
+    Robots must send $WAM_POLICY_API_KEY where it is set; SIGTERM or Ctrl-C drains the sessions, then exits."""
     from wam.trainer.serve.policy import load_runtime
     from wam.trainer.serve.server import serve_forever
 
