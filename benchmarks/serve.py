@@ -26,6 +26,12 @@
     python benchmarks/serve.py --ablation [--threads 1] [--model Q --data HELD_OUT] [--flash-model Q] [--json out.json]
     python benchmarks/serve.py --concurrency [--threads 1]      # only the concurrent sessions, eager and compiled
     python benchmarks/serve.py --threads-choice [--json out.json]
+    python benchmarks/serve.py --memory [--json out.json]
+
+6. With --memory: the eager batched forward's memory at the 14B block width (2 blocks, bf16, guided sessions at
+   their last chunk), traced on fake tensors (torch's MemTracker: no memory is allocated, so it runs on a CPU):
+   the weights, every session's KV cache, and the activations a predict_many and an observe_many of 1, 4 and 8
+   sessions allocate, next to the peaks the H200 measured for the same blocks (docs/gpu-runs).
 
 5. With --threads-choice: one robot through the engine on the CPU (eager; the tiny preset and the 512-wide
    blocks) at 1 torch thread, at every core, and at the engine's own choice (serving.cpu_threads unset: the
@@ -398,14 +404,16 @@ def main() -> None:
     parser.add_argument("--concurrency", action="store_true", help="only the ablation's 1/4/8 concurrent sessions, "
                         "eager and compiled, on the tiny preset (--model, or random weights)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (a shared machine: 1 keeps ratios stable)")
+    parser.add_argument("--memory", action="store_true", help="only the eager batched forward's memory at the 14B "
+                        "width, traced on fake tensors")
     parser.add_argument("--threads-choice", action="store_true", help="only one robot through the CPU engine at 1 "
                         "thread, every core, and the engine's choice")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.ablation or args.concurrency or args.threads_choice:
+    if args.ablation or args.concurrency or args.threads_choice or args.memory:
         results = (run_concurrency(args) if args.concurrency else threads_choice(args.rounds) if args.threads_choice
-                   else run_ablation(args))
+                   else serving_memory() if args.memory else run_ablation(args))
         print(json.dumps(results, indent=1, default=str))
         if args.json:
             args.json.write_text(json.dumps(results, indent=1, default=str))
@@ -787,6 +795,76 @@ def both_engines(name: str, model_uri: str, device: str, rounds: int, data: str 
     """`concurrency` through the eager and the compiled engine: {name: eager rows, name_compiled: compiled rows}."""
     return {f"{name}{'_compiled' * compiled}": concurrency(model_uri, device, (1, 4, 8), rounds, data, compiled)
             for compiled in (False, True)}
+
+
+# torch.cuda.max_memory_allocated on one H200 (2026-12-04, run3: docs/gpu-runs) while 1, 4 and 8 guided robots of
+# these blocks ran through the eager engine; the frozen encoders (random, as there) were on the GPU too
+H200_PEAK_GIB = {1: 6.46, 4: 13.68, 8: 22.71}
+
+
+def serving_memory(sessions: tuple[int, ...] = (1, 4, 8)) -> dict:
+    """The eager engine's memory at the 14B block width (2 blocks, bf16), traced on fake tensors: weights, the
+    frozen encoders the GPU check holds, each session's KV cache, and the activations (MemTracker's ACT) of one
+    predict_many and one observe_many of n guided sessions at their last chunk; their sum next to H200_PEAK_GIB."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from wam.trainer.model import model_config
+    from wam.trainer.model.model import Observation, Prediction
+    from wam.trainer.titan.plan import LayoutConstants
+
+    cfg = load_config(None, ["model.preset=dreamzero-14b", "model.num_layers=2"])
+    preset = resolve_preset(cfg)
+    a, s = preset.arch, preset.sample
+    with torch.device("meta"):
+        encoders = frozen_encoders(cfg, torch.device("meta"))
+    encoder_bytes = sum(p.numel() * 2 for m in (encoders.vae, encoders.text, encoders.image) if m is not None
+                        for p in m.parameters())  # bf16 on a GPU
+    h, w, last = s.latent_height, s.latent_width, s.num_chunks - 1
+    results = {"encoders_gib": encoder_bytes / 2**30}
+    for n in sessions:
+        with FakeTensorMode(allow_non_fake_inputs=True), LayoutConstants():
+            torch.set_default_dtype(torch.bfloat16)  # the parameters are made fake and bf16 (no conversion)
+            try:
+                model = model_config(a, s, "sdpa").build()
+            finally:
+                torch.set_default_dtype(torch.float32)
+
+            def noise(*shape: int) -> torch.Tensor:
+                return torch.randn(*shape, dtype=torch.bfloat16)
+
+            caches = []
+            for _ in range(n):  # guided: 2 rows a session; its context written up to the last chunk
+                cache = model.new_cache(2, s.num_chunks, s.frames_per_chunk, s.actions_per_chunk, (h, w))
+                model.set_conditioning(cache, noise(2, a.text_len, a.text_dim), noise(2, a.image_tokens, a.image_dim),
+                                       noise(2, 20, 1 + s.num_chunks * s.frames_per_chunk, h, w))
+                model.observe(cache, noise(2, a.latent_channels, 1, h, w))
+                for chunk in range(last):
+                    model.observe(cache, noise(2, a.latent_channels, s.frames_per_chunk, h, w), chunk)
+                caches.append(cache)
+            activations = {}
+            for name, run in (
+                    ("predict", lambda: model.predict_many([Prediction(
+                        c, noise(2, a.out_dim, s.frames_per_chunk, h, w), noise(2, s.actions_per_chunk, a.action_dim),
+                        noise(2, a.state_dim), torch.rand(2), torch.rand(2)) for c in caches])),
+                    ("observe", lambda: model.observe_many([Observation(
+                        c, noise(2, a.latent_channels, s.frames_per_chunk, h, w), last) for c in caches]))):
+                tracker = MemTracker()
+                with tracker:
+                    run()
+                peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+                activations[name] = sum(b for kind, b in peak.items() if str(kind).endswith("ACT"))
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        cache_bytes = sum(t.numel() * t.element_size() for c in caches for layer in c.layers for t in (layer.k, layer.v))
+        cache_bytes += sum(kv.k.numel() * kv.k.element_size() * 2 for c in caches for context in c.cross_context
+                           for kv in context[:2] if kv is not None)
+        total = weights + encoder_bytes + cache_bytes + max(activations.values())
+        results[f"{n}_sessions"] = {"weights_gib": weights / 2**30, "caches_gib": cache_bytes / 2**30,
+                                    **{f"{k}_activations_gib": v / 2**30 for k, v in activations.items()},
+                                    "traced_peak_gib": total / 2**30, "h200_measured_gib": H200_PEAK_GIB.get(n)}
+        print(f"{n} sessions: traced {total / 2**30:.2f} GiB (activations {activations['predict'] / 2**30:.2f}), "
+              f"H200 measured {H200_PEAK_GIB.get(n)}", file=sys.stderr, flush=True)
+    return results
 
 
 def threads_choice(rounds: int) -> dict:

@@ -66,7 +66,7 @@ _ATTENTION_FLOPS = {
 }
 
 
-class _LayoutConstants(TorchDispatchMode):
+class LayoutConstants(TorchDispatchMode):
     """Index tensors the model derives from its token layout (which token is in which span, the mask's
     metadata) are computed for real, as small CPU tensors: their sizes depend on their values
     (repeat_interleave, nonzero), which fake tensors do not have. Everything touching model data stays fake."""
@@ -199,7 +199,7 @@ def run_step(cfg: WamConfig, *, fake: bool, steps: int = 2) -> TracedStep:
                 if step == steps:
                     stack.enter_context(recorder)
                 if fake:
-                    stack.enter_context(_LayoutConstants())
+                    stack.enter_context(LayoutConstants())
                 optimizers.zero_grad()
                 trainer.step = step
                 # One micro-batch: the plan multiplies its time by the accumulation (memory does not grow with it).
