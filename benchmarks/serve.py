@@ -844,10 +844,10 @@ def serving_memory(sessions: tuple[int, ...] = (1, 4, 8)) -> dict:
                 caches.append(cache)
             activations = {}
             for name, run in (
-                    ("predict", lambda: model.predict_many([Prediction(
+                    ("predict", lambda model=model, caches=caches: model.predict_many([Prediction(
                         c, noise(2, a.out_dim, s.frames_per_chunk, h, w), noise(2, s.actions_per_chunk, a.action_dim),
                         noise(2, a.state_dim), torch.rand(2), torch.rand(2)) for c in caches])),
-                    ("observe", lambda: model.observe_many([Observation(
+                    ("observe", lambda model=model, caches=caches: model.observe_many([Observation(
                         c, noise(2, a.latent_channels, s.frames_per_chunk, h, w), last) for c in caches]))):
                 tracker = MemTracker()
                 with tracker:

@@ -69,6 +69,16 @@ def test_serve_benchmark_smoke(tmp_path):
     assert burst["refused_from_header"]["peak_growth_mb"] < 10 < burst["buffered"]["peak_growth_mb"]
 
 
+def test_the_traced_serving_memory_stays_near_what_the_h200_measured(tmp_path):
+    """The eager engine's memory at the 14B width, traced on fake tensors, against the H200's measured peaks for the
+    same blocks (a change to the forward's temporaries moves the trace away from them)."""
+    data = run_benchmark("serve.py", tmp_path, "--memory")
+    for n in (1, 4, 8):
+        row = data[f"{n}_sessions"]
+        assert abs(row["traced_peak_gib"] / row["h200_measured_gib"] - 1) < 0.1, row
+    assert data["8_sessions"]["predict_activations_gib"] > 7 * data["1_sessions"]["predict_activations_gib"]
+
+
 def test_attention_benchmark_smoke(tmp_path):
     """On CPU the attention benchmark checks the kernels in Triton's interpreter and reports the schedules."""
     data = run_benchmark("attention.py", tmp_path, "--quick")
