@@ -798,7 +798,8 @@ def both_engines(name: str, model_uri: str, device: str, rounds: int, data: str 
 
 
 # torch.cuda.max_memory_allocated on one H200 (2026-12-04, run3: docs/gpu-runs) while 1, 4 and 8 guided robots of
-# these blocks ran through the eager engine; the frozen encoders (random, as there) were on the GPU too
+# these blocks ran through the eager engine; the frozen encoders (random, as there) were on the GPU too. Measured
+# before the blocks gathered their adaLN terms as used (traced then: 6.11 / 13.78 / 24.03 GiB)
 H200_PEAK_GIB = {1: 6.46, 4: 13.68, 8: 22.71}
 
 

@@ -72,17 +72,19 @@ class WanBlock(Module):
         """x: (B, L, dim) fp32 residual stream. Sub-layers run in the weights' dtype; the residual and the
         modulation stay fp32, as in Wan. With a cache, self-attention also sees the cache's committed keys."""
         dtype = self.ffn[0].weight.dtype
-        mod = (self.modulation + modulation.e0).index_select(1, modulation.span_of_token)  # (B, L, 6, dim)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)
+        mod = self.modulation + modulation.e0  # (B, spans, 6, dim): shift1, scale1, gate1, shift2, scale2, gate2
 
-        h = self.norm1(x).float() * (1 + scale1) + shift1
+        def term(i: int) -> torch.Tensor:  # (B, L, dim), each token its span's: gathered when used, not all six
+            return mod[:, :, i].index_select(1, modulation.span_of_token)  # at once (24 bytes a token and width)
+
+        h = self.norm1(x).float() * (1 + term(1)) + term(0)
         y = self.self_attn(h.to(dtype), rope, mask, cache)
-        x = x + y.float() * gate1
+        x = x + y.float() * term(2)
 
         if isinstance(context, Conditioning):
             context = self.cross_context(context)
         x = x + self.cross_attn(self.norm3(x).to(dtype), context).float()
 
-        h = self.norm2(x).float() * (1 + scale2) + shift2
-        x = x + self.ffn(h.to(dtype)).float() * gate2
+        h = self.norm2(x).float() * (1 + term(4)) + term(3)
+        x = x + self.ffn(h.to(dtype)).float() * term(5)
         return x
