@@ -347,10 +347,11 @@ def _validate_handoff(cfg: WamConfig) -> None:
     if s.session_memory_gib is not None and s.session_memory_gib <= 0:
         raise ConfigError(f"serving.session_memory_gib must be > 0 (GiB for the sessions' KV caches), got "
                           f"{s.session_memory_gib}; leave it unset for 90% of the GPU's free memory")
-    if s.max_sessions < 1 or s.max_request_mb <= 0 or s.idle_timeout_s <= 0 or s.drain_timeout_s <= 0:
-        raise ConfigError("serving.max_sessions must be >= 1, serving.max_request_mb, serving.idle_timeout_s and "
-                          f"serving.drain_timeout_s > 0; got {s.max_sessions}, {s.max_request_mb}, {s.idle_timeout_s}, "
-                          f"{s.drain_timeout_s}")
+    if s.max_sessions < 1:
+        raise ConfigError(f"serving.max_sessions must be >= 1, got {s.max_sessions}")
+    for key in ("max_request_mb", "idle_timeout_s", "drain_timeout_s"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"serving.{key} must be > 0, got {getattr(s, key)}")
     for key in ("action_margin", "step_margin", "state_margin"):
         if not 0 <= getattr(s, key) <= 100:
             raise ConfigError(f"serving.{key} must be in [0, 100] (spans of the training range), got {getattr(s, key)}")

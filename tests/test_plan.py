@@ -44,6 +44,19 @@ def test_traced_memory_matches_a_real_run(tiny_config, tmp_path):
         assert traced[n].traced and not measured.traced
     # FSDP over 2 ranks halves the sharded states of 1.
     assert traced[2].memory["optimizer_state"] == pytest.approx(traced[1].memory["optimizer_state"] / 2, rel=0.02)
+    # What the model caches per token layout (RoPE angles, masks) outlives the trace: a real forward of the same
+    # layout in this process afterwards is real, not made of the trace's fake tensors.
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from tests.conftest import randomized_model
+    from wam.platform.config import resolve_preset
+    from wam.trainer.model import WamInputs
+
+    preset = resolve_preset(cfg)
+    with torch.no_grad():
+        out = randomized_model(preset.arch, preset.sample)(WamInputs.random(preset.arch, preset.sample, batch=1))
+    assert not any(isinstance(t, FakeTensor) for t in (out.video, out.actions)) and torch.isfinite(out.video).all()
 
 
 def _step(**changes) -> TracedStep:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from wam.platform.layout import TokenKind, TokenLayout
 
@@ -39,6 +40,7 @@ def _index_angles(start: int, length: int, head_dim: int, theta: float) -> torch
 
 
 @lru_cache(maxsize=64)
+@unset_fake_temporarily()  # computed for real even inside a fake-tensor trace (`wam plan`): the cache outlives it
 def _layout_angles(layout: TokenLayout, grid: tuple[int, int], head_dim: int, theta: float) -> torch.Tensor:
     parts = []
     for span in layout.spans:

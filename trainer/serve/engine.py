@@ -71,6 +71,7 @@ class DenoiseEngine:
         self._observing: deque[_Observing] = deque()
         self._wake = threading.Condition()
         self._warmups: tuple[ChunkRollout | None, ChunkRollout | None] = (None, None)
+        self._thread: threading.Thread | None = None
 
     def start(self, warmup: ChunkRollout | None = None, behind: ChunkRollout | None = None) -> None:
         """Start the engine's thread; with `warmup` (a rollout with a first frame) it first chooses its CPU threads
@@ -79,7 +80,15 @@ class DenoiseEngine:
         of sessions at different chunks (keys padded, the dense mask: other compiled graphs) are compiled then too,
         not while robots wait."""
         self._warmups = (warmup, behind)  # let go once warmed up, so their KV caches are freed
-        threading.Thread(target=self._loop, daemon=True, name="wam-engine").start()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="wam-engine")
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop serving (as `fail`) and wait up to timeout_s for the engine's thread to end; a warm-up stops at its
+        next forward. (A process that exits while this thread runs torch's native code aborts.)"""
+        self.fail("the server is shutting down")
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     def fail(self, reason: str) -> None:
         """Stop serving: waiting and later chunks fail with `reason`."""
@@ -130,7 +139,7 @@ class DenoiseEngine:
         batches = sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)})
         lagging = behind.start(state).passes if behind is not None else []
         started = time.perf_counter()
-        while True:
+        while not self.failure:  # (stopped)
             job = rollout.start(state)
             for chunks in batches:
                 self.denoiser(job.passes * chunks)
@@ -155,6 +164,8 @@ class DenoiseEngine:
                 torch.set_num_threads(threads)
                 times = []
                 for _ in range(repeats + 1):  # the first warms up
+                    if self.failure:  # stopped
+                        return
                     started = time.perf_counter()
                     eager(job.passes)  # a guidance peer's passes too
                     times.append(time.perf_counter() - started)
@@ -170,7 +181,7 @@ class DenoiseEngine:
         try:
             if self.denoiser.model.patch_embedding.weight.device.type == "cpu":
                 self._choose_threads(warmup)
-            if warmup is not None and self.denoiser.compiled:
+            if warmup is not None and self.denoiser.compiled and not self.failure:
                 self._warm(warmup, behind)
             del warmup, behind
         except Exception as err:  # noqa: BLE001 - the server reports it unready with this reason

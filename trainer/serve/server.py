@@ -311,6 +311,8 @@ def serve_forever(runtime: PolicyRuntime, host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror}; pick another --port (or --host), or "
                               "stop what uses it") from None
         raise
+    finally:
+        runtime.engine.stop()
 
 
 @contextmanager
