@@ -96,6 +96,7 @@ class DenoiseEngine:
             self.failure = reason
             waiting, self._waiting = [*self._waiting, *self._observing], deque()
             self._observing = deque()
+            self._wake.notify()  # an idle engine thread ends
         for entry in waiting:
             entry.future.set_exception(EngineUnavailable(reason))
 
