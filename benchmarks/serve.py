@@ -856,9 +856,7 @@ def serving_memory(sessions: tuple[int, ...] = (1, 4, 8)) -> dict:
                 peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
                 activations[name] = sum(b for kind, b in peak.items() if str(kind).endswith("ACT"))
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        cache_bytes = sum(t.numel() * t.element_size() for c in caches for layer in c.layers for t in (layer.k, layer.v))
-        cache_bytes += sum(kv.k.numel() * kv.k.element_size() * 2 for c in caches for context in c.cross_context
-                           for kv in context[:2] if kv is not None)
+        cache_bytes = n * kv_cache_bytes(a, s, rows=2, element_bytes=2)  # what the admission counts (equal to them)
         total = weights + encoder_bytes + cache_bytes + max(activations.values())
         results[f"{n}_sessions"] = {"weights_gib": weights / 2**30, "caches_gib": cache_bytes / 2**30,
                                     **{f"{k}_activations_gib": v / 2**30 for k, v in activations.items()},

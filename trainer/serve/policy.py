@@ -145,9 +145,9 @@ class PolicyRuntime:
             self.peer = self._guidance_peer()
             self.peer.on_lost(self.engine.fail)
         # blank frames' windows: the engine compiles on them before it reports ready (the second: sessions at
-        # different chunks), and on the CPU chooses its threads on the first
+        # different chunks), and on the CPU chooses its threads on the first (unless serving.cpu_threads sets them)
         warm = [self.session() for _ in range((2 if self.max_batch > 1 else 1) if self.compiled else
-                                              int(self.device.type == "cpu"))]
+                                              int(self.device.type == "cpu" and s.cpu_threads is None))]
         for session in warm:
             session._start_window(torch.zeros(1, 3, 1, *self.canvas, dtype=torch.uint8), "warm-up")
         self.engine.start(*(session.rollout for session in warm))

@@ -118,10 +118,14 @@ class PolicyServer:
         self._drained: asyncio.Event | None = None  # set, while draining, when the last session has closed
         self.metrics = _Metrics(runtime)
         self.metrics.max_sessions.set(self.max_sessions)
-        self.active = 0
         # a thread per session: a request waits for the device in the engine, not behind other sessions' encoding
         self._workers = ThreadPoolExecutor(max_workers=self.max_sessions, thread_name_prefix="wam-infer")
         self._packer = msgpack_numpy.Packer()
+
+    @property
+    def active(self) -> int:
+        """Sessions open now."""
+        return len(self._sessions)
 
     # -- HTTP ------------------------------------------------------------------------------------------
 
@@ -163,7 +167,6 @@ class PolicyServer:
             # nothing is sent first: openpi-client expects its metadata, and raises this close reason instead
             await ws.close(1013, f"server at capacity: {self.active} sessions; retry later")
             return
-        self.active += 1
         self.metrics.sessions.inc()
         self._sessions[ws] = False
         session = self.runtime.session()
@@ -192,7 +195,6 @@ class PolicyServer:
             pass
         finally:
             del self._sessions[ws]
-            self.active -= 1
             self.metrics.sessions.dec()
             if self._drained is not None and not self._sessions:
                 self._drained.set()
