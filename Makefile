@@ -6,10 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 # Debian packages the tests need: the FFmpeg libraries torchcodec links against (PyAV and DALI bundle
-# their own), bubblewrap, which runs the operator's containers under their pods' rules, and Mesa's EGL,
-# through which MuJoCo renders the simulations' cameras offscreen (MUJOCO_GL=egl).
+# their own), bubblewrap, which runs the operator's containers under their pods' rules, Mesa's EGL,
+# through which MuJoCo renders the simulations' cameras offscreen (MUJOCO_GL=egl), and Prometheus for its
+# promtool, which checks and unit-tests the chart's alerts (the server itself is not started).
 SYSTEM_PACKAGES := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8 \
-	bubblewrap libegl-mesa0
+	bubblewrap libegl-mesa0 prometheus
 
 .PHONY: setup test test-fast demo lint bench gpu-bundle gpu-dryrun generate plans clean
 

@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import os
 import sys
@@ -255,6 +256,66 @@ def helm(*args: str) -> str:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def alert_rules() -> list[dict]:
+    """The rule groups of the chart's PrometheusRule (monitoring.enabled)."""
+    docs = render_chart("--set", "monitoring.enabled=true")
+    return next(d for d in docs if d["kind"] == "PrometheusRule")["spec"]["groups"]
+
+
+def alert_metrics(prefix: str) -> set[str]:
+    """The metrics whose names start with `prefix` that the chart's alerts read (a histogram's by its own name)."""
+    import re
+
+    names = {name for group in alert_rules() for rule in group["rules"]
+             for name in re.findall(rf"\b{prefix}[a-z_]+", rule["expr"])}
+    return {re.sub(r"_(bucket|count|sum)$", "", name) for name in names}
+
+
+@contextlib.contextmanager
+def prometheus(folder: Path, targets: dict[str, int], rules: list[dict]):
+    """A real Prometheus (Debian's, which `make setup` installs) scraping `targets` ({pod name: a loopback port},
+    labelled as the chart's PodMonitor labels them) every second, evaluating the rule groups `rules` every second;
+    yields a function of an HTTP API path (e.g. "/api/v1/alerts") that returns its JSON "data"."""
+    import json
+    import subprocess
+    import urllib.request
+
+    import yaml
+
+    (folder / "rules.yaml").write_text(yaml.safe_dump({"groups": rules}))
+    (folder / "prometheus.yaml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(folder / "rules.yaml")],
+        "scrape_configs": [{"job_name": "policy", "static_configs": [
+            {"targets": [f"127.0.0.1:{port}"], "labels": {"namespace": "robots", "pod": pod}}
+            for pod, port in targets.items()]}]}))
+    port = free_port()
+    with open(folder / "prometheus.log", "w") as log:
+        process = subprocess.Popen(["prometheus", f"--config.file={folder / 'prometheus.yaml'}",
+                                    f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                   stdout=log, stderr=subprocess.STDOUT)
+
+    def api(path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return json.load(r)["data"]
+
+    def ready() -> bool:
+        """Prometheus ready"""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            assert process.poll() is None, (folder / "prometheus.log").read_text()
+            return False
+
+    try:
+        wait_for(ready, timeout=60, every=0.2)
+        yield api
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def render_chart(*sets: str, namespace: str = "wam") -> list[dict]:

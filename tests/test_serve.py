@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -34,7 +35,17 @@ from wam.trainer.serve import actions as post
 from wam.trainer.serve.policy import PolicyRuntime
 from wam.trainer.serve.server import PolicyServer, serve_in_background
 
-from conftest import free_port, randomized_model, wait_for, wam_cli, write_checkpoint, write_run_config
+from conftest import (
+    alert_metrics,
+    alert_rules,
+    free_port,
+    prometheus,
+    randomized_model,
+    wait_for,
+    wam_cli,
+    write_checkpoint,
+    write_run_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +86,7 @@ def test_openpi_client_drives_the_server_end_to_end(served):
     client = WebsocketClientPolicy(served["uri"])
     meta = client.get_server_metadata()
     assert meta["embodiment"] == "droid" and meta["action_units"] == "robot" and meta["compute_path"] == "fp32-dequantized"
+    assert meta["control_hz"] == 15 and meta["chunk_seconds"] == pytest.approx(1.6)  # DROID: 24 actions at 15 Hz
     assert meta["cameras"] == ["observation.images.wrist_left", "observation.images.exterior_1_left",
                                "observation.images.exterior_2_left"]
     for i, obs in enumerate(robot_observations(served["runtime"], seed=1, chunks=3)):
@@ -92,6 +104,9 @@ def test_openpi_client_drives_the_server_end_to_end(served):
         metrics = r.read().decode()
     assert re.search(r"wam_policy_requests_total [1-9]", metrics) and "wam_policy_request_seconds_bucket" in metrics
     assert 'wam_policy_info{compute_path="fp32-dequantized",preset="tiny",step="5"} 1.0' in metrics
+    # what the chart's alerts read (tests/test_k8s_manifests.py): a chunk's duration, a latency bucket ending there
+    assert "wam_policy_chunk_seconds 1.6" in metrics and 'wam_policy_request_seconds_bucket{le="1.6"}' in metrics
+    assert alert_metrics("wam_policy_") and all(f"# TYPE {name} " in metrics for name in alert_metrics("wam_policy_"))
 
 
 def test_two_concurrent_sessions_do_not_interfere(served):
@@ -329,14 +344,26 @@ def test_requests_that_used_to_break_a_session(served):
     assert all(np.array_equal(a, b) for a, b in zip(fresh, again, strict=True))
 
 
-def test_a_full_server_refuses_clearly_and_idle_sessions_are_reclaimed(served):
+def test_a_full_server_refuses_clearly_and_idle_sessions_are_reclaimed(served, tmp_path):
+    """... and a real Prometheus scraping it with the chart's alerts raises WamPolicyRobotsRefused."""
     server = PolicyServer(served["runtime"], max_sessions=1, idle_timeout_s=1.0)
     good = robot_observations(served["runtime"], seed=13)[0]
-    with serve_in_background(server) as port:
+    with serve_in_background(server) as port, prometheus(tmp_path, {"policy-0": port}, alert_rules()) as api:
         uri = f"ws://127.0.0.1:{port}"
+        query = urllib.parse.quote('wam_policy_errors_total{reason="capacity"}')
+        # scraped once with no robot refused yet (the series exists from the start, at 0)
+        wait_for(lambda: api(f"/api/v1/query?query={query}")["result"], timeout=60)
         quiet = WebsocketClientPolicy(uri)
         with pytest.raises(ConnectionClosedError, match="1013 .*server at capacity: 1 sessions; retry later"):
             WebsocketClientPolicy(uri)  # openpi-client raises the reason while it waits for the metadata
+
+        def refused_alert() -> list[dict]:
+            """Prometheus firing WamPolicyRobotsRefused"""
+            return [a for a in api("/api/v1/alerts")["alerts"]
+                    if a["labels"]["alertname"] == "WamPolicyRobotsRefused" and a["state"] == "firing"]
+
+        (alert,) = wait_for(refused_alert, timeout=60)
+        assert alert["labels"]["pod"] == "policy-0" and "turned robots away" in alert["annotations"]["description"]
         wait_for(lambda: server.active == 0, timeout=30)  # the quiet robot's session times out, its slot frees
         assert WebsocketClientPolicy(uri).infer(good)["actions"].shape[0] == 24
         with pytest.raises(ConnectionClosedOK, match="idle for 1 s"):

@@ -105,6 +105,8 @@ class PolicyRuntime:
         self.canvas = (self.sample.latent_height * stride, self.sample.latent_width * stride)
         self.pixel_frames_per_chunk = self.encoders.vae.cfg.temporal_stride * self.sample.frames_per_chunk
         self.profile, self.stats = self._embodiment(embodiment or cfg.serving.embodiment)
+        # how long a robot takes to execute a chunk: a chunk answered later leaves an asynchronous robot idle
+        self.chunk_seconds = self.sample.actions_per_chunk / self.profile.control_hz
         s = cfg.serving
         self.state_range: tuple[np.ndarray, np.ndarray] | None = None  # q01, q99 of the state (robot units)
         self.postprocess = None
@@ -203,6 +205,7 @@ class PolicyRuntime:
             "action_units": "robot" if self.stats else "normalised",
             "actions_per_chunk": self.sample.actions_per_chunk, "frames_per_chunk": self.pixel_frames_per_chunk,
             "frame_stride": p.video_stride, "chunks_per_window": self.sample.num_chunks,
+            "control_hz": p.control_hz, "chunk_seconds": self.chunk_seconds,
             "safety": {"limits_from": self.envelope.source, "action_low": self.envelope.low.tolist(),
                        "action_high": self.envelope.high.tolist(),
                        "max_action_step": None if self.envelope.max_step is None else self.envelope.max_step.tolist(),

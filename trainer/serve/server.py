@@ -56,14 +56,18 @@ from wam.trainer.serve.safety import UnsafeOutput
 log = logging.getLogger("wam.serve")
 # the reason a draining server gives its sessions as it closes them (GOING_AWAY)
 DRAINING = "server shutting down: reconnect (a new connection goes to a serving replica)"
+# why a request was answered with an error (wam_policy_errors_total{reason}); capacity and unauthorized: a
+# connection refused before its session opened
+ERROR_REASONS = ("bad_request", "unavailable", "unsafe_output", "internal", "capacity", "unauthorized")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 
 
 class _Metrics:
     def __init__(self, runtime: PolicyRuntime):
         self.registry = CollectorRegistry()
+        # a bucket ends at the chunk's duration, so that a p99 above it means more than 1% of chunks came late
         self.latency = Histogram("wam_policy_request_seconds", "Request latency: queue + inference", registry=self.registry,
-                                 buckets=_LATENCY_BUCKETS)
+                                 buckets=sorted({*_LATENCY_BUCKETS, runtime.chunk_seconds}))
         self.queue = Histogram("wam_policy_queue_seconds", "Time a request waited for the device", registry=self.registry,
                                buckets=_LATENCY_BUCKETS)
         self.sessions = Gauge("wam_policy_sessions", "Connected robot sessions", registry=self.registry)
@@ -79,12 +83,19 @@ class _Metrics:
                                registry=self.registry)
         self.drained = Counter("wam_policy_sessions_drained", "Sessions closed because the server shut down",
                                ["how"], registry=self.registry)  # answered: after their last reply; cut: at the timeout
+        # every label's series from the start, at 0: Prometheus' increase() misses a counter's first appearance
+        for counter, values in ((self.errors, ERROR_REASONS), (self.drained, ("answered", "cut"))):
+            for value in values:
+                counter.labels(value)
         self.idle_closed = Counter("wam_policy_idle_sessions_closed", "Sessions closed for idleness",
                                    registry=self.registry)
         self.max_sessions = Gauge("wam_policy_max_sessions", "Sessions admitted at once: serving.max_sessions, fewer "
                                   "where their KV caches do not fit", registry=self.registry)
         Gauge("wam_policy_session_memory_bytes", "Device memory one session's KV caches take",
               registry=self.registry).set(runtime.session_bytes)
+        Gauge("wam_policy_chunk_seconds", "How long a robot takes to execute one chunk (its actions at the control "
+              "rate): a chunk answered later leaves an asynchronous robot idle", registry=self.registry).set(
+            runtime.chunk_seconds)
         if (pool := runtime.engine.denoiser.pool) is not None:  # compiled: made by the warm-up's sessions
             Gauge("wam_policy_kv_pool_free_rows", "Rows of the compiled engine's KV-cache pool no session holds",
                   registry=self.registry).set_function(lambda: pool.free_rows)
