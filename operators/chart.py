@@ -65,8 +65,8 @@ def values_schema() -> dict:
                        persistence=_object("", size=_STRING, storageClass=_STRING),
                        artifactsDestination=_STRING, secretRefs={"type": "array", "items": _STRING},
                        trackingUri=_STRING, externalUrl=_STRING, resources=_OBJECT),
-        monitoring=_object("Prometheus Operator objects: policy servers, the operator, a fleet's alerts.",
-                           enabled=_BOOL, labels=_OBJECT, rules=_BOOL,
+        monitoring=_object("Prometheus Operator objects: policy servers, the operator, a fleet's alerts, a Grafana "
+                           "dashboard.", enabled=_BOOL, labels=_OBJECT, rules=_BOOL, dashboard=_BOOL,
                            interval={"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}),
         nightly=_object("Nightly regression suite, run by `wam regress`.", enabled=_BOOL, schedule=_STRING,
                         updateBaseline=_BOOL, pollSeconds={"type": "number", "exclusiveMinimum": 0},

@@ -273,6 +273,23 @@ def alert_metrics(prefix: str) -> set[str]:
     return {re.sub(r"_(bucket|count|sum)$", "", name) for name in names}
 
 
+def dashboard_queries() -> dict[str, str]:
+    """The PromQL of every target of the chart's Grafana dashboard, {"panel title/refId": query}, with Grafana's
+    variables as a query over every namespace and TrainJob would set them."""
+    import json
+
+    dashboard = json.loads((CHART / "dashboards" / "wam-policy-servers.json").read_text())
+    values = {"$namespace": ".*", "$trainjob": ".*", "$__rate_interval": "1m"}
+    queries = {}
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            query = target["expr"]
+            for name, value in values.items():
+                query = query.replace(name, value)
+            queries[f"{panel['title']}/{target['refId']}"] = query
+    return queries
+
+
 @contextlib.contextmanager
 def prometheus(folder: Path, targets: dict[str, int], rules: list[dict]):
     """A real Prometheus (Debian's, which `make setup` installs) scraping `targets` ({pod name: a loopback port},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -26,7 +27,7 @@ from wam.platform import crd, suite, trainjob
 from wam.platform.launch import RAY_DRIVER_ENV, RAY_VERSION
 from wam.platform.policy_client import API_KEY_ENV
 
-from conftest import CHART, HELM, KUBE_VERSION, alert_metrics, alert_rules, helm, render_chart
+from conftest import CHART, HELM, KUBE_VERSION, alert_metrics, alert_rules, dashboard_queries, helm, render_chart
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -405,6 +406,17 @@ def test_chart_monitors_every_policy_server_and_the_operator():
     assert [e["port"] for e in monitor["endpoints"]] == [p["name"] for p in service["spec"]["ports"]]
     assert not {d["kind"] for d in render_chart(*MONITORED, "--set", "monitoring.rules=false")} & {"PrometheusRule"}
     assert {d["kind"]: d for d in render_chart(*MONITORED)}["PodMonitor"]["spec"]["namespaceSelector"] == {"any": True}
+    dashboards = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboards"))
+    kubernetes_validate.validate(dashboards, KUBE_VERSION, strict=True)
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"  # what Grafana's sidecar loads
+    dashboard = json.loads(dashboards["data"]["wam-policy-servers.json"])
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels) and all("gridPos" in p for p in panels)
+    assert all(t["expr"] and t["refId"] and t["datasource"]["uid"] == "${datasource}"
+               for p in panels for t in p.get("targets", []))
+    assert set(dashboard_queries().values()) and not any("$" in q for q in dashboard_queries().values())
+    assert not any(d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboards")
+                   for d in render_chart(*MONITORED, "--set", "monitoring.dashboard=false"))
     helm("lint", str(CHART), "--strict", "--kube-version", KUBE_VERSION, *MONITORED)
 
 

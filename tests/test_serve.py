@@ -38,6 +38,7 @@ from wam.trainer.serve.server import PolicyServer, serve_in_background
 from conftest import (
     alert_metrics,
     alert_rules,
+    dashboard_queries,
     free_port,
     prometheus,
     randomized_model,
@@ -364,6 +365,10 @@ def test_a_full_server_refuses_clearly_and_idle_sessions_are_reclaimed(served, t
 
         (alert,) = wait_for(refused_alert, timeout=60)
         assert alert["labels"]["pod"] == "policy-0" and "turned robots away" in alert["annotations"]["description"]
+        for title, query in dashboard_queries().items():  # the chart's dashboard: every query runs (a bad one: 400)
+            result = api(f"/api/v1/query?query={urllib.parse.quote(query)}")["result"]
+            if "wam_policy_" in query and "kv_pool" not in query:  # and a server's have data (an eager one: no pool)
+                assert result, title
         wait_for(lambda: server.active == 0, timeout=30)  # the quiet robot's session times out, its slot frees
         assert WebsocketClientPolicy(uri).infer(good)["actions"].shape[0] == 24
         with pytest.raises(ConnectionClosedOK, match="idle for 1 s"):
