@@ -27,7 +27,16 @@ from wam.platform import crd, suite, trainjob
 from wam.platform.launch import RAY_DRIVER_ENV, RAY_VERSION
 from wam.platform.policy_client import API_KEY_ENV
 
-from conftest import CHART, HELM, KUBE_VERSION, alert_metrics, alert_rules, dashboard_queries, helm, render_chart
+from conftest import (
+    CHART,
+    HELM,
+    KUBE_VERSION,
+    alert_metrics,
+    alert_rules,
+    dashboard_queries,
+    helm,
+    render_chart,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
