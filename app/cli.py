@@ -285,7 +285,8 @@ def client(
     dataset: str = typer.Option(..., help="a LeRobot dataset whose episodes play the robot"),
     windows: int = typer.Option(1, min=1, help="context windows (episodes segments) to replay"),
     asynchronous: bool = typer.Option(False, "--async", help="compute chunk k+1 while chunk k executes"),
-    control_hz: float = typer.Option(15.0, help="the robot's control rate: sets the per-chunk deadline"),
+    control_hz: float | None = typer.Option(None, min=0.1, help="the robot's control rate: sets the per-chunk "
+                                            "deadline (default: the server's, the rate its robot data was recorded at)"),
 ) -> None:
     """Drive a served policy with recorded episodes through openpi-client; prints chunks and latencies."""
     with user_errors():

@@ -39,7 +39,7 @@ def run_pipeline(cfg: WamConfig, *, every: bool, serve: bool, port: int, client_
             console.print(f"serving {escape(model)} on ws://127.0.0.1:{port}; Ctrl-C stops")
             server.wait()
         else:
-            show_replay(cfg, f"ws://127.0.0.1:{port}", client_dataset, 1, asynchronous, 15.0)
+            show_replay(cfg, f"ws://127.0.0.1:{port}", client_dataset, 1, asynchronous)
     except KeyboardInterrupt:
         pass
     finally:
@@ -47,7 +47,8 @@ def run_pipeline(cfg: WamConfig, *, every: bool, serve: bool, port: int, client_
         server.wait(30)
 
 
-def show_replay(cfg: WamConfig, uri: str, dataset: str, windows: int, asynchronous: bool, control_hz: float) -> None:
+def show_replay(cfg: WamConfig, uri: str, dataset: str, windows: int, asynchronous: bool,
+                control_hz: float | None = None) -> None:
     """Recorded episodes drive the served policy through openpi-client (`wam client`, and the end of the
     pipeline); a table of the chunks: latencies, the deadline, the first action, the error vs recorded."""
     from wam.trainer.serve.replay import replay
@@ -55,9 +56,9 @@ def show_replay(cfg: WamConfig, uri: str, dataset: str, windows: int, asynchrono
     steps = replay(cfg, dataset, uri, windows, asynchronous, control_hz)
     table = Table("chunk", "round trip", "server", "queue", "passes", "deadline", Column("first action", no_wrap=True),
                   "MAE", box=box.SIMPLE_HEAD,
-                  title=f"{len(steps)} chunks from {uri} ({'async' if asynchronous else 'sync'}, {control_hz:g} Hz "
-                        "control); times in ms, transformer passes of the chunk, actions in robot units, MAE vs "
-                        "the recorded ones")
+                  title=f"{len(steps)} chunks from {uri} ({'async' if asynchronous else 'sync'}, a chunk's deadline "
+                        f"{steps[0].result.budget_ms:.0f} ms); times in ms, transformer passes of the chunk, actions in "
+                        "robot units, MAE vs the recorded ones")
     for i, step in enumerate(steps):
         r = step.result
         dims = step.recorded.shape[1]

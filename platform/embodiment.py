@@ -15,9 +15,6 @@ from wam.platform.errors import ConfigError
 LAYOUTS = ("droid", "grid", "single")
 
 
-VIDEO_FPS = 5  # the models' video rate: a profile's video_stride takes its recording (control) rate down to it
-
-
 @dataclass(frozen=True)
 class EmbodimentProfile:
     name: str
@@ -40,11 +37,6 @@ class EmbodimentProfile:
     @property
     def has_actions(self) -> bool:
         return bool(self.action_keys)
-
-    @property
-    def control_hz(self) -> float:
-        """The recording rate, at which the robot executes the actions: the video's 5 fps times video_stride."""
-        return VIDEO_FPS * self.video_stride
 
     def validate(self, pixel_frames_per_chunk: int) -> None:
         if self.layout not in LAYOUTS:

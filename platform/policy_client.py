@@ -50,15 +50,22 @@ class ChunkResult:
 
 
 class PolicyClient:
-    def __init__(self, uri: str, control_hz: float, reconnect_s: float = 120.0, api_key: str | None = None):
-        """api_key: the server's, where it requires one (default: $WAM_POLICY_API_KEY)."""
+    def __init__(self, uri: str, control_hz: float | None = None, reconnect_s: float = 120.0,
+                 api_key: str | None = None):
+        """control_hz: the robot's control rate, which sets a chunk's deadline (default: the server's, the rate its
+        model's robot data was recorded at); api_key: the server's, where it requires one (default:
+        $WAM_POLICY_API_KEY)."""
         from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
         self.uri, self.reconnect_s = uri, reconnect_s
         self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
         self.policy = WebsocketClientPolicy(uri, api_key=self.api_key)
         self.metadata = self.policy.get_server_metadata()
-        self.budget_ms = 1000 * self.metadata["actions_per_chunk"] / control_hz
+        self.control_hz = control_hz or self.metadata.get("control_hz")
+        if not self.control_hz:
+            raise ValueError(f"the policy server at {uri} does not know its robots' control rate (a model trained "
+                             "without robot data): give control_hz")
+        self.budget_ms = 1000 * self.metadata["actions_per_chunk"] / self.control_hz
         self._frames: Observation = {}  # the cameras' frames of the newest request that had them
         self._pool = ThreadPoolExecutor(max_workers=1)
 

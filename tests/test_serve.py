@@ -211,7 +211,7 @@ def test_kv_cached_serving_equals_the_uncached_computation(served):
 
 
 def test_async_execution_computes_ahead_and_reports_the_deadline(served):
-    client = PolicyClient(served["uri"], control_hz=15.0)
+    client = PolicyClient(served["uri"])  # at the server's rate: its data's 15 Hz
     observations = robot_observations(served["runtime"], seed=8, chunks=4)
     later = iter(observations[1:])
     executed = []

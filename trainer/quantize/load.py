@@ -36,7 +36,7 @@ class QuantizedPolicy:
     config: WamConfig  # the training config
     step: int
     compute_path: str  # one of PATHS
-    embodiments: dict[str, dict]  # profile name -> {"profile", "stats", "dataset"}
+    embodiments: dict[str, dict]  # profile name -> {"profile", "stats", "dataset", "control_hz" (its fps; newer)}
     source: str  # the checkpoint it was quantized from
     uri: str  # the quantized folder it was loaded from (a guidance peer loads it too)
 

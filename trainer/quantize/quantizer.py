@@ -154,8 +154,9 @@ class _ShardWriter:
 
 
 def _embodiments(cfg: WamConfig) -> dict[str, dict]:
-    """Each action-bearing dataset's profile and normalisation stats: serving needs them to turn normalised
-    actions back into robot commands. Missing stats are computed now (as training did)."""
+    """Each action-bearing dataset's profile, normalisation stats and recording rate: serving needs them to turn
+    normalised actions back into robot commands, and to know how long a robot takes to execute a chunk (its actions
+    at the rate it was recorded at). Missing stats are computed now (as training did)."""
     if cfg.data.source != "lerobot":
         return {}
     from wam.trainer.data.lerobot import LeRobotDataset
@@ -166,8 +167,10 @@ def _embodiments(cfg: WamConfig) -> dict[str, dict]:
         profile = resolve_profile(entry.profile, cfg.data.profiles)
         if not profile.has_actions or profile.name in found:
             continue
-        stats, _ = load_or_compute_stats(LeRobotDataset(entry.uri), profile)
-        found[profile.name] = {"profile": asdict(profile), "stats": asdict(stats), "dataset": entry.uri}
+        dataset = LeRobotDataset(entry.uri)
+        stats, _ = load_or_compute_stats(dataset, profile)
+        found[profile.name] = {"profile": asdict(profile), "stats": asdict(stats), "dataset": entry.uri,
+                               "control_hz": dataset.fps}
     return found
 
 

@@ -104,9 +104,10 @@ class PolicyRuntime:
         stride = vae_config(self.arch.vae).spatial_stride
         self.canvas = (self.sample.latent_height * stride, self.sample.latent_width * stride)
         self.pixel_frames_per_chunk = self.encoders.vae.cfg.temporal_stride * self.sample.frames_per_chunk
-        self.profile, self.stats = self._embodiment(embodiment or cfg.serving.embodiment)
-        # how long a robot takes to execute a chunk: a chunk answered later leaves an asynchronous robot idle
-        self.chunk_seconds = self.sample.actions_per_chunk / self.profile.control_hz
+        self.profile, self.stats, self.control_hz = self._embodiment(embodiment or cfg.serving.embodiment)
+        # how long a robot takes to execute a chunk (its actions at the rate its data was recorded at): a chunk
+        # answered later leaves an asynchronous robot idle; None where unknown (no robot data, an older model)
+        self.chunk_seconds = None if self.control_hz is None else self.sample.actions_per_chunk / self.control_hz
         s = cfg.serving
         self.state_range: tuple[np.ndarray, np.ndarray] | None = None  # q01, q99 of the state (robot units)
         self.postprocess = None
@@ -180,16 +181,17 @@ class PolicyRuntime:
                         "and %d fit %s", fits, s.max_sessions, cache / GIB, fits, where)
         return cache, min(fits, s.max_sessions)
 
-    def _embodiment(self, name: str | None) -> tuple[EmbodimentProfile, NormStats | None]:
+    def _embodiment(self, name: str | None) -> tuple[EmbodimentProfile, NormStats | None, float | None]:
+        """The served embodiment's profile, normalisation stats and control rate (Hz)."""
         known = self.policy.embodiments
         if not known:
-            return SYNTHETIC_PROFILE, None
+            return SYNTHETIC_PROFILE, None, None
         name = name or next(iter(known))
         if name not in known:
             raise ConfigError(f"embodiment {name!r} is not one this model was trained on: {', '.join(known)}")
         entry = known[name]
         profile = EmbodimentProfile(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["profile"].items()})
-        return profile, NormStats(**entry["stats"])
+        return profile, NormStats(**entry["stats"]), entry.get("control_hz")
 
     def metadata(self) -> dict:
         """Sent to every client on connect."""
@@ -205,7 +207,7 @@ class PolicyRuntime:
             "action_units": "robot" if self.stats else "normalised",
             "actions_per_chunk": self.sample.actions_per_chunk, "frames_per_chunk": self.pixel_frames_per_chunk,
             "frame_stride": p.video_stride, "chunks_per_window": self.sample.num_chunks,
-            "control_hz": p.control_hz, "chunk_seconds": self.chunk_seconds,
+            "control_hz": self.control_hz, "chunk_seconds": self.chunk_seconds,
             "safety": {"limits_from": self.envelope.source, "action_low": self.envelope.low.tolist(),
                        "action_high": self.envelope.high.tolist(),
                        "max_action_step": None if self.envelope.max_step is None else self.envelope.max_step.tolist(),

@@ -20,7 +20,7 @@ class ReplayStep:
 
 
 def replay(cfg: WamConfig, dataset: str, uri: str, windows: int = 1, asynchronous: bool = False,
-           control_hz: float = 15.0) -> list[ReplayStep]:
+           control_hz: float | None = None) -> list[ReplayStep]:
     client = PolicyClient(uri, control_hz)
     meta = client.metadata
     preset = resolve_preset(cfg)

@@ -65,9 +65,10 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0
 class _Metrics:
     def __init__(self, runtime: PolicyRuntime):
         self.registry = CollectorRegistry()
-        # a bucket ends at the chunk's duration, so that a p99 above it means more than 1% of chunks came late
+        # a bucket ends at a chunk's duration, so that a p99 above it means more than 1% of chunks came late
+        chunk = () if runtime.chunk_seconds is None else (runtime.chunk_seconds,)
         self.latency = Histogram("wam_policy_request_seconds", "Request latency: queue + inference", registry=self.registry,
-                                 buckets=sorted({*_LATENCY_BUCKETS, runtime.chunk_seconds}))
+                                 buckets=sorted({*_LATENCY_BUCKETS, *chunk}))
         self.queue = Histogram("wam_policy_queue_seconds", "Time a request waited for the device", registry=self.registry,
                                buckets=_LATENCY_BUCKETS)
         self.sessions = Gauge("wam_policy_sessions", "Connected robot sessions", registry=self.registry)
@@ -93,9 +94,10 @@ class _Metrics:
                                   "where their KV caches do not fit", registry=self.registry)
         Gauge("wam_policy_session_memory_bytes", "Device memory one session's KV caches take",
               registry=self.registry).set(runtime.session_bytes)
-        Gauge("wam_policy_chunk_seconds", "How long a robot takes to execute one chunk (its actions at the control "
-              "rate): a chunk answered later leaves an asynchronous robot idle", registry=self.registry).set(
-            runtime.chunk_seconds)
+        if runtime.chunk_seconds is not None:
+            Gauge("wam_policy_chunk_seconds", "How long a robot takes to execute one chunk (its actions at the rate its "
+                  "data was recorded at): a chunk answered later leaves an asynchronous robot idle",
+                  registry=self.registry).set(runtime.chunk_seconds)
         if (pool := runtime.engine.denoiser.pool) is not None:  # compiled: made by the warm-up's sessions
             Gauge("wam_policy_kv_pool_free_rows", "Rows of the compiled engine's KV-cache pool no session holds",
                   registry=self.registry).set_function(lambda: pool.free_rows)
