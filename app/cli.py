@@ -291,7 +291,7 @@ def client(
     """Drive a served policy with recorded episodes through openpi-client; prints chunks and latencies."""
     with user_errors():
         cfg = load_config(config)
-    show_replay(cfg, uri, dataset, windows, asynchronous, control_hz)
+        show_replay(cfg, uri, dataset, windows, asynchronous, control_hz)
 
 
 @app.command(context_settings={"allow_extra_args": False})

@@ -22,6 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from wam.platform.errors import UserError
+
 if TYPE_CHECKING:  # wam.platform imports without numpy; the arrays come from openpi-client
     import numpy as np
 
@@ -63,8 +65,10 @@ class PolicyClient:
         self.metadata = self.policy.get_server_metadata()
         self.control_hz = control_hz or self.metadata.get("control_hz")
         if not self.control_hz:
-            raise ValueError(f"the policy server at {uri} does not know its robots' control rate (a model trained "
-                             "without robot data): give control_hz")
+            self.policy._ws.close()
+            raise UserError(f"the policy server at {uri} does not know its robots' control rate (a model trained "
+                            "without robot data, or quantized before policy.json recorded it): give the control rate "
+                            "(wam client --control-hz)")
         self.budget_ms = 1000 * self.metadata["actions_per_chunk"] / self.control_hz
         self._frames: Observation = {}  # the cameras' frames of the newest request that had them
         self._pool = ThreadPoolExecutor(max_workers=1)

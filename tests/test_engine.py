@@ -17,7 +17,8 @@ from prometheus_client import generate_latest
 from torch._dynamo.utils import counters
 
 from wam.platform.config import SamplerSection, load_config, resolve_preset
-from wam.platform.errors import ConfigError
+from wam.platform.errors import ConfigError, UserError
+from wam.platform.policy_client import PolicyClient
 from wam.trainer.inference import Denoiser
 from wam.trainer.model import WamInputs
 from wam.trainer.model.kv_cache import KVCache
@@ -256,6 +257,11 @@ def test_a_compiled_server_is_ready_only_after_its_warm_up_reports_its_engine_an
         replies = [client.infer(obs) for obs in observations]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
             metrics = r.read().decode()
+        # a model of procedural latents has no robot, so no control rate: no chunk duration, and a robot client must
+        # give its own
+        assert meta["control_hz"] is None and "wam_policy_chunk_seconds" not in metrics
+        with pytest.raises(UserError, match="does not know its robots' control rate"):
+            PolicyClient(f"ws://127.0.0.1:{port}")
         # a session at its third chunk and one at its first, in one batch (keys padded, the dense mask)
         ahead, behind = runtime.session(), runtime.session()
         for obs in synthetic_robot(runtime, seed=2):
