@@ -104,7 +104,11 @@ def serving_deployment(job: TrainJob, cfg: WamConfig, step: int, model: str, set
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
             "spec": {"replicas": serving.replicas, "selector": {"matchLabels": selector},
                      "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-                     "template": {"metadata": {"labels": template_labels},
+                     # the conventional scrape annotations, for a Prometheus without the Prometheus Operator (the
+                     # chart's PodMonitor selects these pods by their labels)
+                     "template": {"metadata": {"labels": template_labels, "annotations": {
+                         "prometheus.io/scrape": "true", "prometheus.io/port": str(port),
+                         "prometheus.io/path": "/metrics"}},
                                   "spec": {**_pod_spec(job, settings, container, "Always"),
                                            # SIGTERM drains the sessions (wam serve): time for that and the exit
                                            "terminationGracePeriodSeconds": math.ceil(cfg.serving.drain_timeout_s)

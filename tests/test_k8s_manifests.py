@@ -405,8 +405,11 @@ def test_chart_monitors_every_policy_server_and_the_operator():
     for key in ("h100", "gb200"):
         serving = next(o for o in children(key) if o["kind"] == "Deployment")["spec"]["template"]
         assert pods["selector"]["matchLabels"].items() <= serving["metadata"]["labels"].items()
-        assert {p["port"] for p in pods["podMetricsEndpoints"]} <= {
-            p["name"] for p in serving["spec"]["containers"][0]["ports"]}
+        ports = {p["name"]: p["containerPort"] for p in serving["spec"]["containers"][0]["ports"]}
+        assert {p["port"] for p in pods["podMetricsEndpoints"]} <= set(ports)
+        # ... and a Prometheus without the operator finds them by the conventional annotations
+        assert serving["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/path": "/metrics",
+                                                      "prometheus.io/port": str(ports["policy"])}
     training = next(o for o in children("h100") if o["kind"] == "JobSet")  # other components are not scraped
     assert not pods["selector"]["matchLabels"].items() <= training["metadata"]["labels"].items()
     service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-operator-metrics"))
