@@ -10,6 +10,11 @@ A server that shuts down (a model rollout, a scale-down) answers the request in 
 code 1001 (going away); the client then reconnects to the same address (the Service: another replica, or the new
 one) for up to `reconnect_s` and sends the request again there, as the first of a new session and context window
 (a request without frames carries the newest frames this client sent).
+
+A server at capacity closes a new connection with code 1013 (try again later). With `capacity_wait_s` the client
+tries again (backing off up to 5 s) until a session is free, here or on another replica behind the same address,
+instead of failing: a fleet's robots queue for a slot. After a server went away, a full one is tried again for
+`reconnect_s` (the robots of the old replica all reconnect at once).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ if TYPE_CHECKING:  # wam.platform imports without numpy; the arrays come from op
 
 Observation = dict  # camera frames, state, prompt (see the server's metadata for the keys)
 GOING_AWAY = 1001  # the close code of a server that shuts down (RFC 6455)
+TRY_AGAIN_LATER = 1013  # ... and of a server at capacity
 # the policy's API key, where the server requires one: the server's and the client's environment variable; robots
 # send it as openpi-client's api_key does (the header `Authorization: Api-Key <key>`)
 API_KEY_ENV = "WAM_POLICY_API_KEY"
@@ -53,15 +59,13 @@ class ChunkResult:
 
 class PolicyClient:
     def __init__(self, uri: str, control_hz: float | None = None, reconnect_s: float = 120.0,
-                 api_key: str | None = None):
+                 api_key: str | None = None, capacity_wait_s: float = 0.0):
         """control_hz: the robot's control rate, which sets a chunk's deadline (default: the server's, the rate its
         model's robot data was recorded at); api_key: the server's, where it requires one (default:
-        $WAM_POLICY_API_KEY)."""
-        from openpi_client.websocket_client_policy import WebsocketClientPolicy
-
+        $WAM_POLICY_API_KEY); capacity_wait_s: how long to keep trying a server at capacity (0: fail at once)."""
         self.uri, self.reconnect_s = uri, reconnect_s
         self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
-        self.policy = WebsocketClientPolicy(uri, api_key=self.api_key)
+        self.policy = self._connect(time.monotonic() + capacity_wait_s)
         self.metadata = self.policy.get_server_metadata()
         self.control_hz = control_hz or self.metadata.get("control_hz")
         if not self.control_hz:
@@ -98,24 +102,35 @@ class PolicyClient:
         self._reconnect()
         return None
 
-    def _reconnect(self) -> None:
-        """A new session at `uri`, trying until one serves (a refused or a draining server: again) or
-        reconnect_s has passed."""
+    def _connect(self, deadline: float, *, went_away: bool = False):
+        """An openpi-client session at `uri`. A server at capacity is tried again until `deadline`, backing off up
+        to 5 s; with `went_away` (the last server shut down) so are a refused connection and a draining server."""
         from openpi_client.websocket_client_policy import WebsocketClientPolicy
         from websockets.exceptions import ConnectionClosed
 
-        deadline = time.monotonic() + self.reconnect_s
+        pause = 0.5
         while True:
             try:
-                self.policy = WebsocketClientPolicy(self.uri, api_key=self.api_key)
-                return
+                return WebsocketClientPolicy(self.uri, api_key=self.api_key)
             except (OSError, ConnectionClosed) as err:
-                if isinstance(err, ConnectionClosed) and not _going_away(err):
-                    raise  # e.g. at capacity: what the caller must see
+                code = err.rcvd.code if isinstance(err, ConnectionClosed) and err.rcvd is not None else None
+                full = code == TRY_AGAIN_LATER
+                if not (full or went_away and (code == GOING_AWAY or isinstance(err, OSError))):
+                    raise  # e.g. an API key refused: what the caller must see
                 if time.monotonic() > deadline:
+                    if full:
+                        raise  # still at capacity: openpi-client's error, with the server's reason
                     raise ConnectionError(f"the policy server at {self.uri} went away and none took its place "
                                           f"within {self.reconnect_s:g} s: {err}") from err
-            time.sleep(0.5)
+                if full:
+                    log.info("the policy server at %s is at capacity; trying again in %.1f s", self.uri, pause)
+            time.sleep(pause)
+            pause = min(2 * pause, 5.0)
+
+    def _reconnect(self) -> None:
+        """A new session at `uri` after the last server went away, trying until one serves (a refused, draining or
+        full server: again) or reconnect_s has passed."""
+        self.policy = self._connect(time.monotonic() + self.reconnect_s, went_away=True)
 
     def submit(self, obs: Observation) -> Future[ChunkResult]:
         return self._pool.submit(self.infer, obs)

@@ -376,6 +376,25 @@ def test_a_full_server_refuses_clearly_and_idle_sessions_are_reclaimed(served, t
         assert metric(port, "wam_policy_idle_sessions_closed_total") == 1
 
 
+def test_a_robot_may_queue_for_a_session_of_a_full_server(served):
+    """PolicyClient(capacity_wait_s): a full server's 1013 is tried again until a session frees; without it the robot
+    gets the server's reason at once."""
+    server = PolicyServer(served["runtime"], max_sessions=1, idle_timeout_s=3.0)
+    with serve_in_background(server) as port:
+        uri = f"ws://127.0.0.1:{port}"
+        holder = WebsocketClientPolicy(uri)  # takes the only session, then idles out after 3 s
+        with pytest.raises(ConnectionClosedError, match="1013 .*server at capacity"):
+            PolicyClient(uri)
+        started = time.monotonic()
+        robot = PolicyClient(uri, capacity_wait_s=120)
+        assert time.monotonic() - started > 1 and server.active == 1  # it waited for the holder's session to close
+        good = robot_observations(served["runtime"], seed=19)[0]
+        assert np.isfinite(robot.infer(good).actions).all()
+        robot.close()
+        with pytest.raises(ConnectionClosedOK, match="idle for 3 s"):
+            holder.infer(good)
+
+
 def readyz(port: int) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
