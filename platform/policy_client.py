@@ -96,7 +96,7 @@ class PolicyClient:
         try:
             return request()
         except ConnectionClosed as err:
-            if not _going_away(err):
+            if _close_code(err) != GOING_AWAY:
                 raise
             log.warning("the policy server went away (%s); reconnecting to %s", err.rcvd.reason, self.uri)
         self._reconnect()
@@ -113,7 +113,7 @@ class PolicyClient:
             try:
                 return WebsocketClientPolicy(self.uri, api_key=self.api_key)
             except (OSError, ConnectionClosed) as err:
-                code = err.rcvd.code if isinstance(err, ConnectionClosed) and err.rcvd is not None else None
+                code = _close_code(err) if isinstance(err, ConnectionClosed) else None
                 full = code == TRY_AGAIN_LATER
                 if not (full or went_away and (code == GOING_AWAY or isinstance(err, OSError))):
                     raise  # e.g. an API key refused: what the caller must see
@@ -145,9 +145,9 @@ class PolicyClient:
         self.policy._ws.close()
 
 
-def _going_away(err) -> bool:
-    """Whether a websockets ConnectionClosed is the server's close as it shuts down."""
-    return err.rcvd is not None and err.rcvd.code == GOING_AWAY
+def _close_code(err) -> int | None:
+    """The close code a websockets ConnectionClosed received from the server (None: none was received)."""
+    return None if err.rcvd is None else err.rcvd.code
 
 
 def without_frames(obs: Observation, cameras: list[str]) -> Observation:

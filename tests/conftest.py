@@ -1,5 +1,6 @@
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 import tempfile
@@ -258,6 +259,7 @@ def helm(*args: str) -> str:
     return done.stdout
 
 
+@functools.cache  # rendered once per test process; callers only read it
 def alert_rules() -> list[dict]:
     """The rule groups of the chart's PrometheusRule (monitoring.enabled)."""
     docs = render_chart("--set", "monitoring.enabled=true")

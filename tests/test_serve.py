@@ -107,7 +107,8 @@ def test_openpi_client_drives_the_server_end_to_end(served):
     assert 'wam_policy_info{compute_path="fp32-dequantized",preset="tiny",step="5"} 1.0' in metrics
     # what the chart's alerts read (tests/test_k8s_manifests.py): a chunk's duration, a latency bucket ending there
     assert "wam_policy_chunk_seconds 1.6" in metrics and 'wam_policy_request_seconds_bucket{le="1.6"}' in metrics
-    assert alert_metrics("wam_policy_") and all(f"# TYPE {name} " in metrics for name in alert_metrics("wam_policy_"))
+    read = alert_metrics("wam_policy_")
+    assert read and all(f"# TYPE {name} " in metrics for name in read)
 
 
 def test_two_concurrent_sessions_do_not_interfere(served):
