@@ -244,7 +244,8 @@ def serve(
     device: str = typer.Option("auto", help="auto (cuda if present) | cpu | cuda[:N]"),
     steps: int | None = typer.Option(None, min=1, help="denoising steps per chunk (default: serving.steps, else "
                                                        "sampler.steps; 1 for Flash checkpoints)"),
-    embodiment: str | None = typer.Option(None, help="which trained embodiment to serve (default: the first)"),
+    embodiment: str | None = typer.Option(None, help="the embodiment served at / (default: serving.embodiment, else "
+                                                     "the first trained); each trained one is also served at /<name>"),
     sampler: str | None = typer.Option(None, help="sampler preset (default: serving.sampler): dreamzero = UniPC, 16 "
                                                   "steps, shift 5, guidance 5.0, transformer on 8 of the 16 steps"),
     max_batch: int | None = typer.Option(None, min=1, help="chunks of different sessions denoised in one forward "
@@ -270,6 +271,9 @@ def serve(
         console.print(f"policy {meta['preset']} step {meta['step']} ({meta['compute_path']}, {s['solver']} "
                       f"{meta['denoising_steps']} steps, guidance {s['guidance']:g}, DiT cache {s['dit_cache']}, "
                       f"embodiment {meta['embodiment']}) on ws://{host}:{port}")
+        if len(meta["embodiments"]) > 1:
+            console.print("robots pick their embodiment by the path: " + ", ".join(
+                f"ws://{host}:{port}/{name}" for name in meta["embodiments"]) + f" (/ is {meta['embodiment']})")
         console.print(f"engine: {e['device']}" + (" + a guidance peer (2 devices)" if e["devices"] == 2 else "")
                       + f", up to {e['max_sessions']} sessions ({e['session_memory_gib']:.2g} GiB of KV cache each), "
                       + f"{e['max_batch']} sessions' chunks per forward, "

@@ -6,6 +6,7 @@ wrong types are errors that name the key and the file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import os
@@ -146,11 +147,10 @@ class QuantizationSection:
 class ServingSection:
     sampler: str | None = None  # a sampler preset served in place of the sampler section: dreamzero
     steps: int | None = None  # denoising steps per chunk; default sampler.steps (1 suits Flash checkpoints)
-    embodiment: str | None = None  # whose profile and stats (a data.datasets profile); default the first
+    # every embodiment the model was trained on with actions is served, each at /<name>; this one also at /
+    embodiment: str | None = None  # (a data.datasets profile); default the first
     smoothing_window: int = 7  # Savitzky-Golay window over the 2x-upsampled chunk (odd; 0 = no smoothing)
     smoothing_order: int = 3
-    gripper_dims: list[int] = field(default_factory=list)  # action dims binarised (robot units) ...
-    gripper_threshold: float = 0.5  # ... to 1.0 above this value, else 0.0
     # The safety envelope (wam.trainer.serve.safety), where the embodiment profile declares no explicit limits:
     action_margin: float = 0.25  # actions stay within the training range widened by this many spans per side
     step_margin: float = 1.0  # a step may change an action by the data's 99th-percentile step x (1 + this)
@@ -355,8 +355,6 @@ def _validate_handoff(cfg: WamConfig) -> None:
     for key in ("action_margin", "step_margin", "state_margin"):
         if not 0 <= getattr(s, key) <= 100:
             raise ConfigError(f"serving.{key} must be in [0, 100] (spans of the training range), got {getattr(s, key)}")
-    if any(d < 0 for d in s.gripper_dims):
-        raise ConfigError(f"serving.gripper_dims are action dim indices (>= 0), got {s.gripper_dims}")
     if not 1 <= s.max_batch <= s.max_sessions:
         raise ConfigError(f"serving.max_batch must be in [1, serving.max_sessions = {s.max_sessions}] (chunks of "
                           f"different sessions denoised in one forward), got {s.max_batch}")
@@ -495,6 +493,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             layers.append(_read_yaml(Path(path)))
         source = "overrides" if path is None else f"{path} or its overrides"
         layers.append(_dotlist(overrides))
+        layers[1:] = [_without_moved_keys(layer, source) for layer in layers[1:]]
         _check_shapes(schema, layers[1:], source)
         merged: DictConfig = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
@@ -553,6 +552,7 @@ def _read_yaml(path: Path) -> DictConfig:
 def config_from_dict(data: dict, source: str = "recorded config") -> WamConfig:
     """A config held as a plain dict (a checkpoint manifest, an MLflow run, a TrainJob), validated."""
     schema = _schema()
+    data = _without_moved_keys(data, source)
     _check_shapes(schema, [data], source)
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(schema, data))
@@ -560,6 +560,32 @@ def config_from_dict(data: dict, source: str = "recorded config") -> WamConfig:
         raise ConfigError(f"invalid {source}: key {getattr(err, 'full_key', '?')!r}: {_first_line(err)}") from None
     validate(cfg)
     return cfg
+
+
+# keys that moved elsewhere in the schema: (their old default, where they went). Configs recorded before (checkpoints)
+# hold the default, which is dropped; any other value is refused with where it goes now (omegaconf would only say
+# that the key is not in its section)
+MOVED_KEYS = {
+    ("serving", "gripper_dims"): ([], "the embodiment's profile (data.profiles.<name>.gripper_dims; the built-in droid "
+                                      "profile has [7]): each robot of a server has its own"),
+    ("serving", "gripper_threshold"): (0.5, "the embodiment's profile (data.profiles.<name>.gripper_threshold)"),
+}
+
+
+def _without_moved_keys(layer: Any, source: str) -> Any:
+    """`layer` (a YAML mapping or a recorded dict) without the moved keys at their old default; ConfigError for a
+    moved key set to anything else."""
+    found = [(section, key) for section, key in MOVED_KEYS
+             if isinstance(part := layer.get(section), (dict, DictConfig)) and key in part]
+    if not found:
+        return layer
+    layer = copy.deepcopy(layer)
+    for section, key in found:
+        default, now = MOVED_KEYS[section, key]
+        value = layer[section].pop(key)
+        if (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value) != default:
+            raise ConfigError(f"invalid config in {source}: {section}.{key} has moved to {now}; set it there")
+    return layer
 
 
 def _check_shapes(schema: DictConfig, layers: list, source: str) -> None:

@@ -1,7 +1,7 @@
 """What a config asks of its datasets, checked against their metadata before anything starts (torch-free).
 
 Every config value that indexes data — the profile's cameras, state and action keys, relative dims, explicit
-action limits, the serving embodiment's gripper dims — is checked against the LeRobot dataset's own
+action limits and gripper dims — is checked against the LeRobot dataset's own
 `meta/info.json` (feature names, dtypes, shapes), which is small and readable wherever the data is (local or any
 fsspec URI). `wam train` and the training processes, `wam quantize`, `wam submit` and the operator call
 `check_datasets`; `wam serve` checks the same rules against the statistics a quantized model carries.
@@ -71,12 +71,13 @@ def profile_problems(profile: EmbodimentProfile, features: dict[str, dict], stat
         values = getattr(profile, what)
         if values and len(values) != action:
             problems.append(f"{what} lists {len(values)} values for {action} action dims")
-    return problems
+    return problems + gripper_problems(profile, action)
 
 
-def gripper_problems(gripper_dims: list[int], action_dims: int) -> list[str]:
-    beyond = [d for d in gripper_dims if not 0 <= d < action_dims]
-    return [f"serving.gripper_dims {beyond} do not exist: the actions have {action_dims} dims"] if beyond else []
+def gripper_problems(profile: EmbodimentProfile, action_dims: int) -> list[str]:
+    """The profile's gripper dims that its actions (of `action_dims` dims) do not have."""
+    beyond = [d for d in profile.gripper_dims if not 0 <= d < action_dims]
+    return [f"gripper_dims {beyond} do not exist: the actions have {action_dims} dims"] if beyond and action_dims else []
 
 
 def check_datasets(cfg: WamConfig, skip_unreadable: bool = False) -> None:
@@ -86,7 +87,6 @@ def check_datasets(cfg: WamConfig, skip_unreadable: bool = False) -> None:
     if cfg.data.source != "lerobot":
         return
     arch = resolve_preset(cfg).arch
-    serving = cfg.serving.embodiment or next((e.profile for e in cfg.data.datasets), None)
     problems, fixes = [], []
     for entry in cfg.data.datasets:
         profile = resolve_profile(entry.profile, cfg.data.profiles)
@@ -100,9 +100,6 @@ def check_datasets(cfg: WamConfig, skip_unreadable: bool = False) -> None:
         if found:
             fixes.append(f"declare a profile under data.profiles that matches {entry.uri} instead of {profile.name} "
                          "(`wam data inspect URI` lists its streams and features)")
-        elif profile.name == serving and profile.has_actions:
-            found = gripper_problems(cfg.serving.gripper_dims, sum(feature_width(features, k) for k in profile.action_keys))
-            fixes += ["list in serving.gripper_dims only action dims that exist"] if found else []
         problems += [f"dataset {entry.uri} (profile {profile.name}): {p}" for p in found]
     if problems:
         raise ConfigError("; ".join(problems) + ". To fix: " + "; ".join(dict.fromkeys(fixes)))

@@ -8,7 +8,7 @@ DROID and AgiBot setups; teams declare their own under `data.profiles` in the YA
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from wam.platform.errors import ConfigError
 
@@ -30,6 +30,8 @@ class EmbodimentProfile:
     action_low: tuple[float, ...] = ()  # joint / command limits
     action_high: tuple[float, ...] = ()
     max_action_step: tuple[float, ...] = ()  # largest change between consecutive actions (velocity limit)
+    gripper_dims: tuple[int, ...] = ()  # action dims of open/close grippers: served binarised (no step limit) ...
+    gripper_threshold: float = 0.5  # ... to 1.0 above this value (robot units), else 0.0
     # Idle stretches left out of sampling: at least half a chunk of frames in which no action dim (state dim for
     # video-only data) changes by more than this per recording step, in the column's units. None: keep all.
     idle_threshold: float | None = None
@@ -61,6 +63,9 @@ class EmbodimentProfile:
         if self.idle_threshold is not None and self.idle_threshold < 0:
             raise ConfigError(f"profile {self.name}: idle_threshold must be >= 0 (or null to keep idle frames), got "
                               f"{self.idle_threshold}")
+        if any(d < 0 for d in self.gripper_dims):
+            raise ConfigError(f"profile {self.name}: gripper_dims are action dim indices (>= 0), got "
+                              f"{list(self.gripper_dims)}")
         if any(step <= 0 for step in self.max_action_step):
             raise ConfigError(f"profile {self.name}: max_action_step must be positive, got {list(self.max_action_step)}")
 
@@ -74,7 +79,7 @@ BUILTIN_PROFILES = {
             cameras=("observation.images.wrist_left", "observation.images.exterior_1_left",
                      "observation.images.exterior_2_left"),
             layout="droid", state_keys=("observation.state",), action_keys=("action",),
-            relative_dims=tuple(range(7)), action_horizon=24, video_stride=3,
+            relative_dims=tuple(range(7)), action_horizon=24, video_stride=3, gripper_dims=(7,),
         ),
         # AgiBot World (LeRobot port, 30 Hz): state [20] and the same 20 action dims + base velocity [2].
         EmbodimentProfile(
@@ -111,17 +116,20 @@ class ProfileSection:
     action_low: list[float] = field(default_factory=list)
     action_high: list[float] = field(default_factory=list)
     max_action_step: list[float] = field(default_factory=list)
+    gripper_dims: list[int] = field(default_factory=list)
+    gripper_threshold: float = 0.5
     idle_threshold: float | None = None
+
+
+def profile_from_fields(name: str, values: dict) -> EmbodimentProfile:
+    """A profile from its fields as YAML or JSON hold them (lists for tuples); fields a newer version added and
+    `values` lacks (a model quantized before) take their defaults."""
+    return EmbodimentProfile(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()} | {"name": name})
 
 
 def resolve_profile(name: str, declared: dict[str, ProfileSection]) -> EmbodimentProfile:
     if name in declared:
-        d = declared[name]
-        return EmbodimentProfile(name=name, cameras=tuple(d.cameras), layout=d.layout, state_keys=tuple(d.state_keys),
-                                 action_keys=tuple(d.action_keys), relative_dims=tuple(d.relative_dims),
-                                 action_horizon=d.action_horizon, video_stride=d.video_stride, prompt=d.prompt,
-                                 action_low=tuple(d.action_low), action_high=tuple(d.action_high),
-                                 max_action_step=tuple(d.max_action_step), idle_threshold=d.idle_threshold)
+        return profile_from_fields(name, asdict(declared[name]))
     if name in BUILTIN_PROFILES:
         return BUILTIN_PROFILES[name]
     raise ConfigError(f"unknown embodiment profile {name!r}; built in: {', '.join(BUILTIN_PROFILES)}; or declare it "

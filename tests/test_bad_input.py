@@ -86,7 +86,11 @@ CONFIG_FILES = {
     "unknown preset": ("model: {preset: gpt-5}\n", r"gpt-5"),
     "zero sampler steps": ("sampler: {steps: 0}\n", r"sampler.steps must be >= 1"),
     "even smoothing window": ("serving: {smoothing_window: 4}\n", r"serving.smoothing_window must be odd"),
-    "negative gripper dim": ("serving: {gripper_dims: [-1]}\n", r"serving.gripper_dims are action dim indices"),
+    "gripper dims where they were": ("serving: {gripper_dims: [7]}\n",
+                                     r"serving.gripper_dims has moved to the embodiment's profile \(data.profiles"),
+    "negative gripper dim": ("data: {source: lerobot, datasets: [{uri: /data/x, profile: mine}], profiles: {mine: "
+                             "{cameras: [c], layout: single, state_keys: [s], gripper_dims: [-1]}}}\n",
+                             r"profile mine: gripper_dims are action dim indices \(>= 0\), got \[-1\]"),
     "negative margin": ("serving: {action_margin: -1}\n", r"serving.action_margin must be in \[0, 100\]"),
     "idle timeout zero": ("serving: {idle_timeout_s: 0}\n", r"serving.idle_timeout_s must be > 0, got 0"),
     "drain timeout zero": ("serving: {drain_timeout_s: 0}\n", r"serving.drain_timeout_s must be > 0, got 0"),
@@ -123,8 +127,8 @@ def test_bad_overrides_and_missing_files_are_refused(data, tmp_path):
 PROFILE = {"cameras": ["observation.images.wrist_left"], "layout": "single", "state_keys": ["observation.state"],
            "action_keys": ["action"], "relative_dims": [0, 1], "action_horizon": 24, "video_stride": 3}
 DATASET_CASES = {
-    "gripper dim beyond the actions": ({"serving": {"gripper_dims": [42]}},
-                                       r"serving.gripper_dims \[42\] do not exist: the actions have 8 dims"),
+    "gripper dim beyond the actions": ({"profiles": {**PROFILE, "gripper_dims": [42]}},
+                                       r"gripper_dims \[42\] do not exist: the actions have 8 dims"),
     "relative dim beyond the actions": ({"profiles": {**PROFILE, "relative_dims": [0, 1, 99]}},
                                         r"relative_dims \[99\] do not exist: the actions have 8 dims"),
     "camera the dataset does not have": ({"profiles": {**PROFILE, "cameras": ["observation.images.top"]}},
@@ -149,8 +153,6 @@ def test_configs_that_do_not_fit_their_data_are_refused_before_training_starts(c
         sections["data"]["datasets"][0]["profile"] = "mine"
     if "uri" in change:
         sections["data"]["datasets"][0]["uri"] = change["uri"]
-    if "serving" in change:
-        sections["serving"] = change["serving"]
     config = write_run_config(tmp_path, "misfit", **sections)
     refused("train", config, message=message)
     assert not (tmp_path / "runs").exists(), "nothing may be left behind"

@@ -48,6 +48,9 @@ from conftest import (
     write_run_config,
 )
 
+WRIST_PROFILE = {"cameras": ["observation.images.wrist_left"], "layout": "single", "state_keys": ["observation.state"],
+                 "action_keys": ["action"], "relative_dims": [], "gripper_dims": [7], "gripper_threshold": 0.3}
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
@@ -55,9 +58,13 @@ def served(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("serve")
     dataset = synthesize(folder / "data", SynthOptions(episodes=2, seed=5))
+    # a second robot kind in the same model: one wrist camera, absolute joint commands, its own statistics
+    other = synthesize(folder / "wrist-data", SynthOptions(episodes=2, seed=6))
     config = write_run_config(folder, "policy", sample={"num_chunks": 2, "actions_per_chunk": 24},
-                              data={"source": "lerobot", "datasets": [{"uri": str(dataset), "profile": "droid"}]},
-                              serving={"gripper_dims": [7], "max_request_mb": 2})
+                              data={"source": "lerobot", "profiles": {"wrist": WRIST_PROFILE},
+                                    "datasets": [{"uri": str(dataset), "profile": "droid"},
+                                                 {"uri": str(other), "profile": "wrist"}]},
+                              serving={"max_request_mb": 2})
     cfg = load_config(config)
     preset = resolve_preset(cfg)
     model = randomized_model(preset.arch, preset.sample, seed=11)
@@ -70,11 +77,13 @@ def served(tmp_path_factory):
                "port": port, "quantized": quantized}
 
 
-def robot_observations(runtime, seed, chunks=2, prompt="put the red block on the blue one"):
-    """A first observation and the following ones (each chunk's frames), as a robot would send them."""
+def robot_observations(runtime, seed, chunks=2, prompt="put the red block on the blue one", embodiment=None):
+    """A first observation and the following ones (each chunk's frames), as a robot of `embodiment` (default: the
+    one served at /) would send them."""
     rng = np.random.default_rng(seed)
-    meta = runtime.metadata()
-    low, high = runtime.stats.state_q01, runtime.stats.state_q99  # states like the ones it was trained on
+    embodiment = runtime.embodiments[embodiment] if embodiment else runtime.default_embodiment
+    meta = runtime.metadata(embodiment)
+    low, high = embodiment.stats.state_q01, embodiment.stats.state_q99  # states like the ones it was trained on
     state = lambda: rng.uniform(low, high).astype(np.float32)  # noqa: E731
     frames = lambda n: rng.integers(0, 256, (n, 48, 64, 3), dtype=np.uint8)  # noqa: E731
     first = {**{c: frames(1)[0] for c in meta["cameras"]}, "observation.state": state(), "prompt": prompt}
@@ -106,7 +115,8 @@ def test_openpi_client_drives_the_server_end_to_end(served):
     assert re.search(r"wam_policy_requests_total [1-9]", metrics) and "wam_policy_request_seconds_bucket" in metrics
     assert 'wam_policy_info{compute_path="fp32-dequantized",preset="tiny",step="5"} 1.0' in metrics
     # what the chart's alerts read (tests/test_k8s_manifests.py): a chunk's duration, a latency bucket ending there
-    assert "wam_policy_chunk_seconds 1.6" in metrics and 'wam_policy_request_seconds_bucket{le="1.6"}' in metrics
+    assert 'wam_policy_chunk_seconds{embodiment="droid"} 1.6' in metrics
+    assert 'wam_policy_request_seconds_bucket{embodiment="droid",le="1.6"}' in metrics
     read = alert_metrics("wam_policy_")
     assert read and all(f"# TYPE {name} " in metrics for name in read)
 
@@ -132,10 +142,58 @@ def test_two_concurrent_sessions_do_not_interfere(served):
     assert not np.allclose(results["a"][0], results["b"][0], atol=1e-4)
 
 
+def test_one_server_drives_robots_of_different_embodiments_in_shared_forwards(served):
+    """A model trained on two robots serves both from one server: each robot picks its embodiment by the path and
+    gets its metadata; its chunks, batched with the other robot's, equal those of a server of its embodiment alone."""
+    runtime, uri, port = served["runtime"], served["uri"], served["port"]
+    meta = {path: WebsocketClientPolicy(uri + path).get_server_metadata() for path in ("", "/droid", "/wrist")}
+    assert meta[""]["embodiment"] == meta["/droid"]["embodiment"] == "droid" and meta[""]["gripper_dims"] == [7]
+    wrist = meta["/wrist"]
+    assert wrist["embodiment"] == "wrist" and wrist["cameras"] == ["observation.images.wrist_left"]
+    assert wrist["embodiments"] == ["droid", "wrist"] and wrist["safety"] != meta[""]["safety"]  # its own statistics
+    with pytest.raises(InvalidStatus) as err:
+        WebsocketClientPolicy(f"{uri}/franka")
+    assert err.value.response.status_code == 404 and "/droid, /wrist" in err.value.response.body.decode()
+
+    observations = {"droid": robot_observations(runtime, seed=21, chunks=3),
+                    "wrist": robot_observations(runtime, seed=22, chunks=3, prompt="open the drawer",
+                                                embodiment="wrist")}
+    policy = load_quantized(served["quantized"])
+    policy.config.serving.cpu_threads = 1
+    only_wrist = PolicyRuntime(policy, embodiment="wrist").session()  # a server of wrist robots alone
+    alone = {"droid": [WebsocketClientPolicy(uri)] * 3, "wrist": [only_wrist] * 3}
+    alone = {name: [c.infer(o)["actions"] for c, o in zip(alone[name], obs, strict=True)]
+             for name, obs in observations.items()}
+    barrier = threading.Barrier(2)
+
+    def run(name, together, batches):
+        client, together[name] = WebsocketClientPolicy(f"{uri}/{name}"), []
+        for obs in observations[name]:
+            barrier.wait(120)  # both robots ask at once
+            reply = client.infer(obs)
+            together[name].append(reply["actions"])
+            batches.append(reply["server_timing"]["batch"])
+
+    for _ in range(10):  # until their chunks overlapped in time (a busy machine may run one robot's before the other's)
+        together, batches = {}, []
+        threads = [threading.Thread(target=run, args=(name, together, batches)) for name in observations]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        for name in observations:
+            assert all(np.allclose(x, y, atol=1e-4) for x, y in zip(alone[name], together[name], strict=True)), name
+        if max(batches) == 2:  # the two robots' chunks shared forwards
+            break
+    assert max(batches) == 2, batches
+    assert metric(port, 'wam_policy_request_seconds_count{embodiment="wrist"}') >= 3
+    assert metric(port, 'wam_policy_chunk_seconds{embodiment="wrist"}') == pytest.approx(1.6)
+
+
 def test_malformed_requests_get_an_error_and_the_server_keeps_serving(served):
     client = WebsocketClientPolicy(served["uri"])
     good = robot_observations(served["runtime"], seed=4)[0]
-    camera = served["runtime"].profile.cameras[0]
+    camera = served["runtime"].default_embodiment.profile.cameras[0]
     bad = {
         "missing state": {k: v for k, v in good.items() if k != "observation.state"},
         "missing prompt": {k: v for k, v in good.items() if k != "prompt"},
@@ -171,14 +229,14 @@ def test_kv_cached_serving_equals_the_uncached_computation(served):
     for obs in observations:
         session.infer(obs)
         served_chunks.append(session.returned[-1].normalised)
-        q01, q99 = (np.asarray(v) for v in (runtime.stats.state_q01, runtime.stats.state_q99))
+        q01, q99 = session.embodiment.state_range
         states.append(torch.zeros(runtime.arch.state_dim))
         states[-1][:len(q01)] = torch.as_tensor(normalize(obs["observation.state"].astype(np.float64), q01, q99))
     # The uncached computation: every denoising step is one full teacher-forcing forward over the whole
     # sequence so far (the first frame, the real frames of earlier chunks, the noisy chunk).
     from wam.trainer.data.transforms import tile
 
-    profile = runtime.profile
+    profile = session.embodiment.profile
     views = [torch.from_numpy(np.concatenate([observations[0][c][None]] + [o[c] for o in observations[1:]]))
              .permute(0, 3, 1, 2) for c in profile.cameras]
     pixels = tile(views, profile.layout, runtime.canvas).permute(1, 0, 2, 3)[None].float() / 127.5 - 1
@@ -498,8 +556,11 @@ def test_sessions_are_admitted_as_far_as_their_kv_caches_fit(served):
 
 def test_a_served_embodiment_is_checked_against_what_the_model_was_trained_on(served):
     policy = load_quantized(served["quantized"])
-    policy.config.serving.gripper_dims = [42]
-    with pytest.raises(ConfigError, match=r"serving.gripper_dims \[42\] do not exist: the actions have 8 dims"):
+    with pytest.raises(ConfigError, match=r"embodiment 'franka' is not one this model was trained on: droid, wrist"):
+        PolicyRuntime(policy, embodiment="franka")
+    policy.embodiments["wrist"]["profile"]["gripper_dims"] = [42]  # a policy.json edited by hand
+    with pytest.raises(ConfigError, match=r"embodiment wrist: gripper_dims \[42\] do not exist: the actions have 8 "
+                                          r"dims in the statistics .* quantize the checkpoint again"):
         PolicyRuntime(policy)
 
 

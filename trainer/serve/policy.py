@@ -35,12 +35,9 @@ from wam.platform.config import (
     resolve_preset,
     served_sampler,
 )
-from wam.platform.data_contract import gripper_problems
-from wam.platform.embodiment import EmbodimentProfile
 from wam.platform.errors import ConfigError
 from wam.platform.plan import HEADROOM
 from wam.platform.serving_roofline import kv_cache_bytes, rows_per_device, sessions_that_fit
-from wam.trainer.data.stats import NormStats
 from wam.trainer.data.transforms import normalize, tile
 from wam.trainer.flow import static_dit_steps
 from wam.trainer.guidance_peer import GuidancePeer
@@ -48,18 +45,15 @@ from wam.trainer.inference import Chunk, ChunkRollout, Denoiser
 from wam.trainer.model.encoders import FrozenEncoders
 from wam.trainer.model.vae import StreamState, vae_config
 from wam.trainer.quantize.load import QuantizedPolicy, load_quantized
-from wam.trainer.serve.actions import ActionPostprocess
+from wam.trainer.serve.embodiments import ServedEmbodiment, served_embodiments
 from wam.trainer.serve.engine import DenoiseEngine
-from wam.trainer.serve.safety import SafetyReport, envelope_from_stats, require_finite, state_check
+from wam.trainer.serve.safety import SafetyReport, require_finite
 
 log = logging.getLogger("wam.serve")
 PROMPT_KEY = "prompt"
 RESET_KEY = "reset"
 VIDEO_KEY = "return_video"
 MAX_FRAME_SIDE = 4096
-# A model trained on procedural latents has no robot: one camera, a state vector, normalised actions.
-SYNTHETIC_PROFILE = EmbodimentProfile(name="synthetic", cameras=("observation.image",), layout="single",
-                                      state_keys=("observation.state",))
 
 
 class RequestError(ValueError):
@@ -78,7 +72,8 @@ class _Returned:
 
 
 class PolicyRuntime:
-    """What all sessions share: the model, the frozen encoders, the embodiment and the post-processing."""
+    """What all sessions share: the model, the frozen encoders, the engine, and the embodiments served (each with
+    its post-processing and safety envelope)."""
 
     def __init__(self, policy: QuantizedPolicy, device: torch.device | str = "cpu", steps: int | None = None,
                  embodiment: str | None = None, sampler: str | None = None, max_batch: int | None = None,
@@ -104,35 +99,9 @@ class PolicyRuntime:
         stride = vae_config(self.arch.vae).spatial_stride
         self.canvas = (self.sample.latent_height * stride, self.sample.latent_width * stride)
         self.pixel_frames_per_chunk = self.encoders.vae.cfg.temporal_stride * self.sample.frames_per_chunk
-        self.profile, self.stats, self.control_hz = self._embodiment(embodiment or cfg.serving.embodiment)
-        # how long a robot takes to execute a chunk (its actions at the rate its data was recorded at): a chunk
-        # answered later leaves an asynchronous robot idle; None where unknown (no robot data, an older model)
-        self.chunk_seconds = None if self.control_hz is None else self.sample.actions_per_chunk / self.control_hz
         s = cfg.serving
-        self.state_range: tuple[np.ndarray, np.ndarray] | None = None  # q01, q99 of the state (robot units)
-        self.postprocess = None
-        if self.stats is not None:
-            state_q01, state_q99, action_q01, action_q99 = self.stats.arrays()
-            if problems := gripper_problems(s.gripper_dims, len(action_q01)):
-                raise ConfigError(f"{problems[0]} (embodiment {self.profile.name}); set serving.gripper_dims to action "
-                                  "dims that exist and train (or quantize) again")
-            if beyond := [d for d in self.profile.relative_dims if d >= min(len(action_q01), len(state_q01))]:
-                raise ConfigError(f"embodiment {self.profile.name}: relative_dims {beyond} do not exist in the "
-                                  f"statistics it was trained with ({len(action_q01)} action, {len(state_q01)} state "
-                                  "dims); the quantized model's policy.json does not fit its profile")
-            self.state_range = (state_q01, state_q99)
-            self.postprocess = ActionPostprocess(action_q01, action_q99, self.profile.relative_dims,
-                                                 s.smoothing_window, s.smoothing_order, tuple(s.gripper_dims),
-                                                 s.gripper_threshold)
-            step_q99, grippers = self.stats.action_step_q99, tuple(s.gripper_dims)
-        else:  # a model of procedural latents: its state and actions are already in [-1, 1]
-            state_q01, state_q99 = -np.ones(self.arch.state_dim), np.ones(self.arch.state_dim)
-            action_q01, action_q99 = -np.ones(self.arch.action_dim), np.ones(self.arch.action_dim)
-            step_q99, grippers = None, ()
-        self.state_check = state_check(state_q01, state_q99, s.state_margin)
-        self.envelope = envelope_from_stats(self.profile, state_q01, state_q99, action_q01, action_q99,
-                                            None if step_q99 is None else np.asarray(step_q99), grippers,
-                                            s.action_margin, s.step_margin)
+        self.embodiments = served_embodiments(policy.embodiments, self.arch, self.sample.actions_per_chunk, s)
+        self.default_embodiment = self._embodiment(embodiment or s.embodiment)  # a robot's at the path /
         self.max_batch = max_batch or s.max_batch
         if not 1 <= self.max_batch <= s.max_sessions:
             raise ConfigError(f"max_batch must be in [1, serving.max_sessions = {s.max_sessions}], got {self.max_batch}")
@@ -181,38 +150,25 @@ class PolicyRuntime:
                         "and %d fit %s", fits, s.max_sessions, cache / GIB, fits, where)
         return cache, min(fits, s.max_sessions)
 
-    def _embodiment(self, name: str | None) -> tuple[EmbodimentProfile, NormStats | None, float | None]:
-        """The served embodiment's profile, normalisation stats and control rate (Hz)."""
-        known = self.policy.embodiments
-        if not known:
-            return SYNTHETIC_PROFILE, None, None
-        name = name or next(iter(known))
-        if name not in known:
-            raise ConfigError(f"embodiment {name!r} is not one this model was trained on: {', '.join(known)}")
-        entry = known[name]
-        profile = EmbodimentProfile(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["profile"].items()})
-        return profile, NormStats(**entry["stats"]), entry.get("control_hz")
+    def _embodiment(self, name: str | None) -> ServedEmbodiment:
+        """The served embodiment `name` (None: the first); a model without robot data has only the synthetic one."""
+        if not self.policy.embodiments or name is None:
+            return next(iter(self.embodiments.values()))
+        if name not in self.embodiments:
+            raise ConfigError(f"embodiment {name!r} is not one this model was trained on: {', '.join(self.embodiments)}")
+        return self.embodiments[name]
 
-    def metadata(self) -> dict:
-        """Sent to every client on connect."""
-        p = self.profile
+    def metadata(self, embodiment: ServedEmbodiment | None = None) -> dict:
+        """Sent to every client on connect: the server's, and its robot's embodiment's (default: the one at /)."""
         return {
             "policy": "wam", "preset": self.policy.config.model.preset, "step": self.policy.step,
             "compute_path": self.policy.compute_path, "denoising_steps": self.sampler.steps,
             "engine": self.engine_description(),
             "sampler": self.sampler_description(),
-            "embodiment": p.name, "cameras": list(p.cameras), "state_keys": list(p.state_keys),
-            "state_dims": len(self.stats.state_q01) if self.stats else self.arch.state_dim,
-            "action_dims": len(self.stats.action_q01) if self.stats else self.arch.action_dim,
-            "action_units": "robot" if self.stats else "normalised",
             "actions_per_chunk": self.sample.actions_per_chunk, "frames_per_chunk": self.pixel_frames_per_chunk,
-            "frame_stride": p.video_stride, "chunks_per_window": self.sample.num_chunks,
-            "control_hz": self.control_hz, "chunk_seconds": self.chunk_seconds,
-            "safety": {"limits_from": self.envelope.source, "action_low": self.envelope.low.tolist(),
-                       "action_high": self.envelope.high.tolist(),
-                       "max_action_step": None if self.envelope.max_step is None else self.envelope.max_step.tolist(),
-                       "state_low": self.state_check.low.tolist(), "state_high": self.state_check.high.tolist()},
-        }
+            "chunks_per_window": self.sample.num_chunks,
+            "embodiments": list(self.embodiments),  # every one served here, each at /<name>
+        } | (embodiment or self.default_embodiment).metadata(self.arch)
 
     def _guidance_peer(self) -> GuidancePeer:
         """Rank 1 for guidance in parallel: the next GPU, or a second process on the CPU."""
@@ -247,8 +203,9 @@ class PolicyRuntime:
                 "guidance_passes": "none" if self.negative_text is None else "parallel" if self.peer is not None
                 else "batched" if s.guidance_batch else "sequential", "dit_cache": s.dit_cache, "dit_steps": dit_steps, "note": self.guidance_note}
 
-    def session(self) -> Session:
-        return Session(self)
+    def session(self, embodiment: ServedEmbodiment | None = None) -> Session:
+        """A robot's session (default: of the embodiment served at /)."""
+        return Session(self, embodiment or self.default_embodiment)
 
 
 def load_runtime(model: str, device: str = "auto", steps: int | None = None, embodiment: str | None = None,
@@ -264,8 +221,8 @@ def load_runtime(model: str, device: str = "auto", steps: int | None = None, emb
 
 
 class Session:
-    def __init__(self, runtime: PolicyRuntime):
-        self.runtime = runtime
+    def __init__(self, runtime: PolicyRuntime, embodiment: ServedEmbodiment):
+        self.runtime, self.embodiment = runtime, embodiment
         self.rollout = ChunkRollout(runtime.policy.model, runtime.sampler, runtime.sample,
                                     negative_text=runtime.negative_text, denoiser=runtime.engine.denoiser,
                                     peer=runtime.peer)
@@ -287,7 +244,7 @@ class Session:
 
     def _frames(self, obs: dict) -> torch.Tensor | None:
         """The cameras' frames tiled as in training: (1, 3, T, H, W) uint8, or None when none were sent."""
-        cameras = self.runtime.profile.cameras
+        cameras = self.embodiment.profile.cameras
         present = [c for c in cameras if c in obs]
         if not present:
             return None
@@ -307,15 +264,15 @@ class Session:
             views.append(torch.from_numpy(np.array(view)).permute(0, 3, 1, 2))
         if len({v.shape[0] for v in views}) != 1:
             raise RequestError(f"cameras sent different numbers of frames: {[v.shape[0] for v in views]}")
-        canvas = tile(views, self.runtime.profile.layout, self.runtime.canvas)  # (T, 3, H, W) uint8
+        canvas = tile(views, self.embodiment.profile.layout, self.runtime.canvas)  # (T, 3, H, W) uint8
         return canvas.permute(1, 0, 2, 3)[None]
 
     def _state(self, obs: dict) -> np.ndarray:
         parts = []
-        for key in self.runtime.profile.state_keys:
+        for key in self.embodiment.profile.state_keys:
             value = obs.get(key)
             if value is None:
-                raise RequestError(f"missing state {key!r}; the policy expects {list(self.runtime.profile.state_keys)}")
+                raise RequestError(f"missing state {key!r}; the policy expects {list(self.embodiment.profile.state_keys)}")
             try:
                 array = np.asarray(value)
             except ValueError:  # e.g. ragged nested lists
@@ -328,12 +285,12 @@ class Session:
                 raise RequestError(f"{key} holds NaN or inf at {np.flatnonzero(~np.isfinite(array)).tolist()[:8]}")
             parts.append(array.reshape(-1).astype(np.float64))
         state = np.concatenate(parts)
-        expected = len(self.runtime.stats.state_q01) if self.runtime.stats else None
+        expected = len(self.embodiment.stats.state_q01) if self.embodiment.stats else None
         if expected is not None and len(state) != expected:
             raise RequestError(f"state has {len(state)} dims, the policy was trained on {expected}")
         if len(state) > self.runtime.arch.state_dim:
             raise RequestError(f"state has {len(state)} dims, the model takes at most {self.runtime.arch.state_dim}")
-        far = self.runtime.state_check.problems(state) if len(state) == len(self.runtime.state_check.low) else ""
+        far = self.embodiment.state_check.problems(state) if len(state) == len(self.embodiment.state_check.low) else ""
         if far:
             raise RequestError(f"the state is far outside what the policy was trained on: {far}. Check the robot's "
                                "units and joint order; serving.state_margin sets how far beyond the training range "
@@ -362,7 +319,7 @@ class Session:
         expected = self.runtime.pixel_frames_per_chunk
         if frames.shape[2] != expected:
             raise RequestError(f"got {frames.shape[2]} frames per camera; send the {expected} frames the robot saw "
-                               f"while executing the last chunk (every {self.runtime.profile.video_stride}th control "
+                               f"while executing the last chunk (every {self.embodiment.profile.video_stride}th control "
                                "step), or none to predict one chunk ahead")
         encoders = self.runtime.encoders
         latents = encoders.vae.encode_stream(encoders.unit_range(frames), self.stream)
@@ -372,10 +329,10 @@ class Session:
     def _anchor(self, state: np.ndarray) -> np.ndarray:
         """The state the next chunk starts from: the robot's, or (one chunk ahead) where the chunk still being
         executed ends on the relative dims."""
-        if not self.returned or self.runtime.postprocess is None:
+        if not self.returned or self.embodiment.postprocess is None:
             return state
         anchor = state.copy()
-        dims = list(self.runtime.profile.relative_dims)
+        dims = list(self.embodiment.profile.relative_dims)
         anchor[dims] = self.returned[-1].actions[-1, dims]
         return anchor
 
@@ -401,7 +358,7 @@ class Session:
         writes: list[tuple[torch.Tensor, int]] = []  # (latents, chunk) to write into the cache first, in order
         if new_window:
             if frames is None:
-                raise RequestError(f"the first call of a session or prompt needs the cameras {list(self.runtime.profile.cameras)}")
+                raise RequestError(f"the first call of a session or prompt needs the cameras {list(self.embodiment.profile.cameras)}")
             self._start_window(frames[:, :, -1:], prompt)
         else:
             if frames is not None:
@@ -438,8 +395,8 @@ class Session:
 
     def _act(self, anchor: np.ndarray, writes: list[tuple[torch.Tensor, int]]) -> Chunk:
         """Write `writes` into the cache, then denoise the next chunk from `anchor`, through the engine."""
-        runtime = self.runtime
-        normalised = anchor if runtime.state_range is None else normalize(anchor, *runtime.state_range)
+        runtime, embodiment = self.runtime, self.embodiment
+        normalised = anchor if embodiment.state_range is None else normalize(anchor, *embodiment.state_range)
         state = torch.zeros(1, runtime.arch.state_dim, device=runtime.device)
         state[0, :len(normalised)] = torch.as_tensor(normalised, dtype=torch.float32)
         observations = [self.rollout.observations(latents, chunk) for latents, chunk in writes]
@@ -449,10 +406,10 @@ class Session:
                                    lambda: self.rollout.start(state, self.generator))
         raw = chunk.actions[0].float().cpu()
         require_finite(raw.numpy())  # before smoothing spreads it
-        if runtime.postprocess is None:
-            actions = raw.numpy()[:, :len(runtime.envelope.low)].astype(np.float32)
+        if embodiment.postprocess is None:
+            actions = raw.numpy()[:, :len(embodiment.envelope.low)].astype(np.float32)
         else:
-            actions = runtime.postprocess(raw.numpy(), anchor)
-        actions, report = runtime.envelope.apply(actions, anchor)  # raises UnsafeOutput on NaN / inf
+            actions = embodiment.postprocess(raw.numpy(), anchor)
+        actions, report = embodiment.envelope.apply(actions, anchor)  # raises UnsafeOutput on NaN / inf
         self.returned.append(_Returned(chunk.index, chunk.video, actions, raw, report))
         return chunk

@@ -99,7 +99,7 @@ class ActionEnvelope:
 
 def envelope_from_stats(profile: EmbodimentProfile, state_q01: np.ndarray, state_q99: np.ndarray,
                         action_q01: np.ndarray, action_q99: np.ndarray, action_step_q99: np.ndarray | None,
-                        gripper_dims: tuple[int, ...], action_margin: float, step_margin: float) -> ActionEnvelope:
+                        action_margin: float, step_margin: float) -> ActionEnvelope:
     """The envelope of an embodiment: the profile's explicit limits where it declares them, else the data's."""
     dims = len(action_q01)
     relative = [d for d in profile.relative_dims if d < dims and d < len(state_q01)]
@@ -115,9 +115,9 @@ def envelope_from_stats(profile: EmbodimentProfile, state_q01: np.ndarray, state
         max_step = np.asarray(action_step_q99, float) * (1 + step_margin)
     else:
         max_step = None
-    if max_step is not None and gripper_dims:
+    if max_step is not None and profile.gripper_dims:
         max_step = max_step.copy()
-        max_step[list(gripper_dims)] = np.inf  # a binarised gripper opens and closes in one step
+        max_step[list(profile.gripper_dims)] = np.inf  # a binarised gripper opens and closes in one step
     return ActionEnvelope(low, high, max_step, tuple(relative), source)
 
 

@@ -49,6 +49,7 @@ from websockets.exceptions import ConnectionClosed
 from wam.platform.errors import ConfigError
 from wam.platform.policy_client import API_KEY_ENV, GOING_AWAY
 from wam.trainer.guidance_peer import PeerLost
+from wam.trainer.serve.embodiments import ServedEmbodiment
 from wam.trainer.serve.engine import EngineUnavailable
 from wam.trainer.serve.policy import PolicyRuntime, RequestError, Session
 from wam.trainer.serve.safety import UnsafeOutput
@@ -65,13 +66,14 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0
 class _Metrics:
     def __init__(self, runtime: PolicyRuntime):
         self.registry = CollectorRegistry()
-        # a bucket ends at a chunk's duration, so that a p99 above it means more than 1% of chunks came late
-        chunk = () if runtime.chunk_seconds is None else (runtime.chunk_seconds,)
-        self.latency = Histogram("wam_policy_request_seconds", "Request latency: queue + inference", registry=self.registry,
-                                 buckets=sorted({*_LATENCY_BUCKETS, *chunk}))
+        # a bucket ends at each embodiment's chunk duration, so that a p99 above it means more than 1% of its chunks
+        # came late
+        chunks = {e.chunk_seconds for e in runtime.embodiments.values() if e.chunk_seconds is not None}
+        self.latency = Histogram("wam_policy_request_seconds", "Request latency: queue + inference", ["embodiment"],
+                                 registry=self.registry, buckets=sorted({*_LATENCY_BUCKETS, *chunks}))
         self.queue = Histogram("wam_policy_queue_seconds", "Time a request waited for the device", registry=self.registry,
                                buckets=_LATENCY_BUCKETS)
-        self.sessions = Gauge("wam_policy_sessions", "Connected robot sessions", registry=self.registry)
+        self.sessions = Gauge("wam_policy_sessions", "Connected robot sessions", ["embodiment"], registry=self.registry)
         self.requests = Counter("wam_policy_requests", "Requests answered", registry=self.registry)
         self.errors = Counter("wam_policy_errors", "Requests answered with an error", ["reason"], registry=self.registry)
         self.clipped_chunks = Counter("wam_policy_clipped_chunks", "Chunks the safety envelope clipped",
@@ -94,10 +96,16 @@ class _Metrics:
                                   "where their KV caches do not fit", registry=self.registry)
         Gauge("wam_policy_session_memory_bytes", "Device memory one session's KV caches take",
               registry=self.registry).set(runtime.session_bytes)
-        if runtime.chunk_seconds is not None:
-            Gauge("wam_policy_chunk_seconds", "How long a robot takes to execute one chunk (its actions at the rate its "
-                  "data was recorded at): a chunk answered later leaves an asynchronous robot idle",
-                  registry=self.registry).set(runtime.chunk_seconds)
+        for embodiment in runtime.embodiments.values():
+            self.latency.labels(embodiment.name)
+            self.sessions.labels(embodiment.name)
+        if chunks:  # known where the model's data recorded its control rate
+            chunk_seconds = Gauge("wam_policy_chunk_seconds", "How long a robot takes to execute one chunk (its "
+                                  "actions at the rate its data was recorded at): a chunk answered later leaves an "
+                                  "asynchronous robot idle", ["embodiment"], registry=self.registry)
+            for embodiment in runtime.embodiments.values():
+                if embodiment.chunk_seconds is not None:
+                    chunk_seconds.labels(embodiment.name).set(embodiment.chunk_seconds)
         if (pool := runtime.engine.denoiser.pool) is not None:  # compiled: made by the warm-up's sessions
             Gauge("wam_policy_kv_pool_free_rows", "Rows of the compiled engine's KV-cache pool no session holds",
                   registry=self.registry).set_function(lambda: pool.free_rows)
@@ -158,9 +166,11 @@ class PolicyServer:
             response = connection.respond(HTTPStatus.OK, generate_latest(self.metrics.registry).decode())
             response.headers["Content-Type"] = CONTENT_TYPE_LATEST
             return response
-        if request.headers.get("Upgrade", "").lower() != "websocket":
-            return connection.respond(HTTPStatus.NOT_FOUND, "not found: websocket policy at /, or /healthz /readyz "
-                                                            "/metrics\n")
+        if request.headers.get("Upgrade", "").lower() != "websocket" or self._embodiment_at(path) is None:
+            paths = ", ".join(f"/{name}" for name in self.runtime.embodiments)
+            return connection.respond(HTTPStatus.NOT_FOUND, f"not found: {path}; the policy's websocket is at / (for "
+                                      f"{self.runtime.default_embodiment.name} robots) and at {paths} (a robot picks "
+                                      "its embodiment by the path); also /healthz /readyz /metrics\n")
         if self._authorization is not None and not hmac.compare_digest(
                 request.headers.get("Authorization", "").encode(), self._authorization):
             self.metrics.errors.labels("unauthorized").inc()
@@ -168,6 +178,11 @@ class PolicyServer:
                                       "sent as the header 'Authorization: Api-Key <key>' (openpi-client: "
                                       f"WebsocketClientPolicy(uri, api_key=...); wam: ${API_KEY_ENV})\n")
         return None
+
+    def _embodiment_at(self, path: str) -> ServedEmbodiment | None:
+        """The embodiment of the robots connecting at `path`: / the default one, /<name> that one."""
+        name = path.strip("/")
+        return self.runtime.embodiments.get(name) if name else self.runtime.default_embodiment
 
     # -- websocket sessions ---------------------------------------------------------------------------
 
@@ -180,11 +195,13 @@ class PolicyServer:
             # nothing is sent first: openpi-client expects its metadata, and raises this close reason instead
             await ws.close(1013, f"server at capacity: {self.active} sessions; retry later")
             return
-        self.metrics.sessions.inc()
+        embodiment = self._embodiment_at(urlparse(ws.request.path).path)  # known: _http refused any other path
+        sessions = self.metrics.sessions.labels(embodiment.name)
+        sessions.inc()
         self._sessions[ws] = False
-        session = self.runtime.session()
+        session = self.runtime.session(embodiment)
         try:
-            await ws.send(self._packer.pack(self.runtime.metadata()))
+            await ws.send(self._packer.pack(self.runtime.metadata(embodiment)))
             while True:
                 try:
                     message = await asyncio.wait_for(ws.recv(), self.idle_timeout_s)
@@ -208,7 +225,7 @@ class PolicyServer:
             pass
         finally:
             del self._sessions[ws]
-            self.metrics.sessions.dec()
+            sessions.dec()
             if self._drained is not None and not self._sessions:
                 self._drained.set()
 
@@ -254,7 +271,7 @@ class PolicyServer:
             self.metrics.clipped_chunks.inc()
             self.metrics.clipped_values.inc(result["safety"]["clipped_values"])
         self.metrics.queue.observe(queued)
-        self.metrics.latency.observe(finished - received)
+        self.metrics.latency.labels(session.embodiment.name).observe(finished - received)
         self.metrics.requests.inc()
         return result
 
