@@ -12,9 +12,10 @@ A request with `"return_video": true` also gets the chunk's predicted video, dec
 known latent frame on: (frames_per_chunk, H, W, 3) uint8, the cameras tiled as the model sees them (what a
 person compares with the real frames; decoding costs time, so only on request).
 
-Observations use the training profile's LeRobot feature names: each camera an (H, W, 3) or (T, H, W, 3)
-uint8 array, each state key a float vector in robot units, and "prompt". Actions come back in robot
-units: un-normalised, relative dims made absolute, smoothed, grippers optionally binarised.
+Observations use the LeRobot feature names of the session's embodiment (wam.trainer.serve.embodiments: a robot
+picks it by the websocket path): each camera an (H, W, 3) or (T, H, W, 3) uint8 array, each state key a float
+vector in robot units, and "prompt". Actions come back in that robot's units: un-normalised, relative dims made
+absolute, smoothed, the profile's grippers binarised.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The websocket policy server, wire-compatible with openpi (the `openpi-client` package works unchanged).
 
-Protocol: on connect the server sends its metadata (msgpack); each binary msgpack-numpy request is one
+Protocol: a robot connects at / or at /<embodiment> (a model trained on several robots serves each at its own
+path; / is serving.embodiment's), and the server sends its metadata (msgpack) for that embodiment; a path no
+embodiment is served at is refused with HTTP 404 naming those that are. Each binary msgpack-numpy request is one
 `infer` (or `{"reset": true}`) and gets one binary reply. A bad request gets a text frame saying what is
 wrong (openpi-client raises it as an error) and the session stays open; other sessions never notice. A chunk the
 safety envelope refuses (non-finite actions) gets an error frame too, and its session starts over. A full
