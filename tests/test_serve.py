@@ -2,6 +2,7 @@
 against the uncached computation, action post-processing, and the whole local pipeline."""
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -12,6 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -146,48 +148,58 @@ def test_one_server_drives_robots_of_different_embodiments_in_shared_forwards(se
     """A model trained on two robots serves both from one server: each robot picks its embodiment by the path and
     gets its metadata; its chunks, batched with the other robot's, equal those of a server of its embodiment alone."""
     runtime, uri, port = served["runtime"], served["uri"], served["port"]
-    meta = {path: WebsocketClientPolicy(uri + path).get_server_metadata() for path in ("", "/droid", "/wrist")}
-    assert meta[""]["embodiment"] == meta["/droid"]["embodiment"] == "droid" and meta[""]["gripper_dims"] == [7]
-    wrist = meta["/wrist"]
-    assert wrist["embodiment"] == "wrist" and wrist["cameras"] == ["observation.images.wrist_left"]
-    assert wrist["embodiments"] == ["droid", "wrist"] and wrist["safety"] != meta[""]["safety"]  # its own statistics
-    with pytest.raises(InvalidStatus) as err:
-        WebsocketClientPolicy(f"{uri}/franka")
-    assert err.value.response.status_code == 404 and "/droid, /wrist" in err.value.response.body.decode()
+    with contextlib.ExitStack() as robots:  # every session closed after: the module's server admits 16
 
-    observations = {"droid": robot_observations(runtime, seed=21, chunks=3),
-                    "wrist": robot_observations(runtime, seed=22, chunks=3, prompt="open the drawer",
-                                                embodiment="wrist")}
-    policy = load_quantized(served["quantized"])
-    policy.config.serving.cpu_threads = 1
-    only_wrist = PolicyRuntime(policy, embodiment="wrist").session()  # a server of wrist robots alone
-    alone = {"droid": [WebsocketClientPolicy(uri)] * 3, "wrist": [only_wrist] * 3}
-    alone = {name: [c.infer(o)["actions"] for c, o in zip(alone[name], obs, strict=True)]
-             for name, obs in observations.items()}
-    barrier = threading.Barrier(2)
+        def robot(path: str) -> PolicyClient:
+            client = PolicyClient(uri + path)
+            robots.callback(client.close)
+            return client
 
-    def run(name, together, batches):
-        client, together[name] = WebsocketClientPolicy(f"{uri}/{name}"), []
-        for obs in observations[name]:
-            barrier.wait(120)  # both robots ask at once
-            reply = client.infer(obs)
-            together[name].append(reply["actions"])
-            batches.append(reply["server_timing"]["batch"])
+        meta = {path: robot(path).metadata for path in ("", "/droid", "/wrist")}
+        assert meta[""]["embodiment"] == meta["/droid"]["embodiment"] == "droid" and meta[""]["gripper_dims"] == [7]
+        wrist = meta["/wrist"]
+        assert wrist["embodiment"] == "wrist" and wrist["cameras"] == ["observation.images.wrist_left"]
+        assert wrist["embodiments"] == ["droid", "wrist"] and wrist["safety"] != meta[""]["safety"]  # own statistics
+        with pytest.raises(InvalidStatus) as err:
+            WebsocketClientPolicy(f"{uri}/franka")
+        assert err.value.response.status_code == 404 and "/droid, /wrist" in err.value.response.body.decode()
 
-    for _ in range(10):  # until their chunks overlapped in time (a busy machine may run one robot's before the other's)
-        together, batches = {}, []
-        threads = [threading.Thread(target=run, args=(name, together, batches)) for name in observations]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
-        for name in observations:
-            assert all(np.allclose(x, y, atol=1e-4) for x, y in zip(alone[name], together[name], strict=True)), name
-        if max(batches) == 2:  # the two robots' chunks shared forwards
-            break
-    assert max(batches) == 2, batches
+        observations = {"droid": robot_observations(runtime, seed=21, chunks=3),
+                        "wrist": robot_observations(runtime, seed=22, chunks=3, prompt="open the drawer",
+                                                    embodiment="wrist")}
+        policy = load_quantized(served["quantized"])
+        policy.config.serving.cpu_threads = 1
+        only_wrist = PolicyRuntime(policy, embodiment="wrist").session()  # a server of wrist robots alone
+        droid_alone = robot("")
+        alone = {"droid": [droid_alone.infer(o).actions for o in observations["droid"]],
+                 "wrist": [only_wrist.infer(o)["actions"] for o in observations["wrist"]]}
+        barrier = threading.Barrier(2)
+
+        def run(client, name, together, batches):
+            together[name] = []
+            for obs in observations[name]:
+                barrier.wait(120)  # both robots ask at once
+                result = client.infer(obs)
+                together[name].append(result.actions)
+                batches.append(result.server_timing["batch"])
+
+        # until their chunks overlapped in time (a busy machine may run one robot's chunk before the other's)
+        for _ in range(10):
+            together, batches = {}, []
+            with contextlib.ExitStack() as round_robots, ThreadPoolExecutor(2) as pool:
+                clients = {name: PolicyClient(f"{uri}/{name}") for name in observations}
+                for client in clients.values():
+                    round_robots.callback(client.close)
+                for done in [pool.submit(run, clients[name], name, together, batches) for name in observations]:
+                    done.result(300)
+            for name in observations:
+                assert all(np.allclose(x, y, atol=1e-4) for x, y in zip(alone[name], together[name], strict=True)), name
+            if max(batches) == 2:  # the two robots' chunks shared forwards
+                break
+        assert max(batches) == 2, batches
     assert metric(port, 'wam_policy_request_seconds_count{embodiment="wrist"}') >= 3
     assert metric(port, 'wam_policy_chunk_seconds{embodiment="wrist"}') == pytest.approx(1.6)
+    wait_for(lambda: metric(port, 'wam_policy_sessions{embodiment="wrist"}') == 0, timeout=60)
 
 
 def test_malformed_requests_get_an_error_and_the_server_keeps_serving(served):
