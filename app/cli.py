@@ -133,8 +133,9 @@ def plan_command(
                                     "training.dp_replicate); required unless --serve"),
     serve: bool = typer.Option(False, "--serve", help="plan serving on one device instead: chunk latency at best for "
                                "1..max_batch robots, what batching them gains, how many sessions fit"),
-    control_hz: float = typer.Option(15.0, min=0.1, help="--serve: the robots' control rate (a chunk of "
-                                     "actions_per_chunk actions runs at it; default DROID's 15 Hz)"),
+    control_hz: float | None = typer.Option(None, min=0.1, help="--serve: the robots' control rate (a chunk of "
+                                            "actions_per_chunk actions runs at it; default: the rate the config's "
+                                            "robot data was recorded at, the fastest of several, else DROID's 15 Hz)"),
     overrides: list[str] = typer.Option([], "--set", help="config override key=value (repeatable)"),
     fresh: bool = typer.Option(False, help="trace again even if this config and rank count were traced before"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),

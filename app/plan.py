@@ -15,6 +15,7 @@ from rich.table import Table
 from wam.app.console import console, human
 from wam.platform.accelerators import ACCELERATORS
 from wam.platform.config import WamConfig, resolve_preset, served_sampler
+from wam.platform.data_contract import control_rates
 from wam.platform.errors import ConfigError
 from wam.platform.plan import (
     GIB,
@@ -85,7 +86,12 @@ def plan(cfg: WamConfig, accelerator: str, gpus: int, *, fresh: bool = False) ->
     }
 
 
-def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float = 15.0) -> dict:
+DROID_HZ = 15.0  # the control rate assumed where the config's robot data cannot be read
+
+
+def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float | None = None) -> dict:
+    """control_hz: the robots' control rate; None: the rates the config's robot data was recorded at (the fastest:
+    its robots' chunks are the shortest), else DROID's."""
     from wam.trainer.flow import transformer_passes
 
     if accelerator not in ACCELERATORS:
@@ -113,6 +119,13 @@ def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float = 15.0) -> 
                   "bound": t.bound} for n, t in times.items()]
     # With asynchronous execution a robot asks for its next chunk as it starts this one: the chunk must be denoised
     # before this one's actions run out. The most robots one device keeps fed so, batched, at the chip's path:
+    if control_hz is not None:
+        control_from = "--control-hz"
+    elif rates := control_rates(cfg):
+        control_hz = max(rates.values())
+        control_from = "the data's: " + ", ".join(f"{name} {hz:g} Hz" for name, hz in rates.items())
+    else:
+        control_hz, control_from = DROID_HZ, "DROID's (no robot data readable from here; --control-hz sets it)"
     period = sample.actions_per_chunk / control_hz
     limits = {"serving.max_batch": cfg.serving.max_batch, "memory": fits,
               "latency": next((n - 1 for n in range(1, cfg.serving.max_sessions + 2)
@@ -122,7 +135,7 @@ def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float = 15.0) -> 
     return {
         "accelerator": accelerator, "compute": compute, "chunks_per_window": sample.num_chunks,
         "devices": cfg.serving.devices,
-        "control_hz": control_hz, "chunk_period_s": period, "robots_kept_fed": limits[fed_by],
+        "control_hz": control_hz, "control_hz_from": control_from, "chunk_period_s": period, "robots_kept_fed": limits[fed_by],
         "robots_kept_fed_limited_by": fed_by,
         "sampler": {"solver": sampler.solver, "steps": sampler.steps, "dit_cache": sampler.dit_cache,
                     "transformer_passes": load.passes, "rows_per_session": load.rows},
@@ -165,7 +178,8 @@ def show_serving(result: dict) -> None:
                       f"{rate:.3g}" if rate < 1e3 else human(rate), f"{row['batching_gain']:.2f}x",
                       f"{row['latency_over_lone']:.2f}x", row["bound"])
     console.print(table)
-    console.print(f"at {r['control_hz']:g} Hz a robot runs a chunk in {r['chunk_period_s']:.2f} s: "
+    console.print(f"at {r['control_hz']:g} Hz ({r['control_hz_from']}) a robot runs a chunk in "
+                  f"{r['chunk_period_s']:.2f} s: "
                   f"{devices} keep{'s' if r['devices'] == 1 else ''} at most {r['robots_kept_fed']} robot(s) fed ({r['compute']}; the next "
                   f"chunk denoised while this one runs), limited by {r['robots_kept_fed_limited_by']}")
     console.print("robots: chunks denoised together; chunk: the time per chunk; gain: their throughput over serving "

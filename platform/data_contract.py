@@ -24,6 +24,11 @@ class DatasetUnreadable(ConfigError):
 
 def read_features(uri: str) -> dict[str, dict]:
     """The features of a LeRobot dataset (its meta/info.json), or ConfigError saying why there are none."""
+    return read_info(uri)["features"]
+
+
+def read_info(uri: str) -> dict:
+    """A LeRobot dataset's meta/info.json (features, fps, ...), or ConfigError saying why it cannot be read."""
     info_uri = join(uri, "meta", "info.json")
     try:
         fs, path = filesystem(info_uri)
@@ -38,7 +43,26 @@ def read_features(uri: str) -> dict[str, dict]:
         raise DatasetUnreadable(f"dataset {uri}: cannot read {info_uri}: {type(err).__name__}: {err}") from None
     if not isinstance(info, dict) or not isinstance(info.get("features"), dict):
         raise ConfigError(f"dataset {uri}: {info_uri} has no `features` mapping; is it a LeRobot dataset?")
-    return info["features"]
+    return info
+
+
+def control_rates(cfg: WamConfig) -> dict[str, float]:
+    """The rate (Hz) each embodiment with actions was recorded at (its first dataset's fps), as the quantized model
+    records it for serving; datasets not readable from here, or without an fps, are left out."""
+    rates: dict[str, float] = {}
+    if cfg.data.source != "lerobot":
+        return rates
+    for entry in cfg.data.datasets:
+        profile = resolve_profile(entry.profile, cfg.data.profiles)
+        if not profile.has_actions or profile.name in rates:
+            continue
+        try:
+            fps = read_info(entry.uri).get("fps")
+        except ConfigError:
+            continue
+        if isinstance(fps, (int, float)) and fps > 0:
+            rates[profile.name] = float(fps)
+    return rates
 
 
 def feature_width(features: dict[str, dict], key: str) -> int:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+import yaml
 
 from tests.conftest import random_inputs, randomized_model, wam_cli
 from wam.platform.accelerators import ACCELERATORS
@@ -87,12 +88,34 @@ def test_wam_plan_serve_reports_latency_batching_and_sessions_that_fit():
     p, period = get_preset("dreamzero-14b"), eager["chunk_period_s"]
     fed, fp8 = eager["robots_kept_fed"], (lambda n: chunk_time(p.arch, p.sample, h200, DREAMZERO, n).seconds)
     assert period == pytest.approx(1.6) and eager["robots_kept_fed_limited_by"] == "latency"
+    assert eager["control_hz_from"].startswith("DROID's (no robot data readable")  # the config names no data
     assert fp8(fed) <= period < fp8(fed + 1)
     eight = next(r for r in plan["rows"] if r["compute"] == "fp8" and r["sessions"] == 8)
     assert eight["batching_gain"] == pytest.approx(1, abs=0.01)
     shown = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h200", "--serve")
     assert "serving.max_batch 8 does NOT fit" in " ".join(shown.stdout.split())
 
+
+
+def test_wam_plan_serve_takes_the_robots_control_rate_from_their_data(tmp_path):
+    """A chunk lasts as long as its actions take at the rate the robot's data was recorded at (what a quantized model
+    records for its server): the fastest robot kind of the config sets the deadline; --control-hz overrides it."""
+    datasets = []
+    for name, fps in (("droid", 15), ("fast_arm", 30)):
+        (tmp_path / name / "meta").mkdir(parents=True)
+        (tmp_path / name / "meta" / "info.json").write_text(json.dumps({"fps": fps, "features": {}}))
+        datasets.append({"uri": str(tmp_path / name), "profile": name})
+    arm = {"cameras": ["observation.images.top"], "layout": "single", "state_keys": ["observation.state"],
+           "action_keys": ["action"]}
+    datasets.append({"uri": str(tmp_path / "elsewhere"), "profile": "other_arm"})  # not readable here: left out
+    config = tmp_path / "fleet.yaml"
+    config.write_text(yaml.safe_dump({"model": {"preset": "dreamzero-14b"}, "data": {
+        "source": "lerobot", "datasets": datasets, "profiles": {"fast_arm": arm, "other_arm": arm}}}))
+    plan = json.loads(wam_cli("plan", config, "--accelerator", "h200", "--serve", "--json").stdout)
+    assert plan["control_hz"] == 30 and plan["chunk_period_s"] == pytest.approx(24 / 30)
+    assert plan["control_hz_from"] == "the data's: droid 15 Hz, fast_arm 30 Hz"
+    given = json.loads(wam_cli("plan", config, "--accelerator", "h200", "--serve", "--json", "--control-hz", "10").stdout)
+    assert given["chunk_period_s"] == pytest.approx(2.4) and given["control_hz_from"] == "--control-hz"
 
 
 def test_wam_plan_serve_plans_parallel_guidance_per_device_and_refuses_a_path_the_chip_lacks():
