@@ -717,6 +717,7 @@ def show_trainjob(st: dict) -> None:
         "mlflow": (st.get("mlflow") or {}).get("url") or (st.get("mlflow") or {}).get("runId"),
         "quantized": (st.get("quantized") or {}).get("uri"),
         "serving": (st.get("serving") or {}).get("endpoint"),
+        "robots served": ", ".join((st.get("serving") or {}).get("embodiments") or []),
         "last failure": (st.get("lastFailure") or {}).get("message"),
     }
     for key, value in rows.items():

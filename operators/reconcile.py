@@ -23,6 +23,8 @@ from wam.operators.status import TERMINAL_PHASES, is_true, job_state, set_condit
 from wam.operators.training_child import started, training_child
 from wam.platform.checkpoints import quantized_uri
 from wam.platform.config import WamConfig
+from wam.platform.data_contract import action_embodiments
+from wam.platform.embodiment import SYNTHETIC_PROFILE
 from wam.platform.trainjob import (
     CheckpointStatus,
     FailureStatus,
@@ -258,7 +260,8 @@ def _handoff(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorSe
             p.patch.append((kube.DEPLOYMENT, wanted_dep["metadata"]["name"], {"spec": wanted_dep["spec"]}))
             p.events.append(("Normal", "ServingRolled", f"rolling the policy server to step {st.quantized.step}"))
         ready = (seen.deployment.get("status") or {}).get("readyReplicas", 0)
-    st.serving = ServingStatus(endpoint=handoff.endpoint(job, settings), step=serving_step, ready_replicas=ready)
+    st.serving = ServingStatus(endpoint=handoff.endpoint(job, settings), embodiments=list(action_embodiments(cfg)) or [SYNTHETIC_PROFILE.name],
+                               step=serving_step, ready_replicas=ready)
     serving_ok = ready > 0 and serving_step == st.quantized.step
     if serving_ok and not is_true(st, "Serving"):
         p.events.append(("Normal", "Serving", st.serving.endpoint))

@@ -46,22 +46,30 @@ def read_info(uri: str) -> dict:
     return info
 
 
-def control_rates(cfg: WamConfig) -> dict[str, float]:
-    """The rate (Hz) each embodiment with actions was recorded at (its first dataset's fps), as the quantized model
-    records it for serving; datasets not readable from here, or without an fps, are left out."""
-    rates: dict[str, float] = {}
+def action_embodiments(cfg: WamConfig) -> dict[str, tuple[EmbodimentProfile, str]]:
+    """The embodiments a model trained on `cfg` is served for: each profile with actions, with its first dataset's
+    URI (whose statistics and rate the quantized model records), in the order of data.datasets."""
     if cfg.data.source != "lerobot":
-        return rates
+        return {}
+    found: dict[str, tuple[EmbodimentProfile, str]] = {}
     for entry in cfg.data.datasets:
         profile = resolve_profile(entry.profile, cfg.data.profiles)
-        if not profile.has_actions or profile.name in rates:
-            continue
+        if profile.has_actions and profile.name not in found:
+            found[profile.name] = (profile, entry.uri)
+    return found
+
+
+def control_rates(cfg: WamConfig) -> dict[str, float]:
+    """The rate (Hz) each served embodiment was recorded at (its dataset's fps), as the quantized model records it
+    for its server; datasets not readable from here, or without an fps, are left out."""
+    rates: dict[str, float] = {}
+    for name, (_, uri) in action_embodiments(cfg).items():
         try:
-            fps = read_info(entry.uri).get("fps")
+            fps = read_info(uri).get("fps")
         except ConfigError:
             continue
         if isinstance(fps, (int, float)) and fps > 0:
-            rates[profile.name] = float(fps)
+            rates[name] = float(fps)
     return rates
 
 

@@ -101,6 +101,12 @@ BUILTIN_PROFILES = {
 }
 
 
+# What a model trained on procedural latents (data.source synthetic) is served as: no robot, one camera, a state
+# vector, normalised actions.
+SYNTHETIC_PROFILE = EmbodimentProfile(name="synthetic", cameras=("observation.image",), layout="single",
+                                      state_keys=("observation.state",))
+
+
 @dataclass
 class ProfileSection:
     """A profile declared in YAML (data.profiles.<name>); fields as EmbodimentProfile."""

@@ -227,6 +227,10 @@ class QuantizedStatus:
 @dataclass
 class ServingStatus:
     endpoint: str = api_field("ws://host:port of the policy server.", default="")
+    embodiments: list[str] = api_field("The robot kinds it serves (the training data's profiles with actions; "
+                                       "synthetic for a model of procedural data): each connects at "
+                                       "endpoint/<name>; the endpoint itself serves serving.embodiment, else the "
+                                       "first.", default_factory=list)
     step: int = api_field("Checkpoint step being served.", default=0)
     ready_replicas: int = api_field("", default=0)
 

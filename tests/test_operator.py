@@ -187,6 +187,7 @@ def test_trainjob_from_queue_to_serving(cluster):
     st = wait_for(lambda: condition(s := status(c, "e2e"), "Serving").get("status") == "True" and s)
     assert st["quantized"] == {"step": 20, "uri": f"{BUCKET}/{NS}/e2e/nvfp4/step-20", "job": "e2e-quantize-20"}
     assert st["serving"]["endpoint"] == f"ws://e2e-policy.{NS}.svc:8000" and st["serving"]["readyReplicas"] == 1
+    assert st["serving"]["embodiments"] == ["synthetic"]  # procedural data: no robot kind of its own
     assert condition(st, "Succeeded")["status"] == "True" and st["restarts"] == 0
 
     # A terminal TrainJob never gets training children again, whatever happens to them.

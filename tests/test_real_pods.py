@@ -130,6 +130,7 @@ def test_two_node_trainjob_restarts_after_a_killed_rank_and_serves_a_real_client
     client = WebsocketClientPolicy(f"ws://127.0.0.1:{c.serving_port}")
     meta = client.get_server_metadata()
     assert meta["step"] == steps and meta["preset"] == "tiny"
+    assert st["serving"]["embodiments"] == meta["embodiments"] == [meta["embodiment"]]  # the status names what runs
     rng = np.random.default_rng(0)
     low, high = np.array(meta["safety"]["state_low"]), np.array(meta["safety"]["state_high"])
     obs = {**{cam: rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for cam in meta["cameras"]},

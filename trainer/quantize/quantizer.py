@@ -32,8 +32,7 @@ from safetensors.torch import save_file
 
 from wam.platform.checkpoints import quantized_uri, read_manifest, series_of, step_of, verify, write_manifest
 from wam.platform.config import WamConfig
-from wam.platform.data_contract import check_datasets
-from wam.platform.embodiment import resolve_profile
+from wam.platform.data_contract import action_embodiments, check_datasets
 from wam.platform.errors import CheckpointError, ConfigError
 from wam.platform.storage import filesystem, is_remote, join, local_path, open_uri
 from wam.platform.tracking import log_quantized_model, resolve_uri
@@ -157,20 +156,14 @@ def _embodiments(cfg: WamConfig) -> dict[str, dict]:
     """Each action-bearing dataset's profile, normalisation stats and recording rate: serving needs them to turn
     normalised actions back into robot commands, and to know how long a robot takes to execute a chunk (its actions
     at the rate it was recorded at). Missing stats are computed now (as training did)."""
-    if cfg.data.source != "lerobot":
-        return {}
     from wam.trainer.data.lerobot import LeRobotDataset
     from wam.trainer.data.stats import load_or_compute_stats
 
     found = {}
-    for entry in cfg.data.datasets:
-        profile = resolve_profile(entry.profile, cfg.data.profiles)
-        if not profile.has_actions or profile.name in found:
-            continue
-        dataset = LeRobotDataset(entry.uri)
+    for name, (profile, uri) in action_embodiments(cfg).items():
+        dataset = LeRobotDataset(uri)
         stats, _ = load_or_compute_stats(dataset, profile)
-        found[profile.name] = {"profile": asdict(profile), "stats": asdict(stats), "dataset": entry.uri,
-                               "control_hz": dataset.fps}
+        found[name] = {"profile": asdict(profile), "stats": asdict(stats), "dataset": uri, "control_hz": dataset.fps}
     return found
 
 

@@ -16,16 +16,12 @@ import numpy as np
 
 from wam.platform.config import ServingSection
 from wam.platform.data_contract import gripper_problems
-from wam.platform.embodiment import EmbodimentProfile, profile_from_fields
+from wam.platform.embodiment import SYNTHETIC_PROFILE, EmbodimentProfile, profile_from_fields
 from wam.platform.errors import ConfigError
 from wam.platform.presets import WamArch
 from wam.trainer.data.stats import NormStats
 from wam.trainer.serve.actions import ActionPostprocess
 from wam.trainer.serve.safety import ActionEnvelope, StateCheck, envelope_from_stats, state_check
-
-# A model trained on procedural latents has no robot: one camera, a state vector, normalised actions.
-SYNTHETIC_PROFILE = EmbodimentProfile(name="synthetic", cameras=("observation.image",), layout="single",
-                                      state_keys=("observation.state",))
 
 
 @dataclass(frozen=True)
