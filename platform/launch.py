@@ -8,6 +8,7 @@ serving Deployment all build their commands here, so a laptop run and a pod cann
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -55,11 +56,22 @@ def local_command(command: list[str]) -> list[str]:
     return [shutil.which("wam") or str(Path(sys.executable).parent / "wam"), *command[1:]]
 
 
+_PORTS = random.SystemRandom()  # not the global generator: processes that seed it alike would pick alike
+
+
 def free_port() -> int:
-    """A loopback TCP port free at the moment of asking (a local server, a rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port free at the moment of asking, for a process started next to listen on (a local server, a
+    rendezvous). Chosen below the kernel's ephemeral range (net.ipv4.ip_local_port_range: 32768 and up by default),
+    where the OS never hands out ports itself: a port it picked could be taken meanwhile by any client connection
+    or port-0 server on this machine."""
+    while True:
+        port = _PORTS.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def wait_ready(port: int, server: subprocess.Popen, timeout: float = 600.0) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from wam.platform.config import SamplerSection
+from wam.platform.launch import free_port  # noqa: F401 - the tests' too
 from wam.platform.presets import get_preset
 
 # Without a GPU the Triton attention kernels run in Triton's interpreter, which must be chosen before Triton
@@ -343,14 +344,6 @@ def render_chart(*sets: str, namespace: str = "wam") -> list[dict]:
 
     out = helm("template", "wam", str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION, *sets)
     return [d for d in yaml.safe_load_all(out) if d]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
