@@ -168,17 +168,20 @@ class PolicyServer:
             response = connection.respond(HTTPStatus.OK, generate_latest(self.metrics.registry).decode())
             response.headers["Content-Type"] = CONTENT_TYPE_LATEST
             return response
-        if request.headers.get("Upgrade", "").lower() != "websocket" or self._embodiment_at(path) is None:
-            paths = ", ".join(f"/{name}" for name in self.runtime.embodiments)
-            return connection.respond(HTTPStatus.NOT_FOUND, f"not found: {path}; the policy's websocket is at / (for "
-                                      f"{self.runtime.default_embodiment.name} robots) and at {paths} (a robot picks "
-                                      "its embodiment by the path); also /healthz /readyz /metrics\n")
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found: the policy is a websocket (at / or "
+                                                            "/<embodiment>), or /healthz /readyz /metrics\n")
         if self._authorization is not None and not hmac.compare_digest(
                 request.headers.get("Authorization", "").encode(), self._authorization):
             self.metrics.errors.labels("unauthorized").inc()
             return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized: this policy server needs its API key, "
                                       "sent as the header 'Authorization: Api-Key <key>' (openpi-client: "
                                       f"WebsocketClientPolicy(uri, api_key=...); wam: ${API_KEY_ENV})\n")
+        if self._embodiment_at(path) is None:
+            paths = ", ".join(f"/{name}" for name in self.runtime.embodiments)
+            return connection.respond(HTTPStatus.NOT_FOUND, f"not found: {path}; the policy serves "
+                                      f"{self.runtime.default_embodiment.name} robots at / and each embodiment at its "
+                                      f"path: {paths}\n")
         return None
 
     def _embodiment_at(self, path: str) -> ServedEmbodiment | None:
