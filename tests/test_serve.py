@@ -524,9 +524,9 @@ def test_a_server_with_an_api_key_refuses_robots_without_it(served, monkeypatch)
     good = robot_observations(served["runtime"], seed=17)[0]
     with serve_in_background(server) as port:
         uri = f"ws://127.0.0.1:{port}"
-        for key in (None, "wrong-key"):
+        for key, path in ((None, ""), ("wrong-key", ""), (None, "/franka")):  # what is served is not said either
             with pytest.raises(InvalidStatus, match="HTTP 401") as refused:
-                WebsocketClientPolicy(uri, api_key=key)
+                WebsocketClientPolicy(uri + path, api_key=key)
             assert b"needs its API key" in refused.value.response.body and b"s3cret" not in refused.value.response.body
         assert np.isfinite(WebsocketClientPolicy(uri, api_key="s3cret-key").infer(good)["actions"]).all()
         monkeypatch.setenv(API_KEY_ENV, "s3cret-key")
@@ -536,7 +536,7 @@ def test_a_server_with_an_api_key_refuses_robots_without_it(served, monkeypatch)
         assert readyz(port) == (200, "ready")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
             text = r.read().decode()
-        assert 'wam_policy_errors_total{reason="unauthorized"} 2.0' in text and "s3cret" not in text
+        assert 'wam_policy_errors_total{reason="unauthorized"} 3.0' in text and "s3cret" not in text
 
 
 def test_sessions_are_admitted_as_far_as_their_kv_caches_fit(served):
