@@ -260,7 +260,8 @@ def _handoff(job: TrainJob, cfg: WamConfig, seen: Observed, settings: OperatorSe
             p.patch.append((kube.DEPLOYMENT, wanted_dep["metadata"]["name"], {"spec": wanted_dep["spec"]}))
             p.events.append(("Normal", "ServingRolled", f"rolling the policy server to step {st.quantized.step}"))
         ready = (seen.deployment.get("status") or {}).get("readyReplicas", 0)
-    st.serving = ServingStatus(endpoint=handoff.endpoint(job, settings), embodiments=list(action_embodiments(cfg)) or [SYNTHETIC_PROFILE.name],
+    st.serving = ServingStatus(endpoint=handoff.endpoint(job, settings),
+                               embodiments=list(action_embodiments(cfg)) or [SYNTHETIC_PROFILE.name],
                                step=serving_step, ready_replicas=ready)
     serving_ok = ready > 0 and serving_step == st.quantized.step
     if serving_ok and not is_true(st, "Serving"):

@@ -98,16 +98,15 @@ class _Metrics:
                                   "where their KV caches do not fit", registry=self.registry)
         Gauge("wam_policy_session_memory_bytes", "Device memory one session's KV caches take",
               registry=self.registry).set(runtime.session_bytes)
+        # exported only where the model's data recorded its control rate
+        chunk_seconds = Gauge("wam_policy_chunk_seconds", "How long a robot takes to execute one chunk (its actions at "
+                              "the rate its data was recorded at): a chunk answered later leaves an asynchronous robot "
+                              "idle", ["embodiment"], registry=self.registry) if chunks else None
         for embodiment in runtime.embodiments.values():
             self.latency.labels(embodiment.name)
             self.sessions.labels(embodiment.name)
-        if chunks:  # known where the model's data recorded its control rate
-            chunk_seconds = Gauge("wam_policy_chunk_seconds", "How long a robot takes to execute one chunk (its "
-                                  "actions at the rate its data was recorded at): a chunk answered later leaves an "
-                                  "asynchronous robot idle", ["embodiment"], registry=self.registry)
-            for embodiment in runtime.embodiments.values():
-                if embodiment.chunk_seconds is not None:
-                    chunk_seconds.labels(embodiment.name).set(embodiment.chunk_seconds)
+            if embodiment.chunk_seconds is not None:
+                chunk_seconds.labels(embodiment.name).set(embodiment.chunk_seconds)
         if (pool := runtime.engine.denoiser.pool) is not None:  # compiled: made by the warm-up's sessions
             Gauge("wam_policy_kv_pool_free_rows", "Rows of the compiled engine's KV-cache pool no session holds",
                   registry=self.registry).set_function(lambda: pool.free_rows)
