@@ -259,13 +259,18 @@ def serve(
                                                   "(default: serving.compute)"),
     devices: int | None = typer.Option(None, min=1, max=2, help="2: guidance in parallel, the unconditional pass on "
                                                                 "a second process and GPU (default: serving.devices)"),
+    record: str | None = typer.Option(None, help="a folder or URI (s3://...) where every session's requests and "
+                                                 "replies are recorded, for `wam rerun` (default: serving.record)"),
 ) -> None:
     """Serve a quantized policy over openpi's websocket protocol (health: /healthz /readyz, metrics: /metrics).
     Robots must send $WAM_POLICY_API_KEY where it is set; SIGTERM or Ctrl-C drains the sessions, then exits."""
+    from wam.platform.storage import probe_writable
     from wam.trainer.serve.policy import load_runtime
     from wam.trainer.serve.server import serve_forever
 
     with user_errors():
+        if record:  # before the model loads
+            probe_writable(record)
         runtime = load_runtime(model, device, steps, embodiment, sampler, max_batch, compile, compute, devices)
         meta = runtime.metadata()
         s, e = meta["sampler"], meta["engine"]
@@ -280,7 +285,40 @@ def serve(
                       + f"{e['max_batch']} sessions' chunks per forward, "
                       + ("compiled with CUDA graphs" if e["cuda_graphs"] else "compiled" if e["compiled"] else "eager")
                       + (" (warming up before /readyz)" if e["compiled"] else ""))
-        serve_forever(runtime, host, port)
+        if record := record or runtime.policy.config.serving.record:
+            console.print(f"recording every session under {record}")
+        serve_forever(runtime, host, port, record)
+
+
+@app.command()
+def rerun(
+    recording: str = typer.Argument(..., help="a session's recording: <serving.record>/<embodiment>/<session>"),
+    model: str | None = typer.Option(None, help="serve it with this quantized model (default: the recorded one)"),
+    device: str = typer.Option("cpu", help="cpu | cuda[:N]"),
+    compute: str | None = typer.Option(None, help="the matmuls' path (default: the recorded one)"),
+    atol: float = typer.Option(1e-3, min=0, help="the largest action difference (robot units) still the same"),
+) -> None:
+    """Send a recorded session's requests, in order, to a server of its model here and compare each reply with the
+    one the robot got: actions, gripper commands, errors. Exit code 1 if any differs."""
+    from wam.trainer.serve.recorder import read_recording
+
+    with user_errors():
+        session, exchanges = read_recording(recording)  # before torch loads
+        from wam.trainer.serve.rerun import rerun as rerun_session
+
+        results = rerun_session(session, exchanges, model, device, compute, atol)
+    table = Table("#", "reply", "then ms", "now ms", "max |Δ action|", "gripper flips", "same", box=box.SIMPLE_HEAD,
+                  title=f"{recording}: {session['embodiment']} robot, model step {session['step']} "
+                        f"({session['compute_path']} then), started {session['started']}")
+    for r in results:
+        table.add_row(str(r.index), r.kind + (f" ({escape(r.note)})" if r.note else ""), f"{r.recorded_ms:.0f}",
+                      f"{r.rerun_ms:.0f}", "" if r.deviation is None else f"{r.deviation:.2e}", str(r.gripper_flips),
+                      "yes" if r.same else "[bold red]no[/]")
+    console.print(table)
+    differ = [r.index for r in results if not r.same]
+    if differ:
+        fail(f"{len(differ)} of {len(results)} replies differ from the recorded ones: {differ}")
+    console.print(f"all {len(results)} replies as recorded (actions within {atol:g})")
 
 
 @app.command()

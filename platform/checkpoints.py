@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from wam.platform.errors import CheckpointError
-from wam.platform.storage import basename, filesystem, is_remote, join, local_path, parent, write_text_atomic
+from wam.platform.storage import basename, filesystem, is_remote, join, local_path, parent, write_atomic
 
 log = logging.getLogger("wam.checkpoints")
 MANIFEST_NAME = "manifest.json"
@@ -133,7 +133,7 @@ def write_manifest(checkpoint: str, step: int, config: dict, metrics: dict, thre
         digests = list(pool.map(lambda p: _sha256(fs, p), files))
     entries = [FileEntry(p[len(root) + 1:], fs.size(p), d) for p, d in zip(files, digests, strict=True)]
     manifest = CheckpointManifest(step=step, files=entries, config=config, metrics=metrics, format=format)
-    write_text_atomic(join(checkpoint, MANIFEST_NAME), manifest.to_json())
+    write_atomic(join(checkpoint, MANIFEST_NAME), manifest.to_json())
     return manifest
 
 

@@ -160,6 +160,9 @@ class ServingSection:
     # once the model is loaded (the CPU: not counted); a robot beyond what fits is refused as at capacity
     max_request_mb: float = 64.0  # larger requests are refused while being read
     idle_timeout_s: float = 300.0  # a session that sends nothing for this long is closed (its slot freed)
+    # every session's requests and replies (camera frames included) written to this folder or fsspec URI, off the
+    # robots' path (wam.trainer.serve.recorder); `wam rerun` serves a recorded session again. None: not recorded
+    record: str | None = None
     drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight get to be answered before the server
     # closes every session (1001, going away) and exits; the serving pod's grace period is this + 15 s
     # The engine (wam.trainer.serve.engine): every session's chunk is denoised step by step in a shared forward.

@@ -85,15 +85,18 @@ def filesystem(uri: str):
     return url_to_fs(str(uri) if is_remote(uri) else str(local_path(uri)))
 
 
-def write_text_atomic(uri: str, text: str) -> None:
-    """Write a small text file so that readers see the old file, or none, or the whole new one."""
+def write_atomic(uri: str, data: str | bytes) -> None:
+    """Write a small file so that readers see the old file, or none, or the whole new one."""
     if is_remote(uri):
-        with fsspec.open(uri, "w") as f:  # object stores publish an object in one PUT
-            f.write(text)
+        with fsspec.open(uri, "wb" if isinstance(data, bytes) else "w") as f:  # object stores publish in one PUT
+            f.write(data)
         return
     path = local_path(uri)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     os.replace(tmp, path)
 
 
@@ -108,4 +111,4 @@ def probe_writable(uri: str) -> None:
         fs.rm(probe)
     except Exception as err:  # noqa: BLE001 - any storage failure means the same thing to the user
         raise StorageError(f"cannot write to {uri}: {type(err).__name__}: {err}. Fix the path or its credentials "
-                      "(for s3:// set AWS_* variables or AWS_ENDPOINT_URL) before training") from err
+                      "(for s3:// set AWS_* variables or AWS_ENDPOINT_URL) and start again") from err

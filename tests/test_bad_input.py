@@ -206,6 +206,11 @@ def test_checkpoint_mistakes_are_named(data, tmp_path):
     refused("serve", checkpoint.parent, "--port", "0", message=r"is not a complete quantized model \(no manifest.json\); "
                                                                  r"run `wam quantize`")
     refused("eval", quantized, message=r"is a quantized model")
+    (tmp_path / "a-file").write_text("")
+    refused("serve", quantized, "--port", "0", "--record", tmp_path / "a-file" / "sessions",
+            message=r"cannot write to .*a-file/sessions: .*Fix the path or its credentials")
+    refused("rerun", checkpoint, message=r"is not a session's recording: it has no session.json \(a recording is "
+                                         r"<serving.record>/<embodiment>/<session>/\)")
     refused("export", checkpoint, tmp_path / "x.safetensors", "--dtype", "float16",
             message=r"dtype 'float16' is not one of bfloat16, float32")
     copied = tmp_path / "elsewhere"

@@ -16,6 +16,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -601,3 +602,47 @@ def test_the_request_decoder_answers_anything_without_an_internal_error(served, 
     for message in (raw, msgpack_numpy.packb(fields)):
         reply = asyncio.run(server._reply(session, message, time.perf_counter()))
         assert isinstance(reply, bytes) or reply.startswith("bad request: "), reply
+
+
+def test_a_recorded_session_is_served_again_as_the_robot_got_it(served, tmp_path):
+    """serving.record: each session's exchanges (requests as sent, replies as sent) land under its embodiment's
+    folder, off the robots' path; `wam rerun` sends them to a fresh server of the model and finds the same actions,
+    errors and resets, and says which reply differs where a recording does not match."""
+    from openpi_client import msgpack_numpy as mpn
+
+    from wam.trainer.serve.recorder import read_recording
+    from wam.trainer.serve.rerun import rerun
+
+    record = tmp_path / "record"
+    server = PolicyServer(served["runtime"], record=str(record))
+    with serve_in_background(server) as port:
+        robot = WebsocketClientPolicy(f"ws://127.0.0.1:{port}/wrist")
+        first, *later = robot_observations(served["runtime"], seed=31, chunks=3, embodiment="wrist")
+        robot.infer(first)
+        with pytest.raises(Exception, match="bad request"):
+            robot.infer({k: v for k, v in later[0].items() if k != "prompt"})
+        for obs in later:
+            robot.infer(obs)
+        robot.infer({"reset": True})
+        robot._ws.close()
+        server.recorder.flush()
+        assert metric(port, "wam_policy_recorded_files_total") == 1 + 5  # session.json and the five exchanges
+    [folder] = (record / "wrist").iterdir()
+    description, exchanges = read_recording(str(folder))
+    assert description["embodiment"] == "wrist" and description["metadata"]["cameras"] == ["observation.images.wrist_left"]
+    assert [type(e.reply) for e in exchanges] == [bytes, str, bytes, bytes, bytes]
+    assert mpn.unpackb(exchanges[0].request)["prompt"] == first["prompt"]
+
+    results = rerun(description, exchanges)
+    assert [r.kind for r in results] == ["chunk", "error", "chunk", "chunk", "reset"]
+    assert all(r.same for r in results) and max(r.deviation for r in results if r.deviation is not None) < 1e-4
+
+    # a recording that does not match (its second chunk's actions moved): the command says which reply differs
+    second = folder / "000003.msgpack"
+    entry = msgpack.unpackb(second.read_bytes())
+    reply = mpn.unpackb(entry["reply"])
+    reply["actions"] = reply["actions"] + 0.01
+    second.write_bytes(msgpack.packb({**entry, "reply": mpn.packb(reply)}))
+    done = wam_cli("rerun", folder)
+    assert done.returncode == 1 and "1 of 5 replies differ from the recorded ones: [3]" in done.stderr, done.stderr
+    assert "reset" in done.stdout and "1.00e-02" in done.stdout

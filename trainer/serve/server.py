@@ -54,6 +54,7 @@ from wam.trainer.guidance_peer import PeerLost
 from wam.trainer.serve.embodiments import ServedEmbodiment
 from wam.trainer.serve.engine import EngineUnavailable
 from wam.trainer.serve.policy import PolicyRuntime, RequestError, Session
+from wam.trainer.serve.recorder import Recorder
 from wam.trainer.serve.safety import UnsafeOutput
 
 log = logging.getLogger("wam.serve")
@@ -88,8 +89,13 @@ class _Metrics:
                                registry=self.registry)
         self.drained = Counter("wam_policy_sessions_drained", "Sessions closed because the server shut down",
                                ["how"], registry=self.registry)  # answered: after their last reply; cut: at the timeout
+        self.recorded = Counter("wam_policy_recorded_files", "Files of the sessions' recording written (serving.record)",
+                                registry=self.registry)
+        self.record_dropped = Counter("wam_policy_record_dropped", "Exchanges the recording dropped: storage behind "
+                                      "or failing (serving.record)", ["reason"], registry=self.registry)
         # every label's series from the start, at 0: Prometheus' increase() misses a counter's first appearance
-        for counter, values in ((self.errors, ERROR_REASONS), (self.drained, ("answered", "cut"))):
+        for counter, values in ((self.errors, ERROR_REASONS), (self.drained, ("answered", "cut")),
+                                (self.record_dropped, ("behind", "write_failed"))):
             for value in values:
                 counter.labels(value)
         self.idle_closed = Counter("wam_policy_idle_sessions_closed", "Sessions closed for idleness",
@@ -125,8 +131,9 @@ class _Metrics:
 class PolicyServer:
     def __init__(self, runtime: PolicyRuntime, max_sessions: int | None = None, max_request_mb: float | None = None,
                  idle_timeout_s: float | None = None, drain_timeout_s: float | None = None,
-                 api_key: str | None = None):
-        """api_key: robots must send it (openpi-client's api_key) to open a session; None: anyone may."""
+                 api_key: str | None = None, record: str | None = None):
+        """api_key: robots must send it (openpi-client's api_key) to open a session; None: anyone may. record: where
+        every session is recorded (default serving.record; None: nowhere)."""
         serving = runtime.policy.config.serving
         self.runtime = runtime
         # serving.max_sessions, or what fits the device (what the compiled engine's KV pool holds): never more
@@ -143,6 +150,9 @@ class PolicyServer:
         # a thread per session: a request waits for the device in the engine, not behind other sessions' encoding
         self._workers = ThreadPoolExecutor(max_workers=self.max_sessions, thread_name_prefix="wam-infer")
         self._packer = msgpack_numpy.Packer()
+        record = record or serving.record
+        self.recorder = Recorder(record, self.metrics.recorded.inc,
+                                 lambda reason: self.metrics.record_dropped.labels(reason).inc()) if record else None
 
     @property
     def active(self) -> int:
@@ -204,6 +214,7 @@ class PolicyServer:
         sessions.inc()
         self._sessions[ws] = False
         session = self.runtime.session(embodiment)
+        recording = self.recorder and self.recorder.session(self._description(embodiment, ws.request.path))
         try:
             await ws.send(self._packer.pack(self.runtime.metadata(embodiment)))
             while True:
@@ -214,10 +225,16 @@ class PolicyServer:
                     await ws.close(1000, f"idle for {self.idle_timeout_s:g} s; session closed "
                                          "(serving.idle_timeout_s)")
                     return
+                if self.draining:  # came as the drain closed this idle session: not run, no one would get the
+                    return  # reply; its robot resends it to the replica that takes over
                 self._sessions[ws] = True
                 self.metrics.in_flight.inc()
                 try:
-                    await ws.send(await self._reply(session, message, time.perf_counter()))
+                    received, arrived = time.perf_counter(), time.time()
+                    reply = await self._reply(session, message, received)
+                    await ws.send(reply)
+                    if recording:
+                        recording.add(message, reply, arrived, time.perf_counter() - received)
                 finally:
                     self.metrics.in_flight.dec()
                 self._sessions[ws] = False
@@ -232,6 +249,14 @@ class PolicyServer:
             sessions.dec()
             if self._drained is not None and not self._sessions:
                 self._drained.set()
+
+    def _description(self, embodiment: ServedEmbodiment, path: str) -> dict:
+        """A session's recording's session.json: what `wam rerun` needs to serve its requests again."""
+        runtime = self.runtime
+        return {"model": runtime.policy.uri, "step": runtime.policy.step, "embodiment": embodiment.name, "path": path,
+                "sampler": runtime.sampler_preset, "steps": runtime.sampler.steps,
+                "compute_path": runtime.policy.compute_path, "device": str(runtime.device),
+                "metadata": runtime.metadata(embodiment)}
 
     async def _reply(self, session: Session, message: bytes | str, received: float) -> bytes | str:
         try:
@@ -323,13 +348,15 @@ class PolicyServer:
         cut = await self.drain()
         server.close()
         await server.wait_closed()
+        if self.recorder:
+            self.recorder.close()  # what the sessions sent last, written before the process exits
         if cut:
             log.warning("drained: %d sessions cut off mid-request at the timeout", cut)
         else:
             log.info("drained: every session answered and closed")
 
 
-def serve_forever(runtime: PolicyRuntime, host: str, port: int) -> None:
+def serve_forever(runtime: PolicyRuntime, host: str, port: int, record: str | None = None) -> None:
     """`wam serve`: log to the console and serve until interrupted; robots must send $WAM_POLICY_API_KEY where it
     is set."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -339,7 +366,7 @@ def serve_forever(runtime: PolicyRuntime, host: str, port: int) -> None:
         log.warning("no API key: anyone who reaches %s:%d can drive this policy; set %s to require one", host, port,
                     API_KEY_ENV)
     try:
-        asyncio.run(PolicyServer(runtime, api_key=api_key).run(host, port))
+        asyncio.run(PolicyServer(runtime, api_key=api_key, record=record).run(host, port))
     except KeyboardInterrupt:
         pass
     except OSError as err:
