@@ -604,17 +604,21 @@ def test_the_request_decoder_answers_anything_without_an_internal_error(served, 
         assert isinstance(reply, bytes) or reply.startswith("bad request: "), reply
 
 
-def test_a_recorded_session_is_served_again_as_the_robot_got_it(served, tmp_path):
-    """serving.record: each session's exchanges (requests as sent, replies as sent) land under its embodiment's
-    folder, off the robots' path; `wam rerun` sends them to a fresh server of the model and finds the same actions,
-    errors and resets, and says which reply differs where a recording does not match."""
+def test_a_recorded_session_is_served_again_as_the_robot_got_it(served, s3, monkeypatch):
+    """serving.record (here an S3 bucket, as a pod records): each session's exchanges (requests as sent, replies as
+    sent) land under its embodiment's folder, off the robots' path; `wam rerun` sends them to a fresh server of the
+    model and finds the same actions, errors and resets, and says which reply differs where a recording does not
+    match."""
+    import fsspec
     from openpi_client import msgpack_numpy as mpn
 
     from wam.trainer.serve.recorder import read_recording
     from wam.trainer.serve.rerun import rerun
 
-    record = tmp_path / "record"
-    server = PolicyServer(served["runtime"], record=str(record))
+    for name, value in s3.items():
+        monkeypatch.setenv(name, value)
+    record = "s3://wam-checkpoints/recordings"
+    server = PolicyServer(served["runtime"], record=record)
     with serve_in_background(server) as port:
         robot = WebsocketClientPolicy(f"ws://127.0.0.1:{port}/wrist")
         first, *later = robot_observations(served["runtime"], seed=31, chunks=3, embodiment="wrist")
@@ -627,8 +631,10 @@ def test_a_recorded_session_is_served_again_as_the_robot_got_it(served, tmp_path
         robot._ws.close()
         server.recorder.flush()
         assert metric(port, "wam_policy_recorded_files_total") == 1 + 5  # session.json and the five exchanges
-    [folder] = (record / "wrist").iterdir()
-    description, exchanges = read_recording(str(folder))
+    fs = fsspec.filesystem("s3")
+    [folder] = fs.ls(f"{record}/wrist", refresh=True)
+    folder = f"s3://{folder}"
+    description, exchanges = read_recording(folder)
     assert description["embodiment"] == "wrist" and description["metadata"]["cameras"] == ["observation.images.wrist_left"]
     assert [type(e.reply) for e in exchanges] == [bytes, str, bytes, bytes, bytes]
     assert mpn.unpackb(exchanges[0].request)["prompt"] == first["prompt"]
@@ -638,11 +644,11 @@ def test_a_recorded_session_is_served_again_as_the_robot_got_it(served, tmp_path
     assert all(r.same for r in results) and max(r.deviation for r in results if r.deviation is not None) < 1e-4
 
     # a recording that does not match (its second chunk's actions moved): the command says which reply differs
-    second = folder / "000003.msgpack"
-    entry = msgpack.unpackb(second.read_bytes())
+    second = f"{folder}/000003.msgpack"
+    entry = msgpack.unpackb(fs.cat(second))
     reply = mpn.unpackb(entry["reply"])
     reply["actions"] = reply["actions"] + 0.01
-    second.write_bytes(msgpack.packb({**entry, "reply": mpn.packb(reply)}))
-    done = wam_cli("rerun", folder)
+    fs.pipe(second, msgpack.packb({**entry, "reply": mpn.packb(reply)}))
+    done = wam_cli("rerun", folder, env=s3)
     assert done.returncode == 1 and "1 of 5 replies differ from the recorded ones: [3]" in done.stderr, done.stderr
     assert "reset" in done.stdout and "1.00e-02" in done.stdout

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import msgpack
 
 from wam.platform.errors import StorageError
-from wam.platform.storage import filesystem, join, probe_writable, write_atomic
+from wam.platform.storage import filesystem, is_remote, join, local_path, probe_writable, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ class Recorder:
         started = time.gmtime()
         folder = join(self.uri, description["embodiment"],
                       f"{time.strftime('%Y%m%dT%H%M%SZ', started)}-{uuid.uuid4().hex[:8]}")
-        fs, path = filesystem(folder)
-        fs.makedirs(path, exist_ok=True)
         self.write(join(folder, SESSION_FILE), json.dumps(
             {**description, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", started)}, indent=1).encode())
         return SessionRecording(self, folder)
@@ -76,6 +74,8 @@ class Recorder:
         while (item := self._queue.get()) is not None:
             uri, data = item
             try:
+                if not is_remote(uri):  # (an object store needs no folders)
+                    local_path(uri).parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(uri, data)
                 self._on_written()
             except Exception as err:  # noqa: BLE001 - a storage failure must not reach the robots
