@@ -306,16 +306,20 @@ def rerun(
         session, exchanges = read_recording(recording)  # before torch loads
         from wam.trainer.serve.rerun import rerun as rerun_session
 
+        missing = sorted(set(range(1, exchanges[-1].number + 1)) - {e.number for e in exchanges}) if exchanges else []
+        if missing:
+            err_console.print(f"[yellow]exchanges {missing} were dropped while recording (storage behind or failing): "
+                              "the replies after them may differ[/]")
         results = rerun_session(session, exchanges, model, device, compute, atol)
     table = Table("#", "reply", "then ms", "now ms", "max |Δ action|", "gripper flips", "same", box=box.SIMPLE_HEAD,
                   title=f"{recording}: {session['embodiment']} robot, model step {session['step']} "
                         f"({session['compute_path']} then), started {session['started']}")
     for r in results:
-        table.add_row(str(r.index), r.kind + (f" ({escape(r.note)})" if r.note else ""), f"{r.recorded_ms:.0f}",
+        table.add_row(str(r.number), r.kind + (f" ({escape(r.note)})" if r.note else ""), f"{r.recorded_ms:.0f}",
                       f"{r.rerun_ms:.0f}", "" if r.deviation is None else f"{r.deviation:.2e}", str(r.gripper_flips),
                       "yes" if r.same else "[bold red]no[/]")
     console.print(table)
-    differ = [r.index for r in results if not r.same]
+    differ = [r.number for r in results if not r.same]
     if differ:
         fail(f"{len(differ)} of {len(results)} replies differ from the recorded ones: {differ}")
     console.print(f"all {len(results)} replies as recorded (actions within {atol:g})")

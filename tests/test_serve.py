@@ -643,12 +643,15 @@ def test_a_recorded_session_is_served_again_as_the_robot_got_it(served, s3, monk
     assert [r.kind for r in results] == ["chunk", "error", "chunk", "chunk", "reset"]
     assert all(r.same for r in results) and max(r.deviation for r in results if r.deviation is not None) < 1e-4
 
-    # a recording that does not match (its second chunk's actions moved): the command says which reply differs
+    # a recording that does not match (its second chunk's actions moved) and has a gap (the bad request was
+    # dropped while recording): the command says what is missing and which reply differs
+    fs.rm(f"{folder}/000002.msgpack")
     second = f"{folder}/000003.msgpack"
     entry = msgpack.unpackb(fs.cat(second))
     reply = mpn.unpackb(entry["reply"])
     reply["actions"] = reply["actions"] + 0.01
     fs.pipe(second, msgpack.packb({**entry, "reply": mpn.packb(reply)}))
     done = wam_cli("rerun", folder, env=s3)
-    assert done.returncode == 1 and "1 of 5 replies differ from the recorded ones: [3]" in done.stderr, done.stderr
+    assert done.returncode == 1 and "1 of 4 replies differ from the recorded ones: [3]" in done.stderr, done.stderr
+    assert "exchanges [2] were dropped while recording" in done.stderr
     assert "reset" in done.stdout and "1.00e-02" in done.stdout

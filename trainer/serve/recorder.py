@@ -34,6 +34,7 @@ SESSION_FILE = "session.json"
 
 @dataclass
 class Exchange:
+    number: int  # in its session, from 1 (a gap: exchanges dropped while recording)
     received: float  # unix time the request arrived
     seconds: float  # until its reply was sent
     request: bytes | str  # as the robot sent it (a text frame stays text)
@@ -118,5 +119,5 @@ def read_recording(folder: str) -> tuple[dict, list[Exchange]]:
     exchanges = []
     for name in sorted(fs.glob(f"{path.rstrip('/')}/[0-9]*.msgpack")):
         with fs.open(name, "rb") as f:
-            exchanges.append(Exchange(**msgpack.unpackb(f.read())))
+            exchanges.append(Exchange(int(name.rsplit("/", 1)[-1].split(".")[0]), **msgpack.unpackb(f.read())))
     return description, exchanges

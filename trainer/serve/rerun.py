@@ -20,7 +20,7 @@ from wam.trainer.serve.server import PolicyServer, serve_in_background
 
 @dataclass
 class Rerun:
-    index: int  # the exchange's number in the session, from 1
+    number: int  # the exchange's number in the session, from 1
     kind: str  # chunk | reset | error
     recorded_ms: float  # the server's time to answer it then
     rerun_ms: float  # ... and here, now
@@ -34,24 +34,24 @@ def _reply(raw: bytes | str) -> dict | str:
     return raw if isinstance(raw, str) else msgpack_numpy.unpackb(raw)
 
 
-def compare(index: int, exchange: Exchange, raw: bytes | str, rerun_ms: float, gripper_dims: list[int],
+def compare(exchange: Exchange, raw: bytes | str, rerun_ms: float, gripper_dims: list[int],
             atol: float) -> Rerun:
     """One exchange's reply then and now."""
     then, now = _reply(exchange.reply), _reply(raw)
     recorded_ms = exchange.seconds * 1000
     if isinstance(then, str) or isinstance(now, str):  # an error: the same kind (the text before its first colon)?
         kinds = [r.split(":", 1)[0] if isinstance(r, str) else "a reply" for r in (then, now)]
-        return Rerun(index, "error", recorded_ms, rerun_ms, None, 0, kinds[0] == kinds[1],
+        return Rerun(exchange.number, "error", recorded_ms, rerun_ms, None, 0, kinds[0] == kinds[1],
                      kinds[0] if kinds[0] == kinds[1] else f"then {kinds[0]}, now {kinds[1]}")
     if "actions" not in then:
-        return Rerun(index, "reset", recorded_ms, rerun_ms, None, 0, then == now)
+        return Rerun(exchange.number, "reset", recorded_ms, rerun_ms, None, 0, then == now)
     a, b = np.asarray(then["actions"]), np.asarray(now["actions"])
     if a.shape != b.shape:
-        return Rerun(index, "chunk", recorded_ms, rerun_ms, None, 0, False, f"actions {a.shape} then, {b.shape} now")
+        return Rerun(exchange.number, "chunk", recorded_ms, rerun_ms, None, 0, False, f"actions {a.shape} then, {b.shape} now")
     other = [d for d in range(a.shape[1]) if d not in gripper_dims]
     deviation = float(np.abs(a[:, other] - b[:, other]).max()) if other else 0.0
     flips = int((a[:, gripper_dims] != b[:, gripper_dims]).sum())
-    return Rerun(index, "chunk", recorded_ms, rerun_ms, deviation, flips, deviation <= atol and flips == 0)
+    return Rerun(exchange.number, "chunk", recorded_ms, rerun_ms, deviation, flips, deviation <= atol and flips == 0)
 
 
 def rerun(description: dict, exchanges: list[Exchange], model: str | None = None, device: str = "cpu",
@@ -68,11 +68,11 @@ def rerun(description: dict, exchanges: list[Exchange], model: str | None = None
         with serve_in_background(server) as port, connect(f"ws://127.0.0.1:{port}/{description['embodiment']}",
                                                           compression=None, max_size=None) as ws:
             ws.recv()  # the metadata
-            for index, exchange in enumerate(exchanges, 1):
+            for exchange in exchanges:
                 started = time.perf_counter()
                 ws.send(exchange.request)
                 raw = ws.recv()
-                results.append(compare(index, exchange, raw, (time.perf_counter() - started) * 1000, gripper_dims,
+                results.append(compare(exchange, raw, (time.perf_counter() - started) * 1000, gripper_dims,
                                        atol))
     finally:
         runtime.engine.stop()
