@@ -36,7 +36,7 @@ SESSION_FILE = "session.json"
 class Exchange:
     number: int  # in its session, from 1 (a gap: exchanges dropped while recording)
     received: float  # unix time the request arrived
-    seconds: float  # until its reply was sent
+    seconds: float  # until its reply was ready
     request: bytes | str  # as the robot sent it (a text frame stays text)
     reply: bytes | str  # binary: msgpack-numpy; text: an error
 

@@ -232,9 +232,9 @@ class PolicyServer:
                 try:
                     received, arrived = time.perf_counter(), time.time()
                     reply = await self._reply(session, message, received)
-                    await ws.send(reply)
-                    if recording:
+                    if recording:  # what the server answered, whether or not the robot is still there to get it
                         recording.add(message, reply, arrived, time.perf_counter() - received)
+                    await ws.send(reply)
                 finally:
                     self.metrics.in_flight.dec()
                 self._sessions[ws] = False
