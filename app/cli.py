@@ -297,6 +297,7 @@ def rerun(
     device: str = typer.Option("cpu", help="cpu | cuda[:N]"),
     compute: str | None = typer.Option(None, help="the matmuls' path (default: the recorded one)"),
     atol: float = typer.Option(1e-3, min=0, help="the largest action difference (robot units) still the same"),
+    video: Path | None = typer.Option(None, help="also write what the robot's cameras sent, as an MP4, here"),
 ) -> None:
     """Send a recorded session's requests, in order, to a server of its model here and compare each reply with the
     one the robot got: actions, gripper commands, errors. Exit code 1 if any differs."""
@@ -304,12 +305,16 @@ def rerun(
 
     with user_errors():
         session, exchanges = read_recording(recording)  # before torch loads
+        from wam.trainer.serve.rerun import missing_exchanges, write_robot_view
         from wam.trainer.serve.rerun import rerun as rerun_session
 
-        missing = sorted(set(range(1, exchanges[-1].number + 1)) - {e.number for e in exchanges}) if exchanges else []
-        if missing:
+        if missing := missing_exchanges(exchanges):
             err_console.print(f"[yellow]exchanges {missing} were dropped while recording (storage behind or failing): "
                               "the replies after them may differ[/]")
+        if video is not None:
+            shown = write_robot_view(session, exchanges, video)
+            console.print(f"the robot's view: {video} ({shown} frames)" if shown else
+                          "the recording holds no camera frames: no video written")
         results = rerun_session(session, exchanges, model, device, compute, atol)
     table = Table("#", "reply", "then ms", "now ms", "max |Δ action|", "gripper flips", "same", box=box.SIMPLE_HEAD,
                   title=f"{recording}: {session['embodiment']} robot, model step {session['step']} "

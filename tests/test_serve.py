@@ -604,11 +604,12 @@ def test_the_request_decoder_answers_anything_without_an_internal_error(served, 
         assert isinstance(reply, bytes) or reply.startswith("bad request: "), reply
 
 
-def test_a_recorded_session_is_served_again_as_the_robot_got_it(served, s3, monkeypatch):
+def test_a_recorded_session_is_served_again_as_the_robot_got_it(served, s3, monkeypatch, tmp_path):
     """serving.record (here an S3 bucket, as a pod records): each session's exchanges (requests as sent, replies as
     sent) land under its embodiment's folder, off the robots' path; `wam rerun` sends them to a fresh server of the
     model and finds the same actions, errors and resets, and says which reply differs where a recording does not
     match."""
+    import av
     import fsspec
     from openpi_client import msgpack_numpy as mpn
 
@@ -651,7 +652,11 @@ def test_a_recorded_session_is_served_again_as_the_robot_got_it(served, s3, monk
     reply = mpn.unpackb(entry["reply"])
     reply["actions"] = reply["actions"] + 0.01
     fs.pipe(second, msgpack.packb({**entry, "reply": mpn.packb(reply)}))
-    done = wam_cli("rerun", folder, env=s3)
+    done = wam_cli("rerun", folder, "--video", tmp_path / "view.mp4", env=s3)
     assert done.returncode == 1 and "1 of 4 replies differ from the recorded ones: [3]" in done.stderr, done.stderr
     assert "exchanges [2] were dropped while recording" in done.stderr
     assert "reset" in done.stdout and "1.00e-02" in done.stdout
+    # the wrist camera's frames as the robot sent them: the first call's one and each later chunk's
+    with av.open(str(tmp_path / "view.mp4")) as video:
+        shown = [frame.to_ndarray(format="rgb24") for frame in video.decode(video=0)]
+    assert len(shown) == 1 + 2 * len(later[0]["observation.images.wrist_left"]) and shown[0].shape == (48, 64, 3)

@@ -12,14 +12,14 @@ back.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from wam.trainer.data.videos import CODECS, encode_video
 
 CAMERAS = ("observation.images.wrist_left", "observation.images.exterior_1_left", "observation.images.exterior_2_left")
 STATE_DIM = 8
@@ -27,8 +27,6 @@ FPS = 15
 BLOCKS = {"red": (200, 40, 40), "blue": (40, 60, 200), "green": (40, 170, 60)}
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 BIT_CELLS = 8  # frame index, 8 bits, one cell per bit across the top 4 pixel rows of every view
-CODECS = {"h264": ("libx264", {"crf": "16", "g": "2"}), "vp9": ("libvpx-vp9", {"crf": "20", "b": "0", "g": "2"}),
-          "av1": ("libsvtav1", {"crf": "30", "g": "2", "preset": "10"})}  # GOP 2, as LeRobot encodes
 
 
 @dataclass
@@ -143,20 +141,6 @@ def read_frame_index(view: np.ndarray) -> int:
     cell = view.shape[1] // BIT_CELLS
     bits = [view[1:3, b * cell + 1:(b + 1) * cell - 1].mean() > 125 for b in range(BIT_CELLS)]
     return sum(1 << b for b, on in enumerate(bits) if on)
-
-
-def encode_video(frames: np.ndarray, path: Path, codec: str, fps: int = FPS) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1: errors only
-    name, options = CODECS[codec]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(name, rate=fps, options=options)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def _vectors(values: np.ndarray) -> pa.Array:

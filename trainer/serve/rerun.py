@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from openpi_client import msgpack_numpy
 from websockets.sync.client import connect
 
+from wam.trainer.data.videos import encode_video, resized, side_by_side
 from wam.trainer.serve.policy import load_runtime
 from wam.trainer.serve.recorder import Exchange
 from wam.trainer.serve.server import PolicyServer, serve_in_background
@@ -77,3 +79,39 @@ def rerun(description: dict, exchanges: list[Exchange], model: str | None = None
     finally:
         runtime.engine.stop()
     return results
+
+
+def robot_view(description: dict, exchanges: list[Exchange]) -> tuple[np.ndarray, float]:
+    """What the robot's cameras saw, as it sent them request after request (its cameras side by side; requests
+    without its cameras' frames left out): (n, H, W, 3) uint8 frames, all at the first's size, and their rate."""
+    meta = description["metadata"]
+    frames = []
+    for exchange in exchanges:
+        try:
+            obs = msgpack_numpy.unpackb(exchange.request) if isinstance(exchange.request, bytes) else None
+        except Exception:  # noqa: BLE001 - a request the server refused as undecodable shows nothing
+            continue
+        views = {c: np.asarray(obs[c]) for c in meta["cameras"] if c in obs} if isinstance(obs, dict) else {}
+        if len(views) < len(meta["cameras"]) or any(v.dtype != np.uint8 or v.ndim not in (3, 4) or v.shape[-1] != 3
+                                                    or v.shape[0] == 0 for v in views.values()):
+            continue
+        views = {c: v[None] if v.ndim == 3 else v for c, v in views.items()}  # a first call's single frame
+        if len({len(v) for v in views.values()}) == 1:
+            shown = side_by_side(views)
+            frames.append(resized(shown, *frames[0].shape[1:3]) if frames else shown)
+    chunk_seconds = meta.get("chunk_seconds")
+    rate = meta["frames_per_chunk"] / chunk_seconds if chunk_seconds else 5.0  # a robot of unknown rate: 5 a second
+    return (np.concatenate(frames) if frames else np.zeros((0, 2, 2, 3), np.uint8)), rate
+
+
+def write_robot_view(description: dict, exchanges: list[Exchange], path: Path) -> int:
+    """The robot's view (robot_view) as an MP4 at `path`; how many frames it holds (none: nothing written)."""
+    frames, rate = robot_view(description, exchanges)
+    if len(frames):
+        encode_video(frames, path, "h264", fps=max(1, round(rate)))
+    return len(frames)
+
+
+def missing_exchanges(exchanges: list[Exchange]) -> list[int]:
+    """The numbers of the exchanges a recording lacks (dropped while recording) before its last."""
+    return sorted(set(range(1, exchanges[-1].number + 1)) - {e.number for e in exchanges}) if exchanges else []

@@ -30,7 +30,7 @@ from wam.platform.errors import UserError
 from wam.platform.launch import free_port, local_command, serve_command, wait_ready
 from wam.platform.storage import filesystem, join
 from wam.trainer.checkpoint_reader import StoredModel, open_checkpoint, open_quantized
-from wam.trainer.data.synth_dataset import encode_video
+from wam.trainer.data.videos import encode_video, side_by_side
 from wam.trainer.eval.reporting import log_to_training_run, training_run
 from wam.trainer.quantize.quantizer import POLICY, quantize_checkpoint
 from wam.trainer.sim import metaworld_suite as mw
@@ -219,7 +219,7 @@ def _write_videos(results: list[EpisodeResult], folder: Path, stride: int) -> li
     cameras side by side, then the predicted video of the same chunk."""
     paths = []
     for r in results:
-        frames = [_side_by_side(views, predicted) for views, predicted in r.video or [] if views]
+        frames = [side_by_side(views, predicted) for views, predicted in r.video or [] if views]
         if not frames:
             continue
         path = folder / f"{r.task}-episode-{r.episode}-{'success' if r.success else 'failure'}.mp4"
@@ -228,15 +228,3 @@ def _write_videos(results: list[EpisodeResult], folder: Path, stride: int) -> li
     return paths
 
 
-def _side_by_side(views: dict[str, np.ndarray], predicted: np.ndarray | None) -> np.ndarray:
-    """(n, H, W, 3) views of each camera and (>= n, h, w, 3) predicted frames -> (n, H, W', 3), W' even."""
-    real = np.concatenate(list(views.values()), axis=2)
-    n, height = real.shape[:2]
-    parts = [real]
-    if predicted is not None:
-        rows = np.arange(height) * predicted.shape[1] // height  # nearest-neighbour to the views' height
-        width = predicted.shape[2] * height // predicted.shape[1]
-        cols = np.arange(width) * predicted.shape[2] // width
-        parts += [np.full((n, height, 2, 3), 255, np.uint8), predicted[:n][:, rows][:, :, cols]]
-    frame = np.concatenate(parts, axis=2)
-    return frame if frame.shape[2] % 2 == 0 else np.pad(frame, ((0, 0), (0, 0), (0, 1), (0, 0)))
