@@ -63,6 +63,7 @@ def rerun(description: dict, exchanges: list[Exchange], model: str | None = None
     runtime = load_runtime(model or description["model"], device, description["steps"], description["embodiment"],
                            description["sampler"], max_batch=1, compile="off",
                            compute=compute or description["compute_path"])
+    runtime.policy.config.serving.record = None  # a rerun is not itself recorded
     server = PolicyServer(runtime, max_sessions=1)
     gripper_dims = description["metadata"].get("gripper_dims", [])
     results = []
