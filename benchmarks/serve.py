@@ -27,11 +27,17 @@
     python benchmarks/serve.py --concurrency [--threads 1]      # only the concurrent sessions, eager and compiled
     python benchmarks/serve.py --threads-choice [--json out.json]
     python benchmarks/serve.py --memory [--json out.json]
+    python benchmarks/serve.py --record [--chunks 60] [--json out.json]
 
 6. With --memory: the eager batched forward's memory at the 14B block width (2 blocks, bf16, guided sessions at
    their last chunk), traced on fake tensors (torch's MemTracker: no memory is allocated, so it runs on a CPU):
    the weights, every session's KV cache, and the activations a predict_many and an observe_many of 1, 4 and 8
    sessions allocate, next to the peaks the H200 measured for the same blocks (docs/gpu-runs).
+
+7. With --record: the session recording's cost (serving.record): one robot's round trip through the policy server
+   (the tiny preset, random weights, frames at DROID's 180x320) with its session recorded to a local folder vs
+   not, the two servers on one runtime, their chunks interleaved (which goes first alternating): p50/p99 and the
+   ratio, and what a chunk's recording takes on disk.
 
 5. With --threads-choice: one robot through the engine on the CPU (eager; the tiny preset and the 512-wide
    blocks) at 1 torch thread, at every core, and at the engine's own choice (serving.cpu_threads unset: the
@@ -408,12 +414,16 @@ def main() -> None:
                         "width, traced on fake tensors")
     parser.add_argument("--threads-choice", action="store_true", help="only one robot through the CPU engine at 1 "
                         "thread, every core, and the engine's choice")
+    parser.add_argument("--record", action="store_true", help="only the session recording's cost: one robot's round "
+                        "trip with its session recorded vs not")
+    parser.add_argument("--chunks", type=int, default=60, help="--record: chunks each server answers")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.ablation or args.concurrency or args.threads_choice or args.memory:
+    if args.ablation or args.concurrency or args.threads_choice or args.memory or args.record:
         results = (run_concurrency(args) if args.concurrency else threads_choice(args.rounds) if args.threads_choice
-                   else serving_memory() if args.memory else run_ablation(args))
+                   else serving_memory() if args.memory else session_recording(args.chunks) if args.record
+                   else run_ablation(args))
         print(json.dumps(results, indent=1, default=str))
         if args.json:
             args.json.write_text(json.dumps(results, indent=1, default=str))
@@ -881,6 +891,47 @@ def threads_choice(rounds: int) -> dict:
                 print(f"{name}: {setting} ({row['cpu_threads']} threads) {row['chunks_per_s']:.2f} chunks/s, "
                       f"p50 {row['p50_ms']:.1f} ms", file=sys.stderr, flush=True)
     return results
+
+
+def session_recording(chunks: int, warmup: int = 4) -> dict:
+    """One robot through a server recording its session and through one that does not (one runtime, chunks
+    interleaved): {"not_recorded"/"recorded": {p50_ms, p99_ms}, "p50_ratio", "p99_ratio", "recorded_mb_per_chunk"}."""
+    import numpy as np
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    from wam.trainer.quantize.load import load_quantized
+    from wam.trainer.serve.policy import PolicyRuntime
+    from wam.trainer.serve.server import PolicyServer, serve_in_background
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runtime = PolicyRuntime(load_quantized(random_model(Path(tmp) / "tiny", [])))
+        meta, rng = runtime.metadata(), np.random.default_rng(0)
+
+        def request(frames: int) -> dict:
+            views = {c: rng.integers(0, 256, (frames, 180, 320, 3), dtype=np.uint8) for c in meta["cameras"]}
+            return {**{c: v[0] if frames == 1 else v for c, v in views.items()}, "prompt": "push the block",
+                    "observation.state": rng.uniform(-1, 1, meta["state_dims"]).astype(np.float32)}
+
+        later = [request(meta["frames_per_chunk"]) for _ in range(4)]
+        servers = {"not_recorded": PolicyServer(runtime), "recorded": PolicyServer(runtime, record=f"{tmp}/record")}
+        times: dict[str, list[float]] = {name: [] for name in servers}
+        with serve_in_background(servers["not_recorded"]) as plain, serve_in_background(servers["recorded"]) as kept:
+            robots = {name: WebsocketClientPolicy(f"ws://127.0.0.1:{port}")
+                      for name, port in (("not_recorded", plain), ("recorded", kept))}
+            for robot in robots.values():
+                robot.infer(request(1))
+            for i in range(warmup + chunks):
+                for name in (list(robots) if i % 2 else list(robots)[::-1]):
+                    started = time.perf_counter()
+                    robots[name].infer(later[i % len(later)])
+                    if i >= warmup:
+                        times[name].append((time.perf_counter() - started) * 1000)
+            servers["recorded"].recorder.flush()
+        written = sum(f.stat().st_size for f in Path(tmp, "record").rglob("*.msgpack"))
+    rows = {name: {"p50_ms": percentile(t, 0.5), "p99_ms": percentile(t, 0.99)} for name, t in times.items()}
+    return {**rows, **{f"{q}_ratio": rows["recorded"][f"{q}_ms"] / rows["not_recorded"][f"{q}_ms"] for q in ("p50", "p99")},
+            "recorded_mb_per_chunk": written / (1 + warmup + chunks) / 1e6, "chunks": chunks,
+            "frames": f"{len(meta['cameras'])} camera(s) x {meta['frames_per_chunk']} x 180x320"}
 
 
 def run_concurrency(args) -> dict:
