@@ -265,12 +265,13 @@ def serve(
     """Serve a quantized policy over openpi's websocket protocol (health: /healthz /readyz, metrics: /metrics).
     Robots must send $WAM_POLICY_API_KEY where it is set; SIGTERM or Ctrl-C drains the sessions, then exits."""
     from wam.platform.storage import probe_writable
-    from wam.trainer.serve.policy import load_runtime
-    from wam.trainer.serve.server import serve_forever
 
     with user_errors():
-        if record:  # before the model loads
+        if record:  # before torch and the model load
             probe_writable(record)
+        from wam.trainer.serve.policy import load_runtime
+        from wam.trainer.serve.server import serve_forever
+
         runtime = load_runtime(model, device, steps, embodiment, sampler, max_batch, compile, compute, devices)
         meta = runtime.metadata()
         s, e = meta["sampler"], meta["engine"]
