@@ -111,13 +111,14 @@ class SessionRecording:
 def read_recording(folder: str) -> tuple[dict, list[Exchange]]:
     """A session's recording: (session.json, its exchanges in order)."""
     fs, path = filesystem(folder)
-    if not fs.exists(f"{path.rstrip('/')}/{SESSION_FILE}"):
+    path = path.rstrip("/")
+    if not fs.exists(f"{path}/{SESSION_FILE}"):
         raise StorageError(f"{folder} is not a session's recording: it has no {SESSION_FILE} (a recording is "
                            "<serving.record>/<embodiment>/<session>/)")
-    with fs.open(f"{path.rstrip('/')}/{SESSION_FILE}", "rb") as f:
+    with fs.open(f"{path}/{SESSION_FILE}", "rb") as f:
         description = json.load(f)
     exchanges = []
-    for name in sorted(fs.glob(f"{path.rstrip('/')}/[0-9]*.msgpack")):
+    for name in sorted(fs.glob(f"{path}/[0-9]*.msgpack")):
         with fs.open(name, "rb") as f:
             exchanges.append(Exchange(int(name.rsplit("/", 1)[-1].split(".")[0]), **msgpack.unpackb(f.read())))
     return description, exchanges

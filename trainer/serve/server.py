@@ -214,9 +214,10 @@ class PolicyServer:
         sessions.inc()
         self._sessions[ws] = False
         session = self.runtime.session(embodiment)
-        recording = self.recorder and self.recorder.session(self._description(embodiment, ws.request.path))
         try:
-            await ws.send(self._packer.pack(self.runtime.metadata(embodiment)))
+            metadata = self.runtime.metadata(embodiment)
+            recording = self.recorder and self.recorder.session(self._description(embodiment, ws.request.path, metadata))
+            await ws.send(self._packer.pack(metadata))
             while True:
                 try:
                     message = await asyncio.wait_for(ws.recv(), self.idle_timeout_s)
@@ -250,13 +251,12 @@ class PolicyServer:
             if self._drained is not None and not self._sessions:
                 self._drained.set()
 
-    def _description(self, embodiment: ServedEmbodiment, path: str) -> dict:
+    def _description(self, embodiment: ServedEmbodiment, path: str, metadata: dict) -> dict:
         """A session's recording's session.json: what `wam rerun` needs to serve its requests again."""
         runtime = self.runtime
         return {"model": runtime.policy.uri, "step": runtime.policy.step, "embodiment": embodiment.name, "path": path,
                 "sampler": runtime.sampler_preset, "steps": runtime.sampler.steps,
-                "compute_path": runtime.policy.compute_path, "device": str(runtime.device),
-                "metadata": runtime.metadata(embodiment)}
+                "compute_path": runtime.policy.compute_path, "device": str(runtime.device), "metadata": metadata}
 
     async def _reply(self, session: Session, message: bytes | str, received: float) -> bytes | str:
         try:
