@@ -21,6 +21,7 @@ from wam.app.console import Options, console, err_console, fail, human, user_err
 from wam.app.pipeline import run_pipeline, show_replay
 from wam.platform import plan
 from wam.platform.accounting import GIB, count_flops, count_params, estimate_memory, min_gpus, training_layout
+from wam.platform.checkpoints import check_weight_dtype, require_quantized_model, require_training_checkpoint
 from wam.platform.config import ACTIVATION_CHECKPOINTING, load_config, resolve_preset
 from wam.platform.errors import ConfigError
 from wam.platform.presets import PRESETS
@@ -171,10 +172,11 @@ def model_import(
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float32"),
 ) -> None:
     """Import a published Wan2.1 / DreamZero checkpoint into a preset; new WAM heads are initialised."""
-    from wam.trainer.export import import_to_safetensors  # needs the trainer extra
-
     with user_errors():
+        check_weight_dtype(dtype)
         cfg = load_config(None, [f"model.preset={preset}"])
+        from wam.trainer.export import import_to_safetensors  # needs the trainer extra
+
         report = import_to_safetensors(resolve_preset(cfg), checkpoint, out, dtype)
     console.print(f"{report.summary()}; wrote {out}")
 
@@ -204,9 +206,11 @@ def export(
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float32"),
 ) -> None:
     """Consolidate a complete training checkpoint into one safetensors file (what quantization reads)."""
-    from wam.trainer.export import export_checkpoint  # needs the trainer extra
-
     with user_errors():
+        check_weight_dtype(dtype)
+        require_training_checkpoint(checkpoint, checksums=False)  # before torch loads
+        from wam.trainer.export import export_checkpoint  # needs the trainer extra
+
         step = export_checkpoint(checkpoint, out, dtype)
     console.print(f"exported step {step} to {out}")
 
@@ -221,9 +225,10 @@ def quantize(
     shard_mb: int | None = typer.Option(None, min=1, help="output shard size (default: quantization.shard_mb)"),
 ) -> None:
     """Quantize a complete checkpoint to NVFP4 for serving; logs the per-layer report to MLflow."""
-    from wam.trainer.quantize.quantizer import quantize_checkpoint  # needs the trainer extra
-
     with user_errors():
+        require_training_checkpoint(checkpoint, checksums=False)  # before torch loads
+        from wam.trainer.quantize.quantizer import quantize_checkpoint  # needs the trainer extra
+
         report = quantize_checkpoint(checkpoint, out, keep or None, shard_mb)
     s = report.summary()
     if report.reused:
@@ -267,7 +272,8 @@ def serve(
     from wam.platform.storage import probe_writable
 
     with user_errors():
-        if record:  # before torch and the model load
+        require_quantized_model(model, checksums=False)  # before torch and the model load
+        if record:
             probe_writable(record)
         from wam.trainer.serve.policy import load_runtime
         from wam.trainer.serve.server import serve_forever
@@ -577,9 +583,11 @@ def evaluate(
         simulate(checkpoint, options, out=out, references=references, device=device, tracking_uri=tracking_uri,
                  log_mlflow=mlflow, as_json=as_json)
         return
-    from wam.trainer.eval.evaluate import run_eval  # needs the trainer extra
-
     with user_errors():
+        if not checkpoint.endswith(".safetensors"):  # a checkpoint (an export is read whole when loaded)
+            require_training_checkpoint(checkpoint, checksums=False)  # before torch loads
+        from wam.trainer.eval.evaluate import run_eval  # needs the trainer extra
+
         result = run_eval(checkpoint, dataset=data, profile=profile, windows=windows, steps=steps, seed=seed,
                           device=device, out=out, plot_episodes=plot_episodes, tracking_uri=tracking_uri,
                           log_mlflow=mlflow, sweep_guidance=sweep_guidance if sweep else None)

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from wam.platform.errors import CheckpointError
+from wam.platform.errors import CheckpointError, ConfigError
 from wam.platform.storage import basename, filesystem, is_remote, join, local_path, parent, write_atomic
 
 log = logging.getLogger("wam.checkpoints")
@@ -213,3 +213,41 @@ def require_complete(uri: str, *, newest_under: bool = True, what: str = "checkp
     if problems:
         raise CheckpointError(f"{what} {uri} does not match its manifest: " + "; ".join(problems[:5]))
     return uri, manifest
+
+
+# -- what a folder holds (checked before torch loads: a wrong folder is named at once) ---------------------
+
+WEIGHT_DTYPES = ("bfloat16", "float32")  # what a model's weights are written as (`wam export`, `wam model import`)
+
+
+def check_weight_dtype(dtype: str) -> None:
+    if dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+
+
+def is_quantized(manifest: CheckpointManifest) -> bool:
+    """A quantized model's manifest (its format; before formats were recorded, its policy.json tells)."""
+    return manifest.format != FORMAT or any(f.path == "policy.json" for f in manifest.files)
+
+
+def require_training_checkpoint(uri: str, checksums: bool = True) -> tuple[str, CheckpointManifest]:
+    """A complete training checkpoint (`uri`, or the newest complete one under it) and its manifest; a quantized
+    model is refused, naming what to do with it."""
+    folder, manifest = require_complete(uri, checksums=checksums)
+    if is_quantized(manifest):
+        source = manifest.metrics.get("source")
+        raise CheckpointError(f"{folder} is a quantized model (from `wam quantize`), not a training checkpoint: "
+                              f"serve it with `wam serve {folder}`"
+                              + (f", or use the checkpoint it came from, {source}" if source else ""))
+    return folder, manifest
+
+
+def require_quantized_model(uri: str, checksums: bool = True) -> CheckpointManifest:
+    """The manifest of the complete quantized model folder `uri`; a training checkpoint is refused, naming the step
+    it lacks."""
+    _, manifest = require_complete(uri, newest_under=False, what="quantized model", checksums=checksums,
+                                   hint="run `wam quantize` on a complete training checkpoint and serve its output folder")
+    if not is_quantized(manifest):
+        raise CheckpointError(f"{uri} is a training checkpoint, not a quantized model: quantize it first with "
+                              f"`wam quantize {uri}`, then serve the folder it writes")
+    return manifest

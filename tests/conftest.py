@@ -200,15 +200,36 @@ INTERRUPTED_RUN = {"training": {"steps": 16}, "checkpoint": {"interval": 4, "kee
                    "data": {"packing": True}}
 
 
+def once_per_run(tmp_path_factory, name: str, compute):
+    """compute(folder)'s JSON result, computed once for the whole `make test` run: the first pytest-xdist worker to
+    ask computes it while any other waits for it (modules on different workers would each compute it otherwise)."""
+    import json
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the run's folder, above the workers'
+    result = root / f"{name}.json"
+    with FileLock(f"{result}.lock"):
+        if not result.exists():
+            folder = root / name
+            folder.mkdir()
+            result.write_text(json.dumps(compute(folder)))
+        return json.loads(result.read_text())
+
+
 @pytest.fixture(scope="session")
 def uninterrupted_losses(tmp_path_factory) -> dict[int, float]:
-    """{step: loss} of INTERRUPTED_RUN trained to the end under torchrun."""
+    """{step: loss} of INTERRUPTED_RUN trained to the end under torchrun (its SIGKILL tests run on both workers)."""
     from wam.platform.config import load_config
 
-    config = write_run_config(tmp_path_factory.mktemp("uninterrupted"), "uninterrupted", **INTERRUPTED_RUN)
-    result = wam_cli("train", config)
-    assert result.returncode == 0, result.stdout + result.stderr
-    losses = step_losses(load_config(config).run_dir)
+    def train(folder: Path) -> dict[int, float]:
+        config = write_run_config(folder, "uninterrupted", **INTERRUPTED_RUN)
+        result = wam_cli("train", config)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return step_losses(load_config(config).run_dir)
+
+    losses = {int(step): loss for step, loss in once_per_run(tmp_path_factory, "uninterrupted", train).items()}
     assert sorted(losses) == list(range(1, 17))
     return losses
 

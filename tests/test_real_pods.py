@@ -95,7 +95,7 @@ def pods_of(c, jobset: str) -> list[dict]:
 
 
 def test_two_node_trainjob_restarts_after_a_killed_rank_and_serves_a_real_client(cluster):
-    c, steps = cluster, 100
+    c, steps = cluster, 50
     submit(c, "real", {"data": {"source": "synthetic"}, "training": {"steps": steps, "log_every": 5}},
            checkpoint={"interval": 10},
            handoff={"quantize": "final", "serving": {"replicas": 1, "accelerator": "h100"}})

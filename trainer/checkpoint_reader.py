@@ -6,10 +6,10 @@ manifest, the training config it was written with, the resolved preset and the m
     open_export(path)      a .safetensors file from `wam export` (it carries its training config)
     open_for_eval(uri)     whichever of a checkpoint and an export `uri` is
 
-Completeness is checked once, here: a folder without its manifest, or whose files differ from it (sizes and
-sha256), is refused with a message saying which (wam.platform.checkpoints.require_complete). `wam export`,
-`wam eval`, `wam demo`, `wam quantize`, the quantized loader, the policy server and the benchmarks read
-through this module.
+Completeness is checked here: a folder without its manifest, or whose files differ from it (sizes and sha256), is
+refused with a message saying which (wam.platform.checkpoints, whose torch-free checks the CLI also runs before torch
+loads). `wam export`, `wam eval`, `wam demo`, `wam quantize`, the quantized loader, the policy server and the
+benchmarks read through this module.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from wam.platform.checkpoints import FORMAT as CHECKPOINT_FORMAT
-from wam.platform.checkpoints import CheckpointManifest, require_complete
+from wam.platform.checkpoints import CheckpointManifest, require_quantized_model, require_training_checkpoint
 from wam.platform.config import WamConfig, config_from_dict, resolve_preset
 from wam.platform.errors import CheckpointError, ConfigError
 from wam.platform.presets import Preset
@@ -91,36 +90,22 @@ def _read_dcp(state: dict[str, torch.Tensor], uri: str) -> None:
         dcp.load(state, storage_reader=reader, no_dist=True)
 
 
-def _quantized(manifest: CheckpointManifest) -> bool:
-    """A quantized model's manifest (its format; before formats were recorded, its policy.json tells)."""
-    return manifest.format != CHECKPOINT_FORMAT or any(f.path == "policy.json" for f in manifest.files)
-
-
 def _config(manifest: CheckpointManifest, where: str) -> WamConfig:
     return config_from_dict(manifest.config, f"training config in {where}")
 
 
 def open_checkpoint(uri: str) -> StoredModel:
     """A complete training checkpoint: `uri` itself, or the newest complete one under it."""
-    folder, manifest = require_complete(uri)
-    if _quantized(manifest):
-        source = manifest.metrics.get("source")
-        raise CheckpointError(f"{folder} is a quantized model (from `wam quantize`), not a training checkpoint: "
-                              f"serve it with `wam serve {folder}`"
-                              + (f", or use the checkpoint it came from, {source}" if source else ""))
+    folder, manifest = require_training_checkpoint(uri)
     return StoredModel(folder, manifest.step, _config(manifest, folder), manifest, folder)
 
 
 def open_quantized(uri: str) -> tuple[StoredModel, Path]:
     """A complete NVFP4 model folder and a local copy of it (the folder itself when it is local)."""
-    hint = "run `wam quantize` on a complete training checkpoint and serve its output folder"
     # complete where it is (sizes only: the bytes are hashed once, in the local copy) before anything is copied
-    _, manifest = require_complete(uri, newest_under=False, what="quantized model", hint=hint, checksums=False)
-    if not _quantized(manifest):
-        raise CheckpointError(f"{uri} is a training checkpoint, not a quantized model: quantize it first with "
-                              f"`wam quantize {uri}`, then serve the folder it writes")
+    require_quantized_model(uri, checksums=False)
     folder = localize(uri)
-    _, manifest = require_complete(str(folder), newest_under=False, what="quantized model", hint=hint)
+    manifest = require_quantized_model(str(folder))
     return StoredModel(uri, manifest.step, _config(manifest, uri), manifest, manifest.metrics.get("source", "")), folder
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from wam.platform.errors import ConfigError
+from wam.platform.checkpoints import WEIGHT_DTYPES, check_weight_dtype
 from wam.platform.presets import Preset
 from wam.trainer.checkpoint_reader import open_checkpoint
 from wam.trainer.model.registry import build_model, model_config
 from wam.trainer.model.weights import ImportReport, import_wan_checkpoint
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in WEIGHT_DTYPES}
 
 
 def save_safetensors(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
@@ -34,8 +34,7 @@ def save_safetensors(state: dict[str, torch.Tensor], out: Path, metadata: dict[s
 
 
 def import_to_safetensors(preset: Preset, checkpoint: str, out: Path, dtype: str = "bfloat16") -> ImportReport:
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    check_weight_dtype(dtype)
     model = build_model(model_config(preset.arch, preset.sample), dtype=DTYPES[dtype])
     report = import_wan_checkpoint(model, checkpoint)
     save_safetensors(model.state_dict(), out, {"preset": preset.name, "source": str(checkpoint),
@@ -45,8 +44,7 @@ def import_to_safetensors(preset: Preset, checkpoint: str, out: Path, dtype: str
 
 def export_checkpoint(uri: str, out: Path, dtype: str = "bfloat16") -> int:
     """Consolidate the model weights of a complete DCP checkpoint into one safetensors file; returns its step."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    check_weight_dtype(dtype)
     stored = open_checkpoint(uri)
     state = stored.read()
     save_safetensors({k: v.to(DTYPES[dtype]) for k, v in state.items()}, Path(out),
