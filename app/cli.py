@@ -269,10 +269,12 @@ def serve(
 ) -> None:
     """Serve a quantized policy over openpi's websocket protocol (health: /healthz /readyz, metrics: /metrics).
     Robots must send $WAM_POLICY_API_KEY where it is set; SIGTERM or Ctrl-C drains the sessions, then exits."""
+    from wam.platform.launch import check_can_listen
     from wam.platform.storage import probe_writable
 
     with user_errors():
         require_quantized_model(model, checksums=False)  # before torch and the model load
+        check_can_listen(host, port)
         if record:
             probe_writable(record)
         from wam.trainer.serve.policy import load_runtime

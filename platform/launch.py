@@ -8,6 +8,7 @@ serving Deployment all build their commands here, so a laptop run and a pod cann
 
 from __future__ import annotations
 
+import errno
 import random
 import shutil
 import socket
@@ -16,6 +17,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from wam.platform.errors import ConfigError
 
 TRAIN_MODULE = "wam.trainer.titan.train"
 # torchtitan's arguments: the config function `from_yaml` of wam.trainer.titan reads $WAM_CONFIG.
@@ -72,6 +75,34 @@ def free_port() -> int:
             except OSError:
                 continue
             return port
+
+
+LISTEN_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)  # what the user can fix by choosing elsewhere
+
+
+def listen_error(host: str, port: int, err: OSError) -> ConfigError:
+    return ConfigError(f"cannot listen on {host}:{port}: {err.strerror}; pick another --port (or --host), or stop what "
+                       "uses it")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Refuse a server's address it could not listen on now (in use, not this machine's, privileged), before a model
+    loads for minutes; the server still handles a port taken meanwhile. Bound as asyncio's server binds it."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise listen_error(host, port, err) from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind(address)
+            except OSError as err:
+                if err.errno in LISTEN_ERRNOS:
+                    raise listen_error(host, port, err) from None
+                raise
 
 
 def wait_ready(port: int, server: subprocess.Popen, timeout: float = 600.0) -> None:

@@ -23,7 +23,6 @@ engine warmed up and able to serve, a session slot free, not draining), /metrics
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import logging
 import os
@@ -48,7 +47,7 @@ from prometheus_client import (
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from wam.platform.errors import ConfigError
+from wam.platform.launch import LISTEN_ERRNOS, listen_error
 from wam.platform.policy_client import API_KEY_ENV, GOING_AWAY
 from wam.trainer.guidance_peer import PeerLost
 from wam.trainer.serve.embodiments import ServedEmbodiment
@@ -370,9 +369,8 @@ def serve_forever(runtime: PolicyRuntime, host: str, port: int, record: str | No
     except KeyboardInterrupt:
         pass
     except OSError as err:
-        if err.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
-            raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror}; pick another --port (or --host), or "
-                              "stop what uses it") from None
+        if err.errno in LISTEN_ERRNOS:  # taken since `wam serve` checked it
+            raise listen_error(host, port, err) from None
         raise
     finally:
         runtime.engine.stop()
