@@ -226,6 +226,9 @@ def test_a_busy_port_is_named(data):
         port = taken.getsockname()[1]
         refused("serve", data["quantized"], "--port", port, message=rf"cannot listen on 127.0.0.1:{port}: .*in use; "
                                                                     r"pick another --port")
+    # TEST-NET-1: documentation's addresses, never this machine's
+    refused("serve", data["quantized"], "--host", "192.0.2.1", message=r"cannot listen on 192.0.2.1:8000: .*Cannot "
+                                                                        r"assign requested address; pick another")
 
 
 def test_an_attempt_never_rewrites_the_runs_recorded_config(data, tmp_path):
