@@ -5,6 +5,8 @@ equal to the eager one through a real server, and what the server reports about 
 import dataclasses
 import gc
 import re
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -305,6 +307,16 @@ def test_a_cpu_engine_runs_on_the_threads_it_measured_faster_or_on_those_set(qua
     fixed = PolicyRuntime(policy)
     wait_for(fixed.engine.ready.is_set, timeout=120)
     assert fixed.engine.cpu_threads == 1 and fixed.engine.thread_timings_ms == {}
+
+
+def test_a_process_that_exits_while_its_engine_warms_up_ends_cleanly(quantized):
+    """A script (or a server) that ends without stopping its engine, here in the middle of the engine's warm-up:
+    the engine is stopped at exit, where its thread in torch's native code used to abort the process (134)."""
+    script = ("import sys; from wam.trainer.quantize.load import load_quantized; "
+              "from wam.trainer.serve.policy import PolicyRuntime; runtime = PolicyRuntime(load_quantized(sys.argv[1])); "
+              "assert not runtime.engine.ready.is_set(), 'warmed up already'")
+    ended = subprocess.run([sys.executable, "-c", script, quantized], capture_output=True, text=True, timeout=300)
+    assert ended.returncode == 0 and "terminate called" not in ended.stderr, (ended.returncode, ended.stderr[-2000:])
 
 
 def test_the_compute_path_follows_the_chip_and_a_path_the_chip_lacks_is_refused(quantized):

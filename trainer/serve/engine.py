@@ -14,9 +14,11 @@ reports ready; the warm-up's sessions are then let go.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -29,6 +31,15 @@ from wam.trainer.inference import Chunk, ChunkJob, ChunkRollout, Denoiser, advan
 from wam.trainer.model.model import Observation
 
 log = logging.getLogger("wam.serve")
+_STARTED: weakref.WeakSet[DenoiseEngine] = weakref.WeakSet()  # their threads hold them while they run
+
+
+@atexit.register
+def _stop_started_engines() -> None:
+    """A process that exits while an engine's thread runs torch's native code aborts ("terminate called without an
+    active exception"): a script or server that ends without stopping its engine would, mid warm-up or mid chunk."""
+    for engine in list(_STARTED):
+        engine.stop()
 
 
 class EngineUnavailable(RuntimeError):
@@ -82,10 +93,11 @@ class DenoiseEngine:
         self._warmups = (warmup, behind)  # let go once warmed up, so their KV caches are freed
         self._thread = threading.Thread(target=self._loop, daemon=True, name="wam-engine")
         self._thread.start()
+        _STARTED.add(self)
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Stop serving (as `fail`) and wait up to timeout_s for the engine's thread to end; a warm-up stops at its
-        next forward. (A process that exits while this thread runs torch's native code aborts.)"""
+        next forward. (At exit, engines not stopped are stopped.)"""
         self.fail("the server is shutting down")
         if self._thread is not None:
             self._thread.join(timeout_s)
