@@ -243,8 +243,8 @@ def require_training_checkpoint(uri: str, checksums: bool = True) -> tuple[str, 
 
 
 def require_quantized_model(uri: str, checksums: bool = True) -> CheckpointManifest:
-    """The manifest of the complete quantized model folder `uri`; a training checkpoint is refused, naming the step
-    it lacks."""
+    """The manifest of the complete quantized model folder `uri`; a training checkpoint is refused, naming the command
+    that quantizes it."""
     _, manifest = require_complete(uri, newest_under=False, what="quantized model", checksums=checksums,
                                    hint="run `wam quantize` on a complete training checkpoint and serve its output folder")
     if not is_quantized(manifest):
