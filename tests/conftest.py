@@ -211,10 +211,8 @@ def once_per_run(tmp_path_factory, name: str, compute):
     root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the run's folder, above the workers'
     result = root / f"{name}.json"
     with FileLock(f"{result}.lock"):
-        if not result.exists():
-            folder = root / name
-            folder.mkdir()
-            result.write_text(json.dumps(compute(folder)))
+        if not result.exists():  # a folder of its own for each try: a worker may try again after another's failed
+            result.write_text(json.dumps(compute(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root)))))
         return json.loads(result.read_text())
 
 
