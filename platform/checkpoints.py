@@ -225,7 +225,7 @@ def check_weight_dtype(dtype: str) -> None:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
 
 
-def is_quantized(manifest: CheckpointManifest) -> bool:
+def _is_quantized(manifest: CheckpointManifest) -> bool:
     """A quantized model's manifest (its format; before formats were recorded, its policy.json tells)."""
     return manifest.format != FORMAT or any(f.path == "policy.json" for f in manifest.files)
 
@@ -234,7 +234,7 @@ def require_training_checkpoint(uri: str, checksums: bool = True) -> tuple[str, 
     """A complete training checkpoint (`uri`, or the newest complete one under it) and its manifest; a quantized
     model is refused, naming what to do with it."""
     folder, manifest = require_complete(uri, checksums=checksums)
-    if is_quantized(manifest):
+    if _is_quantized(manifest):
         source = manifest.metrics.get("source")
         raise CheckpointError(f"{folder} is a quantized model (from `wam quantize`), not a training checkpoint: "
                               f"serve it with `wam serve {folder}`"
@@ -247,7 +247,7 @@ def require_quantized_model(uri: str, checksums: bool = True) -> CheckpointManif
     that quantizes it."""
     _, manifest = require_complete(uri, newest_under=False, what="quantized model", checksums=checksums,
                                    hint="run `wam quantize` on a complete training checkpoint and serve its output folder")
-    if not is_quantized(manifest):
+    if not _is_quantized(manifest):
         raise CheckpointError(f"{uri} is a training checkpoint, not a quantized model: quantize it first with "
                               f"`wam quantize {uri}`, then serve the folder it writes")
     return manifest
