@@ -92,7 +92,10 @@ DROID_HZ = 15.0  # the control rate assumed where the config's robot data cannot
 def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float | None = None) -> dict:
     """control_hz: the robots' control rate; None: the rates the config's robot data was recorded at (the fastest:
     its robots' chunks are the shortest), else DROID's."""
+    import torch
+
     from wam.trainer.flow import transformer_passes
+    from wam.trainer.serve.memory import serving_memory
 
     if accelerator not in ACCELERATORS:
         raise ConfigError(f"--accelerator {accelerator!r} is not known; choose one of {', '.join(ACCELERATORS)}")
@@ -106,8 +109,13 @@ def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float | None = No
     fixed = weight_bytes(arch, compute) + encoder_bytes(arch)
     compiled = cfg.serving.compile != "off"  # as wam serve decides on a GPU: compiled, with CUDA graphs
     per_session = kv_cache_bytes(arch, sample, load.rows)
+    # what else serving takes (the model and the encoders in bf16 on a GPU; fp8 and nvfp4 compute in bf16 between
+    # their matmuls), traced on fake tensors as `wam serve` counts it
+    with console.status("tracing a batched forward and the VAE's work (fake tensors)"):
+        memory = serving_memory(arch, sample, load.rows, torch.bfloat16, torch.bfloat16)
     fits = sessions_that_fit(HEADROOM * acc.memory_gib * GIB - fixed, per_session, max_batch=cfg.serving.max_batch,
-                             compiled=compiled, blocks=arch.num_layers)
+                             compiled=compiled, blocks=arch.num_layers, held=memory.stream,
+                             activations=memory.activations, transient=memory.request)
     paths = [compute] + ([] if compute == "bf16-dequantized" else ["bf16-dequantized"])
     sessions = sorted({*SERVING_SESSIONS, cfg.serving.max_batch})
     rows = []
@@ -141,7 +149,8 @@ def serving_plan(cfg: WamConfig, accelerator: str, control_hz: float | None = No
                     "transformer_passes": load.passes, "rows_per_session": load.rows},
         "max_batch": cfg.serving.max_batch,
         "memory_gib": {"weights": weight_bytes(arch, compute) / GIB, "frozen_encoders": encoder_bytes(arch) / GIB,
-                       "per_session": per_session / GIB},
+                       "per_session": per_session / GIB, "vae_stream_per_session": memory.stream / GIB,
+                       "activations_per_batched_session": memory.activations / GIB, "request": memory.request / GIB},
         "compiled": compiled,
         "sessions_that_fit": fits,
         "device_gib": acc.memory_gib,
@@ -165,6 +174,8 @@ def show_serving(result: dict) -> None:
                   f"KV cache {m['per_session']:.2f} GiB per session"
                   + (" (compiled: all in one pool, and a block's share of a batch gathered per forward)"
                      if r["compiled"] else "")
+                  + f" and its VAE stream {m['vae_stream_per_session']:.2f} GiB, a batched forward "
+                  f"{m['activations_per_batched_session']:.2f} GiB per session, a request's own work {m['request']:.2f} GiB"
                   + f": {r['sessions_that_fit']} sessions fit ({HEADROOM:.0%} of {r['device_gib']:g} GiB)"
                   + ("" if r["sessions_that_fit"] >= r["max_batch"] else
                      f"; serving.max_batch {r['max_batch']} does NOT fit"))

@@ -103,14 +103,19 @@ def kv_cache_bytes(a: WamArch, s: SampleShape, rows: int, element_bytes: int = K
 
 
 def sessions_that_fit(budget: float, cache_bytes: int, *, max_batch: int, compiled: bool = False,
-                      blocks: int = 1, limit: int = 4096) -> int:
-    """The most sessions whose KV caches (`cache_bytes` each, over `blocks` blocks) fit `budget` bytes. Compiled,
-    the engine keeps them as rows of one pool that its graphs read in place; each block's forward gathers the
-    batch's keys and values (and appends the new ones to a second copy) inside the graph, one block at a time:
-    twice a block's share of a batch's caches, which under CUDA graphs stays in their memory pool."""
+                      blocks: int = 1, held: float = 0, activations: float = 0, transient: float = 0,
+                      limit: int = 4096) -> int:
+    """The most sessions whose KV caches (`cache_bytes` each, over `blocks` blocks) fit `budget` bytes, with what
+    else serving takes: `held` bytes a session keeps besides its caches (its VAE stream's history), `activations`
+    a session adds to a batched forward (a batch holds at most max_batch sessions), and `transient` bytes of one
+    request's encoder work at its peak (the encoders serve one request at a time). Compiled, the engine keeps the
+    caches as rows of one pool that its graphs read in place; each block's forward gathers the batch's keys and
+    values (and appends the new ones to a second copy) inside the graph, one block at a time: twice a block's share
+    of a batch's caches, which under CUDA graphs stays in their memory pool."""
     def needed(sessions: int) -> float:
-        gathered = 2 * min(sessions, max_batch) * cache_bytes / blocks if compiled else 0
-        return sessions * cache_bytes + gathered
+        batch = min(sessions, max_batch)
+        gathered = 2 * batch * cache_bytes / blocks if compiled else 0
+        return sessions * (cache_bytes + held) + gathered + batch * activations + transient
 
     return next((n for n in range(limit) if needed(n + 1) > budget), limit)
 

@@ -253,7 +253,7 @@ def test_a_compiled_server_is_ready_only_after_its_warm_up_reports_its_engine_an
         meta = client.get_server_metadata()
         assert meta["engine"] == {"max_batch": 2, "compiled": True, "cuda_graphs": False, "device": "cpu", "devices": 1,
                                   "max_sessions": 16, "session_memory_gib": runtime.session_bytes / 2**30,
-                                  "cpu_threads": runtime.engine.cpu_threads}
+                                  "cpu_threads": runtime.engine.cpu_threads, "memory_gib": None}
         observations = synthetic_robot(runtime, seed=1)
         compiled = counters["stats"]["unique_graphs"]
         replies = [client.infer(obs) for obs in observations]

@@ -33,6 +33,7 @@ from wam.trainer.data.transforms import normalize
 from wam.trainer.flow import euler_step
 from wam.trainer.model import WamInputs
 from wam.trainer.quantize.load import load_quantized
+from wam.trainer.serve.memory import serving_memory
 from wam.trainer.quantize.quantizer import quantize_checkpoint
 from wam.trainer.serve import actions as post
 from wam.trainer.serve.policy import PolicyRuntime
@@ -547,30 +548,43 @@ def test_a_server_with_an_api_key_refuses_robots_without_it(served, monkeypatch)
         assert 'wam_policy_errors_total{reason="unauthorized"} 3.0' in text and "s3cret" not in text
 
 
-def test_sessions_are_admitted_as_far_as_their_kv_caches_fit(served):
-    """A robot beyond what the device holds is refused as at capacity, not run out of memory among the others."""
+def test_sessions_are_admitted_as_far_as_what_they_take_fits(served):
+    """A robot beyond what the device holds is refused as at capacity, not run out of memory among the others: each
+    session's KV caches and VAE stream, a full batch's activations and one request's own work are counted."""
     policy = load_quantized(served["quantized"])
     unbounded = PolicyRuntime(policy)  # the CPU's memory is not counted unless serving.session_memory_gib says so
-    assert unbounded.max_sessions == policy.config.serving.max_sessions
+    assert unbounded.max_sessions == policy.config.serving.max_sessions and unbounded.memory is None
     session = unbounded.session()
-    session.infer(robot_observations(unbounded, seed=14)[0])  # a real session allocates what was budgeted for it
+    for obs in robot_observations(unbounded, seed=14):  # a real session allocates what was budgeted for it
+        session.infer(obs)
     held = [t for cache in session.rollout.caches for layer in cache.layers for t in (layer.k, layer.v)]
     held += [t for cache in session.rollout.caches for context in cache.cross_context
              for kv in (context.text, context.image) if kv is not None for t in kv]
     assert unbounded.session_bytes == sum(t.numel() * t.element_size() for t in held)
+    rows = 2 if unbounded.negative_text is not None else 1
+    m = serving_memory(unbounded.arch, unbounded.sample, rows, policy.model.dtype, torch.float32)
+    # the VAE stream a real session keeps after a chunk's frames is the traced one
+    assert sum(t.nbytes for t in session.stream.frames.values()) == m.stream > 0
+    assert 0 < m.activations <= m.request  # one request's own work includes a first frame's prefill
 
-    policy.config.serving.session_memory_gib = 2.5 * unbounded.session_bytes / 2**30
+    per_session = unbounded.session_bytes + m.stream + m.activations  # a batch holds all of them (max_batch 8)
+    budget = 2.5 * per_session + m.request
+    assert budget > 5 * unbounded.session_bytes  # the KV caches alone would admit more than twice as many
+    policy.config.serving.session_memory_gib = budget / 2**30
     runtime = PolicyRuntime(policy)
-    assert runtime.max_sessions == 2 and runtime.max_batch == 2
+    assert runtime.max_sessions == 2 and runtime.max_batch == 2 and runtime.memory == m
     with serve_in_background(PolicyServer(runtime)) as port:
         uri = f"ws://127.0.0.1:{port}"
         robots = [WebsocketClientPolicy(uri) for _ in range(2)]
         with pytest.raises(ConnectionClosedError, match="1013 .*server at capacity: 2 sessions; retry later"):
             WebsocketClientPolicy(uri)
-        assert robots[1].get_server_metadata()["engine"]["max_sessions"] == 2
+        engine = robots[1].get_server_metadata()["engine"]
+        assert engine["max_sessions"] == 2 and engine["memory_gib"]["stream"] == m.stream / 2**30
         assert metric(port, "wam_policy_max_sessions") == 2
-    policy.config.serving.session_memory_gib = 0.5 * unbounded.session_bytes / 2**30
-    with pytest.raises(ConfigError, match=r"one session's KV cache \(.* GiB\) does not fit serving.session_memory_gib"):
+    policy.config.serving.session_memory_gib = (per_session + m.request) * 0.99 / 2**30
+    with pytest.raises(ConfigError, match=r"one session does not fit serving.session_memory_gib = .* \(a session's "
+                                          r"KV cache takes .* GiB and its VAE stream .*, a forward .* more per session "
+                                          r"batched, a request's own work .*\); serve on a device with more memory"):
         PolicyRuntime(policy)
 
 

@@ -4,9 +4,12 @@ import dataclasses
 import json
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import random_inputs, randomized_model, wam_cli
+from wam.app.console import console
+from wam.app.plan import show_serving
 from wam.platform.accelerators import ACCELERATORS
 from wam.platform.presets import get_preset
 from wam.platform.serving_roofline import KV_BYTES, ServingLoad, chunk_time, kv_cache_bytes, sessions_that_fit
@@ -59,6 +62,17 @@ def test_sessions_that_fit_count_what_the_compiled_engine_gathers():
     assert sessions_that_fit(5, cache, max_batch=8) == 0
 
 
+def test_sessions_that_fit_count_what_a_session_holds_and_a_batch_and_a_request_allocate():
+    cache = 10
+    assert sessions_that_fit(95, cache, max_batch=8, held=2) == 7  # 7 x 12
+    assert sessions_that_fit(95, cache, max_batch=8, activations=3) == 7  # 7 x 13
+    assert sessions_that_fit(95, cache, max_batch=2, activations=3) == 8  # 80 + 2 x 3: a batch holds 2 at most
+    assert sessions_that_fit(95, cache, max_batch=8, transient=20) == 7  # 70 + 20: one request's work, once
+    # all of them: 7 x 11 + 2 x 2 x 2 gathered + 2 x 2 + 5 = 94, 6 sessions 83
+    assert sessions_that_fit(94, cache, max_batch=2, compiled=True, blocks=5, held=1, activations=2, transient=5) == 7
+    assert sessions_that_fit(93, cache, max_batch=2, compiled=True, blocks=5, held=1, activations=2, transient=5) == 6
+
+
 def test_kv_cache_bytes_are_what_the_model_allocates(tiny):
     a, s = tiny.arch, tiny.sample
     model, x = randomized_model(a, s), random_inputs(a, s, batch=2)
@@ -70,6 +84,41 @@ def test_kv_cache_bytes_are_what_the_model_allocates(tiny):
     assert kv_cache_bytes(a, s, rows=2) == KV_BYTES * sum(t.numel() for t in tensors)
 
 
+def test_the_admissions_trace_of_a_batched_forward_is_what_torchs_tracker_measures_on_a_real_one(tiny):
+    """The activations the admission counts (wam.trainer.serve.memory, traced on fake tensors) are those torch's
+    MemTracker measures on the real forward of the same sessions, told of the weights and of the caches the forward
+    writes in place; they do not grow with the blocks (one runs at a time) and grow alike with every session."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from wam.trainer.model.model import Prediction
+    from wam.trainer.serve.memory import forward_activations, held
+
+    a, s = tiny.arch, tiny.sample
+    h, w, model, caches = s.latent_height, s.latent_width, randomized_model(a, s), []
+    with torch.no_grad():
+        for seed in range(2):  # two guided sessions at their last chunk
+            x = random_inputs(a, s, batch=2, seed=seed)
+            cache = model.new_cache(2, s.num_chunks, s.frames_per_chunk, s.actions_per_chunk, (h, w))
+            model.set_conditioning(cache, x.text, x.image, x.i2v_cond)
+            model.observe(cache, torch.randn(2, a.latent_channels, 1, h, w))
+            for chunk in range(s.num_chunks - 1):
+                model.observe(cache, torch.randn(2, a.latent_channels, s.frames_per_chunk, h, w), chunk)
+            caches.append(cache)
+        items = [Prediction(c, torch.randn(2, a.out_dim, s.frames_per_chunk, h, w),
+                            torch.randn(2, s.actions_per_chunk, a.action_dim), torch.randn(2, a.state_dim),
+                            torch.rand(2), torch.rand(2)) for c in caches]
+        tracker = MemTracker()
+        tracker.track_external(model, *held(caches), *(t for item in items for t in item[1:]))
+        with tracker:
+            model.predict_many(items)
+    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    measured = sum(b for kind, b in peak.items() if str(kind).endswith("ACT"))
+    traced = forward_activations(a, s, 2, torch.float32, sessions=2)
+    assert measured <= traced.predict <= 1.02 * measured  # the trace also counts the step's inputs
+    assert forward_activations(a, s, 2, torch.float32, sessions=2, blocks=4).predict == traced.predict
+    assert forward_activations(a, s, 2, torch.float32, sessions=4).predict == 2 * traced.predict
+
+
 def test_wam_plan_serve_reports_latency_batching_and_sessions_that_fit():
     result = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h200", "--serve", "--json")
     assert result.returncode == 0, result.stderr
@@ -77,13 +126,19 @@ def test_wam_plan_serve_reports_latency_batching_and_sessions_that_fit():
     assert plan["compute"] == "fp8" and plan["sampler"]["transformer_passes"] == 8
     assert plan["sampler"]["rows_per_session"] == 2  # DreamZero's sampler guides
     memory, h200 = plan["memory_gib"], ACCELERATORS["h200"]
-    room = 0.9 * h200.memory_gib - memory["weights"] - memory["frozen_encoders"]
+    # besides the weights and the encoders: one request's own work, and with each session (all in one batch: fewer
+    # fit than serving.max_batch) its VAE stream and its share of a batched forward's activations
+    room = 0.9 * h200.memory_gib - memory["weights"] - memory["frozen_encoders"] - memory["request"]
+    besides = memory["vae_stream_per_session"] + memory["activations_per_batched_session"]
+    assert 0.3 < memory["vae_stream_per_session"] < 1 and 0.3 < memory["activations_per_batched_session"] < 1
     # serving.compile auto compiles on a GPU: the caches in one pool, a block's share of a batch gathered twice (40)
-    assert plan["compiled"] and plan["sessions_that_fit"] == int(room // (memory["per_session"] * (1 + 2 / 40))) == 5
+    compiled = memory["per_session"] * (1 + 2 / 40) + besides
+    assert plan["compiled"] and plan["sessions_that_fit"] == int(room // compiled) == 5
     result = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h200", "--serve", "--json",
                      "--set", "serving.compile=off")
     eager = json.loads(result.stdout)
-    assert eager["sessions_that_fit"] == int(room // memory["per_session"]) < plan["max_batch"]
+    assert eager["sessions_that_fit"] == int(room // (memory["per_session"] + besides)) == 5 < plan["max_batch"]
+    assert int((room + memory["request"]) // memory["per_session"]) == 6  # the caches alone would admit one more
     # at DROID's 15 Hz a 24-action chunk runs 1.6 s: as many robots as are denoised together within it
     p, period = get_preset("dreamzero-14b"), eager["chunk_period_s"]
     fed, fp8 = eager["robots_kept_fed"], (lambda n: chunk_time(p.arch, p.sample, h200, DREAMZERO, n).seconds)
@@ -92,8 +147,9 @@ def test_wam_plan_serve_reports_latency_batching_and_sessions_that_fit():
     assert fp8(fed) <= period < fp8(fed + 1)
     eight = next(r for r in plan["rows"] if r["compute"] == "fp8" and r["sessions"] == 8)
     assert eight["batching_gain"] == pytest.approx(1, abs=0.01)
-    shown = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h200", "--serve")
-    assert "serving.max_batch 8 does NOT fit" in " ".join(shown.stdout.split())
+    with console.capture() as shown:  # what `wam plan --serve` prints of the same plan
+        show_serving(plan)
+    assert "5 sessions fit (90% of 141 GiB); serving.max_batch 8 does NOT fit" in " ".join(shown.get().split())
 
 
 

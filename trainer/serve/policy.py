@@ -21,6 +21,7 @@ absolute, smoothed, the profile's grippers binarised.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ from wam.trainer.model.vae import StreamState, vae_config
 from wam.trainer.quantize.load import QuantizedPolicy, load_quantized
 from wam.trainer.serve.embodiments import ServedEmbodiment, served_embodiments
 from wam.trainer.serve.engine import DenoiseEngine
+from wam.trainer.serve.memory import ServingMemory, serving_memory
 from wam.trainer.serve.safety import SafetyReport, require_finite
 
 log = logging.getLogger("wam.serve")
@@ -109,7 +111,11 @@ class PolicyRuntime:
         mode = compile or s.compile
         self.compiled = mode == "on" or (mode == "auto" and self.device.type == "cuda")
         self.devices, self.peer = devices or s.devices, None
+        self.memory: ServingMemory | None = None  # what the admission counted besides the caches, where it counts
         self.session_bytes, self.max_sessions = self._session_capacity(s)
+        # One request's own work (its VAE, a context window's first frame prefilled) at a time: counted once by the
+        # admission (on a GPU the requests' kernels share one stream anyway: running them in turn costs no throughput)
+        self.encoding = threading.Lock()
         self.max_batch = min(self.max_batch, self.max_sessions)
         rows = rows_per_device(self.sampler, self.devices)
         self.engine = DenoiseEngine(Denoiser(policy.model, self.compiled, self.max_sessions * rows), self.max_batch,
@@ -127,10 +133,12 @@ class PolicyRuntime:
 
     def _session_capacity(self, s: ServingSection) -> tuple[int, int]:
         """(bytes of one session's KV caches on this device, the sessions admitted): serving.max_sessions, fewer
-        where their caches (compiled: one pool for all of them, made at the first session, and the batch's share of a
-        block gathered in the forward) do not fit serving.session_memory_gib (default on a GPU: 90% of what is free now that the model is loaded; the CPU's memory is not counted unless it
-        is set). Checked here, so that a robot beyond it is refused as at capacity instead of running the device out
-        of memory in the middle of other robots' chunks."""
+        where they do not fit serving.session_memory_gib (default on a GPU: 90% of what is free now that the model is
+        loaded; the CPU's memory is not counted unless it is set). Counted: each session's KV caches (compiled: one
+        pool for all of them, made at the first session, and the batch's share of a block gathered in the forward)
+        and its VAE stream's history, a full batch's activations and one request's own work (ServingMemory, traced
+        on fake tensors). Checked here, so that a robot beyond it is refused as at capacity instead of running the
+        device out of memory in the middle of other robots' chunks."""
         rows = rows_per_device(self.sampler, self.devices)
         cache = kv_cache_bytes(self.arch, self.sample, rows, self.policy.model.dtype.itemsize)
         if s.session_memory_gib is not None:
@@ -140,15 +148,21 @@ class PolicyRuntime:
             budget, where = HEADROOM * free, f"{HEADROOM:.0%} of the {free / GIB:.1f} GiB free on {self.device}"
         else:
             return cache, s.max_sessions
+        self.memory = serving_memory(self.arch, self.sample, rows, self.policy.model.dtype,
+                                     next(self.encoders.vae.parameters()).dtype)
+        m = self.memory
         fits = sessions_that_fit(budget, cache, max_batch=self.max_batch, compiled=self.compiled,
-                                 blocks=self.arch.num_layers)
+                                 blocks=self.arch.num_layers, held=m.stream, activations=m.activations, transient=m.request)
+        counted = (f"a session's KV cache takes {cache / GIB:.2f} GiB and its VAE stream {m.stream / GIB:.2f}, a "
+                   f"forward {m.activations / GIB:.2f} more per session batched, a request's own work "
+                   f"{m.request / GIB:.2f}")
         if fits < 1:
-            raise ConfigError(f"one session's KV cache ({cache / GIB:.2f} GiB) does not fit {where}; serve on "
-                              "a device with more memory, with fewer chunks per window (sample.num_chunks) or without "
-                              "guidance, or raise serving.session_memory_gib")
+            raise ConfigError(f"one session does not fit {where} ({counted}); serve on a device with more memory, "
+                              "with fewer chunks per window (sample.num_chunks) or without guidance, or raise "
+                              "serving.session_memory_gib")
         if fits < s.max_sessions:
-            log.warning("serving %d sessions, not serving.max_sessions = %d: a session's KV cache takes %.2f GiB "
-                        "and %d fit %s", fits, s.max_sessions, cache / GIB, fits, where)
+            log.warning("serving %d sessions, not serving.max_sessions = %d: %s; %d fit %s", fits, s.max_sessions,
+                        counted, fits, where)
         return cache, min(fits, s.max_sessions)
 
     def _embodiment(self, name: str | None) -> ServedEmbodiment:
@@ -193,7 +207,9 @@ class PolicyRuntime:
         cuda = self.device.type == "cuda"
         return {"max_batch": self.max_batch, "compiled": self.compiled, "cuda_graphs": self.compiled and cuda,
                 "device": str(self.device), "devices": self.devices, "max_sessions": self.max_sessions,
-                "session_memory_gib": self.session_bytes / GIB, "cpu_threads": self.engine.cpu_threads}
+                "session_memory_gib": self.session_bytes / GIB, "cpu_threads": self.engine.cpu_threads,
+                # what the admission counted besides the KV caches (None: the memory is not counted, a CPU's)
+                "memory_gib": None if self.memory is None else {k: v / GIB for k, v in self.memory._asdict().items()}}
 
     def sampler_description(self) -> dict:
         s = self.sampler
@@ -303,13 +319,14 @@ class Session:
     def _start_window(self, frame: torch.Tensor, prompt: str) -> None:
         """Prefill the cache with `frame` (1, 3, 1, H, W) uint8 as the first frame of a new context window."""
         encoders, runtime = self.runtime.encoders, self.runtime
-        if prompt != self.prompt:
-            self.text = encoders.text([prompt]).to(runtime.device)
-            self.prompt = prompt
-        self.stream = StreamState()
         window = 1 + runtime.sample.num_chunks * runtime.sample.frames_per_chunk  # latent frames of the I2V channels
-        first = encoders.encode_clip(frame, stream=self.stream, i2v_frames=window)
-        self.rollout.reset(first.latents, self.text, first.image, first.i2v)
+        with runtime.encoding:
+            if prompt != self.prompt:
+                self.text = encoders.text([prompt]).to(runtime.device)
+                self.prompt = prompt
+            self.stream = StreamState()
+            first = encoders.encode_clip(frame, stream=self.stream, i2v_frames=window)
+            self.rollout.reset(first.latents, self.text, first.image, first.i2v)  # a forward outside the engine
         self.returned, self.newest_frame, self.newest_latent = [], frame, first.latents[:, :, -1:]
 
     def _observe(self, frames: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -323,7 +340,8 @@ class Session:
                                f"while executing the last chunk (every {self.embodiment.profile.video_stride}th control "
                                "step), or none to predict one chunk ahead")
         encoders = self.runtime.encoders
-        latents = encoders.vae.encode_stream(encoders.unit_range(frames), self.stream)
+        with self.runtime.encoding:
+            latents = encoders.vae.encode_stream(encoders.unit_range(frames), self.stream)
         self.newest_frame, self.newest_latent = frames[:, :, -1:], latents[:, :, -1:]
         return latents, self.returned.pop(0).index
 
@@ -391,7 +409,8 @@ class Session:
     def _decoded(self, video: torch.Tensor) -> np.ndarray:
         """Predicted latents (1, z, F, h, w) -> (4F, H, W, 3) uint8 frames: decoded after the newest known latent
         frame (the causal decoder needs what came before; its own frame is dropped)."""
-        pixels = self.runtime.encoders.vae.decode(torch.cat([self.newest_latent, video.float()], dim=2))[0, :, 1:]
+        with self.runtime.encoding:
+            pixels = self.runtime.encoders.vae.decode(torch.cat([self.newest_latent, video.float()], dim=2))[0, :, 1:]
         return ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
     def _act(self, anchor: np.ndarray, writes: list[tuple[torch.Tensor, int]]) -> Chunk:

@@ -29,7 +29,7 @@ from contextlib import ExitStack, nullcontext
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -50,6 +50,7 @@ from wam.trainer.flow import LossWeighting  # noqa: E402
 from wam.trainer.kernels import op as _attention_ops  # noqa: E402, F401  (registers the block-sparse attention ops)
 from wam.trainer.titan.config_registry import trainer_config  # noqa: E402
 from wam.trainer.titan.trainer import WamTrainer  # noqa: E402
+from wam.trainer.tracing import LayoutConstants  # noqa: E402
 
 # FSDPMemTracker's categories -> the plan's.
 _CATEGORY = {"Sharded Param": "parameters", "Unsharded Param": "gathered_parameters", "Buffer": "parameters",
@@ -66,39 +67,7 @@ _ATTENTION_FLOPS = {
 }
 
 
-class LayoutConstants(TorchDispatchMode):
-    """Index tensors the model derives from its token layout (which token is in which span, the mask's
-    metadata) are computed for real, as small CPU tensors: their sizes depend on their values
-    (repeat_interleave, nonzero), which fake tensors do not have. Everything touching model data stays fake."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self._constant(func, args, kwargs):
-            with unset_fake_temporarily():
-                return func(*args, **kwargs)
-        return func(*args, **kwargs)
-
-    @staticmethod
-    def _constant(func, args, kwargs) -> bool:
-        tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-        device = kwargs.get("device")
-        if (any(isinstance(t, FakeTensor) for t in tensors) or func.namespace in ("c10d", "_c10d_functional")
-                or (device is not None and torch.device(device).type not in _REAL_DEVICES)
-                or any(t.device.type not in _REAL_DEVICES for t in tensors)):
-            return False
-        if tensors:
-            return all(not t.is_floating_point() for t in tensors) or sum(t.numel() for t in tensors) < 1 << 16
-        if not any(a.name == "device" for a in func._schema.arguments):
-            return False
-        with unset_fake_temporarily():
-            out = func(*args, **{**kwargs, "device": "meta"})
-        return isinstance(out, torch.Tensor) and not out.is_floating_point() and out.numel() < 1 << 26
-
-
 _NOT_COLLECTIVES = ("barrier", "monitored_barrier_", "wait_tensor")
-# The devices layout constants can be computed on for real: the CPU, and the GPU where one exists.
-_REAL_DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
-
 
 def _group_size(args) -> int:
     """Ranks of a collective's group: a ProcessGroup object (c10d ops) or a group name (functional ones)."""
