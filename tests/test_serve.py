@@ -33,9 +33,9 @@ from wam.trainer.data.transforms import normalize
 from wam.trainer.flow import euler_step
 from wam.trainer.model import WamInputs
 from wam.trainer.quantize.load import load_quantized
-from wam.trainer.serve.memory import serving_memory
 from wam.trainer.quantize.quantizer import quantize_checkpoint
 from wam.trainer.serve import actions as post
+from wam.trainer.serve.memory import serving_memory
 from wam.trainer.serve.policy import PolicyRuntime
 from wam.trainer.serve.server import PolicyServer, serve_in_background
 
