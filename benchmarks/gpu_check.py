@@ -619,7 +619,7 @@ def _details(sections: dict) -> list[str]:
             continue
         lines += ["", f"Concurrent sessions, batched over one at a time ({model}):", "",
                   "| sessions | throughput | roofline's | forward's ceiling: one chunk / out of phase | p99 over a lone "
-                  "session's | peak GiB batched (weights + caches) | engine host time batched: forwards / solver steps / "
+                  "session's | peak GiB batched (weights + caches + activations traced) | engine host time batched: forwards / solver steps / "
                   "observes (share of wall) | mean batch |", "|---|---|---|---|---|---|---|---|"]
         for n in (1, 4, 8):
             if f"{n}_sessions_throughput_ratio" in rows:
@@ -631,7 +631,7 @@ def _details(sections: dict) -> list[str]:
                                  f"{n}_sessions_forward_ceiling", f"{n}_sessions_forward_ceiling_mixed")) + " | "
                              f"{rows[f'{n}_sessions_p99_over_lone_session']:.2f}x | "
                              + ("— | " if peak is None else f"{peak:.2f} ({batched['weights_gib']:.2f} + "
-                                f"{batched['caches_gib']:.2f}) | ")
+                                f"{batched['caches_gib']:.2f} + {batched.get('activations_gib') or float('nan'):.2f}) | ")
                              + " / ".join(f"{batched[key]:.0%}" if key in batched else "—" for key in (
                                  "engine_forward_share", "engine_solver_share", "engine_observe_share"))
                              + (f" | {batched['mean_batch']:.1f} |" if "mean_batch" in batched else " | — |"))

@@ -29,10 +29,11 @@
     python benchmarks/serve.py --memory [--json out.json]
     python benchmarks/serve.py --record [--chunks 60] [--json out.json]
 
-6. With --memory: the eager batched forward's memory at the 14B block width (2 blocks, bf16, guided sessions at
-   their last chunk), traced on fake tensors (torch's MemTracker: no memory is allocated, so it runs on a CPU):
-   the weights, every session's KV cache, and the activations a predict_many and an observe_many of 1, 4 and 8
-   sessions allocate, next to the peaks the H200 measured for the same blocks (docs/gpu-runs).
+6. With --memory: serving memory at the 14B block width (2 blocks, bf16, guided sessions at their last chunk),
+   traced on fake tensors as the admission traces it (wam.trainer.serve.memory; no memory is allocated, so it runs
+   on a CPU): the weights, every session's KV cache and VAE stream, the activations a predict_many and an
+   observe_many of 1, 4 and 8 sessions allocate and one request's own work, next to the peaks the H200 measured
+   for the same blocks (docs/gpu-runs) and to what the admission counts.
 
 7. With --record: the session recording's cost (serving.record): one robot's round trip through the policy server
    (the tiny preset, random weights, frames at DROID's 180x320) with its session recorded to a local folder vs
@@ -70,6 +71,7 @@ from wam.platform.serving_roofline import (  # noqa: E402
     chunk_time,
     kv_cache_bytes,
     rows_per_device,
+    weight_bytes,
 )
 from wam.trainer.flow import transformer_passes  # noqa: E402
 from wam.trainer.inference import ChunkRollout  # noqa: E402
@@ -410,7 +412,7 @@ def main() -> None:
     parser.add_argument("--concurrency", action="store_true", help="only the ablation's 1/4/8 concurrent sessions, "
                         "eager and compiled, on the tiny preset (--model, or random weights)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (a shared machine: 1 keeps ratios stable)")
-    parser.add_argument("--memory", action="store_true", help="only the eager batched forward's memory at the 14B "
+    parser.add_argument("--memory", action="store_true", help="only serving memory at the 14B "
                         "width, traced on fake tensors")
     parser.add_argument("--threads-choice", action="store_true", help="only one robot through the CPU engine at 1 "
                         "thread, every core, and the engine's choice")
@@ -422,7 +424,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.ablation or args.concurrency or args.threads_choice or args.memory or args.record:
         results = (run_concurrency(args) if args.concurrency else threads_choice(args.rounds) if args.threads_choice
-                   else serving_memory() if args.memory else session_recording(args.chunks) if args.record
+                   else memory_breakdown() if args.memory else session_recording(args.chunks) if args.record
                    else run_ablation(args))
         print(json.dumps(results, indent=1, default=str))
         if args.json:
@@ -586,6 +588,7 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
     from wam.trainer.inference import Denoiser
     from wam.trainer.quantize.load import load_quantized
     from wam.trainer.serve.engine import DenoiseEngine
+    from wam.trainer.serve.memory import serving_memory
 
     dev = torch.device(device)
     policy = load_quantized(model_uri, dev, "fp32-dequantized" if dev.type == "cpu" else "bf16-dequantized")
@@ -596,6 +599,9 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
     preset = resolve_preset(cfg)
     session_gib = kv_cache_bytes(preset.arch, preset.sample, rows_per_device(sampler, 1), policy.model.dtype.itemsize) / 2**30
     weights_gib = sum(t.nbytes for t in policy.model.parameters()) / 2**30
+    # on CUDA, next to the peak: a batched forward's activations per session as the admission traces them
+    activations_gib = (serving_memory(preset.arch, preset.sample, rows_per_device(sampler, 1), policy.model.dtype,
+                                      torch.bfloat16).activations / 2**30 if dev.type == "cuda" else None)
     rows = {}
     for n in sessions:
         for mixed in (False, True):  # sessions at one chunk, and out of phase as the robots below
@@ -642,6 +648,7 @@ def concurrency(model_uri: str, device: str, sessions: tuple[int, ...], rounds: 
                                             # against what the admission counts: the weights and the sessions' caches
                                             "peak_gib": _peak_gib(dev), "caches_gib": n * session_gib,
                                             "weights_gib": weights_gib,
+                                            "activations_gib": None if activations_gib is None else n * activations_gib,
                                             # the engine thread's host time in the window, shares of it
                                             **{f"engine_{part}_share": steady.counted[f"{part}_s"] / wall
                                                for part in ("forward", "solver", "observe")},
@@ -808,21 +815,18 @@ def both_engines(name: str, model_uri: str, device: str, rounds: int, data: str 
 
 
 # torch.cuda.max_memory_allocated on one H200 (2026-12-04, run3: docs/gpu-runs) while 1, 4 and 8 guided robots of
-# these blocks ran through the eager engine; the frozen encoders (random, as there) were on the GPU too. Measured
-# before the blocks gathered their adaLN terms as used (traced then: 6.11 / 13.78 / 24.03 GiB)
+# these blocks ran through the eager engine, their frames handed in as latents (no VAE work); the frozen encoders
+# (random, as there) were on the GPU too. Measured before the blocks gathered their adaLN terms as used
 H200_PEAK_GIB = {1: 6.46, 4: 13.68, 8: 22.71}
 
 
-def serving_memory(sessions: tuple[int, ...] = (1, 4, 8)) -> dict:
-    """The eager engine's memory at the 14B block width (2 blocks, bf16), traced on fake tensors: weights, the
-    frozen encoders the GPU check holds, each session's KV cache, and the activations (MemTracker's ACT) of one
-    predict_many and one observe_many of n guided sessions at their last chunk; their sum next to H200_PEAK_GIB."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    from wam.trainer.model import model_config
-    from wam.trainer.model.model import Observation, Prediction
-    from wam.trainer.titan.plan import LayoutConstants
+def memory_breakdown(sessions: tuple[int, ...] = (1, 4, 8)) -> dict:
+    """Serving memory at the 14B block width (2 blocks, bf16, guided sessions), traced on fake tensors as the
+    admission traces it (wam.trainer.serve.memory): the weights, the frozen encoders the GPU check holds, each
+    session's KV cache and VAE stream, the activations of one predict_many and one observe_many of n sessions at
+    their last chunk, and one request's own work. Next to H200_PEAK_GIB: what that run held (weights, encoders,
+    caches, a forward's activations), and what the admission counts for n sessions."""
+    from wam.trainer.serve.memory import forward_activations, serving_memory
 
     cfg = load_config(None, ["model.preset=dreamzero-14b", "model.num_layers=2"])
     preset = resolve_preset(cfg)
@@ -831,48 +835,23 @@ def serving_memory(sessions: tuple[int, ...] = (1, 4, 8)) -> dict:
         encoders = frozen_encoders(cfg, torch.device("meta"))
     encoder_bytes = sum(p.numel() * 2 for m in (encoders.vae, encoders.text, encoders.image) if m is not None
                         for p in m.parameters())  # bf16 on a GPU
-    h, w, last = s.latent_height, s.latent_width, s.num_chunks - 1
-    results = {"encoders_gib": encoder_bytes / 2**30}
+    weights = weight_bytes(a, "bf16-dequantized")
+    memory = serving_memory(a, s, 2, torch.bfloat16, torch.bfloat16)
+    cache = kv_cache_bytes(a, s, rows=2, element_bytes=2)
+    results = {"encoders_gib": encoder_bytes / 2**30, "weights_gib": weights / 2**30, "cache_gib": cache / 2**30,
+               **{f"{k}_gib": v / 2**30 for k, v in memory._asdict().items()}}
     for n in sessions:
-        with FakeTensorMode(allow_non_fake_inputs=True), LayoutConstants():
-            torch.set_default_dtype(torch.bfloat16)  # the parameters are made fake and bf16 (no conversion)
-            try:
-                model = model_config(a, s, "sdpa").build()
-            finally:
-                torch.set_default_dtype(torch.float32)
-
-            def noise(*shape: int) -> torch.Tensor:
-                return torch.randn(*shape, dtype=torch.bfloat16)
-
-            caches = []
-            for _ in range(n):  # guided: 2 rows a session; its context written up to the last chunk
-                cache = model.new_cache(2, s.num_chunks, s.frames_per_chunk, s.actions_per_chunk, (h, w))
-                model.set_conditioning(cache, noise(2, a.text_len, a.text_dim), noise(2, a.image_tokens, a.image_dim),
-                                       noise(2, 20, 1 + s.num_chunks * s.frames_per_chunk, h, w))
-                model.observe(cache, noise(2, a.latent_channels, 1, h, w))
-                for chunk in range(last):
-                    model.observe(cache, noise(2, a.latent_channels, s.frames_per_chunk, h, w), chunk)
-                caches.append(cache)
-            activations = {}
-            for name, run in (
-                    ("predict", lambda model=model, caches=caches: model.predict_many([Prediction(
-                        c, noise(2, a.out_dim, s.frames_per_chunk, h, w), noise(2, s.actions_per_chunk, a.action_dim),
-                        noise(2, a.state_dim), torch.rand(2), torch.rand(2)) for c in caches])),
-                    ("observe", lambda model=model, caches=caches: model.observe_many([Observation(
-                        c, noise(2, a.latent_channels, s.frames_per_chunk, h, w), last) for c in caches]))):
-                tracker = MemTracker()
-                with tracker:
-                    run()
-                peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
-                activations[name] = sum(b for kind, b in peak.items() if str(kind).endswith("ACT"))
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        cache_bytes = n * kv_cache_bytes(a, s, rows=2, element_bytes=2)  # what the admission counts (equal to them)
-        total = weights + encoder_bytes + cache_bytes + max(activations.values())
-        results[f"{n}_sessions"] = {"weights_gib": weights / 2**30, "caches_gib": cache_bytes / 2**30,
-                                    **{f"{k}_activations_gib": v / 2**30 for k, v in activations.items()},
-                                    "traced_peak_gib": total / 2**30, "h200_measured_gib": H200_PEAK_GIB.get(n)}
-        print(f"{n} sessions: traced {total / 2**30:.2f} GiB (activations {activations['predict'] / 2**30:.2f}), "
-              f"H200 measured {H200_PEAK_GIB.get(n)}", file=sys.stderr, flush=True)
+        traced = forward_activations(a, s, 2, torch.bfloat16, sessions=n)
+        held = weights + encoder_bytes + n * cache
+        counted = held + n * (memory.stream + memory.activations) + memory.request  # max_batch >= n
+        results[f"{n}_sessions"] = {"predict_activations_gib": traced.predict / 2**30,
+                                    "observe_activations_gib": traced.observe / 2**30,
+                                    "traced_engine_peak_gib": (held + traced.peak) / 2**30,
+                                    "admission_counts_gib": counted / 2**30,
+                                    "h200_measured_gib": H200_PEAK_GIB.get(n)}
+        print(f"{n} sessions: traced {(held + traced.peak) / 2**30:.2f} GiB (activations {traced.peak / 2**30:.2f}), "
+              f"counted by the admission {counted / 2**30:.2f}, H200 measured {H200_PEAK_GIB.get(n)}", file=sys.stderr,
+              flush=True)
     return results
 
 
