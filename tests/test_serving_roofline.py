@@ -107,6 +107,9 @@ def test_the_admissions_trace_of_a_batched_forward_is_what_torchs_tracker_measur
         items = [Prediction(c, torch.randn(2, a.out_dim, s.frames_per_chunk, h, w),
                             torch.randn(2, s.actions_per_chunk, a.action_dim), torch.randn(2, a.state_dim),
                             torch.rand(2), torch.rand(2)) for c in caches]
+        # the layout's constants (masks, rotary tables: cached, whichever forward comes first makes them) made first
+        forward_activations(a, s, 2, torch.float32, sessions=2)
+        model.predict_many(items)
         tracker = MemTracker()
         tracker.track_external(model, *held(caches), *(t for item in items for t in item[1:]))
         with tracker:
@@ -114,7 +117,8 @@ def test_the_admissions_trace_of_a_batched_forward_is_what_torchs_tracker_measur
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
     measured = sum(b for kind, b in peak.items() if str(kind).endswith("ACT"))
     traced = forward_activations(a, s, 2, torch.float32, sessions=2)
-    assert measured <= traced.predict <= 1.02 * measured  # the trace also counts the step's inputs
+    # the trace also counts the step's inputs and the layout's constants, which the real forward found made
+    assert measured <= traced.predict <= 1.05 * measured
     assert forward_activations(a, s, 2, torch.float32, sessions=2, blocks=4).predict == traced.predict
     assert forward_activations(a, s, 2, torch.float32, sessions=4).predict == 2 * traced.predict
 
