@@ -136,14 +136,26 @@ def test_two_concurrent_sessions_do_not_interfere(served):
         c = WebsocketClientPolicy(served["uri"])
         results[name] = [c.infer(o)["actions"] for o in observations]
 
+    vae, started, spans = served["runtime"].encoders.vae, {}, []  # when each VAE encoder call starts and ends
+    hooks = [vae.encoder.register_forward_pre_hook(
+                 lambda *_: started.__setitem__(threading.get_ident(), time.perf_counter())),
+             vae.encoder.register_forward_hook(
+                 lambda *_: spans.append((started.pop(threading.get_ident()), time.perf_counter())))]
     threads = [threading.Thread(target=run, args=(n, o)) for n, o in (("a", a_obs), ("b", b_obs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        for hook in hooks:
+            hook.remove()
     # batched with b's chunks (the engine), a's equal its chunks alone up to float rounding
     assert all(np.allclose(x, y, atol=1e-4) for x, y in zip(alone, results["a"], strict=True))
     assert not np.allclose(results["a"][0], results["b"][0], atol=1e-4)
+    # the two robots' frames went through the VAE in turn (the admission counts one request's work at a time)
+    spans.sort()
+    assert len(spans) >= 6 and all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
 
 
 def test_one_server_drives_robots_of_different_embodiments_in_shared_forwards(served):
