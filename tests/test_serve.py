@@ -14,6 +14,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 
 import msgpack
@@ -155,7 +156,7 @@ def test_two_concurrent_sessions_do_not_interfere(served):
     assert not np.allclose(results["a"][0], results["b"][0], atol=1e-4)
     # the two robots' frames went through the VAE in turn (the admission counts one request's work at a time)
     spans.sort()
-    assert len(spans) >= 6 and all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+    assert len(spans) >= 6 and all(end <= start for (_, end), (start, _) in pairwise(spans))
 
 
 def test_one_server_drives_robots_of_different_embodiments_in_shared_forwards(served):
