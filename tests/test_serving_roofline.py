@@ -7,10 +7,11 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import random_inputs, randomized_model, wam_cli
+from tests.conftest import REPO, random_inputs, randomized_model, wam_cli
 from wam.app.console import console
-from wam.app.plan import show_serving
+from wam.app.plan import serving_plan, show_serving
 from wam.platform.accelerators import ACCELERATORS
+from wam.platform.config import load_config
 from wam.platform.presets import get_preset
 from wam.platform.serving_roofline import KV_BYTES, ServingLoad, chunk_time, kv_cache_bytes, sessions_that_fit
 
@@ -171,18 +172,16 @@ def test_wam_plan_serve_takes_the_robots_control_rate_from_their_data(tmp_path):
     config = tmp_path / "fleet.yaml"
     config.write_text(yaml.safe_dump({"model": {"preset": "dreamzero-14b"}, "data": {
         "source": "lerobot", "datasets": datasets, "profiles": {"fast_arm": arm, "other_arm": arm}}}))
-    plan = json.loads(wam_cli("plan", config, "--accelerator", "h200", "--serve", "--json").stdout)
+    plan = serving_plan(load_config(config), "h200")  # what `wam plan --serve` shows (its wiring: the tests above)
     assert plan["control_hz"] == 30 and plan["chunk_period_s"] == pytest.approx(24 / 30)
     assert plan["control_hz_from"] == "the data's: droid 15 Hz, fast_arm 30 Hz"
-    given = json.loads(wam_cli("plan", config, "--accelerator", "h200", "--serve", "--json", "--control-hz", "10").stdout)
+    given = serving_plan(load_config(config), "h200", control_hz=10)  # --control-hz 10
     assert given["chunk_period_s"] == pytest.approx(2.4) and given["control_hz_from"] == "--control-hz"
 
 
 def test_wam_plan_serve_plans_parallel_guidance_per_device_and_refuses_a_path_the_chip_lacks():
-    two = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h200", "--serve", "--json",
-                  "--set", "serving.devices=2")
-    assert two.returncode == 0, two.stderr
-    assert json.loads(two.stdout)["sampler"]["rows_per_session"] == 1  # each device runs one branch
+    two = serving_plan(load_config(REPO / "configs" / "dreamzero-14b.yaml", ["serving.devices=2"]), "h200")
+    assert two["sampler"]["rows_per_session"] == 1  # each device runs one branch
     fp4 = wam_cli("plan", "configs/dreamzero-14b.yaml", "--accelerator", "h100", "--serve",
                   "--set", "serving.compute=nvfp4")
     assert fp4.returncode == 2

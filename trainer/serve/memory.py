@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections.abc import Callable
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -45,6 +46,7 @@ class ServingMemory(NamedTuple):
     # a chunk's frames encoded, its predicted video decoded, or a context window's first frame prefilled
 
 
+@lru_cache(maxsize=8)  # a process traces each layout once (a server starts once; plans and tests ask again)
 def serving_memory(arch: WamArch, sample: SampleShape, rows: int, dtype: torch.dtype,
                    encoder_dtype: torch.dtype) -> ServingMemory:
     """ServingMemory of sessions of `rows` rows (2 guided on one device), the model in `dtype`, the VAE in
