@@ -155,9 +155,10 @@ class ServingSection:
     action_margin: float = 0.25  # actions stay within the training range widened by this many spans per side
     step_margin: float = 1.0  # a step may change an action by the data's 99th-percentile step x (1 + this)
     state_margin: float = 1.0  # a state beyond the training range widened by this many spans is refused
-    max_sessions: int = 16  # concurrent robot connections per server (fewer where their KV caches do not fit)
-    session_memory_gib: float | None = None  # for the sessions' KV caches; default on a GPU: 90% of what is free
-    # once the model is loaded (the CPU: not counted); a robot beyond what fits is refused as at capacity
+    max_sessions: int = 16  # concurrent robot connections per server (fewer where they do not fit in memory)
+    # for the sessions (KV caches, VAE streams, a batch's and a request's work); default on a GPU: 90% of what is
+    # free once the model is loaded (the CPU: not counted); a robot beyond what fits is refused as at capacity
+    session_memory_gib: float | None = None
     max_request_mb: float = 64.0  # larger requests are refused while being read
     idle_timeout_s: float = 300.0  # a session that sends nothing for this long is closed (its slot freed)
     # every session's requests and replies (camera frames included) written to this folder or fsspec URI, off the
@@ -348,8 +349,9 @@ def _validate_handoff(cfg: WamConfig) -> None:
         raise ConfigError(f"serving.smoothing_window must be odd (or 0 for none) and greater than serving.smoothing_order; "
                           f"got {s.smoothing_window} and {s.smoothing_order}")
     if s.session_memory_gib is not None and s.session_memory_gib <= 0:
-        raise ConfigError(f"serving.session_memory_gib must be > 0 (GiB for the sessions' KV caches), got "
-                          f"{s.session_memory_gib}; leave it unset for 90% of the GPU's free memory")
+        raise ConfigError(f"serving.session_memory_gib must be > 0 (GiB for the sessions: their KV caches and what "
+                          f"else serving takes), got {s.session_memory_gib}; leave it unset for 90% of the GPU's free "
+                          "memory")
     if s.max_sessions < 1:
         raise ConfigError(f"serving.max_sessions must be >= 1, got {s.max_sessions}")
     for key in ("max_request_mb", "idle_timeout_s", "drain_timeout_s"):
