@@ -111,8 +111,8 @@ class PolicyRuntime:
         mode = compile or s.compile
         self.compiled = mode == "on" or (mode == "auto" and self.device.type == "cuda")
         self.devices, self.peer = devices or s.devices, None
-        self.memory: ServingMemory | None = None  # what the admission counted besides the caches, where it counts
-        self.session_bytes, self.max_sessions = self._session_capacity(s)
+        # what the admission counted besides the caches (None where the memory is not counted)
+        self.session_bytes, self.max_sessions, self.memory = self._session_capacity(s)
         # One request's own work (its VAE, a context window's first frame prefilled) at a time: counted once by the
         # admission (on a GPU the requests' kernels share one stream anyway: running them in turn costs no throughput)
         self.encoding = threading.Lock()
@@ -131,10 +131,10 @@ class PolicyRuntime:
             session._start_window(torch.zeros(1, 3, 1, *self.canvas, dtype=torch.uint8), "warm-up")
         self.engine.start(*(session.rollout for session in warm))
 
-    def _session_capacity(self, s: ServingSection) -> tuple[int, int]:
-        """(bytes of one session's KV caches on this device, the sessions admitted): serving.max_sessions, fewer
-        where they do not fit serving.session_memory_gib (default on a GPU: 90% of what is free now that the model is
-        loaded; the CPU's memory is not counted unless it is set). Counted: each session's KV caches (compiled: one
+    def _session_capacity(self, s: ServingSection) -> tuple[int, int, ServingMemory | None]:
+        """(bytes of one session's KV caches on this device, the sessions admitted, what else was counted):
+        serving.max_sessions, fewer where they do not fit serving.session_memory_gib (default on a GPU: 90% of what
+        is free now that the model is loaded; the CPU's memory is not counted unless it is set). Counted: each session's KV caches (compiled: one
         pool for all of them, made at the first session, and the batch's share of a block gathered in the forward)
         and its VAE stream's history, a full batch's activations and one request's own work (ServingMemory, traced
         on fake tensors). Checked here, so that a robot beyond it is refused as at capacity instead of running the
@@ -147,10 +147,8 @@ class PolicyRuntime:
             free = torch.cuda.mem_get_info(self.device)[0]
             budget, where = HEADROOM * free, f"{HEADROOM:.0%} of the {free / GIB:.1f} GiB free on {self.device}"
         else:
-            return cache, s.max_sessions
-        self.memory = serving_memory(self.arch, self.sample, rows, self.policy.model.dtype,
-                                     next(self.encoders.vae.parameters()).dtype)
-        m = self.memory
+            return cache, s.max_sessions, None
+        m = serving_memory(self.arch, self.sample, rows, self.policy.model.dtype, next(self.encoders.vae.parameters()).dtype)
         fits = sessions_that_fit(budget, cache, max_batch=self.max_batch, compiled=self.compiled,
                                  blocks=self.arch.num_layers, held=m.stream, activations=m.activations, transient=m.request)
         counted = (f"a session's KV cache takes {cache / GIB:.2f} GiB and its VAE stream {m.stream / GIB:.2f}, a "
@@ -163,7 +161,7 @@ class PolicyRuntime:
         if fits < s.max_sessions:
             log.warning("serving %d sessions, not serving.max_sessions = %d: %s; %d fit %s", fits, s.max_sessions,
                         counted, fits, where)
-        return cache, min(fits, s.max_sessions)
+        return cache, min(fits, s.max_sessions), m
 
     def _embodiment(self, name: str | None) -> ServedEmbodiment:
         """The served embodiment `name` (None: the first); a model without robot data has only the synthetic one."""
