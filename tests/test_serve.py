@@ -38,7 +38,7 @@ from wam.trainer.quantize.quantizer import quantize_checkpoint
 from wam.trainer.serve import actions as post
 from wam.trainer.serve.memory import serving_memory
 from wam.trainer.serve.policy import PolicyRuntime
-from wam.trainer.serve.server import PolicyServer, serve_in_background
+from wam.trainer.serve.server import CUT_OFF, PolicyServer, serve_in_background
 
 from conftest import (
     alert_metrics,
@@ -69,7 +69,9 @@ def served(tmp_path_factory):
                               data={"source": "lerobot", "profiles": {"wrist": WRIST_PROFILE},
                                     "datasets": [{"uri": str(dataset), "profile": "droid"},
                                                  {"uri": str(other), "profile": "wrist"}]},
-                              serving={"max_request_mb": 2})
+                              # the SIGTERM test's chunk (2000 steps) takes 10 s idle, a minute on a busy machine:
+                              # it is to be answered, not cut off at the drain timeout
+                              serving={"max_request_mb": 2, "drain_timeout_s": 600})
     cfg = load_config(config)
     preset = resolve_preset(cfg)
     model = randomized_model(preset.arch, preset.sample, seed=11)
@@ -537,6 +539,38 @@ def test_a_server_shutting_down_answers_the_request_in_flight_and_its_robot_reco
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_request_still_running_at_the_drain_timeout_is_cut_off_and_ends(served):
+    """A request still running when serving.drain_timeout_s runs out: its session is closed as going away, with a
+    reason that fits a close frame (the robot's client sends the request again to the replica that takes over); it
+    is counted as cut off, and the engine stops, so that the request ends instead of keeping the process alive."""
+    runtime = PolicyRuntime(load_quantized(served["quantized"]))  # its own: the drain stops its engine
+    server = PolicyServer(runtime, drain_timeout_s=0.5)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def on_loop(coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(120)
+    listening = on_loop(server.start("127.0.0.1", 0))
+    port = listening.sockets[0].getsockname()[1]
+    try:
+        robot = WebsocketClientPolicy(f"ws://127.0.0.1:{port}")
+        with ThreadPoolExecutor(1) as pool:
+            with runtime.encoding:  # the request waits for the encoders: surely still running at the timeout
+                request = pool.submit(robot.infer, robot_observations(runtime, seed=23)[0])
+                wait_for(lambda: metric(port, "wam_policy_requests_in_flight") == 1, timeout=60)
+                assert on_loop(server.drain()) == 1
+                with pytest.raises(ConnectionClosedOK, match=re.escape(f"1001 (going away) {CUT_OFF.format(0.5)}")):
+                    request.result(60)
+        wait_for(lambda: server.active == 0, timeout=60)  # released, the request met the stopped engine and ended
+        assert metric(port, 'wam_policy_sessions_drained_total{how="cut"}') == 1
+        assert metric(port, 'wam_policy_errors_total{reason="unavailable"}') == 1
+    finally:
+        loop.call_soon_threadsafe(listening.close)
+        on_loop(listening.wait_closed())
+        loop.call_soon_threadsafe(loop.stop)
+        runtime.engine.stop()
 
 
 def test_a_server_with_an_api_key_refuses_robots_without_it(served, monkeypatch):

@@ -57,8 +57,10 @@ from wam.trainer.serve.recorder import Recorder
 from wam.trainer.serve.safety import UnsafeOutput
 
 log = logging.getLogger("wam.serve")
-# the reason a draining server gives its sessions as it closes them (GOING_AWAY)
+# the reason a draining server gives its sessions as it closes them (GOING_AWAY), and a session whose request was
+# still running at serving.drain_timeout_s (a close frame's reason is at most 123 bytes: RFC 6455, 5.5)
 DRAINING = "server shutting down: reconnect (a new connection goes to a serving replica)"
+CUT_OFF = "server shutting down: reconnect; the request was not answered within serving.drain_timeout_s = {:g} s"
 # why a request was answered with an error (wam_policy_errors_total{reason}); capacity and unauthorized: a
 # connection refused before its session opened
 ERROR_REASONS = ("bad_request", "unavailable", "unsafe_output", "internal", "capacity", "unauthorized")
@@ -313,7 +315,8 @@ class PolicyServer:
 
     async def drain(self) -> int:
         """Stop taking sessions and close every one (1001, going away) once its request in flight is answered;
-        after drain_timeout_s the rest are closed anyway. Returns how many were cut off so, mid-request."""
+        after drain_timeout_s the rest are closed anyway, and the engine stops, so that their requests end at its
+        next step instead of keeping the process alive. Returns how many were cut off so, mid-request."""
         self.draining, self._drained = True, asyncio.Event()
         idle = [ws for ws, busy in self._sessions.items() if not busy]
         self.metrics.drained.labels("answered").inc(len(idle))
@@ -324,10 +327,10 @@ class PolicyServer:
             except TimeoutError:
                 pass
         cut = list(self._sessions)
-        self.metrics.drained.labels("cut").inc(len(cut))
-        await asyncio.gather(*(ws.close(GOING_AWAY, f"{DRAINING}; its request was not answered within "
-                                                    f"serving.drain_timeout_s = {self.drain_timeout_s:g} s")
-                               for ws in cut))
+        if cut:
+            self.metrics.drained.labels("cut").inc(len(cut))
+            self.runtime.engine.fail("the server is shutting down")
+            await asyncio.gather(*(ws.close(GOING_AWAY, CUT_OFF.format(self.drain_timeout_s)) for ws in cut))
         return len(cut)
 
     async def run(self, host: str, port: int) -> None:
