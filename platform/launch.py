@@ -36,6 +36,20 @@ RAY_DRIVER_ENV = {
 }
 
 
+# Every process of a local Ray run (the driver starts its cluster without a dashboard, ~1 GB less) runs this first.
+RAY_LOCAL_WORKER_SETUP = "wam.platform.launch.quiet_ray_train_cleaner"
+
+
+def quiet_ray_train_cleaner() -> None:
+    """Ray Train's placement-group cleaner asks the dashboard whether a run is alive and, without one, warns every few
+    seconds; a local run has none, and ray.shutdown() removes everything. Here, torch-free: each of Ray's processes
+    (its train controller and the cleaner too) imports the hook's module, and the training module's torch imports
+    cost a run 8-10 s of start-up on 2 cores (benchmarks/launchers.py)."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def training_command(launcher: str, *, python: str = "python", standalone_processes: int | None = None) -> list[str]:
     """The command that starts a training job's processes on one node. torchrun takes its rendezvous from
     `PET_*` variables (a pod) unless `standalone_processes` asks for a single-machine run of that many;

@@ -16,7 +16,6 @@ rank 0 logs into the same MLflow run (found by its job tag). Ray's own checkpoin
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
@@ -31,10 +30,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from wam.platform import termination
 from wam.platform.config import WamConfig, load_config
 from wam.platform.errors import UserError
-from wam.platform.launch import CONFIG_ARGS
+from wam.platform.launch import CONFIG_ARGS, RAY_LOCAL_WORKER_SETUP
 from wam.platform.storage import probe_writable
-
-_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def _rendezvous() -> tuple[str, int]:
@@ -66,12 +63,6 @@ class TorchrunEnvironment(TorchConfig):
         return _TorchrunBackend
 
 
-def _quiet_placement_group_cleaner() -> None:
-    """Ray Train's placement-group cleaner asks the dashboard whether a run is alive and, without one, warns
-    every few seconds; a local run has no dashboard (~1 GB less) and ray.shutdown() removes everything."""
-    logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
-
-
 def train_worker(config: dict[str, str]) -> None:
     """One training process: torchtitan's main with the project's config function."""
     os.environ["WAM_CONFIG"] = config["config"]
@@ -87,7 +78,7 @@ def fit(cfg: WamConfig, config_path: Path) -> None:
         ray.init()  # the RayJob's cluster
     else:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.world_size), include_dashboard=False,
-                 runtime_env={"worker_process_setup_hook": f"{__name__}._quiet_placement_group_cleaner"})
+                 runtime_env={"worker_process_setup_hook": RAY_LOCAL_WORKER_SETUP})
     # `wam train` stops a run with SIGTERM to its session: leave through `finally`, so that Ray shuts down in
     # order (Ray's own handler, installed by ray.init, would abort the driver).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
