@@ -5,6 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
+UV := $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python --constraint $(VENV)/torch-constraint.txt
 # Debian packages the tests need: the FFmpeg libraries torchcodec links against (PyAV and DALI bundle
 # their own), bubblewrap, which runs the operator's containers under their pods' rules, Mesa's EGL,
 # through which MuJoCo renders the simulations' cameras offscreen (MUJOCO_GL=egl), and Prometheus for its
@@ -30,12 +31,15 @@ $(STAMP): pyproject.toml Makefile
 	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -qq --upgrade pip
-	# torch first and exactly: the CPU build here, and nothing may upgrade it to a CUDA build later.
-	$(BIN)/python -m pip install -qq torch==2.13.0
-	$(BIN)/python -m pip install -qq -e ".[trainer,operator,dev]"
+	# torch first and exactly, through pip, which reads the machine's own configuration: the CPU build here.
+	# Then uv (the same resolution, a third of pip's time with the bytecode compiled), held to that exact
+	# torch build, so that no dependency can upgrade it to a CUDA build.
+	$(BIN)/python -m pip install -qq torch==2.13.0 uv==0.13.9
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(UV) -e ".[trainer,operator,dev]"
 	# The public openpi client, unchanged; --no-deps because it pins numpy<2 (its dependencies are in
 	# the trainer extra and it runs on numpy 2).
-	$(BIN)/python -m pip install -qq --no-deps openpi-client==0.1.2
+	$(UV) --no-deps openpi-client==0.1.2
 	$(BIN)/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" \
 	  || (echo "torch was replaced by a resolver; run 'make clean setup'" && exit 1)
 	touch $(STAMP)
