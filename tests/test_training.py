@@ -140,7 +140,7 @@ def test_checkpoints_to_s3_resume_and_export(tmp_path, s3, monkeypatch):
 
 
 def test_dead_tracking_server_does_not_stop_training(tmp_path):
-    config = write_run_config(tmp_path, "notracking", training={"steps": 4},
+    config = write_run_config(tmp_path, "notracking", training={"steps": 4, "processes": 1},  # rank 0 tracks
                               tracking={"uri": f"http://127.0.0.1:{free_port()}"})
     result = wam_cli("train", config)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -163,7 +163,7 @@ def test_bad_input_fails_before_training_with_a_clear_error(tmp_path):
 def test_training_process_refuses_an_unwritable_checkpoint_uri_before_step_one(tmp_path):
     """Without the CLI (as in a pod), the training processes check the URI themselves, and tell the
     operator through the termination log that this is a user error (not worth a restart)."""
-    cfg = load_config(write_run_config(tmp_path, "pod", checkpoint={"uri": "/proc/wam-checkpoints"}))
+    cfg = load_config(write_run_config(tmp_path, "pod", training={"processes": 1}, checkpoint={"uri": "/proc/wam-checkpoints"}))
     cfg.run_dir.mkdir(parents=True)
     path = cfg.run_dir / "config.yaml"
     path.write_text(to_yaml(cfg))
