@@ -36,10 +36,6 @@ RAY_DRIVER_ENV = {
 }
 
 
-# Every process of a local Ray run (the driver starts its cluster without a dashboard, ~1 GB less) runs this first.
-RAY_LOCAL_WORKER_SETUP = "wam.platform.launch.quiet_ray_train_cleaner"
-
-
 def quiet_ray_train_cleaner() -> None:
     """Ray Train's placement-group cleaner asks the dashboard whether a run is alive and, without one, warns every few
     seconds; a local run has none, and ray.shutdown() removes everything. Here, torch-free: each of Ray's processes
@@ -48,6 +44,10 @@ def quiet_ray_train_cleaner() -> None:
     import logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+# Every process of a local Ray run (the driver starts its cluster without a dashboard, ~1 GB less) runs this first.
+RAY_LOCAL_WORKER_SETUP = f"{quiet_ray_train_cleaner.__module__}.{quiet_ray_train_cleaner.__qualname__}"
 
 
 def training_command(launcher: str, *, python: str = "python", standalone_processes: int | None = None) -> list[str]:
