@@ -22,7 +22,7 @@ from wam.app.pipeline import run_pipeline, show_replay
 from wam.platform import plan
 from wam.platform.accounting import GIB, count_flops, count_params, estimate_memory, min_gpus, training_layout
 from wam.platform.checkpoints import check_weight_dtype, require_quantized_model, require_training_checkpoint
-from wam.platform.config import ACTIVATION_CHECKPOINTING, load_config, resolve_preset
+from wam.platform.config import ACTIVATION_CHECKPOINTING, PROTOCOLS, load_config, resolve_preset
 from wam.platform.errors import ConfigError
 from wam.platform.presets import PRESETS
 
@@ -266,14 +266,19 @@ def serve(
                                                                 "a second process and GPU (default: serving.devices)"),
     record: str | None = typer.Option(None, help="a folder or URI (s3://...) where every session's requests and "
                                                  "replies are recorded, for `wam rerun` (default: serving.record)"),
+    protocol: str | None = typer.Option(None, help="openpi (openpi-client, DreamZero's closed loop) | roboarena "
+                                                   "(RoboArena's DROID evaluation client) (default: serving.protocol)"),
 ) -> None:
-    """Serve a quantized policy over openpi's websocket protocol (health: /healthz /readyz, metrics: /metrics).
-    Robots must send $WAM_POLICY_API_KEY where it is set; SIGTERM or Ctrl-C drains the sessions, then exits."""
+    """Serve a quantized policy over openpi's websocket protocol, or RoboArena's (health: /healthz /readyz, metrics:
+    /metrics). Robots must send $WAM_POLICY_API_KEY where it is set; SIGTERM or Ctrl-C drains the sessions, then
+    exits."""
     from wam.platform.launch import check_can_listen
     from wam.platform.storage import probe_writable
 
     with user_errors():
         require_quantized_model(model, checksums=False)  # before torch and the model load
+        if protocol is not None and protocol not in PROTOCOLS:
+            raise ConfigError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
         check_can_listen(host, port)
         if record:
             probe_writable(record)
@@ -296,7 +301,9 @@ def serve(
                       + (" (warming up before /readyz)" if e["compiled"] else ""))
         if record := record or runtime.policy.config.serving.record:
             console.print(f"recording every session under {record}")
-        serve_forever(runtime, host, port, record)
+        if (protocol or runtime.policy.config.serving.protocol) == "roboarena":
+            console.print("speaking RoboArena's protocol: one frame a call, each opening a new context window")
+        serve_forever(runtime, host, port, record, protocol)
 
 
 @app.command()

@@ -39,6 +39,7 @@ DECODERS = ("auto", "torchcodec", "pyav", "dali")
 BAD_SAMPLE_POLICIES = ("error", "skip")
 LAUNCHERS = ("torchrun", "ray")
 COMPILE_MODES = ("auto", "on", "off")
+PROTOCOLS = ("openpi", "roboarena")  # what a policy server speaks to its robots
 # The served matmuls: FP4 on Blackwell, FP8 (rowwise-scaled activations and weights) on Hopper, else the NVFP4
 # weights dequantized once (bf16 on other GPUs, fp32 on CPU). auto picks by the device's compute capability.
 COMPUTE_PATHS = ("auto", "nvfp4", "fp8", "bf16-dequantized", "fp32-dequantized")
@@ -173,6 +174,9 @@ class ServingSection:
     devices: int = 1  # 2: guidance in parallel, the unconditional pass on a second process and device (GPU 1)
     cpu_threads: int | None = None  # an engine on the CPU: torch's threads; default: the faster of 1 and torch's own
     # default (every core), measured at start (with several threads running torch's ops, a small model is fastest on 1)
+    # openpi (openpi-client, DreamZero's closed loop) | roboarena (RoboArena's DROID evaluation client: one frame a
+    # call; wam.trainer.serve.roboarena)
+    protocol: str = "openpi"
 
     def __post_init__(self) -> None:
         # YAML reads a bare on/off as a boolean, which the string field receives as "True"/"False"
@@ -364,6 +368,7 @@ def _validate_handoff(cfg: WamConfig) -> None:
         raise ConfigError(f"serving.max_batch must be in [1, serving.max_sessions = {s.max_sessions}] (chunks of "
                           f"different sessions denoised in one forward), got {s.max_batch}")
     _choice(s.compile, COMPILE_MODES, "serving.compile")
+    _choice(s.protocol, PROTOCOLS, "serving.protocol")
     if s.devices not in (1, 2):
         raise ConfigError(f"serving.devices must be 1, or 2 for guidance in parallel (the unconditional pass on a "
                           f"second device), got {s.devices}")

@@ -13,6 +13,17 @@ from dataclasses import asdict, dataclass, field
 from wam.platform.errors import ConfigError
 
 LAYOUTS = ("droid", "grid", "single")
+# what a profile's action columns command, where declared (RoboArena's DROID clients execute joint_* ones)
+ACTION_SPACES = ("", "joint_position", "joint_velocity", "cartesian_position", "cartesian_velocity",
+                 "end_effector_delta")
+# The keys of DROID's own policy clients (openpi's DROID example, RoboArena's evaluation client): the built-in droid
+# profile accepts them in place of its LeRobot keys
+DROID_CLIENT_KEYS = {
+    "observation.images.wrist_left": ("observation/wrist_image_left",),
+    "observation.images.exterior_1_left": ("observation/exterior_image_1_left",),
+    "observation.images.exterior_2_left": ("observation/exterior_image_2_left",),
+    "observation.state": ("observation/joint_position", "observation/gripper_position"),
+}
 
 
 @dataclass(frozen=True)
@@ -35,10 +46,22 @@ class EmbodimentProfile:
     # Idle stretches left out of sampling: at least half a chunk of frames in which no action dim (state dim for
     # video-only data) changes by more than this per recording step, in the column's units. None: keep all.
     idle_threshold: float | None = None
+    # Serving: request keys a robot may send in place of a camera or state key (a state key's are concatenated in
+    # order), for clients that name their observations their own way (e.g. DROID's: DROID_CLIENT_KEYS)
+    request_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    action_space: str = ""  # one of ACTION_SPACES ("": not declared)
 
     @property
     def has_actions(self) -> bool:
         return bool(self.action_keys)
+
+    def request_sources(self, key: str, request: dict) -> tuple[str, ...] | None:
+        """The request keys that carry camera or state `key` in `request`: the key itself, else its request_keys
+        where all of them were sent; None where neither was."""
+        if key in request:
+            return (key,)
+        aliases = self.request_keys.get(key, ())
+        return tuple(aliases) if aliases and all(a in request for a in aliases) else None
 
     def validate(self, pixel_frames_per_chunk: int) -> None:
         if self.layout not in LAYOUTS:
@@ -68,6 +91,26 @@ class EmbodimentProfile:
                               f"{list(self.gripper_dims)}")
         if any(step <= 0 for step in self.max_action_step):
             raise ConfigError(f"profile {self.name}: max_action_step must be positive, got {list(self.max_action_step)}")
+        if self.action_space not in ACTION_SPACES:
+            raise ConfigError(f"profile {self.name}: action_space {self.action_space!r} is not one of "
+                              f"{', '.join(repr(a) for a in ACTION_SPACES)}")
+        self._validate_request_keys()
+
+    def _validate_request_keys(self) -> None:
+        inputs = (*self.cameras, *self.state_keys)
+        if unknown := sorted(set(self.request_keys) - set(inputs)):
+            raise ConfigError(f"profile {self.name}: request_keys names {unknown}, which are not among its cameras or "
+                              f"state_keys {list(inputs)}")
+        used = [a for aliases in self.request_keys.values() for a in aliases]
+        if not all(isinstance(a, str) and a for a in used):
+            raise ConfigError(f"profile {self.name}: request_keys must map each key to a list of non-empty strings")
+        if clashes := sorted({a for a in used if used.count(a) > 1 or a in inputs}):
+            raise ConfigError(f"profile {self.name}: request_keys {clashes} stand for more than one camera or state "
+                              "key; give each its own")
+        for camera in self.cameras:
+            if len(self.request_keys.get(camera, ("one",))) != 1:
+                raise ConfigError(f"profile {self.name}: a camera is sent under one request key; request_keys gives "
+                                  f"{camera} {list(self.request_keys[camera])}")
 
 
 BUILTIN_PROFILES = {
@@ -80,6 +123,7 @@ BUILTIN_PROFILES = {
                      "observation.images.exterior_2_left"),
             layout="droid", state_keys=("observation.state",), action_keys=("action",),
             relative_dims=tuple(range(7)), action_horizon=24, video_stride=3, gripper_dims=(7,),
+            request_keys=DROID_CLIENT_KEYS, action_space="joint_position",
         ),
         # AgiBot World (LeRobot port, 30 Hz): state [20] and the same 20 action dims + base velocity [2].
         EmbodimentProfile(
@@ -95,7 +139,7 @@ BUILTIN_PROFILES = {
             cameras=("observation.images.corner", "observation.images.gripperPOV"),
             layout="grid", state_keys=("observation.state",), action_keys=("action",),
             relative_dims=(), action_horizon=32, video_stride=4,
-            action_low=(-1.0,) * 4, action_high=(1.0,) * 4,
+            action_low=(-1.0,) * 4, action_high=(1.0,) * 4, action_space="end_effector_delta",
         ),
     )
 }
@@ -125,12 +169,16 @@ class ProfileSection:
     gripper_dims: list[int] = field(default_factory=list)
     gripper_threshold: float = 0.5
     idle_threshold: float | None = None
+    request_keys: dict[str, list[str]] = field(default_factory=dict)
+    action_space: str = ""
 
 
 def profile_from_fields(name: str, values: dict) -> EmbodimentProfile:
     """A profile from its fields as YAML or JSON hold them (lists for tuples); fields a newer version added and
     `values` lacks (a model quantized before) take their defaults."""
-    return EmbodimentProfile(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()} | {"name": name})
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    fields["request_keys"] = {k: tuple(v) for k, v in (values.get("request_keys") or {}).items()}
+    return EmbodimentProfile(**fields | {"name": name})
 
 
 def resolve_profile(name: str, declared: dict[str, ProfileSection]) -> EmbodimentProfile:

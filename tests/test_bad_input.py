@@ -99,6 +99,11 @@ CONFIG_FILES = {
     "batch above sessions": ("serving: {max_batch: 32}\n", r"serving.max_batch must be in \[1, serving.max_sessions = 16\]"),
     "unknown compile mode": ("serving: {compile: maybe}\n", r"serving.compile = 'maybe' is not one of auto, on, off"),
     "unknown compute path": ("serving: {compute: fp2}\n", r"serving.compute = 'fp2' is not one of auto, nvfp4, fp8"),
+    "unknown protocol": ("serving: {protocol: grpc}\n", r"serving.protocol = 'grpc' is not one of openpi, roboarena"),
+    "request key of no camera": ("data: {source: lerobot, datasets: [{uri: /data/x, profile: mine}], profiles: {mine: "
+                                 "{cameras: [c], layout: single, state_keys: [s], request_keys: {d: [obs/d]}}}}\n",
+                                 r"profile mine: request_keys names \['d'\], which are not among its cameras or "
+                                 r"state_keys \['c', 's'\]"),
     "replicas do not divide": ("training: {processes: 2, dp_replicate: 3}\n", r"training.dp_replicate \(3\) must divide"),
     "lerobot without datasets": ("data: {source: lerobot}\n", r"data.datasets is empty"),
     "name with a slash": ("name: a/b\n", r"name must be a non-empty run name without '/'"),
@@ -209,6 +214,8 @@ def test_checkpoint_mistakes_are_named(data, tmp_path):
     (tmp_path / "a-file").write_text("")
     refused("serve", quantized, "--port", "0", "--record", tmp_path / "a-file" / "sessions",
             message=r"cannot write to .*a-file/sessions: .*Fix the path or its credentials")
+    refused("serve", quantized, "--port", "0", "--protocol", "grpc", message=r"--protocol 'grpc' is not one of openpi, "
+                                                                            r"roboarena")
     refused("rerun", checkpoint, message=r"is not a session's recording: it has no session.json \(a recording is "
                                          r"<serving.record>/<embodiment>/<session>/\)")
     refused("export", checkpoint, tmp_path / "x.safetensors", "--dtype", "float16",

@@ -38,6 +38,7 @@ from wam.trainer.quantize.quantizer import quantize_checkpoint
 from wam.trainer.serve import actions as post
 from wam.trainer.serve.memory import serving_memory
 from wam.trainer.serve.policy import PolicyRuntime
+from wam.trainer.serve.roboarena import server_config
 from wam.trainer.serve.server import CUT_OFF, PolicyServer, serve_in_background
 
 from conftest import (
@@ -126,6 +127,83 @@ def test_openpi_client_drives_the_server_end_to_end(served):
     assert 'wam_policy_request_seconds_bucket{embodiment="droid",le="1.6"}' in metrics
     read = alert_metrics("wam_policy_")
     assert read and all(f"# TYPE {name} " in metrics for name in read)
+
+
+# RoboArena's PolicyServerConfig: its evaluation client reads these fields, its test script builds the dataclass from
+# exactly them
+ROBOARENA_CONFIG = {"image_resolution", "needs_wrist_camera", "n_external_cameras", "needs_stereo_camera",
+                    "needs_session_id", "action_space"}
+
+
+def test_a_roboarena_client_drives_the_droid_policy_one_frame_a_call(served, tmp_path):
+    """serving.protocol roboarena, as RoboArena's DROID evaluation client (v1.4; not on PyPI, so its exchange is made
+    here as it makes it: websockets, openpi-client's msgpack-numpy, an "endpoint" per request, the current frame of
+    each camera at the size the server asks for, joint and gripper positions). It gets RoboArena's config, (24, 8)
+    chunks, each from a new context window, the same actions as the openpi protocol gives the same observation in
+    the profile's own keys, a bad request's text without losing the session, and "reset successful". Its recorded
+    session is served again over the same protocol, and shows what its cameras sent."""
+    from websockets.sync.client import connect
+
+    from wam.trainer.serve.recorder import read_recording
+    from wam.trainer.serve.rerun import rerun, robot_view
+
+    runtime = served["runtime"]
+    server = PolicyServer(runtime, protocol="roboarena", record=str(tmp_path / "recordings"))
+    with serve_in_background(server) as port, connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
+        config = msgpack_numpy.unpackb(ws.recv())
+        assert set(config) == ROBOARENA_CONFIG
+        assert config["needs_wrist_camera"] and config["n_external_cameras"] == 2 and not config["needs_session_id"]
+        assert config["action_space"] == "joint_position" and len(config["image_resolution"]) == 2
+        h, w = config["image_resolution"]
+        rng = np.random.default_rng(7)
+        stats = runtime.default_embodiment.stats
+
+        def request(**extra):
+            state = rng.uniform(stats.state_q01, stats.state_q99)
+            return {"observation/joint_position": state[:7], "observation/cartesian_position": rng.normal(size=6),
+                    "observation/gripper_position": state[7:], "prompt": "put the red block on the blue one",
+                    **{f"observation/exterior_image_{i}_left": rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                       for i in (1, 2)},
+                    "observation/wrist_image_left": rng.integers(0, 256, (h, w, 3), dtype=np.uint8), **extra}
+
+        sent = [request(endpoint="infer") for _ in range(2)]
+        replies = []
+        for obs in sent:
+            ws.send(msgpack_numpy.packb(obs))
+            replies.append(msgpack_numpy.unpackb(ws.recv()))
+        for reply in replies:
+            assert reply["actions"].shape == (24, 8) and np.isfinite(reply["actions"]).all()
+            assert reply["new_window"] and reply["window_chunk"] == 0  # one frame a call: each opens a window
+        ws.send(msgpack_numpy.packb(request()))  # no endpoint
+        assert re.match(r'bad request: a RoboArena request names its "endpoint"', ws.recv())
+        ws.send(msgpack_numpy.packb({"endpoint": "reset", "session_id": "A"}))
+        assert ws.recv() == "reset successful"
+        ws.send(msgpack_numpy.packb(request(endpoint="infer")))
+        assert msgpack_numpy.unpackb(ws.recv())["chunk"] == 2
+        assert metric(port, 'wam_policy_errors_total{reason="bad_request"}') == 1
+        with pytest.raises(InvalidStatus, match="404"):  # the wrist robot's profile has no RoboArena keys
+            connect(f"ws://127.0.0.1:{port}/wrist")
+    server.recorder.flush()
+    description, exchanges = read_recording(next((tmp_path / "recordings" / "droid").iterdir()))
+    assert description["protocol"] == "roboarena"
+    again = rerun(description, exchanges)
+    assert [r.kind for r in again] == ["chunk", "chunk", "error", "reset", "chunk"] and all(r.same for r in again)
+    frames, _ = robot_view(description, exchanges)
+    assert frames.shape[0] == 4  # the current frame of each request with cameras (the bad one's too)
+    # the first call's observation in the droid profile's own keys, over openpi: the same chunk
+    first = sent[0]
+    openpi = WebsocketClientPolicy(served["uri"])
+    same = openpi.infer({"observation.images.wrist_left": first["observation/wrist_image_left"],
+                         "observation.images.exterior_1_left": first["observation/exterior_image_1_left"],
+                         "observation.images.exterior_2_left": first["observation/exterior_image_2_left"],
+                         "observation.state": np.concatenate([first["observation/joint_position"],
+                                                              first["observation/gripper_position"]]),
+                         "prompt": first["prompt"]})
+    np.testing.assert_allclose(same["actions"], replies[0]["actions"], atol=1e-5)
+    # what a server whose / is the wrist robot's would refuse to start with
+    with pytest.raises(ConfigError, match=r"embodiment wrist cannot be served over RoboArena's protocol .* its cameras "
+                                          r"arrive as \['observation.images.wrist_left'\].* action_space is not declared"):
+        server_config(runtime.embodiments["wrist"], runtime.canvas)
 
 
 def test_two_concurrent_sessions_do_not_interfere(served):

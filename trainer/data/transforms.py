@@ -63,18 +63,21 @@ def tile(views: list[torch.Tensor], layout: str, canvas: tuple[int, int]) -> tor
     grid: 2x2, view 0 top-left, 1 bottom-left, 2 top-right, 3 bottom-right (black when absent);
     single: one view filling the canvas.
     """
-    height, width = canvas
-    out = torch.zeros(views[0].shape[0], 3, height, width, dtype=torch.uint8)
-    half_h, half_w = height // 2, width // 2
-    if layout == "single":
-        places = [(0, 0, height, width)]
-    elif layout == "droid":
-        places = [(0, 0, half_h, width), (half_h, 0, height - half_h, half_w), (half_h, half_w, height - half_h, width - half_w)]
-    elif layout == "grid":
-        places = [(0, 0, half_h, half_w), (half_h, 0, height - half_h, half_w), (0, half_w, half_h, width - half_w),
-                  (half_h, half_w, height - half_h, width - half_w)]
-    else:
-        raise ValueError(f"unknown layout {layout!r}")
-    for view, (top, left, h, w) in zip(views, places, strict=False):
+    out = torch.zeros(views[0].shape[0], 3, *canvas, dtype=torch.uint8)
+    for view, (top, left, h, w) in zip(views, view_places(layout, canvas), strict=False):
         out[:, :, top:top + h, left:left + w] = resize(view, (h, w))
     return out
+
+
+def view_places(layout: str, canvas: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """Where each view of `layout` lands on the (H, W) canvas: (top, left, height, width), in tiling order."""
+    height, width = canvas
+    half_h, half_w = height // 2, width // 2
+    if layout == "single":
+        return [(0, 0, height, width)]
+    if layout == "droid":
+        return [(0, 0, half_h, width), (half_h, 0, height - half_h, half_w), (half_h, half_w, height - half_h, width - half_w)]
+    if layout == "grid":
+        return [(0, 0, half_h, half_w), (half_h, 0, height - half_h, half_w), (0, half_w, half_h, width - half_w),
+                (half_h, half_w, height - half_h, width - half_w)]
+    raise ValueError(f"unknown layout {layout!r}")

@@ -242,8 +242,8 @@ class Session:
                                     negative_text=runtime.negative_text, denoiser=runtime.engine.denoiser,
                                     peer=runtime.peer)
         self.generator = torch.Generator(runtime.device).manual_seed(runtime.policy.config.seed)
-        self.prompt: str | None = None
-        self.text: torch.Tensor | None = None  # umT5 features of the prompt
+        self.prompt: str | None = None  # the open context window's; None: the next call opens one
+        self.text: tuple[str, torch.Tensor] | None = None  # a prompt and its umT5 features
         self.returned: list[_Returned] = []
         self.stream = StreamState()
         self.newest_frame: torch.Tensor | None = None  # (1, 3, 1, H, W) uint8
@@ -252,21 +252,27 @@ class Session:
 
     def reset(self) -> None:
         """Forget the context; the next episode starts as on a new connection (the same noise included)."""
-        self.prompt, self.returned, self.newest_frame = None, [], None
+        self.close_window()
         self.generator.manual_seed(self.runtime.policy.config.seed)
+
+    def close_window(self) -> None:
+        """The next call opens a new context window from its frames (a client that sends one frame per call)."""
+        self.prompt, self.returned, self.newest_frame = None, [], None
 
     # -- request parsing ------------------------------------------------------------------------------
 
     def _frames(self, obs: dict) -> torch.Tensor | None:
         """The cameras' frames tiled as in training: (1, 3, T, H, W) uint8, or None when none were sent."""
-        cameras = self.embodiment.profile.cameras
-        present = [c for c in cameras if c in obs]
+        profile = self.embodiment.profile
+        sources = {c: profile.request_sources(c, obs) for c in profile.cameras}
+        present = [c for c, keys in sources.items() if keys]
         if not present:
             return None
-        if len(present) != len(cameras):
-            raise RequestError(f"send all cameras {list(cameras)} or none; missing {sorted(set(cameras) - set(present))}")
+        if len(present) != len(profile.cameras):
+            raise RequestError(f"send all cameras {list(profile.cameras)} or none; missing "
+                               f"{sorted(set(profile.cameras) - set(present))}")
         views = []
-        for camera in cameras:
+        for (camera,) in sources.values():  # the request's key: the camera's own or its request_keys entry
             view = obs[camera]
             if not isinstance(view, np.ndarray) or view.dtype != np.uint8:
                 raise RequestError(f"{camera} must be a uint8 numpy array (H, W, 3) or (T, H, W, 3), got "
@@ -282,23 +288,29 @@ class Session:
         canvas = tile(views, self.embodiment.profile.layout, self.runtime.canvas)  # (T, 3, H, W) uint8
         return canvas.permute(1, 0, 2, 3)[None]
 
+    @staticmethod
+    def _state_part(key: str, value) -> np.ndarray:
+        """One request key's share of the state: a flat, finite array of numbers."""
+        try:
+            array = np.asarray(value)
+        except ValueError:  # e.g. ragged nested lists
+            raise RequestError(f"{key} must be a flat array of numbers, got {type(value).__name__} of uneven "
+                               "length") from None
+        if array.dtype.kind not in "fiu" or array.ndim > 1:
+            raise RequestError(f"{key} must be a flat array of numbers, got dtype {array.dtype}, shape {array.shape}")
+        if not np.isfinite(array.astype(np.float64)).all():
+            raise RequestError(f"{key} holds NaN or inf at {np.flatnonzero(~np.isfinite(array)).tolist()[:8]}")
+        return array.reshape(-1).astype(np.float64)
+
     def _state(self, obs: dict) -> np.ndarray:
-        parts = []
-        for key in self.embodiment.profile.state_keys:
-            value = obs.get(key)
-            if value is None:
-                raise RequestError(f"missing state {key!r}; the policy expects {list(self.embodiment.profile.state_keys)}")
-            try:
-                array = np.asarray(value)
-            except ValueError:  # e.g. ragged nested lists
-                raise RequestError(f"{key} must be a flat array of numbers, got {type(value).__name__} of uneven "
-                                   "length") from None
-            if array.dtype.kind not in "fiu" or array.ndim > 1:
-                raise RequestError(f"{key} must be a flat array of numbers, got dtype {array.dtype}, shape "
-                                   f"{array.shape}")
-            if not np.isfinite(array.astype(np.float64)).all():
-                raise RequestError(f"{key} holds NaN or inf at {np.flatnonzero(~np.isfinite(array)).tolist()[:8]}")
-            parts.append(array.reshape(-1).astype(np.float64))
+        profile, parts = self.embodiment.profile, []
+        for state_key in profile.state_keys:
+            sources = profile.request_sources(state_key, obs)
+            if sources is None:
+                instead = f" (or {list(profile.request_keys[state_key])})" if state_key in profile.request_keys else ""
+                raise RequestError(f"missing state {state_key!r}{instead}; the policy expects "
+                                   f"{list(profile.state_keys)}")
+            parts += [self._state_part(key, obs[key]) for key in sources]
         state = np.concatenate(parts)
         expected = len(self.embodiment.stats.state_q01) if self.embodiment.stats else None
         if expected is not None and len(state) != expected:
@@ -319,12 +331,12 @@ class Session:
         encoders, runtime = self.runtime.encoders, self.runtime
         window = 1 + runtime.sample.num_chunks * runtime.sample.frames_per_chunk  # latent frames of the I2V channels
         with runtime.encoding:
-            if prompt != self.prompt:
-                self.text = encoders.text([prompt]).to(runtime.device)
-                self.prompt = prompt
+            if self.text is None or self.text[0] != prompt:
+                self.text = prompt, encoders.text([prompt]).to(runtime.device)
+            self.prompt = prompt
             self.stream = StreamState()
             first = encoders.encode_clip(frame, stream=self.stream, i2v_frames=window)
-            self.rollout.reset(first.latents, self.text, first.image, first.i2v)  # a forward outside the engine
+            self.rollout.reset(first.latents, self.text[1], first.image, first.i2v)  # a forward outside the engine
         self.returned, self.newest_frame, self.newest_latent = [], frame, first.latents[:, :, -1:]
 
     def _observe(self, frames: torch.Tensor) -> tuple[torch.Tensor, int]:

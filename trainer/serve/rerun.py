@@ -17,6 +17,7 @@ from websockets.sync.client import connect
 from wam.trainer.data.videos import encode_video, resized, side_by_side
 from wam.trainer.serve.policy import load_runtime
 from wam.trainer.serve.recorder import Exchange
+from wam.trainer.serve.roboarena import RESET_REPLY
 from wam.trainer.serve.server import PolicyServer, serve_in_background
 
 
@@ -41,6 +42,8 @@ def compare(exchange: Exchange, raw: bytes | str, rerun_ms: float, gripper_dims:
     """One exchange's reply then and now."""
     then, now = _reply(exchange.reply), _reply(raw)
     recorded_ms = exchange.seconds * 1000
+    if isinstance(then, str) and then == now == RESET_REPLY:  # RoboArena's answer to a reset
+        return Rerun(exchange.number, "reset", recorded_ms, rerun_ms, None, 0, True)
     if isinstance(then, str) or isinstance(now, str):  # an error: the same kind (the text before its first colon)?
         kinds = [r.split(":", 1)[0] if isinstance(r, str) else "a reply" for r in (then, now)]
         return Rerun(exchange.number, "error", recorded_ms, rerun_ms, None, 0, kinds[0] == kinds[1],
@@ -64,7 +67,7 @@ def rerun(description: dict, exchanges: list[Exchange], model: str | None = None
                            description["sampler"], max_batch=1, compile="off",
                            compute=compute or description["compute_path"])
     runtime.policy.config.serving.record = None  # a rerun is not itself recorded
-    server = PolicyServer(runtime, max_sessions=1)
+    server = PolicyServer(runtime, max_sessions=1, protocol=description.get("protocol"))  # None: recorded before
     gripper_dims = description["metadata"].get("gripper_dims", [])
     results = []
     try:
@@ -92,7 +95,9 @@ def robot_view(description: dict, exchanges: list[Exchange]) -> tuple[np.ndarray
             obs = msgpack_numpy.unpackb(exchange.request) if isinstance(exchange.request, bytes) else None
         except Exception:  # noqa: BLE001 - a request the server refused as undecodable shows nothing
             continue
-        views = {c: np.asarray(obs[c]) for c in meta["cameras"] if c in obs} if isinstance(obs, dict) else {}
+        sent = {c: c if c in obs else meta.get("request_keys", {}).get(c, [c])[0] for c in meta["cameras"]} \
+            if isinstance(obs, dict) else {}  # a camera's own key, or the one its robot sends it as
+        views = {c: np.asarray(obs[key]) for c, key in sent.items() if key in obs}
         if len(views) < len(meta["cameras"]) or any(v.dtype != np.uint8 or v.ndim not in (3, 4) or v.shape[-1] != 3
                                                     or v.shape[0] == 0 for v in views.values()):
             continue

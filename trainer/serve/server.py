@@ -18,6 +18,7 @@ every session's chunk goes through the runtime's engine, which batches the sessi
 forwards, oldest first (wam.trainer.serve.engine). Each reply reports its queue and compute time and how many
 chunks were denoised together. Plain HTTP on the same port: /healthz (alive), /readyz (model loaded, the
 engine warmed up and able to serve, a session slot free, not draining), /metrics (Prometheus).
+`serving.protocol: roboarena` speaks RoboArena's variant of the protocol instead (wam.trainer.serve.roboarena).
 """
 
 from __future__ import annotations
@@ -47,13 +48,16 @@ from prometheus_client import (
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from wam.platform.config import PROTOCOLS
+from wam.platform.errors import ConfigError
 from wam.platform.launch import LISTEN_ERRNOS, listen_error
 from wam.platform.policy_client import API_KEY_ENV, GOING_AWAY
 from wam.trainer.guidance_peer import PeerLost
 from wam.trainer.serve.embodiments import ServedEmbodiment
 from wam.trainer.serve.engine import EngineUnavailable
-from wam.trainer.serve.policy import PolicyRuntime, RequestError, Session
+from wam.trainer.serve.policy import RESET_KEY, PolicyRuntime, RequestError, Session
 from wam.trainer.serve.recorder import Recorder
+from wam.trainer.serve.roboarena import RESET_REPLY, ROBOARENA, endpoint_of, server_config
 from wam.trainer.serve.safety import UnsafeOutput
 
 log = logging.getLogger("wam.serve")
@@ -132,9 +136,10 @@ class _Metrics:
 class PolicyServer:
     def __init__(self, runtime: PolicyRuntime, max_sessions: int | None = None, max_request_mb: float | None = None,
                  idle_timeout_s: float | None = None, drain_timeout_s: float | None = None,
-                 api_key: str | None = None, record: str | None = None):
+                 api_key: str | None = None, record: str | None = None, protocol: str | None = None):
         """api_key: robots must send it (openpi-client's api_key) to open a session; None: anyone may. record: where
-        every session is recorded (default serving.record; None: nowhere)."""
+        every session is recorded (default serving.record; None: nowhere). protocol: openpi or roboarena (default
+        serving.protocol; wam.trainer.serve.roboarena)."""
         serving = runtime.policy.config.serving
         self.runtime = runtime
         # serving.max_sessions, or what fits the device (what the compiled engine's KV pool holds): never more
@@ -143,6 +148,19 @@ class PolicyServer:
         self.idle_timeout_s = idle_timeout_s or serving.idle_timeout_s
         self.drain_timeout_s = drain_timeout_s or serving.drain_timeout_s
         self._authorization = f"Api-Key {api_key}".encode() if api_key else None  # the header robots must send
+        self.protocol = protocol or serving.protocol
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        # RoboArena: what each embodiment's robots are sent on connect, or why they cannot be served so (the one at
+        # /, where RoboArena's clients connect, must be)
+        self._roboarena: dict[str, dict | str] = {}
+        for name, embodiment in runtime.embodiments.items() if self.protocol == ROBOARENA else ():
+            try:
+                self._roboarena[name] = server_config(embodiment, runtime.canvas)
+            except ConfigError as err:
+                if embodiment is runtime.default_embodiment:
+                    raise
+                self._roboarena[name] = str(err)
         self.draining = False
         self._sessions: dict[ServerConnection, bool] = {}  # every open session: whether a request is in flight
         self._drained: asyncio.Event | None = None  # set, while draining, when the last session has closed
@@ -187,11 +205,13 @@ class PolicyServer:
             return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized: this policy server needs its API key, "
                                       "sent as the header 'Authorization: Api-Key <key>' (openpi-client: "
                                       f"WebsocketClientPolicy(uri, api_key=...); wam: ${API_KEY_ENV})\n")
-        if self._embodiment_at(path) is None:
+        if (embodiment := self._embodiment_at(path)) is None:
             paths = ", ".join(f"/{name}" for name in self.runtime.embodiments)
             return connection.respond(HTTPStatus.NOT_FOUND, f"not found: {path}; the policy serves "
                                       f"{self.runtime.default_embodiment.name} robots at / and each embodiment at its "
                                       f"path: {paths}\n")
+        if isinstance(problem := self._roboarena.get(embodiment.name), str):
+            return connection.respond(HTTPStatus.NOT_FOUND, f"not found: {path}; {problem}\n")
         return None
 
     def _embodiment_at(self, path: str) -> ServedEmbodiment | None:
@@ -218,7 +238,7 @@ class PolicyServer:
         try:
             metadata = self.runtime.metadata(embodiment)
             recording = self.recorder and self.recorder.session(self._description(embodiment, ws.request.path, metadata))
-            await ws.send(self._packer.pack(metadata))
+            await ws.send(self._packer.pack(self._roboarena.get(embodiment.name, metadata)))
             while True:
                 try:
                     message = await asyncio.wait_for(ws.recv(), self.idle_timeout_s)
@@ -257,7 +277,8 @@ class PolicyServer:
         runtime = self.runtime
         return {"model": runtime.policy.uri, "step": runtime.policy.step, "embodiment": embodiment.name, "path": path,
                 "sampler": runtime.sampler_preset, "steps": runtime.sampler.steps,
-                "compute_path": runtime.policy.compute_path, "device": str(runtime.device), "metadata": metadata}
+                "compute_path": runtime.policy.compute_path, "device": str(runtime.device), "protocol": self.protocol,
+                "metadata": metadata}
 
     async def _reply(self, session: Session, message: bytes | str, received: float) -> bytes | str:
         try:
@@ -267,8 +288,14 @@ class PolicyServer:
                 obs = msgpack_numpy.unpackb(message)
             except Exception as err:  # noqa: BLE001 - whatever the bytes were, the answer is the same
                 raise RequestError(f"cannot decode the request as msgpack-numpy: {type(err).__name__}: {err}") from None
+            if self.protocol == ROBOARENA:
+                endpoint, obs = endpoint_of(obs)
+                if endpoint == "reset":
+                    obs = {RESET_KEY: True}
+                else:  # one frame per camera, the current one: it opens a new window (wam.trainer.serve.roboarena)
+                    session.close_window()
             result = await asyncio.get_running_loop().run_in_executor(self._workers, self._infer, session, obs, received)
-            return self._packer.pack(result)
+            return RESET_REPLY if self.protocol == ROBOARENA and RESET_KEY in obs else self._packer.pack(result)
         except RequestError as err:
             self.metrics.errors.labels("bad_request").inc()
             return f"bad request: {err}"
@@ -358,7 +385,8 @@ class PolicyServer:
             log.info("drained: every session answered and closed")
 
 
-def serve_forever(runtime: PolicyRuntime, host: str, port: int, record: str | None = None) -> None:
+def serve_forever(runtime: PolicyRuntime, host: str, port: int, record: str | None = None,
+                  protocol: str | None = None) -> None:
     """`wam serve`: log to the console and serve until interrupted; robots must send $WAM_POLICY_API_KEY where it
     is set."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -368,7 +396,7 @@ def serve_forever(runtime: PolicyRuntime, host: str, port: int, record: str | No
         log.warning("no API key: anyone who reaches %s:%d can drive this policy; set %s to require one", host, port,
                     API_KEY_ENV)
     try:
-        asyncio.run(PolicyServer(runtime, api_key=api_key, record=record).run(host, port))
+        asyncio.run(PolicyServer(runtime, api_key=api_key, record=record, protocol=protocol).run(host, port))
     except KeyboardInterrupt:
         pass
     except OSError as err:
