@@ -67,6 +67,11 @@ class PolicyClient:
         self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
         self.policy = self._connect(time.monotonic() + capacity_wait_s)
         self.metadata = self.policy.get_server_metadata()
+        if "needs_wrist_camera" in self.metadata:  # RoboArena's PolicyServerConfig, not a wam server's metadata
+            self.policy._ws.close()
+            raise UserError(f"the policy server at {uri} speaks RoboArena's protocol (serving.protocol: roboarena), "
+                            "for RoboArena's DROID evaluation client; this client speaks openpi's: serve the model with "
+                            "--protocol openpi for it")
         self.control_hz = control_hz or self.metadata.get("control_hz")
         if not self.control_hz:
             self.policy._ws.close()

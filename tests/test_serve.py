@@ -28,7 +28,7 @@ from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
 
 from wam.platform.config import load_config, resolve_preset
-from wam.platform.errors import ConfigError
+from wam.platform.errors import ConfigError, UserError
 from wam.platform.policy_client import API_KEY_ENV, PolicyClient, run_async
 from wam.trainer.data.transforms import normalize
 from wam.trainer.flow import euler_step
@@ -183,8 +183,12 @@ def test_a_roboarena_client_drives_the_droid_policy_one_frame_a_call(served, tmp
         assert metric(port, 'wam_policy_errors_total{reason="bad_request"}') == 1
         with pytest.raises(InvalidStatus, match="404"):  # the wrist robot's profile has no RoboArena keys
             connect(f"ws://127.0.0.1:{port}/wrist")
+        with pytest.raises(UserError, match=r"speaks RoboArena's protocol .* serve the model with --protocol openpi"):
+            PolicyClient(f"ws://127.0.0.1:{port}")  # wam client's
     server.recorder.flush()
-    description, exchanges = read_recording(next((tmp_path / "recordings" / "droid").iterdir()))
+    sessions = [read_recording(folder) for folder in (tmp_path / "recordings" / "droid").iterdir()]
+    assert sorted(len(exchanges) for _, exchanges in sessions) == [0, 5]  # wam client's session asked nothing
+    description, exchanges = max(sessions, key=lambda session: len(session[1]))
     assert description["protocol"] == "roboarena"
     again = rerun(description, exchanges)
     assert [r.kind for r in again] == ["chunk", "chunk", "error", "reset", "chunk"] and all(r.same for r in again)
