@@ -395,6 +395,9 @@ def serve_forever(runtime: PolicyRuntime, host: str, port: int, record: str | No
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no API key: anyone who reaches %s:%d can drive this policy; set %s to require one", host, port,
                     API_KEY_ENV)
+    if api_key is not None and (protocol or runtime.policy.config.serving.protocol) == ROBOARENA:
+        log.warning("RoboArena's client sends no API key: it will be refused (HTTP 401) unless a proxy in front of "
+                    "this server adds the header; unset %s to let it in", API_KEY_ENV)
     try:
         asyncio.run(PolicyServer(runtime, api_key=api_key, record=record, protocol=protocol).run(host, port))
     except KeyboardInterrupt:
