@@ -108,7 +108,7 @@ class EmbodimentProfile:
             raise ConfigError(f"profile {self.name}: request_keys {clashes} stand for more than one camera or state "
                               "key; give each its own")
         for camera in self.cameras:
-            if len(self.request_keys.get(camera, ("one",))) != 1:
+            if camera in self.request_keys and len(self.request_keys[camera]) != 1:
                 raise ConfigError(f"profile {self.name}: a camera is sent under one request key; request_keys gives "
                                   f"{camera} {list(self.request_keys[camera])}")
 

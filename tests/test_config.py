@@ -82,3 +82,29 @@ def test_missing_file_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     resolve_preset(load_config(path))
+
+
+@pytest.mark.parametrize("request_keys, message", [
+    ({"observation.state": ["a", "a"]}, r"request_keys \['a'\] stand for more than one camera or state key"),
+    ({"cam": ["observation.state"]}, r"request_keys \['observation.state'\] stand for more than one"),
+    ({"cam": ["a", "b"]}, r"a camera is sent under one request key; request_keys gives cam \['a', 'b'\]"),
+    ({"cam": [""]}, r"request_keys must map each key to a list of non-empty strings"),
+])
+def test_a_profiles_request_keys_are_checked(request_keys, message):
+    """request_keys (wam.platform.embodiment): each stands for one camera or state key, a camera's is one key."""
+    from wam.platform.embodiment import profile_from_fields
+
+    profile = profile_from_fields("mine", {"cameras": ["cam"], "layout": "single", "state_keys": ["observation.state"],
+                                           "request_keys": request_keys})
+    with pytest.raises(ConfigError, match=rf"profile mine: {message}"):
+        profile.validate(8)
+
+
+def test_a_request_key_stands_in_only_where_all_its_parts_were_sent():
+    from wam.platform.embodiment import BUILTIN_PROFILES
+
+    droid = BUILTIN_PROFILES["droid"]
+    joints, gripper = "observation/joint_position", "observation/gripper_position"
+    assert droid.request_sources("observation.state", {joints: 0, gripper: 0}) == (joints, gripper)
+    assert droid.request_sources("observation.state", {joints: 0}) is None
+    assert droid.request_sources("observation.state", {"observation.state": 0, joints: 0}) == ("observation.state",)

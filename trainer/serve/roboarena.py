@@ -27,7 +27,7 @@ ROBOARENA = "roboarena"
 WRIST = "observation/wrist_image_left"
 EXTERIOR = ("observation/exterior_image_1_left", "observation/exterior_image_2_left")
 STATE = ("observation/joint_position", "observation/gripper_position")
-ACTION_SPACES = ("joint_position", "joint_velocity")
+JOINT_ACTION_SPACES = ("joint_position", "joint_velocity")  # what its client commands
 ACTION_DIMS = 8
 RESET_REPLY = "reset successful"
 
@@ -48,9 +48,9 @@ def server_config(embodiment: ServedEmbodiment, canvas: tuple[int, int]) -> dict
                         f"{exterior}")
     if state != list(STATE):
         problems.append(f"its state arrives as {state}, RoboArena sends {list(STATE)}")
-    if p.action_space not in ACTION_SPACES:
+    if p.action_space not in JOINT_ACTION_SPACES:
         problems.append(f"its profile's action_space is {p.action_space or 'not declared'}; RoboArena commands "
-                        f"{' or '.join(ACTION_SPACES)}")
+                        f"{' or '.join(JOINT_ACTION_SPACES)}")
     if len(embodiment.envelope.low) != ACTION_DIMS:
         problems.append(f"its actions have {len(embodiment.envelope.low)} dims, RoboArena's {ACTION_DIMS} (7 joints + "
                         "the gripper)")
