@@ -280,7 +280,14 @@ def section_serve(cpu: bool, partial) -> dict:
     import torch
 
     sys.path.insert(0, str(BENCHMARKS))
-    from serve import LastChunk, chunk_latency, chunk_profile, sampler_latency, served_attention
+    from serve import (
+        LastChunk,
+        chunk_encoding,
+        chunk_latency,
+        chunk_profile,
+        sampler_latency,
+        served_attention,
+    )
 
     device, repeats = ("cpu", 3) if cpu else ("cuda", 20)
     setup = (LastChunk(["sample.actions_per_chunk=24"], "cpu", torch.float32) if cpu else
@@ -290,6 +297,9 @@ def section_serve(cpu: bool, partial) -> dict:
     result["samplers"] = sampler_latency(setup, device, repeats)
     partial(result)
     result["profile"] = chunk_profile(setup, device)
+    partial(result)
+    result["encoding"] = chunk_encoding(["sample.actions_per_chunk=24"] if cpu else ["model.preset=dreamzero-14b"],
+                                        device, repeats)
     partial(result)
     return {**result, "served_attention": served_attention(device, torch.float32, 4, 3) if cpu else
             served_attention(device, torch.bfloat16, 40, repeats)}
@@ -658,6 +668,13 @@ def _details(sections: dict) -> list[str]:
             lines += ["", f"One served chunk's self-attention ({a['queries']} queries, {a['keys']} keys, {a['heads']} "
                       f"heads): unmasked but for the state row {a['sdpa_kernel']['p50_ms']:.2f} ms, under the dense "
                       f"mask {a['dense_mask']['p50_ms']:.2f} ms ({a['speedup_p50']:.2f}x)"]
+        if "encoding" in serve:
+            e = serve["encoding"]
+            lines += ["", f"A served chunk's encoding ({e['canvas'][0]}x{e['canvas'][1]} canvas): its "
+                      f"{e['frames_per_chunk']} observed frames {e['observed_chunk']['p50_ms']:.1f} ms, a new window "
+                      f"{e['new_window']['p50_ms']:.1f} ms; {e['sessions']} sessions' chunks one at a time (the encoder "
+                      f"lock) {e['sessions_one_at_a_time']['p50_ms']:.1f} ms, batched "
+                      f"{e['sessions_batched']['p50_ms']:.1f} ms ({e['batched_speedup_p50']:.2f}x)"]
         if "profile" in serve:
             prof = serve["profile"]
             shares = ", ".join(f"{kind} {share:.0%}" for kind, share in prof["shares"].items())

@@ -6,7 +6,8 @@
    CPU: the tiny preset (fp32); with CUDA also a model of the 14B block width (dim 5120, 40 heads; --layers
    of them, bf16). And one served chunk's self-attention at the 14B token layout (880 tokens per latent
    frame, the last chunk of the window): SDPAKernel, which runs every query but the state token unmasked, vs
-   SDPA under the dense mask (CPU: 4 heads of 128, fp32; CUDA: 40 heads, bf16).
+   SDPA under the dense mask (CPU: 4 heads of 128, fp32; CUDA: 40 heads, bf16). And a served chunk's encoding
+   (--encoding below; with --quick 2 sessions).
 2. Quantization: throughput (MB of float32 weights per second) and peak memory growth of the streaming
    quantizer vs loading the whole model first, on one checkpoint, each in a fresh process.
 3. A burst of oversized requests (several clients at once, each sending a message larger than
@@ -28,6 +29,7 @@
     python benchmarks/serve.py --threads-choice [--json out.json]
     python benchmarks/serve.py --memory [--json out.json]
     python benchmarks/serve.py --record [--chunks 60] [--json out.json]
+    python benchmarks/serve.py --encoding [--threads 1] [--json out.json]
 
 6. With --memory: serving memory at the 14B block width (2 blocks, bf16, guided sessions at their last chunk),
    traced on fake tensors as the admission traces it (wam.trainer.serve.memory; no memory is allocated, so it runs
@@ -39,6 +41,12 @@
    (the tiny preset, random weights, frames at DROID's 180x320) with its session recorded to a local folder vs
    not, the two servers on one runtime, their chunks interleaved (which goes first alternating): p50/p99 and the
    ratio, and what a chunk's recording takes on disk.
+
+8. With --encoding: what a served chunk costs besides its denoising, the frozen encoders' work as a session runs
+   it: a chunk's observed frames through the session's causal VAE stream, a new context window (first frame, CLIP
+   features, the image-to-video channels over the window; every RoboArena call opens one), and 8 robots' chunks
+   encoded one after another (the server's encoder lock) vs in one batched call; next to the same preset's
+   per-chunk denoising with DreamZero's sampler. CPU: the tiny preset; with CUDA also the 14B preset's canvas (bf16).
 
 5. With --threads-choice: one robot through the engine on the CPU (eager; the tiny preset and the 512-wide
    blocks) at 1 torch thread, at every core, and at the engine's own choice (serving.cpu_threads unset: the
@@ -160,6 +168,67 @@ def sampler_latency(setup: LastChunk, device: str, repeats: int) -> dict:
         rows[name] = {**timed(lambda rollout=rollout: rollout.act(setup.state), device, repeats),
                       "transformer_passes": rollout.act(setup.state).forwards}
         print(f"{name}: {rows[name]['p50_ms']:.1f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def served_encoding(repeats: int) -> dict:
+    """--encoding: chunk_encoding next to the same preset's per-chunk denoising (DreamZero's sampler)."""
+    tiny = ["sample.actions_per_chunk=24"]
+    results = {"cpu_tiny": {**chunk_encoding(tiny, "cpu", repeats),
+                            "denoise_dreamzero": timed_dreamzero(LastChunk(tiny, "cpu", torch.float32), "cpu", repeats)}}
+    if torch.cuda.is_available():
+        results["cuda_14b"] = chunk_encoding(["model.preset=dreamzero-14b"], "cuda", repeats)
+    return results
+
+
+def timed_dreamzero(setup: LastChunk, device: str, repeats: int) -> dict:
+    """One chunk's denoising with DreamZero's sampler (SAMPLERS["dreamzero"]) at the last chunk of the window."""
+    rollout = setup.rollout(SAMPLERS["dreamzero"])
+    return timed(lambda: rollout.act(setup.state), device, repeats)
+
+
+@torch.no_grad()
+def chunk_encoding(overrides: list[str], device: str, repeats: int, sessions: int = 8) -> dict:
+    """What a served chunk costs besides its denoising: the frozen encoders' work (the preset's VAE and CLIP networks;
+    random weights where only published checkpoints exist), as a session runs it (wam.trainer.serve.policy). A chunk's
+    observed frames continuing the session's causal VAE stream; a new context window (its first frame, the CLIP
+    image features and the image-to-video channels over the window: what every RoboArena call pays); and `sessions`
+    robots' chunks encoded one after another, as the server's encoder lock runs them, vs in one batched call."""
+    from wam.trainer.model.vae import StreamState, vae_config
+
+    cfg = load_config(None, overrides)
+    arch, sample = resolve_preset(cfg).arch, resolve_preset(cfg).sample
+    encoders = frozen_encoders(cfg, torch.device(device))
+    stride = vae_config(arch.vae).spatial_stride
+    canvas = (sample.latent_height * stride, sample.latent_width * stride)
+    frames = encoders.vae.cfg.temporal_stride * sample.frames_per_chunk
+    window = 1 + sample.num_chunks * sample.frames_per_chunk  # latent frames of the image-to-video channels
+    generator = torch.Generator().manual_seed(0)
+    pixels = lambda batch, t: torch.randint(0, 256, (batch, 3, t, *canvas), generator=generator,  # noqa: E731
+                                            dtype=torch.uint8).to(device)
+
+    def stream(batch: int) -> StreamState:  # a session's stream after its window's first frame
+        state = StreamState()
+        encoders.vae.encode_stream(encoders.unit_range(pixels(batch, 1)), state)
+        return state
+
+    one, chunk = stream(1), pixels(1, frames)
+    streams, chunks = [stream(1) for _ in range(sessions)], [pixels(1, frames) for _ in range(sessions)]
+    together, batched = stream(sessions), torch.cat(chunks)
+    first = pixels(1, 1)
+    rows = {"canvas": list(canvas), "frames_per_chunk": frames, "window_latent_frames": window, "sessions": sessions,
+            "observed_chunk": timed(lambda: encoders.vae.encode_stream(encoders.unit_range(chunk), one), device,
+                                    repeats),
+            "new_window": timed(lambda: encoders.encode_clip(first, stream=StreamState(), i2v_frames=window), device,
+                                repeats),
+            "sessions_one_at_a_time": timed(lambda: [encoders.vae.encode_stream(encoders.unit_range(c), s)
+                                                     for c, s in zip(chunks, streams, strict=True)], device, repeats),
+            "sessions_batched": timed(lambda: encoders.vae.encode_stream(encoders.unit_range(batched), together),
+                                      device, repeats)}
+    rows["batched_speedup_p50"] = rows["sessions_one_at_a_time"]["p50_ms"] / rows["sessions_batched"]["p50_ms"]
+    print(f"encoding: a chunk's {frames} frames {rows['observed_chunk']['p50_ms']:.1f} ms, a new window "
+          f"{rows['new_window']['p50_ms']:.1f} ms, {sessions} sessions' chunks batched "
+          f"{rows['batched_speedup_p50']:.2f}x one at a time", file=sys.stderr, flush=True)
     return rows
 
 
@@ -419,21 +488,26 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="only the session recording's cost: one robot's round "
                         "trip with its session recorded vs not")
     parser.add_argument("--chunks", type=int, default=60, help="--record: chunks each server answers")
+    parser.add_argument("--encoding", action="store_true", help="only a served chunk's encoding: a chunk's frames, a "
+                        "new window, 8 sessions' chunks batched vs one at a time")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.ablation or args.concurrency or args.threads_choice or args.memory or args.record:
+    if args.ablation or args.concurrency or args.threads_choice or args.memory or args.record or args.encoding:
         results = (run_concurrency(args) if args.concurrency else threads_choice(args.rounds) if args.threads_choice
                    else memory_breakdown() if args.memory else session_recording(args.chunks) if args.record
-                   else run_ablation(args))
+                   else served_encoding(args.repeats * 10) if args.encoding else run_ablation(args))
         print(json.dumps(results, indent=1, default=str))
         if args.json:
             args.json.write_text(json.dumps(results, indent=1, default=str))
         return
     repeats = 5 if args.quick else 30
-    tiny = LastChunk(["sample.actions_per_chunk=24"], "cpu", torch.float32)
+    tiny_overrides = ["sample.actions_per_chunk=24"]
+    tiny = LastChunk(tiny_overrides, "cpu", torch.float32)
     results = {"cpu_tiny": chunk_latency(tiny, "cpu", repeats), "cpu_tiny_samplers": sampler_latency(tiny, "cpu", repeats),
                "cpu_served_attention": served_attention("cpu", torch.float32, 4, 3 if args.quick else 10),
+               "cpu_tiny_encoding": chunk_encoding(tiny_overrides, "cpu", 2 if args.quick else 10,
+                                                   sessions=2 if args.quick else 8),
                "quantization": quantization(2 if args.quick else 16),
                "oversized_burst": oversized_burst(2, 7, 4) if args.quick else oversized_burst(64, 250, 4)}
     if torch.cuda.is_available():
@@ -441,6 +515,7 @@ def main() -> None:
         results["cuda_14b_width"] = chunk_latency(wide, "cuda", repeats)
         results["cuda_14b_width_samplers"] = sampler_latency(wide, "cuda", repeats)
         results["cuda_served_attention"] = served_attention("cuda", torch.bfloat16, 40, repeats)
+        results["cuda_14b_encoding"] = chunk_encoding(["model.preset=dreamzero-14b"], "cuda", repeats)
         results["device"] = torch.cuda.get_device_name()
     for name, rows in results.items():
         print(name, json.dumps(rows, indent=1, default=str))

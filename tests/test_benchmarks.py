@@ -63,6 +63,10 @@ def test_serve_benchmark_smoke(tmp_path):
         "unipc_16": 16, "guided_batched": 16, "guided_sequential": 32, "dreamzero": 8}
     attention = data["cpu_served_attention"]  # the 14B layout's last chunk: every query but one unmasked
     assert (attention["queries"], attention["keys"]) == (1785, 7945) and attention["speedup_p50"] > 0
+    encoding = data["cpu_tiny_encoding"]  # a served chunk's encoding: its frames, a new window, sessions batched
+    assert (encoding["canvas"], encoding["frames_per_chunk"], encoding["window_latent_frames"]) == ([64, 64], 8, 9)
+    assert encoding["new_window"]["p50_ms"] > encoding["observed_chunk"]["p50_ms"] > 0
+    assert encoding["batched_speedup_p50"] > 0
     assert data["quantization"]["streaming"]["mb_per_s"] > 0
     burst = data["oversized_burst"]  # 4 clients x 7 MB over a 2 MB limit: refused unread, or buffered first
     assert burst["refused_from_header"]["refused"] == burst["buffered"]["refused"] == 4
