@@ -283,6 +283,7 @@ def serve(
         if record:
             probe_writable(record)
         from wam.trainer.serve.policy import load_runtime
+        from wam.trainer.serve.roboarena import ROBOARENA
         from wam.trainer.serve.server import serve_forever
 
         runtime = load_runtime(model, device, steps, embodiment, sampler, max_batch, compile, compute, devices)
@@ -301,7 +302,7 @@ def serve(
                       + (" (warming up before /readyz)" if e["compiled"] else ""))
         if record := record or runtime.policy.config.serving.record:
             console.print(f"recording every session under {record}")
-        if (protocol or runtime.policy.config.serving.protocol) == "roboarena":
+        if (protocol := protocol or runtime.policy.config.serving.protocol) == ROBOARENA:
             console.print("speaking RoboArena's protocol: one frame a call, each opening a new context window")
         serve_forever(runtime, host, port, record, protocol)
 

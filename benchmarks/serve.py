@@ -160,11 +160,11 @@ SAMPLERS = {
 
 
 @torch.no_grad()
-def sampler_latency(setup: LastChunk, device: str, repeats: int) -> dict:
-    """Per-chunk latency of each of SAMPLERS, and the transformer passes it ran."""
+def sampler_latency(setup: LastChunk, device: str, repeats: int, names: list[str] | None = None) -> dict:
+    """Per-chunk latency of each of SAMPLERS (or those `names`), and the transformer passes it ran."""
     rows = {}
-    for name, sampler in SAMPLERS.items():
-        rollout = setup.rollout(sampler)
+    for name in names or SAMPLERS:
+        rollout = setup.rollout(SAMPLERS[name])
         rows[name] = {**timed(lambda rollout=rollout: rollout.act(setup.state), device, repeats),
                       "transformer_passes": rollout.act(setup.state).forwards}
         print(f"{name}: {rows[name]['p50_ms']:.1f} ms", file=sys.stderr, flush=True)
@@ -174,17 +174,11 @@ def sampler_latency(setup: LastChunk, device: str, repeats: int) -> dict:
 def served_encoding(repeats: int) -> dict:
     """--encoding: chunk_encoding next to the same preset's per-chunk denoising (DreamZero's sampler)."""
     tiny = ["sample.actions_per_chunk=24"]
-    results = {"cpu_tiny": {**chunk_encoding(tiny, "cpu", repeats),
-                            "denoise_dreamzero": timed_dreamzero(LastChunk(tiny, "cpu", torch.float32), "cpu", repeats)}}
+    denoise = sampler_latency(LastChunk(tiny, "cpu", torch.float32), "cpu", repeats, ["dreamzero"])["dreamzero"]
+    results = {"cpu_tiny": {**chunk_encoding(tiny, "cpu", repeats), "denoise_dreamzero": denoise}}
     if torch.cuda.is_available():
         results["cuda_14b"] = chunk_encoding(["model.preset=dreamzero-14b"], "cuda", repeats)
     return results
-
-
-def timed_dreamzero(setup: LastChunk, device: str, repeats: int) -> dict:
-    """One chunk's denoising with DreamZero's sampler (SAMPLERS["dreamzero"]) at the last chunk of the window."""
-    rollout = setup.rollout(SAMPLERS["dreamzero"])
-    return timed(lambda: rollout.act(setup.state), device, repeats)
 
 
 @torch.no_grad()
@@ -194,13 +188,12 @@ def chunk_encoding(overrides: list[str], device: str, repeats: int, sessions: in
     observed frames continuing the session's causal VAE stream; a new context window (its first frame, the CLIP
     image features and the image-to-video channels over the window: what every RoboArena call pays); and `sessions`
     robots' chunks encoded one after another, as the server's encoder lock runs them, vs in one batched call."""
-    from wam.trainer.model.vae import StreamState, vae_config
+    from wam.trainer.model.vae import StreamState
 
     cfg = load_config(None, overrides)
-    arch, sample = resolve_preset(cfg).arch, resolve_preset(cfg).sample
+    preset = resolve_preset(cfg)
+    sample, canvas = preset.sample, preset.sample.canvas(preset.arch)
     encoders = frozen_encoders(cfg, torch.device(device))
-    stride = vae_config(arch.vae).spatial_stride
-    canvas = (sample.latent_height * stride, sample.latent_width * stride)
     frames = encoders.vae.cfg.temporal_stride * sample.frames_per_chunk
     window = 1 + sample.num_chunks * sample.frames_per_chunk  # latent frames of the image-to-video channels
     generator = torch.Generator().manual_seed(0)

@@ -61,7 +61,7 @@ class EmbodimentProfile:
         if key in request:
             return (key,)
         aliases = self.request_keys.get(key, ())
-        return tuple(aliases) if aliases and all(a in request for a in aliases) else None
+        return aliases if aliases and all(a in request for a in aliases) else None
 
     def validate(self, pixel_frames_per_chunk: int) -> None:
         if self.layout not in LAYOUTS:

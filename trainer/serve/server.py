@@ -385,8 +385,7 @@ class PolicyServer:
             log.info("drained: every session answered and closed")
 
 
-def serve_forever(runtime: PolicyRuntime, host: str, port: int, record: str | None = None,
-                  protocol: str | None = None) -> None:
+def serve_forever(runtime: PolicyRuntime, host: str, port: int, record: str | None, protocol: str) -> None:
     """`wam serve`: log to the console and serve until interrupted; robots must send $WAM_POLICY_API_KEY where it
     is set."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -395,7 +394,7 @@ def serve_forever(runtime: PolicyRuntime, host: str, port: int, record: str | No
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no API key: anyone who reaches %s:%d can drive this policy; set %s to require one", host, port,
                     API_KEY_ENV)
-    if api_key is not None and (protocol or runtime.policy.config.serving.protocol) == ROBOARENA:
+    if api_key is not None and protocol == ROBOARENA:
         log.warning("RoboArena's client sends no API key: it will be refused (HTTP 401) unless a proxy in front of "
                     "this server adds the header; unset %s to let it in", API_KEY_ENV)
     try:
