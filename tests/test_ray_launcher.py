@@ -96,7 +96,10 @@ def test_ray_run_survives_a_sigkilled_worker_and_matches_torchrun(tmp_path, unin
         """The newest step rank 0's (asynchronous) tracker has stored in the MLflow run."""
         runs = client.search_runs([experiment.experiment_id], f"tags.`{JOB_TAG}` = 'killed'")
         return max((m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")), default=0) if runs else 0
-    while tracked() < 8 and time.time() < deadline and process.poll() is None:
+    def completed() -> list[int]:
+        """The steps of the complete checkpoints (their manifests are written off the training's path)"""
+        return [step for step, _, ok in list_checkpoints(cfg.checkpoint_uri) if ok]
+    while (tracked() < 8 or not completed()) and time.time() < deadline and process.poll() is None:
         time.sleep(0.1)
     logged = tracked()
     rank0 = _rank0_pid(log)
@@ -108,7 +111,7 @@ def test_ray_run_survives_a_sigkilled_worker_and_matches_torchrun(tmp_path, unin
     # Rank 0 writes every manifest: once it is gone no checkpoint can complete, so the newest complete one
     # now is the one the restarted workers must resume from.
     os.kill(rank0, signal.SIGKILL)
-    complete = max(step for step, _, ok in list_checkpoints(cfg.checkpoint_uri) if ok)
+    complete = max(completed())
     assert 4 <= complete < 16
     assert process.wait(600) == 0, log.read_text()[-5000:]
 
