@@ -95,7 +95,12 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identica
     cfg = load_config(write_run_config(tmp_path, "killed", **INTERRUPTED_RUN))
     process = local_training.start(cfg, local_training.prepare(cfg).config_path)
     deadline = time.time() + 300
-    while max(step_losses(cfg.run_dir), default=0) < 10 and time.time() < deadline and process.poll() is None:
+
+    def completed() -> list[int]:
+        """The steps of the complete checkpoints (their manifests are written off the training's path)"""
+        return [step for step, _, ok in list_checkpoints(cfg.checkpoint_uri) if ok]
+    while ((max(step_losses(cfg.run_dir), default=0) < 10 or not completed()) and time.time() < deadline
+           and process.poll() is None):
         time.sleep(0.05)
     workers = _workers(process.pid)
     assert len(workers) == 2 and process.poll() is None, "the run ended before it could be interrupted"
@@ -103,7 +108,7 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_with_identica
     assert process.wait(120) != 0
     before = step_losses(cfg.run_dir)
     assert before and all(before[s] == expected[s] for s in before)
-    complete = [step for step, _, ok in list_checkpoints(cfg.checkpoint_uri) if ok]
+    complete = completed()
     assert complete and max(complete) < 16
 
     # A newer save that never finished: DCP metadata written, no manifest. It must never be picked.

@@ -30,7 +30,6 @@ from wam.trainer.data.stats import (
 )
 from wam.trainer.data.transforms import crop, normalize, pad, relative_actions, tile
 from wam.trainer.data.windows import Window, action_steps, chunk_starts, plan_windows, video_frames
-from wam.trainer.model.vae import vae_config
 
 log = logging.getLogger("wam.data")
 
@@ -82,8 +81,7 @@ class RobotSource:
         self.skipped_episodes = 0
         per_dataset = [self._plan(d) for d in range(len(self.datasets))]
         self.windows = self._mix(per_dataset, [e.weight for e in entries], epoch_samples)
-        stride = vae_config(arch.vae).spatial_stride
-        self.canvas = (sample.latent_height * stride, sample.latent_width * stride)
+        self.canvas = sample.canvas(arch)
         self._decoder: FrameDecoder | None = None
 
     # -- planning -------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def vae_memory(arch: WamArch, sample: SampleShape, dtype: torch.dtype) -> tuple[
     """(a VAE stream's history after a context window's first frame and a chunk, the activations at the peak of
     encoding a chunk's frames or decoding its predicted video), one robot's frames at the served canvas."""
     cfg, s = vae_config(arch.vae), sample
-    height, width = s.latent_height * cfg.spatial_stride, s.latent_width * cfg.spatial_stride
+    height, width = s.canvas(arch)
     with FakeTensorMode(allow_non_fake_inputs=True), LayoutConstants(), torch.no_grad():
         vae, stream = _built(lambda: WanVAE(cfg), dtype), StreamState()
         vae.encode_stream(torch.randn(1, 3, 1, height, width, dtype=dtype), stream)

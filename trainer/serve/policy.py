@@ -45,7 +45,7 @@ from wam.trainer.flow import static_dit_steps
 from wam.trainer.guidance_peer import GuidancePeer
 from wam.trainer.inference import Chunk, ChunkRollout, Denoiser
 from wam.trainer.model.encoders import FrozenEncoders
-from wam.trainer.model.vae import StreamState, vae_config
+from wam.trainer.model.vae import StreamState
 from wam.trainer.quantize.load import QuantizedPolicy, load_quantized
 from wam.trainer.serve.embodiments import ServedEmbodiment, served_embodiments
 from wam.trainer.serve.engine import DenoiseEngine
@@ -99,8 +99,7 @@ class PolicyRuntime:
                 self.guidance_note = ("guidance asked of a model trained without prompt dropout (flow.prompt_dropout "
                                       "0): its unconditional branch was trained only if its initial weights had one")
                 log.warning(self.guidance_note)
-        stride = vae_config(self.arch.vae).spatial_stride
-        self.canvas = (self.sample.latent_height * stride, self.sample.latent_width * stride)
+        self.canvas = self.sample.canvas(self.arch)
         self.pixel_frames_per_chunk = self.encoders.vae.cfg.temporal_stride * self.sample.frames_per_chunk
         s = cfg.serving
         self.embodiments = served_embodiments(policy.embodiments, self.arch, self.sample.actions_per_chunk, s)
