@@ -7,7 +7,7 @@
    of them, bf16). And one served chunk's self-attention at the 14B token layout (880 tokens per latent
    frame, the last chunk of the window): SDPAKernel, which runs every query but the state token unmasked, vs
    SDPA under the dense mask (CPU: 4 heads of 128, fp32; CUDA: 40 heads, bf16). And a served chunk's encoding
-   (--encoding below; with --quick 2 sessions).
+   (--encoding below; with --quick 3 sessions).
 2. Quantization: throughput (MB of float32 weights per second) and peak memory growth of the streaming
    quantizer vs loading the whole model first, on one checkpoint, each in a fresh process.
 3. A burst of oversized requests (several clients at once, each sending a message larger than
@@ -45,8 +45,10 @@
 8. With --encoding: what a served chunk costs besides its denoising, the frozen encoders' work as a session runs
    it: a chunk's observed frames through the session's causal VAE stream, a new context window (first frame, CLIP
    features, the image-to-video channels over the window; every RoboArena call opens one), and 8 robots' chunks
-   encoded one after another (the server's encoder lock) vs in one batched call; next to the same preset's
-   per-chunk denoising with DreamZero's sampler. CPU: the tiny preset; with CUDA also the 14B preset's canvas (bf16).
+   encoded one after another vs in one batched call (the ceiling), and arriving at once through the server's
+   encoder (wam.trainer.serve.encoding: the first alone, the rest batched while it runs) vs through it one at a
+   time; next to the same preset's per-chunk denoising with DreamZero's sampler. CPU: the tiny preset; with CUDA
+   also the 14B preset's canvas (bf16).
 
 5. With --threads-choice: one robot through the engine on the CPU (eager; the tiny preset and the 512-wide
    blocks) at 1 torch thread, at every core, and at the engine's own choice (serving.cpu_threads unset: the
@@ -187,8 +189,11 @@ def chunk_encoding(overrides: list[str], device: str, repeats: int, sessions: in
     random weights where only published checkpoints exist), as a session runs it (wam.trainer.serve.policy). A chunk's
     observed frames continuing the session's causal VAE stream; a new context window (its first frame, the CLIP
     image features and the image-to-video channels over the window: what every RoboArena call pays); and `sessions`
-    robots' chunks encoded one after another, as the server's encoder lock runs them, vs in one batched call."""
+    robots' chunks encoded one after another vs in one batched call (the ceiling); and the same robots' chunks
+    arriving at once through the server's encoder, which batches those that wait (BatchedEncoder), vs through it
+    one at a time (max_batch 1: the server before it batched)."""
     from wam.trainer.model.vae import StreamState
+    from wam.trainer.serve.encoding import BatchedEncoder
 
     cfg = load_config(None, overrides)
     preset = resolve_preset(cfg)
@@ -219,9 +224,30 @@ def chunk_encoding(overrides: list[str], device: str, repeats: int, sessions: in
             "sessions_batched": timed(lambda: encoders.vae.encode_stream(encoders.unit_range(batched), together),
                                       device, repeats)}
     rows["batched_speedup_p50"] = rows["sessions_one_at_a_time"]["p50_ms"] / rows["sessions_batched"]["p50_ms"]
+
+    def arriving_at_once(max_batch: int) -> dict:
+        encoder, calls = BatchedEncoder(encoders.vae, threading.Lock(), max_batch), []
+        hook = encoders.vae.encoder.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
+
+        def robots() -> None:
+            threads = [threading.Thread(target=encoder.encode, args=(encoders.unit_range(c), s))
+                       for c, s in zip(chunks, streams, strict=True)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        try:
+            return {**timed(robots, device, repeats), "mean_batch": sum(calls) / len(calls)}
+        finally:
+            hook.remove()
+
+    rows["server_one_at_a_time"], rows["server_batching"] = arriving_at_once(1), arriving_at_once(sessions)
+    rows["server_speedup_p50"] = rows["server_one_at_a_time"]["p50_ms"] / rows["server_batching"]["p50_ms"]
     print(f"encoding: a chunk's {frames} frames {rows['observed_chunk']['p50_ms']:.1f} ms, a new window "
           f"{rows['new_window']['p50_ms']:.1f} ms, {sessions} sessions' chunks batched "
-          f"{rows['batched_speedup_p50']:.2f}x one at a time", file=sys.stderr, flush=True)
+          f"{rows['batched_speedup_p50']:.2f}x one at a time; arriving at once, the server's encoder "
+          f"{rows['server_speedup_p50']:.2f}x (mean batch {rows['server_batching']['mean_batch']:.1f})",
+          file=sys.stderr, flush=True)
     return rows
 
 
@@ -423,10 +449,12 @@ def oversized_burst(limit_mb: float, message_mb: float, clients: int) -> dict:
         checkpoint = write_checkpoint(Path(tmp) / "checkpoints", cfg, randomized_model(preset.arch, preset.sample))
         model = quantize_checkpoint(checkpoint).out
         rows = {}
-        for mode in ("refused_from_header", "buffered"):
-            server = subprocess.Popen([sys.executable, "-c", _BURST_SERVER, model, str(limit_mb), mode.split("_")[0]],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            port = int(server.stdout.readline())
+        servers = {mode: subprocess.Popen([sys.executable, "-c", _BURST_SERVER, model, str(limit_mb), mode.split("_")[0]],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                   for mode in ("refused_from_header", "buffered")}  # started together, each burst once both are up
+        ports = {mode: int(server.stdout.readline()) for mode, server in servers.items()}
+        for mode, server in servers.items():
+            port = ports[mode]
             with open(f"/proc/{server.pid}/clear_refs", "w") as f:
                 f.write("5")  # the peak (VmHWM) restarts from the current size
             before = _kib(server.pid, "VmRSS:")
@@ -500,7 +528,7 @@ def main() -> None:
     results = {"cpu_tiny": chunk_latency(tiny, "cpu", repeats), "cpu_tiny_samplers": sampler_latency(tiny, "cpu", repeats),
                "cpu_served_attention": served_attention("cpu", torch.float32, 4, 3 if args.quick else 10),
                "cpu_tiny_encoding": chunk_encoding(tiny_overrides, "cpu", 2 if args.quick else 10,
-                                                   sessions=2 if args.quick else 8),
+                                                   sessions=3 if args.quick else 8),
                "quantization": quantization(2 if args.quick else 16),
                "oversized_burst": oversized_burst(2, 7, 4) if args.quick else oversized_burst(64, 250, 4)}
     if torch.cuda.is_available():

@@ -3,6 +3,8 @@ I2V channels."""
 
 import json
 import re
+import threading
+import time
 from pathlib import Path
 
 import fsspec
@@ -21,6 +23,7 @@ from wam.trainer.model.encoders import FrozenEncoders
 from wam.trainer.model.text_encoder import ByteTokenizer, load_text_encoder, umt5_config
 from wam.trainer.model.vae import VAE_CONFIGS, StreamState, VaeConfig, WanVAE, vae_config
 from wam.trainer.model.weights import load_frozen
+from wam.trainer.serve.encoding import BatchedEncoder
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +68,51 @@ def test_vae_rejects_bad_clips(vae):
         vae.encode_stream(clip_video(frames=4), StreamState())
     with pytest.raises(ValueError, match="multiple of 8"):
         vae.encode(clip_video(size=30))
+
+
+@pytest.mark.parametrize("name", ["vae", "vae22"])
+def test_frames_waiting_together_are_encoded_in_one_call_each_stream_as_if_alone(name, request):
+    """The server's BatchedEncoder: sessions' frames that wait for the encoder go through it together. Streams after
+    a window's first frame and after a chunk (histories of different lengths) share a call; a stream's first frame
+    (another point) gets its own. Each stream's latents, now and on its next frames, equal encoding it alone."""
+    vae = request.getfixturevalue(name)
+    videos = [clip_video(frames=17, seed=s) for s in range(3)]
+    spans = [(slice(0, 1), slice(1, 9)), (slice(0, 1), slice(1, 9), slice(9, 17)), (slice(0, 1), slice(1, 9))]
+    done = [1, 2, 0]  # spans each stream has encoded before the frames that wait
+
+    def encoded(state: StreamState, video: torch.Tensor, parts) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [vae.encode_stream(video[:, :, part], state) for part in parts]
+
+    alone = [encoded(StreamState(), v, parts) for v, parts in zip(videos, spans, strict=True)]
+    streams = [StreamState() for _ in videos]
+    for state, video, parts, n in zip(streams, videos, spans, done, strict=True):
+        encoded(state, video, parts[:n])
+    lock, results, calls = threading.Lock(), {}, []
+    encoder = BatchedEncoder(vae, lock, max_batch=8)
+
+    def session(i: int) -> None:
+        with torch.no_grad():
+            results[i] = encoder.encode(videos[i][:, :, spans[i][done[i]]], streams[i])
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(3)]
+    hook = vae.encoder.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
+    try:
+        with lock:  # another request's work: the frames arriving meanwhile wait for it together
+            for t in threads:
+                t.start()
+            deadline = time.time() + 60
+            while encoder.waiting < 3 and time.time() < deadline:
+                time.sleep(0.01)
+        for t in threads:
+            t.join(60)
+    finally:
+        hook.remove()
+    assert sorted(calls) == [1, 2]
+    for i in range(3):
+        torch.testing.assert_close(results[i], alone[i][done[i]], atol=1e-5, rtol=1e-5)
+    later = encoded(streams[0], videos[0], spans[1][2:])  # the first stream continues from its batched call
+    torch.testing.assert_close(later[0], encoded(StreamState(), videos[0], spans[1])[2], atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

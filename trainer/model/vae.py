@@ -89,6 +89,28 @@ class StreamState:
     started: set[nn.Module] = field(default_factory=set)
 
 
+def stack_streams(states: list[StreamState]) -> StreamState:
+    """Streams at the same point (each module's history kept by all or by none) as one stream of a batch, a row each
+    in order. A causal convolution's history shorter than its kernel needs (after a stream's first frame) is
+    zero-padded on the left: the convolution pads its input with the same zeros where it has no history."""
+    first = states[0]
+    if any(s.frames.keys() != first.frames.keys() or s.started != first.started for s in states):
+        raise ValueError("streams at different points (one started, another not) cannot be encoded as one batch")
+    frames = {}
+    for module in first.frames:
+        length = max(s.frames[module].shape[2] for s in states)
+        frames[module] = torch.cat([F.pad(s.frames[module], (0, 0, 0, 0, length - s.frames[module].shape[2], 0))
+                                    for s in states])
+    return StreamState(frames, set(first.started))
+
+
+def unstack_streams(batch: StreamState, states: list[StreamState]) -> None:
+    """Each of `states` continued from its row of `batch` (the stream stack_streams made of them, since encoded)."""
+    for row, state in enumerate(states):
+        state.frames = {module: history[row:row + 1].clone() for module, history in batch.frames.items()}
+        state.started = set(batch.started)
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d padded causally in time (2 * padding_t frames on the left), symmetrically in space."""
 

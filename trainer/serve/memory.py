@@ -44,6 +44,8 @@ class ServingMemory(NamedTuple):
     stream: int  # a session's VAE stream history, held from one request to the next
     request: int  # one request's own work at its peak, outside the engine (PolicyRuntime.encoding: one at a time):
     # a chunk's frames encoded, its predicted video decoded, or a context window's first frame prefilled
+    encode: int  # one session's chunk of frames encoded, at its peak: n sessions' batched take n times it, and the
+    # server batches as many as `request` holds (wam.trainer.serve.encoding)
 
 
 @lru_cache(maxsize=8)  # a process traces each layout once (a server starts once; plans and tests ask again)
@@ -54,8 +56,8 @@ def serving_memory(arch: WamArch, sample: SampleShape, rows: int, dtype: torch.d
     # a batch's activations grow by the same bytes with every session from the second on (the first one's are
     # a little less): half of two sessions' bounds every batch, and a first frame's prefill (fewer tokens)
     activations = forward_activations(arch, sample, rows, dtype, sessions=2).peak // 2
-    stream, vae = vae_memory(arch, sample, encoder_dtype)
-    return ServingMemory(activations, stream, max(vae, activations))
+    stream, encode, decode = vae_memory(arch, sample, encoder_dtype)
+    return ServingMemory(activations, stream, max(encode, decode, activations), encode)
 
 
 def forward_activations(arch: WamArch, sample: SampleShape, rows: int, dtype: torch.dtype, sessions: int = 1,
@@ -90,9 +92,9 @@ def forward_activations(arch: WamArch, sample: SampleShape, rows: int, dtype: to
     return ForwardActivations(predict, observe)
 
 
-def vae_memory(arch: WamArch, sample: SampleShape, dtype: torch.dtype) -> tuple[int, int]:
+def vae_memory(arch: WamArch, sample: SampleShape, dtype: torch.dtype) -> tuple[int, int, int]:
     """(a VAE stream's history after a context window's first frame and a chunk, the activations at the peak of
-    encoding a chunk's frames or decoding its predicted video), one robot's frames at the served canvas."""
+    encoding a chunk's frames, of decoding its predicted video), one robot's frames at the served canvas."""
     cfg, s = vae_config(arch.vae), sample
     height, width = s.canvas(arch)
     with FakeTensorMode(allow_non_fake_inputs=True), LayoutConstants(), torch.no_grad():
@@ -105,7 +107,7 @@ def vae_memory(arch: WamArch, sample: SampleShape, dtype: torch.dtype) -> tuple[
         latents = torch.randn(1, arch.latent_channels, 1 + s.frames_per_chunk, s.latent_height, s.latent_width)
         decode = _traced_activations(lambda: vae.decode(latents), vae, [latents])
         kept = sum(t.nbytes for t in stream.frames.values())
-    return kept, max(encode, decode)
+    return kept, encode, decode
 
 
 def held(caches: list[KVCache]) -> list[torch.Tensor]:

@@ -48,6 +48,7 @@ from wam.trainer.model.encoders import FrozenEncoders
 from wam.trainer.model.vae import StreamState
 from wam.trainer.quantize.load import QuantizedPolicy, load_quantized
 from wam.trainer.serve.embodiments import ServedEmbodiment, served_embodiments
+from wam.trainer.serve.encoding import BatchedEncoder
 from wam.trainer.serve.engine import DenoiseEngine
 from wam.trainer.serve.memory import ServingMemory, serving_memory
 from wam.trainer.serve.safety import SafetyReport, require_finite
@@ -116,6 +117,11 @@ class PolicyRuntime:
         # admission (on a GPU the requests' kernels share one stream anyway: running them in turn costs no throughput)
         self.encoding = threading.Lock()
         self.max_batch = min(self.max_batch, self.max_sessions)
+        # sessions' frames waiting for the encoder go through it together: as many as the request's work counted
+        # holds (every waiting one, up to max_batch, where the memory is not counted)
+        self.encode_batch = (self.max_batch if self.memory is None else
+                             max(1, min(self.max_batch, self.memory.request // self.memory.encode)))
+        self.frame_encoder = BatchedEncoder(self.encoders.vae, self.encoding, self.encode_batch)
         rows = rows_per_device(self.sampler, self.devices)
         self.engine = DenoiseEngine(Denoiser(policy.model, self.compiled, self.max_sessions * rows), self.max_batch,
                                     s.cpu_threads)
@@ -202,7 +208,7 @@ class PolicyRuntime:
 
     def engine_description(self) -> dict:
         cuda = self.device.type == "cuda"
-        return {"max_batch": self.max_batch, "compiled": self.compiled, "cuda_graphs": self.compiled and cuda,
+        return {"max_batch": self.max_batch, "encode_batch": self.encode_batch, "compiled": self.compiled, "cuda_graphs": self.compiled and cuda,
                 "device": str(self.device), "devices": self.devices, "max_sessions": self.max_sessions,
                 "session_memory_gib": self.session_bytes / GIB, "cpu_threads": self.engine.cpu_threads,
                 # what the admission counted besides the KV caches (None: the memory is not counted, a CPU's)
@@ -348,9 +354,7 @@ class Session:
             raise RequestError(f"got {frames.shape[2]} frames per camera; send the {expected} frames the robot saw "
                                f"while executing the last chunk (every {self.embodiment.profile.video_stride}th control "
                                "step), or none to predict one chunk ahead")
-        encoders = self.runtime.encoders
-        with self.runtime.encoding:
-            latents = encoders.vae.encode_stream(encoders.unit_range(frames), self.stream)
+        latents = self.runtime.frame_encoder.encode(self.runtime.encoders.unit_range(frames), self.stream)
         self.newest_frame, self.newest_latent = frames[:, :, -1:], latents[:, :, -1:]
         return latents, self.returned.pop(0).index
 
