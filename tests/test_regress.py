@@ -78,8 +78,9 @@ def test_update_baseline_promotes_the_run(store, baseline):
 def test_an_injected_regression_fails_naming_the_metrics(store, baseline):
     """A learning rate 100x too large (the loss diverges) and a data path slowed by data.delay_s (about 15x the
     step time of an idle machine). The suite allows 4x, since other jobs on the machine slow runs too; the
-    delay stays above that even when the baseline itself ran on a loaded machine (up to 3x slower)."""
-    done = run_local(store, "training.lr=0.3", "data.delay_s=2")
+    delay stays above that even when the baseline itself ran on a loaded machine (up to 3x slower). Half the
+    suite's steps are enough to show both (the delay is slept every step)."""
+    done = run_local(store, "training.lr=0.3", "data.delay_s=2", f"training.steps={STEPS // 2}")
     assert done.returncode == 1, done.stdout + done.stderr
     text = words(done.stderr)
     assert "REGRESSION final_loss:" in text and "REGRESSION step_time:" in text
