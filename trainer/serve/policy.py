@@ -118,9 +118,11 @@ class PolicyRuntime:
         self.encoding = threading.Lock()
         self.max_batch = min(self.max_batch, self.max_sessions)
         # sessions' frames waiting for the encoder go through it together: as many as the request's work counted
-        # holds (every waiting one, up to max_batch, where the memory is not counted)
-        self.encode_batch = (self.max_batch if self.memory is None else
-                             max(1, min(self.max_batch, self.memory.request // self.memory.encode)))
+        # holds, each its encoding and a copy of its stream's history (every waiting one, up to max_batch, where
+        # the memory is not counted)
+        m = self.memory
+        self.encode_batch = (self.max_batch if m is None else
+                             max(1, min(self.max_batch, m.request // (m.encode + m.stream))))
         self.frame_encoder = BatchedEncoder(self.encoders.vae, self.encoding, self.encode_batch)
         rows = rows_per_device(self.sampler, self.devices)
         self.engine = DenoiseEngine(Denoiser(policy.model, self.compiled, self.max_sessions * rows), self.max_batch,
