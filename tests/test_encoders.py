@@ -115,6 +115,33 @@ def test_frames_waiting_together_are_encoded_in_one_call_each_stream_as_if_alone
     torch.testing.assert_close(later[0], encoded(StreamState(), videos[0], spans[1])[2], atol=1e-5, rtol=1e-5)
 
 
+def test_frames_that_fail_together_fail_every_waiting_session_and_none_hangs(vae):
+    lock, errors = threading.Lock(), []
+    encoder = BatchedEncoder(vae, lock, max_batch=8)
+    streams = [StreamState() for _ in range(2)]
+    for state in streams:
+        with torch.no_grad():
+            vae.encode_stream(clip_video(frames=1), state)
+
+    def session(state: StreamState) -> None:
+        try:
+            encoder.encode(clip_video(frames=3), state)  # not a multiple of 4 frames: the VAE refuses the batch
+        except ValueError as err:
+            errors.append(str(err))
+
+    threads = [threading.Thread(target=session, args=(state,)) for state in streams]
+    with lock:
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while encoder.waiting < 2 and time.time() < deadline:
+            time.sleep(0.01)
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads) and len(errors) == 2 and "got 3 frames" in errors[0]
+    assert encoder.waiting == 0
+
+
 @pytest.fixture(scope="module")
 def vae22():
     """The Wan2.2 architecture at tiny width, every weight random (no zero-initialised layer hides an error)."""

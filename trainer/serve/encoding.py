@@ -70,11 +70,11 @@ class BatchedEncoder:
         try:  # (one session's stream as it is: stacking copies every history)
             together = stack_streams(streams) if len(batch) > 1 else streams[0]
             latents = self.vae.encode_stream(torch.cat([f.pixels for f in batch]), together)
+            if len(batch) > 1:
+                unstack_streams(together, streams)
         except Exception as err:  # noqa: BLE001 - each waiting session's request fails with it, none hangs
             for f in batch:
                 f.error, f.done = err, True
             return
-        if len(batch) > 1:
-            unstack_streams(together, streams)
         for row, f in enumerate(batch):
             f.latents, f.done = latents[row:row + 1], True
