@@ -189,9 +189,10 @@ def chunk_encoding(overrides: list[str], device: str, repeats: int, sessions: in
     random weights where only published checkpoints exist), as a session runs it (wam.trainer.serve.policy). A chunk's
     observed frames continuing the session's causal VAE stream; a new context window (its first frame, the CLIP
     image features and the image-to-video channels over the window: what every RoboArena call pays); and `sessions`
-    robots' chunks encoded one after another vs in one batched call (the ceiling); and the same robots' chunks
-    arriving at once through the server's encoder, which batches those that wait (BatchedEncoder), vs through it
-    one at a time (max_batch 1: the server before it batched)."""
+    robots' chunks encoded one after another vs in one batched call (the ceiling); and the same robots' chunks, and
+    their new windows (a fifth of the repeats: they take longer), arriving at once through the server's encoder,
+    which batches those that wait (BatchedEncoder), vs through it one at a time (max_batch 1: the server before it
+    batched)."""
     from wam.trainer.model.vae import StreamState
     from wam.trainer.serve.encoding import BatchedEncoder
 
@@ -225,28 +226,36 @@ def chunk_encoding(overrides: list[str], device: str, repeats: int, sessions: in
                                       device, repeats)}
     rows["batched_speedup_p50"] = rows["sessions_one_at_a_time"]["p50_ms"] / rows["sessions_batched"]["p50_ms"]
 
-    def arriving_at_once(max_batch: int) -> dict:
-        encoder, calls = BatchedEncoder(encoders.vae, threading.Lock(), max_batch), []
+    firsts = [pixels(1, 1) for _ in range(sessions)]
+
+    def arriving_at_once(max_batch: int, windows: bool) -> dict:
+        """`sessions` robots' chunks (or new windows) sent at once, each from its own thread, as a server gets them."""
+        encoder, calls = BatchedEncoder(encoders, threading.Lock(), max_batch), []
         hook = encoders.vae.encoder.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
+        work = ([lambda f=f: encoder.open_window(f, StreamState(), window) for f in firsts] if windows else
+                [lambda c=c, s=s: encoder.encode(c, s) for c, s in zip(chunks, streams, strict=True)])
 
         def robots() -> None:
-            threads = [threading.Thread(target=encoder.encode, args=(encoders.unit_range(c), s))
-                       for c, s in zip(chunks, streams, strict=True)]
+            threads = [threading.Thread(target=w) for w in work]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
         try:
-            return {**timed(robots, device, repeats), "mean_batch": sum(calls) / len(calls)}
+            return {**timed(robots, device, max(1, repeats // 5) if windows else repeats),
+                    "mean_batch": sum(calls) / len(calls)}
         finally:
             hook.remove()
 
-    rows["server_one_at_a_time"], rows["server_batching"] = arriving_at_once(1), arriving_at_once(sessions)
-    rows["server_speedup_p50"] = rows["server_one_at_a_time"]["p50_ms"] / rows["server_batching"]["p50_ms"]
+    for kind, windows in (("chunks", False), ("windows", True)):
+        rows[f"server_{kind}_one_at_a_time"] = arriving_at_once(1, windows)
+        rows[f"server_{kind}_batching"] = arriving_at_once(sessions, windows)
+        rows[f"server_{kind}_speedup_p50"] = (rows[f"server_{kind}_one_at_a_time"]["p50_ms"]
+                                              / rows[f"server_{kind}_batching"]["p50_ms"])
     print(f"encoding: a chunk's {frames} frames {rows['observed_chunk']['p50_ms']:.1f} ms, a new window "
           f"{rows['new_window']['p50_ms']:.1f} ms, {sessions} sessions' chunks batched "
-          f"{rows['batched_speedup_p50']:.2f}x one at a time; arriving at once, the server's encoder "
-          f"{rows['server_speedup_p50']:.2f}x (mean batch {rows['server_batching']['mean_batch']:.1f})",
+          f"{rows['batched_speedup_p50']:.2f}x one at a time; arriving at once through the server's encoder, chunks "
+          f"{rows['server_chunks_speedup_p50']:.2f}x, new windows {rows['server_windows_speedup_p50']:.2f}x",
           file=sys.stderr, flush=True)
     return rows
 

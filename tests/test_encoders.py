@@ -70,76 +70,81 @@ def test_vae_rejects_bad_clips(vae):
         vae.encode(clip_video(size=30))
 
 
-@pytest.mark.parametrize("name", ["vae", "vae22"])
-def test_frames_waiting_together_are_encoded_in_one_call_each_stream_as_if_alone(name, request):
-    """The server's BatchedEncoder: sessions' frames that wait for the encoder go through it together. Streams after
-    a window's first frame and after a chunk (histories of different lengths) share a call; a stream's first frame
-    (another point) gets its own. Each stream's latents, now and on its next frames, equal encoding it alone."""
-    vae = request.getfixturevalue(name)
-    videos = [clip_video(frames=17, seed=s) for s in range(3)]
-    spans = [(slice(0, 1), slice(1, 9)), (slice(0, 1), slice(1, 9), slice(9, 17)), (slice(0, 1), slice(1, 9))]
-    done = [1, 2, 0]  # spans each stream has encoded before the frames that wait
-
-    def encoded(state: StreamState, video: torch.Tensor, parts) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [vae.encode_stream(video[:, :, part], state) for part in parts]
-
-    alone = [encoded(StreamState(), v, parts) for v, parts in zip(videos, spans, strict=True)]
-    streams = [StreamState() for _ in videos]
-    for state, video, parts, n in zip(streams, videos, spans, done, strict=True):
-        encoded(state, video, parts[:n])
-    lock, results, calls = threading.Lock(), {}, []
-    encoder = BatchedEncoder(vae, lock, max_batch=8)
+def waiting_together(encoder: BatchedEncoder, calls: list, sessions) -> dict:
+    """Each of `sessions` (callables) in its own thread, all started while another request holds the encoder, so
+    that all wait for it together; their results (or errors) by index."""
+    results = {}
 
     def session(i: int) -> None:
         with torch.no_grad():
-            results[i] = encoder.encode(videos[i][:, :, spans[i][done[i]]], streams[i])
+            try:
+                results[i] = sessions[i]()
+            except ValueError as err:
+                results[i] = err
 
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(3)]
-    hook = vae.encoder.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(sessions))]
+    hook = encoder.encoders.vae.encoder.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
     try:
-        with lock:  # another request's work: the frames arriving meanwhile wait for it together
+        with encoder.lock:  # another request's work: what arrives meanwhile waits for it together
             for t in threads:
                 t.start()
             deadline = time.time() + 60
-            while encoder.waiting < 3 and time.time() < deadline:
+            while encoder.waiting < len(sessions) and time.time() < deadline:
                 time.sleep(0.01)
         for t in threads:
             t.join(60)
     finally:
         hook.remove()
-    assert sorted(calls) == [1, 2]
-    for i in range(3):
-        torch.testing.assert_close(results[i], alone[i][done[i]], atol=1e-5, rtol=1e-5)
-    later = encoded(streams[0], videos[0], spans[1][2:])  # the first stream continues from its batched call
-    torch.testing.assert_close(later[0], encoded(StreamState(), videos[0], spans[1])[2], atol=1e-5, rtol=1e-5)
+    assert not any(t.is_alive() for t in threads) and encoder.waiting == 0
+    return results
 
 
-def test_frames_that_fail_together_fail_every_waiting_session_and_none_hangs(vae):
-    lock, errors = threading.Lock(), []
-    encoder = BatchedEncoder(vae, lock, max_batch=8)
+@pytest.mark.parametrize("name", ["vae", "vae22"])
+def test_work_waiting_together_is_encoded_in_one_call_each_stream_as_if_alone(name, request):
+    """The server's BatchedEncoder: sessions' frames that wait for the encoders go through them together. Streams
+    after a window's first frame and after a chunk (histories of different lengths) share a call; two new windows
+    (first frame and image-to-video channels) share another. Each stream's latents, now and on its next frames,
+    equal encoding it alone."""
+    vae = request.getfixturevalue(name)
+    encoders = FrozenEncoders(vae, None, None, i2v_concat=True)
+    videos = [torch.randint(0, 256, (1, 3, 17, 32, 32), generator=torch.Generator().manual_seed(s),
+                            dtype=torch.uint8) for s in range(4)]
+    first, chunk, later = slice(0, 1), slice(1, 9), slice(9, 17)
+
+    def encoded(state: StreamState, video: torch.Tensor, *parts: slice) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [vae.encode_stream(encoders.unit_range(video[:, :, part]), state) for part in parts]
+
+    alone = [encoded(StreamState(), v, first, chunk, later) for v in videos]
+    streams = [StreamState() for _ in videos]
+    encoded(streams[0], videos[0], first)  # at its first chunk
+    encoded(streams[1], videos[1], first, chunk)  # at its second
+    encoder, calls = BatchedEncoder(encoders, threading.Lock(), max_batch=8), []
+    results = waiting_together(encoder, calls, [
+        lambda: encoder.encode(videos[0][:, :, chunk], streams[0]),
+        lambda: encoder.encode(videos[1][:, :, later], streams[1]),
+        *(lambda i=i: encoder.open_window(videos[i][:, :, first], streams[i], 3) for i in (2, 3))])
+    assert calls == [2] * 5  # the two chunks; the two windows: first frames, I2V clips (1 + 4 + 4 frames a call)
+    close = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0], alone[0][1], **close)
+    torch.testing.assert_close(results[1], alone[1][2], **close)
+    for i in (2, 3):
+        torch.testing.assert_close(results[i].latents, alone[i][0], **close)
+        torch.testing.assert_close(results[i].i2v, encoders.i2v_condition(encoders.unit_range(videos[i][:, :, 0]), 3),
+                                   **close)
+        torch.testing.assert_close(encoded(streams[i], videos[i], chunk)[0], alone[i][1], **close)  # continues
+    torch.testing.assert_close(encoded(streams[0], videos[0], later)[0], alone[0][2], **close)
+
+
+def test_work_that_fails_together_fails_every_waiting_session_and_none_hangs(vae):
+    encoder = BatchedEncoder(FrozenEncoders(vae, None, None), threading.Lock(), max_batch=8)
     streams = [StreamState() for _ in range(2)]
     for state in streams:
         with torch.no_grad():
             vae.encode_stream(clip_video(frames=1), state)
-
-    def session(state: StreamState) -> None:
-        try:
-            encoder.encode(clip_video(frames=3), state)  # not a multiple of 4 frames: the VAE refuses the batch
-        except ValueError as err:
-            errors.append(str(err))
-
-    threads = [threading.Thread(target=session, args=(state,)) for state in streams]
-    with lock:
-        for t in threads:
-            t.start()
-        deadline = time.time() + 60
-        while encoder.waiting < 2 and time.time() < deadline:
-            time.sleep(0.01)
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads) and len(errors) == 2 and "got 3 frames" in errors[0]
-    assert encoder.waiting == 0
+    three = torch.zeros(1, 3, 3, 32, 32, dtype=torch.uint8)  # not a multiple of 4 frames: the VAE refuses the batch
+    results = waiting_together(encoder, [], [lambda s=s: encoder.encode(three, s) for s in streams])
+    assert all(isinstance(r, ValueError) and "got 3 frames" in str(r) for r in results.values()) and len(results) == 2
 
 
 @pytest.fixture(scope="module")

@@ -243,10 +243,10 @@ def test_two_concurrent_sessions_do_not_interfere(served):
     assert len(spans) >= 6 and all(end <= start for (_, end), (start, _) in pairwise(spans))
 
 
-def test_frames_arriving_while_the_encoder_is_busy_share_one_call(served):
-    """Robots whose frames arrive while another request holds the encoder are encoded in one batched VAE call: here
-    one robot's first chunk's frames and another's second (their causal streams at different points). Each robot's
-    chunks equal those it is served alone."""
+def test_work_arriving_while_the_encoder_is_busy_shares_one_call(served):
+    """Robots whose work arrives while another request holds the encoders share a batched call: two robots' new
+    context windows (first frames, image-to-video channels), then one robot's first chunk's frames and the other's
+    second (their causal streams at different points). Each robot's chunks equal those it is served alone."""
     runtime = served["runtime"]
     a_obs = robot_observations(runtime, seed=31, chunks=2)
     b_obs = robot_observations(runtime, seed=32, chunks=3, prompt="open the drawer")
@@ -256,25 +256,36 @@ def test_frames_arriving_while_the_encoder_is_busy_share_one_call(served):
         return [session.infer(o)["actions"] for o in observations]
 
     alone = {"a": served_alone(a_obs), "b": served_alone(b_obs)}
-    a, b = runtime.session(), runtime.session()
-    got = {"a": [a.infer(a_obs[0])["actions"]],
-           "b": [b.infer(o)["actions"] for o in b_obs[:2]]}
-    calls: list[int] = []  # the batch of each VAE encoder call
-    hook = runtime.encoders.vae.encoder.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
-    threads = [threading.Thread(target=lambda k=k, s=s, o=o: got[k].append(s.infer(o)["actions"]))
-               for k, s, o in (("a", a, a_obs[1]), ("b", b, b_obs[2]))]
-    try:
-        with runtime.encoding:  # another request's work: both robots' frames arrive meanwhile
+    robots = {"a": runtime.session(), "b": runtime.session()}
+    for name, first in (("a", a_obs[0]), ("b", b_obs[0])):  # each prompt's features encoded once, then a new episode
+        robots[name].infer(first)
+        robots[name].infer({"reset": True})
+    got: dict[str, list[np.ndarray]] = {"a": [], "b": []}
+
+    def together(requests: dict[str, dict]) -> list[int]:
+        """The robots' requests, sent while another request holds the encoders; the batch of each VAE call."""
+        calls: list[int] = []
+        hook = runtime.encoders.vae.encoder.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
+        threads = [threading.Thread(target=lambda k=k, o=o: got[k].append(robots[k].infer(o)["actions"]))
+                   for k, o in requests.items()]
+        try:
+            with runtime.encoding:
+                for t in threads:
+                    t.start()
+                deadline = time.time() + 120
+                while runtime.frame_encoder.waiting < len(requests) and time.time() < deadline:
+                    time.sleep(0.01)
             for t in threads:
-                t.start()
-            deadline = time.time() + 120
-            while runtime.frame_encoder.waiting < 2 and time.time() < deadline:
-                time.sleep(0.01)
-        for t in threads:
-            t.join(120)
-    finally:
-        hook.remove()
-    assert 2 in calls and runtime.metadata()["engine"]["encode_batch"] == runtime.max_batch > 1
+                t.join(120)
+        finally:
+            hook.remove()
+        return calls
+
+    windows = together({"a": a_obs[0], "b": b_obs[0]})
+    got["b"].append(robots["b"].infer(b_obs[1])["actions"])
+    chunks = together({"a": a_obs[1], "b": b_obs[2]})
+    assert set(windows) == {2} and chunks[0] == 2, (windows, chunks)  # (b's window then full: a new one, alone)
+    assert runtime.metadata()["engine"]["encode_batch"] == runtime.max_batch > 1
     for k in ("a", "b"):
         assert all(np.allclose(x, y, atol=1e-4) for x, y in zip(alone[k], got[k], strict=True)), k
 

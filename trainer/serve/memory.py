@@ -45,7 +45,8 @@ class ServingMemory(NamedTuple):
     request: int  # one request's own work at its peak, outside the engine (PolicyRuntime.encoding: one at a time):
     # a chunk's frames encoded, its predicted video decoded, or a context window's first frame prefilled
     encode: int  # one session's chunk of frames encoded, at its peak: n sessions' batched take n times it and a
-    # copy of their streams' histories, and the server batches as many as `request` holds (wam.trainer.serve.encoding)
+    # copy of their streams' histories, and the server batches as many as `request` holds (wam.trainer.serve.encoding;
+    # a new window's first frame and image-to-video channels, encoded 4 frames a call, peak below a chunk's 8)
 
 
 @lru_cache(maxsize=8)  # a process traces each layout once (a server starts once; plans and tests ask again)

@@ -123,7 +123,7 @@ class PolicyRuntime:
         m = self.memory
         self.encode_batch = (self.max_batch if m is None else
                              max(1, min(self.max_batch, m.request // (m.encode + m.stream))))
-        self.frame_encoder = BatchedEncoder(self.encoders.vae, self.encoding, self.encode_batch)
+        self.frame_encoder = BatchedEncoder(self.encoders, self.encoding, self.encode_batch)
         rows = rows_per_device(self.sampler, self.devices)
         self.engine = DenoiseEngine(Denoiser(policy.model, self.compiled, self.max_sessions * rows), self.max_batch,
                                     s.cpu_threads)
@@ -337,14 +337,14 @@ class Session:
         """Prefill the cache with `frame` (1, 3, 1, H, W) uint8 as the first frame of a new context window."""
         encoders, runtime = self.runtime.encoders, self.runtime
         window = 1 + runtime.sample.num_chunks * runtime.sample.frames_per_chunk  # latent frames of the I2V channels
-        with runtime.encoding:
-            if self.text is None or self.text[0] != prompt:
+        if self.text is None or self.text[0] != prompt:
+            with runtime.encoding:
                 self.text = prompt, encoders.text([prompt]).to(runtime.device)
-            self.prompt = prompt
-            self.stream = StreamState()
-            first = encoders.encode_clip(frame, stream=self.stream, i2v_frames=window)
+        self.stream = StreamState()
+        first = runtime.frame_encoder.open_window(frame, self.stream, window)  # with other sessions' new windows
+        with runtime.encoding:
             self.rollout.reset(first.latents, self.text[1], first.image, first.i2v)  # a forward outside the engine
-        self.returned, self.newest_frame, self.newest_latent = [], frame, first.latents[:, :, -1:]
+        self.prompt, self.returned, self.newest_frame, self.newest_latent = prompt, [], frame, first.latents[:, :, -1:]
 
     def _observe(self, frames: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The latents of the frames the robot saw while executing the oldest returned chunk, and that chunk's
@@ -356,7 +356,7 @@ class Session:
             raise RequestError(f"got {frames.shape[2]} frames per camera; send the {expected} frames the robot saw "
                                f"while executing the last chunk (every {self.embodiment.profile.video_stride}th control "
                                "step), or none to predict one chunk ahead")
-        latents = self.runtime.frame_encoder.encode(self.runtime.encoders.unit_range(frames), self.stream)
+        latents = self.runtime.frame_encoder.encode(frames, self.stream)
         self.newest_frame, self.newest_latent = frames[:, :, -1:], latents[:, :, -1:]
         return latents, self.returned.pop(0).index
 
