@@ -251,7 +251,7 @@ def test_a_compiled_server_is_ready_only_after_its_warm_up_reports_its_engine_an
         assert runtime.engine.denoiser.pool.free_rows == runtime.engine.denoiser.cache_rows  # ... their pool rows
         client = WebsocketClientPolicy(f"ws://127.0.0.1:{port}")
         meta = client.get_server_metadata()
-        assert meta["engine"] == {"max_batch": 2, "compiled": True, "cuda_graphs": False, "device": "cpu", "devices": 1,
+        assert meta["engine"] == {"max_batch": 2, "encode_batch": 2, "compiled": True, "cuda_graphs": False, "device": "cpu", "devices": 1,
                                   "max_sessions": 16, "session_memory_gib": runtime.session_bytes / 2**30,
                                   "cpu_threads": runtime.engine.cpu_threads, "memory_gib": None}
         observations = synthetic_robot(runtime, seed=1)
