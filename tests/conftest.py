@@ -264,6 +264,40 @@ def wait_for(what, timeout: float = 60.0, every: float = 0.1):
         time.sleep(every)
 
 
+def waiting_together(encoder, sessions: list) -> tuple[dict, list[int]]:
+    """Each of `sessions` (callables) in its own thread, all started while another request holds the server's
+    BatchedEncoder, so that all wait for it together: their results (or ValueErrors) by index, and the batch of each
+    VAE encoder call meanwhile."""
+    import threading
+
+    results, calls = {}, []
+
+    def session(i: int) -> None:
+        with torch.no_grad():
+            try:
+                results[i] = sessions[i]()
+            except ValueError as err:
+                results[i] = err
+
+    def waiting() -> bool:
+        """every session's work waiting for the encoders"""
+        return encoder.waiting == len(sessions)
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(sessions))]
+    hook = encoder.encoders.vae.encoder.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
+    try:
+        with encoder.lock:  # another request's work: what arrives meanwhile waits for it together
+            for t in threads:
+                t.start()
+            wait_for(waiting, every=0.01)
+        for t in threads:
+            t.join(120)
+    finally:
+        hook.remove()
+    assert not any(t.is_alive() for t in threads) and encoder.waiting == 0
+    return results, calls
+
+
 CHART = REPO / "helm" / "wam-platform"
 HELM = Path(sys.executable).parent / "helm"  # installed by `make setup`
 KUBE_VERSION = "1.33.0"  # the oldest Kubernetes the chart supports with DRA ComputeDomains

@@ -4,7 +4,6 @@ I2V channels."""
 import json
 import re
 import threading
-import time
 from pathlib import Path
 
 import fsspec
@@ -24,6 +23,8 @@ from wam.trainer.model.text_encoder import ByteTokenizer, load_text_encoder, umt
 from wam.trainer.model.vae import VAE_CONFIGS, StreamState, VaeConfig, WanVAE, vae_config
 from wam.trainer.model.weights import load_frozen
 from wam.trainer.serve.encoding import BatchedEncoder
+
+from conftest import waiting_together
 
 
 @pytest.fixture(scope="module")
@@ -70,35 +71,6 @@ def test_vae_rejects_bad_clips(vae):
         vae.encode(clip_video(size=30))
 
 
-def waiting_together(encoder: BatchedEncoder, calls: list, sessions) -> dict:
-    """Each of `sessions` (callables) in its own thread, all started while another request holds the encoder, so
-    that all wait for it together; their results (or errors) by index."""
-    results = {}
-
-    def session(i: int) -> None:
-        with torch.no_grad():
-            try:
-                results[i] = sessions[i]()
-            except ValueError as err:
-                results[i] = err
-
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(sessions))]
-    hook = encoder.encoders.vae.encoder.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
-    try:
-        with encoder.lock:  # another request's work: what arrives meanwhile waits for it together
-            for t in threads:
-                t.start()
-            deadline = time.time() + 60
-            while encoder.waiting < len(sessions) and time.time() < deadline:
-                time.sleep(0.01)
-        for t in threads:
-            t.join(60)
-    finally:
-        hook.remove()
-    assert not any(t.is_alive() for t in threads) and encoder.waiting == 0
-    return results
-
-
 @pytest.mark.parametrize("name", ["vae", "vae22"])
 def test_work_waiting_together_is_encoded_in_one_call_each_stream_as_if_alone(name, request):
     """The server's BatchedEncoder: sessions' frames that wait for the encoders go through them together. Streams
@@ -119,8 +91,8 @@ def test_work_waiting_together_is_encoded_in_one_call_each_stream_as_if_alone(na
     streams = [StreamState() for _ in videos]
     encoded(streams[0], videos[0], first)  # at its first chunk
     encoded(streams[1], videos[1], first, chunk)  # at its second
-    encoder, calls = BatchedEncoder(encoders, threading.Lock(), max_batch=8), []
-    results = waiting_together(encoder, calls, [
+    encoder = BatchedEncoder(encoders, threading.Lock(), max_batch=8)
+    results, calls = waiting_together(encoder, [
         lambda: encoder.encode(videos[0][:, :, chunk], streams[0]),
         lambda: encoder.encode(videos[1][:, :, later], streams[1]),
         *(lambda i=i: encoder.open_window(videos[i][:, :, first], streams[i], 3) for i in (2, 3))])
@@ -143,7 +115,7 @@ def test_work_that_fails_together_fails_every_waiting_session_and_none_hangs(vae
         with torch.no_grad():
             vae.encode_stream(clip_video(frames=1), state)
     three = torch.zeros(1, 3, 3, 32, 32, dtype=torch.uint8)  # not a multiple of 4 frames: the VAE refuses the batch
-    results = waiting_together(encoder, [], [lambda s=s: encoder.encode(three, s) for s in streams])
+    results, _ = waiting_together(encoder, [lambda s=s: encoder.encode(three, s) for s in streams])
     assert all(isinstance(r, ValueError) and "got 3 frames" in str(r) for r in results.values()) and len(results) == 2
 
 

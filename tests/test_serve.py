@@ -49,6 +49,7 @@ from conftest import (
     prometheus,
     randomized_model,
     wait_for,
+    waiting_together,
     wam_cli,
     write_checkpoint,
     write_run_config,
@@ -264,21 +265,10 @@ def test_work_arriving_while_the_encoder_is_busy_shares_one_call(served):
 
     def together(requests: dict[str, dict]) -> list[int]:
         """The robots' requests, sent while another request holds the encoders; the batch of each VAE call."""
-        calls: list[int] = []
-        hook = runtime.encoders.vae.encoder.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
-        threads = [threading.Thread(target=lambda k=k, o=o: got[k].append(robots[k].infer(o)["actions"]))
-                   for k, o in requests.items()]
-        try:
-            with runtime.encoding:
-                for t in threads:
-                    t.start()
-                deadline = time.time() + 120
-                while runtime.frame_encoder.waiting < len(requests) and time.time() < deadline:
-                    time.sleep(0.01)
-            for t in threads:
-                t.join(120)
-        finally:
-            hook.remove()
+        results, calls = waiting_together(runtime.frame_encoder, [lambda k=k, o=o: robots[k].infer(o)["actions"]
+                                                                  for k, o in requests.items()])
+        for i, k in enumerate(requests):
+            got[k].append(results[i])
         return calls
 
     windows = together({"a": a_obs[0], "b": b_obs[0]})

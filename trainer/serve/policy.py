@@ -117,9 +117,9 @@ class PolicyRuntime:
         # admission (on a GPU the requests' kernels share one stream anyway: running them in turn costs no throughput)
         self.encoding = threading.Lock()
         self.max_batch = min(self.max_batch, self.max_sessions)
-        # sessions' frames waiting for the encoder go through it together: as many as the request's work counted
-        # holds, each its encoding and a copy of its stream's history (every waiting one, up to max_batch, where
-        # the memory is not counted)
+        # sessions' work waiting for the encoders (chunks' frames, new windows) goes through them together: as many
+        # as the request's work counted holds, each its encoding and a copy of its stream's history (every waiting
+        # one, up to max_batch, where the memory is not counted)
         m = self.memory
         self.encode_batch = (self.max_batch if m is None else
                              max(1, min(self.max_batch, m.request // (m.encode + m.stream))))
@@ -210,8 +210,8 @@ class PolicyRuntime:
 
     def engine_description(self) -> dict:
         cuda = self.device.type == "cuda"
-        return {"max_batch": self.max_batch, "encode_batch": self.encode_batch, "compiled": self.compiled, "cuda_graphs": self.compiled and cuda,
-                "device": str(self.device), "devices": self.devices, "max_sessions": self.max_sessions,
+        return {"max_batch": self.max_batch, "encode_batch": self.encode_batch, "compiled": self.compiled,
+                "cuda_graphs": self.compiled and cuda, "device": str(self.device), "devices": self.devices, "max_sessions": self.max_sessions,
                 "session_memory_gib": self.session_bytes / GIB, "cpu_threads": self.engine.cpu_threads,
                 # what the admission counted besides the KV caches (None: the memory is not counted, a CPU's)
                 "memory_gib": None if self.memory is None else {k: v / GIB for k, v in self.memory._asdict().items()}}
