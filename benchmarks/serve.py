@@ -201,7 +201,7 @@ def chunk_encoding(overrides: list[str], device: str, repeats: int, sessions: in
     sample, canvas = preset.sample, preset.sample.canvas(preset.arch)
     encoders = frozen_encoders(cfg, torch.device(device))
     frames = encoders.vae.cfg.temporal_stride * sample.frames_per_chunk
-    window = 1 + sample.num_chunks * sample.frames_per_chunk  # latent frames of the image-to-video channels
+    window = sample.window_frames  # latent frames of the image-to-video channels
     generator = torch.Generator().manual_seed(0)
     pixels = lambda batch, t: torch.randint(0, 256, (batch, 3, t, *canvas), generator=generator,  # noqa: E731
                                             dtype=torch.uint8).to(device)

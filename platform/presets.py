@@ -51,6 +51,11 @@ class SampleShape:
                 f"size {ph}x{pw}: choose a canvas whose size is a multiple of {s * ph}x{s * pw} pixels"
             )
 
+    @property
+    def window_frames(self) -> int:
+        """Latent frames of a whole context window: the first frame, then every chunk's."""
+        return 1 + self.num_chunks * self.frames_per_chunk
+
     def canvas(self, arch: WamArch) -> tuple[int, int]:
         """Height and width in pixels of the frames that encode to this latent size."""
         s = arch.vae_layout.spatial_stride

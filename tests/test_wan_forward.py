@@ -106,7 +106,7 @@ def test_wan_forward_of_the_first_frame_at_timestep_0_is_what_observe_writes(tin
     g = torch.Generator().manual_seed(1)
     b, z, h, w = 2, arch.latent_channels, sample.latent_height, sample.latent_width
     first = torch.randn(b, z, 1, h, w, generator=g)
-    i2v_cond = torch.randn(b, 4 + z, 1 + sample.num_chunks * sample.frames_per_chunk, h, w, generator=g)
+    i2v_cond = torch.randn(b, 4 + z, sample.window_frames, h, w, generator=g)
     text = torch.randn(b, arch.text_len, arch.text_dim, generator=g)
     image = torch.randn(b, arch.image_tokens, arch.image_dim, generator=g)
 

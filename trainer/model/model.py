@@ -67,13 +67,13 @@ class WamInputs:
             return torch.randn(*shape, generator=g).to(device)
 
         return cls(
-            video=r(batch, z, 1 + k * f, h, w), noisy_video=r(batch, z, k * f, h, w),
+            video=r(batch, z, sample.window_frames, h, w), noisy_video=r(batch, z, k * f, h, w),
             noisy_actions=r(batch, k, a, arch.action_dim), state=r(batch, k, arch.state_dim),
             video_t=(torch.rand(batch, k, generator=g) * 1000).to(device),
             action_t=(torch.rand(batch, k, generator=g) * 1000).to(device),
             text=r(batch, arch.text_len, arch.text_dim),
             image=r(batch, arch.image_tokens, arch.image_dim) if arch.has_image_branch else None,
-            i2v_cond=r(batch, 4 + z, 1 + k * f, h, w) if arch.i2v_concat else None,
+            i2v_cond=r(batch, 4 + z, sample.window_frames, h, w) if arch.i2v_concat else None,
         )
 
 

@@ -81,7 +81,7 @@ def forward_activations(arch: WamArch, sample: SampleShape, rows: int, dtype: to
             model.set_conditioning(
                 cache, noise(rows, a.text_len, a.text_dim),
                 noise(rows, a.image_tokens, a.image_dim) if a.has_image_branch else None,
-                noise(rows, 4 + a.latent_channels, 1 + s.num_chunks * s.frames_per_chunk, h, w) if a.i2v_concat else None)
+                noise(rows, 4 + a.latent_channels, s.window_frames, h, w) if a.i2v_concat else None)
         # every context written up to its last chunk: the first frame, then each chunk's frames
         for chunk, frames in [(None, 1), *((c, s.frames_per_chunk) for c in range(last))]:
             model.observe_many([Observation(c, noise(rows, a.latent_channels, frames, h, w), chunk) for c in caches])

@@ -336,12 +336,12 @@ class Session:
     def _start_window(self, frame: torch.Tensor, prompt: str) -> None:
         """Prefill the cache with `frame` (1, 3, 1, H, W) uint8 as the first frame of a new context window."""
         encoders, runtime = self.runtime.encoders, self.runtime
-        window = 1 + runtime.sample.num_chunks * runtime.sample.frames_per_chunk  # latent frames of the I2V channels
         if self.text is None or self.text[0] != prompt:
             with runtime.encoding:
                 self.text = prompt, encoders.text([prompt]).to(runtime.device)
         self.stream = StreamState()
-        first = runtime.frame_encoder.open_window(frame, self.stream, window)  # with other sessions' new windows
+        # with other sessions' new windows waiting at the same time
+        first = runtime.frame_encoder.open_window(frame, self.stream, runtime.sample.window_frames)
         with runtime.encoding:
             self.rollout.reset(first.latents, self.text[1], first.image, first.i2v)  # a forward outside the engine
         self.prompt, self.returned, self.newest_frame, self.newest_latent = prompt, [], frame, first.latents[:, :, -1:]
