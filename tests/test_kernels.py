@@ -269,18 +269,20 @@ def test_wam_training_step_with_triton_attention_matches_sdpa(tiny):
         torch.testing.assert_close(p.grad, ref.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_compiled_checkpointed_blocks_trace_once_and_recompute_the_same_graph(tiny, tmp_path):
-    """As parallelize_wam does on a GPU: each block compiled, then wrapped for activation checkpointing. The
-    mask's span tables are built before the blocks (the kernel's `prepare`), so one graph serves every block
-    and every call, and the backward's recomputation replays the graph the forward ran (when the tables
-    were built inside the first compiled call, recomputation hit a recompiled graph and failed)."""
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+def test_compiled_checkpointed_blocks_trace_once_and_recompute_the_same_graph(tiny, tmp_path, attention):
+    """As parallelize_wam does: each block compiled, then wrapped for activation checkpointing. The forms of the
+    mask a kernel reads (span tables; SDPA's dense mask and its split of the queries) are built before the blocks
+    (the kernel's `prepare`), so one graph with no break serves every block and every call, and the backward's
+    recomputation replays the graph the forward ran (when the tables were built inside the first compiled call,
+    recomputation hit a recompiled graph and failed; SDPA's split, built there, broke every block into several graphs)."""
     from torchtitan.distributed.activation_checkpoint import FullAC
 
     from wam.trainer.model.model import _attention_mask
 
     sample = dataclasses.replace(tiny.sample, num_chunks=2, latent_height=4)
-    reference_model = randomized_model(tiny.arch, sample, attention="triton")
-    model = randomized_model(tiny.arch, sample, attention="triton")
+    reference_model = randomized_model(tiny.arch, sample, attention=attention)
+    model = randomized_model(tiny.arch, sample, attention=attention)
     counter = CompileCounterWithBackend("aot_eager")  # AOT autograd saves tensors as inductor's graphs do
     policy = FullAC.Config().build(dump_folder=str(tmp_path))
     for i, block in enumerate(model.blocks):

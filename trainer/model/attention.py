@@ -36,6 +36,7 @@ class SDPAKernel(Module):
     def prepare(self, mask: AttentionMask, device: torch.device) -> None:
         for window in mask.masks:
             window.dense(device)
+            window.split_queries(device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: AttentionMask | PaddedMask) -> torch.Tensor:
