@@ -24,7 +24,6 @@ from wam.platform.accounting import GIB, count_flops, count_params, estimate_mem
 from wam.platform.checkpoints import check_weight_dtype, require_quantized_model, require_training_checkpoint
 from wam.platform.config import ACTIVATION_CHECKPOINTING, PROTOCOLS, load_config, resolve_preset
 from wam.platform.errors import ConfigError
-from wam.platform.launch import check_can_listen, skip_final_collection
 from wam.platform.presets import PRESETS
 
 app = typer.Typer(help="WAM Platform: train, quantize and serve DreamZero-style World Action Models.",
@@ -273,6 +272,7 @@ def serve(
     """Serve a quantized policy over openpi's websocket protocol, or RoboArena's (health: /healthz /readyz, metrics:
     /metrics). Robots must send $WAM_POLICY_API_KEY where it is set; SIGTERM or Ctrl-C drains the sessions, then
     exits."""
+    from wam.platform.launch import check_can_listen
     from wam.platform.storage import probe_writable
 
     with user_errors():
@@ -723,10 +723,7 @@ def regress(
 
 
 def main() -> None:
-    try:
-        app()
-    finally:
-        skip_final_collection()
+    app()
 
 
 # -- Kubernetes: the TrainJob API for researchers (needs the `operator` extra) ----------------------------

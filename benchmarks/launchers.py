@@ -5,13 +5,8 @@
 
 Start-up is the time from launching `wam train` to the first step's progress record (process start-up,
 Ray's local cluster and worker group for Ray, model build, the first step). Step time is the median of the
-Trainer's own step times after warm-up; shut-down, the last step's record to `wam train`'s end (the last
-checkpoint, torchtitan's 2 s wait for the other ranks, the processes' exit). The launchers alternate, round by
-round, so that a busy machine weighs on both alike; the ratios are Ray over torchrun.
-
-Also the exit of a process that has loaded what a training rank loads (torch, torchtitan, the model code), with
-the interpreter's final full garbage collection run (Python's default) vs skipped (what the platform's
-processes do, wam.platform.launch.skip_final_collection), alternating.
+Trainer's own step times after warm-up. The launchers alternate, round by round, so that a busy machine
+weighs on both alike; the ratios are Ray over torchrun.
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -45,30 +39,8 @@ def run(workdir: Path, launcher: str, index: int, steps: int) -> dict:
         raise RuntimeError(f"{name} failed:\n{result.stdout}\n{result.stderr}")
     records = [json.loads(line) for line in (workdir / name / "progress.jsonl").read_text().splitlines()]
     warm = [r["step_time_s"] for r in records if r["step"] > min(WARMUP, steps // 2)]
-    ended = time.time()
     return {"launcher": launcher, "startup_s": records[0]["time"] - launched, "step_s": statistics.median(warm),
-            "shutdown_s": ended - records[-1]["time"], "total_s": ended - launched}
-
-
-_EXIT = textwrap.dedent("""
-    import sys, time
-    import wam.trainer.titan.config_registry, wam.trainer.titan.train  # a training rank's modules
-    from wam.platform.launch import skip_final_collection
-    if sys.argv[1] == "skipped":
-        skip_final_collection()
-    print(time.time(), flush=True)
-""")
-
-
-def process_exit(rounds: int) -> dict:
-    """Seconds from a loaded process's last statement to its end, the final collection run vs skipped."""
-    seconds: dict[str, list[float]] = {"collected": [], "skipped": []}
-    for _ in range(rounds):
-        for mode, times in seconds.items():
-            out = subprocess.run([sys.executable, "-c", _EXIT, mode], capture_output=True, text=True, check=True)
-            times.append(time.time() - float(out.stdout.split()[-1]))
-    medians = {mode: statistics.median(times) for mode, times in seconds.items()}
-    return {**{f"{mode}_s": s for mode, s in medians.items()}, "speedup": medians["collected"] / medians["skipped"]}
+            "total_s": time.time() - launched}
 
 
 def main() -> None:
@@ -86,21 +58,16 @@ def main() -> None:
                 print(f"round {index}: {launcher:<8} start-up {runs[-1]['startup_s']:6.1f} s   "
                       f"step {runs[-1]['step_s'] * 1000:6.1f} ms", flush=True)
     summary = {launcher: {key: statistics.median(r[key] for r in runs if r["launcher"] == launcher)
-                          for key in ("startup_s", "step_s", "shutdown_s")} for launcher in LAUNCHERS}
+                          for key in ("startup_s", "step_s")} for launcher in LAUNCHERS}
     ratios = {key: summary["ray"][key] / summary["torchrun"][key] for key in ("startup_s", "step_s")}
     print(f"tiny preset, 2 CPU processes, {steps} steps x {rounds} round(s); medians, Ray / torchrun:")
     print(f"  start-up (launch -> first step)  {summary['torchrun']['startup_s']:6.1f} s  vs {summary['ray']['startup_s']:6.1f} s"
           f"  {ratios['startup_s']:.2f}x")
     print(f"  step time                        {summary['torchrun']['step_s'] * 1000:6.1f} ms vs "
           f"{summary['ray']['step_s'] * 1000:6.1f} ms {ratios['step_s']:.2f}x")
-    print(f"  shut-down (last step -> end)     {summary['torchrun']['shutdown_s']:6.1f} s  vs "
-          f"{summary['ray']['shutdown_s']:6.1f} s")
-    exits = process_exit(rounds * 2)
-    print(f"a training rank's exit: final garbage collection run {exits['collected_s']:.2f} s, skipped "
-          f"{exits['skipped_s']:.2f} s ({exits['speedup']:.1f}x)")
     if args.json:
         args.json.write_text(json.dumps({"steps": steps, "rounds": rounds, "runs": runs, "median": summary,
-                                         "ray_over_torchrun": ratios, "process_exit": exits}, indent=2))
+                                         "ray_over_torchrun": ratios}, indent=2))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ serving Deployment all build their commands here, so a laptop run and a pod cann
 from __future__ import annotations
 
 import errno
-import gc
 import random
 import shutil
 import socket
@@ -45,13 +44,6 @@ def quiet_ray_train_cleaner() -> None:
     import logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-
-
-def skip_final_collection() -> None:
-    """Called where a process of the platform ends: its heap is freed whole, so the interpreter's final full garbage
-    collection over it first is wasted work (torch and a model: 1-2 s of every training rank's or server's exit on a
-    CPU, benchmarks/launchers.py)."""
-    gc.freeze()
 
 
 # Every process of a local Ray run (the driver starts its cluster without a dashboard, ~1 GB less) runs this first.

@@ -159,6 +159,5 @@ def test_launcher_choice_is_checked_before_anything_starts(tmp_path):
 def test_launchers_benchmark_smoke(tmp_path):
     data = run_benchmark("launchers.py", tmp_path, "--quick")
     assert [r["launcher"] for r in data["runs"]] == ["torchrun", "ray"]
-    assert all(r["startup_s"] > 0 and r["step_s"] > 0 and r["shutdown_s"] > 0 for r in data["runs"])
+    assert all(r["startup_s"] > 0 and r["step_s"] > 0 for r in data["runs"])
     assert set(data["ray_over_torchrun"]) == {"startup_s", "step_s"}
-    assert data["process_exit"]["speedup"] > 1  # the final collection skipped: a faster exit

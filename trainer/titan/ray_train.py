@@ -30,7 +30,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from wam.platform import termination
 from wam.platform.config import WamConfig, load_config
 from wam.platform.errors import UserError
-from wam.platform.launch import CONFIG_ARGS, RAY_LOCAL_WORKER_SETUP, skip_final_collection
+from wam.platform.launch import CONFIG_ARGS, RAY_LOCAL_WORKER_SETUP
 from wam.platform.storage import probe_writable
 
 
@@ -128,7 +128,4 @@ if __name__ == "__main__":
     # Run through the importable module: Ray sends the worker function to the workers by reference.
     from wam.trainer.titan import ray_train
 
-    try:
-        ray_train.main()
-    finally:
-        skip_final_collection()
+    ray_train.main()

@@ -15,7 +15,6 @@ import torch
 
 from wam.platform import termination
 from wam.platform.errors import UserError
-from wam.platform.launch import skip_final_collection
 
 if not torch.cuda.is_available():
     from wam.trainer.titan import cpu  # noqa: F401
@@ -49,8 +48,6 @@ def run() -> None:
         if not isinstance(err, SystemExit | KeyboardInterrupt):
             termination.record(termination.ERROR, f"{type(err).__name__}: {err}")
         raise
-    finally:
-        skip_final_collection()
 
 
 if __name__ == "__main__":
