@@ -547,9 +547,10 @@ def _read_yaml(path: Path) -> DictConfig:
                           f"{getattr(err, 'problem', None) or err}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file {path} is not text: {err}") from None
-    except OSError as err:  # omegaconf's word for a YAML scalar ("Invalid loaded object type: int")
-        raise ConfigError(f"config file {path} is not a mapping of sections (model:, data:, training:, ...): {err}") \
-            from None
+    except (OSError, AssertionError) as err:  # omegaconf's words for a YAML scalar: "Invalid loaded object type: int",
+        # and a bare assertion for a quoted string that reads as a scalar again ('0')
+        raise ConfigError(f"config file {path} is not a mapping of sections (model:, data:, training:, ...)"
+                          + (f": {err}" if str(err) else "")) from None
     if not isinstance(data, DictConfig):
         raise ConfigError(f"config file {path} holds a list; a config is a mapping of sections (model:, data:, "
                           "training:, ...)")

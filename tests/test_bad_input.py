@@ -344,6 +344,7 @@ _TREES = st.recursive(_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size
 @given(tree=_TREES)
 @example(tree={"name": None, "data": {"datasets": {}}})  # found by this test: omegaconf's bare TypeError
 @example(tree={"training": {"betas": {}}, "data": []})
+@example(tree="0")  # found by this test: a quoted string omegaconf reads as YAML again, and asserts on
 def test_config_loading_never_fails_but_with_a_config_error(tree, tmp_path):
     """Any YAML document, however wrong: a WamConfig or a ConfigError, never another exception."""
     path = tmp_path / "fuzz.yaml"
