@@ -47,8 +47,8 @@
    features, the image-to-video channels over the window; every RoboArena call opens one), and 8 robots' chunks
    encoded one after another vs in one batched call (the ceiling), and 8 robots' chunks and new windows arriving
    at once through the server's encoder (wam.trainer.serve.encoding: the first alone, the rest batched while it
-   runs) vs through it one at a time; next to the same preset's per-chunk denoising with DreamZero's sampler. CPU: the tiny preset; with CUDA
-   also the 14B preset's canvas (bf16).
+   runs) vs through it one at a time; next to the same preset's per-chunk denoising with DreamZero's sampler.
+   CPU: the tiny preset; with CUDA also the 14B preset's canvas (bf16).
 
 5. With --threads-choice: one robot through the engine on the CPU (eager; the tiny preset and the 512-wide
    blocks) at 1 torch thread, at every core, and at the engine's own choice (serving.cpu_threads unset: the
