@@ -27,12 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # `make test` runs the modules on two pytest-xdist workers: a module's tests on one worker (--dist loadfile, so
-# module fixtures are built once), modules handed out in the order collected (--no-loadscope-reorder). The
-# longest modules go first, so that no worker is left alone with a long one at the end (serially on 2 cores:
-# training ~7 min, Ray ~4, real pods, evaluation and regression ~3 each, kernels and benchmarks ~2 each).
-LONGEST_FIRST = ("tests/test_training.py", "tests/test_ray_launcher.py", "tests/test_real_pods.py", "tests/test_eval.py",
-                 "tests/test_regress.py",
-                 "tests/test_kernels.py", "tests/test_benchmarks.py", "tests/test_serve.py", "tests/test_operator.py")
+# module fixtures are built once), modules handed out in the order collected (--no-loadscope-reorder), the next one
+# to a worker as soon as it has two tests left. The longest modules go first, so that no worker is left alone with a
+# long one at the end; these are those of a minute or more, by their summed test time in a fresh clone's run
+# (2026-12-06: training ~8 min, benchmarks ~5, real pods and Ray ~4, serving, regression and evaluation ~3 each).
+LONGEST_FIRST = ("tests/test_training.py", "tests/test_benchmarks.py", "tests/test_real_pods.py",
+                 "tests/test_ray_launcher.py", "tests/test_serve.py", "tests/test_regress.py", "tests/test_eval.py",
+                 "tests/test_kernels.py", "tests/test_engine.py", "tests/test_sim.py", "tests/test_local_submit.py",
+                 "tests/test_sandbox.py", "tests/test_quantize.py")
 
 
 def pytest_collection_modifyitems(config, items):
